@@ -1,0 +1,114 @@
+"""The gateway's exception tree and how each maps to a status code.
+
+Every failure a request can meet is translated once, here, into a ``GatewayError``
+subclass that knows its HTTP status, its trace cause and whether it carries a
+``Retry-After``. Library exceptions (h11, trio, OSError) never leave the layer that
+caught them::
+
+    GatewayError
+    ├── BadRequest (400)               malformed input from the client
+    │   ├── PayloadTooLarge (413)
+    │   ├── UriTooLong (414)
+    │   └── HeadersTooLarge (431)
+    ├── NotFound (404) / MethodNotAllowed (405)
+    ├── UpstreamError (502)            the upstream failed or answered garbage
+    │   ├── UpstreamConnectError       refused, unreachable, connect timeout
+    │   ├── UpstreamResetError         closed or reset mid-exchange
+    │   └── UpstreamProtocolError      not HTTP/1.1, oversized or broken framing
+    ├── UpstreamTimeout (504)          a call or request deadline fired
+    ├── Shed (503 + Retry-After)       refused by a full queue, queue timeout, max_inflight
+    └── CircuitOpen (503 + Retry-After)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway answers with; carries status and cause."""
+
+    status: ClassVar[int] = 500
+    cause: ClassVar[str] = "error"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **detail: Any):
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.detail = detail
+
+    def retry_after_header(self) -> str | None:
+        """``Retry-After`` in whole seconds (at least 1), or None when not applicable."""
+        if self.retry_after_s is None:
+            return None
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+
+class BadRequest(GatewayError):
+    status = 400
+    cause = "bad_request"
+
+
+class PayloadTooLarge(BadRequest):
+    status = 413
+
+
+class UriTooLong(BadRequest):
+    status = 414
+
+
+class HeadersTooLarge(BadRequest):
+    status = 431
+
+
+class NotFound(GatewayError):
+    status = 404
+    cause = "no_route"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    cause = "method_not_allowed"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    cause = "upstream_error"
+
+
+class UpstreamConnectError(UpstreamError):
+    cause = "upstream_connect"
+
+
+class UpstreamResetError(UpstreamError):
+    cause = "upstream_reset"
+
+
+class UpstreamProtocolError(UpstreamError):
+    cause = "upstream_protocol"
+
+
+class UpstreamStatusError(UpstreamError):
+    """An upstream answered a status the call treats as failure (fan-out, retries)."""
+
+    cause = "upstream_status"
+
+    def __init__(self, message: str, *, upstream_status: int, **detail: Any):
+        super().__init__(message, upstream_status=upstream_status, **detail)
+        self.upstream_status = upstream_status
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    cause = "deadline"
+
+
+class Shed(GatewayError):
+    status = 503
+    cause = "shed"
+
+
+class CircuitOpen(GatewayError):
+    status = 503
+    cause = "circuit_open"

@@ -1,0 +1,86 @@
+"""Typed policy values with units: durations, percentages and duration ranges.
+
+Operators write ``250ms``, ``2s``, ``1m``, ``20%`` and ``20ms..500ms``; the models hold
+seconds (float) and fractions (float) so that no unitless number reaches the code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, NamedTuple
+
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+
+_DURATION_RE = re.compile(r"^(?P<value>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_PERCENT_RE = re.compile(r"^(?P<value>\d+(?:\.\d+)?)%$")
+
+
+def parse_duration(value: Any) -> float:
+    """``"250ms"`` → 0.25 seconds. Bare numbers are refused: a unit is always required."""
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value.strip())
+        if match:
+            return float(match["value"]) * _UNIT_SECONDS[match["unit"]]
+    raise ValueError(f"{value!r} is not a duration (e.g. 250ms, 2s, 1m)")
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of :func:`parse_duration`, for explain output and schemas."""
+    if seconds >= 1 and float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    millis = seconds * 1000
+    return f"{int(millis)}ms" if float(millis).is_integer() else f"{millis:g}ms"
+
+
+def parse_percent(value: Any) -> float:
+    """``"20%"`` → 0.2. Values above 100% are allowed (a retry budget may exceed 1×)."""
+    if isinstance(value, str):
+        match = _PERCENT_RE.match(value.strip())
+        if match:
+            return float(match["value"]) / 100
+    raise ValueError(f"{value!r} is not a percentage (e.g. 20%)")
+
+
+class DurationSpan(NamedTuple):
+    """A closed range of durations, e.g. the backoff bounds ``20ms..500ms``."""
+
+    low_s: float
+    high_s: float
+
+
+def parse_duration_range(value: Any) -> DurationSpan:
+    """``"20ms..500ms"`` → DurationSpan(0.02, 0.5); the low end must not exceed the high."""
+    if isinstance(value, str) and ".." in value:
+        low_text, _, high_text = value.partition("..")
+        try:
+            low, high = parse_duration(low_text), parse_duration(high_text)
+        except ValueError:
+            pass
+        else:
+            if low > high:
+                raise ValueError(f"{value!r}: the low end is above the high end")
+            return DurationSpan(low, high)
+    raise ValueError(f"{value!r} is not a duration range (e.g. 20ms..500ms)")
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)$",
+                    "examples": ["250ms", "2s"]}),
+]
+Percent = Annotated[
+    float,
+    BeforeValidator(parse_percent),
+    PlainSerializer(lambda v: f"{v * 100:g}%", return_type=str),
+    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?%$", "examples": ["20%"]}),
+]
+DurationRange = Annotated[
+    DurationSpan,
+    BeforeValidator(parse_duration_range),
+    PlainSerializer(lambda v: f"{format_duration(v[0])}..{format_duration(v[1])}",
+                    return_type=str),
+    WithJsonSchema({"type": "string", "examples": ["20ms..500ms"]}),
+]
