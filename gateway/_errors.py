@@ -32,7 +32,7 @@ class GatewayError(Exception):
     status: ClassVar[int] = 500
     cause: ClassVar[str] = "error"
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None, **detail: Any):
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **detail: Any) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
@@ -94,7 +94,7 @@ class UpstreamStatusError(UpstreamError):
 
     cause = "upstream_status"
 
-    def __init__(self, message: str, *, upstream_status: int, **detail: Any):
+    def __init__(self, message: str, *, upstream_status: int, **detail: Any) -> None:
         super().__init__(message, upstream_status=upstream_status, **detail)
         self.upstream_status = upstream_status
 

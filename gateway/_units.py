@@ -34,7 +34,7 @@ def format_duration(seconds: float) -> str:
 
 
 def parse_percent(value: Any) -> float:
-    """``"20%"`` → 0.2. Values above 100% are allowed (a retry budget may exceed 1×)."""
+    """``"20%"`` → 0.2. Values above 100% are allowed (a retry budget may exceed 100%)."""
     if isinstance(value, str):
         match = _PERCENT_RE.match(value.strip())
         if match:

@@ -1,0 +1,480 @@
+"""The policy file's models: what operators may write, with every default stated here.
+
+The models are frozen: a request keeps the snapshot it started with while a reload
+swaps in a new one. Validation of single fields lives beside the field; checks that
+span the file (a route naming an upstream that exists, path parameters that agree)
+live in :func:`cross_check`, which returns problems with the path of the offending
+field so the loader can point at the line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from ._units import Duration, DurationRange, DurationSpan, Percent
+
+PolicyPath = tuple[str | int, ...]
+
+#: Methods a proxy route accepts when it names none.
+ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+_PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*?)\}")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_SIZE_RE = re.compile(r"^(?P<value>\d+)(?P<unit>B|KiB|MiB|GiB|KB|MB|GB)?$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+               "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def parse_size(value: Any) -> int:
+    """``"16MiB"`` → 16777216; plain integers are bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value.strip())
+        if match:
+            return int(match["value"]) * _SIZE_UNITS[match["unit"]]
+    raise ValueError(f"{value!r} is not a size (e.g. 64KiB, 16MiB, 1000)")
+
+
+ByteSize = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0},
+                              {"type": "string", "examples": ["64KiB", "16MiB"]}]}),
+]
+
+
+def template_params(template: str) -> list[str]:
+    """Names of the ``{param}`` placeholders of a path template, in order."""
+    return [name for name, _ in _PARAM_RE.findall(template)]
+
+
+class _Model(BaseModel):
+    """Base of every policy model: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- server
+
+
+class LimitsPolicy(_Model):
+    """Limits on what a client may send; each answers with its own status."""
+
+    max_header_count: int = Field(100, ge=1, description="More headers → 431.")
+    max_header_bytes: ByteSize = Field(16 * 1024, description="Total request header size → 431.")
+    max_uri_bytes: int = Field(8192, ge=64, description="Longer request target → 414.")
+    max_body: ByteSize = Field(16 * 1024**2, description="Default body cap per route → 413.")
+    max_upstream_header_bytes: ByteSize = Field(
+        64 * 1024, description="An upstream answering larger headers → 502.")
+    body_timeout: Duration = Field(60.0, description="A request body slower than this is cut.")
+    response_timeout: Duration = Field(
+        3600.0, description="Longest a response may stream before it is cut.")
+
+
+class ServerPolicy(_Model):
+    """Per-worker server settings."""
+
+    deadline_header: str = Field(
+        "x-request-timeout-ms",
+        description="Header a client uses to shorten its deadline (milliseconds); "
+        "also sent upstream with the remaining budget.")
+    deadline_margin: Duration = Field(
+        0.005, description="Subtracted from the remaining budget sent upstream.")
+    min_call_budget: Duration = Field(
+        0.002, description="A call with less budget left than this is not sent (504).")
+    max_inflight: int = Field(4000, ge=1, description="Requests per worker before 503 at the door.")
+    shed_retry_after: Duration = Field(1.0, description="Retry-After of a 503 from shedding.")
+    request_id_header: str = Field("x-request-id", description="Kept when sane, else generated.")
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = Field(
+        (), description="Peers whose X-Forwarded-* chain is trusted (CIDR).")
+    admin_bind: str = Field(
+        "127.0.0.1:9901",
+        description="host:port of the admin endpoints; GATEWAY_ADMIN_BIND overrides it.")
+    admin_token_env: str | None = Field(
+        None, description="Environment variable holding a bearer token the admin bind requires.")
+    tracing: bool = Field(True, description="Record a cancellation trace per request.")
+    trace_buffer: int = Field(1000, ge=0, description="Traces kept per worker (ring buffer).")
+    slow_request: Duration = Field(1.0, description="A request slower than this is logged.")
+    log_sample: Percent = Field(0.0, description="Share of ordinary requests also logged.")
+    limits: LimitsPolicy = LimitsPolicy()
+
+    @field_validator("deadline_header", "request_id_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not _HEADER_NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid header name")
+        return value.lower()
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return tuple(ip_network(item, strict=False) if isinstance(item, str) else item
+                         for item in value)
+        return value
+
+    @field_validator("admin_bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not host:port")
+        return value
+
+
+# --------------------------------------------------------------------------- calls
+
+
+RetryCondition = Literal["connect", "reset", "timeout"] | Annotated[int, Field(ge=500, le=599)]
+
+
+class RetryPolicy(_Model):
+    """Retries of one call; bounded by attempts, the request deadline and the budget."""
+
+    attempts: int = Field(1, ge=1, le=10, description="Tries in all, the first included.")
+    on: tuple[RetryCondition, ...] = Field(
+        ("connect", "reset", 502, 503, 504),
+        description="What may be retried: connect, reset, timeout, or 5xx statuses.")
+    per_try_timeout: Duration | None = Field(None, description="Bound of each try.")
+    backoff: DurationRange = Field(
+        DurationSpan(0.02, 0.2), description="Exponential backoff with full jitter.")
+    budget: Percent = Field(0.2, description="Retries on top of first tries, per upstream.")
+    min_per_second: float = Field(10.0, ge=0, description="Retries always allowed per second.")
+    non_idempotent: bool = Field(False, description="Also retry POST and PATCH.")
+
+
+class CallSettings(_Model):
+    """Settings every call resolves: defaults → upstream → route → call."""
+
+    timeout: Duration | None = Field(None, description="Bound of the whole call, retries included.")
+    retries: RetryPolicy | None = None
+    hedge_after: Duration | None = Field(None, description="Start another try if none answered.")
+    max_hedges: int = Field(1, ge=1, le=5, description="Extra concurrent tries at most.")
+
+
+class DefaultsPolicy(_Model):
+    deadline: Duration = Field(2.0, description="Request deadline when a route sets none.")
+    call: CallSettings = CallSettings()
+
+
+# --------------------------------------------------------------------------- upstreams
+
+
+class LimitPolicy(_Model):
+    """Concurrency limit with a bounded queue; a full queue or a long wait is shed (503)."""
+
+    concurrency: int = Field(100, ge=1, description="Calls in flight to the upstream at most.")
+    queue: int = Field(200, ge=0, description="Calls waiting for a slot at most.")
+    queue_timeout: Duration = Field(0.05, description="Longest wait for a slot.")
+
+
+class PoolPolicy(_Model):
+    max_connections: int = Field(100, ge=1, description="Open connections at most.")
+    idle_timeout: Duration = Field(30.0, description="Idle connections older are closed.")
+    connect_timeout: Duration = Field(1.0, description="Bound of opening a connection.")
+
+
+class CircuitPolicy(_Model):
+    """Closed → open on failures, open for ``open_for``, then half-open with probes."""
+
+    failure_ratio: Percent = Field(0.5, description="Failures over the window that open it.")
+    window: Duration = Field(10.0, description="Sliding window of outcomes.")
+    min_requests: int = Field(20, ge=1, description="Outcomes needed before the ratio counts.")
+    consecutive_failures: int | None = Field(None, ge=1, description="Open after N in a row.")
+    open_for: Duration = Field(5.0, description="Time refused before probing.")
+    half_open_probes: int = Field(3, ge=1, description="Probe calls allowed when half-open.")
+
+
+class PostgresPoolPolicy(_Model):
+    min: int = Field(2, ge=0)
+    max: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> PostgresPoolPolicy:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class PostgresPolicy(_Model):
+    dsn_env: str = Field(description="Environment variable holding the DSN (never inline).")
+    pool: PostgresPoolPolicy = PostgresPoolPolicy()
+    statement_cache_size: int = Field(100, ge=0)
+
+
+class UpstreamPolicy(_Model):
+    """An HTTP upstream (``url``) or a PostgreSQL one (``postgres``)."""
+
+    url: str | None = Field(None, description="http://host:port[/prefix]")
+    postgres: PostgresPolicy | None = None
+    pool: PoolPolicy = PoolPolicy()
+    limit: LimitPolicy = LimitPolicy()
+    circuit: CircuitPolicy | None = None
+    call: CallSettings | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not re.match(r"^http://[^/\s:@]+(:\d{1,5})?(/[^\s?#]*)?$", value):
+            raise ValueError(f"{value!r} is not an http:// URL with host[:port][/prefix]")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _kind(self) -> UpstreamPolicy:
+        if (self.url is None) == (self.postgres is None):
+            raise ValueError("give exactly one of 'url' or 'postgres'")
+        return self
+
+    @property
+    def kind(self) -> Literal["http", "postgres"]:
+        return "http" if self.url is not None else "postgres"
+
+
+# --------------------------------------------------------------------------- routes
+
+
+class ProxyAction(_Model):
+    """Stream the request to one upstream and its answer back."""
+
+    upstream: str
+    path: str = Field(description="Upstream path template; {params} come from the route.")
+    timeout: Duration | None = None
+    retries: RetryPolicy | None = None
+    hedge_after: Duration | None = None
+    max_hedges: int | None = Field(None, ge=1, le=5)
+
+
+ArgSource = Annotated[str, Field(pattern=r"^(path|query|body)\.[A-Za-z_][A-Za-z0-9_]*"
+                                  r"(:(int|text|uuid|bool))?$")]
+
+
+class FanoutCall(_Model):
+    """One named call of a fan-out: HTTP (``path``) or SQL (``query``)."""
+
+    upstream: str
+    path: str | None = Field(None, description="Upstream path (and query) template.")
+    method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"] = "GET"
+    query: str | None = Field(None, description="SQL with $1..$n bound parameters.")
+    args: tuple[ArgSource, ...] = Field(
+        (), description="Where $n comes from: path.NAME, query.NAME, body.NAME[:type].")
+    one: bool = Field(False, description="SQL: answer one row (404 when none) instead of rows.")
+    timeout: Duration | None = None
+    retries: RetryPolicy | None = None
+    hedge_after: Duration | None = None
+    max_hedges: int | None = Field(None, ge=1, le=5)
+
+    @model_validator(mode="after")
+    def _kind(self) -> FanoutCall:
+        if (self.path is None) == (self.query is None):
+            raise ValueError("give exactly one of 'path' (HTTP) or 'query' (SQL)")
+        if self.query is None and self.args:
+            raise ValueError("'args' belong to SQL calls ('query')")
+        return self
+
+
+class Quorum(_Model):
+    quorum: int = Field(ge=1)
+
+
+class FanoutAction(_Model):
+    """Named calls run concurrently in one nursery."""
+
+    mode: Literal["all", "first"] | Quorum = Field(
+        "all", description="all | first | {quorum: N}")
+    on_failure: Literal["fail_fast", "partial"] = "fail_fast"
+    calls: dict[str, FanoutCall] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _quorum(self) -> FanoutAction:
+        if isinstance(self.mode, Quorum) and self.mode.quorum > len(self.calls):
+            raise ValueError(
+                f"quorum {self.mode.quorum} is above the number of calls ({len(self.calls)})")
+        return self
+
+
+class SqlAction(FanoutCall):
+    """A route answered by one SQL call."""
+
+
+class Route(_Model):
+    path: str = Field(description="Path template, e.g. /api/users/{id} or /static/{rest*}.")
+    methods: tuple[str, ...] | None = Field(
+        None, description="Default: all for proxy routes, GET and HEAD for the others.")
+    deadline: Duration | None = Field(None, description="Request deadline (a client may shorten).")
+    max_body: ByteSize | None = Field(None, description="Body cap (413); default server.limits.")
+    max_response_body: ByteSize | None = Field(None, description="Upstream body cap (502).")
+    proxy: ProxyAction | None = None
+    fanout: FanoutAction | None = None
+    sql: SqlAction | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} must start with '/'")
+        names = template_params(value)
+        if len(names) != len(set(names)):
+            raise ValueError(f"{value!r} repeats a parameter")
+        stripped = _PARAM_RE.sub("", value)
+        if "{" in stripped or "}" in stripped:
+            raise ValueError(f"{value!r} has a malformed {{param}}")
+        tails = [m for m in _PARAM_RE.finditer(value) if m.group(2)]
+        if tails and (len(tails) > 1 or tails[0].end() != len(value)):
+            raise ValueError(f"{value!r}: a {{name*}} parameter may only end the path")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return value
+        upper = tuple(m.upper() for m in value)
+        for method in upper:
+            if method not in (*ALL_METHODS, "TRACE"):
+                raise ValueError(f"{method!r} is not an HTTP method")
+        return upper
+
+    @model_validator(mode="after")
+    def _one_action(self) -> Route:
+        actions = [a for a in (self.proxy, self.fanout, self.sql) if a is not None]
+        if len(actions) != 1:
+            raise ValueError("give exactly one of 'proxy', 'fanout' or 'sql'")
+        return self
+
+    @property
+    def allowed_methods(self) -> tuple[str, ...]:
+        if self.methods is not None:
+            return self.methods
+        return ALL_METHODS if self.proxy is not None else ("GET", "HEAD")
+
+
+class Policy(_Model):
+    """The whole policy file."""
+
+    version: Literal[1] = Field(description="Format version; 1 is the only one.")
+    server: ServerPolicy = ServerPolicy()
+    defaults: DefaultsPolicy = DefaultsPolicy()
+    upstreams: dict[str, UpstreamPolicy] = Field(default_factory=dict)
+    routes: tuple[Route, ...] = Field(min_length=1)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A finding about a policy: where (the field's path), what, and how serious."""
+
+    path: PolicyPath
+    message: str
+    severity: Literal["error", "warning"] = "error"
+
+
+def _calls(route: Route) -> Iterator[tuple[PolicyPath, FanoutCall | ProxyAction]]:
+    if route.proxy is not None:
+        yield ("proxy",), route.proxy
+    if route.sql is not None:
+        yield ("sql",), route.sql
+    if route.fanout is not None:
+        for name, call in route.fanout.calls.items():
+            yield ("fanout", "calls", name), call
+
+
+def cross_check(policy: Policy) -> list[Problem]:
+    """Checks that span the file: references, parameters, deadlines against timeouts."""
+    problems: list[Problem] = []
+    for index, route in enumerate(policy.routes):
+        base: PolicyPath = ("routes", index)
+        route_params = set(template_params(route.path))
+        deadline = route.deadline or policy.defaults.deadline
+        for call_path, call in _calls(route):
+            where = base + call_path
+            upstream = policy.upstreams.get(call.upstream)
+            if upstream is None:
+                known = ", ".join(sorted(policy.upstreams)) or "none defined"
+                problems.append(Problem((*where, "upstream"),
+                                        f"unknown upstream {call.upstream!r} (known: {known})"))
+                continue
+            is_sql = isinstance(call, FanoutCall) and call.query is not None
+            if is_sql and upstream.kind != "postgres":
+                problems.append(Problem((*where, "upstream"),
+                                        f"SQL call names {call.upstream!r}, "
+                                        "which is not a postgres upstream"))
+            if not is_sql and upstream.kind != "http":
+                problems.append(Problem((*where, "upstream"),
+                                        f"HTTP call names {call.upstream!r}, "
+                                        "which is a postgres upstream (use 'query')"))
+            if call.path is not None:
+                for name in template_params(call.path):
+                    if name not in route_params:
+                        problems.append(Problem(
+                            (*where, "path"),
+                            f"{{{name}}} is not a parameter of the route path {route.path!r}"))
+            if isinstance(call, FanoutCall):
+                for arg_index, arg in enumerate(call.args):
+                    source, _, rest = arg.partition(".")
+                    name = rest.partition(":")[0]
+                    if source == "path" and name not in route_params:
+                        problems.append(Problem(
+                            (*where, "args", arg_index),
+                            f"path.{name} is not a parameter of the route path {route.path!r}"))
+                if call.query is not None:
+                    used = {int(n) for n in re.findall(r"\$(\d+)", call.query)}
+                    if used and max(used) > len(call.args):
+                        problems.append(Problem(
+                            (*where, "args"),
+                            f"the query uses ${max(used)} but only {len(call.args)} "
+                            "args are given"))
+            if call.timeout is not None and call.timeout > deadline:
+                problems.append(Problem(
+                    (*where, "timeout"),
+                    f"timeout {call.timeout:g}s exceeds the route deadline {deadline:g}s "
+                    "and will never fire", severity="warning"))
+    for name, upstream in policy.upstreams.items():
+        if upstream.postgres is not None and "://" in upstream.postgres.dsn_env:
+            problems.append(Problem(("upstreams", name, "postgres", "dsn_env"),
+                                    "put the DSN in an environment variable and name the "
+                                    "variable here; secrets never go inline"))
+    return problems
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def resolve_call_settings(
+    policy: Policy, call: ProxyAction | FanoutCall
+) -> CallSettings:
+    """The call's settings, resolved defaults → upstream → call; most specific wins.
+
+    A nested ``retries`` block replaces the less specific one whole: an operator reads
+    one block to know what a call does.
+    """
+    layers: list[Any] = [policy.defaults.call]
+    upstream = policy.upstreams.get(call.upstream)
+    if upstream is not None and upstream.call is not None:
+        layers.append(upstream.call)
+    layers.append(call)
+    resolved: dict[str, Any] = {}
+    for field in CallSettings.model_fields:
+        for layer in layers:
+            value = getattr(layer, field, None)
+            if value is not None:
+                resolved[field] = value
+    return CallSettings.model_construct(**{**CallSettings().__dict__, **resolved})
