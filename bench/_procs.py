@@ -1,0 +1,95 @@
+"""Process-tree accounting from /proc: CPU seconds and resident memory.
+
+A system under test is a process tree (a master and its workers); its cost is the sum
+over the tree, read from ``/proc/<pid>/stat`` (utime + stime) and ``/proc/<pid>/status``
+(VmRSS).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PROC = Path("/proc")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name, or None if the pid is gone."""
+    try:
+        raw = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def tree(root: int) -> list[int]:
+    """``root`` and all its living descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is None:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if _stat_fields(pid) is None:
+            continue
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def cpu_seconds(root: int) -> float:
+    """utime + stime of the tree under ``root``, in seconds."""
+    ticks = 0
+    for pid in tree(root):
+        fields = _stat_fields(pid)
+        if fields is not None:
+            # Fields 14 and 15 of stat (1-based); index 0 here is field 3 (state).
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / _CLOCK_TICKS
+
+
+def rss_bytes(root: int) -> int:
+    """Sum of VmRSS over the tree under ``root``, in bytes."""
+    total = 0
+    for pid in tree(root):
+        try:
+            status = (_PROC / str(pid) / "status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+                break
+    return total
+
+
+class RssSampler:
+    """Samples the tree's RSS every ``interval_s`` in a thread; ``peak`` is the maximum."""
+
+    def __init__(self, root: int, interval_s: float = 0.2) -> None:
+        self.root = root
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes(self.root))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes(self.root))

@@ -1,0 +1,1 @@
+"""Peer proxies the gateway is measured against."""

@@ -1,0 +1,107 @@
+"""The admin endpoints (Quart-Trio), served only on the admin bind.
+
+Health, readiness, Prometheus metrics, cancellation traces and the active policy.
+Quart-Trio also owns the app's lifespan: its app nursery is where pools, the policy
+watcher and the PostgreSQL bridge live for the life of the worker.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from typing import TYPE_CHECKING, Any
+
+from quart import Response, jsonify, request
+from quart_trio import QuartTrio
+
+from ._metrics import render_metrics
+
+if TYPE_CHECKING:
+    from ._app import Gateway
+
+
+def create_admin_app(gateway: Gateway) -> QuartTrio:
+    app = QuartTrio("gateway.admin")
+    limits = gateway.runtime.snapshot.policy.server.limits
+    # Quart's own silent limits would cut admin streams and bodies; set them from policy.
+    app.config["RESPONSE_TIMEOUT"] = limits.response_timeout
+    app.config["BODY_TIMEOUT"] = limits.body_timeout
+    app.config["MAX_CONTENT_LENGTH"] = limits.max_body
+
+    @app.before_request
+    async def require_token() -> Response | None:
+        env = gateway.runtime.snapshot.policy.server.admin_token_env
+        if env is None:
+            return None
+        token = os.environ.get(env, "")
+        given = request.headers.get("authorization", "")
+        if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            response = jsonify({"error": "a valid bearer token is required",
+                                "cause": "unauthorized"})
+            response.status_code = 401
+            response.headers["www-authenticate"] = "Bearer"
+            return response
+        return None
+
+    @app.before_serving
+    async def start() -> None:
+        await gateway.start(app.nursery)
+
+    @app.after_serving
+    async def stop() -> None:
+        await gateway.stop()
+
+    @app.get("/healthz")
+    async def healthz() -> Any:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Any:
+        ready, detail = await gateway.readiness()
+        return {"ready": ready, "checks": detail}, 200 if ready else 503
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render_metrics(gateway.runtime),
+                        content_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/policy")
+    async def policy() -> Any:
+        runtime = gateway.runtime
+        loaded = runtime.snapshot.loaded
+        return {
+            "file": loaded.file,
+            "version": loaded.version,
+            "loaded_at": loaded.loaded_at,
+            "reloads": runtime.reloads,
+            "last_reload_error": runtime.last_reload_error,
+            "warnings": [str(w) for w in loaded.warnings],
+            "policy": loaded.policy.model_dump(mode="json"),
+        }
+
+    @app.get("/traces")
+    async def traces() -> Any:
+        args = request.args
+        try:
+            status = int(args["status"]) if "status" in args else None
+            min_ms = float(args["min_ms"]) if "min_ms" in args else None
+            limit = min(int(args.get("limit", 50)), 1000)
+        except ValueError:
+            return {"error": "status, min_ms and limit must be numbers",
+                    "cause": "bad_request"}, 400
+        found = gateway.runtime.traces.query(route=args.get("route"), cause=args.get("cause"),
+                                             status=status, min_ms=min_ms, limit=limit)
+        return {"traces": [t.to_json() for t in found]}
+
+    @app.get("/traces/<request_id>")
+    async def trace(request_id: str) -> Any:
+        found = gateway.runtime.traces.get(request_id)
+        if found is None:
+            return {"error": f"no trace for request {request_id!r}", "cause": "not_found"}, 404
+        return found.to_json()
+
+    @app.errorhandler(404)
+    async def not_found(_: Exception) -> Any:
+        return {"error": "no such admin endpoint", "cause": "no_route"}, 404
+
+    return app

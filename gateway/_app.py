@@ -1,0 +1,183 @@
+"""The ASGI application: public requests on the lean path, admin and lifespan on Quart.
+
+Hypercorn serves one app on every bind; the app tells the admin listener from the
+public one by the local port of the connection, so admin paths never answer on the
+public bind. Public HTTP requests skip Quart entirely (it costs a large share of a
+request's CPU) and go straight to ``_request.handle_request``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+import trio
+
+from ._errors import BadRequest, GatewayError, NotFound
+from ._fanout import fanout
+from ._metrics import METRICS
+from ._policy_loader import LoadedPolicy, PolicyError, load_policy_file
+from ._proxy import proxy
+from ._request import Receive, RequestContext, Scope, Send, handle_request, send_error
+from ._runtime import Runtime
+from ._trace import traced_scope
+
+log = logging.getLogger("gateway")
+
+#: How often the policy file is checked for changes.
+POLICY_POLL_INTERVAL_S = 1.0
+#: How long a retired snapshot may take to drain before its pools close.
+RETIRE_GRACE_S = 30.0
+
+
+async def _sql_route(ctx: RequestContext) -> None:
+    from ._calls import sql_call
+
+    action = ctx.match.route.sql
+    assert action is not None and ctx.request_scope is not None
+    state = ctx.snapshot.upstreams[action.upstream]
+    timeout = action.timeout or ctx.policy.defaults.call.timeout
+    result = await sql_call(ctx, ctx.request_scope, action.upstream, action, state, timeout)
+    await ctx.send_json(200, result)
+
+
+async def dispatch(ctx: RequestContext) -> None:
+    route = ctx.match.route
+    if route.proxy is not None:
+        await proxy(ctx)
+    elif route.fanout is not None:
+        await fanout(ctx)
+    else:
+        await _sql_route(ctx)
+
+
+class Gateway:
+    """One worker's gateway: runtime state, the admin app, and the ASGI entry point."""
+
+    def __init__(self, loaded: LoadedPolicy, *, admin_ports: set[int] | None = None,
+                 watch_policy: bool = True) -> None:
+        from ._admin import create_admin_app
+
+        self.runtime = Runtime(loaded)
+        self.admin_ports = admin_ports if admin_ports is not None else set()
+        self.watch_policy = watch_policy
+        self.admin = create_admin_app(self)
+        self._nursery: trio.Nursery | None = None
+        self._policy_stat: tuple[float, int] | None = None
+
+    # ------------------------------------------------------------------ ASGI
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            server = scope.get("server")
+            if server is not None and server[1] in self.admin_ports:
+                await self.admin(scope, receive, send)
+                return
+            await handle_request(self.runtime, scope, receive, send, dispatch)
+        elif kind == "lifespan":
+            await self.admin(scope, receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+        else:  # pragma: no cover - ASGI servers send only the three kinds
+            raise NotFound(f"unsupported scope type {kind!r}")
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Open what lives as long as the worker, inside the app nursery."""
+        self._nursery = nursery
+        await self._start_postgres(self.runtime.snapshot.upstreams.values())
+        if self.watch_policy:
+            nursery.start_soon(self._watch_policy_file)
+            nursery.start_soon(self._reload_on_sighup)
+
+    async def stop(self) -> None:
+        with trio.move_on_after(5) as bounded:
+            bounded.shield = True
+            await self.runtime.aclose()
+
+    async def _start_postgres(self, states: Any) -> None:
+        for state in states:
+            if state.policy.postgres is not None and state.postgres is None:
+                from .upstreams._postgres import PostgresSettings, PostgresUpstream
+
+                pg = state.policy.postgres
+                dsn = os.environ.get(pg.dsn_env)
+                if not dsn:
+                    log.error("upstream %s: environment variable %s is not set",
+                              state.name, pg.dsn_env)
+                    continue
+                upstream = PostgresUpstream(state.name, PostgresSettings(
+                    dsn=dsn, min_size=pg.pool.min, max_size=pg.pool.max,
+                    statement_cache_size=pg.statement_cache_size))
+                assert self._nursery is not None
+                await self._nursery.start(upstream.run)
+                state.postgres = upstream
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, Any] = {"policy": self.runtime.snapshot.loaded.version}
+        ready = True
+        for name, state in self.runtime.snapshot.upstreams.items():
+            if state.policy.postgres is not None:
+                ok = state.postgres is not None and await state.postgres.ready()
+                checks[name] = "ok" if ok else "unavailable"
+                ready = ready and ok
+        return ready, checks
+
+    # ------------------------------------------------------------------ reload
+    async def reload(self) -> bool:
+        """Load the policy file again; swap it in when valid, keep the old one if not."""
+        path = self.runtime.snapshot.loaded.file
+        try:
+            loaded = await trio.to_thread.run_sync(load_policy_file, path)
+        except PolicyError as error:
+            self.runtime.last_reload_error = str(error)
+            METRICS.reloads.labels("rejected").inc()
+            log.error("policy reload rejected, the active policy keeps serving:\n%s", error)
+            return False
+        if loaded.version == self.runtime.snapshot.loaded.version:
+            return True
+        old = self.runtime.swap(loaded)
+        await self._start_postgres(self.runtime.snapshot.upstreams.values())
+        METRICS.reloads.labels("applied").inc()
+        log.info("policy %s active (was %s)", loaded.version, old.loaded.version)
+        assert self._nursery is not None
+        self._nursery.start_soon(self.runtime.retire, old, RETIRE_GRACE_S)
+        return True
+
+    async def _policy_file_stat(self) -> tuple[float, int] | None:
+        try:
+            stat = await trio.Path(self.runtime.snapshot.loaded.file).stat()
+        except OSError:
+            return None
+        return (stat.st_mtime, stat.st_size)
+
+    async def _watch_policy_file(self) -> None:
+        self._policy_stat = await self._policy_file_stat()
+        while True:
+            await trio.sleep(POLICY_POLL_INTERVAL_S)
+            current = await self._policy_file_stat()
+            if current is not None and current != self._policy_stat:
+                self._policy_stat = current
+                await self.reload()
+
+    async def _reload_on_sighup(self) -> None:
+        try:
+            with trio.open_signal_receiver(signal.SIGHUP) as signals:
+                async for _ in signals:
+                    await self.reload()
+        except RuntimeError:
+            return  # not the main thread (e.g. embedded in a test): file watching remains
+
+
+def create_gateway_from_env() -> Gateway:
+    """Build the app a Hypercorn worker imports: policy and admin port from the env."""
+    path = os.environ.get("GATEWAY_POLICY", "policies/demo.yaml")
+    loaded = load_policy_file(path)
+    admin_ports = {int(p) for p in os.environ.get("GATEWAY_ADMIN_PORTS", "").split(",") if p}
+    return Gateway(loaded, admin_ports=admin_ports)
+
+
+__all__ = ["BadRequest", "Gateway", "GatewayError", "create_gateway_from_env", "send_error",
+           "traced_scope"]

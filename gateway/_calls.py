@@ -1,0 +1,186 @@
+"""One call to an upstream: budget floor → capacity limiter → traced attempt.
+
+The call's cancel scope is nested in the request's, so no call timeout can outlive
+the request deadline; the budget left is announced upstream in the deadline header
+so a chain of services shares one deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ._deadlines import call_deadline, propagated_budget_ms
+from ._errors import (
+    BadRequest,
+    NotFound,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from ._headers import upstream_request_headers
+from ._policy import FanoutCall
+from ._routing import build_target
+from ._trace import TracedScope, traced_scope
+
+if TYPE_CHECKING:
+    from ._request import RequestContext
+    from ._runtime import UpstreamState
+
+#: Default cap on an upstream body the gateway parses itself (fan-out, SQL routes).
+DEFAULT_PARSED_BODY_LIMIT = 4 * 1024 * 1024
+
+
+@asynccontextmanager
+async def upstream_call(ctx: RequestContext, parent: TracedScope, call_name: str,
+                        state: UpstreamState, timeout_s: float | None,
+                        **attrs: Any) -> AsyncIterator[TracedScope]:
+    """A traced call scope holding one of the upstream's capacity slots."""
+    now = trio.current_time()
+    deadline = call_deadline(now, ctx.deadline.at, timeout_s)
+    with traced_scope(ctx.trace, parent, "call", call_name, deadline=deadline,
+                      upstream=state.name, **attrs) as call:
+        if deadline - now < ctx.policy.server.min_call_budget:
+            raise UpstreamTimeout(
+                f"call {call_name}: {max(0.0, deadline - now) * 1000:.0f}ms left, below the "
+                "floor; not sent", scope=call.span.label, call=call_name)
+        async with state.limiter.slot():
+            yield call
+
+
+def forward_headers(ctx: RequestContext, call: TracedScope,
+                    base: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
+    """Request headers for an upstream attempt, with the remaining budget announced."""
+    server = ctx.policy.server
+    deadline_header = server.deadline_header.encode()
+    if base is None:
+        client = ctx.scope.get("client")
+        base = upstream_request_headers(
+            ctx.scope["headers"], peer=client[0] if client else None,
+            scheme=ctx.scope.get("scheme", "http"), trusted=server.trusted_proxies,
+            request_id=ctx.request_id, request_id_header=server.request_id_header.encode(),
+            drop=frozenset({deadline_header}))
+    budget = propagated_budget_ms(trio.current_time(), call.deadline, server.deadline_margin)
+    return [*base, (deadline_header, str(budget).encode())]
+
+
+async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
+                         call: FanoutCall, state: UpstreamState,
+                         timeout_s: float | None) -> Any:
+    """GET (or another method) an upstream and return its JSON; failures raise."""
+    assert state.pool is not None and call.path is not None
+    target = build_target(call.path, ctx.match.params)
+    limit = ctx.match.route.max_response_body or DEFAULT_PARSED_BODY_LIMIT
+    async with upstream_call(ctx, parent, name, state, timeout_s) as scope:
+        with traced_scope(ctx.trace, scope, "attempt", f"{name}#1", attempt=1) as attempt:
+            headers = forward_headers(ctx, scope, _fanout_base_headers(ctx))
+            headers.append((b"accept", b"application/json"))
+            async with state.pool.request(call.method, target, headers, None) as response:
+                attempt.note(status=response.status)
+                body = await response.read(max_bytes=limit)
+        if response.status >= 400:
+            raise UpstreamStatusError(f"upstream {state.name!r} answered {response.status}",
+                                      upstream_status=response.status, upstream=state.name)
+        if not body:
+            return None
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise UpstreamProtocolError(f"upstream {state.name!r} answered invalid JSON",
+                                        upstream=state.name) from None
+
+
+def _fanout_base_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    server = ctx.policy.server
+    client = ctx.scope.get("client")
+    kept = [(n, v) for n, v in ctx.scope["headers"]
+            if n in (b"authorization", b"user-agent", b"x-forwarded-for", b"x-forwarded-proto",
+                     b"x-forwarded-host", b"host")]
+    return upstream_request_headers(
+        kept, peer=client[0] if client else None, scheme=ctx.scope.get("scheme", "http"),
+        trusted=server.trusted_proxies, request_id=ctx.request_id,
+        request_id_header=server.request_id_header.encode(),
+        drop=frozenset({server.deadline_header.encode()}))
+
+
+# --------------------------------------------------------------------------- SQL
+
+
+def _convert(name: str, raw: Any, kind: str) -> Any:
+    if raw is None:
+        raise BadRequest(f"argument {name!r} is missing")
+    try:
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).lower()
+            if text in ("true", "1", "yes"):
+                return True
+            if text in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind == "uuid":
+            return uuid.UUID(str(raw))
+        return str(raw)
+    except (ValueError, TypeError):
+        raise BadRequest(f"argument {name!r} is not a valid {kind}: {str(raw)[:64]!r}") from None
+
+
+async def bind_sql_args(ctx: RequestContext, args: Sequence[str]) -> list[Any]:
+    """Values for ``$1..$n`` from path, query string or JSON body; typed, never spliced."""
+    from urllib.parse import parse_qs
+
+    query: dict[str, list[str]] | None = None
+    body: Any = None
+    values: list[Any] = []
+    for spec in args:
+        source, _, rest = spec.partition(".")
+        name, _, kind = rest.partition(":")
+        kind = kind or "text"
+        if source == "path":
+            raw: Any = ctx.match.params.get(name)
+        elif source == "query":
+            if query is None:
+                query = parse_qs(ctx.scope.get("query_string", b"").decode("latin-1"))
+            raw = (query.get(name) or [None])[0]
+        else:
+            if body is None:
+                data = await ctx.body.read()
+                try:
+                    body = json.loads(data) if data else {}
+                except ValueError:
+                    raise BadRequest("the request body is not valid JSON") from None
+                if not isinstance(body, dict):
+                    raise BadRequest("the request body must be a JSON object")
+            raw = body.get(name)
+        values.append(_convert(name, raw, kind))
+    return values
+
+
+async def sql_call(ctx: RequestContext, parent: TracedScope, name: str, call: FanoutCall,
+                   state: UpstreamState, timeout_s: float | None) -> Any:
+    """Run a policy's SQL with bound arguments; rows (or one row) as JSON values."""
+    assert call.query is not None
+    if state.postgres is None:
+        raise UpstreamError(f"postgres upstream {state.name!r} is not running",
+                            upstream=state.name)
+    args = await bind_sql_args(ctx, call.args)
+    async with upstream_call(ctx, parent, name, state, timeout_s, kind="sql") as scope:
+        with traced_scope(ctx.trace, scope, "attempt", f"{name}#1", attempt=1):
+            remaining = max(0.001, scope.deadline - trio.current_time())
+            if call.one:
+                row = await state.postgres.fetchrow(call.query, args, timeout_s=remaining)
+                if row is None:
+                    raise NotFound(f"{name}: no row found", call=name)
+                return row
+            return await state.postgres.fetch(call.query, args, timeout_s=remaining)

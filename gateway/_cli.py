@@ -1,0 +1,90 @@
+"""Command line: ``python -m gateway serve | demo | check | schema | traces``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.group()
+def main() -> None:
+    """A structured-concurrency API gateway on Trio."""
+
+
+@main.command()
+@click.option("--policy", "policy_file", default="policies/demo.yaml", show_default=True,
+              help="Policy file (YAML).")
+@click.option("--config", "config_path", default="hypercorn.toml", show_default=True,
+              help="Hypercorn settings (bind, workers, graceful_timeout, ...).")
+@click.option("--bind", "binds", multiple=True, help="Public bind host:port (repeatable); "
+              "overrides hypercorn.toml.")
+@click.option("--admin-bind", default=None,
+              help="Admin bind host:port; default from the policy or GATEWAY_ADMIN_BIND.")
+@click.option("--workers", type=int, default=None, help="Worker processes (overrides toml).")
+def serve(policy_file: str, config_path: str, binds: tuple[str, ...], admin_bind: str | None,
+          workers: int | None) -> None:
+    """Serve POLICY under Hypercorn's trio workers."""
+    from ._policy_loader import PolicyError
+    from ._server import HypercornConfigError, serve as run_serve
+
+    try:
+        code = run_serve(policy_file, config_path, admin_bind=admin_bind, workers=workers,
+                         public_bind=list(binds) or None)
+    except (PolicyError, HypercornConfigError) as error:
+        click.echo(str(error), err=True)
+        sys.exit(1)
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--policy", "policy_file", default="policies/demo.yaml", show_default=True)
+@click.option("--bind", default="127.0.0.1:8080", show_default=True)
+@click.option("--admin-bind", default=None)
+def demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
+    """Start the demo upstreams and the gateway on 127.0.0.1:8080."""
+    import logging
+
+    import trio
+
+    from ._demo import run_demo
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        trio.run(run_demo, policy_file, bind, admin_bind)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True)
+@click.option("--explain", default=None, help="Print the resolved policy of this route.")
+def check(files: tuple[str, ...], explain: str | None) -> None:
+    """Validate policy files; print file:line:col errors; exit 1 on any error."""
+    from ._check import run_check
+
+    sys.exit(run_check(list(files), explain=explain))
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of the policy file (for editors)."""
+    from ._check import policy_json_schema
+
+    click.echo(json.dumps(policy_json_schema(), indent=2))
+
+
+@main.command()
+@click.option("--admin", default="http://127.0.0.1:9901", show_default=True)
+@click.option("--cause", default=None)
+@click.option("--route", default=None)
+@click.option("--status", type=int, default=None)
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--follow", is_flag=True, help="Keep polling for new traces.")
+def traces(admin: str, cause: str | None, route: str | None, status: int | None,
+           limit: int, follow: bool) -> None:
+    """Render recent cancellation traces as trees."""
+    from ._trace_view import follow_traces
+
+    follow_traces(admin, cause=cause, route=route, status=status, limit=limit, follow=follow)

@@ -1,0 +1,80 @@
+"""Fan-out routes: named calls run concurrently in one nursery, merged into one JSON.
+
+``mode`` says how many answers are needed (all, first, quorum N); once they are in,
+the remaining calls are cancelled with cause ``quorum_reached``. ``on_failure:
+fail_fast`` cancels the siblings of a failed call (cause ``sibling_failed``, naming
+it); ``partial`` lets them finish and reports failures in an ``errors`` map.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from ._calls import http_json_call, sql_call
+from ._errors import GatewayError, UpstreamError
+from ._policy import FanoutCall, Quorum, resolve_call_settings
+from ._request import RequestContext, error_payload
+from ._trace import traced_scope
+
+
+def _needed(mode: Any, total: int) -> int:
+    if isinstance(mode, Quorum):
+        return mode.quorum
+    return 1 if mode == "first" else total
+
+
+async def _run_call(ctx: RequestContext, parent: Any, name: str, call: FanoutCall) -> Any:
+    state = ctx.snapshot.upstreams[call.upstream]
+    settings = ctx.snapshot.call_settings(call, resolve_call_settings)
+    if call.query is not None:
+        return await sql_call(ctx, parent, name, call, state, settings.timeout)
+    return await http_json_call(ctx, parent, name, call, state, settings.timeout)
+
+
+async def fanout(ctx: RequestContext) -> None:
+    action = ctx.match.route.fanout
+    assert action is not None and ctx.request_scope is not None
+    needed = _needed(action.mode, len(action.calls))
+    results: dict[str, Any] = {}
+    errors: dict[str, GatewayError] = {}
+    first_failure: list[tuple[str, GatewayError]] = []
+    mode = action.mode if isinstance(action.mode, str) else f"quorum:{action.mode.quorum}"
+    with traced_scope(ctx.trace, ctx.request_scope, "stage", "fanout", mode=mode,
+                      on_failure=action.on_failure) as stage:
+        async with trio.open_nursery() as nursery:
+
+            async def run(name: str, call: FanoutCall) -> None:
+                try:
+                    value = await _run_call(ctx, stage, name, call)
+                except GatewayError as error:
+                    errors[name] = error
+                    if action.on_failure == "fail_fast" and not first_failure:
+                        first_failure.append((name, error))
+                        nursery.cancel_scope.cancel(reason=f"sibling_failed|call {name}")
+                    return
+                results[name] = value
+                if needed < len(action.calls) and len(results) >= needed:
+                    nursery.cancel_scope.cancel(reason=f"quorum_reached|call {name}")
+
+            for name, call in action.calls.items():
+                nursery.start_soon(run, name, call)
+    if first_failure:
+        name, error = first_failure[0]
+        error.detail.setdefault("call", name)
+        raise error
+    if len(results) < needed and (action.on_failure == "fail_fast" or not results):
+        if errors:
+            name, error = next(iter(errors.items()))
+            error.detail.setdefault("call", name)
+            raise error
+        raise UpstreamError("the fan-out did not gather enough answers")
+    payload: dict[str, Any] = dict(results)
+    if errors and action.on_failure == "partial":
+        payload["errors"] = {
+            name: {**error_payload(error, ctx.request_id), "status": error.status}
+            for name, error in errors.items()}
+        for entry in payload["errors"].values():
+            entry.pop("request_id", None)
+    await ctx.send_json(200, payload)

@@ -1,0 +1,111 @@
+"""Header rules for the proxy leg: hop-by-hop removal, forwarding chain, request ids."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Network, IPv6Network, ip_address
+
+Headers = list[tuple[bytes, bytes]]
+
+#: RFC 9110 §7.6.1 connection-specific fields, plus the de-facto ones proxies drop.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+                        b"forwarded"})
+_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def strip_hop_by_hop(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+    """Drop hop-by-hop headers and every header the ``Connection`` header names."""
+    named = _connection_tokens(headers)
+    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named]
+
+
+def is_trusted(peer: str | None, trusted: Sequence[IPv4Network | IPv6Network]) -> bool:
+    if not peer or not trusted:
+        return False
+    try:
+        address = ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
+
+
+def request_id_from(headers: Sequence[tuple[bytes, bytes]], header: bytes) -> str:
+    """The client's request id when it is sane (short, plain characters), else a new one."""
+    for name, value in headers:
+        if name == header and _REQUEST_ID_RE.match(value):
+            return value.decode("ascii")
+    return secrets.token_hex(12)
+
+
+def upstream_request_headers(
+    headers: Sequence[tuple[bytes, bytes]],
+    *,
+    peer: str | None,
+    scheme: str,
+    trusted: Sequence[IPv4Network | IPv6Network],
+    request_id: str,
+    request_id_header: bytes,
+    drop: frozenset[bytes] = frozenset(),
+) -> Headers:
+    """Headers to send upstream: hop-by-hop gone, forwarding chain appended.
+
+    An incoming ``X-Forwarded-*`` chain is kept only from a trusted proxy; from anyone
+    else it is dropped and the chain starts at the peer. ``Host`` is passed through as
+    ``X-Forwarded-Host`` and the upstream gets its own host (set by the pool).
+    """
+    trusted_peer = is_trusted(peer, trusted)
+    out: Headers = []
+    forwarded_for = b""
+    forwarded_proto = b""
+    forwarded_host = b""
+    host = b""
+    for name, value in strip_hop_by_hop(headers):
+        if name in _FORWARDED:
+            if trusted_peer:
+                if name == b"x-forwarded-for":
+                    forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
+                elif name == b"x-forwarded-proto" and not forwarded_proto:
+                    forwarded_proto = value
+                elif name == b"x-forwarded-host" and not forwarded_host:
+                    forwarded_host = value
+            continue
+        if name == b"host":
+            host = value
+            continue
+        if name == request_id_header or name in drop:
+            continue
+        out.append((name, value))
+    peer_bytes = (peer or "unknown").encode("ascii", "replace")
+    out.append((b"x-forwarded-for",
+                forwarded_for + b", " + peer_bytes if forwarded_for else peer_bytes))
+    out.append((b"x-forwarded-proto", forwarded_proto or scheme.encode("ascii")))
+    if forwarded_host or host:
+        out.append((b"x-forwarded-host", forwarded_host or host))
+    out.append((request_id_header, request_id.encode("ascii")))
+    return out
+
+
+def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]],
+                                request_id_header: bytes, request_id: str) -> Headers:
+    """Upstream response headers as the client gets them, with the request id."""
+    out = [(n, v) for n, v in strip_hop_by_hop(headers) if n != request_id_header]
+    out.append((request_id_header, request_id.encode("ascii")))
+    return out
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(12)

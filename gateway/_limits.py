@@ -1,0 +1,114 @@
+"""Capacity limits: a per-upstream limiter with a bounded queue, and the door's gate.
+
+Overload is refused early and cheaply. A call that finds every slot taken waits in a
+queue of bounded length for at most ``queue_timeout``; past either bound it is shed
+(503 + Retry-After, cause ``shed``). The limits can be resized in place when a reload
+changes them, without dropping the calls that hold or wait for a slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from ._errors import Shed
+
+
+@dataclass(frozen=True)
+class LimiterStatistics:
+    concurrency: int
+    in_flight: int
+    queued: int
+    queue_limit: int
+    shed_total: int
+
+
+class UpstreamLimiter:
+    """``trio.CapacityLimiter`` plus a bounded, time-limited queue."""
+
+    def __init__(self, name: str, *, concurrency: int, queue: int, queue_timeout_s: float,
+                 retry_after_s: float = 1.0) -> None:
+        self.name = name
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self._queue_limit = queue
+        self._queue_timeout_s = queue_timeout_s
+        self._retry_after_s = retry_after_s
+        self._queued = 0
+        self.shed_total = 0
+
+    def resize(self, *, concurrency: int, queue: int, queue_timeout_s: float,
+               retry_after_s: float | None = None) -> None:
+        """Apply new limits in place; holders keep their slots, waiters keep waiting."""
+        self._limiter.total_tokens = concurrency
+        self._queue_limit = queue
+        self._queue_timeout_s = queue_timeout_s
+        if retry_after_s is not None:
+            self._retry_after_s = retry_after_s
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one slot for the duration of the block, or raise :class:`Shed`."""
+        token = object()
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(token)
+        except trio.WouldBlock:
+            if self._queued >= self._queue_limit:
+                self.shed_total += 1
+                raise Shed(f"upstream {self.name!r}: queue full ({self._queue_limit} waiting)",
+                           retry_after_s=self._retry_after_s, upstream=self.name,
+                           reason="queue_full") from None
+            self._queued += 1
+            try:
+                with trio.move_on_after(self._queue_timeout_s) as waited:
+                    await self._limiter.acquire_on_behalf_of(token)
+            finally:
+                self._queued -= 1
+            if waited.cancelled_caught:
+                self.shed_total += 1
+                raise Shed(f"upstream {self.name!r}: no slot within "
+                           f"{self._queue_timeout_s * 1000:g}ms",
+                           retry_after_s=self._retry_after_s, upstream=self.name,
+                           reason="queue_timeout") from None
+        try:
+            yield
+        finally:
+            self._limiter.release_on_behalf_of(token)
+
+    def statistics(self) -> LimiterStatistics:
+        return LimiterStatistics(
+            concurrency=int(self._limiter.total_tokens),
+            in_flight=self._limiter.borrowed_tokens,
+            queued=self._queued,
+            queue_limit=self._queue_limit,
+            shed_total=self.shed_total,
+        )
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (f"<UpstreamLimiter {self.name} [{s.in_flight}/{s.concurrency} in flight, "
+                f"{s.queued}/{s.queue_limit} queued, {s.shed_total} shed]>")
+
+
+class InflightGate:
+    """The door: at most ``limit`` requests per worker; the rest are shed at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self.shed_total = 0
+
+    def try_enter(self) -> bool:
+        if self.in_flight >= self.limit:
+            self.shed_total += 1
+            return False
+        self.in_flight += 1
+        return True
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    def __repr__(self) -> str:
+        return f"<InflightGate [{self.in_flight}/{self.limit} in flight, {self.shed_total} shed]>"

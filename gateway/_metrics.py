@@ -1,0 +1,77 @@
+"""Prometheus metrics of one worker (summed across workers by the multiprocess mode).
+
+With several Hypercorn workers, ``PROMETHEUS_MULTIPROC_DIR`` is set by ``serve`` before
+the workers start, so one scrape of any worker's admin endpoint shows their sum.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prometheus_multiprocess
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+    from ._trace import Trace
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests = Counter("gateway_requests_total", "Requests answered, by route and status",
+                                ["route", "status"])
+        self.duration = Histogram("gateway_request_duration_seconds",
+                                  "Request duration, by route", ["route"], buckets=_BUCKETS)
+        self.cancellations = Counter(
+            "gateway_cancellations_total",
+            "Cancelled spans, by route, cause and the scope that fired",
+            ["route", "cause", "scope"])
+        self.in_flight = Gauge("gateway_upstream_in_flight", "Calls holding a slot, by upstream",
+                               ["upstream"], multiprocess_mode="livesum")
+        self.queued = Gauge("gateway_upstream_queued", "Calls waiting for a slot, by upstream",
+                            ["upstream"], multiprocess_mode="livesum")
+        self.shed = Counter("gateway_shed_total", "Requests or calls shed, by where",
+                            ["where"])
+        self.reloads = Counter("gateway_policy_reloads_total", "Policy reloads, by result",
+                               ["result"])
+
+    def observe_request(self, trace: Trace, status: int) -> None:
+        route = trace.route or "(none)"
+        self.requests.labels(route, str(status)).inc()
+        self.duration.labels(route).observe(trace.duration_ms / 1000)
+        for span in trace.cancelled_spans():
+            scope = (span.fired_scope or span.label).split("#")[0]
+            self.cancellations.labels(route, span.cause or "unknown", scope).inc()
+        if trace.cause == "shed" and trace.root is None:
+            self.shed.labels("door").inc()
+
+    def refresh(self, runtime: Runtime) -> None:
+        """Copy point-in-time figures (limiter state) into gauges before a scrape."""
+        for name, state in runtime.snapshot.upstreams.items():
+            stats = state.limiter.statistics()
+            self.in_flight.labels(name).set(stats.in_flight)
+            self.queued.labels(name).set(stats.queued)
+
+
+METRICS = Metrics()
+
+
+def render_metrics(runtime: Runtime) -> bytes:
+    METRICS.refresh(runtime)
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        registry = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(registry, path=directory)
+        return generate_latest(registry)
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY)

@@ -1,0 +1,251 @@
+"""The public request path as a lean ASGI handler: door → route → deadline → nursery.
+
+Every request runs in its own nursery under one traced cancel scope whose deadline is
+min(route policy, client header). A helper task owns the ASGI ``receive`` channel: it
+relays the body (bounded buffer, so a slow upstream slows the client down) and, once
+the body is in, waits for ``http.disconnect`` and cancels the whole request with cause
+``client_disconnect``. Hypercorn never cancels an app itself (hypercorn#210), so this
+watch is what makes a departed client stop its upstream work at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import trio
+
+from ._deadlines import RequestDeadline, effective_deadline, parse_deadline_header
+from ._errors import GatewayError, PayloadTooLarge, Shed
+from ._headers import request_id_from
+from ._metrics import METRICS
+from ._routing import RouteMatch
+from ._runtime import Runtime, Snapshot
+from ._trace import Trace, TracedScope, traced_scope
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+access_log = logging.getLogger("gateway.access")
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class RequestBody:
+    """The client's body as an async iterator, relayed by the receive task."""
+
+    def __init__(self, receiver: trio.MemoryReceiveChannel[bytes], limit: int,
+                 declared_length: int | None) -> None:
+        self._receiver = receiver
+        self._limit = limit
+        self.declared_length = declared_length
+        self.received = 0
+        self.consumed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.consumed = True
+        async for chunk in self._receiver:
+            self.received += len(chunk)
+            if self.received > self._limit:
+                raise PayloadTooLarge(f"the request body is larger than {self._limit} bytes")
+            yield chunk
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self])
+
+
+class RequestContext:
+    """What the handlers of one request share: its policy, trace, scope and I/O."""
+
+    def __init__(self, runtime: Runtime, snapshot: Snapshot, scope: Scope, send: Send,
+                 trace: Trace, request_id: str, match: RouteMatch, deadline: RequestDeadline,
+                 body: RequestBody) -> None:
+        self.runtime = runtime
+        self.snapshot = snapshot
+        self.scope = scope
+        self._send = send
+        self.trace = trace
+        self.request_id = request_id
+        self.match = match
+        self.deadline = deadline
+        self.body = body
+        self.request_scope: TracedScope | None = None
+        self.nursery: trio.Nursery | None = None
+        self.response_started = False
+        self.status: int | None = None
+
+    @property
+    def policy(self) -> Any:
+        return self.snapshot.policy
+
+    async def start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.response_started = True
+        self.status = status
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def send_body(self, data: bytes, *, more: bool) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def send_json(self, status: int, payload: Any,
+                        extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()),
+                   (self.policy.server.request_id_header.encode(), self.request_id.encode())]
+        if extra_headers:
+            headers.extend(extra_headers)
+        await self.start_response(status, headers)
+        await self.send_body(body, more=False)
+
+
+def error_payload(error: GatewayError, request_id: str) -> dict[str, Any]:
+    payload: dict[str, Any] = {"error": error.message, "cause": error.cause,
+                               "request_id": request_id}
+    for key in ("call", "upstream", "scope"):
+        if key in error.detail:
+            payload[key] = error.detail[key]
+    return payload
+
+
+async def send_error(send: Send, error: GatewayError, request_id: str,
+                     request_id_header: bytes) -> None:
+    body = json.dumps(error_payload(error, request_id), separators=(",", ":")).encode()
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()),
+               (request_id_header, request_id.encode())]
+    retry_after = error.retry_after_header()
+    if retry_after is not None:
+        headers.append((b"retry-after", retry_after.encode()))
+    if "allow" in error.detail:
+        headers.append((b"allow", str(error.detail["allow"]).encode()))
+    if error.status in (400, 413, 414, 431):
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+async def _relay_receive(receive: Receive, sender: trio.MemorySendChannel[bytes],
+                         request_scope: TracedScope) -> None:
+    """Feed the body to the handler, then turn ``http.disconnect`` into a cancel."""
+    async with sender:
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "http.request":
+                chunk = message.get("body", b"")
+                if chunk:
+                    try:
+                        await sender.send(chunk)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # the handler stopped reading; keep watching for disconnect
+                if not message.get("more_body", False):
+                    break
+            elif kind == "http.disconnect":
+                request_scope.cancel("client_disconnect")
+                return
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            request_scope.cancel("client_disconnect")
+            return
+
+
+Handler = Callable[[RequestContext], Awaitable[None]]
+
+
+async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send: Send,
+                         dispatch: Handler) -> None:
+    """Serve one public HTTP request under the current policy snapshot."""
+    snapshot = runtime.enter()
+    policy = snapshot.policy
+    server = policy.server
+    rid_header = server.request_id_header.encode()
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    request_id = request_id_from(headers, rid_header)
+    method: str = scope["method"]
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+    raw_path = raw_path.partition(b"?")[0]
+    trace = Trace(request_id, method, raw_path.decode("latin-1")[:512], None)
+    gate = runtime.gate
+    entered = False
+    request_scope: TracedScope | None = None
+    context: RequestContext | None = None
+    try:
+        if not gate.try_enter():
+            raise Shed("the gateway is at max_inflight", retry_after_s=server.shed_retry_after,
+                       reason="max_inflight")
+        entered = True
+        match = snapshot.routes.match(method, raw_path)
+        trace.route = match.route.path
+        now = trio.current_time()
+        header_deadline = parse_deadline_header(headers, server.deadline_header.encode())
+        deadline = effective_deadline(now, match.route.deadline or policy.defaults.deadline,
+                                      header_deadline)
+        trace.deadline_source = deadline.source
+        limit = match.route.max_body or server.limits.max_body
+        declared = _declared_length(headers)
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(f"the request body ({declared} bytes) is larger than "
+                                  f"{limit} bytes")
+        sender, receiver = trio.open_memory_channel[bytes](1)
+        body = RequestBody(receiver, limit, declared)
+        context = RequestContext(runtime, snapshot, scope, send, trace, request_id, match,
+                                 deadline, body)
+        with traced_scope(trace, None, "request", match.route.path, deadline=deadline.at,
+                          deadline_source=deadline.source) as request_scope:
+            context.request_scope = request_scope
+            async with trio.open_nursery() as nursery:
+                context.nursery = nursery
+                nursery.start_soon(_relay_receive, receive, sender, request_scope)
+                await dispatch(context)
+                nursery.cancel_scope.cancel(reason="request answered")
+            receiver.close()
+        if request_scope.cancel_cause == "client_disconnect":
+            trace.status, trace.cause = 499, "client_disconnect"
+        else:
+            trace.status = context.status
+    except GatewayError as error:
+        trace.cause = error.cause if error.status >= 500 or error.cause == "shed" else None
+        if isinstance(error, Shed):
+            trace.cause = "shed"
+        if context is not None and context.response_started:
+            # Too late for a status: end without finishing the body, so Hypercorn drops
+            # the connection and the client can tell the body is incomplete.
+            trace.status = context.status
+            trace.cause = trace.cause or error.cause
+            return
+        trace.status = error.status
+        await send_error(send, error, request_id, rid_header)
+    except trio.Cancelled as cancelled:
+        trace.status = 499
+        trace.cause = "shutdown" if cancelled.source in ("deadline", "shutdown") else \
+            "client_disconnect"
+        raise
+    finally:
+        if entered:
+            gate.leave()
+        runtime.leave(snapshot)
+        finish_trace(runtime, trace, policy)
+
+
+def finish_trace(runtime: Runtime, trace: Trace, policy: Any) -> None:
+    """Count the request, keep its trace, log it when it is worth a line."""
+    server = policy.server
+    status = trace.status or 0
+    METRICS.observe_request(trace, status)
+    if not server.tracing:
+        return
+    runtime.traces.add(trace)
+    cancelled = trace.cancelled_spans()
+    if (status >= 500 or status == 499 or cancelled
+            or trace.duration_ms >= server.slow_request * 1000
+            or (server.log_sample and random.random() < server.log_sample)):
+        access_log.info(json.dumps(trace.to_json(), separators=(",", ":")))

@@ -1,0 +1,182 @@
+"""Route matching and upstream path building, without I/O.
+
+Matching works on the raw request path, segment by segment: a segment is
+percent-decoded only after the path was split on ``/``, so an encoded slash stays
+inside one parameter and never changes which route matches. Dot segments are
+resolved first (RFC 3986 §5.2.4, with ``%2e`` counted as a dot). When a value is
+put into an upstream path it is percent-encoded again with nothing left safe, so a
+parameter can never add a segment, a query or a fragment upstream.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import quote, unquote_to_bytes
+
+from ._errors import BadRequest, MethodNotAllowed, NotFound
+from ._policy import Route
+
+_PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*?)\}")
+# Characters left as they are inside a substituted segment: unreserved plus a few
+# sub-delims that no common server treats specially in a path ("&", "=", "+" are
+# encoded because some frameworks give them meaning).
+_SEGMENT_SAFE = "-._~!$'()*,;:@"
+
+
+def normalize_path(raw_path: bytes) -> list[str]:
+    """Split a raw path into decoded segments with dot segments removed.
+
+    Rejects what no route should ever see: NUL, control characters, invalid UTF-8,
+    and ``..`` that would climb above the root.
+    """
+    if not raw_path.startswith(b"/"):
+        raise BadRequest("the request path must start with '/'")
+    segments: list[str] = []
+    raw_segments = raw_path[1:].split(b"/")
+    for index, raw in enumerate(raw_segments):
+        try:
+            decoded = unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("the request path is not valid UTF-8") from None
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded):
+            raise BadRequest("the request path contains control characters")
+        last = index == len(raw_segments) - 1
+        if decoded == ".":
+            if last:
+                segments.append("")
+            continue
+        if decoded == "..":
+            if not segments:
+                raise BadRequest("the request path climbs above the root")
+            segments.pop()
+            if last:
+                segments.append("")
+            continue
+        if decoded == "" and not last:
+            # Collapse empty segments ("//"): no route template contains one.
+            continue
+        segments.append(decoded)
+    return segments
+
+
+@dataclass(frozen=True)
+class _Part:
+    literal: str | None  # None for a parameter
+    name: str = ""
+    tail: bool = False
+
+
+@dataclass(frozen=True)
+class CompiledRoute:
+    """A route with its template split into literal and parameter segments."""
+
+    index: int
+    route: Route
+    parts: tuple[_Part, ...]
+    methods: frozenset[str]
+
+    def match(self, segments: Sequence[str]) -> dict[str, str] | None:
+        params: dict[str, str] = {}
+        parts = self.parts
+        for position, part in enumerate(parts):
+            if part.tail:
+                rest = segments[position:]
+                if not rest or rest == [""]:
+                    return None
+                params[part.name] = "/".join(rest)
+                return params
+            if position >= len(segments):
+                return None
+            segment = segments[position]
+            if part.literal is not None:
+                if segment != part.literal:
+                    return None
+            elif segment == "":
+                return None
+            else:
+                params[part.name] = segment
+        return params if len(segments) == len(parts) else None
+
+
+def compile_route(index: int, route: Route) -> CompiledRoute:
+    parts: list[_Part] = []
+    for piece in route.path[1:].split("/"):
+        match = _PARAM_RE.fullmatch(piece)
+        if match:
+            parts.append(_Part(None, match[1], bool(match[2])))
+        else:
+            parts.append(_Part(piece))
+    methods = set(route.allowed_methods)
+    if "GET" in methods:
+        methods.add("HEAD")
+    return CompiledRoute(index, route, tuple(parts), frozenset(methods))
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    compiled: CompiledRoute
+    params: dict[str, str]
+
+    @property
+    def route(self) -> Route:
+        return self.compiled.route
+
+
+class RouteTable:
+    """Routes in policy order; the first whose template matches wins."""
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self._routes = [compile_route(i, r) for i, r in enumerate(routes)]
+
+    def match(self, method: str, raw_path: bytes) -> RouteMatch:
+        segments = normalize_path(raw_path)
+        allowed: set[str] = set()
+        for compiled in self._routes:
+            params = compiled.match(segments)
+            if params is None:
+                continue
+            if method in compiled.methods:
+                return RouteMatch(compiled, params)
+            allowed |= compiled.methods
+        if allowed:
+            raise MethodNotAllowed(f"method {method} is not allowed here",
+                                   allow=", ".join(sorted(allowed)))
+        raise NotFound("no route matches this path")
+
+
+def _encode_value(name: str, value: str, tail: bool) -> str:
+    if tail:
+        pieces = value.split("/")
+        if any(p in (".", "..") for p in pieces):
+            raise BadRequest(f"parameter {name!r} may not contain '.' or '..' segments")
+        return "/".join(quote(p, safe=_SEGMENT_SAFE) for p in pieces)
+    if value in (".", ".."):
+        raise BadRequest(f"parameter {name!r} may not be '.' or '..'")
+    return quote(value, safe=_SEGMENT_SAFE)
+
+
+def build_target(template: str, params: dict[str, str], query_string: bytes = b"") -> str:
+    """Fill an upstream path template; the client's query string is appended.
+
+    A value lands percent-encoded in its own segment (or, for a template's query part,
+    as an encoded query value), so it cannot change the shape of the upstream path.
+    """
+    path_template, _, query_template = template.partition("?")
+
+    def fill(text: str, in_query: bool) -> str:
+        def replace(match: re.Match[str]) -> str:
+            value = params[match[1]]
+            if in_query:
+                return quote(value, safe="")
+            return _encode_value(match[1], value, bool(match[2]))
+
+        return _PARAM_RE.sub(replace, text)
+
+    target = fill(path_template, in_query=False)
+    queries = [q for q in (fill(query_template, in_query=True), query_string.decode("latin-1"))
+               if q]
+    if queries:
+        target += "?" + "&".join(queries)
+    return target

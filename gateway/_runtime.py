@@ -1,0 +1,163 @@
+"""Per-worker runtime state: the active policy snapshot and the upstreams' live parts.
+
+A request takes the current :class:`Snapshot` once, at its start, and keeps it to
+the end: a reload swaps ``Runtime.snapshot`` atomically (one attribute assignment in
+a single-threaded event loop) and in-flight requests finish on the policy they began
+with. Pools, limiters and breakers of upstreams whose definition did not change are
+carried over to the new snapshot; changed limits are resized in place; pools of
+upstreams that are gone or changed are closed once the old snapshot drains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ._limits import InflightGate, UpstreamLimiter
+from ._policy import CallSettings, Policy, UpstreamPolicy
+from ._routing import RouteTable
+from ._trace import TraceBuffer
+from .upstreams._http import HttpUpstreamPool, PoolLimits
+
+if TYPE_CHECKING:
+    from ._policy_loader import LoadedPolicy
+
+log = logging.getLogger("gateway.runtime")
+
+
+@dataclass
+class UpstreamState:
+    """The live parts of one upstream, shared by every snapshot that uses it."""
+
+    name: str
+    policy: UpstreamPolicy
+    limiter: UpstreamLimiter
+    pool: HttpUpstreamPool | None = None
+    postgres: Any = None  # PostgresUpstream, kept untyped so only its module imports asyncpg
+    users: int = 0  # snapshots referring to this state
+
+
+def _pool_limits(policy: Policy, upstream: UpstreamPolicy) -> PoolLimits:
+    return PoolLimits(
+        max_connections=upstream.pool.max_connections,
+        idle_timeout_s=upstream.pool.idle_timeout,
+        connect_timeout_s=upstream.pool.connect_timeout,
+        max_response_header_bytes=policy.server.limits.max_upstream_header_bytes,
+    )
+
+
+def _connection_identity(upstream: UpstreamPolicy) -> tuple[Any, ...]:
+    """What, when changed, needs a new pool (limits alone are resized in place)."""
+    return (upstream.url, upstream.pool, upstream.postgres)
+
+
+@dataclass
+class Snapshot:
+    loaded: LoadedPolicy
+    routes: RouteTable
+    upstreams: dict[str, UpstreamState]
+    in_flight: int = 0
+    drained: trio.Event = field(default_factory=trio.Event)
+    _settings: dict[int, CallSettings] = field(default_factory=dict)
+
+    @property
+    def policy(self) -> Policy:
+        return self.loaded.policy
+
+    def call_settings(self, call: Any, resolve: Callable[[Policy, Any], CallSettings],
+                      ) -> CallSettings:
+        """Resolved settings of a call, computed once per snapshot (the policy is frozen)."""
+        key = id(call)
+        settings = self._settings.get(key)
+        if settings is None:
+            settings = self._settings[key] = resolve(self.policy, call)
+        return settings
+
+
+class Runtime:
+    """Everything one worker needs to serve: snapshot, door gate, traces."""
+
+    def __init__(self, loaded: LoadedPolicy) -> None:
+        policy = loaded.policy
+        self.gate = InflightGate(policy.server.max_inflight)
+        self.traces = TraceBuffer(policy.server.trace_buffer if policy.server.tracing else 0)
+        self.snapshot = self._build(loaded, {})
+        self.reloads = 0
+        self.last_reload_error: str | None = None
+        self.postgres_starter: Any = None  # set by the app: starts a PostgresUpstream
+
+    def _build(self, loaded: LoadedPolicy, previous: dict[str, UpstreamState]) -> Snapshot:
+        policy = loaded.policy
+        upstreams: dict[str, UpstreamState] = {}
+        retry_after = policy.server.shed_retry_after
+        for name, definition in policy.upstreams.items():
+            old = previous.get(name)
+            if old is not None and _connection_identity(old.policy) == _connection_identity(
+                    definition):
+                old.limiter.resize(concurrency=definition.limit.concurrency,
+                                   queue=definition.limit.queue,
+                                   queue_timeout_s=definition.limit.queue_timeout,
+                                   retry_after_s=retry_after)
+                old.policy = definition
+                upstreams[name] = old
+                continue
+            limiter = UpstreamLimiter(name, concurrency=definition.limit.concurrency,
+                                      queue=definition.limit.queue,
+                                      queue_timeout_s=definition.limit.queue_timeout,
+                                      retry_after_s=retry_after)
+            state = UpstreamState(name, definition, limiter)
+            if definition.url is not None:
+                state.pool = HttpUpstreamPool(name, definition.url,
+                                              _pool_limits(policy, definition))
+            upstreams[name] = state
+        for state in upstreams.values():
+            state.users += 1
+        return Snapshot(loaded, RouteTable(policy.routes), upstreams)
+
+    def enter(self) -> Snapshot:
+        snapshot = self.snapshot
+        snapshot.in_flight += 1
+        return snapshot
+
+    def leave(self, snapshot: Snapshot) -> None:
+        snapshot.in_flight -= 1
+        if snapshot.in_flight == 0 and snapshot is not self.snapshot:
+            snapshot.drained.set()
+
+    def swap(self, loaded: LoadedPolicy) -> Snapshot:
+        """Make ``loaded`` active; return the old snapshot (close it with :meth:`retire`)."""
+        old = self.snapshot
+        new = self._build(loaded, old.upstreams)
+        policy = loaded.policy
+        self.gate.limit = policy.server.max_inflight
+        self.traces.resize(policy.server.trace_buffer if policy.server.tracing else 0)
+        self.snapshot = new
+        self.reloads += 1
+        self.last_reload_error = None
+        if old.in_flight == 0:
+            old.drained.set()
+        return old
+
+    async def retire(self, old: Snapshot, *, grace_s: float) -> None:
+        """Wait for ``old`` to drain (bounded), then close the parts no snapshot uses."""
+        with trio.move_on_after(grace_s):
+            await old.drained.wait()
+        for state in old.upstreams.values():
+            state.users -= 1
+            if state.users == 0:
+                await close_upstream(state)
+
+    async def aclose(self) -> None:
+        for state in self.snapshot.upstreams.values():
+            await close_upstream(state)
+
+
+async def close_upstream(state: UpstreamState) -> None:
+    if state.pool is not None:
+        await state.pool.aclose()
+    if state.postgres is not None:
+        await state.postgres.aclose()

@@ -1,0 +1,180 @@
+"""Running the gateway under Hypercorn: config checks, process limits, workers, signals.
+
+``serve`` is Hypercorn's own multi-process runner with three fixes a gateway needs:
+unknown keys in ``hypercorn.toml`` are errors (Hypercorn stores a typo silently), the
+admin bind is added next to the public binds with its real port known before workers
+start, and workers ignore SIGTERM so that a terminating master lets them drain
+through Hypercorn's shutdown event instead of dropping in-flight requests.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import multiprocessing
+import os
+import resource
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hypercorn.config import Config, Sockets
+
+log = logging.getLogger("gateway.server")
+
+APPLICATION_PATH = "gateway._asgi:app"
+#: Keys of hypercorn.toml the gateway sets itself; an operator's value would be ignored.
+_MANAGED_KEYS = frozenset({"application_path"})
+
+
+class HypercornConfigError(Exception):
+    """hypercorn.toml names a key Hypercorn does not know, or a value it cannot use."""
+
+
+def known_hypercorn_keys() -> set[str]:
+    config = Config()
+    keys = {name for name in dir(Config) if not name.startswith("_")}
+    keys |= set(vars(config))
+    # Properties and methods are not settable keys.
+    return {k for k in keys if not callable(getattr(Config, k, None))
+            or isinstance(getattr(Config, k, None), property)}
+
+
+def check_hypercorn_mapping(mapping: Mapping[str, Any], source: str) -> None:
+    known = known_hypercorn_keys()
+    problems = []
+    for key in mapping:
+        if key in _MANAGED_KEYS:
+            problems.append(f"{source}: {key}: set by the gateway, remove it")
+        elif key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"{source}: {key}: not a Hypercorn setting{hint}")
+    if problems:
+        raise HypercornConfigError("\n".join(problems))
+
+
+class GatewayConfig(Config):
+    """Hypercorn config whose sockets are bound once, before workers start."""
+
+    _bound: Sockets | None = None
+
+    def create_sockets(self) -> Sockets:
+        if self._bound is None:
+            self._bound = super().create_sockets()
+        return self._bound
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_bound", None)
+        return state
+
+
+def load_hypercorn_config(path: str | os.PathLike[str] | None) -> GatewayConfig:
+    mapping: dict[str, Any] = {}
+    if path is not None:
+        with open(path, "rb") as handle:
+            mapping = tomllib.load(handle)
+        check_hypercorn_mapping(mapping, str(path))
+    config = GatewayConfig.from_mapping(mapping)
+    assert isinstance(config, GatewayConfig)
+    config.worker_class = config.worker_class or "trio"
+    if config.worker_class != "trio":
+        raise HypercornConfigError(f"{path}: worker_class: the gateway needs 'trio', got "
+                                   f"{config.worker_class!r}")
+    config.application_path = APPLICATION_PATH
+    return config
+
+
+def raise_open_file_limit(needed: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; warn when it is still short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            log.warning("could not raise the open-file limit: %s", error)
+    if soft < needed:
+        log.warning("open-file limit %d is below what max_inflight × workers needs (~%d)",
+                    soft, needed)
+    return soft
+
+
+def check_somaxconn(backlog: int) -> None:
+    try:
+        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return
+    if somaxconn < backlog:
+        log.warning("net.core.somaxconn is %d, below the configured backlog %d: the kernel "
+                    "will cap the accept queue", somaxconn, backlog)
+
+
+def bound_ports(sockets: Sockets) -> list[tuple[str, int]]:
+    return [sock.getsockname()[:2] for sock in sockets.insecure_sockets]
+
+
+def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None = None,
+          workers: int | None = None, public_bind: list[str] | None = None) -> int:
+    """Run Hypercorn with the gateway app; returns Hypercorn's exit code."""
+    from hypercorn.run import run
+
+    from ._policy_loader import load_policy_file
+
+    loaded = load_policy_file(policy_file)  # fail before binding anything
+    config = load_hypercorn_config(config_path)
+    if workers is not None:
+        config.workers = workers
+    if public_bind:
+        config.bind = list(public_bind)
+    admin = admin_bind or os.environ.get("GATEWAY_ADMIN_BIND") or loaded.policy.server.admin_bind
+    public_count = len(config.bind)
+    config.bind = [*config.bind, admin]
+    raise_open_file_limit(loaded.policy.server.max_inflight * max(config.workers, 1) * 2 + 256)
+    check_somaxconn(config.backlog)
+    sockets = config.create_sockets()
+    addresses = bound_ports(sockets)
+    admin_ports = {port for _, port in addresses[public_count:]}
+    os.environ["GATEWAY_POLICY"] = str(Path(policy_file).resolve())
+    os.environ["GATEWAY_ADMIN_PORTS"] = ",".join(str(p) for p in sorted(admin_ports))
+    metrics_dir = None
+    if config.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    public = ", ".join(f"http://{h}:{p}" for h, p in addresses[:public_count])
+    admin_urls = ", ".join(f"http://{h}:{p}" for h, p in addresses[public_count:])
+    print(f"gateway: policy {loaded.file} ({loaded.version}), {config.workers} worker(s)\n"
+          f"gateway: serving {public}\ngateway: admin {admin_urls}", flush=True)
+    try:
+        return run(config)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        for sock in [*sockets.insecure_sockets, *sockets.secure_sockets]:
+            sock.close()
+
+
+def prepare_worker_process() -> None:
+    """Run in each worker at import: drain on the master's shutdown event, not SIGTERM."""
+    if multiprocessing.parent_process() is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+
+
+def free_loopback_socket() -> socket.socket:
+    """A listening socket on 127.0.0.1 with an ephemeral port (tests and the demo)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,301 @@
+"""Cancellation traces: every request/call/attempt scope records itself as a span.
+
+A span is opened by :func:`traced_scope`, which is also the cancel scope of that unit
+of work, so recording cannot be forgotten at a call site. When a span ends cancelled,
+its cause is read from Trio's own record, never guessed from timing:
+
+* ``Cancelled.source == "explicit"``: the gateway cancelled a scope through
+  :meth:`TracedScope.cancel`, which always passes ``reason="<cause>|<scope>"``;
+* ``"deadline"``: the outermost enclosing traced scope whose deadline passed fired;
+  a deadline outside every traced scope is Hypercorn's graceful-shutdown deadline on
+  its server nursery, so the cause is ``shutdown``;
+* ``"nursery"``: a sibling task raised, so the nursery cancelled the rest.
+
+Secrets never enter a span: callers pass upstream names, paths without query strings,
+statuses and counters, never headers, bodies or SQL argument values.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import trio
+
+from ._errors import GatewayError, UpstreamTimeout
+
+SpanKind = Literal["request", "stage", "call", "attempt"]
+Outcome = Literal["ok", "error", "cancelled"]
+
+#: Causes of a cancelled span (see DESIGN.md, "Cancellation trace").
+CAUSES = ("deadline", "client_disconnect", "sibling_failed", "hedge_lost", "quorum_reached",
+          "shed", "circuit_open", "retry_budget", "shutdown")
+#: Gateway errors that are refusals (a cancellation before work), not failures.
+_REFUSAL_CAUSES = frozenset({"shed", "circuit_open", "retry_budget"})
+
+
+@dataclass
+class Span:
+    kind: SpanKind
+    name: str
+    start_ms: float
+    end_ms: float | None = None
+    outcome: Outcome = "ok"
+    cause: str | None = None
+    fired_scope: str | None = None
+    budget_ms: float | None = None
+    error: str | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    children: list[Span] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.kind == "request" else f"{self.kind} {self.name}"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": self.kind, "name": self.name,
+            "start_ms": round(self.start_ms, 3),
+            "end_ms": None if self.end_ms is None else round(self.end_ms, 3),
+            "outcome": self.outcome,
+        }
+        if self.cause is not None:
+            out["cause"] = self.cause
+            out["scope"] = self.fired_scope
+        if self.budget_ms is not None:
+            out["budget_ms"] = round(self.budget_ms, 3)
+        if self.error is not None:
+            out["error"] = self.error
+        if self.attrs:
+            out.update(self.attrs)
+        if self.children:
+            out["children"] = [child.to_json() for child in self.children]
+        return out
+
+    def walk(self) -> Iterator[Span]:
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+class Trace:
+    """One request's tree of spans, plus what the access log needs."""
+
+    def __init__(self, request_id: str, method: str, path: str, route: str | None) -> None:
+        self.request_id = request_id
+        self.method = method
+        self.path = path
+        self.route = route
+        self.started_at = time.time()
+        self.t0 = trio.current_time()
+        self.status: int | None = None
+        self.cause: str | None = None
+        self.deadline_source: str | None = None
+        self.root: Span | None = None
+
+    def offset_ms(self) -> float:
+        return (trio.current_time() - self.t0) * 1000
+
+    @property
+    def duration_ms(self) -> float:
+        if self.root is not None and self.root.end_ms is not None:
+            return self.root.end_ms
+        return self.offset_ms()
+
+    def cancelled_spans(self) -> list[Span]:
+        return [] if self.root is None else [s for s in self.root.walk()
+                                             if s.outcome == "cancelled"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id, "method": self.method, "path": self.path,
+            "route": self.route, "status": self.status, "cause": self.cause,
+            "deadline_source": self.deadline_source,
+            "started_at": round(self.started_at, 6),
+            "duration_ms": round(self.duration_ms, 3),
+            "spans": None if self.root is None else self.root.to_json(),
+        }
+
+
+class TracedScope:
+    """A ``trio.CancelScope`` that is also a span; cancel it only with a cause."""
+
+    __slots__ = ("_cancel_cause", "cancel_scope", "parent", "span", "trace")
+
+    def __init__(self, trace: Trace | None, span: Span, cancel_scope: trio.CancelScope,
+                 parent: TracedScope | None) -> None:
+        self.trace = trace
+        self.span = span
+        self.cancel_scope = cancel_scope
+        self.parent = parent
+        self._cancel_cause: str | None = None
+
+    def cancel(self, cause: str, detail: str | None = None) -> None:
+        """Cancel this scope, recording why (and, e.g., which sibling failed)."""
+        if self._cancel_cause is None:
+            self._cancel_cause = cause
+            if detail is not None:
+                self.span.attrs["cancelled_by"] = detail
+        self.cancel_scope.cancel(reason=f"{cause}|{self.span.label}")
+
+    @property
+    def cancel_cause(self) -> str | None:
+        return self._cancel_cause
+
+    @property
+    def deadline(self) -> float:
+        return self.cancel_scope.deadline
+
+    def fail(self, error: str, **attrs: Any) -> None:
+        """Mark the span failed without raising (e.g. a partial fan-out call)."""
+        self.span.outcome = "error"
+        self.span.error = error
+        self.span.attrs.update(attrs)
+
+    def note(self, **attrs: Any) -> None:
+        self.span.attrs.update(attrs)
+
+    def _chain(self) -> Iterator[TracedScope]:
+        node: TracedScope | None = self
+        while node is not None:
+            yield node
+            node = node.parent
+
+
+def _only_cancelled(exc: BaseException) -> trio.Cancelled | None:
+    if isinstance(exc, trio.Cancelled):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(trio.Cancelled)
+        if rest is None and matched is not None:
+            first = matched.exceptions[0]
+            return _only_cancelled(first)
+    return None
+
+
+def _attribute(ts: TracedScope, cancelled: trio.Cancelled, now: float) -> tuple[str, str | None]:
+    """(cause, scope that fired) of a cancellation reaching ``ts`` from outside it."""
+    if cancelled.source == "explicit" and cancelled.reason and "|" in cancelled.reason:
+        cause, _, scope = cancelled.reason.partition("|")
+        return cause, scope
+    if cancelled.source == "deadline":
+        fired: TracedScope | None = None
+        for node in ts._chain():
+            if node.cancel_scope.cancel_called and node.cancel_scope.deadline <= now:
+                fired = node
+        if fired is None:
+            return "shutdown", "server"
+        return "deadline", fired.span.label
+    if cancelled.source == "nursery":
+        return "sibling_failed", None
+    if cancelled.source in ("shutdown", "KeyboardInterrupt"):
+        return "shutdown", "server"
+    return cancelled.source, None
+
+
+@contextmanager
+def traced_scope(
+    trace: Trace | None,
+    parent: TracedScope | None,
+    kind: SpanKind,
+    name: str,
+    *,
+    deadline: float = math.inf,
+    **attrs: Any,
+) -> Iterator[TracedScope]:
+    """Open a cancel scope recorded as a span of ``trace`` under ``parent``.
+
+    If this scope's own deadline fires, :class:`UpstreamTimeout` is raised once the
+    scope has unwound, naming the scope. If the scope was cancelled through
+    :meth:`TracedScope.cancel`, the block simply ends and ``cancel_cause`` says why.
+    """
+    now = trio.current_time()
+    start_ms = 0.0 if trace is None else (now - trace.t0) * 1000
+    budget_ms = None if math.isinf(deadline) else (deadline - now) * 1000
+    span = Span(kind, name, start_ms, budget_ms=budget_ms, attrs=attrs)
+    if parent is not None:
+        parent.span.children.append(span)
+    elif trace is not None:
+        trace.root = span
+    cancel_scope = trio.CancelScope(deadline=deadline)
+    scope = TracedScope(trace, span, cancel_scope, parent)
+    try:
+        with cancel_scope:
+            yield scope
+    except BaseException as exc:
+        span.end_ms = None if trace is None else trace.offset_ms()
+        cancelled = _only_cancelled(exc)
+        if cancelled is not None:
+            span.outcome = "cancelled"
+            span.cause, span.fired_scope = _attribute(scope, cancelled, trio.current_time())
+        elif isinstance(exc, GatewayError):
+            if exc.cause in _REFUSAL_CAUSES:
+                span.outcome = "cancelled"
+                span.cause, span.fired_scope = exc.cause, span.label
+            else:
+                span.outcome = "error"
+                if isinstance(exc, UpstreamTimeout) and "scope" in exc.detail:
+                    span.cause, span.fired_scope = "deadline", exc.detail["scope"]
+            span.error = exc.message
+        else:
+            span.outcome = "error"
+            span.error = type(exc).__name__
+        raise
+    span.end_ms = None if trace is None else trace.offset_ms()
+    if cancel_scope.cancelled_caught:
+        span.outcome = "cancelled"
+        if scope.cancel_cause is not None:
+            span.cause, span.fired_scope = scope.cancel_cause, span.label
+            return
+        span.cause, span.fired_scope = "deadline", span.label
+        raise UpstreamTimeout(f"{span.label}: deadline exceeded", scope=span.label)
+
+
+class TraceBuffer:
+    """The last N traces of this worker, newest last."""
+
+    def __init__(self, size: int) -> None:
+        self._traces: deque[Trace] = deque(maxlen=max(size, 0) or None)
+        self._enabled = size > 0
+
+    def resize(self, size: int) -> None:
+        if size != self._traces.maxlen:
+            self._traces = deque(self._traces, maxlen=max(size, 0) or None)
+        self._enabled = size > 0
+
+    def add(self, trace: Trace) -> None:
+        if self._enabled:
+            self._traces.append(trace)
+
+    def get(self, request_id: str) -> Trace | None:
+        for trace in reversed(self._traces):
+            if trace.request_id == request_id:
+                return trace
+        return None
+
+    def query(self, *, route: str | None = None, cause: str | None = None,
+              status: int | None = None, min_ms: float | None = None,
+              limit: int = 50) -> list[Trace]:
+        out: list[Trace] = []
+        for trace in reversed(self._traces):
+            if route is not None and trace.route != route:
+                continue
+            if status is not None and trace.status != status:
+                continue
+            if min_ms is not None and trace.duration_ms < min_ms:
+                continue
+            if cause is not None and trace.cause != cause and not any(
+                    s.cause == cause for s in trace.cancelled_spans()):
+                continue
+            out.append(trace)
+            if len(out) >= limit:
+                break
+        return out
+
+    def __len__(self) -> int:
+        return len(self._traces)

@@ -1,0 +1,705 @@
+"""PostgreSQL upstreams: an asyncpg pool driven from Trio through trio-asyncio.
+
+asyncpg speaks asyncio only, so this is the one module that imports asyncio, asyncpg
+and trio_asyncio. Each ``PostgresUpstream`` owns one trio-asyncio loop, opened by its
+``run()`` task in the app nursery, and one asyncpg pool living in that loop. Every call
+crosses the bridge with ``aio_as_trio(fn, loop=...)``: the loop is passed explicitly
+because Hypercorn's connection tasks do not inherit the loop opened by another task.
+
+Deadlines and cancellation
+    A call runs inside the caller's cancel scopes and inside its own ``timeout_s``
+    scope. When any of them fires, trio-asyncio cancels the asyncio task and asyncpg,
+    seeing its query cancelled, sends a CancelRequest to the server: the backend stops
+    the statement within milliseconds. The connection is released before the call
+    returns, after asyncpg has seen the server acknowledge the cancel, so it goes back
+    to the pool usable (or is terminated if the server stays silent past
+    ``close_timeout_s``). A call whose own ``timeout_s`` fired raises
+    ``UpstreamTimeout``; a call cancelled by the caller's scope raises
+    ``trio.Cancelled``.
+
+    That cancel request is what really stops work on the server, but it needs a live
+    gateway that can still reach the server. ``statement_timeout`` is the server's own
+    backstop for when it cannot: a session ceiling (``statement_timeout_s``, sent in
+    the startup packet, so it costs nothing per query) bounds single statements, and
+    ``SET LOCAL statement_timeout`` to the transaction's budget (sent with ``BEGIN`` in
+    one round trip) bounds every statement inside ``transaction()``. A per-query
+    ``SET`` outside a transaction would cost two extra round trips on the hot path.
+
+Errors, translated once, in ``_translate``::
+
+    cannot connect (refused, unreachable, connect timeout,
+      server starting or shutting down, too many connections)  UpstreamConnectError
+    connection lost in the middle of a call                     UpstreamResetError
+    ``timeout_s`` spent, or statement_timeout fired on server   UpstreamTimeout
+    bad argument value (SQLSTATE class 22, argument encoding)   BadRequest
+    any other failure                                           UpstreamError
+
+No row is not an error: ``fetchrow`` returns None and the caller decides (``NotFound``).
+Messages never carry argument values or the DSN.
+
+Values come back JSON-ready; ``to_json`` documents each conversion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import ipaddress
+import json
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, TypeAlias, TypeVar
+
+import asyncpg
+import asyncpg.exceptions
+import trio
+import trio_asyncio
+
+from .._errors import (
+    BadRequest,
+    GatewayError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResetError,
+    UpstreamTimeout,
+)
+
+__all__ = [
+    "JSON",
+    "PostgresSettings",
+    "PostgresStatistics",
+    "PostgresUpstream",
+    "Transaction",
+    "to_json",
+]
+
+JSON: TypeAlias = "None | bool | int | float | str | list[JSON] | dict[str, JSON]"
+Row: TypeAlias = "dict[str, JSON]"
+
+_T = TypeVar("_T")
+
+logger = logging.getLogger("gateway.upstreams.postgres")
+
+#: Integral numerics up to this magnitude become JSON integers: beyond 2**53 a JSON
+#: number loses digits in JavaScript and in any float-based parser.
+MAX_SAFE_INTEGER = 2**53 - 1
+
+#: The background task that keeps ``min_size`` connections open retries after this
+#: delay, doubling up to ``_RETRY_MAX_S`` while the database is unreachable, and checks
+#: the floor every ``_FLOOR_CHECK_S`` while it is reachable.
+_RETRY_MIN_S = 0.1
+_RETRY_MAX_S = 2.0
+_FLOOR_CHECK_S = 1.0
+
+
+@dataclass(frozen=True)
+class PostgresSettings:
+    """How to reach one database and how big its pool is.
+
+    ``dsn``: a libpq URI, ``postgresql://user@host:port/db``; never logged.
+    ``min_size``: connections kept open while the database is reachable (default 2).
+    ``max_size``: connections at most; further callers wait their turn (default 10).
+    ``statement_cache_size``: prepared statements cached per connection (default 100).
+    ``connect_timeout_s``: bound on opening one connection, so a down database fails
+    calls fast instead of hanging them (default 2 s).
+    ``close_timeout_s``: bound on every cleanup step (release after a cancel, commit,
+    rollback, pool close); past it the connection is terminated (default 2 s).
+    ``statement_timeout_s``: server-side ceiling on any single statement, the backstop
+    for a cancel request that never reaches the server (default 30 s; 0 disables).
+    """
+
+    dsn: str
+    min_size: int = 2
+    max_size: int = 10
+    statement_cache_size: int = 100
+    connect_timeout_s: float = 2.0
+    close_timeout_s: float = 2.0
+    statement_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.dsn:
+            raise ValueError("dsn must not be empty")
+        if self.max_size < 1:
+            raise ValueError(f"max_size must be at least 1, got {self.max_size}")
+        if not 0 <= self.min_size <= self.max_size:
+            raise ValueError(
+                f"min_size must be between 0 and max_size ({self.max_size}), got {self.min_size}"
+            )
+        if self.statement_cache_size < 0:
+            raise ValueError(
+                f"statement_cache_size must be non-negative, got {self.statement_cache_size}"
+            )
+        for field in ("connect_timeout_s", "close_timeout_s"):
+            value = getattr(self, field)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{field} must be positive and finite, got {value}")
+        if not (self.statement_timeout_s >= 0 and math.isfinite(self.statement_timeout_s)):
+            raise ValueError(
+                f"statement_timeout_s must be non-negative and finite, got {self.statement_timeout_s}"
+            )
+
+
+@dataclass(frozen=True)
+class PostgresStatistics:
+    """Pool state: open connections, those lent out, those idle, callers queued."""
+
+    size: int
+    in_use: int
+    idle: int
+    waiting: int
+
+
+# --------------------------------------------------------------------------------------
+# Values
+
+
+def to_json(value: object) -> JSON:
+    """Turn one asyncpg value into a JSON-ready value.
+
+    - ``numeric``: an integral value (no fractional digits, as from ``sum(int)`` or
+      ``numeric(p, 0)``) within ±(2**53 - 1) becomes an int; anything else a string
+      in plain notation that keeps every digit and the scale (``"12.50"``,
+      ``"NaN"``), because a float would lose digits.
+    - ``real``/``double``: floats; NaN and ±Infinity, which JSON cannot carry, become
+      the strings PostgreSQL prints (``"NaN"``, ``"Infinity"``, ``"-Infinity"``).
+    - ``int2/4/8``, ``bool``, ``text``: unchanged (int8 is not clamped).
+    - ``uuid``, ``inet``/``cidr`` and anything unknown: ``str()``.
+    - ``timestamp[tz]``, ``date``, ``time[tz]``: ISO 8601 (``isoformat()``).
+    - ``interval``: seconds as a float.
+    - ``json``/``jsonb``: parsed JSON (codecs set on each new connection).
+    - ``bytea``: base64 (standard alphabet, padded).
+    - arrays: lists; composite types: objects; ranges: ``{"lower", "upper",
+      "lower_inc", "upper_inc", "empty"}``.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        if math.isnan(value):
+            return "NaN"
+        return "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, Decimal):
+        exponent = value.as_tuple().exponent
+        if (
+            value.is_finite()
+            and isinstance(exponent, int)
+            and exponent >= 0
+            and abs(value) <= MAX_SAFE_INTEGER
+        ):
+            return int(value)
+        return format(value, "f")
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, (uuid.UUID, ipaddress._BaseAddress, ipaddress._BaseNetwork)):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, (list, tuple)):
+        return [to_json(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): to_json(item) for key, item in value.items()}
+    if isinstance(value, asyncpg.Record):
+        return _row(value)
+    if isinstance(value, asyncpg.Range):
+        return {
+            "lower": to_json(value.lower),
+            "upper": to_json(value.upper),
+            "lower_inc": value.lower_inc,
+            "upper_inc": value.upper_inc,
+            "empty": value.isempty,
+        }
+    return str(value)
+
+
+def _row(record: asyncpg.Record) -> Row:
+    return {key: to_json(item) for key, item in record.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Error translation
+
+
+class _ConnectFailed(Exception):
+    """Opening a connection failed; raised inside the pool so the cause stays known."""
+
+
+def _translate(name: str, exc: BaseException) -> GatewayError:
+    """Map an asyncio/asyncpg failure to the gateway's error tree (module docstring)."""
+    where = f"postgres upstream {name!r}"
+    if isinstance(exc, _ConnectFailed):
+        return UpstreamConnectError(f"{where}: cannot connect: {exc}")
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"{where}: timed out")
+    if isinstance(exc, asyncpg.PostgresError):
+        state = exc.sqlstate or ""
+        kind = type(exc).__name__
+        if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
+            return UpstreamTimeout(f"{where}: statement cancelled on the server: {exc}")
+        if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
+            return UpstreamResetError(f"{where}: connection lost mid-call", sqlstate=state)
+        if state[:2] in {"08", "53", "57"}:
+            return UpstreamConnectError(f"{where}: {kind}: {exc}", sqlstate=state)
+        if state.startswith("22"):
+            return BadRequest(f"{where}: invalid query argument ({kind})", sqlstate=state)
+        return UpstreamError(f"{where}: {kind}: {exc}", sqlstate=state)
+    if isinstance(exc, asyncpg.exceptions._base.DataError):
+        # The argument could not be encoded for its parameter type; the message would
+        # quote the value, which must not reach logs or traces.
+        return BadRequest(f"{where}: invalid query argument")
+    if isinstance(exc, OSError):
+        return UpstreamResetError(f"{where}: connection lost mid-call: {type(exc).__name__}")
+    return UpstreamError(f"{where}: {type(exc).__name__}: {exc}")
+
+
+def _check_timeout(timeout_s: float) -> None:
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise ValueError(f"timeout_s must be positive and finite, got {timeout_s}")
+
+
+# --------------------------------------------------------------------------------------
+# The asyncio side. Everything below until PostgresUpstream runs as asyncio tasks on
+# the upstream's trio-asyncio loop.
+
+
+async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """``asyncpg.connect`` that marks its failures as connect failures."""
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except Exception as exc:
+        raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+async def _init_connection(con: asyncpg.Connection) -> None:
+    """Decode json/jsonb into Python values (and encode Python values as JSON)."""
+    for typename in ("json", "jsonb"):
+        await con.set_type_codec(
+            typename, schema="pg_catalog", encoder=json.dumps, decoder=json.loads
+        )
+
+
+async def _create_pool(settings: PostgresSettings) -> asyncpg.Pool:
+    """An asyncpg pool that opens no connection yet.
+
+    ``init_size=0`` lets the gateway start while the database is down; the floor of
+    ``min_size`` connections is kept by ``PostgresUpstream._keep_floor``, because
+    asyncpg requires ``init_size >= min_size`` and would fail start-up otherwise.
+    ``create_pool()`` returns an awaitable, not a coroutine: awaiting it here, inside
+    a coroutine, is what lets trio-asyncio run it.
+    """
+    server_settings = {"application_name": "trio-gateway"}
+    if settings.statement_timeout_s:
+        server_settings["statement_timeout"] = str(math.ceil(settings.statement_timeout_s * 1000))
+    return await asyncpg.create_pool(
+        settings.dsn,
+        init_size=0,
+        min_size=0,
+        max_size=settings.max_size,
+        connect=_connect,
+        init=_init_connection,
+        timeout=settings.connect_timeout_s,
+        statement_cache_size=settings.statement_cache_size,
+        server_settings=server_settings,
+    )
+
+
+class _Waiting:
+    """Callers queued for a connection (asyncpg does not count them)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+async def _acquire(pool: asyncpg.Pool, waiting: _Waiting) -> Any:
+    waiting.count += 1
+    try:
+        return await pool.acquire()
+    finally:
+        waiting.count -= 1
+
+
+async def _release(pool: asyncpg.Pool, con: Any, timeout_s: float) -> None:
+    """Give a connection back; asyncpg waits for a pending cancel to be acknowledged
+    first and terminates the connection when that or the reset fails."""
+    try:
+        await pool.release(con, timeout=timeout_s)
+    except Exception:
+        # The connection was terminated; the caller's own outcome stands.
+        logger.debug("postgres connection dropped on release", exc_info=True)
+
+
+async def _run_on_pool(
+    pool: asyncpg.Pool,
+    waiting: _Waiting,
+    release_timeout_s: float,
+    method: str,
+    query: str,
+    args: Sequence[object],
+) -> Any:
+    con = await _acquire(pool, waiting)
+    try:
+        return await getattr(con, method)(query, *args)
+    finally:
+        await _release(pool, con, release_timeout_s)
+
+
+async def _touch(pool: asyncpg.Pool, count: int) -> None:
+    """Acquire ``count`` connections at once (opening what is missing), then release."""
+
+    async def one() -> None:
+        async with pool.acquire():
+            pass
+
+    results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+async def _begin(
+    pool: asyncpg.Pool, waiting: _Waiting, release_timeout_s: float, statement_timeout_ms: int
+) -> Any:
+    con = await _acquire(pool, waiting)
+    try:
+        await con.execute(f"BEGIN; SET LOCAL statement_timeout = {statement_timeout_ms:d}")
+    except BaseException:
+        await _release(pool, con, release_timeout_s)
+        raise
+    return con
+
+
+async def _con_call(con: Any, method: str, query: str, args: Sequence[object]) -> Any:
+    return await getattr(con, method)(query, *args)
+
+
+async def _finish(pool: asyncpg.Pool, con: Any, statement: str, timeout_s: float) -> None:
+    """COMMIT or ROLLBACK, then release; a connection left in an unknown state
+    (statement failed and still in a transaction, or cancelled) is terminated."""
+    try:
+        await con.execute(statement, timeout=timeout_s)
+    except BaseException as exc:
+        if not isinstance(exc, asyncpg.PostgresError) or con.is_in_transaction():
+            con.terminate()
+        raise
+    finally:
+        await _release(pool, con, timeout_s)
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    await pool.close()
+
+
+async def _terminate_pool(pool: asyncpg.Pool) -> None:
+    pool.terminate()
+
+
+# --------------------------------------------------------------------------------------
+# The Trio side.
+
+
+class Transaction:
+    """One connection inside ``BEGIN … COMMIT``, lent out by ``transaction()``.
+
+    Statements share the transaction's deadline; ``timeout_s`` can only shorten it
+    for one statement. Statements run one at a time (a lock serialises them), since
+    one connection runs one statement at a time.
+    """
+
+    def __init__(self, upstream: PostgresUpstream, loop: Any, con: Any) -> None:
+        self._upstream = upstream
+        self._loop = loop
+        self._con = con
+        self._lock = trio.Lock()
+
+    async def fetch(
+        self, query: str, args: Sequence[object] = (), *, timeout_s: float | None = None
+    ) -> list[Row]:
+        records = await self._call("fetch", query, args, timeout_s)
+        return [_row(record) for record in records]
+
+    async def fetchrow(
+        self, query: str, args: Sequence[object] = (), *, timeout_s: float | None = None
+    ) -> Row | None:
+        record = await self._call("fetchrow", query, args, timeout_s)
+        return None if record is None else _row(record)
+
+    async def execute(
+        self, query: str, args: Sequence[object] = (), *, timeout_s: float | None = None
+    ) -> str:
+        status: str = await self._call("execute", query, args, timeout_s)
+        return status
+
+    async def _call(
+        self, method: str, query: str, args: Sequence[object], timeout_s: float | None
+    ) -> Any:
+        if self._con is None:
+            raise RuntimeError("the transaction is over")
+        async with self._lock:
+            if timeout_s is None:
+                return await self._upstream._bridge(
+                    self._loop, _con_call, self._con, method, query, args
+                )
+            return await self._upstream._bounded(
+                timeout_s, self._loop, _con_call, self._con, method, query, args
+            )
+
+
+class PostgresUpstream:
+    """A named PostgreSQL database: one pool, callable from any Trio task.
+
+    Start it in the app nursery with ``await nursery.start(pg.run)``; it comes up even
+    when the database is down (``ready()`` says so) and connects when it can.
+    """
+
+    def __init__(self, name: str, settings: PostgresSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self._loop: Any = None
+        self._pool: asyncpg.Pool | None = None
+        self._waiting = _Waiting()
+        self._started = False
+        self._closing = trio.Event()
+        self._stopped = trio.Event()
+
+    def __repr__(self) -> str:
+        stats = self.statistics()
+        return (
+            f"<PostgresUpstream {self.name!r} [Connections: {stats.size} open, "
+            f"{stats.in_use} in use, {stats.idle} idle | Waiting: {stats.waiting}]>"
+        )
+
+    # ---- lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the trio-asyncio loop and the pool until cancelled or ``aclose()``.
+
+        Reports started as soon as the pool exists, before any connection is open, so
+        a down database never blocks the gateway's start-up.
+        """
+        if self._started:
+            raise RuntimeError(f"postgres upstream {self.name!r} was already started")
+        self._started = True
+        try:
+            async with trio_asyncio.open_loop() as loop:
+                pool = await trio_asyncio.aio_as_trio(_create_pool, loop=loop)(self.settings)
+                self._loop, self._pool = loop, pool
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._keep_floor)
+                        task_status.started()
+                        await self._closing.wait()
+                        nursery.cancel_scope.cancel(reason=f"postgres upstream {self.name!r} closed")
+                finally:
+                    # New calls fail fast from here on; calls in flight still hold the
+                    # pool and get ``close_timeout_s`` to finish.
+                    self._pool = None
+                    with trio.CancelScope(shield=True):
+                        await self._close_pool(loop, pool)
+                    self._loop = None
+        finally:
+            self._stopped.set()
+
+    async def aclose(self) -> None:
+        """Stop ``run()`` and wait until the pool is closed."""
+        self._closing.set()
+        if self._started:
+            await self._stopped.wait()
+
+    async def _close_pool(self, loop: Any, pool: asyncpg.Pool) -> None:
+        """Close gracefully within ``close_timeout_s``, else terminate.
+
+        asyncpg's own close can wait forever on a cancel the server never acknowledges
+        (asyncpg#1356), so the bound is ours; terminating aborts every socket, which
+        also wakes anything still waiting on them.
+        """
+        with trio.move_on_after(self.settings.close_timeout_s) as scope:
+            try:
+                await trio_asyncio.aio_as_trio(_close_pool, loop=loop)(pool)
+            except Exception:
+                logger.warning("postgres upstream %r: pool close failed", self.name, exc_info=True)
+            else:
+                return
+        if scope.cancelled_caught:
+            logger.warning(
+                "postgres upstream %r: pool close exceeded %.1f s, terminating",
+                self.name,
+                self.settings.close_timeout_s,
+            )
+        with trio.move_on_after(self.settings.close_timeout_s):
+            await trio_asyncio.aio_as_trio(_terminate_pool, loop=loop)(pool)
+
+    async def _keep_floor(self) -> None:
+        """Open ``min_size`` connections, and again after they were lost.
+
+        Retries with backoff while the database is unreachable; calls in the
+        meantime connect on their own (asyncpg re-connects on acquire), so recovery
+        never waits for this task.
+        """
+        delay = _RETRY_MIN_S
+        reachable: bool | None = None
+        while True:
+            pool = self._pool
+            if pool is None:
+                return
+            missing = self.settings.min_size - pool.get_size()
+            if missing > 0:
+                try:
+                    await self._bounded(
+                        self.settings.connect_timeout_s, self._loop, _touch, pool, missing
+                    )
+                except GatewayError as exc:
+                    if reachable is not False:
+                        logger.warning("postgres upstream %r unreachable: %s", self.name, exc)
+                    reachable = False
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, _RETRY_MAX_S)
+                    continue
+                if reachable is False:
+                    logger.warning("postgres upstream %r reachable again", self.name)
+                reachable = True
+                delay = _RETRY_MIN_S
+            await trio.sleep(_FLOOR_CHECK_S)
+
+    # ---- the bridge
+
+    def _open(self) -> tuple[Any, asyncpg.Pool]:
+        loop, pool = self._loop, self._pool
+        if loop is None or pool is None:
+            state = "closed" if self._closing.is_set() else "not started"
+            raise UpstreamConnectError(f"postgres upstream {self.name!r} is {state}")
+        return loop, pool
+
+    async def _bridge(
+        self, loop: Any, fn: Callable[..., Awaitable[_T]], *args: object
+    ) -> _T:
+        """Run ``fn(*args)`` as an asyncio task; Trio cancellation cancels it."""
+        try:
+            return await trio_asyncio.aio_as_trio(fn, loop=loop)(*args)  # type: ignore[no-any-return]
+        except asyncio.CancelledError as exc:
+            # The asyncio side was cancelled while no Trio scope of ours was: the
+            # loop is shutting down under us.
+            raise UpstreamConnectError(f"postgres upstream {self.name!r} is closing") from exc
+        except Exception as exc:
+            raise _translate(self.name, exc) from exc
+
+    async def _bounded(
+        self, timeout_s: float, loop: Any, fn: Callable[..., Awaitable[_T]], *args: object
+    ) -> _T:
+        """``_bridge`` inside a ``timeout_s`` scope of its own → ``UpstreamTimeout``."""
+        _check_timeout(timeout_s)
+        with trio.move_on_after(timeout_s):
+            return await self._bridge(loop, fn, *args)
+        raise UpstreamTimeout(
+            f"postgres upstream {self.name!r}: no answer within {timeout_s:g} s",
+            timeout_s=timeout_s,
+        )
+
+    async def _query(
+        self, method: str, query: str, args: Sequence[object], timeout_s: float
+    ) -> Any:
+        loop, pool = self._open()
+        return await self._bounded(
+            timeout_s,
+            loop,
+            _run_on_pool,
+            pool,
+            self._waiting,
+            self.settings.close_timeout_s,
+            method,
+            query,
+            tuple(args),
+        )
+
+    # ---- queries
+
+    async def fetch(
+        self, query: str, args: Sequence[object], *, timeout_s: float
+    ) -> list[dict[str, JSON]]:
+        """All rows, as JSON-ready dicts."""
+        records = await self._query("fetch", query, args, timeout_s)
+        return [_row(record) for record in records]
+
+    async def fetchrow(
+        self, query: str, args: Sequence[object], *, timeout_s: float
+    ) -> dict[str, JSON] | None:
+        """The first row, or None when there is none."""
+        record = await self._query("fetchrow", query, args, timeout_s)
+        return None if record is None else _row(record)
+
+    async def execute(self, query: str, args: Sequence[object], *, timeout_s: float) -> str:
+        """Run a statement; returns its status tag (``"UPDATE 3"``)."""
+        status: str = await self._query("execute", query, args, timeout_s)
+        return status
+
+    @asynccontextmanager
+    async def transaction(self, *, timeout_s: float) -> AsyncIterator[Transaction]:
+        """One connection inside a transaction that lasts at most ``timeout_s``.
+
+        Commits when the block ends normally, rolls back when it raises or is
+        cancelled; both run shielded with their own ``close_timeout_s`` bound. The
+        deadline covers the whole block (the connection is held throughout): when it
+        fires, the block is cancelled, rolled back and ``UpstreamTimeout`` raised.
+        """
+        _check_timeout(timeout_s)
+        loop, pool = self._open()
+        bound = self.settings.close_timeout_s
+        with trio.move_on_after(timeout_s) as scope:
+            con = await self._bridge(
+                loop, _begin, pool, self._waiting, bound, math.ceil(timeout_s * 1000)
+            )
+            tx = Transaction(self, loop, con)
+            try:
+                yield tx
+            except BaseException:
+                tx._con = None
+                with trio.CancelScope(shield=True) as cleanup:
+                    cleanup.relative_deadline = bound
+                    try:
+                        await self._bridge(loop, _finish, pool, con, "ROLLBACK", bound)
+                    except GatewayError:
+                        logger.debug("postgres rollback failed", exc_info=True)
+                raise
+            tx._con = None
+            with trio.CancelScope(shield=True) as cleanup:
+                cleanup.relative_deadline = bound
+                await self._bridge(loop, _finish, pool, con, "COMMIT", bound)
+            if cleanup.cancelled_caught:
+                raise UpstreamTimeout(
+                    f"postgres upstream {self.name!r}: COMMIT unanswered within {bound:g} s;"
+                    " its outcome is unknown"
+                )
+            return
+        if scope.cancelled_caught:
+            raise UpstreamTimeout(
+                f"postgres upstream {self.name!r}: transaction exceeded {timeout_s:g} s",
+                timeout_s=timeout_s,
+            )
+
+    # ---- health
+
+    async def ready(self) -> bool:
+        """True when ``SELECT 1`` answers within the connect timeout."""
+        try:
+            await self.fetchrow("SELECT 1", (), timeout_s=self.settings.connect_timeout_s)
+        except (UpstreamError, UpstreamTimeout):
+            return False
+        return True
+
+    def statistics(self) -> PostgresStatistics:
+        pool = self._pool
+        if pool is None:
+            return PostgresStatistics(size=0, in_use=0, idle=0, waiting=self._waiting.count)
+        size, idle = pool.get_size(), pool.get_idle_size()
+        return PostgresStatistics(
+            size=size, in_use=size - idle, idle=idle, waiting=self._waiting.count
+        )
