@@ -20,6 +20,7 @@ def _listen(bind: str) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, int(port)))
+    sock.listen(4096)
     sock.setblocking(False)
     return sock
 

@@ -9,7 +9,7 @@ for production traffic.
 - ``users`` (127.0.0.1:9001): ``GET /users/{id}`` → ``{"id", "name", "email"}``, 404 for
   ids outside 1..1000; ``GET /users/{id}/slow`` answers the same after 2 s.
 - ``orders`` (127.0.0.1:9002): ``GET /orders?user={id}`` → ``{"user", "orders"}`` after
-  5–40 ms, 503 about one time in twenty; ``POST /orders`` echoes the JSON body with an id.
+  5-40 ms, 503 about one time in twenty; ``POST /orders`` echoes the JSON body with an id.
 """
 
 from __future__ import annotations

@@ -112,3 +112,31 @@ class Shed(GatewayError):
 class CircuitOpen(GatewayError):
     status = 503
     cause = "circuit_open"
+
+
+def collapse_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception that matters in a nursery's group, or the group itself.
+
+    A request nursery holds the handler and helper tasks that only ever end by
+    cancellation, so a group is normally one real error plus ``Cancelled`` siblings:
+    that error is what the caller must see (a ``GatewayError`` keeps its status).
+    """
+    import trio
+
+    _, rest = group.split(trio.Cancelled)
+    if rest is None:
+        return group
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [rest]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    if len(leaves) == 1:
+        return leaves[0]
+    for leaf in leaves:
+        if isinstance(leaf, GatewayError):
+            return leaf
+    return group

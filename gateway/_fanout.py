@@ -43,7 +43,7 @@ async def fanout(ctx: RequestContext) -> None:
     mode = action.mode if isinstance(action.mode, str) else f"quorum:{action.mode.quorum}"
     with traced_scope(ctx.trace, ctx.request_scope, "stage", "fanout", mode=mode,
                       on_failure=action.on_failure) as stage:
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:  # run() never raises but Cancelled
 
             async def run(name: str, call: FanoutCall) -> None:
                 try:

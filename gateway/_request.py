@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from ._deadlines import RequestDeadline, effective_deadline, parse_deadline_header
-from ._errors import GatewayError, PayloadTooLarge, Shed
+from ._errors import GatewayError, PayloadTooLarge, Shed, collapse_group
 from ._headers import request_id_from
 from ._metrics import METRICS
 from ._routing import RouteMatch
@@ -202,11 +202,14 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
         with traced_scope(trace, None, "request", match.route.path, deadline=deadline.at,
                           deadline_source=deadline.source) as request_scope:
             context.request_scope = request_scope
-            async with trio.open_nursery() as nursery:
-                context.nursery = nursery
-                nursery.start_soon(_relay_receive, receive, sender, request_scope)
-                await dispatch(context)
-                nursery.cancel_scope.cancel(reason="request answered")
+            try:
+                async with trio.open_nursery() as nursery:
+                    context.nursery = nursery
+                    nursery.start_soon(_relay_receive, receive, sender, request_scope)
+                    await dispatch(context)
+                    nursery.cancel_scope.cancel(reason="request answered")
+            except BaseExceptionGroup as group:
+                raise collapse_group(group) from None
             receiver.close()
         if request_scope.cancel_cause == "client_disconnect":
             trace.status, trace.cause = 499, "client_disconnect"

@@ -112,7 +112,7 @@ DOWNLOAD_PATTERN = b"0123456789abcdef"
 
 _DOWNLOAD_CHUNK = DOWNLOAD_PATTERN * (CHUNK_BYTES // len(DOWNLOAD_PATTERN))
 _USER_PATH = re.compile(r"^/users/([^/]+)$")
-_STATUS_PATH = re.compile(r"^/status/(\d{3})$")
+_STATUS_PATH = re.compile(r"^/status/(\d+)$")
 
 
 @dataclass
@@ -428,6 +428,7 @@ class _Connection:
         if self.closing or respond is None or respond.finished or self.handler_scope is None:
             return
         self.upstream._request_cancelled(respond.request)
+        respond._record_end()
         self.handler_scope.cancel(reason="the client closed the connection")
 
     async def next_event(self) -> Any:
@@ -508,9 +509,7 @@ class _Connection:
         finally:
             self.responder = None
             self.handler_scope = None
-            if not respond.body_done:
-                request.body = respond.body_so_far()
-            upstream._request_ended(request)
+            respond._record_end()
         return respond
 
     async def _handle(self, request: SeenRequest, respond: Responder) -> None:
@@ -526,8 +525,9 @@ class _Connection:
             if not respond.started and not respond.closed:
                 await respond.json({"error": "the behaviour sent no answer"}, status=500)
         except _PeerLeft:
-            if not self.closing:
+            if not self.closing and not respond.finished:
                 upstream._request_cancelled(request)
+                respond._record_end()
         except h11.RemoteProtocolError:
             await self.close()
         except Exception as exc:
@@ -555,6 +555,7 @@ class Responder:
         self.body_done = False
         self.idle_close_after_s: float | None = None
         self._body = bytearray()
+        self._ended = False
 
     @property
     def reusable(self) -> bool:
@@ -578,6 +579,7 @@ class Responder:
                     self._body += data
                 else:
                     self._body = bytearray()
+                self._connection.upstream._notify()
                 return data
             if isinstance(event, h11.EndOfMessage):
                 self.body_done = True
@@ -622,8 +624,12 @@ class Responder:
             await self._connection.send_event(h11.Data(data=data))
 
     async def end(self) -> None:
-        await self._connection.send_event(h11.EndOfMessage())
+        data = self._connection.h11.send(h11.EndOfMessage())
+        # Records first: a client that has the whole answer must see the request ended.
         self.finished = True
+        self._record_end()
+        if data:
+            await self._connection.send_bytes(data)
 
     async def respond(
         self,
@@ -648,6 +654,15 @@ class Responder:
         body = json.dumps(obj).encode()
         headers = [("content-type", "application/json"), *headers]
         await self.respond(status, body, headers, close=close)
+
+    def _record_end(self) -> None:
+        """Set ``ended_at`` and leave ``in_flight``, once, whichever way the exchange ended."""
+        if self._ended:
+            return
+        self._ended = True
+        if not self.body_done:
+            self.request.body = self.body_so_far()
+        self._connection.upstream._request_ended(self.request)
 
     async def send_raw(self, data: bytes) -> None:
         """Write bytes past the HTTP framing; the connection is closed after this exchange."""

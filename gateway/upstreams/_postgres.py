@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
-import ipaddress
 import json
 import logging
 import math
@@ -79,7 +78,7 @@ __all__ = [
     "to_json",
 ]
 
-JSON: TypeAlias = "None | bool | int | float | str | list[JSON] | dict[str, JSON]"
+JSON: TypeAlias = "bool | int | float | str | list[JSON] | dict[str, JSON] | None"
 Row: TypeAlias = "dict[str, JSON]"
 
 _T = TypeVar("_T")
@@ -139,10 +138,9 @@ class PostgresSettings:
             value = getattr(self, field)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{field} must be positive and finite, got {value}")
-        if not (self.statement_timeout_s >= 0 and math.isfinite(self.statement_timeout_s)):
-            raise ValueError(
-                f"statement_timeout_s must be non-negative and finite, got {self.statement_timeout_s}"
-            )
+        ceiling = self.statement_timeout_s
+        if not (ceiling >= 0 and math.isfinite(ceiling)):
+            raise ValueError(f"statement_timeout_s must be non-negative and finite, got {ceiling}")
 
 
 @dataclass(frozen=True)
@@ -199,7 +197,7 @@ def to_json(value: object) -> JSON:
         return value.isoformat()
     if isinstance(value, datetime.timedelta):
         return value.total_seconds()
-    if isinstance(value, (uuid.UUID, ipaddress._BaseAddress, ipaddress._BaseNetwork)):
+    if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(value).decode("ascii")
@@ -491,14 +489,16 @@ class PostgresUpstream:
         self._started = True
         try:
             async with trio_asyncio.open_loop() as loop:
-                pool = await trio_asyncio.aio_as_trio(_create_pool, loop=loop)(self.settings)
+                pool = await self._bridge(loop, _create_pool, self.settings)
                 self._loop, self._pool = loop, pool
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._keep_floor)
                         task_status.started()
                         await self._closing.wait()
-                        nursery.cancel_scope.cancel(reason=f"postgres upstream {self.name!r} closed")
+                        nursery.cancel_scope.cancel(
+                            reason=f"postgres upstream {self.name!r} closed"
+                        )
                 finally:
                     # New calls fail fast from here on; calls in flight still hold the
                     # pool and get ``close_timeout_s`` to finish.
@@ -551,11 +551,14 @@ class PostgresUpstream:
             pool = self._pool
             if pool is None:
                 return
-            missing = self.settings.min_size - pool.get_size()
-            if missing > 0:
+            # Holding ``min_size - in_use`` connections at once leaves at least
+            # ``min_size`` open afterwards, without waiting for busy ones.
+            size = pool.get_size()
+            wanted = self.settings.min_size - (size - pool.get_idle_size())
+            if size < self.settings.min_size and wanted > 0:
                 try:
                     await self._bounded(
-                        self.settings.connect_timeout_s, self._loop, _touch, pool, missing
+                        self.settings.connect_timeout_s, self._loop, _touch, pool, wanted
                     )
                 except GatewayError as exc:
                     if reachable is not False:
@@ -579,18 +582,17 @@ class PostgresUpstream:
             raise UpstreamConnectError(f"postgres upstream {self.name!r} is {state}")
         return loop, pool
 
-    async def _bridge(
-        self, loop: Any, fn: Callable[..., Awaitable[_T]], *args: object
-    ) -> _T:
+    async def _bridge(self, loop: Any, fn: Callable[..., Awaitable[_T]], *args: object) -> _T:
         """Run ``fn(*args)`` as an asyncio task; Trio cancellation cancels it."""
         try:
-            return await trio_asyncio.aio_as_trio(fn, loop=loop)(*args)  # type: ignore[no-any-return]
+            result: _T = await trio_asyncio.aio_as_trio(fn, loop=loop)(*args)
         except asyncio.CancelledError as exc:
             # The asyncio side was cancelled while no Trio scope of ours was: the
             # loop is shutting down under us.
             raise UpstreamConnectError(f"postgres upstream {self.name!r} is closing") from exc
         except Exception as exc:
             raise _translate(self.name, exc) from exc
+        return result
 
     async def _bounded(
         self, timeout_s: float, loop: Any, fn: Callable[..., Awaitable[_T]], *args: object

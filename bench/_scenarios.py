@@ -1,0 +1,187 @@
+"""The four scenarios. Each takes a running system and returns plain numbers (a dict).
+
+S1 throughput   wrk on /fast at 64 and 1,000 connections; CPU of the system's tree.
+S2 concurrency  wrk on /slow1s at 10,000 connections; peak RSS of the tree.
+S3 overload     bench.loadclient, open loop at 4x the S1 capacity on /slow with a
+                200 ms client deadline; every request classified by status and latency.
+S4 orphans      bench.loadclient, 200 requests to /slow1s abandoned after 100 ms; the
+                S4 upstream says how long each one kept running after its caller left.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import statistics
+import subprocess
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+
+from bench import _procs, _wrk
+from bench._services import PYTHON, ROOT
+from bench._systems import UPSTREAM_PORT, System
+
+S1_CONNECTIONS = (64, 1000)
+S2_CONNECTIONS = 10_000
+S3_DEADLINE_MS = 200
+S3_OVERLOAD_FACTOR = 4
+S3_MAX_RATE = 20_000  # what the Python load client can offer on a shared core
+S3_FALLBACK_CAPACITY = 2_000  # req/s, when S1 did not run for this system
+S4_GIVE_UP_MS = 100
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Durations and counts of one benchmark run."""
+
+    warmup_s: float = 2.0
+    measure_s: float = 10.0
+    s4_requests: int = 200
+    s4_concurrency: int = 50
+
+
+QUICK = Budget(warmup_s=1.0, measure_s=3.0, s4_requests=100, s4_concurrency=50)
+
+
+class Recorder:
+    """Keeps every command line a run executed, for the results file."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    def add(self, command: str) -> str:
+        if command not in self.commands:
+            self.commands.append(command)
+        return command
+
+
+def _wrk_measured(cmd: str, duration_s: float, root: int, sample_rss: bool = False
+                  ) -> dict[str, float | int]:
+    cpu_before = _procs.cpu_seconds(root)
+    with _procs.RssSampler(root) as rss:
+        result = _wrk.run(cmd, duration_s)
+    cpu = _procs.cpu_seconds(root) - cpu_before
+    out: dict[str, float | int] = {
+        **asdict(result),
+        "rps": result.rps,
+        "errors": result.errors,
+        "cpu_s": cpu,
+        "cpu_s_per_1k": cpu / result.requests * 1000 if result.requests else float("nan"),
+    }
+    if sample_rss:
+        out["peak_rss_mib"] = rss.peak / 2**20
+    return out
+
+
+def s1_throughput(system: System, root: int, budget: Budget, rec: Recorder
+                  ) -> dict[str, object]:
+    """req/s, p50, p99, errors and CPU s per 1,000 requests at each connection count."""
+    url = system.url("/fast")
+    _wrk.run(rec.add(_wrk.command(url, 64, budget.warmup_s, 5)), budget.warmup_s)
+    results: dict[str, object] = {}
+    for connections in S1_CONNECTIONS:
+        time.sleep(0.5)
+        cmd = rec.add(_wrk.command(url, connections, budget.measure_s, 5))
+        results[f"c{connections}"] = _wrk_measured(cmd, budget.measure_s, root)
+    return results
+
+
+def s2_concurrency(system: System, root: int, budget: Budget, rec: Recorder
+                   ) -> dict[str, object]:
+    """10,000 connections each waiting on a 1 s upstream: req/s, p99, errors, peak RSS."""
+    time.sleep(1.0)
+    cmd = rec.add(_wrk.command(system.url("/slow1s"), S2_CONNECTIONS, budget.measure_s, 10))
+    result = _wrk_measured(cmd, budget.measure_s, root, sample_rss=True)
+    time.sleep(2.0)  # let the server close 10,000 connections before the next scenario
+    return result
+
+
+def _loadclient(args: list[str], timeout_s: float, rec: Recorder) -> dict[str, object]:
+    argv = [str(PYTHON), "-m", "bench.loadclient", *args]
+    rec.add(shlex.join([".venv/bin/python", *argv[1:]]))
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout_s, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"loadclient failed: {out.stderr.strip()[-300:]}")
+    return json.loads(out.stdout)
+
+
+def s3_overload(system: System, root: int, budget: Budget, rec: Recorder,
+                capacity_rps: float | None) -> dict[str, object]:
+    """Open-loop overload with a 200 ms client deadline; goodput and outcome shares."""
+    capacity = capacity_rps or S3_FALLBACK_CAPACITY
+    rate = min(S3_MAX_RATE, S3_OVERLOAD_FACTOR * capacity)
+    time.sleep(1.0)
+    cpu_before = _procs.cpu_seconds(root)
+    data = _loadclient(
+        ["overload", system.url("/slow"), "--rate", f"{rate:.0f}",
+         "--duration", f"{budget.measure_s:g}", "--deadline-ms", str(S3_DEADLINE_MS),
+         "--give-up-ms", "1000", "-H", f"x-request-timeout-ms: {S3_DEADLINE_MS}"],
+        budget.measure_s + 60, rec,
+    )
+    counts: dict[str, int] = data["counts"]  # type: ignore[assignment]
+    sent = max(1, counts.get("sent", 0))
+    duration = float(data["duration_s"])  # type: ignore[arg-type]
+    timed_out = counts.get("deadline", 0) + counts.get("late", 0) + counts.get(
+        "client_timeout", 0)
+    return {
+        "capacity_rps": capacity,
+        "capacity_from_s1": capacity_rps is not None,
+        "offered_rps": counts.get("sent", 0) / duration,
+        "goodput_rps": counts.get("good", 0) / duration,
+        "good_share": counts.get("good", 0) / sent,
+        "shed_fast_share": counts.get("shed_fast", 0) / sent,
+        "shed_slow_share": counts.get("shed_slow", 0) / sent,
+        "timed_out_share": timed_out / sent,
+        "error_share": (counts.get("other", 0) + counts.get("conn_error", 0)
+                        + counts.get("not_sent", 0)) / sent,
+        "p50_ms": data["p50_ms"],
+        "p99_ms": data["p99_ms"],
+        "counts": counts,
+        "cpu_s": _procs.cpu_seconds(root) - cpu_before,
+    }
+
+
+def _upstream_records() -> dict[str, object]:
+    url = f"http://127.0.0.1:{UPSTREAM_PORT}/__records"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def s4_orphans(system: System, budget: Budget, rec: Recorder) -> dict[str, object]:
+    """Upstream work-seconds spent after callers that gave up at 100 ms had left."""
+    run_id = system.name
+    data = _loadclient(
+        ["giveup", system.url("/slow1s"), "--run-id", run_id,
+         "--requests", str(budget.s4_requests), "--concurrency", str(budget.s4_concurrency),
+         "--give-up-ms", str(S4_GIVE_UP_MS)],
+        60, rec,
+    )
+    client = {r["id"]: r for r in data["records"]}  # type: ignore[union-attr]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        upstream = _upstream_records()
+        if upstream["inflight"] == 0:
+            break
+    marker = f"-{run_id}-"
+    records = [r for r in upstream["records"] if marker in r["path"]]  # type: ignore[union-attr]
+    orphaned_s, lags = 0.0, []
+    for record in records:
+        gave_up = client.get(record["path"].lstrip("/"), {}).get("gave_up")
+        if gave_up is None or "end" not in record:
+            continue
+        orphaned_s += max(0.0, record["end"] - max(record["start"], gave_up))
+        lags.append(record["end"] - gave_up)
+    abandoned = sum(1 for r in client.values() if r.get("gave_up") is not None)
+    return {
+        "requests": len(client),
+        "abandoned": abandoned,
+        "reached_upstream": len(records),
+        "ran_full": sum(1 for r in records if r.get("outcome") == "completed"),
+        "orphaned_work_s": orphaned_s,
+        "orphaned_ms_per_abandoned": orphaned_s / abandoned * 1000 if abandoned else 0.0,
+        "stop_lag_p50_ms": statistics.median(lags) * 1000 if lags else None,
+        "stop_lag_max_ms": max(lags) * 1000 if lags else None,
+    }

@@ -1,0 +1,99 @@
+"""``gateway traces``: cancellation traces rendered as trees with time bars (rich)."""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.text import Text
+from rich.tree import Tree
+
+_BAR_WIDTH = 30
+_OUTCOME_STYLE = {"ok": "green", "error": "red", "cancelled": "bold yellow"}
+
+
+def _bar(start: float, end: float | None, total: float) -> str:
+    total = max(total, 0.001)
+    left = int(_BAR_WIDTH * start / total)
+    right = int(_BAR_WIDTH * (end if end is not None else total) / total)
+    right = max(right, left + 1)
+    return " " * left + "█" * (right - left) + " " * max(0, _BAR_WIDTH - right)
+
+
+def _span_label(span: dict[str, Any], total: float) -> Text:
+    outcome = span.get("outcome", "ok")
+    name = span["kind"] if span["kind"] == "request" else f"{span['kind']} {span['name']}"
+    end = span.get("end_ms")
+    label = Text()
+    label.append(f"{name:<28}", style="bold" if span["kind"] == "request" else "")
+    label.append(f"|{_bar(span['start_ms'], end, total)}| ", style="dim")
+    duration = "…" if end is None else f"{end - span['start_ms']:.1f}ms"
+    label.append(f"{duration:>9} ")
+    label.append(outcome, style=_OUTCOME_STYLE.get(outcome, ""))
+    if span.get("cause"):
+        label.append(f" cause={span['cause']}", style="bold red")
+        if span.get("scope"):
+            label.append(f" scope={span['scope']}", style="red")
+    extras = []
+    for key in ("upstream", "status", "budget_ms", "deadline_source", "cancelled_by", "error"):
+        if key in span and span[key] is not None:
+            extras.append(f"{key}={span[key]}")
+    if extras:
+        label.append("  " + " ".join(extras), style="dim")
+    return label
+
+
+def _add(tree: Tree, span: dict[str, Any], total: float) -> None:
+    branch = tree.add(_span_label(span, total))
+    for child in span.get("children", []):
+        _add(branch, child, total)
+
+
+def render_trace(trace: dict[str, Any]) -> Tree:
+    """One trace as a rich tree: header line, then the span tree with time bars."""
+    head = Text()
+    head.append(f"{trace['method']} {trace['path']}", style="bold")
+    head.append(f"  → {trace.get('status')}  {trace.get('duration_ms', 0):.1f}ms")
+    if trace.get("cause"):
+        head.append(f"  cause={trace['cause']}", style="bold red")
+    head.append(f"  id={trace['request_id']}", style="dim")
+    tree = Tree(head)
+    spans = trace.get("spans")
+    if spans:
+        _add(tree, spans, float(trace.get("duration_ms") or spans.get("end_ms") or 1.0))
+    return tree
+
+
+def render_traces_text(traces: list[dict[str, Any]], width: int = 140) -> str:
+    """Plain-text rendering (no colour), for logs and tests."""
+    buffer = io.StringIO()
+    console = Console(width=width, color_system=None, force_terminal=False, file=buffer)
+    for trace in traces:
+        console.print(render_trace(trace))
+    return buffer.getvalue()
+
+
+def follow_traces(admin: str, *, cause: str | None, route: str | None, status: int | None,
+                  limit: int, follow: bool, poll_interval_s: float = 1.0) -> None:
+    """Fetch traces from a worker's admin endpoint and print them (polling with --follow)."""
+    console = Console()
+    params: dict[str, Any] = {"limit": limit}
+    for key, value in (("cause", cause), ("route", route), ("status", status)):
+        if value is not None:
+            params[key] = value
+    seen: set[str] = set()
+    with httpx.Client(base_url=admin, timeout=5.0) as client:
+        while True:
+            response = client.get("/traces", params=params)
+            response.raise_for_status()
+            fresh = [t for t in reversed(response.json()["traces"])
+                     if t["request_id"] not in seen]
+            for trace in fresh:
+                seen.add(trace["request_id"])
+                console.print(render_trace(trace))
+            if not follow:
+                return
+            time.sleep(poll_interval_s)

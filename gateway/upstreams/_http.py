@@ -1,0 +1,709 @@
+"""The gateway's own HTTP/1.1 connection pool, one per upstream, speaking h11 over trio.
+
+Why not httpx: its pool costs 1.3-6.1 ms of CPU a request at 64 concurrent requests,
+while h11 over a trio stream costs about 0.1 ms. The gateway's hot path is this file.
+
+Shape of the pool:
+
+* Idle connections sit on a LIFO stack (the warmest socket is reused first, the coldest
+  ones age out at the bottom). Checkout and release are O(1).
+* ``max_connections`` counts every open *and connecting* socket. When all are busy,
+  requests wait in a FIFO queue; a release hands its connection (or its free slot)
+  straight to the first waiter, so nobody can barge in ahead of the queue.
+* A connection returns to the pool only after a clean cycle: the response body was read
+  to the end and h11 says both sides are ``DONE``. Every other ending, cancellation
+  included, closes the socket at once, which is how the upstream learns that the
+  gateway gave up on the request.
+* Library exceptions (h11, trio, ``OSError``) are translated into the gateway's
+  ``Upstream*Error`` tree in one place, :class:`_MapExceptions`.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from types import TracebackType
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from .._errors import (
+    BadRequest,
+    GatewayError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamResetError,
+)
+
+__all__ = ["HttpUpstreamPool", "PoolLimits", "PoolStatistics", "UpstreamResponse"]
+
+RECEIVE_BYTES = 64 * 1024
+"""Most bytes asked of the socket per read; trio allocates at most this much per call."""
+
+INLINE_BODY_BYTES = 64 * 1024
+"""Bytes bodies up to this size are written together with the request head in one
+``send_all``: they fit the socket buffer, so an upstream that answers early cannot block
+the write. Larger and streamed bodies are written by a task running beside the reader."""
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+"""Methods that may be replayed once on a fresh connection after a stale keep-alive."""
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+"""Methods that get ``content-length: 0`` when sent without a body."""
+
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+
+Headers = list[tuple[bytes, bytes]]
+Body = bytes | bytearray | memoryview | AsyncIterable[bytes] | None
+
+
+@dataclass(frozen=True)
+class PoolLimits:
+    """Per-upstream pool limits; every default is the value used when a policy omits it."""
+
+    max_connections: int = 100
+    """Hard cap on sockets open (or being opened) to this upstream."""
+    idle_timeout_s: float = 30.0
+    """Idle connections older than this are closed, never reused."""
+    connect_timeout_s: float = 1.0
+    """Bound on TCP connect (name resolution included); past it, UpstreamConnectError."""
+    max_response_header_bytes: int = 64 * 1024
+    """A response head larger than this is an UpstreamProtocolError."""
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {self.max_connections!r}")
+        if not self.idle_timeout_s > 0:
+            raise ValueError(f"idle_timeout_s must be positive, got {self.idle_timeout_s!r}")
+        if not self.connect_timeout_s > 0:
+            raise ValueError(f"connect_timeout_s must be positive, got {self.connect_timeout_s!r}")
+        if self.max_response_header_bytes < 1:
+            raise ValueError(
+                "max_response_header_bytes must be positive, "
+                f"got {self.max_response_header_bytes!r}"
+            )
+
+
+_DEFAULT_LIMITS = PoolLimits()
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    """A snapshot of the pool, in the spirit of trio's ``statistics()`` methods.
+
+    ``active`` counts connections checked out or still connecting; ``waiting`` counts
+    requests queued for a connection.
+    """
+
+    active: int
+    idle: int
+    waiting: int
+    opened_total: int
+    closed_total: int
+
+
+class _MapExceptions:
+    """The one place where library exceptions become gateway errors.
+
+    Like httpcore's ``map_exceptions``: h11, trio and ``OSError`` failures are re-raised
+    as ``UpstreamConnectError`` / ``UpstreamResetError`` / ``UpstreamProtocolError``
+    (or ``BadRequest`` when the request itself cannot be framed), chained with
+    ``from`` so the cause stays visible. ``BaseException`` (``trio.Cancelled``
+    above all) and exceptions already in the gateway tree pass through untouched.
+    """
+
+    __slots__ = ("_conn", "_connecting", "_upstream")
+
+    def __init__(
+        self, upstream: str, conn: _Connection | None = None, *, connecting: bool = False
+    ) -> None:
+        self._upstream = upstream
+        self._conn = conn
+        self._connecting = connecting
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None or not isinstance(exc, Exception) or isinstance(exc, GatewayError):
+            return
+        mapped = self._translate(exc)
+        if mapped is not None:
+            raise mapped from exc
+
+    def _translate(self, exc: Exception) -> GatewayError | None:
+        upstream = self._upstream
+        if isinstance(exc, h11.RemoteProtocolError):
+            if self._conn is not None and self._conn.eof:
+                # h11 complains about a message cut short by EOF: a reset, not garbage.
+                return UpstreamResetError(
+                    f"upstream {upstream!r} closed the connection mid-response: {exc}",
+                    upstream=upstream,
+                )
+            return UpstreamProtocolError(
+                f"upstream {upstream!r} sent invalid HTTP/1.1: {exc}", upstream=upstream
+            )
+        if isinstance(exc, h11.LocalProtocolError | UnicodeError):
+            return BadRequest(f"request cannot be sent to upstream {upstream!r}: {exc}")
+        if self._connecting:
+            if isinstance(exc, trio.TooSlowError):
+                return UpstreamConnectError(
+                    f"connect to upstream {upstream!r} timed out", upstream=upstream
+                )
+            if isinstance(exc, OSError):
+                return UpstreamConnectError(
+                    f"cannot connect to upstream {upstream!r}: {exc}", upstream=upstream
+                )
+        if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
+            return UpstreamResetError(
+                f"connection to upstream {upstream!r} broke: {exc!r}", upstream=upstream
+            )
+        return None
+
+
+class _Connection:
+    """One socket and its h11 state machine, plus the flags of the current cycle."""
+
+    __slots__ = ("eof", "errors", "h11", "idle_since", "received", "reused", "socket", "stream")
+
+    def __init__(self, upstream: str, stream: trio.SocketStream, max_header_bytes: int) -> None:
+        self.stream = stream
+        self.socket = stream.socket
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
+        self.errors = _MapExceptions(upstream, self)
+        self.idle_since = 0.0
+        self.reused = False
+        """Served an earlier request: a failure before any byte may just be a stale socket."""
+        self.received = False
+        """Some response byte of the current cycle has arrived (no replay after this)."""
+        self.eof = False
+        """The upstream closed its side during the current cycle."""
+
+    def begin(self, *, reused: bool) -> None:
+        self.reused = reused
+        self.received = False
+        self.eof = False
+
+    async def receive(self) -> None:
+        """Feed h11 with what the socket has (at most RECEIVE_BYTES), or with EOF."""
+        data = await self.stream.receive_some(RECEIVE_BYTES)
+        if data:
+            self.received = True
+        else:
+            self.eof = True
+        self.h11.receive_data(data)
+
+    def peer_gone(self) -> bool:
+        """True when an idle socket is readable: EOF (or stray bytes) is pending on it.
+
+        An idle keep-alive connection has nothing to say; anything readable means the
+        upstream closed it (or broke protocol), so it must not carry a request.
+        """
+        try:
+            readable, _, _ = select.select([self.socket], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def close(self) -> None:
+        """Close the socket now. Synchronous, so it cannot be cancelled or hang: the
+        kernel sends FIN (or RST if unread bytes remain) and the upstream sees it."""
+        self.socket.close()
+
+
+class UpstreamResponse:
+    """A response head plus its streaming body, valid inside ``pool.request(...)``.
+
+    ``headers`` holds lower-cased names, as h11 gives them. Reading the body to the end
+    is what lets the connection return to the pool.
+    """
+
+    __slots__ = ("_complete", "_conn", "_pending", "headers", "reason", "status")
+
+    def __init__(self, conn: _Connection, event: h11.Response) -> None:
+        self._conn = conn
+        self.status: int = event.status_code
+        self.reason: bytes = bytes(event.reason)
+        self.headers: Headers = list(event.headers)
+        self._pending: bytes | None = None
+        self._complete = False
+
+    def __repr__(self) -> str:
+        return f"<UpstreamResponse [{self.status} {self.reason.decode('latin-1')}]>"
+
+    def aiter_body(self) -> AsyncIterator[bytes]:
+        """The body, chunk by chunk as it arrives (``async for chunk in r.aiter_body()``).
+
+        Raises UpstreamResetError when the upstream ends early, UpstreamProtocolError
+        when it breaks the framing with garbage.
+        """
+        return self
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            return pending
+        if self._complete:
+            raise StopAsyncIteration
+        conn = self._conn
+        h = conn.h11
+        with conn.errors:
+            while True:
+                event = h.next_event()
+                if event is h11.NEED_DATA:
+                    await conn.receive()
+                    continue
+                kind = type(event)
+                if kind is h11.Data:
+                    if event.data:  # type: ignore[union-attr]
+                        return bytes(event.data)  # type: ignore[union-attr]
+                    continue
+                if kind is h11.EndOfMessage:
+                    self._complete = True
+                    raise StopAsyncIteration
+                raise UpstreamResetError(f"upstream closed the connection mid-response ({event!r})")
+
+    async def read(self, max_bytes: int | None = None) -> bytes:
+        """The whole body; UpstreamProtocolError once it grows past ``max_bytes``."""
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in self:
+            total += len(chunk)
+            if max_bytes is not None and total > max_bytes:
+                raise UpstreamProtocolError(
+                    f"upstream response body exceeds {max_bytes} bytes", max_bytes=max_bytes
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _reusable(self) -> bool:
+        h = self._conn.h11
+        return self._complete and h.our_state is h11.DONE and h.their_state is h11.DONE
+
+
+class _Waiter:
+    """A request parked for a connection; ``grant`` is a connection or None (a slot)."""
+
+    __slots__ = ("grant", "task")
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.grant: _Connection | None = None
+
+
+class _Upload:
+    """State of the task writing a request body beside the response reader."""
+
+    __slots__ = ("error", "scope")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.error: BaseException | None = None
+        """The caller's body iterable (or its framing) failed: the exchange is void."""
+
+
+class HttpUpstreamPool:
+    """HTTP/1.1 keep-alive connections to one upstream, bounded and queued.
+
+    ``base_url`` is ``http://host:port`` with an optional path prefix that is prepended
+    to every target. Only ``http://`` is supported.
+    """
+
+    def __init__(self, name: str, base_url: str, limits: PoolLimits = _DEFAULT_LIMITS) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme == "https":
+            raise ValueError(f"upstream {name!r}: https is not supported yet ({base_url!r})")
+        if parts.scheme != "http":
+            raise ValueError(f"upstream {name!r}: base_url must start with http:// ({base_url!r})")
+        if not parts.hostname:
+            raise ValueError(f"upstream {name!r}: base_url has no host ({base_url!r})")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError(
+                f"upstream {name!r}: base_url takes no credentials, query or fragment "
+                f"({base_url!r})"
+            )
+        self.name = name
+        self.base_url = base_url
+        self.limits = limits
+        self._host = parts.hostname
+        self._port = parts.port or 80
+        self._host_header = parts.netloc.encode("ascii")
+        self._prefix = parts.path.rstrip("/")
+        self._max_connections = limits.max_connections
+        self._idle_timeout = limits.idle_timeout_s
+        self._idle: deque[_Connection] = deque()
+        self._waiters: OrderedDict[_Waiter, None] = OrderedDict()
+        self._total = 0  # open plus connecting; never above max_connections
+        self._opened_total = 0
+        self._closed_total = 0
+        self._closed = False
+        self._build_errors = _MapExceptions(name)
+        self._connect_errors = _MapExceptions(name, connecting=True)
+
+    # -- public API -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def request(
+        self, method: str, target: str, headers: Headers, body: Body = None
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Send one request and yield the response once its head has arrived.
+
+        ``body`` as bytes is sent with Content-Length; an async iterable streams with
+        ``Transfer-Encoding: chunked`` unless ``headers`` carry a content-length. Leaving
+        the block before the body was read to the end closes the connection.
+        """
+        head = self._build_request(method, target, headers, body)
+        if body is not None and (
+            not isinstance(body, _BYTES_TYPES) or len(body) > INLINE_BODY_BYTES
+        ):
+            retry = isinstance(body, _BYTES_TYPES) and method in _IDEMPOTENT
+            async with self._request_with_upload(head, body, retry) as response:
+                yield response
+            return
+        retry = method in _IDEMPOTENT
+        conn: _Connection | None = await self._checkout()
+        reusable = False
+        try:
+            while True:
+                assert conn is not None
+                try:
+                    response = await self._exchange_inline(conn, head, body)
+                    break
+                except UpstreamResetError:
+                    if not (retry and conn.reused and not conn.received):
+                        raise
+                    retry = False
+                    stale, conn = conn, None
+                    conn = await self._reconnect(stale)
+            yield response
+            reusable = response._reusable()
+        finally:
+            if conn is not None:
+                self._release(conn, reusable)
+
+    def statistics(self) -> PoolStatistics:
+        idle = len(self._idle)
+        return PoolStatistics(
+            active=self._total - idle,
+            idle=idle,
+            waiting=len(self._waiters),
+            opened_total=self._opened_total,
+            closed_total=self._closed_total,
+        )
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (
+            f"<{type(self).__name__} {self.name} [Requests: {s.active} active, {s.waiting} "
+            f"queued | Connections: {s.active} active, {s.idle} idle]>"
+        )
+
+    async def aclose(self) -> None:
+        """Close idle connections; connections in use are closed when released.
+
+        Requests already running or queued finish normally; new ones are refused.
+        """
+        self._closed = True
+        while self._idle:
+            self._discard(self._idle.pop())
+        await trio.lowlevel.checkpoint()
+
+    # -- request framing --------------------------------------------------------------
+
+    def _build_request(self, method: str, target: str, headers: Headers, body: Body) -> h11.Request:
+        has_host = has_framing = False
+        for name, _ in headers:
+            lowered = name.lower()
+            if lowered == b"host":
+                has_host = True
+            elif lowered == b"content-length" or lowered == b"transfer-encoding":
+                has_framing = True
+        extra: Headers = []
+        if not has_host:
+            extra.append((b"host", self._host_header))
+        if not has_framing:
+            if body is None:
+                if method in _BODY_METHODS:
+                    extra.append((b"content-length", b"0"))
+            elif isinstance(body, _BYTES_TYPES):
+                extra.append((b"content-length", b"%d" % len(body)))
+            else:
+                extra.append((b"transfer-encoding", b"chunked"))
+        with self._build_errors:
+            return h11.Request(
+                method=method,
+                target=self._prefix + target,
+                headers=extra + headers if extra else headers,
+            )
+
+    # -- exchanges --------------------------------------------------------------------
+
+    async def _exchange_inline(
+        self, conn: _Connection, head: h11.Request, body: bytes | bytearray | memoryview | None
+    ) -> UpstreamResponse:
+        """Write head and (small) body in one send, then wait for the response head."""
+        h = conn.h11
+        with conn.errors:
+            data = h.send(head)
+            if body:
+                data += h.send(h11.Data(data=body))
+            data += h.send(h11.EndOfMessage())
+            await conn.stream.send_all(data)
+        return await self._receive_head(conn)
+
+    @asynccontextmanager
+    async def _request_with_upload(
+        self, head: h11.Request, body: Body, retry: bool
+    ) -> AsyncIterator[UpstreamResponse]:
+        """Stream the body from a task while this one reads the response.
+
+        An upstream may answer (413, 401, ...) before the body ends; the reader must see
+        that answer instead of blocking on a write. The task lives in a nursery that is
+        cancelled when the block ends, so it never outlives the request. Its socket
+        failures are left to the reader to report; a failure of the caller's body
+        iterable voids the exchange and is re-raised as is.
+        """
+        conn: _Connection | None = None
+        upload: _Upload | None = None
+        reusable = False
+        caught: BaseException | None = None
+        try:
+            try:
+                async with trio.open_nursery() as nursery:
+                    try:
+                        conn = await self._checkout()
+                        while True:
+                            upload = _Upload()
+                            try:
+                                with conn.errors:
+                                    await conn.stream.send_all(conn.h11.send(head))
+                                nursery.start_soon(
+                                    self._upload, conn, body, upload, nursery.cancel_scope
+                                )
+                                response = await self._receive_head(conn)
+                                break
+                            except UpstreamResetError:
+                                upload.scope.cancel(reason="retrying on a fresh connection")
+                                if not (retry and conn.reused and not conn.received):
+                                    raise
+                                retry = False
+                                stale, conn = conn, None
+                                # Closing wakes the old upload task if it is mid-write.
+                                conn = await self._reconnect(stale)
+                        yield response
+                        reusable = response._reusable()
+                    except BaseException as exc:
+                        caught = exc
+                    finally:
+                        nursery.cancel_scope.cancel(reason="upstream exchange ended")
+            except BaseExceptionGroup as group:
+                # Only Cancelled can get here (an enclosing scope fired while the upload
+                # task ran): let the outermost Cancelled through, ungrouped.
+                cancelled, rest = group.split(trio.Cancelled)
+                if rest is not None or cancelled is None:
+                    raise
+                if not isinstance(caught, trio.Cancelled):
+                    caught = _first_leaf(cancelled)
+        finally:
+            if conn is not None:
+                self._release(conn, reusable)
+        if (
+            upload is not None
+            and upload.error is not None
+            and (caught is None or isinstance(caught, trio.Cancelled))
+        ):
+            raise upload.error
+        if caught is not None:
+            raise caught
+
+    async def _upload(
+        self,
+        conn: _Connection,
+        body: Body,
+        upload: _Upload,
+        exchange: trio.CancelScope,
+    ) -> None:
+        h = conn.h11
+        send_all = conn.stream.send_all
+        with upload.scope:
+            try:
+                if isinstance(body, _BYTES_TYPES):
+                    view = memoryview(body)
+                    for start in range(0, len(view), RECEIVE_BYTES):
+                        with conn.errors:
+                            await send_all(
+                                h.send(h11.Data(data=view[start : start + RECEIVE_BYTES]))
+                            )
+                elif body is not None:
+                    async for chunk in body:
+                        if chunk:
+                            with conn.errors:
+                                await send_all(h.send(h11.Data(data=chunk)))
+                with conn.errors:
+                    await send_all(h.send(h11.EndOfMessage()))
+            except UpstreamError:
+                # The socket broke: the reader reports it (or reads an early answer).
+                return
+            except Exception as exc:
+                upload.error = exc
+                exchange.cancel(reason="request body failed")
+
+    async def _receive_head(self, conn: _Connection) -> UpstreamResponse:
+        h = conn.h11
+        with conn.errors:
+            while True:
+                event = h.next_event()
+                if event is h11.NEED_DATA:
+                    await conn.receive()
+                    continue
+                kind = type(event)
+                if kind is h11.Response:
+                    break
+                if kind is h11.InformationalResponse:
+                    continue
+                raise UpstreamResetError(
+                    f"upstream {self.name!r} closed the connection before answering",
+                    upstream=self.name,
+                )
+            response = UpstreamResponse(conn, event)  # type: ignore[arg-type]
+            size = len(response.reason) + 16
+            for name, value in response.headers:
+                size += len(name) + len(value) + 4
+            if size > self.limits.max_response_header_bytes:
+                raise UpstreamProtocolError(
+                    f"upstream {self.name!r} sent a response head over "
+                    f"{self.limits.max_response_header_bytes} bytes",
+                    upstream=self.name,
+                )
+            # Peek: a body already buffered (or an empty one) needs no further read, and
+            # an empty body counts as read so the connection can be reused.
+            event = h.next_event()
+            kind = type(event)
+            if kind is h11.Data:
+                response._pending = bytes(event.data)  # type: ignore[union-attr]
+            elif kind is h11.EndOfMessage:
+                response._complete = True
+            elif event is not h11.NEED_DATA:
+                raise UpstreamResetError(
+                    f"upstream {self.name!r} closed the connection mid-response",
+                    upstream=self.name,
+                )
+        return response
+
+    # -- connection accounting --------------------------------------------------------
+
+    async def _checkout(self) -> _Connection:
+        """A connection for one request: warmest idle one, a new one, or the queue."""
+        if self._closed:
+            raise RuntimeError(f"upstream pool {self.name!r} is closed")
+        idle = self._idle
+        if idle:
+            cutoff = trio.current_time() - self._idle_timeout
+            while idle:
+                conn = idle.pop()
+                if conn.idle_since < cutoff:
+                    # LIFO: everything below is older still.
+                    self._discard(conn)
+                    while idle:
+                        self._discard(idle.pop())
+                    break
+                if conn.peer_gone():
+                    self._discard(conn)
+                    continue
+                conn.begin(reused=True)
+                return conn
+        if self._total < self._max_connections:
+            self._total += 1
+            return await self._open()
+        waiter = _Waiter(trio.lowlevel.current_task())
+        waiters = self._waiters
+        waiters[waiter] = None
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            del waiters[waiter]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        conn = waiter.grant
+        if conn is None:  # a slot was freed for us: connect in it
+            return await self._open()
+        conn.begin(reused=True)
+        return conn
+
+    async def _open(self) -> _Connection:
+        """Connect in a slot already counted in ``_total``; give it back on failure."""
+        try:
+            with self._connect_errors, trio.fail_after(self.limits.connect_timeout_s):
+                stream = await trio.open_tcp_stream(self._host, self._port)
+        except BaseException:
+            self._free_slot()
+            raise
+        # trio sets TCP_NODELAY on TCP streams already; this states the intent.
+        with suppress(OSError):
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self._opened_total += 1
+        conn = _Connection(self.name, stream, self.limits.max_response_header_bytes)
+        conn.begin(reused=False)
+        return conn
+
+    async def _reconnect(self, stale: _Connection) -> _Connection:
+        """Replace a stale connection by a fresh one, keeping its slot."""
+        stale.close()
+        self._closed_total += 1
+        return await self._open()
+
+    def _release(self, conn: _Connection, reusable: bool) -> None:
+        if reusable and not self._closed:
+            conn.h11.start_next_cycle()
+            if self._waiters:
+                self._grant(conn)
+                return
+            now = trio.current_time()
+            conn.idle_since = now
+            idle = self._idle
+            idle.append(conn)
+            cutoff = now - self._idle_timeout
+            while idle[0].idle_since < cutoff:
+                self._discard(idle.popleft())
+            return
+        conn.close()
+        self._closed_total += 1
+        self._free_slot()
+
+    def _discard(self, conn: _Connection) -> None:
+        conn.close()
+        self._closed_total += 1
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        if self._waiters:
+            self._grant(None)
+        else:
+            self._total -= 1
+
+    def _grant(self, conn: _Connection | None) -> None:
+        waiter, _ = self._waiters.popitem(last=False)
+        waiter.grant = conn
+        trio.lowlevel.reschedule(waiter.task)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first

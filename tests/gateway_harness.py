@@ -1,0 +1,93 @@
+"""Start the real gateway under Hypercorn's trio worker inside a test's nursery.
+
+The sockets are bound here on 127.0.0.1 port 0 and handed to Hypercorn, so the
+test knows the ports before the first request and never races for them.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import trio
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from gateway._app import Gateway
+from gateway._policy_loader import load_policy_text
+
+
+def listen_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    url: str
+    admin_url: str
+    port: int
+    admin_port: int
+    shutdown: trio.Event
+
+    def client(self, **kwargs: object) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=10.0, **kwargs)  # type: ignore[arg-type]
+
+    def admin(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.admin_url, timeout=10.0)
+
+
+@asynccontextmanager
+async def run_gateway(policy_text: str, *, policy_path: Path | None = None,
+                      graceful_timeout: float = 3.0,
+                      watch_policy: bool = False) -> AsyncIterator[RunningGateway]:
+    """Serve ``policy_text`` until the block ends; then shut down gracefully."""
+    if policy_path is not None:
+        policy_path.write_text(policy_text)
+        loaded = load_policy_text(policy_text, str(policy_path))
+    else:
+        loaded = load_policy_text(policy_text, "<test policy>")
+    public, admin = listen_socket(), listen_socket()
+    port, admin_port = public.getsockname()[1], admin.getsockname()[1]
+    gateway = Gateway(loaded, admin_ports={admin_port}, watch_policy=watch_policy)
+    config = Config()
+    config.graceful_timeout = graceful_timeout
+    config.keep_alive_timeout = 30
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
+            await worker_serve(wrap_app(gateway, config.wsgi_max_body_size, "asgi"), config,
+                               sockets=Sockets([], [public, admin], []),
+                               shutdown_trigger=shutdown.wait, task_status=task_status)
+
+        await nursery.start(serve)
+        try:
+            yield RunningGateway(gateway, f"http://127.0.0.1:{port}",
+                                 f"http://127.0.0.1:{admin_port}", port, admin_port, shutdown)
+        finally:
+            shutdown.set()
+
+
+def live_tasks() -> int:
+    """Tasks alive in this Trio run, for leak checks against a baseline."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count = 0
+    stack = [root]
+    while stack:
+        task = stack.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count

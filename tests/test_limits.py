@@ -1,0 +1,70 @@
+import pytest
+import trio
+
+from gateway._errors import Shed
+from gateway._limits import InflightGate, UpstreamLimiter
+
+
+async def test_queue_full_and_queue_timeout_shed(autojump_clock):
+    limiter = UpstreamLimiter("u", concurrency=2, queue=1, queue_timeout_s=0.05)
+    outcomes: list[str] = []
+    release = trio.Event()
+
+    async def hold() -> None:
+        try:
+            async with limiter.slot():
+                outcomes.append("ran")
+                await release.wait()
+        except Shed as shed:
+            outcomes.append(shed.detail["reason"])
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(hold)
+        await trio.sleep(0.01)
+        stats = limiter.statistics()
+        assert (stats.in_flight, stats.queued) == (2, 1)
+        assert outcomes.count("queue_full") == 1
+        await trio.sleep(0.1)  # the queued call waits past queue_timeout
+        assert outcomes.count("queue_timeout") == 1
+        release.set()
+    assert outcomes.count("ran") == 2
+    assert limiter.statistics().shed_total == 2
+    assert limiter.statistics().in_flight == 0
+
+
+async def test_queued_call_gets_a_freed_slot_in_time(autojump_clock):
+    limiter = UpstreamLimiter("u", concurrency=1, queue=1, queue_timeout_s=0.05)
+    got = []
+
+    async def first() -> None:
+        async with limiter.slot():
+            await trio.sleep(0.03)
+
+    async def second() -> None:
+        async with limiter.slot():
+            got.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        await trio.sleep(0)
+        nursery.start_soon(second)
+    assert got and got[0] == pytest.approx(0.03, abs=1e-6)
+
+
+async def test_resize_in_place_keeps_holders(autojump_clock):
+    limiter = UpstreamLimiter("u", concurrency=1, queue=0, queue_timeout_s=0.05)
+    async with limiter.slot():
+        limiter.resize(concurrency=3, queue=5, queue_timeout_s=0.1)
+        async with limiter.slot(), limiter.slot():
+            assert limiter.statistics().in_flight == 3
+    assert "0/3 in flight" in repr(limiter)
+
+
+def test_gate():
+    gate = InflightGate(2)
+    assert gate.try_enter() and gate.try_enter()
+    assert not gate.try_enter()
+    gate.leave()
+    assert gate.try_enter()
+    assert gate.shed_total == 1

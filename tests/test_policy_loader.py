@@ -1,0 +1,396 @@
+"""The policy loader and ``check``: positions, messages, every error at once, no crashes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway._check import explain_route, policy_json_schema, run_check
+from gateway._policy_loader import (
+    MAX_FILE_BYTES,
+    LoadedPolicy,
+    PolicyError,
+    PolicyIssue,
+    format_path,
+    load_policy_file,
+    load_policy_text,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "tests" / "policy_corpus"
+CORPUS_FILES = sorted(CORPUS.glob("*.yaml"))
+GOOD_POLICIES = sorted([*(ROOT / "policies").glob("*.yaml"),
+                        *(ROOT / "policies" / "examples").glob("*.yaml")])
+
+MINIMAL = """\
+version: 1
+upstreams:
+  users: {url: "http://127.0.0.1:9001"}
+routes:
+  - path: /api/users/{id}
+    proxy: {upstream: users, path: "/users/{id}"}
+"""
+
+
+def _issues(text: str) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "p.yaml")
+    return [str(issue) for issue in caught.value.issues]
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def test_corpus_is_large_and_paired() -> None:
+    assert len(CORPUS_FILES) >= 25
+    for file in CORPUS_FILES:
+        assert file.with_suffix(".expected").exists(), f"{file.name} has no .expected"
+
+
+@pytest.mark.parametrize("file", CORPUS_FILES, ids=[f.stem for f in CORPUS_FILES])
+def test_corpus_output(file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    relative = file.relative_to(ROOT).as_posix()
+    out = io.StringIO()
+    status = run_check([relative], out=out)
+    expected = file.with_suffix(".expected").read_text()
+    assert out.getvalue() == expected
+    last = expected.splitlines()[-1]
+    assert status == (0 if ": ok" in last else 1)
+
+
+def test_warning_only_file_passes_with_its_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    loaded = load_policy_file("tests/policy_corpus/28-warning-timeout-above-deadline.yaml")
+    (warning,) = loaded.warnings
+    assert warning.severity == "warning"
+    assert warning.path == "routes[0].proxy.timeout"
+    assert (warning.line, warning.column) == (8, 55)
+
+
+def test_cli_check_runs_as_a_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not (ROOT / "gateway" / "__main__.py").exists():
+        pytest.skip("gateway/__main__.py does not exist yet: no CLI to run")
+    corpus_file = "tests/policy_corpus/01-bad-duration.yaml"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "policies/demo.yaml", corpus_file],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result.stderr
+    expected = (CORPUS / "01-bad-duration.expected").read_text()
+    assert expected.splitlines()[0] in result.stdout.splitlines()
+    assert any(line.startswith("policies/demo.yaml: ok (version ")
+               for line in result.stdout.splitlines())
+
+
+# --------------------------------------------------------------------------- good policies
+
+
+@pytest.mark.parametrize("file", GOOD_POLICIES, ids=[f.name for f in GOOD_POLICIES])
+def test_shipped_policies_check_clean(file: Path) -> None:
+    out = io.StringIO()
+    assert run_check([str(file)], out=out) == 0, out.getvalue()
+    assert out.getvalue().count("\n") == 1, out.getvalue()  # the summary, nothing else
+
+
+@pytest.mark.parametrize("file", GOOD_POLICIES, ids=[f.name for f in GOOD_POLICIES])
+def test_shipped_policies_name_the_schema(file: Path) -> None:
+    first = file.read_text().splitlines()[0]
+    schema = "./policy.schema.json" if file.parent.name == "policies" else "../policy.schema.json"
+    assert first == f"# yaml-language-server: $schema={schema}"
+
+
+def test_committed_schema_matches_the_models() -> None:
+    committed = json.loads((ROOT / "policies" / "policy.schema.json").read_text())
+    assert committed == policy_json_schema(), (
+        "policies/policy.schema.json is stale; regenerate it with `python -m gateway schema`")
+
+
+def test_schema_has_editor_metadata() -> None:
+    schema = policy_json_schema()
+    assert schema["$schema"].startswith("https://json-schema.org/")
+    assert schema["$id"]
+    assert schema["title"]
+    assert schema["additionalProperties"] is False
+    assert "routes" in schema["required"]
+
+
+# --------------------------------------------------------------------------- loader API
+
+
+def test_loaded_policy_fields() -> None:
+    loaded = load_policy_text(MINIMAL, "mem.yaml")
+    assert isinstance(loaded, LoadedPolicy)
+    assert loaded.file == "mem.yaml"
+    assert len(loaded.version) == 12
+    assert all(c in "0123456789abcdef" for c in loaded.version)
+    assert loaded.warnings == ()
+    assert loaded.loaded_at > 0
+    assert loaded.policy.routes[0].proxy is not None
+    # The same bytes give the same version, str or bytes alike.
+    assert load_policy_text(MINIMAL.encode(), "mem.yaml").version == loaded.version
+    assert load_policy_text(MINIMAL + "\n", "mem.yaml").version != loaded.version
+
+
+def test_missing_file_is_a_policy_error_at_line_zero(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(PolicyError) as caught:
+        load_policy_file(missing)
+    (issue,) = caught.value.issues
+    assert issue.line == 0
+    assert str(issue) == f"{missing}: cannot read the policy file: No such file or directory"
+
+
+def test_directory_is_a_policy_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as caught:
+        load_policy_file(tmp_path)
+    assert caught.value.issues[0].line == 0
+
+
+def test_oversized_file_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text(MINIMAL + "#" * MAX_FILE_BYTES)
+    with pytest.raises(PolicyError, match="larger than 1024 KiB"):
+        load_policy_file(big)
+
+
+def test_issue_str_and_error_str() -> None:
+    error = PolicyIssue("p.yaml", 3, 7, "routes[0].deadline", "bad")
+    warning = PolicyIssue("p.yaml", 4, 1, "x", "meh", "warning")
+    assert str(error) == "p.yaml:3:7: routes[0].deadline: bad"
+    assert str(warning) == "p.yaml:4:1: x: warning: meh"
+    assert str(PolicyIssue("p.yaml", 2, 1, "", "syntax")) == "p.yaml:2:1: syntax"
+    assert str(PolicyError([error, warning])) == f"{error}\n{warning}"
+
+
+def test_format_path() -> None:
+    assert format_path(("routes", 2, "fanout")) == "routes[2].fanout"
+    assert format_path(("server", "trusted_proxies", 0)) == "server.trusted_proxies[0]"
+    assert format_path(()) == ""
+
+
+def test_all_errors_are_reported_not_only_the_first() -> None:
+    issues = _issues(MINIMAL.replace("version: 1", "version: 1\nserver: {max_inflight: 0}")
+                     .replace('path: "/users/{id}"}', 'path: "/users/{id}", timeout: 5}'))
+    assert issues == [
+        "p.yaml:2:24: server.max_inflight: 0 is below the minimum of 1",
+        'p.yaml:7:60: routes[0].proxy.timeout: 5 is not a duration (e.g. 250ms, 2s, 1m)',
+    ]
+
+
+def test_on_stays_a_key_not_yaml_boolean_true() -> None:
+    text = MINIMAL.replace('path: "/users/{id}"}',
+                           'path: "/users/{id}", retries: {attempts: 2, on: [connect, 503]}}')
+    retries = load_policy_text(text, "p.yaml").policy.routes[0].proxy.retries
+    assert retries is not None
+    assert retries.on == ("connect", 503)
+
+
+def test_merge_keys_and_aliases_are_allowed() -> None:
+    text = """\
+version: 1
+upstreams:
+  users: &base {url: "http://127.0.0.1:9001", limit: {concurrency: 7}}
+  orders:
+    <<: *base
+    url: "http://127.0.0.1:9002"
+routes:
+  - path: /a
+    proxy: {upstream: orders, path: /a}
+"""
+    upstreams = load_policy_text(text, "p.yaml").policy.upstreams
+    assert upstreams["orders"].url == "http://127.0.0.1:9002"
+    assert upstreams["orders"].limit.concurrency == 7
+
+
+def test_recursive_alias_is_an_error_not_a_hang() -> None:
+    issues = _issues("version: 1\nroutes: &r [*r]\n")
+    assert any("alias refers to the value that contains it" in issue for issue in issues)
+
+
+def test_deep_nesting_is_refused_with_a_position() -> None:
+    issues = _issues("version: 1\nroutes: " + "[" * 500 + "]" * 500 + "\n")
+    assert issues == ["p.yaml:2:72: nested deeper than 64 levels"]
+
+
+def test_unsupported_tag_is_reported_once() -> None:
+    issues = _issues(MINIMAL.replace("version: 1", "version: !!python/object:os.system 1"))
+    assert issues == ["p.yaml:1:10: version: unsupported YAML tag "
+                      "'tag:yaml.org,2002:python/object:os.system'"]
+
+
+def test_non_utf8_file_is_reported() -> None:
+    with pytest.raises(PolicyError, match="not UTF-8") as caught:
+        load_policy_text(b"version: 1\nroutes: \xff\n", "p.yaml")
+    assert (caught.value.issues[0].line, caught.value.issues[0].column) == (2, 9)
+
+
+def test_control_character_is_reported() -> None:
+    assert _issues("version: 1\nroutes: \x00\n") == [
+        "p.yaml:2:9: the file contains U+0000, which YAML does not allow"]
+
+
+def test_secret_in_any_string_is_masked() -> None:
+    text = MINIMAL.replace('path: "/users/{id}"}',
+                           'path: "/users/{id}?next=redis://u:topsecret@cache/0"}')
+    (issue,) = _issues(text)
+    assert "topsecret" not in issue
+    assert "secrets go in environment variables" in issue
+    assert '"/users/{id}?next=redis://u:***@cache/0"' in issue
+
+
+def test_password_key_is_called_a_secret() -> None:
+    text = """\
+version: 1
+upstreams:
+  db: {postgres: {dsn_env: DATABASE_URL, password: hunter2}}
+routes:
+  - path: /a/{id}
+    sql: {upstream: db, query: "SELECT 1 WHERE $1 > 0", args: [path.id:int]}
+"""
+    assert _issues(text) == [
+        "p.yaml:3:42: upstreams.db.postgres.password: unknown key 'password': secrets go in "
+        "environment variables, never inline; name the variable in 'dsn_env'"]
+
+
+def test_union_mode_with_a_mapping_reports_the_inner_error() -> None:
+    text = MINIMAL.replace('    proxy: {upstream: users, path: "/users/{id}"}',
+                           '    fanout: {mode: {quorum: 0}, calls: {u: {upstream: users, '
+                           'path: "/users/{id}"}}}')
+    assert _issues(text) == [
+        "p.yaml:6:29: routes[0].fanout.mode.quorum: 0 is below the minimum of 1"]
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def test_explain_demo_fanout_route() -> None:
+    loaded = load_policy_file(ROOT / "policies" / "demo.yaml")
+    text = explain_route(loaded, "/api/users/{id}/summary")
+    lines = text.splitlines()
+    assert lines[0].startswith("route: /api/users/{id}/summary  # routes[3]")
+    assert "methods: [GET, HEAD]  # default for fanout and sql routes" in lines
+    assert ("deadline: 800ms  # from the route; a client may shorten it with "
+            "x-request-timeout-ms") in lines
+    assert "  mode: all" in lines
+    assert "  on_failure: partial" in lines
+    user = lines.index("    user:")
+    orders = lines.index("    orders:")
+    assert user < orders
+    user_block, orders_block = lines[user:orders], lines[orders:]
+    assert "      upstream: users  # http://127.0.0.1:9001" in user_block
+    assert "      timeout: 1s  # from defaults.call" in user_block
+    assert ("      limit: {concurrency: 200, queue: 400, queue_timeout: 50ms}  "
+            "# upstreams.users.limit") in user_block
+    assert "      timeout: 300ms  # from the call" in orders_block
+    assert "      retries: off  # built-in default" in orders_block
+    assert "      circuit: off" in orders_block
+    assert ("      pool: {max_connections: 100, idle_timeout: 30s, connect_timeout: 1s}"
+            in orders_block)
+
+
+def test_explain_matches_a_concrete_path() -> None:
+    loaded = load_policy_file(ROOT / "policies" / "demo.yaml")
+    assert explain_route(loaded, "/api/users/42/summary").startswith(
+        "route: /api/users/{id}/summary")
+    assert explain_route(loaded, "/api/users/42").startswith("route: /api/users/{id}  #")
+
+
+def test_explain_unknown_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    out = io.StringIO()
+    assert run_check(["policies/demo.yaml"], explain="/nope", out=out) == 1
+    assert "policies/demo.yaml: no route matches '/nope'" in out.getvalue()
+
+
+def test_explain_resolution_order() -> None:
+    text = """\
+version: 1
+defaults: {deadline: 3s, call: {timeout: 2s}}
+upstreams:
+  a:
+    url: http://127.0.0.1:9001
+    call: {timeout: 700ms, retries: {attempts: 3}, hedge_after: 50ms}
+    circuit: {failure_ratio: 40%}
+routes:
+  - path: /x
+    proxy: {upstream: a, path: /x, hedge_after: 20ms}
+"""
+    out = explain_route(load_policy_text(text, "p.yaml"), "/x")
+    assert "deadline: 3s  # from defaults.deadline" in out
+    assert "timeout: 700ms  # from upstreams.a.call" in out
+    assert "retries: {attempts: 3, on: [connect, reset, 502, 503, 504], backoff: 20ms..200ms, "\
+        "budget: 20%}  # from upstreams.a.call" in out
+    assert "hedge: after 20ms, at most 1 extra  # from the call" in out
+    assert "circuit: {opens at 40% failures over 10s (min 20); open for 5s, 3 probes}" in out
+
+
+# --------------------------------------------------------------------------- never crash
+
+
+def _check_never_crashes(text: str | bytes) -> None:
+    try:
+        loaded = load_policy_text(text, "fuzz.yaml")
+    except PolicyError as exc:
+        assert exc.issues
+        for issue in exc.issues:
+            assert str(issue).startswith("fuzz.yaml")
+            assert issue.line >= 0
+    else:
+        assert loaded.policy.version == 1
+
+
+_yamlish = st.lists(st.sampled_from(list("ab01 :-[]{},\n\t\"'&*!|>#%@.?/\x00") + [
+    "version: 1\n", "routes:\n", "  - path: /a\n", "    proxy: {upstream: u, path: /a}\n",
+    "upstreams: {u: {url: http://h}}\n", "mode: ", "timeout: 1s", "&a ", "*a", "<<: ",
+    "!!set ", "!!binary ", "2001-12-14", "on: ", "\n  ", "\n    ",
+]), max_size=60).map("".join)
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+                     st.text(max_size=20), st.sampled_from(["1s", "20%", "/a/{id}", "all",
+                                                            "20ms..1s", "http://h:1"]))
+_keys = st.one_of(st.text(max_size=10), st.sampled_from(
+    ["version", "routes", "upstreams", "server", "defaults", "path", "proxy", "fanout", "sql",
+     "calls", "upstream", "url", "mode", "timeout", "retries", "on", "limit", "postgres"]))
+_structures = st.recursive(
+    _scalars,
+    lambda children: st.one_of(st.lists(children, max_size=4),
+                               st.dictionaries(_keys, children, max_size=5)),
+    max_leaves=30)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_yamlish)
+def test_yamlish_text_never_crashes(text: str) -> None:
+    _check_never_crashes(text)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_structures)
+def test_arbitrary_structures_never_crash(value: object) -> None:
+    _check_never_crashes(yaml.safe_dump(value, allow_unicode=True))
+    if isinstance(value, dict):
+        _check_never_crashes(yaml.safe_dump({"version": 1, **value}))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_crash(data: bytes) -> None:
+    _check_never_crashes(data)
+
+
+def test_version_is_sha256_prefix_of_file_bytes(tmp_path: Path) -> None:
+    import hashlib
+
+    path = tmp_path / "p.yaml"
+    path.write_bytes(MINIMAL.encode())
+    loaded = load_policy_file(os.fspath(path))
+    assert loaded.version == hashlib.sha256(MINIMAL.encode()).hexdigest()[:12]

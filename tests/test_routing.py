@@ -1,0 +1,75 @@
+import pytest
+
+from gateway._errors import BadRequest, MethodNotAllowed, NotFound
+from gateway._policy import Route
+from gateway._routing import RouteTable, build_target, normalize_path
+
+
+def table(*paths: str) -> RouteTable:
+    return RouteTable([Route.model_validate({"path": p, "methods": ["GET"],
+                                             "proxy": {"upstream": "u", "path": "/"}})
+                       for p in paths])
+
+
+@pytest.mark.parametrize(("raw", "segments"), [
+    (b"/a/b", ["a", "b"]),
+    (b"/a/./b", ["a", "b"]),
+    (b"/a/x/../b", ["a", "b"]),
+    (b"/a/%2e%2E/b", ["b"]),
+    (b"/a//b", ["a", "b"]),
+    (b"/a/b%2Fc", ["a", "b/c"]),
+    (b"/a/", ["a", ""]),
+])
+def test_normalize_path(raw, segments):
+    assert normalize_path(raw) == segments
+
+
+@pytest.mark.parametrize("raw", [b"/..", b"/a/../..", b"/a%00b", b"/a/%ff", b"relative"])
+def test_normalize_rejects(raw):
+    with pytest.raises(BadRequest):
+        normalize_path(raw)
+
+
+def test_first_matching_route_wins_and_params_are_decoded():
+    routes = table("/api/users/{id}", "/api/users/{id}/summary", "/static/{rest*}")
+    match = routes.match("GET", b"/api/users/a%2Fb")
+    assert match.route.path == "/api/users/{id}" and match.params == {"id": "a/b"}
+    assert routes.match("GET", b"/api/users/7/summary").params == {"id": "7"}
+    assert routes.match("HEAD", b"/static/css/site.css").params == {"rest": "css/site.css"}
+
+
+def test_unknown_path_and_method():
+    routes = table("/api/users/{id}")
+    with pytest.raises(NotFound):
+        routes.match("GET", b"/api/users")
+    with pytest.raises(NotFound):
+        routes.match("GET", b"/api/users/")  # an empty parameter never matches
+    with pytest.raises(MethodNotAllowed) as info:
+        routes.match("DELETE", b"/api/users/1")
+    assert info.value.detail["allow"] == "GET, HEAD"
+
+
+@pytest.mark.parametrize(("value", "encoded"), [
+    ("42", "42"),
+    ("a/b", "a%2Fb"),
+    ("a?b#c", "a%3Fb%23c"),
+    ("x y", "x%20y"),
+    ("a&b=c", "a%26b%3Dc"),
+    ("..%2F", "..%252F"),
+])
+def test_parameters_cannot_change_the_upstream_path_shape(value, encoded):
+    assert build_target("/users/{id}/x", {"id": value}) == f"/users/{encoded}/x"
+
+
+@pytest.mark.parametrize("value", ["..", "."])
+def test_dot_parameters_are_refused(value):
+    with pytest.raises(BadRequest):
+        build_target("/users/{id}", {"id": value})
+
+
+def test_query_template_and_client_query():
+    assert build_target("/orders?user={id}", {"id": "a&b"}, b"page=2") == \
+        "/orders?user=a%26b&page=2"
+    assert build_target("/files/{rest*}", {"rest": "a b/c"}) == "/files/a%20b/c"
+    with pytest.raises(BadRequest):
+        build_target("/files/{rest*}", {"rest": "a/../b"})

@@ -1,0 +1,80 @@
+"""Cause attribution read from Trio's record, under virtual time."""
+
+import pytest
+import trio
+
+from gateway._errors import UpstreamTimeout
+from gateway._trace import Trace, TraceBuffer, traced_scope
+
+
+def spans(trace: Trace) -> dict[str, object]:
+    assert trace.root is not None
+    return {s.label: s for s in trace.root.walk()}
+
+
+async def test_call_deadline_is_told_from_request_deadline(autojump_clock):
+    trace = Trace("r1", "GET", "/x", "/x")
+    now = trio.current_time()
+    with pytest.raises(UpstreamTimeout) as info:
+        with traced_scope(trace, None, "request", "/x", deadline=now + 1.0) as request:
+            with traced_scope(trace, request, "call", "orders", deadline=now + 0.3) as call:
+                with traced_scope(trace, call, "attempt", "orders#1"):
+                    await trio.sleep(5)
+    assert info.value.detail["scope"] == "call orders"
+    found = spans(trace)
+    attempt = found["attempt orders#1"]
+    assert (attempt.outcome, attempt.cause, attempt.fired_scope) == \
+        ("cancelled", "deadline", "call orders")
+    assert found["call orders"].cause == "deadline"
+    assert found["call orders"].budget_ms == pytest.approx(300)
+    assert trio.current_time() - now == pytest.approx(0.3)
+
+
+async def test_request_deadline_names_the_request_scope(autojump_clock):
+    trace = Trace("r2", "GET", "/x", "/x")
+    now = trio.current_time()
+    with pytest.raises(UpstreamTimeout):
+        with traced_scope(trace, None, "request", "/x", deadline=now + 0.2) as request:
+            with traced_scope(trace, request, "call", "users", deadline=now + 0.2):
+                await trio.sleep(5)
+    call = spans(trace)["call users"]
+    assert (call.cause, call.fired_scope) == ("deadline", "request")
+
+
+async def test_explicit_cancel_carries_its_cause(autojump_clock):
+    trace = Trace("r3", "GET", "/x", "/x")
+    with traced_scope(trace, None, "request", "/x") as request:
+        async with trio.open_nursery() as nursery:
+
+            async def work() -> None:
+                with traced_scope(trace, request, "call", "users"):
+                    await trio.sleep(5)
+
+            nursery.start_soon(work)
+            await trio.sleep(0.2)
+            request.cancel("client_disconnect")
+    assert request.cancel_cause == "client_disconnect"
+    found = spans(trace)
+    assert (found["call users"].cause, found["call users"].fired_scope) == \
+        ("client_disconnect", "request")
+    assert found["request"].outcome == "cancelled"
+
+
+async def test_deadline_outside_every_span_is_shutdown(autojump_clock):
+    trace = Trace("r4", "GET", "/x", "/x")
+    with trio.move_on_after(0.5):  # Hypercorn's graceful deadline on its server nursery
+        with traced_scope(trace, None, "request", "/x"):
+            await trio.sleep(5)
+    assert (trace.root.cause, trace.root.fired_scope) == ("shutdown", "server")
+
+
+async def test_buffer_is_bounded_and_filterable():
+    buffer = TraceBuffer(3)
+    for i in range(5):
+        trace = Trace(f"r{i}", "GET", "/x", "/a" if i % 2 else "/b")
+        trace.status = 200 + i
+        buffer.add(trace)
+    assert len(buffer) == 3
+    assert buffer.get("r0") is None and buffer.get("r4") is not None
+    assert [t.request_id for t in buffer.query(route="/b")] == ["r4", "r2"]
+    assert [t.request_id for t in buffer.query(status=203)] == ["r3"]
