@@ -14,7 +14,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 PACKAGES = (
     "trio", "hypercorn", "quart", "quart-trio", "h11", "httpx", "httpcore", "fastapi",
@@ -60,14 +60,14 @@ def environment() -> dict[str, Any]:
 
 def _f(value: Any, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
+        return "-"
     if isinstance(value, float | int):
         return f"{value:,.{digits}f}"
     return str(value)
 
 
 def _pct(value: Any) -> str:
-    return "–" if value is None else f"{100 * value:.1f} %"
+    return "-" if value is None else f"{100 * value:.1f} %"
 
 
 def _rows(results: dict[str, Any], scenario: str, columns: int,
@@ -121,7 +121,7 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
                           _f(m.get("errors")), _f(m.get("cpu_s_per_1k"), 3)]
             return cells
 
-        out += _rows(results, "S1", 10, s1) + ["", f"![S1]({plots.get('S1', '')})", ""]
+        out += [*_rows(results, "S1", 10, s1), "", f"![S1]({plots.get('S1', '')})", ""]
     if any("S2" in e for e in systems.values()):
         out += [
             "## S2 concurrency: `GET /api/slow1s` (1 s upstream) at 10,000 connections", "",

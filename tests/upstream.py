@@ -425,7 +425,7 @@ class _Connection:
 
     def _peer_left(self) -> None:
         respond = self.responder
-        if self.closing or respond is None or respond.finished or self.handler_scope is None:
+        if self.closing or respond is None or respond.ended or self.handler_scope is None:
             return
         self.upstream._request_cancelled(respond.request)
         respond._record_end()
@@ -525,7 +525,7 @@ class _Connection:
             if not respond.started and not respond.closed:
                 await respond.json({"error": "the behaviour sent no answer"}, status=500)
         except _PeerLeft:
-            if not self.closing and not respond.finished:
+            if not self.closing and not respond.ended:
                 upstream._request_cancelled(request)
                 respond._record_end()
         except h11.RemoteProtocolError:
@@ -556,6 +556,7 @@ class Responder:
         self.idle_close_after_s: float | None = None
         self._body = bytearray()
         self._ended = False
+        self._remaining: int | None = None
 
     @property
     def reusable(self) -> bool:
@@ -606,30 +607,13 @@ class Responder:
         close: bool = False,
     ) -> None:
         """Send the status line and headers; chunked unless a length is given or set."""
-        all_headers = list(headers)
-        names = {name.lower() for name, _ in all_headers}
-        no_body = status in (204, 304) or self.request.method == "HEAD"
-        if content_length is not None:
-            all_headers.append(("content-length", str(content_length)))
-        elif not no_body and not names & {"content-length", "transfer-encoding"}:
-            all_headers.append(("transfer-encoding", "chunked"))
-        if close:
-            all_headers.append(("connection", "close"))
-        self.started = True
-        self.request.status = status
-        await self._connection.send_event(h11.Response(status_code=status, headers=all_headers))
+        await self._connection.send_bytes(self._head(status, headers, content_length, close))
 
     async def send(self, data: bytes) -> None:
-        if data and self.request.method != "HEAD":
-            await self._connection.send_event(h11.Data(data=data))
+        await self._connection.send_bytes(self._data(data))
 
     async def end(self) -> None:
-        data = self._connection.h11.send(h11.EndOfMessage())
-        # Records first: a client that has the whole answer must see the request ended.
-        self.finished = True
-        self._record_end()
-        if data:
-            await self._connection.send_bytes(data)
+        await self._connection.send_bytes(self._end())
 
     async def respond(
         self,
@@ -639,9 +623,9 @@ class Responder:
         *,
         close: bool = False,
     ) -> None:
-        await self.start(status, headers, content_length=len(body), close=close)
-        await self.send(body)
-        await self.end()
+        """A whole answer with a Content-Length, written at once."""
+        head = self._head(status, headers, len(body), close)
+        await self._connection.send_bytes(head + self._data(body) + self._end())
 
     async def json(
         self,
@@ -654,6 +638,55 @@ class Responder:
         body = json.dumps(obj).encode()
         headers = [("content-type", "application/json"), *headers]
         await self.respond(status, body, headers, close=close)
+
+    # The framing below updates the records *before* the bytes leave: a client holding
+    # the complete answer must already find the request ended and out of ``in_flight``.
+
+    def _head(
+        self, status: int, headers: Iterable[tuple[str, str]], length: int | None, close: bool
+    ) -> bytes:
+        all_headers = list(headers)
+        for name, value in all_headers:
+            if name.lower() == "content-length":
+                length = int(value)
+        no_body = status in (204, 304) or self.request.method == "HEAD"
+        if no_body:
+            length = 0
+        elif length is not None:
+            all_headers = [(n, v) for n, v in all_headers if n.lower() != "content-length"]
+            all_headers.append(("content-length", str(length)))
+        elif not any(name.lower() == "transfer-encoding" for name, _ in all_headers):
+            all_headers.append(("transfer-encoding", "chunked"))
+        if close:
+            all_headers.append(("connection", "close"))
+        data = self._connection.h11.send(h11.Response(status_code=status, headers=all_headers))
+        self.started = True
+        self.request.status = status
+        self._remaining = length
+        if length == 0:
+            self._record_end()
+        return data or b""
+
+    def _data(self, data: bytes) -> bytes:
+        if not data or self.request.method == "HEAD":
+            return b""
+        framed = self._connection.h11.send(h11.Data(data=data))
+        if self._remaining is not None:
+            self._remaining -= len(data)
+            if self._remaining <= 0:
+                self._record_end()
+        return framed or b""
+
+    def _end(self) -> bytes:
+        data = self._connection.h11.send(h11.EndOfMessage())
+        self.finished = True
+        self._record_end()
+        return data or b""
+
+    @property
+    def ended(self) -> bool:
+        """Whether the client has (or was sent) the complete answer, or the exchange is over."""
+        return self._ended
 
     def _record_end(self) -> None:
         """Set ``ended_at`` and leave ``in_flight``, once, whichever way the exchange ended."""

@@ -1,0 +1,163 @@
+"""Proxy routes end to end: Hypercorn-served gateway, real upstream servers on loopback."""
+
+import socket
+
+import trio
+
+from tests.gateway_harness import run_gateway
+from tests.upstream import start_upstream
+
+POLICY = """
+version: 1
+server:
+  trusted_proxies: [10.9.9.9/32]
+upstreams:
+  users: {{url: "{url}"}}
+  dead: {{url: "http://127.0.0.1:{dead_port}", pool: {{connect_timeout: 500ms}}}}
+routes:
+  - path: /api/users/{{id}}
+    methods: [GET]
+    proxy: {{upstream: users, path: "/users/{{id}}"}}
+  - path: /api/raw/{{id}}
+    proxy: {{upstream: users, path: "/headers/{{id}}"}}
+  - path: /api/up/{{rest*}}
+    proxy: {{upstream: users, path: "/{{rest}}"}}
+  - path: /api/dead
+    proxy: {{upstream: dead, path: "/x"}}
+"""
+
+
+def closed_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def policy_for(url: str) -> str:
+    return POLICY.format(url=url, dead_port=closed_port())
+
+
+async def test_request_ids_headers_and_forwarding():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(policy_for(upstream.url)) as gw, gw.client() as client:
+            response = await client.get("/api/raw/1", headers={
+                "x-request-id": "abc-123", "connection": "x-secret-hop, keep-alive",
+                "x-secret-hop": "1", "keep-alive": "timeout=5", "te": "trailers",
+                "x-forwarded-for": "6.6.6.6", "x-custom": "kept", "host": "public.example"})
+            assert response.status_code == 200
+            assert response.headers["x-request-id"] == "abc-123"
+            seen = upstream.requests[-1]
+            names = [name for name, _ in seen.headers]
+            for hop in ("x-secret-hop", "keep-alive", "te"):
+                assert hop not in names
+            assert seen.header("x-custom") == "kept"
+            # The client is not a trusted proxy: its X-Forwarded-For chain is dropped.
+            assert seen.header_values("x-forwarded-for") == ["127.0.0.1"]
+            assert seen.header("x-forwarded-proto") == "http"
+            assert seen.header("x-forwarded-host") == "public.example"
+            assert seen.header("x-request-id") == "abc-123"
+            assert seen.header("host") != "public.example"
+
+            insane = await client.get("/api/users/1", headers={"x-request-id": "bad id\t!"})
+            generated = insane.headers["x-request-id"]
+            assert generated != "bad id\t!" and len(generated) == 24
+            assert upstream.requests[-1].header("x-request-id") == generated
+        nursery.cancel_scope.cancel()
+
+
+async def test_parameters_never_change_the_upstream_path():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(policy_for(upstream.url)) as gw, gw.client() as client:
+            cases = {
+                "/api/users/..%2F..%2Fadmin": "/users/..%2F..%2Fadmin",
+                "/api/users/a%3Fq%3D1%23frag": "/users/a%3Fq%3D1%23frag",
+                "/api/users/%2e%2e%2fsecret": "/users/..%2Fsecret",
+            }
+            for path, target in cases.items():
+                response = await client.get(path)
+                assert response.status_code == 200, path
+                assert upstream.requests[-1].target == target
+            # Dot segments resolve before routing: never a route the policy did not name.
+            for path in ("/api/users/..", "/api/users/%2e%2e", "/api/users/%2e%2e/%2e%2e/%2e%2e/x"):
+                response = await client.get(path)
+                assert response.status_code in (400, 404), path
+                assert response.json()["cause"] in ("no_route", "bad_request")
+            count = len(upstream.requests)
+            response = await client.get("/api/up/a/%2e%2e/%2e%2e/x")
+            assert response.status_code == 404
+            assert len(upstream.requests) == count
+        nursery.cancel_scope.cancel()
+
+
+async def test_error_statuses_are_json_with_request_id():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(policy_for(upstream.url)) as gw, gw.client() as client:
+            missing = await client.get("/nope")
+            assert missing.status_code == 404
+            assert missing.json()["request_id"] == missing.headers["x-request-id"]
+
+            wrong = await client.post("/api/users/1")
+            assert wrong.status_code == 405 and "GET" in wrong.headers["allow"]
+
+            refused = await client.get("/api/dead")
+            assert refused.status_code == 502
+            assert refused.json()["cause"] == "upstream_connect"
+
+            for path, cause in (("/api/up/reset", "upstream_reset"),
+                                ("/api/up/garbage", "upstream_protocol")):
+                response = await client.get(path)
+                assert response.status_code == 502, path
+                assert response.json()["cause"] == cause
+
+            timed_out = await client.get("/api/up/stall",
+                                         headers={"x-request-timeout-ms": "200"})
+            assert timed_out.status_code == 504
+            assert timed_out.json()["cause"] == "deadline"
+
+            bad_deadline = await client.get("/api/users/1",
+                                            headers={"x-request-timeout-ms": "-5"})
+            assert bad_deadline.status_code == 400
+            assert "x-request-timeout-ms" in bad_deadline.json()["error"]
+
+            # The gateway still serves normally after all of that.
+            assert (await client.get("/api/users/9")).status_code == 200
+        nursery.cancel_scope.cancel()
+
+
+async def test_admin_endpoints_only_on_admin_bind():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(policy_for(upstream.url)) as gw:
+            async with gw.client() as client:
+                for path in ("/healthz", "/readyz", "/metrics", "/traces", "/policy"):
+                    assert (await client.get(path)).status_code == 404, path
+            async with gw.admin() as admin:
+                assert (await admin.get("/healthz")).json() == {"status": "ok"}
+                assert (await admin.get("/readyz")).status_code == 200
+                policy = (await admin.get("/policy")).json()
+                assert len(policy["version"]) == 12
+        nursery.cancel_scope.cancel()
+
+
+async def test_graceful_shutdown_lets_in_flight_request_finish():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(policy_for(upstream.url), graceful_timeout=5) as gw:
+            result = {}
+
+            async def slow_request() -> None:
+                async with gw.client() as client:
+                    result["response"] = await client.get("/api/up/slow?ms=400")
+
+            async with trio.open_nursery() as clients:
+                clients.start_soon(slow_request)
+                await upstream.wait_requests(1)
+                gw.shutdown.set()  # stop accepting; in-flight work gets the grace period
+            assert result["response"].status_code == 200
+            assert upstream.cancelled == []
+        nursery.cancel_scope.cancel()
