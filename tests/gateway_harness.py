@@ -20,6 +20,7 @@ from hypercorn.utils import wrap_app
 
 from gateway._app import Gateway
 from gateway._policy_loader import load_policy_text
+from gateway._trace import Trace
 
 
 def listen_socket() -> socket.socket:
@@ -91,3 +92,19 @@ def live_tasks() -> int:
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
     return count
+
+
+async def trace_of(running: RunningGateway, request_id: str, timeout_s: float = 2.0) -> Trace:
+    """The finished trace of a request (recorded just after its response is sent)."""
+    with trio.fail_after(timeout_s):
+        while (trace := running.gateway.runtime.traces.get(request_id)) is None:
+            await trio.sleep(0.005)
+    return trace
+
+
+async def traces_with(running: RunningGateway, timeout_s: float = 2.0,
+                      **query: object) -> list[Trace]:
+    with trio.fail_after(timeout_s):
+        while not (found := running.gateway.runtime.traces.query(**query)):  # type: ignore[arg-type]
+            await trio.sleep(0.005)
+    return found

@@ -1,0 +1,849 @@
+"""The HTTP/1.1 upstream pool against real trio servers on 127.0.0.1 ephemeral ports."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from gateway._errors import (
+    BadRequest,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamResetError,
+)
+from gateway.upstreams import HttpUpstreamPool, PoolLimits, PoolStatistics, UpstreamResponse
+
+SAFETY_S = 10.0  # bounds a wait that should end at once; a hang fails instead of blocking CI
+
+
+# -- a small h11 upstream ------------------------------------------------------------------
+
+
+class ServerConn:
+    """One accepted connection, with helpers for the handlers below."""
+
+    def __init__(self, stream: trio.SocketStream, index: int) -> None:
+        self.stream = stream
+        self.index = index
+        self.h = h11.Connection(h11.SERVER)
+        self.requests = 0
+        self.peer_closed = trio.Event()  # the client closed its side (EOF or reset)
+        self.closed = False
+
+    async def _fill(self) -> bool:
+        try:
+            data = await self.stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            self.peer_closed.set()
+        self.h.receive_data(data)
+        return bool(data)
+
+    async def next_event(self) -> object:
+        while True:
+            event = self.h.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            await self._fill()
+
+    async def next_request(self) -> h11.Request | None:
+        event = await self.next_event()
+        if isinstance(event, h11.Request):
+            self.requests += 1
+            return event
+        return None
+
+    async def body_chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+
+    async def read_body(self) -> bytes:
+        return b"".join([chunk async for chunk in self.body_chunks()])
+
+    async def send(self, event: object) -> None:
+        data = self.h.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    async def respond(
+        self, status: int = 200, body: bytes = b"", headers: list[tuple[bytes, bytes]] = ()
+    ) -> None:
+        await self.send(
+            h11.Response(
+                status_code=status,
+                headers=[(b"content-length", b"%d" % len(body)), *headers],
+            )
+        )
+        if body:
+            await self.send(h11.Data(data=body))
+        await self.send(h11.EndOfMessage())
+
+    async def wait_peer_closed(self) -> None:
+        """Wait for the client's EOF, reading (and dropping) whatever it still sends."""
+        with trio.fail_after(SAFETY_S):
+            while not self.peer_closed.is_set():
+                await self._fill_raw()
+
+    async def _fill_raw(self) -> None:
+        try:
+            data = await self.stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            self.peer_closed.set()
+
+    async def close(self, *, reset: bool = False) -> None:
+        if reset:
+            self.stream.socket.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+        self.closed = True
+        await self.stream.aclose()
+
+
+Handler = Callable[[ServerConn, h11.Request], Awaitable[None]]
+
+
+class Upstream:
+    """Serves each request with ``handler``; counts connections as the pool sees them."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.conns: list[ServerConn] = []
+        self.open_now = 0
+        self.peak_open = 0
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        conn = ServerConn(stream, len(self.conns))
+        self.conns.append(conn)
+        self.open_now += 1
+        self.peak_open = max(self.peak_open, self.open_now)
+        try:
+            while not conn.closed:
+                request = await conn.next_request()
+                if request is None:
+                    break
+                await self.handler(conn, request)
+                if conn.closed:
+                    break
+                if conn.h.our_state is h11.DONE and conn.h.their_state is h11.DONE:
+                    conn.h.start_next_cycle()
+                else:
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError):
+            pass
+        finally:
+            self.open_now -= 1
+            if not conn.closed:
+                await conn.wait_peer_closed()
+                await conn.close()
+
+
+async def start_upstream(nursery: trio.Nursery, handler: Handler) -> Upstream:
+    upstream = Upstream(handler)
+    listeners = await nursery.start(partial(trio.serve_tcp, upstream._serve, 0, host="127.0.0.1"))
+    upstream.port = listeners[0].socket.getsockname()[1]
+    return upstream
+
+
+async def echo(conn: ServerConn, request: h11.Request) -> None:
+    """Answers with the request target, for checks that carry no body."""
+    await conn.read_body()
+    await conn.respond(200, request.target)
+
+
+async def get(pool: HttpUpstreamPool, target: str = "/") -> tuple[int, bytes]:
+    async with pool.request("GET", target, []) as response:
+        return response.status, await response.read()
+
+
+# -- basics -------------------------------------------------------------------------------
+
+
+async def test_get_reuses_one_connection(nursery):
+    upstream = await start_upstream(nursery, echo)
+    pool = HttpUpstreamPool("users", upstream.url)
+    for i in range(5):
+        assert await get(pool, f"/users/{i}") == (200, f"/users/{i}".encode())
+    assert len(upstream.conns) == 1
+    assert upstream.conns[0].requests == 5
+    assert pool.statistics() == PoolStatistics(
+        active=0, idle=1, waiting=0, opened_total=1, closed_total=0
+    )
+    assert repr(pool) == (
+        "<HttpUpstreamPool users [Requests: 0 active, 0 queued | Connections: 0 active, 1 idle]>"
+    )
+    await pool.aclose()
+    assert pool.statistics().idle == 0
+    await upstream.conns[0].peer_closed.wait()
+
+
+async def test_prefix_host_header_and_response_fields(nursery):
+    seen: list[h11.Request] = []
+
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        seen.append(request)
+        await conn.read_body()
+        await conn.respond(201, b"{}", [(b"X-Thing", b"1")])
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("users", upstream.url + "/v1/")
+    async with pool.request("GET", "/users/7?x=1", [(b"accept", b"*/*")]) as response:
+        assert isinstance(response, UpstreamResponse)
+        assert response.status == 201
+        assert response.reason == b""
+        assert (b"x-thing", b"1") in response.headers
+        assert await response.read() == b"{}"
+    async with pool.request("GET", "/", [(b"Host", b"example.test")]) as response:
+        await response.read()
+    assert seen[0].target == b"/v1/users/7?x=1"
+    assert (b"host", f"127.0.0.1:{upstream.port}".encode()) in list(seen[0].headers)
+    assert (b"accept", b"*/*") in list(seen[0].headers)
+    assert [v for n, v in seen[1].headers if n == b"host"] == [b"example.test"]
+
+
+def test_base_url_and_limits_are_validated():
+    with pytest.raises(ValueError, match="https is not supported"):
+        HttpUpstreamPool("u", "https://127.0.0.1:9001")
+    with pytest.raises(ValueError, match="http://"):
+        HttpUpstreamPool("u", "ftp://127.0.0.1")
+    with pytest.raises(ValueError, match="no host"):
+        HttpUpstreamPool("u", "http:///x")
+    with pytest.raises(ValueError, match="max_connections must be at least 1, got 0"):
+        PoolLimits(max_connections=0)
+    with pytest.raises(ValueError, match="idle_timeout_s"):
+        PoolLimits(idle_timeout_s=0)
+
+
+async def test_closed_pool_refuses_new_requests_and_closes_released_connections(nursery):
+    upstream = await start_upstream(nursery, echo)
+    pool = HttpUpstreamPool("users", upstream.url)
+    async with pool.request("GET", "/", []) as response:
+        await pool.aclose()
+        assert await response.read() == b"/"
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+    await upstream.conns[0].peer_closed.wait()
+    with pytest.raises(RuntimeError, match="closed"):
+        async with pool.request("GET", "/", []):
+            pass  # pragma: no cover
+
+
+# -- 1. the connection cap ----------------------------------------------------------------
+
+
+async def test_200_concurrent_requests_never_exceed_max_connections(nursery):
+    ten_in_flight = trio.Event()
+    in_flight = 0
+
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        nonlocal in_flight
+        await conn.read_body()
+        in_flight += 1
+        if in_flight == 10:
+            ten_in_flight.set()
+        await ten_in_flight.wait()  # hold the first ten until the pool has filled up
+        await conn.respond(200, request.target)
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("users", upstream.url, PoolLimits(max_connections=10))
+    results: dict[int, tuple[int, bytes]] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await get(pool, f"/{i}")
+
+    async with trio.open_nursery() as clients:
+        for i in range(200):
+            clients.start_soon(one, i)
+        with trio.fail_after(SAFETY_S):
+            await ten_in_flight.wait()
+        stats = pool.statistics()
+        assert (stats.active, stats.waiting) == (10, 190)
+        assert "Connections: 10 active" in repr(pool)
+        assert "190 queued" in repr(pool)
+
+    assert results == {i: (200, f"/{i}".encode()) for i in range(200)}
+    assert len(upstream.conns) == 10
+    assert upstream.peak_open == 10
+    assert pool.statistics() == PoolStatistics(
+        active=0, idle=10, waiting=0, opened_total=10, closed_total=0
+    )
+
+
+async def test_cancelled_waiter_leaves_the_queue(nursery):
+    release = trio.Event()
+
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        await conn.read_body()
+        await release.wait()
+        await conn.respond(200, b"ok")
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("users", upstream.url, PoolLimits(max_connections=1))
+    async with trio.open_nursery() as clients:
+        clients.start_soon(get, pool)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.CancelScope() as scope:
+            clients.start_soon(scope.cancel)
+            await get(pool)  # queued behind the first request, then cancelled
+        assert scope.cancelled_caught
+        assert pool.statistics().waiting == 0
+        release.set()
+    assert await get(pool) == (200, b"ok")
+    assert pool.statistics() == PoolStatistics(0, 1, 0, 1, 0)
+
+
+# -- 2. cancellation mid-response ---------------------------------------------------------
+
+
+async def test_cancel_mid_response_closes_connection_and_is_not_reused(nursery):
+    first_chunk_sent = trio.Event()
+
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        await conn.read_body()
+        if request.target == b"/stall":
+            await conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"10")]))
+            await conn.send(h11.Data(data=b"12345"))
+            first_chunk_sent.set()
+            await conn.wait_peer_closed()  # the pool must close the socket
+            await conn.close()
+            return
+        await conn.respond(200, b"fresh")
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("users", upstream.url)
+    assert await get(pool, "/warm") == (200, b"fresh")
+    with trio.CancelScope() as scope:
+        async with pool.request("GET", "/stall", []) as response:
+            async for chunk in response.aiter_body():
+                assert chunk == b"12345"
+                await first_chunk_sent.wait()
+                scope.cancel(reason="test gives up")
+    assert scope.cancelled_caught
+    await upstream.conns[0].peer_closed.wait()
+    assert pool.statistics() == PoolStatistics(
+        active=0, idle=0, waiting=0, opened_total=1, closed_total=1
+    )
+    assert await get(pool, "/again") == (200, b"fresh")
+    assert len(upstream.conns) == 2
+    assert pool.statistics() == PoolStatistics(0, 1, 0, 2, 1)
+
+
+async def test_cancel_while_waiting_for_the_head_closes_connection(nursery):
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        await conn.read_body()
+        await conn.wait_peer_closed()
+        await conn.close()
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("users", upstream.url)
+    async with trio.open_nursery() as clients:
+        clients.start_soon(get, pool)
+        while not upstream.conns or upstream.conns[0].requests == 0:
+            await trio.testing.wait_all_tasks_blocked()
+        clients.cancel_scope.cancel(reason="test gives up")
+    await upstream.conns[0].peer_closed.wait()
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+
+
+async def test_leaving_without_reading_the_body_closes_the_connection(nursery):
+    upstream = await start_upstream(nursery, echo)
+    pool = HttpUpstreamPool("users", upstream.url)
+    async with pool.request("GET", "/unread", []) as response:
+        assert response.status == 200
+    await upstream.conns[0].peer_closed.wait()
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+
+
+async def test_caller_error_inside_the_block_closes_and_propagates(nursery):
+    upstream = await start_upstream(nursery, echo)
+    pool = HttpUpstreamPool("users", upstream.url)
+    with pytest.raises(KeyError):
+        async with pool.request("GET", "/", []):
+            raise KeyError("caller")
+    await upstream.conns[0].peer_closed.wait()
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+
+
+async def test_empty_body_response_is_reusable_without_reading(nursery):
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        await conn.read_body()
+        await conn.send(h11.Response(status_code=204, headers=[]))
+        await conn.send(h11.EndOfMessage())
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("users", upstream.url)
+    for _ in range(3):
+        async with pool.request("DELETE", "/x", []) as response:
+            assert response.status == 204
+    assert len(upstream.conns) == 1
+    assert pool.statistics() == PoolStatistics(0, 1, 0, 1, 0)
+
+
+# -- 3. stale keep-alive connections ------------------------------------------------------
+
+
+async def test_idle_connection_closed_by_upstream_is_detected_before_reuse(nursery):
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        await conn.read_body()
+        await conn.respond(200, b"once")
+        await conn.close()  # keep-alive was promised, yet the socket goes
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("users", upstream.url)
+    assert await get(pool) == (200, b"once")
+    assert pool.statistics().idle == 1
+    # Wait until the FIN is visible on the idle socket, so the readable check sees it.
+    idle_socket = pool._idle[0].socket
+    with trio.fail_after(SAFETY_S):
+        await trio.lowlevel.wait_readable(idle_socket)
+    # POST is never retried: success proves the check caught the stale socket first.
+    async with pool.request("POST", "/", [], b"data") as response:
+        assert await response.read() == b"once"
+    assert len(upstream.conns) == 2
+    assert upstream.conns[1].requests == 1
+    assert pool.statistics() == PoolStatistics(0, 1, 0, 2, 1)
+
+
+async def _start_drop_second_request(nursery: trio.Nursery) -> Upstream:
+    """The first connection answers once, reads the next request, then closes unanswered."""
+
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        body = await conn.read_body()
+        if conn.index == 0 and conn.requests == 2:
+            await conn.close()
+            return
+        await conn.respond(200, b"%d:%s" % (conn.index, body))
+
+    return await start_upstream(nursery, handler)
+
+
+async def test_stale_connection_is_retried_once_on_a_fresh_one(nursery):
+    upstream = await _start_drop_second_request(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    assert await get(pool) == (200, b"0:")
+    async with pool.request("PUT", "/", [], b"payload") as response:
+        assert await response.read() == b"1:payload"
+    assert upstream.conns[0].requests == 2
+    assert len(upstream.conns) == 2
+    assert pool.statistics() == PoolStatistics(0, 1, 0, 2, 1)
+
+
+async def test_stale_connection_is_not_retried_for_post(nursery):
+    upstream = await _start_drop_second_request(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    assert await get(pool) == (200, b"0:")
+    with pytest.raises(UpstreamResetError):
+        async with pool.request("POST", "/", [], b"payload"):
+            pass  # pragma: no cover
+    assert len(upstream.conns) == 1
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+    assert await get(pool) == (200, b"1:")
+
+
+async def test_stale_connection_is_not_retried_for_streamed_body(nursery):
+    upstream = await _start_drop_second_request(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    assert await get(pool) == (200, b"0:")
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"streamed"
+
+    with pytest.raises(UpstreamResetError):
+        async with pool.request("PUT", "/", [], body()):
+            pass  # pragma: no cover
+    assert len(upstream.conns) == 1
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+
+
+async def test_large_bytes_body_is_retried_on_a_fresh_connection(nursery):
+    upstream = await _start_drop_second_request(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    assert await get(pool) == (200, b"0:")
+    payload = b"x" * 200_000  # above the inline size: written by the upload task
+    async with pool.request("PUT", "/", [], payload) as response:
+        assert await response.read() == b"1:" + payload
+    assert pool.statistics() == PoolStatistics(0, 1, 0, 2, 1)
+
+
+# -- 4. streaming both ways, in bounded memory --------------------------------------------
+
+FIFTY_MB = 50 * 1024 * 1024
+CHUNK = b"z" * 65536
+
+
+async def test_50mb_upload_and_download_stream_in_bounded_memory(nursery):
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        if request.target == b"/upload":
+            received = 0
+            chunks = 0
+            async for chunk in conn.body_chunks():
+                received += len(chunk)
+                chunks += 1
+            await conn.respond(200, b"%d" % received)
+            return
+        await conn.read_body()
+        await conn.send(
+            h11.Response(status_code=200, headers=[(b"content-length", b"%d" % FIFTY_MB)])
+        )
+        for _ in range(FIFTY_MB // len(CHUNK)):
+            await conn.send(h11.Data(data=CHUNK))
+        await conn.send(h11.EndOfMessage())
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("files", upstream.url)
+    produced = 0
+
+    async def upload() -> AsyncIterator[bytes]:
+        nonlocal produced
+        for _ in range(FIFTY_MB // len(CHUNK)):
+            produced += 1
+            yield CHUNK
+
+    tracemalloc.start()
+    try:
+        async with pool.request("POST", "/upload", [], upload()) as response:
+            assert await response.read() == b"%d" % FIFTY_MB
+        assert produced == FIFTY_MB // len(CHUNK)
+
+        downloaded = 0
+        chunks = 0
+        async with pool.request("GET", "/download", []) as response:
+            async for chunk in response.aiter_body():
+                assert len(chunk) <= 65536
+                downloaded += len(chunk)
+                chunks += 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert downloaded == FIFTY_MB
+    assert chunks >= FIFTY_MB // 65536
+    assert peak < 4 * 1024 * 1024, f"peak traced memory {peak} bytes"
+    assert pool.statistics() == PoolStatistics(0, 1, 0, 1, 0)
+
+
+async def test_early_answer_during_upload_is_returned(nursery):
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        async for _ in conn.body_chunks():
+            break  # one chunk is enough to refuse
+        await conn.send(
+            h11.Response(status_code=413, headers=[(b"content-length", b"4"), (b"connection", b"close")])
+        )
+        await conn.send(h11.Data(data=b"big!"))
+        await conn.send(h11.EndOfMessage())
+        await conn.close()
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("files", upstream.url)
+    gate = trio.Event()
+
+    async def endless() -> AsyncIterator[bytes]:
+        yield CHUNK
+        await gate.wait()  # never set: the body would block forever
+        yield CHUNK  # pragma: no cover
+
+    async with pool.request("POST", "/upload", [], endless()) as response:
+        assert response.status == 413
+        assert await response.read() == b"big!"
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+
+
+async def test_body_iterable_failure_is_raised_and_closes_the_connection(nursery):
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        await conn.read_body()
+        await conn.respond(200, b"never")
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("files", upstream.url)
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield b"part"
+        raise ValueError("client went away")
+
+    with pytest.raises(ValueError, match="client went away"):
+        async with pool.request("POST", "/", [], failing()):
+            pass  # pragma: no cover
+    await upstream.conns[0].peer_closed.wait()
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+
+
+async def test_outer_cancel_during_upload_is_not_grouped(nursery):
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        await conn.wait_peer_closed()
+        await conn.close()
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("files", upstream.url)
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"a"
+        await trio.sleep_forever()
+        yield b"b"  # pragma: no cover
+
+    caught: list[BaseException] = []
+
+    async def client(scope_box: list[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            scope_box.append(scope)
+            try:
+                async with pool.request("POST", "/", [], slow()):
+                    pass  # pragma: no cover
+            except BaseException as exc:
+                caught.append(exc)
+                raise
+
+    box: list[trio.CancelScope] = []
+    async with trio.open_nursery() as clients:
+        clients.start_soon(client, box)
+        while not upstream.conns:
+            await trio.testing.wait_all_tasks_blocked()
+        await trio.testing.wait_all_tasks_blocked()
+        box[0].cancel(reason="deadline")
+    assert len(caught) == 1
+    assert isinstance(caught[0], trio.Cancelled)
+    await upstream.conns[0].peer_closed.wait()
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+
+
+# -- 5. errors, and the pool still serves afterwards --------------------------------------
+
+
+async def test_refused_port_is_a_connect_error():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pool = HttpUpstreamPool("gone", f"http://127.0.0.1:{port}")
+    with pytest.raises(UpstreamConnectError) as info:
+        await get(pool)
+    assert info.value.status == 502
+    assert isinstance(info.value.__cause__, OSError)
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 0, 0)
+
+
+async def test_connect_timeout_is_a_connect_error(autojump_clock, monkeypatch):
+    async def never_connects(host: str, port: int) -> trio.SocketStream:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    monkeypatch.setattr(trio, "open_tcp_stream", never_connects)
+    pool = HttpUpstreamPool("slow", "http://192.0.2.1:80", PoolLimits(connect_timeout_s=0.5))
+    start = trio.current_time()
+    with pytest.raises(UpstreamConnectError, match="timed out"):
+        await get(pool)
+    assert trio.current_time() - start == pytest.approx(0.5)
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 0, 0)
+
+
+async def _misbehave(conn: ServerConn, request: h11.Request) -> None:
+    await conn.read_body()
+    raw = conn.stream
+    if request.target == b"/close":
+        await conn.close()
+    elif request.target == b"/reset":
+        await conn.close(reset=True)
+    elif request.target == b"/garbage":
+        await raw.send_all(b"SMTP READY\r\n\r\n")
+        await conn.close()
+    elif request.target == b"/big-head":
+        await raw.send_all(b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 4096 + b"\r\n\r\n")
+        await conn.close()
+    elif request.target == b"/huge-head":  # arrives in pieces: h11's own limit trips
+        await raw.send_all(b"HTTP/1.1 200 OK\r\n")
+        for _ in range(100):
+            await raw.send_all(b"x-h: " + b"a" * 1000 + b"\r\n")
+        await conn.close()
+    elif request.target == b"/short":
+        await raw.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345")
+        await conn.close()
+    elif request.target == b"/bad-chunk":
+        await raw.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")
+        await conn.close()
+    else:
+        await conn.respond(200, b"fine")
+
+
+@pytest.mark.parametrize(
+    ("target", "error"),
+    [
+        ("/close", UpstreamResetError),
+        ("/reset", UpstreamResetError),
+        ("/garbage", UpstreamProtocolError),
+        ("/big-head", UpstreamProtocolError),
+        ("/huge-head", UpstreamProtocolError),
+    ],
+)
+async def test_failures_before_the_head(nursery, target, error):
+    upstream = await start_upstream(nursery, _misbehave)
+    limits = PoolLimits(max_response_header_bytes=2048)
+    pool = HttpUpstreamPool("bad", upstream.url, limits)
+    with pytest.raises(error) as info:
+        await get(pool, target)
+    assert info.value.status == 502
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+    assert await get(pool) == (200, b"fine")
+    assert pool.statistics() == PoolStatistics(0, 1, 0, 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("target", "error"), [("/short", UpstreamResetError), ("/bad-chunk", UpstreamProtocolError)]
+)
+async def test_failures_in_the_body(nursery, target, error):
+    upstream = await start_upstream(nursery, _misbehave)
+    pool = HttpUpstreamPool("bad", upstream.url)
+    async with pool.request("GET", target, []) as response:
+        assert response.status == 200
+        with pytest.raises(error):
+            async for _ in response.aiter_body():
+                pass
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+    assert await get(pool) == (200, b"fine")
+
+
+async def test_read_max_bytes(nursery):
+    upstream = await start_upstream(nursery, echo)
+    pool = HttpUpstreamPool("users", upstream.url)
+    async with pool.request("GET", "/0123456789", []) as response:
+        with pytest.raises(UpstreamProtocolError, match="exceeds 5 bytes"):
+            await response.read(max_bytes=5)
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+
+
+async def test_invalid_request_is_bad_request_and_nothing_is_opened(nursery):
+    upstream = await start_upstream(nursery, echo)
+    pool = HttpUpstreamPool("users", upstream.url)
+    with pytest.raises(BadRequest):
+        async with pool.request("GET", "/", [(b"bad header", b"x")]):
+            pass  # pragma: no cover
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 0, 0)
+
+
+# -- 6. idle expiry on virtual time -------------------------------------------------------
+
+
+async def test_idle_connection_past_timeout_is_not_reused(mock_clock, nursery):
+    upstream = await start_upstream(nursery, echo)
+    pool = HttpUpstreamPool("users", upstream.url, PoolLimits(idle_timeout_s=30.0))
+    assert await get(pool) == (200, b"/")
+    mock_clock.jump(29.0)
+    assert await get(pool) == (200, b"/")
+    assert len(upstream.conns) == 1
+    mock_clock.jump(30.5)
+    assert await get(pool) == (200, b"/")
+    assert len(upstream.conns) == 2
+    await upstream.conns[0].peer_closed.wait()
+    assert pool.statistics() == PoolStatistics(0, 1, 0, 2, 1)
+
+
+async def test_expired_idle_connections_are_pruned_on_release(mock_clock, nursery):
+    upstream = await start_upstream(nursery, echo)
+    pool = HttpUpstreamPool("users", upstream.url, PoolLimits(idle_timeout_s=30.0))
+    async with trio.open_nursery() as clients:  # two idle connections
+        clients.start_soon(get, pool)
+        clients.start_soon(get, pool)
+    assert pool.statistics().idle == 2
+    mock_clock.jump(31.0)
+    assert await get(pool) == (200, b"/")
+    assert pool.statistics() == PoolStatistics(0, 1, 0, 3, 2)
+
+
+# -- 7. request body framing --------------------------------------------------------------
+
+
+async def _raw_capture(nursery: trio.Nursery) -> tuple[int, trio.MemoryReceiveChannel[bytes]]:
+    """A raw server that captures one request's bytes up to the end of its body."""
+    send, receive = trio.open_memory_channel[bytes](1)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        data = b""
+        while True:
+            data += await stream.receive_some(65536)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            if b"chunked" in head and rest.endswith(b"0\r\n\r\n"):
+                break
+            if b"content-length: 11" in head and len(rest) >= 11:
+                break
+        await send.send(data)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await stream.receive_some(65536)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    return listeners[0].socket.getsockname()[1], receive
+
+
+async def test_chunked_upload_is_framed_exactly(nursery):
+    port, captured = await _raw_capture(nursery)
+    pool = HttpUpstreamPool("raw", f"http://127.0.0.1:{port}")
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"hello"
+        yield b""  # empty chunks must not end the body early
+        yield b" world"
+
+    async with pool.request("POST", "/c", [(b"x-a", b"1")], body()) as response:
+        assert await response.read() == b"ok"
+    data = await captured.receive()
+    assert data == (
+        b"POST /c HTTP/1.1\r\nhost: 127.0.0.1:%d\r\ntransfer-encoding: chunked\r\nx-a: 1\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n" % port
+    )
+
+
+async def test_caller_content_length_is_respected(nursery):
+    port, captured = await _raw_capture(nursery)
+    pool = HttpUpstreamPool("raw", f"http://127.0.0.1:{port}")
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"hello"
+        yield b" world"
+
+    async with pool.request("PUT", "/l", [(b"content-length", b"11")], body()) as response:
+        assert await response.read() == b"ok"
+    data = await captured.receive()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head
+    assert rest == b"hello world"
+
+
+async def test_body_longer_than_caller_content_length_is_bad_request(nursery):
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        await conn.wait_peer_closed()
+        await conn.close()
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("raw", upstream.url)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"hello world, and more"
+
+    with pytest.raises(BadRequest, match="Content-Length"):
+        async with pool.request("PUT", "/l", [(b"content-length", b"11")], body()):
+            pass  # pragma: no cover
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+
+
+async def test_bytes_body_gets_content_length(nursery):
+    port, captured = await _raw_capture(nursery)
+    pool = HttpUpstreamPool("raw", f"http://127.0.0.1:{port}")
+    async with pool.request("POST", "/b", [], b"hello world") as response:
+        assert await response.read() == b"ok"
+    data = await captured.receive()
+    assert data.endswith(b"content-length: 11\r\n\r\nhello world")

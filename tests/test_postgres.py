@@ -1,0 +1,459 @@
+"""PostgresUpstream against a real, throwaway PostgreSQL (``pg_cluster`` from tests/pg.py).
+
+Timing bounds are generous: they tell "cancelled on the server" from "ran to the end"
+(5 s sleeps), and "failed fast" from "hung on a connect timeout".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import trio
+
+from gateway._errors import (
+    BadRequest,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from gateway.upstreams._postgres import (
+    PostgresSettings,
+    PostgresStatistics,
+    PostgresUpstream,
+    to_json,
+)
+
+pytestmark = pytest.mark.postgres
+
+CONNECT_TIMEOUT_S = 1.0
+
+
+def settings(dsn: str, **overrides: object) -> PostgresSettings:
+    values: dict = {
+        "dsn": dsn,
+        "min_size": 2,
+        "max_size": 10,
+        "connect_timeout_s": CONNECT_TIMEOUT_S,
+        "close_timeout_s": 1.0,
+    }
+    values.update(overrides)
+    return PostgresSettings(**values)
+
+
+@pytest.fixture
+def cluster(pg_cluster):
+    """The session cluster, started again if an earlier test left it stopped."""
+    if not pg_cluster.running:
+        pg_cluster.start()
+    return pg_cluster
+
+
+@pytest.fixture
+async def upstream(cluster, nursery) -> AsyncIterator[PostgresUpstream]:
+    up = PostgresUpstream("db", settings(cluster.dsn))
+    await nursery.start(up.run)
+    yield up
+    await up.aclose()
+
+
+@pytest.fixture
+async def monitor(cluster, nursery) -> AsyncIterator[PostgresUpstream]:
+    """A second pool, one connection, for watching pg_stat_activity."""
+    up = PostgresUpstream("monitor", settings(cluster.dsn, min_size=1, max_size=1))
+    await nursery.start(up.run)
+    yield up
+    await up.aclose()
+
+
+async def active_with(monitor: PostgresUpstream, marker: str) -> int:
+    row = await monitor.fetchrow(
+        "SELECT count(*) AS n FROM pg_stat_activity"
+        " WHERE state = 'active' AND pid <> pg_backend_pid() AND position($1 in query) > 0",
+        [marker],
+        timeout_s=1.0,
+    )
+    assert row is not None
+    return int(row["n"])  # type: ignore[arg-type]
+
+
+async def poll_until(check: Callable[[], Awaitable[bool]], *, within_s: float) -> float:
+    """Poll an external system until ``check()`` holds; returns when it first did."""
+    with trio.fail_after(within_s):
+        while not await check():
+            await trio.sleep(0.005)
+    return trio.current_time()
+
+
+async def test_cancel_from_trio_scope_cancels_on_the_server(upstream, monitor) -> None:
+    assert await upstream.ready()
+    before = upstream.statistics()
+    marker = f"cancel-{uuid.uuid4().hex}"
+    returned_at: list[float] = []
+
+    async def victim() -> None:
+        with trio.move_on_after(0.3) as scope:
+            await upstream.fetch(f"SELECT pg_sleep(5) /* {marker} */", [], timeout_s=10)
+        assert scope.cancelled_caught
+        returned_at.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        started = trio.current_time()
+        nursery.start_soon(victim)
+
+        async def running() -> bool:
+            return await active_with(monitor, marker) == 1
+
+        await poll_until(running, within_s=0.25)
+
+    deadline = started + 0.3
+    back_after = returned_at[0] - started
+
+    async def gone() -> bool:
+        return await active_with(monitor, marker) == 0
+
+    gone_at = await poll_until(gone, within_s=1.0)
+    gone_after_deadline = gone_at - deadline
+    print(
+        f"\ncancel: control back {back_after * 1000:.0f} ms after start (deadline 300 ms);"
+        f" query gone from pg_stat_activity {max(gone_after_deadline, 0) * 1000:.0f} ms"
+        " after the deadline"
+    )
+    assert back_after < 0.3 + 0.2
+    assert gone_after_deadline < 0.2
+
+    assert await upstream.fetchrow("SELECT 1 AS one", [], timeout_s=1.0) == {"one": 1}
+    after = upstream.statistics()
+    assert after.size == before.size
+    assert after.in_use == 0
+
+
+async def test_own_timeout_raises_upstream_timeout_and_cancels_on_the_server(
+    upstream, monitor
+) -> None:
+    marker = f"timeout-{uuid.uuid4().hex}"
+    with trio.fail_after(2):
+        with pytest.raises(UpstreamTimeout):
+            await upstream.fetch(f"SELECT pg_sleep(5) /* {marker} */", [], timeout_s=0.2)
+
+    async def gone() -> bool:
+        return await active_with(monitor, marker) == 0
+
+    await poll_until(gone, within_s=0.2)
+    assert await upstream.fetchrow("SELECT 2 AS two", [], timeout_s=1.0) == {"two": 2}
+
+
+async def test_500_concurrent_fetches_through_10_connections(upstream) -> None:
+    latencies: list[float] = []
+    results: dict[int, object] = {}
+    peak = PostgresStatistics(size=0, in_use=0, idle=0, waiting=0)
+
+    async def one(i: int) -> None:
+        started = trio.current_time()
+        row = await upstream.fetchrow(
+            "SELECT $1::int AS n, pg_sleep(0.002)::text AS slept", [i], timeout_s=10
+        )
+        latencies.append(trio.current_time() - started)
+        results[i] = row["n"] if row else None
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            stats = upstream.statistics()
+            if stats.waiting > peak.waiting or stats.size > peak.size:
+                peak = stats
+            await trio.sleep(0.005)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            async with trio.open_nursery() as calls:
+                for i in range(500):
+                    calls.start_soon(one, i)
+            nursery.cancel_scope.cancel(reason="load finished")
+
+    assert results == {i: i for i in range(500)}
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2]
+    p99 = latencies[math.ceil(len(latencies) * 0.99) - 1]
+    print(
+        f"\n500 fetches, pool max 10: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms,"
+        f" max {latencies[-1] * 1000:.1f} ms; peak {peak}"
+    )
+    assert peak.waiting > 0  # the pool queued callers rather than failing them
+    assert upstream.statistics().size <= 10
+    assert upstream.statistics().in_use == 0
+
+
+async def test_outage_mid_load_fails_fast_and_recovers(cluster, upstream) -> None:
+    assert await upstream.ready()
+    # (started, finished, outcome) for every call
+    calls: list[tuple[float, float, BaseException | None]] = []
+    marks: dict[str, float] = {}
+
+    async def worker() -> None:
+        while True:
+            started = trio.current_time()
+            try:
+                await upstream.fetchrow("SELECT 1 AS one", [], timeout_s=3.0)
+            except UpstreamError as exc:
+                calls.append((started, trio.current_time(), exc))
+            else:
+                calls.append((started, trio.current_time(), None))
+            await trio.sleep(0.01)
+
+    try:
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(worker)
+                await trio.sleep(0.3)
+                marks["stopping"] = trio.current_time()
+                await trio.to_thread.run_sync(cluster.stop)
+                marks["down"] = trio.current_time()
+                await trio.sleep(0.5)
+                marks["starting"] = trio.current_time()
+                await trio.to_thread.run_sync(cluster.start)
+                marks["up"] = trio.current_time()
+                await trio.sleep(1.0)
+                nursery.cancel_scope.cancel(reason="outage test finished")
+    finally:
+        if not cluster.running:
+            cluster.start()
+
+    while_down = [c for c in calls if marks["down"] <= c[0] and c[1] <= marks["starting"]]
+    assert while_down, "no call ran while the database was down"
+    assert all(isinstance(c[2], UpstreamConnectError) for c in while_down), {
+        type(c[2]).__name__ for c in while_down
+    }
+    slowest = max(c[1] - c[0] for c in while_down)
+    assert slowest < CONNECT_TIMEOUT_S + 0.25
+    # Calls in flight when the server went away may fail in other ways, but only as
+    # upstream errors (the worker lets anything else escape and fail the test).
+    recovered = [c for c in calls if c[0] >= marks["up"] + 0.3]
+    assert recovered
+    assert all(c[2] is None for c in recovered)
+    print(
+        f"\noutage: {len(while_down)} calls while down, slowest {slowest * 1000:.1f} ms;"
+        f" {len(recovered)} calls after recovery, all ok"
+    )
+
+    assert await upstream.ready()
+    rows = cluster.psql(
+        "SELECT state FROM pg_stat_activity"
+        " WHERE application_name = 'trio-gateway' AND pid <> pg_backend_pid()"
+    ).split()
+    assert len(rows) <= 10
+    assert "active" not in rows
+    assert "idle in transaction" not in rows
+
+
+async def test_type_conversion(upstream) -> None:
+    row = await upstream.fetchrow(
+        """
+        SELECT 12.50::numeric AS price,
+               42::numeric AS total,
+               (2^53)::numeric AS beyond_safe,
+               123456789012345678901234567890::numeric AS huge,
+               'NaN'::numeric AS nan,
+               1e30::numeric AS exp,
+               'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid AS id,
+               '2026-01-02 03:04:05.123456+02'::timestamptz AS ts,
+               '2026-01-02 03:04:05'::timestamp AS naive,
+               '2026-01-02'::date AS day,
+               '03:04:05'::time AS clock,
+               '{"a": [1, 2.5, null, true]}'::json AS j,
+               '{"b": {"c": "d"}}'::jsonb AS jb,
+               true AS flag,
+               7 AS i,
+               9007199254740993::bigint AS big,
+               'héllo'::text AS t,
+               '\\x00ff10'::bytea AS raw,
+               ARRAY[1, 2, 3] AS ints,
+               ARRAY['a', NULL] AS texts,
+               ARRAY[1.5, 2]::numeric[] AS nums,
+               ARRAY['{"x": 1}'::jsonb] AS docs,
+               '1 day 2 hours'::interval AS span,
+               'Infinity'::float8 AS inf,
+               0.25::float8 AS quarter,
+               NULL::text AS nothing
+        """,
+        [],
+        timeout_s=2.0,
+    )
+    assert row == {
+        "price": "12.50",
+        "total": 42,
+        "beyond_safe": "9007199254740992",
+        "huge": "123456789012345678901234567890",
+        "nan": "NaN",
+        "exp": "1000000000000000000000000000000",
+        "id": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        "ts": "2026-01-02T01:04:05.123456+00:00",
+        "naive": "2026-01-02T03:04:05",
+        "day": "2026-01-02",
+        "clock": "03:04:05",
+        "j": {"a": [1, 2.5, None, True]},
+        "jb": {"b": {"c": "d"}},
+        "flag": True,
+        "i": 7,
+        "big": 9007199254740993,
+        "t": "héllo",
+        "raw": "AP8Q",
+        "ints": [1, 2, 3],
+        "texts": ["a", None],
+        "nums": ["1.5", 2],
+        "docs": [{"x": 1}],
+        "span": 93600.0,
+        "inf": "Infinity",
+        "quarter": 0.25,
+        "nothing": None,
+    }
+    assert json.loads(json.dumps(row, allow_nan=False)) == row
+
+    doc = {"k": [1, "two", None]}
+    echoed = await upstream.fetchrow("SELECT $1::jsonb AS doc", [doc], timeout_s=1.0)
+    assert echoed == {"doc": doc}
+    assert await upstream.fetchrow("SELECT 1 WHERE false", [], timeout_s=1.0) is None
+    assert await upstream.fetch("SELECT 1 WHERE false", [], timeout_s=1.0) == []
+
+
+def test_to_json_numeric_rules() -> None:
+    from decimal import Decimal
+
+    assert to_json(Decimal("5")) == 5
+    assert to_json(Decimal("5.00")) == "5.00"
+    assert to_json(Decimal(-(2**53) + 1)) == -(2**53) + 1
+    assert to_json(Decimal(2**53)) == "9007199254740992"
+    assert to_json(Decimal("-Infinity")) == "-Infinity"
+    assert to_json(float("nan")) == "NaN"
+
+
+async def test_query_errors_are_translated(upstream) -> None:
+    with pytest.raises(UpstreamError) as info:
+        await upstream.fetch("SELEC 1", [], timeout_s=1.0)
+    assert info.value.detail["sqlstate"] == "42601"
+    secret = "not-a-uuid-secret"
+    with pytest.raises(BadRequest) as bad:
+        await upstream.fetch("SELECT $1::text::uuid", [secret], timeout_s=1.0)
+    assert secret not in str(bad.value)
+    with pytest.raises(BadRequest) as bad:
+        await upstream.fetch("SELECT $1::int", [secret], timeout_s=1.0)
+    assert secret not in str(bad.value)
+    with pytest.raises(ValueError, match="timeout_s"):
+        await upstream.fetch("SELECT 1", [], timeout_s=0)
+    assert await upstream.ready()
+
+
+async def test_transactions(upstream, monitor) -> None:
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    await upstream.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)", [], timeout_s=2)
+
+    async def ids() -> list[int]:
+        rows = await upstream.fetch(f"SELECT id FROM {table} ORDER BY id", [], timeout_s=1)
+        return [r["id"] for r in rows]  # type: ignore[misc]
+
+    # commit
+    async with upstream.transaction(timeout_s=2) as tx:
+        assert await tx.execute(f"INSERT INTO {table} VALUES ($1, $2)", [1, "a"]) == "INSERT 0 1"
+        assert await tx.fetchrow(f"SELECT v FROM {table} WHERE id = $1", [1]) == {"v": "a"}
+        budget = await tx.fetchrow("SHOW statement_timeout")
+        assert budget == {"statement_timeout": "2s"}
+    assert await ids() == [1]
+
+    # a failing statement rolls the whole transaction back
+    with pytest.raises(UpstreamError):
+        async with upstream.transaction(timeout_s=2) as tx:
+            await tx.execute(f"INSERT INTO {table} VALUES ($1, $2)", [2, "b"])
+            await tx.execute(f"INSERT INTO {table} VALUES ($1, $2)", [1, "duplicate"])
+    assert await ids() == [1]
+
+    # an error in the block rolls back too
+    with pytest.raises(KeyError):
+        async with upstream.transaction(timeout_s=2) as tx:
+            await tx.execute(f"INSERT INTO {table} VALUES ($1, $2)", [3, "c"])
+            raise KeyError("boom")
+    assert await ids() == [1]
+
+    # cancelled by the caller mid-statement: rolled back, cancelled on the server,
+    # connection usable again
+    marker = f"txcancel-{uuid.uuid4().hex}"
+    started = trio.current_time()
+    with trio.move_on_after(0.2) as scope:
+        async with upstream.transaction(timeout_s=5) as tx:
+            await tx.execute(f"INSERT INTO {table} VALUES ($1, $2)", [4, "d"])
+            await tx.fetch(f"SELECT pg_sleep(5) /* {marker} */")
+    assert scope.cancelled_caught
+    assert trio.current_time() - started < 0.2 + 0.3
+    assert await active_with(monitor, marker) == 0
+    assert await ids() == [1]
+
+    # the transaction's own deadline
+    with trio.fail_after(2), pytest.raises(UpstreamTimeout):
+        async with upstream.transaction(timeout_s=0.2) as tx:
+            await tx.fetch("SELECT pg_sleep(5)")
+
+    stats = upstream.statistics()
+    assert stats.in_use == 0
+    assert stats.size <= 10
+    leftover = await monitor.fetchrow(
+        "SELECT count(*) AS n FROM pg_stat_activity"
+        " WHERE application_name = 'trio-gateway' AND state LIKE 'idle in transaction%'",
+        [],
+        timeout_s=1,
+    )
+    assert leftover == {"n": 0}
+    async with upstream.transaction(timeout_s=2) as tx:
+        await tx.execute(f"INSERT INTO {table} VALUES ($1, $2)", [5, "e"])
+    assert await ids() == [1, 5]
+
+
+async def test_ready_follows_the_database(cluster, upstream) -> None:
+    assert await upstream.ready()
+    try:
+        await trio.to_thread.run_sync(cluster.stop)
+        with trio.fail_after(CONNECT_TIMEOUT_S + 0.5):
+            assert not await upstream.ready()
+    finally:
+        await trio.to_thread.run_sync(cluster.start)
+    assert await upstream.ready()
+
+
+async def test_starts_while_the_database_is_down_and_connects_later(cluster, nursery) -> None:
+    await trio.to_thread.run_sync(cluster.stop)
+    try:
+        up = PostgresUpstream("db", settings(cluster.dsn))
+        with trio.fail_after(1):
+            await nursery.start(up.run)
+        assert not await up.ready()
+        with pytest.raises(UpstreamConnectError):
+            await up.fetch("SELECT 1", [], timeout_s=2)
+    finally:
+        await trio.to_thread.run_sync(cluster.start)
+    assert await up.ready()
+
+    async def floor_restored() -> bool:
+        return up.statistics().size >= 2
+
+    await poll_until(floor_restored, within_s=4)
+    await up.aclose()
+    with pytest.raises(UpstreamConnectError, match="closed"):
+        await up.fetch("SELECT 1", [], timeout_s=1)
+    assert up.statistics().size == 0
+
+
+async def test_cancelling_run_closes_the_pool(cluster) -> None:
+    up = PostgresUpstream("db", settings(cluster.dsn))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(up.run)
+        assert await up.ready()
+        nursery.cancel_scope.cancel(reason="app shutting down")
+    with pytest.raises(UpstreamConnectError):
+        await up.fetch("SELECT 1", [], timeout_s=1)
+    rows = cluster.psql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'trio-gateway'"
+    )
+    assert rows == "0"
