@@ -64,7 +64,8 @@ def _guarded(entry: dict[str, Any], scenario: str, fn: Callable[..., dict[str, A
     try:
         entry[scenario] = fn(*args)
     except Exception as exc:  # one broken measurement must not lose the others
-        entry[scenario] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        last = (str(exc).strip().splitlines() or [""])[-1]
+        entry[scenario] = {"error": f"{type(exc).__name__}: {last}"[:200].replace("|", "/")}
         _log(f"  {scenario} failed: {entry[scenario]['error']}")
 
 

@@ -26,7 +26,6 @@ from ._errors import (
 )
 from ._headers import upstream_request_headers
 from ._policy import FanoutCall
-from ._routing import build_target
 from ._trace import TracedScope, traced_scope
 
 if TYPE_CHECKING:
@@ -75,7 +74,7 @@ async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
                          timeout_s: float | None) -> Any:
     """GET (or another method) an upstream and return its JSON; failures raise."""
     assert state.pool is not None and call.path is not None
-    target = build_target(call.path, ctx.match.params)
+    target = ctx.match.target(call.path)
     limit = ctx.match.route.max_response_body or DEFAULT_PARSED_BODY_LIMIT
     async with upstream_call(ctx, parent, name, state, timeout_s) as scope:
         with traced_scope(ctx.trace, scope, "attempt", f"{name}#1", attempt=1) as attempt:

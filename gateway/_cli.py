@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -27,7 +28,8 @@ def serve(policy_file: str, config_path: str, binds: tuple[str, ...], admin_bind
           workers: int | None) -> None:
     """Serve POLICY under Hypercorn's trio workers."""
     from ._policy_loader import PolicyError
-    from ._server import HypercornConfigError, serve as run_serve
+    from ._server import HypercornConfigError
+    from ._server import serve as run_serve
 
     try:
         code = run_serve(policy_file, config_path, admin_bind=admin_bind, workers=workers,
@@ -51,10 +53,8 @@ def demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
     from ._demo import run_demo
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         trio.run(run_demo, policy_file, bind, admin_bind)
-    except KeyboardInterrupt:
-        pass
 
 
 @main.command()

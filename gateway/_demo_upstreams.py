@@ -131,9 +131,13 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> Any:
         conn.receive_data(await stream.receive_some(64 * 1024))
 
 
-async def _send(conn: h11.Connection, stream: trio.SocketStream, status: int, obj: Any) -> None:
+async def _send(
+    conn: h11.Connection, stream: trio.SocketStream, status: int, obj: Any, *, close: bool = False
+) -> None:
     body = json.dumps(obj).encode()
     headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+    if close:
+        headers.append(("connection", "close"))
     await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
     await stream.send_all(conn.send(h11.Data(data=body)))
     await stream.send_all(conn.send(h11.EndOfMessage()))
@@ -152,7 +156,7 @@ async def _serve_connection(app: _App, stream: trio.SocketStream) -> None:
             while isinstance(part := await _next_event(conn, stream), h11.Data):
                 body += part.data
                 if len(body) > MAX_BODY_BYTES:
-                    await _send(conn, stream, 413, {"error": "body too large"})
+                    await _send(conn, stream, 413, {"error": "body too large"}, close=True)
                     return
             method, target = event.method.decode("ascii"), event.target.decode("ascii")
             status, payload = await app(method, target, bytes(body))
@@ -163,7 +167,7 @@ async def _serve_connection(app: _App, stream: trio.SocketStream) -> None:
     except h11.RemoteProtocolError as exc:
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             with contextlib.suppress(trio.BrokenResourceError, h11.LocalProtocolError):
-                await _send(conn, stream, exc.error_status_hint, {"error": str(exc)})
+                await _send(conn, stream, exc.error_status_hint, {"error": str(exc)}, close=True)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
 

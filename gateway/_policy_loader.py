@@ -193,11 +193,9 @@ def _ordered(issues: list[PolicyIssue]) -> list[PolicyIssue]:
 
 
 def _offset_position(data: bytes | str, offset: int) -> _Position:
-    before = data[:offset]
-    newline = b"\n" if isinstance(before, bytes) else "\n"
-    line = before.count(newline) + 1  # type: ignore[arg-type]
-    column = offset - (before.rfind(newline) + 1) + 1  # type: ignore[arg-type]
-    return line, column
+    """1-based (line, column) of a character (or byte) offset."""
+    before = data[:offset].decode("utf-8", "replace") if isinstance(data, bytes) else data[:offset]
+    return before.count("\n") + 1, offset - (before.rfind("\n") + 1) + 1
 
 
 # --------------------------------------------------------------------------- YAML
@@ -252,9 +250,6 @@ class _Document:
             line, column = _offset_position(source, exc.position)
             char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else "a byte"
             self.add((), f"the file contains {char}, which YAML does not allow", (line, column))
-            return _UNSET
-        except _TooBig as exc:
-            self.add((), str(exc), (1, 1))
             return _UNSET
         except yaml.YAMLError as exc:  # pragma: no cover - every YAMLError above is marked
             self.add((), f"not valid YAML: {exc}", (1, 1))

@@ -12,7 +12,6 @@ from ._errors import UpstreamProtocolError
 from ._headers import downstream_response_headers
 from ._policy import resolve_call_settings
 from ._request import RequestContext
-from ._routing import build_target
 from ._trace import traced_scope
 
 
@@ -32,7 +31,7 @@ async def proxy(ctx: RequestContext) -> None:
     state = ctx.snapshot.upstreams[action.upstream]
     assert state.pool is not None
     settings = ctx.snapshot.call_settings(action, resolve_call_settings)
-    target = build_target(action.path, ctx.match.params, ctx.scope.get("query_string", b""))
+    target = ctx.match.target(action.path, ctx.scope.get("query_string", b""))
     method: str = ctx.scope["method"]
     body = ctx.body if _has_body(ctx.scope["headers"]) else None
     rid_header = ctx.policy.server.request_id_header.encode()

@@ -10,6 +10,7 @@ watch is what makes a departed client stop its upstream work at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -142,10 +143,9 @@ async def _relay_receive(receive: Receive, sender: trio.MemorySendChannel[bytes]
             if kind == "http.request":
                 chunk = message.get("body", b"")
                 if chunk:
-                    try:
+                    # If the handler stopped reading, keep watching for the disconnect.
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                         await sender.send(chunk)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass  # the handler stopped reading; keep watching for disconnect
                 if not message.get("more_body", False):
                     break
             elif kind == "http.disconnect":

@@ -76,6 +76,7 @@ class CompiledRoute:
     route: Route
     parts: tuple[_Part, ...]
     methods: frozenset[str]
+    tails: frozenset[str] = frozenset()
 
     def match(self, segments: Sequence[str]) -> dict[str, str] | None:
         params: dict[str, str] = {}
@@ -111,7 +112,8 @@ def compile_route(index: int, route: Route) -> CompiledRoute:
     methods = set(route.allowed_methods)
     if "GET" in methods:
         methods.add("HEAD")
-    return CompiledRoute(index, route, tuple(parts), frozenset(methods))
+    tails = frozenset(part.name for part in parts if part.tail)
+    return CompiledRoute(index, route, tuple(parts), frozenset(methods), tails)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,13 @@ class RouteMatch:
     @property
     def route(self) -> Route:
         return self.compiled.route
+
+    @property
+    def tails(self) -> frozenset[str]:
+        return self.compiled.tails
+
+    def target(self, template: str, query_string: bytes = b"") -> str:
+        return build_target(template, self.params, query_string, self.tails)
 
 
 class RouteTable:
@@ -157,11 +166,14 @@ def _encode_value(name: str, value: str, tail: bool) -> str:
     return quote(value, safe=_SEGMENT_SAFE)
 
 
-def build_target(template: str, params: dict[str, str], query_string: bytes = b"") -> str:
+def build_target(template: str, params: dict[str, str], query_string: bytes = b"",
+                 tails: frozenset[str] = frozenset()) -> str:
     """Fill an upstream path template; the client's query string is appended.
 
     A value lands percent-encoded in its own segment (or, for a template's query part,
-    as an encoded query value), so it cannot change the shape of the upstream path.
+    as an encoded query value), so it cannot change the shape of the upstream path. A
+    route's ``{name*}`` parameter (named in ``tails``) keeps its slashes, one encoded
+    segment each, and may not hold dot segments.
     """
     path_template, _, query_template = template.partition("?")
 
@@ -170,7 +182,7 @@ def build_target(template: str, params: dict[str, str], query_string: bytes = b"
             value = params[match[1]]
             if in_query:
                 return quote(value, safe="")
-            return _encode_value(match[1], value, bool(match[2]))
+            return _encode_value(match[1], value, bool(match[2]) or match[1] in tails)
 
         return _PARAM_RE.sub(replace, text)
 

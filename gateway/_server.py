@@ -103,7 +103,7 @@ def raise_open_file_limit(needed: int) -> int:
         except (ValueError, OSError) as error:
             log.warning("could not raise the open-file limit: %s", error)
     if soft < needed:
-        log.warning("open-file limit %d is below what max_inflight × workers needs (~%d)",
+        log.warning("open-file limit %d is below what max_inflight * workers needs (~%d)",
                     soft, needed)
     return soft
 

@@ -54,7 +54,7 @@ async def run_gateway(policy_text: str, *, policy_path: Path | None = None,
                       watch_policy: bool = False) -> AsyncIterator[RunningGateway]:
     """Serve ``policy_text`` until the block ends; then shut down gracefully."""
     if policy_path is not None:
-        policy_path.write_text(policy_text)
+        await trio.Path(policy_path).write_text(policy_text)
         loaded = load_policy_text(policy_text, str(policy_path))
     else:
         loaded = load_policy_text(policy_text, "<test policy>")

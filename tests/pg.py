@@ -197,9 +197,7 @@ class PostgresCluster:
         if not self.running:
             return
         self._run(
-            self._server_cmd(
-                "pg_ctl", "stop", "-D", str(self.datadir), "-m", "immediate", "-w"
-            )
+            self._server_cmd("pg_ctl", "stop", "-D", str(self.datadir), "-m", "immediate", "-w")
         )
         self.running = False
 

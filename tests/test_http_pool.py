@@ -303,7 +303,13 @@ async def test_cancelled_waiter_leaves_the_queue(nursery):
         clients.start_soon(get, pool)
         await trio.testing.wait_all_tasks_blocked()
         with trio.CancelScope() as scope:
-            clients.start_soon(scope.cancel)
+
+            async def cancel_when_queued() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                assert pool.statistics().waiting == 1
+                scope.cancel(reason="test gives up")
+
+            clients.start_soon(cancel_when_queued)
             await get(pool)  # queued behind the first request, then cancelled
         assert scope.cancelled_caught
         assert pool.statistics().waiting == 0
@@ -546,7 +552,9 @@ async def test_early_answer_during_upload_is_returned(nursery):
         async for _ in conn.body_chunks():
             break  # one chunk is enough to refuse
         await conn.send(
-            h11.Response(status_code=413, headers=[(b"content-length", b"4"), (b"connection", b"close")])
+            h11.Response(
+                status_code=413, headers=[(b"content-length", b"4"), (b"connection", b"close")]
+            )
         )
         await conn.send(h11.Data(data=b"big!"))
         await conn.send(h11.EndOfMessage())

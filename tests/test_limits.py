@@ -1,5 +1,6 @@
 import pytest
 import trio
+import trio.lowlevel
 
 from gateway._errors import Shed
 from gateway._limits import InflightGate, UpstreamLimiter
@@ -47,7 +48,7 @@ async def test_queued_call_gets_a_freed_slot_in_time(autojump_clock):
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(first)
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         nursery.start_soon(second)
     assert got and got[0] == pytest.approx(0.03, abs=1e-6)
 

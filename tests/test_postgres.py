@@ -256,7 +256,7 @@ async def test_type_conversion(upstream) -> None:
         """
         SELECT 12.50::numeric AS price,
                42::numeric AS total,
-               (2^53)::numeric AS beyond_safe,
+               9007199254740992::numeric AS beyond_safe,
                123456789012345678901234567890::numeric AS huge,
                'NaN'::numeric AS nan,
                1e30::numeric AS exp,
@@ -365,17 +365,24 @@ async def test_transactions(upstream, monitor) -> None:
     assert await ids() == [1]
 
     # a failing statement rolls the whole transaction back
-    with pytest.raises(UpstreamError):
+    async def insert_then_duplicate() -> None:
         async with upstream.transaction(timeout_s=2) as tx:
             await tx.execute(f"INSERT INTO {table} VALUES ($1, $2)", [2, "b"])
             await tx.execute(f"INSERT INTO {table} VALUES ($1, $2)", [1, "duplicate"])
+
+    with pytest.raises(UpstreamError) as failed:
+        await insert_then_duplicate()
+    assert failed.value.detail["sqlstate"] == "23505"
     assert await ids() == [1]
 
     # an error in the block rolls back too
-    with pytest.raises(KeyError):
+    async def insert_then_raise() -> None:
         async with upstream.transaction(timeout_s=2) as tx:
             await tx.execute(f"INSERT INTO {table} VALUES ($1, $2)", [3, "c"])
             raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        await insert_then_raise()
     assert await ids() == [1]
 
     # cancelled by the caller mid-statement: rolled back, cancelled on the server,

@@ -104,7 +104,7 @@ CHUNK_BYTES = 64 * 1024
 READ_AHEAD_CHUNKS = 16
 """Socket reads buffered ahead of the handler (16 x 64 KiB): bounded, never a queue."""
 MAX_HEADER_BYTES = 64 * 1024
-"""Largest request head accepted; larger ones get 431 from h11's limit and a close."""
+"""h11's bound on a request head still incomplete; beyond it the answer is 431 and a close."""
 ENDLESS_HEADERS_LIMIT = 10 * 1024 * 1024
 ENDLESS_BODY_LIMIT = 1024 * 1024 * 1024
 DOWNLOAD_PATTERN = b"0123456789abcdef"
@@ -649,8 +649,7 @@ class Responder:
         for name, value in all_headers:
             if name.lower() == "content-length":
                 length = int(value)
-        no_body = status in (204, 304) or self.request.method == "HEAD"
-        if no_body:
+        if status in (204, 304):
             length = 0
         elif length is not None:
             all_headers = [(n, v) for n, v in all_headers if n.lower() != "content-length"]
@@ -662,8 +661,8 @@ class Responder:
         data = self._connection.h11.send(h11.Response(status_code=status, headers=all_headers))
         self.started = True
         self.request.status = status
-        self._remaining = length
-        if length == 0:
+        self._remaining = 0 if self.request.method == "HEAD" else length
+        if self._remaining == 0:
             self._record_end()
         return data or b""
 

@@ -591,8 +591,13 @@ class HttpUpstreamPool:
                     upstream=self.name,
                 )
             # Peek: a body already buffered (or an empty one) needs no further read, and
-            # an empty body counts as read so the connection can be reused.
-            event = h.next_event()
+            # an empty body counts as read so the connection can be reused. A framing
+            # error found here is left for the body reader: h11 stays in its ERROR
+            # state and raises it again on the next call.
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError:
+                return response
             kind = type(event)
             if kind is h11.Data:
                 response._pending = bytes(event.data)  # type: ignore[union-attr]

@@ -481,8 +481,9 @@ class PostgresUpstream:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the trio-asyncio loop and the pool until cancelled or ``aclose()``.
 
-        Reports started as soon as the pool exists, before any connection is open, so
-        a down database never blocks the gateway's start-up.
+        Reports started after one attempt to open ``min_size`` connections, bounded by
+        ``connect_timeout_s``, whether or not it succeeded: a down database never blocks
+        the gateway's start-up, and ``_keep_floor`` keeps trying in the background.
         """
         if self._started:
             raise RuntimeError(f"postgres upstream {self.name!r} was already started")
@@ -492,8 +493,15 @@ class PostgresUpstream:
                 pool = await self._bridge(loop, _create_pool, self.settings)
                 self._loop, self._pool = loop, pool
                 try:
+                    # Warm the pool before reporting started, so the first requests
+                    # find open connections; a down database only costs this attempt.
+                    reachable = await self._warm_up()
+                    if not reachable:
+                        logger.warning(
+                            "postgres upstream %r unreachable at start; retrying", self.name
+                        )
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._keep_floor)
+                        nursery.start_soon(self._keep_floor, reachable)
                         task_status.started()
                         await self._closing.wait()
                         nursery.cancel_scope.cancel(
@@ -538,40 +546,48 @@ class PostgresUpstream:
         with trio.move_on_after(self.settings.close_timeout_s):
             await trio_asyncio.aio_as_trio(_terminate_pool, loop=loop)(pool)
 
-    async def _keep_floor(self) -> None:
-        """Open ``min_size`` connections, and again after they were lost.
+    async def _warm_up(self) -> bool:
+        """Open connections up to ``min_size``; False when the database is unreachable.
 
-        Retries with backoff while the database is unreachable; calls in the
-        meantime connect on their own (asyncpg re-connects on acquire), so recovery
-        never waits for this task.
+        Holding ``min_size - in_use`` connections at once leaves at least ``min_size``
+        open afterwards, without waiting for the busy ones.
+        """
+        pool = self._pool
+        if pool is None:
+            return False
+        size = pool.get_size()
+        wanted = self.settings.min_size - (size - pool.get_idle_size())
+        if size >= self.settings.min_size or wanted <= 0:
+            return True
+        try:
+            await self._bounded(self.settings.connect_timeout_s, self._loop, _touch, pool, wanted)
+        except GatewayError as exc:
+            logger.debug("postgres upstream %r: warm-up failed: %s", self.name, exc)
+            return False
+        return True
+
+    async def _keep_floor(self, reachable: bool) -> None:
+        """Keep ``min_size`` connections open: retry with backoff while the database is
+        unreachable, and re-open connections lost to an outage or idle expiry.
+
+        Calls never wait for this task: they connect on their own (asyncpg re-connects
+        on acquire), so recovery is as fast as the database.
         """
         delay = _RETRY_MIN_S
-        reachable: bool | None = None
-        while True:
-            pool = self._pool
-            if pool is None:
-                return
-            # Holding ``min_size - in_use`` connections at once leaves at least
-            # ``min_size`` open afterwards, without waiting for busy ones.
-            size = pool.get_size()
-            wanted = self.settings.min_size - (size - pool.get_idle_size())
-            if size < self.settings.min_size and wanted > 0:
-                try:
-                    await self._bounded(
-                        self.settings.connect_timeout_s, self._loop, _touch, pool, wanted
-                    )
-                except GatewayError as exc:
-                    if reachable is not False:
-                        logger.warning("postgres upstream %r unreachable: %s", self.name, exc)
-                    reachable = False
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, _RETRY_MAX_S)
-                    continue
-                if reachable is False:
-                    logger.warning("postgres upstream %r reachable again", self.name)
-                reachable = True
+        while self._pool is not None:
+            if reachable:
                 delay = _RETRY_MIN_S
-            await trio.sleep(_FLOOR_CHECK_S)
+                await trio.sleep(_FLOOR_CHECK_S)
+            else:
+                await trio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+            was_reachable, reachable = reachable, await self._warm_up()
+            if reachable != was_reachable:
+                logger.warning(
+                    "postgres upstream %r %s",
+                    self.name,
+                    "reachable again" if reachable else "unreachable; retrying",
+                )
 
     # ---- the bridge
 

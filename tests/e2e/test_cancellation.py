@@ -9,6 +9,7 @@ import socket
 
 import httpx
 import trio
+import trio.lowlevel
 
 from tests.gateway_harness import live_tasks, run_gateway, trace_of, traces_with
 from tests.upstream import start_upstream
@@ -77,7 +78,7 @@ async def test_deadline_gives_504_and_cancels_the_upstream():
             assert 250 <= budget <= 300
             trace = await trace_of(gw, body["request_id"])
             assert trace.status == 504
-            attempt = [s for s in trace.root.walk() if s.kind == "attempt"][0]
+            attempt = next(s for s in trace.root.walk() if s.kind == "attempt")
             assert (attempt.cause, attempt.fired_scope) == ("deadline", "request")
         nursery.cancel_scope.cancel()
 
@@ -126,7 +127,7 @@ async def test_client_disconnect_cancels_upstream_work_and_leaks_nothing():
                     await trio.sleep(0.01)
             traces = await traces_with(gw, status=499)
             assert traces[0].cause == "client_disconnect"
-            call = [s for s in traces[0].root.walk() if s.kind == "call"][0]
+            call = next(s for s in traces[0].root.walk() if s.kind == "call")
             assert (call.cause, call.fired_scope) == ("client_disconnect", "request")
             assert gw.gateway.runtime.snapshot.upstreams["a"].limiter.statistics().in_flight == 0
         nursery.cancel_scope.cancel()
@@ -167,7 +168,7 @@ async def test_partial_fanout_returns_what_arrived_with_errors():
             assert first.status_code == 200 and list(first.json()) == ["quick"]
             await b.wait_cancelled()
             trace = await trace_of(gw, first.headers["x-request-id"])
-            stuck = [s for s in trace.root.walk() if s.label == "call stuck"][0]
+            stuck = next(s for s in trace.root.walk() if s.label == "call stuck")
             assert stuck.cause == "quorum_reached"
         nursery.cancel_scope.cancel()
 
@@ -225,7 +226,7 @@ def test_task_count_helper_is_not_trivially_flat():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.sleep_forever)
             nursery.start_soon(trio.sleep_forever)
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             during = live_tasks()
             nursery.cancel_scope.cancel()
         return before, during

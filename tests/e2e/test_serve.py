@@ -1,0 +1,68 @@
+"""`python -m gateway serve` as operators run it: a master and Hypercorn trio workers."""
+
+import signal
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from gateway._server import HypercornConfigError, check_hypercorn_mapping, load_hypercorn_config
+from tests.process_harness import ROOT, serve_process
+from tests.upstream import start_upstream
+
+POLICY = """
+version: 1
+upstreams:
+  users: {{url: "{url}"}}
+routes:
+  - path: /api/{{rest*}}
+    deadline: 10s
+    proxy: {{upstream: users, path: "/{{rest}}"}}
+"""
+
+
+def test_project_hypercorn_toml_has_only_known_keys():
+    path = ROOT / "hypercorn.toml"
+    with path.open("rb") as handle:
+        check_hypercorn_mapping(tomllib.load(handle), str(path))
+    config = load_hypercorn_config(path)
+    assert config.worker_class == "trio" and config.workers >= 1
+
+
+def test_a_typo_in_hypercorn_toml_is_an_error(tmp_path: Path):
+    path = tmp_path / "hypercorn.toml"
+    path.write_text('keep_alive_timout = 5\nworker_class = "trio"\n')
+    with pytest.raises(HypercornConfigError, match="did you mean 'keep_alive_timeout'"):
+        load_hypercorn_config(path)
+
+
+@pytest.mark.parametrize("target", ["master", "group"])
+async def test_sigterm_with_two_workers_drains_in_flight_requests(tmp_path: Path, target: str):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY.format(url=upstream.url))
+        with serve_process(policy, workers=2) as served:
+            async with httpx.AsyncClient(base_url=served.url, timeout=20) as client:
+                first = await client.get("/api/users/1")
+                assert first.json().get("id") == "1", (first.status_code, first.text, served.output)
+                results: list[int] = []
+
+                async def slow() -> None:
+                    results.append((await client.get("/api/slow?ms=1500")).status_code)
+
+                async with trio.open_nursery() as clients:
+                    for _ in range(4):
+                        clients.start_soon(slow)
+                    await upstream.wait_requests(5)
+                    if target == "master":
+                        served.signal_master(signal.SIGTERM)
+                    else:
+                        served.signal_group(signal.SIGTERM)
+                code = await trio.to_thread.run_sync(served.process.wait, 20)
+            assert results == [200, 200, 200, 200]
+            assert upstream.cancelled == []
+            assert code == 0, "".join(served.output)
+        nursery.cancel_scope.cancel()
