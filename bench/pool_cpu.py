@@ -40,6 +40,9 @@ def serve(port_file: str) -> None:
     """Answer every request head (no request bodies in this bench) with RESPONSE."""
     import asyncio
 
+    def publish_port(port: int) -> None:
+        Path(port_file).write_text(str(port))
+
     class Upstream(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport = transport
@@ -55,8 +58,7 @@ def serve(port_file: str) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(Upstream, "127.0.0.1", 0, backlog=1024)
-        port = server.sockets[0].getsockname()[1]
-        Path(port_file).write_text(str(port))
+        publish_port(server.sockets[0].getsockname()[1])
         await server.serve_forever()
 
     try:

@@ -318,6 +318,117 @@ async def test_cancelled_waiter_leaves_the_queue(nursery):
     assert pool.statistics() == PoolStatistics(0, 1, 0, 1, 0)
 
 
+async def test_waiters_are_served_first_in_first_out(nursery):
+    order: list[bytes] = []
+
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        await conn.read_body()
+        order.append(request.target)
+        await conn.respond(200, b"ok")
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("users", upstream.url, PoolLimits(max_connections=1))
+    async with trio.open_nursery() as clients:
+        for i in range(6):
+            clients.start_soon(get, pool, f"/{i}")
+            await trio.testing.wait_all_tasks_blocked()  # queue them in a known order
+    assert order == [f"/{i}".encode() for i in range(6)]
+    assert len(upstream.conns) == 1
+
+
+async def test_a_closed_connection_hands_its_slot_to_the_next_waiter(nursery):
+    release = trio.Event()
+
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        await conn.read_body()
+        if request.target == b"/first":
+            await release.wait()
+        await conn.respond(200, request.target)
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("users", upstream.url, PoolLimits(max_connections=1))
+
+    async def first() -> None:
+        async with pool.request("GET", "/first", []) as response:
+            assert response.status == 200  # leaves without reading: connection closed
+
+    async with trio.open_nursery() as clients:
+        clients.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        clients.start_soon(get, pool, "/second")
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.statistics() == PoolStatistics(1, 0, 1, 1, 0)
+        release.set()
+    assert len(upstream.conns) == 2
+    assert pool.statistics() == PoolStatistics(0, 1, 0, 2, 1)
+
+
+async def test_connecting_counts_against_the_cap(nursery, monkeypatch):
+    upstream = await start_upstream(nursery, echo)
+    connect_gate = trio.Event()
+    real_open = trio.open_tcp_stream
+
+    async def gated_open(host: str, port: int) -> trio.SocketStream:
+        await connect_gate.wait()
+        return await real_open(host, port)
+
+    monkeypatch.setattr(trio, "open_tcp_stream", gated_open)
+    pool = HttpUpstreamPool("users", upstream.url, PoolLimits(max_connections=2))
+    async with trio.open_nursery() as clients:
+        for i in range(3):
+            clients.start_soon(get, pool, f"/{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.statistics() == PoolStatistics(2, 0, 1, 0, 0)
+        connect_gate.set()
+    assert len(upstream.conns) == 2
+    assert pool.statistics() == PoolStatistics(0, 2, 0, 2, 0)
+
+
+async def test_failed_connect_frees_its_slot_for_a_waiter(monkeypatch):
+    attempts = 0
+    gate = trio.Event()
+
+    async def refuse(host: str, port: int) -> trio.SocketStream:
+        nonlocal attempts
+        attempts += 1
+        await gate.wait()
+        raise ConnectionRefusedError(111, "refused")
+
+    monkeypatch.setattr(trio, "open_tcp_stream", refuse)
+    pool = HttpUpstreamPool("gone", "http://127.0.0.1:9", PoolLimits(max_connections=1))
+    errors: list[BaseException] = []
+
+    async def one() -> None:
+        try:
+            await get(pool)
+        except UpstreamConnectError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as clients:
+        clients.start_soon(one)
+        clients.start_soon(one)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pool.statistics() == PoolStatistics(1, 0, 1, 0, 0)
+        gate.set()
+    assert attempts == 2
+    assert len(errors) == 2
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 0, 0)
+
+
+async def test_head_response_with_content_length_is_reusable(nursery):
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        await conn.read_body()
+        await conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"1234")]))
+        await conn.send(h11.EndOfMessage())
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("users", upstream.url)
+    for _ in range(2):
+        async with pool.request("HEAD", "/", []) as response:
+            assert await response.read() == b""
+    assert len(upstream.conns) == 1
+
+
 # -- 2. cancellation mid-response ---------------------------------------------------------
 
 

@@ -460,7 +460,12 @@ async def test_cancelling_run_closes_the_pool(cluster) -> None:
         nursery.cancel_scope.cancel(reason="app shutting down")
     with pytest.raises(UpstreamConnectError):
         await up.fetch("SELECT 1", [], timeout_s=1)
-    rows = cluster.psql(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'trio-gateway'"
-    )
-    assert rows == "0"
+
+    async def all_closed() -> bool:
+        count = await trio.to_thread.run_sync(
+            cluster.psql,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'trio-gateway'",
+        )
+        return count == "0"
+
+    await poll_until(all_closed, within_s=2)

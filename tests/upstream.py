@@ -47,6 +47,19 @@ and only ``body_size`` is recorded. ``/echo`` answers while the client still sen
 client that writes a large body before reading any answer (httpx does) can fill both
 socket buffers, so keep echoed bodies in tests to a few MB.
 
+Records
+-------
+``requests`` (``SeenRequest``: method, raw target, header pairs, body or body_size,
+connection_id, started_at/ended_at, the status answered, cancelled), ``cancelled``
+(``CancelledRequest``: target, connection_id, at, elapsed), ``errors``,
+``connections_opened``/``connections_closed``/``open_connections``, ``in_flight`` and
+``max_in_flight``. A request counts as ended, and leaves ``in_flight``, just *before* its
+last byte is written, so a client holding a complete answer always finds it ended.
+``wait_for(predicate)``, ``wait_requests(n)``, ``wait_cancelled(n)`` and
+``wait_connections_closed(n)`` wake on every record change (no polling), so wrap them in
+``trio.fail_after``. ``reset_records()`` forgets all of it and restarts the seeded
+sequences; ``stop()`` closes the listener and every connection.
+
 Custom behaviour
 ----------------
 ``start_upstream(nursery, behaviour=fn)`` (or assigning ``upstream.behaviour``) replaces
@@ -201,7 +214,7 @@ class Upstream:
 
     # -- waiting on records, without polling ------------------------------------------
 
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+    async def wait_for(self, predicate: Callable[[], object]) -> None:
         """Wait until ``predicate()`` is true; it is re-checked whenever a record changes."""
         while not predicate():
             await self._changed.wait()

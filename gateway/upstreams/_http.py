@@ -268,12 +268,11 @@ class UpstreamResponse:
                 if event is h11.NEED_DATA:
                     await conn.receive()
                     continue
-                kind = type(event)
-                if kind is h11.Data:
-                    if event.data:  # type: ignore[union-attr]
-                        return bytes(event.data)  # type: ignore[union-attr]
+                if type(event) is h11.Data:
+                    if event.data:
+                        return bytes(event.data)
                     continue
-                if kind is h11.EndOfMessage:
+                if type(event) is h11.EndOfMessage:
                     self._complete = True
                     raise StopAsyncIteration
                 raise UpstreamResetError(f"upstream closed the connection mid-response ({event!r})")
@@ -571,16 +570,15 @@ class HttpUpstreamPool:
                 if event is h11.NEED_DATA:
                     await conn.receive()
                     continue
-                kind = type(event)
-                if kind is h11.Response:
+                if type(event) is h11.Response:
+                    response = UpstreamResponse(conn, event)
                     break
-                if kind is h11.InformationalResponse:
+                if type(event) is h11.InformationalResponse:
                     continue
                 raise UpstreamResetError(
                     f"upstream {self.name!r} closed the connection before answering",
                     upstream=self.name,
                 )
-            response = UpstreamResponse(conn, event)  # type: ignore[arg-type]
             size = len(response.reason) + 16
             for name, value in response.headers:
                 size += len(name) + len(value) + 4
@@ -598,10 +596,9 @@ class HttpUpstreamPool:
                 event = h.next_event()
             except h11.RemoteProtocolError:
                 return response
-            kind = type(event)
-            if kind is h11.Data:
-                response._pending = bytes(event.data)  # type: ignore[union-attr]
-            elif kind is h11.EndOfMessage:
+            if type(event) is h11.Data:
+                response._pending = bytes(event.data)
+            elif type(event) is h11.EndOfMessage:
                 response._complete = True
             elif event is not h11.NEED_DATA:
                 raise UpstreamResetError(
