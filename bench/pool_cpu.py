@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import subprocess
 import sys
 import time
@@ -191,7 +190,7 @@ def main() -> None:
     print(
         f"\n{args.requests} GET requests, {args.concurrency} concurrent tasks, loopback, "
         f"~{len(BODY)}-byte JSON, best of {args.rounds}; client CPU only "
-        f"(python {sys.version.split()[0]}, pid {os.getpid()})\n"
+        f"(python {sys.version.split()[0]})\n"
     )
     print(f"{'client':<30} {'ms CPU/request':>15} {'vs pool':>9}")
     for name, seconds in results.items():

@@ -174,7 +174,7 @@ async def sql_call(ctx: RequestContext, parent: TracedScope, name: str, call: Fa
         raise UpstreamError(f"postgres upstream {state.name!r} is not running",
                             upstream=state.name)
     args = await bind_sql_args(ctx, call.args)
-    async with upstream_call(ctx, parent, name, state, timeout_s, kind="sql") as scope:
+    async with upstream_call(ctx, parent, name, state, timeout_s, protocol="sql") as scope:
         with traced_scope(ctx.trace, scope, "attempt", f"{name}#1", attempt=1):
             remaining = max(0.001, scope.deadline - trio.current_time())
             if call.one:

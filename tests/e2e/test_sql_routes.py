@@ -1,0 +1,102 @@
+"""SQL routes and mixed HTTP + SQL fan-out through the gateway, on a real PostgreSQL."""
+
+import os
+import time
+
+import pytest
+import trio
+
+from tests.gateway_harness import run_gateway, trace_of
+from tests.upstream import start_upstream
+
+POLICY = """
+version: 1
+upstreams:
+  users: {{url: "{url}"}}
+  db:
+    postgres: {{dsn_env: GATEWAY_TEST_DSN, pool: {{min: 1, max: 4}}}}
+    limit: {{concurrency: 4, queue: 50, queue_timeout: 2s}}
+routes:
+  - path: /api/scores/{{id}}
+    deadline: 2s
+    sql:
+      upstream: db
+      query: "SELECT user_id, score, note FROM gw_scores WHERE user_id = $1"
+      args: ["path.id:int"]
+      one: true
+  - path: /api/sleep
+    deadline: 300ms
+    sql: {{upstream: db, query: "SELECT pg_sleep(5) AS slept"}}
+  - path: /api/users/{{id}}/summary
+    deadline: 2s
+    fanout:
+      calls:
+        user: {{upstream: users, path: "/users/{{id}}"}}
+        score:
+          upstream: db
+          query: "SELECT score FROM gw_scores WHERE user_id = $1"
+          args: ["path.id:int"]
+          one: true
+"""
+
+
+@pytest.fixture
+def database(pg_cluster, monkeypatch):
+    pg_cluster.psql("DROP TABLE IF EXISTS gw_scores; "
+                    "CREATE TABLE gw_scores (user_id int PRIMARY KEY, score numeric, note text); "
+                    "INSERT INTO gw_scores VALUES (7, 12.50, 'x''); DROP TABLE y; --')")
+    monkeypatch.setenv("GATEWAY_TEST_DSN", pg_cluster.dsn)
+    return pg_cluster
+
+
+async def test_sql_route_binds_parameters_and_answers_json(database):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw, gw.client() as client:
+            response = await client.get("/api/scores/7")
+            assert response.status_code == 200
+            assert response.json() == {"user_id": 7, "score": "12.50",
+                                       "note": "x'); DROP TABLE y; --"}
+            assert (await client.get("/api/scores/8")).status_code == 404
+            bad = await client.get("/api/scores/1%20OR%201=1")
+            assert bad.status_code == 400 and "not a valid int" in bad.json()["error"]
+            summary = await client.get("/api/users/7/summary")
+            assert summary.json() == {"user": {"id": "7", "name": "user-7"},
+                                      "score": {"score": "12.50"}}
+            async with gw.admin() as admin:
+                assert (await admin.get("/readyz")).json()["checks"]["db"] == "ok"
+        nursery.cancel_scope.cancel()
+
+
+async def test_deadline_cancels_the_query_on_the_server(database):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw, gw.client() as client:
+            started = trio.current_time()
+            response = await client.get("/api/sleep")
+            elapsed = trio.current_time() - started
+            assert response.status_code == 504
+            assert 0.28 <= elapsed < 1.0
+            deadline_wall = time.monotonic()
+            gone_after = None
+            for _ in range(40):  # bounded poll of the server's own view, 10 ms apart
+                active = await trio.to_thread.run_sync(
+                    database.psql,
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(5)%' "
+                    "AND state = 'active' AND pid <> pg_backend_pid()")
+                if active.strip() == "0":
+                    gone_after = time.monotonic() - deadline_wall
+                    break
+                await trio.sleep(0.01)
+            assert gone_after is not None and gone_after < 0.2
+            trace = await trace_of(gw, response.json()["request_id"])
+            call = next(s for s in trace.root.walk() if s.kind == "call")
+            assert call.outcome == "cancelled" or call.cause == "deadline"
+            pool = gw.gateway.runtime.snapshot.upstreams["db"].postgres
+            size_before = pool.statistics().size
+            assert (await client.get("/api/scores/7")).status_code == 200
+            assert pool.statistics().size == size_before
+        nursery.cancel_scope.cancel()
+
+
+assert os  # the DSN reaches the gateway through the environment, as in production
