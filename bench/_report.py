@@ -136,15 +136,15 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         out += [
             "## S3 overload: `GET /api/slow` (50 ms upstream), `x-request-timeout-ms: 200`, "
             "open loop at 4x capacity", "",
-            "| system | offered req/s | goodput req/s | good | shed < 10 ms | shed slower "
-            "| timed out | errors | p50 ms | p99 ms |",
-            "|---" * 10 + "|",
+            "| system | offered req/s | x capacity | goodput req/s | good | shed < 10 ms "
+            "| shed slower | timed out | not sent | errors | p50 ms | p99 ms |",
+            "|---" * 12 + "|",
         ]
-        out += _rows(results, "S3", 9, lambda d: [
-            _f(d["offered_rps"]), _f(d["goodput_rps"]), _pct(d["good_share"]),
-            _pct(d["shed_fast_share"]), _pct(d["shed_slow_share"]),
-            _pct(d["timed_out_share"]), _pct(d["error_share"]), _f(d["p50_ms"], 1),
-            _f(d["p99_ms"], 1)])
+        out += _rows(results, "S3", 11, lambda d: [
+            _f(d["offered_rps"]), _f(d["overload_factor"], 1), _f(d["goodput_rps"]),
+            _pct(d["good_share"]), _pct(d["shed_fast_share"]), _pct(d["shed_slow_share"]),
+            _pct(d["timed_out_share"]), _pct(d["not_sent_share"]), _pct(d["error_share"]),
+            _f(d["p50_ms"], 1), _f(d["p99_ms"], 1)])
         out += ["", f"![S3]({plots.get('S3', '')})", ""]
     if any("S4" in e for e in systems.values()):
         out += [
@@ -225,6 +225,7 @@ def plots(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, str]:
             ("shed_fast_share", "503 within 10 ms", "tab:blue"),
             ("shed_slow_share", "503 slower", "tab:cyan"),
             ("timed_out_share", "timed out (504, late, no answer)", "tab:red"),
+            ("not_sent_share", "not sent (client at its connection cap)", "tab:orange"),
             ("error_share", "errors", "tab:gray"),
         ):
             values = [100 * d[key] for _, d in s3]

@@ -5,8 +5,9 @@ each on an idle keep-alive connection or a new one (at most ``--max-connections`
 an arrival with none free is counted ``not_sent``). Every request is classified by
 status and latency: ``good`` (2xx within the deadline), ``shed_fast`` (503 in under
 10 ms), ``shed_slow``, ``deadline`` (504), ``late`` (2xx after the deadline),
-``client_timeout`` (no answer within ``--give-up-ms``; the connection is closed),
-``other`` statuses and ``conn_error``.
+``client_timeout`` (no connection or no answer within ``--give-up-ms``; the
+connection is closed), ``not_sent`` (all ``--max-connections`` busy), ``other``
+statuses and ``conn_error``.
 
 ``giveup`` (S4): ``--requests`` requests at ``--concurrency``, each on its own
 connection to ``<url>-<run>-<n>``, closed after ``--give-up-ms`` if not yet answered.
@@ -165,12 +166,19 @@ class Overload:
         arrived_at = time.perf_counter()
         self.connecting += 1
         try:
-            _, conn = await loop.create_connection(
-                lambda: Connection(self.done, self.lost), self.target.host, self.target.port
-            )
+            async with asyncio.timeout(self.give_up_s):
+                _, conn = await loop.create_connection(
+                    lambda: Connection(self.done, self.lost), self.target.host, self.target.port
+                )
+        except TimeoutError:
+            self.counts["client_timeout"] += 1
+            return
         except OSError:
             self.counts["conn_error"] += 1
             return
+        except asyncio.CancelledError:
+            self.counts["client_timeout"] += 1  # still connecting when the run ended
+            raise
         finally:
             self.connecting -= 1
         self.open += 1
@@ -226,7 +234,7 @@ class Overload:
             conn.close()
         for task in tasks:
             task.cancel()
-        await asyncio.sleep(0.05)
+        await asyncio.gather(*tasks, return_exceptions=True)
         lat = sorted(self.latencies)
 
         def pct(q: float) -> float | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 import trio
@@ -13,6 +14,7 @@ from hypercorn.utils import wrap_app
 from ._app import Gateway
 from ._demo_upstreams import serve_demo_upstreams
 from ._policy_loader import load_policy_file
+from ._throwaway_postgres import PostgresCluster, PostgresUnavailable, start_cluster
 
 
 def _listen(bind: str) -> socket.socket:
@@ -25,7 +27,50 @@ def _listen(bind: str) -> socket.socket:
     return sock
 
 
+DEMO_DSN_ENV = "GATEWAY_DEMO_DSN"
+_SEED_SQL = """
+CREATE TABLE scores (user_id int PRIMARY KEY, score numeric(6, 2) NOT NULL,
+                     updated_at timestamptz NOT NULL DEFAULT now());
+INSERT INTO scores (user_id, score)
+SELECT id, round((random() * 100)::numeric, 2) FROM generate_series(1, 1000) AS id;
+"""
+
+
+def _start_demo_postgres() -> PostgresCluster | None:
+    """A throwaway cluster seeded with scores, or None (the SQL routes then answer 502)."""
+    if os.environ.get(DEMO_DSN_ENV):
+        return None  # the operator pointed the demo at a database of their own
+    try:
+        cluster = start_cluster()
+    except PostgresUnavailable as error:
+        print(f"demo: PostgreSQL unavailable ({error}); SQL routes will fail", flush=True)
+        return None
+    cluster.psql(_SEED_SQL)
+    os.environ[DEMO_DSN_ENV] = cluster.dsn
+    print(f"demo: throwaway PostgreSQL on port {cluster.port} ({cluster.root})", flush=True)
+    return cluster
+
+
 async def run_demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
+    cluster = await trio.to_thread.run_sync(_start_demo_postgres)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_sigterm() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel(reason="shutdown|server")
+                        return
+
+            nursery.start_soon(stop_on_sigterm)
+            await _serve_demo(policy_file, bind, admin_bind)
+    finally:
+        if cluster is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(cluster.destroy)
+
+
+async def _serve_demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
     loaded = load_policy_file(policy_file)
     admin = admin_bind or os.environ.get("GATEWAY_ADMIN_BIND") or loaded.policy.server.admin_bind
     public_sock, admin_sock = _listen(bind), _listen(admin)
@@ -45,6 +90,8 @@ async def run_demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
         print(f"  curl -s {public}/api/users/42")
         print(f"  curl -s {public}/api/users/42/summary")
         print(f"  curl -s {public}/api/users/42/slow        # 504 after the 300ms deadline")
+        print(f"  curl -s {public}/api/users/42/score       # answered from PostgreSQL")
+        print(f"  curl -s {public}/api/slow-query           # pg_sleep(5) cancelled at 300ms")
         print(f"  curl -s -H 'x-request-timeout-ms: 50' {public}/api/users/42/summary")
         print(f"  curl -s http://{admin}/traces?cause=deadline")
         print("Ctrl+C stops everything.", flush=True)

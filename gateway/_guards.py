@@ -1,0 +1,90 @@
+"""Checks on a request head before anything is routed or forwarded.
+
+``check_request_head`` runs first on every public request, so it is one pass over the
+headers with no allocation beyond a counter or two. It enforces the limits of
+``server.limits`` and refuses framing that two HTTP parsers could read differently:
+a request the gateway would forward must mean the same thing to every hop.
+
+What the HTTP server in front (Hypercorn's h11) already refuses, with 400 unless noted,
+before the app sees the request: CR, LF or NUL in a header value; a header name with
+non-token characters; whitespace before the colon; Content-Length values that differ
+or are not plain digits (``+5``, ``-1``); a Transfer-Encoding other than ``chunked``
+(501); bad chunk sizes. It *accepts* (and this module rejects): Content-Length together
+with Transfer-Encoding (RFC 9112 §6.1 lets a server read it as chunked, but the
+Content-Length would be forwarded beside a body of another size), Transfer-Encoding in
+an HTTP/1.0 request (§6.1: "MUST treat the message as if the framing is faulty"), and
+control characters other than HTAB in values (h11 lets ``\\x01`` and DEL through).
+h11 also folds obs-fold lines into one value and accepts bare-LF line endings, which
+RFC 9112 §5.2 and §2.2 allow; the gateway re-frames whatever it forwards, so those
+cannot reach an upstream as ambiguous bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ._errors import BadRequest, HeadersTooLarge, UriTooLong
+from ._policy import LimitsPolicy
+
+__all__ = ["HEADER_LINE_OVERHEAD", "check_request_head"]
+
+#: Bytes a header line adds to its name and value on the wire (": " and CRLF).
+HEADER_LINE_OVERHEAD = 4
+
+# RFC 9110 §5.6.2 token characters.
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Control characters other than HTAB (CR, LF and NUL among them), RFC 9110 §5.5.
+_BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> None:
+    """Raise a ``BadRequest`` (400, 414 or 431) when the request head must not pass.
+
+    Limits: more than ``max_header_count`` headers or more than ``max_header_bytes`` of
+    them (name + value + 4 per line) → 431; a request target longer than
+    ``max_uri_bytes`` → 414. Framing: more than one Content-Length, Content-Length
+    with Transfer-Encoding, or Transfer-Encoding in HTTP/1.0 → 400. Header syntax: a
+    name that is not a token, a value holding a control character → 400.
+    """
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+    query: bytes = scope.get("query_string", b"")
+    uri_bytes = len(raw_path) + (len(query) + 1 if query else 0)
+    if uri_bytes > limits.max_uri_bytes:
+        raise UriTooLong(f"the request target ({uri_bytes} bytes) is longer than "
+                         f"{limits.max_uri_bytes} bytes")
+    headers = scope["headers"]
+    if len(headers) > limits.max_header_count:
+        raise HeadersTooLarge(f"the request has {len(headers)} headers, more than "
+                              f"{limits.max_header_count}")
+    max_bytes = limits.max_header_bytes
+    total = 0
+    content_lengths = 0
+    transfer_encoding = False
+    token = _TOKEN_RE.fullmatch
+    bad_value = _BAD_VALUE_RE.search
+    for name, value in headers:
+        total += len(name) + len(value) + HEADER_LINE_OVERHEAD
+        if token(name) is None:
+            raise BadRequest("a request header name is not a valid token")
+        if bad_value(value) is not None:
+            raise BadRequest(f"request header {_printable(name)} holds a control character")
+        if name == b"content-length":
+            content_lengths += 1
+        elif name == b"transfer-encoding":
+            transfer_encoding = True
+    if total > max_bytes:
+        raise HeadersTooLarge(f"the request headers ({total} bytes) are larger than "
+                              f"{max_bytes} bytes")
+    if content_lengths > 1:
+        raise BadRequest("the request has more than one Content-Length")
+    if transfer_encoding:
+        if content_lengths:
+            raise BadRequest("the request has both Content-Length and Transfer-Encoding")
+        if scope.get("http_version") == "1.0":
+            raise BadRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request")
+
+
+def _printable(name: bytes) -> str:
+    return repr(name.decode("latin-1")[:64])
