@@ -158,6 +158,9 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
             _f(d["orphaned_work_s"], 2), _f(d["orphaned_ms_per_abandoned"]),
             _f(d["stop_lag_p50_ms"])])
         out += ["", f"![S4]({plots.get('S4', '')})", ""]
+    notes = [f"- `{n}`: {note}" for n, e in systems.items() for note in e.get("notes", [])]
+    if notes:
+        out += ["## Notes", "", *notes, ""]
     out += ["## Machine", ""]
     out += [f"- {k}: {v}" for k, v in env["machine"].items()]
     out += ["", "## Versions", ""]

@@ -56,11 +56,21 @@ class Service:
     env: dict[str, str] = field(default_factory=dict)
     start_timeout_s: float = 30.0
     stop_signal: signal.Signals = signal.SIGTERM
+    log_name: str = ""  # default: the service's name
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def log_path(self) -> Path:
-        return WORK / f"{self.name}.log"
+        return WORK / f"{self.log_name or self.name}.log"
+
+    def healthy(self, attempts: int = 5) -> bool:
+        """True if the probe answers 200 (a few tries, 1 s apart, for a busy server)."""
+        for attempt in range(attempts):
+            if http_get_status(self.port, self.probe_path, timeout_s=3.0) == 200:
+                return True
+            if attempt + 1 < attempts:
+                time.sleep(1.0)
+        return False
 
     @property
     def pid(self) -> int:
@@ -72,7 +82,7 @@ class Service:
         if http_get_status(self.port, self.probe_path, timeout_s=0.5) is not None:
             raise NotAvailable(f"port {self.port} is already in use")
         WORK.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("wb")
+        log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.argv,
             cwd=ROOT,

@@ -15,7 +15,6 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,58 +56,71 @@ def _command_line(system: System) -> str:
                       for a in service.argv)
 
 
-def _guarded(entry: dict[str, Any], scenario: str, fn: Callable[..., dict[str, Any]],
-             *args: Any) -> None:
-    """Run one scenario; a failure is recorded in its place rather than ending the run."""
-    _log(f"  {scenario} ...")
-    try:
-        entry[scenario] = fn(*args)
-    except Exception as exc:  # one broken measurement must not lose the others
-        last = (str(exc).strip().splitlines() or [""])[-1]
-        entry[scenario] = {"error": f"{type(exc).__name__}: {last}"[:200].replace("|", "/")}
-        _log(f"  {scenario} failed: {entry[scenario]['error']}")
-
-
-def measure(system: System, root: int, scenarios: list[str], budget: Budget, rec: Recorder,
-            entry: dict[str, Any]) -> None:
-    """The selected scenarios against one running system whose process tree is ``root``."""
-    if "S1" in scenarios:
-        _guarded(entry, "S1", _scenarios.s1_throughput, system, root, budget, rec)
-    if "S2" in scenarios:
-        _guarded(entry, "S2", _scenarios.s2_concurrency, system, root, budget, rec)
-    if "S3" in scenarios:
+def _scenario(name: str, system: System, root: int, budget: Budget, rec: Recorder,
+              entry: dict[str, Any]) -> dict[str, Any]:
+    if name == "S1":
+        return _scenarios.s1_throughput(system, root, budget, rec)
+    if name == "S2":
+        return _scenarios.s2_concurrency(system, root, budget, rec)
+    if name == "S3":
         capacity = entry.get("S1", {}).get("c64", {}).get("rps")
-        _guarded(entry, "S3", _scenarios.s3_overload, system, root, budget, rec, capacity)
-    if "S4" in scenarios:
-        _guarded(entry, "S4", _scenarios.s4_orphans, system, budget, rec)
+        return _scenarios.s3_overload(system, root, budget, rec, capacity)
+    return _scenarios.s4_orphans(system, budget, rec)
 
 
-def run_phase(upstream: Service, systems: list[System], scenarios: list[str],
-              budget: Budget, rec: Recorder, results: dict[str, Any]) -> None:
-    """Start the upstream, then each system in turn, measure, stop."""
-    rec.add(shlex.join(upstream.argv).replace(str(ROOT) + "/", ""))
-    upstream.start()
+def run_system(system: System, upstream: Service, scenarios: list[str], budget: Budget,
+               rec: Recorder, entry: dict[str, Any], tag: str) -> None:
+    """Measure one system. It is started before the first scenario and checked after
+    each one; a system that stopped answering is noted and restarted for the next."""
+    service = system.service()
+    if service is not None:
+        service.log_name = f"{system.name}.{tag}"
+    running = False
     try:
-        for system in systems:
-            entry = results["systems"][system.name]
-            if not entry["available"]:
-                continue
-            service = system.service()
-            _log(f"{system.name}: starting")
-            if service is not None:
+        for name in scenarios:
+            if service is not None and not running:
+                _log(f"{system.name}: starting")
                 try:
                     service.start()
                 except NotAvailable as exc:
                     entry.update(available=False, reason=str(exc))
                     _log(f"{system.name}: not available: {exc}")
-                    continue
+                    return
+                running = True
             root = service.pid if service is not None else upstream.pid
+            _log(f"{system.name}: {name}")
             try:
-                measure(system, root, scenarios, budget, rec, entry)
-            finally:
-                if service is not None:
-                    service.stop()
-                    _log(f"{system.name}: stopped")
+                entry[name] = _scenario(name, system, root, budget, rec, entry)
+            except Exception as exc:  # one broken measurement must not lose the others
+                last = (str(exc).strip().splitlines() or [""])[-1]
+                entry[name] = {"error": f"{type(exc).__name__}: {last}"[:200].replace("|", "/")}
+                _log(f"{system.name}: {name} failed: {entry[name]['error']}")
+            probe = service if service is not None else upstream
+            if not probe.healthy():
+                note = (f"stopped answering during {name}; restarted for the next scenario "
+                        f"(log: bench/work/{probe.log_path.name})")
+                entry.setdefault("notes", []).append(note)
+                _log(f"{system.name}: {note}")
+                if service is None:
+                    raise RuntimeError("the upstream stopped answering")
+                service.stop()
+                running = False
+    finally:
+        if service is not None and running:
+            service.stop()
+            _log(f"{system.name}: stopped")
+
+
+def run_phase(upstream: Service, systems: list[System], scenarios: list[str],
+              budget: Budget, rec: Recorder, results: dict[str, Any], tag: str) -> None:
+    """Start the upstream, then measure each system in turn."""
+    rec.add(shlex.join(upstream.argv).replace(str(ROOT) + "/", ""))
+    upstream.start()
+    try:
+        for system in systems:
+            entry = results["systems"][system.name]
+            if entry["available"]:
+                run_system(system, upstream, scenarios, budget, rec, entry, tag)
     finally:
         upstream.stop()
 
@@ -157,10 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     phase1 = [s for s in args.scenarios if s != "S4"]
     if phase1:
         _log(f"phase 1 ({', '.join(phase1)}) on the nginx upstream")
-        run_phase(nginx_upstream(), systems, phase1, budget, rec, results)
+        run_phase(nginx_upstream(), systems, phase1, budget, rec, results, "s1-s3")
     if "S4" in args.scenarios:
         _log("phase 2 (S4) on the S4 upstream")
-        run_phase(s4_upstream(), systems, ["S4"], budget, rec, results)
+        run_phase(s4_upstream(), systems, ["S4"], budget, rec, results, "s4")
     results["elapsed_s"] = time.monotonic() - started
     results["commands"] = rec.commands
     args.out.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,7 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
         runtime = gateway.runtime
         loaded = runtime.snapshot.loaded
         return {
+            "worker_pid": os.getpid(),
             "file": loaded.file,
             "version": loaded.version,
             "loaded_at": loaded.loaded_at,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from functools import partial
 from typing import Any
 
 import trio
@@ -26,8 +27,8 @@ from ._trace import traced_scope
 
 log = logging.getLogger("gateway")
 
-#: How often the policy file is checked for changes.
-POLICY_POLL_INTERVAL_S = 1.0
+#: How often the policy file is checked for changes (GATEWAY_POLICY_POLL_S overrides).
+POLICY_POLL_INTERVAL_S = float(os.environ.get("GATEWAY_POLICY_POLL_S", "1.0"))
 #: How long a retired snapshot may take to drain before its pools close.
 RETIRE_GRACE_S = 30.0
 
@@ -57,15 +58,17 @@ class Gateway:
     """One worker's gateway: runtime state, the admin app, and the ASGI entry point."""
 
     def __init__(self, loaded: LoadedPolicy, *, admin_ports: set[int] | None = None,
-                 watch_policy: bool = True) -> None:
+                 watch_policy: bool = True,
+                 poll_interval_s: float = POLICY_POLL_INTERVAL_S) -> None:
         from ._admin import create_admin_app
 
         self.runtime = Runtime(loaded)
         self.admin_ports = admin_ports if admin_ports is not None else set()
         self.watch_policy = watch_policy
+        self.poll_interval_s = poll_interval_s
         self.admin = create_admin_app(self)
         self._nursery: trio.Nursery | None = None
-        self._policy_stat: tuple[float, int] | None = None
+        self._policy_stat: tuple[int, int, int] | None = None
 
     # ------------------------------------------------------------------ ASGI
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -143,20 +146,20 @@ class Gateway:
         METRICS.reloads.labels("applied").inc()
         log.info("policy %s active (was %s)", loaded.version, old.loaded.version)
         assert self._nursery is not None
-        self._nursery.start_soon(self.runtime.retire, old, RETIRE_GRACE_S)
+        self._nursery.start_soon(partial(self.runtime.retire, old, grace_s=RETIRE_GRACE_S))
         return True
 
-    async def _policy_file_stat(self) -> tuple[float, int] | None:
+    async def _policy_file_stat(self) -> tuple[int, int, int] | None:
         try:
             stat = await trio.Path(self.runtime.snapshot.loaded.file).stat()
         except OSError:
             return None
-        return (stat.st_mtime, stat.st_size)
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
     async def _watch_policy_file(self) -> None:
         self._policy_stat = await self._policy_file_stat()
         while True:
-            await trio.sleep(POLICY_POLL_INTERVAL_S)
+            await trio.sleep(self.poll_interval_s)
             current = await self._policy_file_stat()
             if current is not None and current != self._policy_stat:
                 self._policy_stat = current

@@ -189,7 +189,8 @@ class CircuitBreaker:
         """Seconds until the breaker may half-open (for ``Retry-After``); 0 unless OPEN."""
         if self._state is not BreakerState.OPEN:
             return 0.0
-        return max(0.0, self._opened_at + self._policy.open_for - now)
+        open_for = self._policy.open_for
+        return max(0.0, min(open_for, self._opened_at + open_for - now))
 
     def record_success(self, now: float) -> None:
         state = self._state_at(now)

@@ -118,7 +118,7 @@ class RetryBudget:
         self.reconfigure(ratio, min_per_second)
         self.window_s = window_s
         self.bucket_s = window_s / buckets
-        size = buckets
+        size = buckets + 1
         self._requests = [0] * size
         self._retries = [0] * size
         self._current = 0  # index of the newest bucket; slot = index % size

@@ -125,6 +125,7 @@ def bound_ports(sockets: Sockets) -> list[tuple[str, int]]:
 def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None = None,
           workers: int | None = None, public_bind: list[str] | None = None) -> int:
     """Run Hypercorn with the gateway app; returns Hypercorn's exit code."""
+    from hypercorn import run as hypercorn_run
     from hypercorn.run import run
 
     from ._policy_loader import load_policy_file
@@ -153,6 +154,7 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
     admin_urls = ", ".join(f"http://{h}:{p}" for h, p in addresses[public_count:])
     print(f"gateway: policy {loaded.file} ({loaded.version}), {config.workers} worker(s)\n"
           f"gateway: serving {public}\ngateway: admin {admin_urls}", flush=True)
+    hypercorn_run.signal = _MasterSignals()  # type: ignore[attr-defined]
     try:
         return run(config)
     finally:
@@ -162,10 +164,39 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
             sock.close()
 
 
+def _forward_sighup(signum: int, frame: object) -> None:
+    for child in multiprocessing.active_children():
+        if child.pid is not None:
+            os.kill(child.pid, signal.SIGHUP)
+
+
+class _MasterSignals:
+    """The ``signal`` module as Hypercorn's master loop sees it, with SIGHUP changed.
+
+    Hypercorn's master restarts every worker on SIGHUP, and a worker that cannot load
+    a bad policy then stops the whole server. The gateway reloads its policy inside
+    each worker instead (atomically, keeping the old one on error), so the master only
+    forwards SIGHUP to its workers.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(signal, name)
+
+    def signal(self, signum: int, handler: Any) -> Any:
+        if signum == signal.SIGHUP:
+            handler = _forward_sighup
+        return signal.signal(signum, handler)
+
+
 def prepare_worker_process() -> None:
-    """Run in each worker at import: drain on the master's shutdown event, not SIGTERM."""
+    """Run in each worker at import: drain on the master's shutdown event, not SIGTERM.
+
+    SIGHUP is ignored until the app's reload task listens for it, so a reload asked
+    for during start-up cannot kill a worker.
+    """
     if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
 

@@ -51,7 +51,8 @@ class RunningGateway:
 @asynccontextmanager
 async def run_gateway(policy_text: str, *, policy_path: Path | None = None,
                       graceful_timeout: float = 3.0,
-                      watch_policy: bool = False) -> AsyncIterator[RunningGateway]:
+                      watch_policy: bool = False,
+                      poll_interval_s: float = 0.02) -> AsyncIterator[RunningGateway]:
     """Serve ``policy_text`` until the block ends; then shut down gracefully."""
     if policy_path is not None:
         await trio.Path(policy_path).write_text(policy_text)
@@ -60,7 +61,8 @@ async def run_gateway(policy_text: str, *, policy_path: Path | None = None,
         loaded = load_policy_text(policy_text, "<test policy>")
     public, admin = listen_socket(), listen_socket()
     port, admin_port = public.getsockname()[1], admin.getsockname()[1]
-    gateway = Gateway(loaded, admin_ports={admin_port}, watch_policy=watch_policy)
+    gateway = Gateway(loaded, admin_ports={admin_port}, watch_policy=watch_policy,
+                      poll_interval_s=poll_interval_s)
     config = Config()
     config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = 30

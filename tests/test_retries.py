@@ -103,8 +103,11 @@ def test_budget_bound_over_any_interleaving(shape, ratio, floor, ops):
             in_wider = sum(1 for g in grants if now_ms - w_ms - b_ms < g)
             credit = sum(1 for r in requests if now_ms - w_ms <= r)
             assert in_wider + 1 > ratio * credit + allowance - eps
+        # statistics() counts the buckets c - buckets .. c, c being the bucket of now.
+        oldest_ms = (now_ms // b_ms - buckets) * b_ms
         stats = budget.statistics(now)
-        assert stats.retries <= ratio * stats.requests + allowance + eps
+        assert stats.requests == sum(1 for r in requests if r >= oldest_ms)
+        assert stats.retries == sum(1 for g in grants if g >= oldest_ms)
 
 
 def test_floor_alone_grants_exactly_floor_times_window():

@@ -1,0 +1,103 @@
+"""Slow and idle clients: a head or a body trickled byte by byte is cut by the server's
+timeouts, and a thousand such connections do not stop normal requests being answered.
+
+Hypercorn bounds a request head by ``keep_alive_timeout`` (the connection counts as idle
+until the head is complete) and every single read by ``read_timeout``; a client that
+trickles a byte now and then passes ``read_timeout`` forever. Once the head is in, the
+body is bounded only by the gateway: ``server.limits.body_timeout``.
+"""
+
+import resource
+
+import trio
+
+from tests.hostile import NORMAL, stage
+from tests.hostile.rawclient import connect, request_bytes
+
+#: Hypercorn timeouts short enough for a test; production sets them in hypercorn.toml.
+FAST_TIMEOUTS = {"keep_alive_timeout": 2, "read_timeout": 1}
+
+
+async def test_slowloris_head_is_cut():
+    async with stage(**FAST_TIMEOUTS) as s:
+        head = request_bytes("GET", "/api/up/ok", [("x-pad", "p" * 200)])[:-2]
+        async with connect(s.port) as conn:
+            started = trio.current_time()
+            with trio.move_on_after(8):
+                await conn.trickle(head, every_s=0.1)
+            closed = await conn.wait_closed(timeout_s=1)
+            elapsed = trio.current_time() - started
+        assert closed in ("eof", "reset"), "a trickled head was never cut"
+        assert elapsed < 5
+        await s.settle()
+        assert s.upstream.requests == []
+        await s.assert_serves()
+
+
+async def test_silent_connection_is_closed():
+    async with stage(**FAST_TIMEOUTS) as s:
+        async with connect(s.port) as conn:
+            await conn.send(b"GET /api/up/ok HTTP/1.1\r\n")
+            closed = await conn.wait_closed(timeout_s=5)
+        assert closed in ("eof", "reset")
+        assert s.upstream.requests == []
+        await s.assert_serves()
+
+
+async def test_trickled_body_is_cut_by_body_timeout():
+    # /api/long has a 30 s deadline; the policy's body_timeout is 1 s.
+    async with stage(**FAST_TIMEOUTS) as s:
+        async with connect(s.port) as conn:
+            await conn.send(request_bytes("POST", "/api/long/ok", [("Content-Length", "1000")]))
+            started = trio.current_time()
+            with trio.move_on_after(6):
+                await conn.trickle(b"z" * 1000, every_s=0.1)
+            response = await conn.read_response(timeout_s=1) if not conn.eof else None
+            closed = await conn.wait_closed(timeout_s=1)
+            elapsed = trio.current_time() - started
+        assert closed in ("eof", "reset"), "a trickled body was never cut"
+        assert elapsed < 5
+        if response is not None:
+            assert response.status == 408, response
+        await s.settle()
+        assert s.complete_since(0) == []
+        await s.assert_serves()
+
+
+def raise_nofile_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert soft >= needed, f"RLIMIT_NOFILE {soft} is below the {needed} this test needs"
+
+
+async def test_a_thousand_slow_connections_do_not_block_normal_requests():
+    count = 1000
+    raise_nofile_limit(2 * count + 256)  # both ends of each connection live in this process
+    async with stage() as s:
+        streams: list[trio.SocketStream] = []
+        try:
+            with trio.fail_after(20):
+                for n in range(count):
+                    stream = await trio.open_tcp_stream("127.0.0.1", s.port)
+                    streams.append(stream)
+                    # A third send nothing, a third half a head, a third a head and part
+                    # of a body that never ends.
+                    if n % 3 == 1:
+                        await stream.send_all(b"GET /api/up/ok HTTP/1.1\r\nHost: a\r\nX-")
+                    elif n % 3 == 2:
+                        await stream.send_all(request_bytes(
+                            "POST", "/api/long/ok", [("Content-Length", "100000")], b"x" * 10))
+            # Every normal request is still answered promptly.
+            for _ in range(20):
+                started = trio.current_time()
+                async with connect(s.port) as conn:
+                    await conn.send(NORMAL)
+                    response = await conn.read_response(timeout_s=5)
+                assert response is not None and response.status == 200
+                assert trio.current_time() - started < 1.0
+        finally:
+            for stream in streams:
+                stream.socket.close()
+        await s.assert_serves()
