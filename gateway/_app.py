@@ -157,7 +157,9 @@ class Gateway:
         return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
     async def _watch_policy_file(self) -> None:
-        self._policy_stat = await self._policy_file_stat()
+        # No baseline: the first poll reloads (a no-op when the content is unchanged), so
+        # a file replaced between loading it and starting this watch is not missed.
+        self._policy_stat = None
         while True:
             await trio.sleep(self.poll_interval_s)
             current = await self._policy_file_stat()

@@ -46,13 +46,12 @@ def serve(policy_file: str, config_path: str, binds: tuple[str, ...], admin_bind
 @click.option("--admin-bind", default=None)
 def demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
     """Start the demo upstreams and the gateway on 127.0.0.1:8080."""
-    import logging
-
     import trio
 
     from ._demo import run_demo
+    from ._logging import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(run_demo, policy_file, bind, admin_bind)
 

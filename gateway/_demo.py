@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -76,6 +77,7 @@ async def _serve_demo(policy_file: str, bind: str, admin_bind: str | None) -> No
     public_sock, admin_sock = _listen(bind), _listen(admin)
     gateway = Gateway(loaded, admin_ports={admin_sock.getsockname()[1]})
     config = Config()
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 5
     async with trio.open_nursery() as nursery:
         upstreams = await nursery.start(serve_demo_upstreams)

@@ -76,6 +76,7 @@ class RequestContext:
         self.request_scope: TracedScope | None = None
         self.nursery: trio.Nursery | None = None
         self.response_started = False
+        self.response_complete = False
         self.status: int | None = None
 
     @property
@@ -88,6 +89,10 @@ class RequestContext:
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def send_body(self, data: bytes, *, more: bool) -> None:
+        if not more:
+            # Hypercorn answers the final body with ``http.disconnect`` on the receive
+            # channel; from here on that message means "done", not "client gone".
+            self.response_complete = True
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def send_json(self, status: int, payload: Any,
@@ -134,8 +139,12 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 async def _relay_receive(receive: Receive, sender: trio.MemorySendChannel[bytes],
-                         request_scope: TracedScope) -> None:
-    """Feed the body to the handler, then turn ``http.disconnect`` into a cancel."""
+                         context: RequestContext, request_scope: TracedScope) -> None:
+    """Feed the body to the handler, then turn ``http.disconnect`` into a cancel.
+
+    A disconnect after the response was completed is Hypercorn closing the exchange,
+    not the client leaving: it cancels nothing.
+    """
     async with sender:
         while True:
             message = await receive()
@@ -149,12 +158,14 @@ async def _relay_receive(receive: Receive, sender: trio.MemorySendChannel[bytes]
                 if not message.get("more_body", False):
                     break
             elif kind == "http.disconnect":
-                request_scope.cancel("client_disconnect")
+                if not context.response_complete:
+                    request_scope.cancel("client_disconnect")
                 return
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            request_scope.cancel("client_disconnect")
+            if not context.response_complete:
+                request_scope.cancel("client_disconnect")
             return
 
 
@@ -205,7 +216,7 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
             try:
                 async with trio.open_nursery() as nursery:
                     context.nursery = nursery
-                    nursery.start_soon(_relay_receive, receive, sender, request_scope)
+                    nursery.start_soon(_relay_receive, receive, sender, context, request_scope)
                     await dispatch(context)
                     nursery.cancel_scope.cancel(reason="request answered")
             except BaseExceptionGroup as group:

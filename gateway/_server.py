@@ -17,7 +17,6 @@ import resource
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import tomllib
 from collections.abc import Mapping
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from hypercorn.config import Config, Sockets
+
+from ._logging import configure_logging
 
 log = logging.getLogger("gateway.server")
 
@@ -89,6 +90,9 @@ def load_hypercorn_config(path: str | os.PathLike[str] | None) -> GatewayConfig:
         raise HypercornConfigError(f"{path}: worker_class: the gateway needs 'trio', got "
                                    f"{config.worker_class!r}")
     config.application_path = APPLICATION_PATH
+    if "errorlog" not in mapping:
+        # Hypercorn's default writes to stderr synchronously; ours goes through a queue.
+        config.errorlog = logging.getLogger("hypercorn.error")
     return config
 
 
@@ -197,8 +201,7 @@ def prepare_worker_process() -> None:
     if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    configure_logging()
 
 
 def free_loopback_socket() -> socket.socket:

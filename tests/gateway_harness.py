@@ -6,6 +6,7 @@ test knows the ports before the first request and never races for them.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -64,6 +65,7 @@ async def run_gateway(policy_text: str, *, policy_path: Path | None = None,
     gateway = Gateway(loaded, admin_ports={admin_port}, watch_policy=watch_policy,
                       poll_interval_s=poll_interval_s)
     config = Config()
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = 30
     shutdown = trio.Event()

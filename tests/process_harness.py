@@ -87,6 +87,9 @@ def serve_process(policy: Path, *, workers: int = 1, config: Path | None = None,
         time.sleep(0.05)
     try:
         yield served
+    except BaseException:
+        sys.stderr.write("gateway output:\n" + "".join(output[-60:]))
+        raise
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)

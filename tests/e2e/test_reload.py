@@ -129,11 +129,17 @@ async def test_rewrites_and_sighup_with_two_workers(tmp_path: Path):
                     text = GOOD.format(url=upstream.url, concurrency=40 + round_,
                                        deadline=900 + round_)
                     write_atomically(path, text)
-                    with trio.fail_after(10):
-                        while True:
-                            seen = await versions_seen(expect_error=False)
-                            if all(s["version"] == version_of(text) for s in seen.values()):
-                                break
+                    seen = {}
+                    try:
+                        with trio.fail_after(10):
+                            while True:
+                                seen = await versions_seen(expect_error=False)
+                                if all(s["version"] == version_of(text)
+                                       for s in seen.values()):
+                                    break
+                    except trio.TooSlowError:
+                        raise AssertionError(f"round {round_}: {version_of(text)} not active "
+                                             f"in both workers: {seen}") from None
                 else:
                     write_atomically(path, BAD.format(url=upstream.url, deadline=round_))
                     seen = await versions_seen(expect_error=True)
