@@ -19,6 +19,7 @@ import trio
 from ._errors import BadRequest, GatewayError, NotFound
 from ._fanout import fanout
 from ._metrics import METRICS
+from ._policy import resolve_call_settings
 from ._policy_loader import LoadedPolicy, PolicyError, load_policy_file
 from ._proxy import proxy
 from ._request import Receive, RequestContext, Scope, Send, handle_request, send_error
@@ -39,8 +40,8 @@ async def _sql_route(ctx: RequestContext) -> None:
     action = ctx.match.route.sql
     assert action is not None and ctx.request_scope is not None
     state = ctx.snapshot.upstreams[action.upstream]
-    timeout = action.timeout or ctx.policy.defaults.call.timeout
-    result = await sql_call(ctx, ctx.request_scope, action.upstream, action, state, timeout)
+    settings = ctx.snapshot.call_settings(action, resolve_call_settings)
+    result = await sql_call(ctx, ctx.request_scope, action.upstream, action, state, settings)
     await ctx.send_json(200, result)
 
 

@@ -25,7 +25,7 @@ from ._errors import (
     UpstreamTimeout,
 )
 from ._headers import upstream_request_headers
-from ._policy import FanoutCall
+from ._policy import CallSettings, FanoutCall
 from ._trace import TracedScope, traced_scope
 
 if TYPE_CHECKING:
@@ -71,28 +71,36 @@ def forward_headers(ctx: RequestContext, call: TracedScope,
 
 async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
                          call: FanoutCall, state: UpstreamState,
-                         timeout_s: float | None) -> Any:
+                         settings: CallSettings) -> Any:
     """GET (or another method) an upstream and return its JSON; failures raise."""
-    assert state.pool is not None and call.path is not None
+    from ._attempts import AttemptResult, Claim, run_attempts
+
+    pool = state.pool
+    assert pool is not None
+    assert call.path is not None
     target = ctx.match.target(call.path)
     limit = ctx.match.route.max_response_body or DEFAULT_PARSED_BODY_LIMIT
-    async with upstream_call(ctx, parent, name, state, timeout_s) as scope:
-        with traced_scope(ctx.trace, scope, "attempt", f"{name}#1", attempt=1) as attempt:
-            headers = forward_headers(ctx, scope, _fanout_base_headers(ctx))
-            headers.append((b"accept", b"application/json"))
-            async with state.pool.request(call.method, target, headers, None) as response:
-                attempt.note(status=response.status)
-                body = await response.read(max_bytes=limit)
+    base = _fanout_base_headers(ctx)
+
+    async def perform(attempt: TracedScope, claim: Claim,
+                      retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+        headers = forward_headers(ctx, attempt, base)
+        headers.append((b"accept", b"application/json"))
+        async with pool.request(call.method, target, headers, None) as response:
+            body = await response.read(max_bytes=limit)
         if response.status >= 400:
             raise UpstreamStatusError(f"upstream {state.name!r} answered {response.status}",
                                       upstream_status=response.status, upstream=state.name)
-        if not body:
-            return None
         try:
-            return json.loads(body)
+            value = json.loads(body) if body else None
         except ValueError:
             raise UpstreamProtocolError(f"upstream {state.name!r} answered invalid JSON",
                                         upstream=state.name) from None
+        return AttemptResult(value, response.status)
+
+    async with upstream_call(ctx, parent, name, state, settings.timeout) as scope:
+        return await run_attempts(ctx, scope, state, settings, name=name, method=call.method,
+                                  replayable=True, perform=perform)
 
 
 def _fanout_base_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
@@ -167,19 +175,30 @@ async def bind_sql_args(ctx: RequestContext, args: Sequence[str]) -> list[Any]:
 
 
 async def sql_call(ctx: RequestContext, parent: TracedScope, name: str, call: FanoutCall,
-                   state: UpstreamState, timeout_s: float | None) -> Any:
+                   state: UpstreamState, settings: CallSettings) -> Any:
     """Run a policy's SQL with bound arguments; rows (or one row) as JSON values."""
+    from ._attempts import AttemptResult, Claim, run_attempts
+
     assert call.query is not None
-    if state.postgres is None:
+    postgres = state.postgres
+    if postgres is None:
         raise UpstreamError(f"postgres upstream {state.name!r} is not running",
                             upstream=state.name)
+    query = call.query
     args = await bind_sql_args(ctx, call.args)
-    async with upstream_call(ctx, parent, name, state, timeout_s, protocol="sql") as scope:
-        with traced_scope(ctx.trace, scope, "attempt", f"{name}#1", attempt=1):
-            remaining = max(0.001, scope.deadline - trio.current_time())
-            if call.one:
-                row = await state.postgres.fetchrow(call.query, args, timeout_s=remaining)
-                if row is None:
-                    raise NotFound(f"{name}: no row found", call=name)
-                return row
-            return await state.postgres.fetch(call.query, args, timeout_s=remaining)
+
+    async def perform(attempt: TracedScope, claim: Claim,
+                      retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+        remaining = max(0.001, attempt.deadline - trio.current_time())
+        if call.one:
+            row = await postgres.fetchrow(query, args, timeout_s=remaining)
+            if row is None:
+                raise NotFound(f"{name}: no row found", call=name)
+            return AttemptResult(row)
+        return AttemptResult(await postgres.fetch(query, args, timeout_s=remaining))
+
+    async with upstream_call(ctx, parent, name, state, settings.timeout,
+                             protocol="sql") as scope:
+        # A SELECT is idempotent; the method only matters for the retry rules.
+        return await run_attempts(ctx, scope, state, settings, name=name, method="GET",
+                                  replayable=True, perform=perform)

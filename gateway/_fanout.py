@@ -29,8 +29,8 @@ async def _run_call(ctx: RequestContext, parent: Any, name: str, call: FanoutCal
     state = ctx.snapshot.upstreams[call.upstream]
     settings = ctx.snapshot.call_settings(call, resolve_call_settings)
     if call.query is not None:
-        return await sql_call(ctx, parent, name, call, state, settings.timeout)
-    return await http_json_call(ctx, parent, name, call, state, settings.timeout)
+        return await sql_call(ctx, parent, name, call, state, settings)
+    return await http_json_call(ctx, parent, name, call, state, settings)
 
 
 async def fanout(ctx: RequestContext) -> None:

@@ -7,7 +7,7 @@ the workers start, so one scrape of any worker's admin endpoint shows their sum.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -41,6 +41,18 @@ class Metrics:
                             ["upstream"], multiprocess_mode="livesum")
         self.shed = Counter("gateway_shed_total", "Requests or calls shed, by where",
                             ["where"])
+        self.breaker_state = Gauge(
+            "gateway_circuit_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)",
+            ["upstream"], multiprocess_mode="max")
+        self.breaker_transitions = Counter(
+            "gateway_circuit_transitions_total", "Circuit breaker transitions, by new state",
+            ["upstream", "state"])
+        self.attempts = Counter(
+            "gateway_upstream_attempts_total",
+            "Upstream attempts, by upstream and kind (first, retry, hedge)",
+            ["upstream", "kind"])
+        self.hedges = Counter("gateway_hedges_total", "Hedge races, by upstream and result",
+                              ["upstream", "result"])
         self.reloads = Counter("gateway_policy_reloads_total", "Policy reloads, by result",
                                ["result"])
 
@@ -53,6 +65,11 @@ class Metrics:
             self.cancellations.labels(route, span.cause or "unknown", scope).inc()
         if trace.cause == "shed" and trace.root is None:
             self.shed.labels("door").inc()
+
+    def breaker_transition(self, upstream: str, old: Any, new: Any) -> None:
+        value = {"closed": 0, "half_open": 1, "open": 2}.get(new.value, 0)
+        self.breaker_state.labels(upstream).set(value)
+        self.breaker_transitions.labels(upstream, new.value).inc()
 
     def refresh(self, runtime: Runtime) -> None:
         """Copy point-in-time figures (limiter state) into gauges before a scrape."""

@@ -1,18 +1,26 @@
 """Proxy routes: stream the request to one upstream and its answer back.
 
 Bodies stream both ways through bounded buffers, so memory stays flat whatever the
-size. Once the response has started, a broken upstream can only be reported by
-dropping the client connection (see ``_request``).
+size. A request body is buffered (up to ``REPLAYABLE_BODY_BYTES``) only when the
+route may retry or hedge, since a half-sent stream can never be sent again. Once
+the response has started, a broken upstream can only be reported by dropping the
+client connection (see ``_request``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from ._attempts import AttemptResult, Claim, run_attempts
 from ._calls import forward_headers, upstream_call
-from ._errors import UpstreamProtocolError
+from ._errors import UpstreamProtocolError, UpstreamStatusError
 from ._headers import downstream_response_headers
 from ._policy import resolve_call_settings
 from ._request import RequestContext
-from ._trace import traced_scope
+from ._trace import TracedScope
+
+#: Largest request body held in memory so that a retry or hedge can send it again.
+REPLAYABLE_BODY_BYTES = 1024 * 1024
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -27,30 +35,50 @@ def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
 async def proxy(ctx: RequestContext) -> None:
     route = ctx.match.route
     action = route.proxy
-    assert action is not None and ctx.request_scope is not None
+    assert action is not None
+    assert ctx.request_scope is not None
     state = ctx.snapshot.upstreams[action.upstream]
-    assert state.pool is not None
+    pool = state.pool
+    assert pool is not None
     settings = ctx.snapshot.call_settings(action, resolve_call_settings)
     target = ctx.match.target(action.path, ctx.scope.get("query_string", b""))
     method: str = ctx.scope["method"]
-    body = ctx.body if _has_body(ctx.scope["headers"]) else None
+    body: Any = None
+    replayable = True
+    if _has_body(ctx.scope["headers"]):
+        declared = ctx.body.declared_length
+        may_repeat = settings.retries is not None or settings.hedge_after is not None
+        if may_repeat and declared is not None and declared <= REPLAYABLE_BODY_BYTES:
+            body = await ctx.body.read()
+        else:
+            body, replayable = ctx.body, False
     rid_header = ctx.policy.server.request_id_header.encode()
     limit = route.max_response_body
+
+    async def perform(attempt: TracedScope, claim: Claim,
+                      retry_statuses: frozenset[int]) -> AttemptResult[None]:
+        headers = forward_headers(ctx, attempt)
+        async with pool.request(method, target, headers, body) as response:
+            status = response.status
+            if status in retry_statuses:
+                raise UpstreamStatusError(f"upstream {state.name!r} answered {status}",
+                                          upstream_status=status, upstream=state.name)
+            if not claim.claim(attempt):
+                return AttemptResult(None, status)
+            await ctx.start_response(status, downstream_response_headers(
+                response.headers, rid_header, ctx.request_id))
+            sent = 0
+            async for chunk in response.aiter_body():
+                sent += len(chunk)
+                if limit is not None and sent > limit:
+                    raise UpstreamProtocolError(
+                        f"upstream {state.name!r} body exceeds {limit} bytes",
+                        upstream=state.name)
+                await ctx.send_body(chunk, more=True)
+            await ctx.send_body(b"", more=False)
+        return AttemptResult(None, status)
+
     async with upstream_call(ctx, ctx.request_scope, action.upstream, state,
                              settings.timeout) as call:
-        with traced_scope(ctx.trace, call, "attempt", f"{action.upstream}#1",
-                          attempt=1) as attempt:
-            headers = forward_headers(ctx, call)
-            async with state.pool.request(method, target, headers, body) as response:
-                attempt.note(status=response.status)
-                await ctx.start_response(response.status, downstream_response_headers(
-                    response.headers, rid_header, ctx.request_id))
-                sent = 0
-                async for chunk in response.aiter_body():
-                    sent += len(chunk)
-                    if limit is not None and sent > limit:
-                        raise UpstreamProtocolError(
-                            f"upstream {state.name!r} body exceeds {limit} bytes",
-                            upstream=state.name)
-                    await ctx.send_body(chunk, more=True)
-                await ctx.send_body(b"", more=False)
+        await run_attempts(ctx, call, state, settings, name=action.upstream, method=method,
+                           replayable=replayable, perform=perform)

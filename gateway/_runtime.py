@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._breaker import CircuitBreaker
 from ._limits import InflightGate, UpstreamLimiter
-from ._policy import CallSettings, Policy, UpstreamPolicy
+from ._metrics import METRICS
+from ._policy import CallSettings, Policy, RetryPolicy, UpstreamPolicy
+from ._retries import RetryBudget
 from ._routing import RouteTable
 from ._trace import TraceBuffer
 from .upstreams._http import HttpUpstreamPool, PoolLimits
@@ -36,6 +39,8 @@ class UpstreamState:
     name: str
     policy: UpstreamPolicy
     limiter: UpstreamLimiter
+    retry_budget: RetryBudget = field(default_factory=lambda: RetryBudget(0.2, 10.0))
+    breaker: CircuitBreaker | None = None
     pool: HttpUpstreamPool | None = None
     postgres: Any = None  # PostgresUpstream, kept untyped so only its module imports asyncpg
     users: int = 0  # snapshots referring to this state
@@ -48,6 +53,13 @@ def _pool_limits(policy: Policy, upstream: UpstreamPolicy) -> PoolLimits:
         connect_timeout_s=upstream.pool.connect_timeout,
         max_response_header_bytes=policy.server.limits.max_upstream_header_bytes,
     )
+
+
+def _upstream_retry_policy(policy: Policy, upstream: UpstreamPolicy) -> RetryPolicy:
+    """The budget of an upstream comes from its own call settings, else the defaults."""
+    if upstream.call is not None and upstream.call.retries is not None:
+        return upstream.call.retries
+    return policy.defaults.call.retries or RetryPolicy()
 
 
 def _connection_identity(upstream: UpstreamPolicy) -> tuple[Any, ...]:
@@ -103,13 +115,27 @@ class Runtime:
                                    queue_timeout_s=definition.limit.queue_timeout,
                                    retry_after_s=retry_after)
                 old.policy = definition
+                retry = _upstream_retry_policy(policy, definition)
+                old.retry_budget.reconfigure(retry.budget, retry.min_per_second)
+                if definition.circuit is None:
+                    old.breaker = None
+                elif old.breaker is None:
+                    old.breaker = CircuitBreaker(name, definition.circuit,
+                                                 on_transition=METRICS.breaker_transition)
+                else:
+                    old.breaker.reconfigure(definition.circuit)
                 upstreams[name] = old
                 continue
             limiter = UpstreamLimiter(name, concurrency=definition.limit.concurrency,
                                       queue=definition.limit.queue,
                                       queue_timeout_s=definition.limit.queue_timeout,
                                       retry_after_s=retry_after)
-            state = UpstreamState(name, definition, limiter)
+            retry = _upstream_retry_policy(policy, definition)
+            state = UpstreamState(name, definition, limiter,
+                                  retry_budget=RetryBudget(retry.budget, retry.min_per_second))
+            if definition.circuit is not None:
+                state.breaker = CircuitBreaker(name, definition.circuit,
+                                               on_transition=METRICS.breaker_transition)
             if definition.url is not None:
                 state.pool = HttpUpstreamPool(name, definition.url,
                                               _pool_limits(policy, definition))

@@ -1,0 +1,233 @@
+"""The attempts of one call: circuit breaker, retries within a budget, hedges.
+
+Every attempt runs in its own traced scope inside the call's nursery, so a losing
+hedge or a call that ends early can never leave an attempt behind. The rules:
+
+* the circuit breaker is asked before every attempt; refused → ``circuit_open``;
+* a failed attempt is retried only when the outcome is listed in ``retries.on``, the
+  method is idempotent (or the route opted in), the body can be sent again, attempts
+  are left, the retry budget allows it (else a span with cause ``retry_budget``), and
+  the remaining deadline covers the backoff plus one more try;
+* ``hedge_after`` starts another concurrent attempt when none has answered yet (at
+  most ``max_hedges``, each paid from the retry budget); the first attempt to
+  *claim* the answer wins and the others are cancelled with cause ``hedge_lost``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import trio
+
+from ._errors import (
+    CircuitOpen,
+    GatewayError,
+    Shed,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResetError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from ._policy import IDEMPOTENT_METHODS, CallSettings, RetryPolicy
+from ._retries import backoff_delay, is_retryable, may_retry_within
+from ._trace import TracedScope, traced_scope
+
+if TYPE_CHECKING:
+    from ._request import RequestContext
+    from ._runtime import UpstreamState
+
+T = TypeVar("T")
+_rng = random.Random()
+
+
+class RetryBudgetSpent(GatewayError):
+    """A retry or hedge was not sent: the upstream's retry budget is spent."""
+
+    status = 503
+    cause = "retry_budget"
+
+
+@dataclass(frozen=True)
+class AttemptResult(Generic[T]):
+    value: T
+    status: int | None = None  # the upstream's status, when it answered HTTP
+
+
+class Claim:
+    """The first attempt to claim the answer wins; the others are cancelled."""
+
+    def __init__(self) -> None:
+        self.winner: TracedScope | None = None
+        self.attempts: list[TracedScope] = []
+
+    def claim(self, attempt: TracedScope) -> bool:
+        if self.winner is None:
+            self.winner = attempt
+            for other in self.attempts:
+                if other is not attempt:
+                    other.cancel("hedge_lost", detail=attempt.span.name)
+            return True
+        return self.winner is attempt
+
+
+#: perform(attempt scope, claim, statuses to treat as retryable failures)
+Perform = Callable[[TracedScope, Claim, frozenset[int]], Awaitable[AttemptResult[T]]]
+
+
+def outcome_of(error: GatewayError) -> str | int | None:
+    """The retry condition an error matches (``connect``, ``reset``, ``timeout``, status)."""
+    if isinstance(error, UpstreamConnectError):
+        return "connect"
+    if isinstance(error, UpstreamResetError):
+        return "reset"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, UpstreamStatusError):
+        return error.upstream_status
+    if isinstance(error, UpstreamError):
+        return "reset"
+    return None
+
+
+def _is_breaker_failure(error: GatewayError) -> bool:
+    return isinstance(error, UpstreamError | UpstreamTimeout)
+
+
+async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamState,
+                       settings: CallSettings, *, name: str, method: str, replayable: bool,
+                       perform: Perform[T]) -> T:
+    """Run ``perform`` under the call's resilience rules; return the winning value."""
+    retry: RetryPolicy | None = settings.retries
+    allowed_retry = retry is not None and replayable and (
+        method in IDEMPOTENT_METHODS or retry.non_idempotent)
+    max_attempts = retry.attempts if (retry is not None and allowed_retry) else 1
+    hedge_after = settings.hedge_after if replayable and method in IDEMPOTENT_METHODS else None
+    max_hedges = settings.max_hedges if hedge_after is not None else 0
+    retry_statuses = frozenset(s for s in (retry.on if retry else ()) if isinstance(s, int))
+    budget = state.retry_budget
+    breaker = state.breaker
+    min_budget = ctx.policy.server.min_call_budget
+    budget.record_request(trio.current_time())
+
+    claim = Claim()
+    events_send, events_receive = trio.open_memory_channel[
+        tuple[TracedScope, AttemptResult[T] | GatewayError]](math.inf)
+    started = 0
+    hedges = 0
+    running = 0
+
+    async def attempt_task(number: int, task_status: trio.TaskStatus[TracedScope]) -> None:
+        per_try = retry.per_try_timeout if retry is not None else None
+        deadline = call.deadline if per_try is None else min(
+            call.deadline, trio.current_time() + per_try)
+        outcome: AttemptResult[T] | GatewayError
+        try:
+            with traced_scope(ctx.trace, call, "attempt", f"{name}#{number}", attempt=number,
+                              deadline=deadline) as attempt:
+                claim.attempts.append(attempt)
+                task_status.started(attempt)
+                if breaker is not None and not breaker.allow(trio.current_time()):
+                    raise CircuitOpen(f"circuit of upstream {state.name!r} is open",
+                                      retry_after_s=breaker.retry_after(trio.current_time()),
+                                      upstream=state.name)
+                last = number >= max_attempts and hedges >= max_hedges
+                result = await perform(attempt, claim,
+                                       frozenset() if last else retry_statuses)
+                if result.status is not None:
+                    attempt.note(status=result.status)
+            if attempt.cancel_cause is not None:  # lost a hedge race: not an outcome
+                if breaker is not None:
+                    breaker.record_ignored(trio.current_time())
+                return
+            if breaker is not None:
+                if result.status is not None and result.status >= 500:
+                    breaker.record_failure(trio.current_time())
+                else:
+                    breaker.record_success(trio.current_time())
+            outcome = result
+        except GatewayError as error:
+            if breaker is not None and not isinstance(error, CircuitOpen):
+                if _is_breaker_failure(error):
+                    breaker.record_failure(trio.current_time())
+                else:
+                    breaker.record_ignored(trio.current_time())
+            outcome = error
+        except trio.Cancelled:
+            if breaker is not None:
+                breaker.record_ignored(trio.current_time())
+            raise
+        events_send.send_nowait((attempt, outcome))
+
+    def refuse_retry() -> None:
+        """Record a retry (or hedge) the budget refused as its own cancelled span."""
+        try:
+            with traced_scope(ctx.trace, call, "attempt", f"{name}#{started + 1}",
+                              attempt=started + 1):
+                raise RetryBudgetSpent(f"retry budget of upstream {state.name!r} is spent",
+                                       upstream=state.name)
+        except RetryBudgetSpent:
+            pass
+
+    # Decisions are taken inside the nursery but raised outside it, so the caller sees
+    # the GatewayError itself, not an exception group.
+    value: T | None = None
+    failure: GatewayError | None = None
+    async with trio.open_nursery() as nursery:
+        started += 1
+        running += 1
+        await nursery.start(attempt_task, started)
+        while True:
+            wait_s = math.inf
+            if hedge_after is not None and hedges < max_hedges and claim.winner is None:
+                wait_s = hedge_after
+            with trio.move_on_after(wait_s) as timer:
+                attempt, outcome = await events_receive.receive()
+            if timer.cancelled_caught:
+                # Nobody answered within hedge_after: start a hedge if the budget allows.
+                if budget.try_spend(trio.current_time()):
+                    hedges += 1
+                    started += 1
+                    running += 1
+                    await nursery.start(attempt_task, started)
+                else:
+                    hedges = max_hedges  # no more hedges for this call
+                    refuse_retry()
+                continue
+            running -= 1
+            if isinstance(outcome, AttemptResult):
+                if claim.winner is None or claim.winner is attempt:
+                    claim.claim(attempt)
+                    value = outcome.value
+                    nursery.cancel_scope.cancel(reason="hedge_lost|" + attempt.span.label)
+                    break
+                continue
+            if running > 0:
+                continue  # a hedge is still trying
+            failure = outcome
+            if isinstance(outcome, CircuitOpen | Shed):
+                break
+            reason = outcome_of(outcome)
+            if (started >= max_attempts or retry is None or reason is None
+                    or not is_retryable(method=method, outcome=reason, policy=retry,
+                                        body_replayable=replayable)):
+                break
+            delay = backoff_delay(started, retry.backoff.low_s, retry.backoff.high_s, _rng)
+            remaining = call.deadline - trio.current_time()
+            if not may_retry_within(remaining, retry.per_try_timeout, delay, min_budget):
+                break
+            if not budget.try_spend(trio.current_time()):
+                refuse_retry()
+                break
+            failure = None
+            await trio.sleep(delay)
+            started += 1
+            running += 1
+            await nursery.start(attempt_task, started)
+    if failure is not None:
+        raise failure
+    return value  # type: ignore[return-value]
