@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 class GatewayError(Exception):
     """Base of every error the gateway answers with; carries status and cause."""
 
-    status: ClassVar[int] = 500
+    status: int = 500  # an instance may refine it (an upstream's own 5xx, say)
     cause: ClassVar[str] = "error"
 
     def __init__(self, message: str, *, retry_after_s: float | None = None, **detail: Any) -> None:
@@ -97,6 +97,10 @@ class UpstreamStatusError(UpstreamError):
     def __init__(self, message: str, *, upstream_status: int, **detail: Any) -> None:
         super().__init__(message, upstream_status=upstream_status, **detail)
         self.upstream_status = upstream_status
+        # A gateway-class 5xx the gateway could not retry away is reported as the upstream
+        # said it (a 503 stays a 503 for the client's own retry logic); the rest is a 502.
+        if upstream_status in (502, 503, 504):
+            self.status = upstream_status
 
 
 class UpstreamTimeout(GatewayError):

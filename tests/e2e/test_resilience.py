@@ -1,0 +1,152 @@
+"""Retries, budgets, hedges and the circuit breaker against real flaky upstreams."""
+
+import random
+
+import httpx
+import trio
+
+from tests.gateway_harness import run_gateway, trace_of
+from tests.upstream import start_upstream
+
+POLICY = """
+version: 1
+upstreams:
+  flaky:
+    url: "{url}"
+    limit: {{concurrency: 200, queue: 400, queue_timeout: 1s}}
+    call:
+      retries: {{attempts: 5, on: [connect, reset, 503], backoff: 1ms..5ms, budget: 50%,
+                 min_per_second: 1}}
+  broken:
+    url: "{url}"
+    limit: {{concurrency: 200, queue: 400, queue_timeout: 1s}}
+    call:
+      retries: {{attempts: 3, on: [503], backoff: 1ms..5ms, budget: 20%, min_per_second: 1}}
+    circuit: {{failure_ratio: 50%, window: 10s, min_requests: 20, open_for: 300ms,
+              half_open_probes: 2}}
+  tail:
+    url: "{url}"
+    call:
+      hedge_after: 100ms
+      max_hedges: 1
+      retries: {{attempts: 1, budget: 100%, min_per_second: 100}}
+routes:
+  - path: /flaky
+    deadline: 2s
+    proxy: {{upstream: flaky, path: "/flaky?fail_ratio=0.3&seed=7"}}
+  - path: /broken/{{rest*}}
+    deadline: 2s
+    proxy: {{upstream: broken, path: "/{{rest}}"}}
+  - path: /tail/{{n}}
+    deadline: 2s
+    proxy: {{upstream: tail, path: "/tail"}}
+  - path: /plain-tail/{{n}}
+    deadline: 2s
+    proxy: {{upstream: flaky, path: "/tail"}}
+"""
+
+
+async def fire(client: httpx.AsyncClient, path: str, count: int, concurrency: int,
+               latencies: list[float] | None = None) -> list[int]:
+    statuses: list[int] = []
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def one(index: int) -> None:
+        async with limiter:
+            started = trio.current_time()
+            response = await client.get(path.format(i=index))
+            statuses.append(response.status_code)
+            if latencies is not None:
+                latencies.append(trio.current_time() - started)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(count):
+            nursery.start_soon(one, index)
+    return statuses
+
+
+async def test_retries_hide_a_30_percent_failure_rate_within_the_budget():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw, gw.client() as client:
+            requests = 400
+            statuses = await fire(client, "/flaky", requests, 20)
+            success = statuses.count(200) / requests
+            attempts = upstream.attempts("/flaky")
+            assert success >= 0.99, statuses
+            # Extra load on the upstream stays within the 50% budget (+ the 1/s floor).
+            assert attempts <= requests * 1.5 + 10
+            assert attempts > requests  # retries really happened
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_dead_upstream_opens_the_breaker_within_budget_then_recovers():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw, gw.client() as client:
+            requests = 60
+            statuses = await fire(client, "/broken/status/503", requests, 1)
+            attempts = upstream.attempts("/status/503")
+            # Retries stayed within 20% of first attempts plus the floor (1/s for 10 s).
+            assert attempts <= requests * 1.2 + 10
+            # Once open, the breaker answers at once with 503 + Retry-After.
+            refused = await client.get("/broken/status/503")
+            assert refused.status_code == 503
+            assert refused.json()["cause"] == "circuit_open"
+            assert int(refused.headers["retry-after"]) >= 1
+            assert statuses.count(503) == requests, statuses
+            trace = await trace_of(gw, refused.json()["request_id"])
+            attempt = next(s for s in trace.root.walk() if s.kind == "attempt")
+            assert attempt.cause == "circuit_open"
+            before = upstream.attempts("/status/503")
+            assert upstream.attempts("/status/503") == before
+            # After open_for, half-open probes succeed against a healthy path: closed.
+            await trio.sleep(0.35)
+            assert (await client.get("/broken/users/1")).status_code == 200
+            assert (await client.get("/broken/users/2")).status_code == 200
+            breaker = gw.gateway.runtime.snapshot.upstreams["broken"].breaker
+            with trio.fail_after(1):  # the last probe is counted just after its response
+                while breaker.state.value != "closed":
+                    await trio.sleep(0.01)
+            assert (await client.get("/broken/users/3")).status_code == 200
+        nursery.cancel_scope.cancel()
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[int(len(ordered) * 0.99) - 1]
+
+
+async def test_hedging_cuts_the_tail_and_cancels_every_loser():
+    rng = random.Random(11)
+
+    async def slow_tail(request, respond) -> None:
+        """5 % of answers take 400 ms, the rest 5 ms: p99 far above p50."""
+        await trio.sleep(0.4 if rng.random() < 0.05 else 0.005)
+        await respond.json({"ok": True})
+
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=slow_tail)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw, gw.client() as client:
+            plain: list[float] = []
+            hedged: list[float] = []
+            await fire(client, "/plain-tail/{i}", 200, 5, plain)
+            upstream.reset_records()
+            statuses = await fire(client, "/tail/{i}", 200, 5, hedged)
+            assert statuses.count(200) == 200
+            assert p99(plain) > 0.3
+            assert p99(hedged) < p99(plain) / 2, (p99(hedged), p99(plain))
+            hedges = upstream.attempts("/tail") - 200
+            assert hedges > 0
+            # Every losing attempt was seen cancelled (its connection closed) upstream.
+            with trio.fail_after(2):
+                await upstream.wait_cancelled(hedges)
+            def losers() -> int:
+                traces = gw.gateway.runtime.traces.query(route="/tail/{n}", limit=200)
+                return sum(1 for t in traces for s in t.root.walk() if s.cause == "hedge_lost")
+
+            with trio.fail_after(2):  # the last traces are filed just after their responses
+                while losers() < hedges:
+                    await trio.sleep(0.01)
+            assert losers() == hedges
+        nursery.cancel_scope.cancel()
