@@ -238,11 +238,14 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
             return
         trace.status = error.status
         await send_error(send, error, request_id, rid_header)
-    except trio.Cancelled as cancelled:
-        trace.status = 499
-        trace.cause = "shutdown" if cancelled.source in ("deadline", "shutdown") else \
-            "client_disconnect"
-        raise
+    except BaseException as exc:
+        # Cancelled from outside the request (Hypercorn's graceful deadline on shutdown):
+        # nothing can be sent any more; the trace keeps the cause.
+        if trace.status is None:
+            root = trace.root
+            trace.cause = root.cause if root is not None and root.cause else "shutdown"
+            trace.status = 499 if trace.cause == "client_disconnect" else 503
+        raise exc
     finally:
         if entered:
             gate.leave()

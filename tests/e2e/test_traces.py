@@ -1,0 +1,178 @@
+"""One real request driven into each cancellation cause; the trace names the cause and
+the scope that fired, and the Prometheus counter on the admin bind counts it."""
+
+import re
+
+import httpx
+import trio
+
+from gateway._trace_view import render_traces_text
+from tests.gateway_harness import RunningGateway, run_gateway, trace_of, traces_with
+from tests.upstream import start_upstream
+
+POLICY = """
+version: 1
+server: {{max_inflight: 50}}
+upstreams:
+  a: {{url: "{url}", limit: {{concurrency: 1, queue: 0, queue_timeout: 10ms}}}}
+  b: {{url: "{url}"}}
+  hedged: {{url: "{url}", call: {{hedge_after: 50ms, retries: {{budget: 100%}}}}}}
+  stingy:
+    url: "{url}"
+    call: {{retries: {{attempts: 3, on: [503], backoff: 1ms..2ms, budget: 0%,
+                      min_per_second: 0}}}}
+  fragile:
+    url: "{url}"
+    circuit: {{consecutive_failures: 1, min_requests: 100, open_for: 10s}}
+routes:
+  - path: /request-deadline
+    deadline: 200ms
+    proxy: {{upstream: b, path: "/stall"}}
+  - path: /call-deadline
+    deadline: 2s
+    proxy: {{upstream: b, path: "/stall", timeout: 150ms}}
+  - path: /stall
+    deadline: 10s
+    proxy: {{upstream: b, path: "/stall"}}
+  - path: /one-slot
+    deadline: 10s
+    proxy: {{upstream: a, path: "/slow?ms=500"}}
+  - path: /fail-fast
+    deadline: 5s
+    fanout:
+      calls:
+        slow: {{upstream: b, path: "/stall"}}
+        broken: {{upstream: b, path: "/status/500"}}
+  - path: /first
+    deadline: 5s
+    fanout:
+      mode: first
+      calls:
+        quick: {{upstream: b, path: "/users/1"}}
+        stuck: {{upstream: b, path: "/stall"}}
+  - path: /hedged
+    deadline: 5s
+    proxy: {{upstream: hedged, path: "/slow-once"}}
+  - path: /stingy
+    deadline: 5s
+    proxy: {{upstream: stingy, path: "/status/503"}}
+  - path: /fragile
+    deadline: 5s
+    proxy: {{upstream: fragile, path: "/status/502"}}
+"""
+
+
+async def metric(gw: RunningGateway, cause: str, scope: str) -> float:
+    async with gw.admin() as admin:
+        text = (await admin.get("/metrics")).text
+    total = 0.0
+    pattern = re.compile(r'^gateway_cancellations_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
+    for line in text.splitlines():
+        match = pattern.match(line)
+        if match and f'cause="{cause}"' in match["labels"] and \
+                f'scope="{scope}"' in match["labels"]:
+            total += float(match["value"])
+    return total
+
+
+def spans_with(trace, cause: str) -> list:
+    return [s for s in trace.root.walk() if s.cause == cause]
+
+
+async def start(nursery: trio.Nursery):
+    slow_once = {"count": 0}
+
+    async def behaviour(request, respond) -> None:
+        if request.path == "/slow-once":
+            slow_once["count"] += 1
+            await trio.sleep(5 if slow_once["count"] == 1 else 0)
+            await respond.json({"attempt": slow_once["count"]})
+        else:
+            await respond.fallback()
+
+    return await start_upstream(nursery, behaviour=behaviour)
+
+
+async def test_every_cause_is_traced_and_counted():
+    async with trio.open_nursery() as nursery:
+        upstream = await start(nursery)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw, gw.client() as client:
+
+            async def check(path: str, status: int, cause: str, scope: str,
+                            headers: dict | None = None) -> None:
+                before = await metric(gw, cause, scope.split("#")[0])
+                response = await client.get(path, headers=headers or {})
+                assert response.status_code == status, (path, response.text)
+                trace = await trace_of(gw, response.headers["x-request-id"])
+                found = spans_with(trace, cause)
+                assert found, (path, trace.to_json())
+                assert any(s.fired_scope == scope for s in found), (path, trace.to_json())
+                assert await metric(gw, cause, scope.split("#")[0]) > before
+
+            # deadline of the request (policy) vs of a call, and from the client header
+            await check("/request-deadline", 504, "deadline", "request")
+            await check("/call-deadline", 504, "deadline", "call b")
+            trace = (await traces_with(gw, route="/request-deadline"))[0]
+            assert trace.deadline_source == "policy"
+            response = await client.get("/call-deadline",
+                                        headers={"x-request-timeout-ms": "80"})
+            header_trace = await trace_of(gw, response.headers["x-request-id"])
+            assert header_trace.deadline_source == "header"
+            assert spans_with(header_trace, "deadline")[0].fired_scope == "request"
+            # a failing sibling in a fail-fast fan-out, naming the sibling
+            await check("/fail-fast", 502, "sibling_failed", "call broken")
+            # the remaining calls once `first` has its answer
+            await check("/first", 200, "quorum_reached", "call quick")
+            # the losing hedge
+            await check("/hedged", 200, "hedge_lost", "attempt hedged#1")  # won by #2
+            # a retry the budget refused
+            await check("/stingy", 503, "retry_budget", "attempt stingy#2")
+            # an open circuit refuses the next call at once
+            assert (await client.get("/fragile")).status_code == 502
+            await check("/fragile", 503, "circuit_open", "attempt fragile#1")
+            # shed by a full queue (concurrency 1, queue 0)
+            async with trio.open_nursery() as holders:
+                holders.start_soon(client.get, "/one-slot")
+                await upstream.wait_for(lambda: upstream.in_flight >= 1)
+                await check("/one-slot", 503, "shed", "call a")
+
+            # client_disconnect: the client leaves while the upstream stalls
+            before = await metric(gw, "client_disconnect", "request")
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            await stream.send_all(b"GET /stall HTTP/1.1\r\nhost: t\r\n\r\n")
+            await upstream.wait_for(lambda: upstream.in_flight >= 1)
+            await stream.aclose()
+            trace = (await traces_with(gw, route="/stall", status=499))[0]
+            assert trace.cause == "client_disconnect"
+            assert spans_with(trace, "client_disconnect")[0].fired_scope == "request"
+            assert await metric(gw, "client_disconnect", "request") > before
+
+            # the terminal view renders the cancelled scopes and their causes
+            text = render_traces_text([t.to_json() for t in
+                                       gw.gateway.runtime.traces.query(limit=3)])
+            assert "cause=client_disconnect" in text and "GET /stall" in text
+        nursery.cancel_scope.cancel()
+
+
+async def test_shutdown_cancels_what_outlives_the_grace_period():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(POLICY.format(url=upstream.url), graceful_timeout=0.3) as gw:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+
+                async def stalled() -> None:
+                    try:
+                        await client.get("/stall")
+                    except httpx.TransportError:
+                        pass  # the connection is closed by the shutdown
+
+                async with trio.open_nursery() as clients:
+                    clients.start_soon(stalled)
+                    await upstream.wait_for(lambda: upstream.in_flight >= 1)
+                    gw.shutdown.set()
+                trace = (await traces_with(gw, route="/stall"))[0]
+                assert trace.cause == "shutdown"
+                assert trace.root.cause == "shutdown"
+                assert trace.root.fired_scope == "server"
+                await upstream.wait_cancelled()
+        nursery.cancel_scope.cancel()
