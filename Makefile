@@ -32,5 +32,8 @@ bench: $(STAMP) system-deps
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	$(PY) -m bench.run
 
+soak: $(STAMP)
+	$(PY) -m bench.soak
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache bench/work

@@ -16,6 +16,7 @@ from typing import Any
 
 import trio
 
+from . import _hypercorn_fixes
 from ._errors import BadRequest, GatewayError, NotFound
 from ._fanout import fanout
 from ._metrics import METRICS
@@ -27,6 +28,7 @@ from ._runtime import Runtime
 from ._trace import traced_scope
 
 log = logging.getLogger("gateway")
+_hypercorn_fixes.apply()
 
 #: How often the policy file is checked for changes (GATEWAY_POLICY_POLL_S overrides).
 POLICY_POLL_INTERVAL_S = float(os.environ.get("GATEWAY_POLICY_POLL_S", "1.0"))

@@ -7,6 +7,7 @@ caught them::
 
     GatewayError
     ├── BadRequest (400)               malformed input from the client
+    │   ├── RequestTimeout (408)       the body did not arrive within body_timeout
     │   ├── PayloadTooLarge (413)
     │   ├── UriTooLong (414)
     │   └── HeadersTooLarge (431)
@@ -48,6 +49,10 @@ class GatewayError(Exception):
 class BadRequest(GatewayError):
     status = 400
     cause = "bad_request"
+
+
+class RequestTimeout(BadRequest):
+    status = 408
 
 
 class PayloadTooLarge(BadRequest):

@@ -73,7 +73,11 @@ def upstream_request_headers(
     forwarded_proto = b""
     forwarded_host = b""
     host = b""
+    owned = _FORWARDED | {request_id_header} | drop
     for name, value in strip_hop_by_hop(headers):
+        # CGI/WSGI upstreams read X_Forwarded_For as X-Forwarded-For: no spoofing that way.
+        if b"_" in name and name.replace(b"_", b"-") in owned:
+            continue
         if name in _FORWARDED:
             if trusted_peer:
                 if name == b"x-forwarded-for":

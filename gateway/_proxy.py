@@ -21,6 +21,8 @@ from ._trace import TracedScope
 
 #: Largest request body held in memory so that a retry or hedge can send it again.
 REPLAYABLE_BODY_BYTES = 1024 * 1024
+#: Bodies up to this size are always read before an upstream slot is taken.
+BUFFERED_BODY_BYTES = 64 * 1024
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -48,7 +50,10 @@ async def proxy(ctx: RequestContext) -> None:
     if _has_body(ctx.scope["headers"]):
         declared = ctx.body.declared_length
         may_repeat = settings.retries is not None or settings.hedge_after is not None
-        if may_repeat and declared is not None and declared <= REPLAYABLE_BODY_BYTES:
+        if declared is not None and (declared <= BUFFERED_BODY_BYTES or (
+                may_repeat and declared <= REPLAYABLE_BODY_BYTES)):
+            # Read before taking an upstream slot: a slow client then holds no
+            # upstream connection while it trickles its body.
             body = await ctx.body.read()
         else:
             body, replayable = ctx.body, False

@@ -20,7 +20,14 @@ from typing import Any
 import trio
 
 from ._deadlines import RequestDeadline, effective_deadline, parse_deadline_header
-from ._errors import GatewayError, PayloadTooLarge, Shed, collapse_group
+from ._errors import (
+    GatewayError,
+    PayloadTooLarge,
+    RequestTimeout,
+    Shed,
+    collapse_group,
+)
+from ._guards import check_request_head
 from ._headers import request_id_from
 from ._metrics import METRICS
 from ._routing import RouteMatch
@@ -36,19 +43,31 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class RequestBody:
-    """The client's body as an async iterator, relayed by the receive task."""
+    """The client's body as an async iterator, relayed by the receive task.
+
+    The whole body must arrive within ``timeout_s`` of the request's start (a trickled
+    body is cut with 408) and within ``limit`` bytes (413).
+    """
 
     def __init__(self, receiver: trio.MemoryReceiveChannel[bytes], limit: int,
-                 declared_length: int | None) -> None:
+                 declared_length: int | None, timeout_s: float) -> None:
         self._receiver = receiver
         self._limit = limit
+        self._deadline = trio.current_time() + timeout_s
         self.declared_length = declared_length
         self.received = 0
         self.consumed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         self.consumed = True
-        async for chunk in self._receiver:
+        while True:
+            with trio.move_on_at(self._deadline) as waited:
+                try:
+                    chunk = await self._receiver.receive()
+                except trio.EndOfChannel:
+                    return
+            if waited.cancelled_caught:
+                raise RequestTimeout("the request body did not arrive in time")
             self.received += len(chunk)
             if self.received > self._limit:
                 raise PayloadTooLarge(f"the request body is larger than {self._limit} bytes")
@@ -125,7 +144,7 @@ async def send_error(send: Send, error: GatewayError, request_id: str,
         headers.append((b"retry-after", retry_after.encode()))
     if "allow" in error.detail:
         headers.append((b"allow", str(error.detail["allow"]).encode()))
-    if error.status in (400, 413, 414, 431):
+    if error.status in (400, 408, 413, 414, 431):
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -190,6 +209,7 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
     request_scope: TracedScope | None = None
     context: RequestContext | None = None
     try:
+        check_request_head(scope, server.limits)
         if not gate.try_enter():
             raise Shed("the gateway is at max_inflight", retry_after_s=server.shed_retry_after,
                        reason="max_inflight")
@@ -207,7 +227,7 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
             raise PayloadTooLarge(f"the request body ({declared} bytes) is larger than "
                                   f"{limit} bytes")
         sender, receiver = trio.open_memory_channel[bytes](1)
-        body = RequestBody(receiver, limit, declared)
+        body = RequestBody(receiver, limit, declared, server.limits.body_timeout)
         context = RequestContext(runtime, snapshot, scope, send, trace, request_id, match,
                                  deadline, body)
         with traced_scope(trace, None, "request", match.route.path, deadline=deadline.at,

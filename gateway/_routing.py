@@ -21,8 +21,9 @@ from ._policy import Route
 _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*?)\}")
 # Characters left as they are inside a substituted segment: unreserved plus a few
 # sub-delims that no common server treats specially in a path ("&", "=", "+" are
-# encoded because some frameworks give them meaning).
-_SEGMENT_SAFE = "-._~!$'()*,;:@"
+# encoded because some frameworks give them meaning, ";" because Tomcat and Jetty read
+# "..;" as "..").
+_SEGMENT_SAFE = "-._~!$'()*,:@"
 
 
 def normalize_path(raw_path: bytes) -> list[str]:

@@ -580,8 +580,19 @@ class HttpUpstreamPool:
                     upstream=self.name,
                 )
             size = len(response.reason) + 16
+            framing = 0
             for name, value in response.headers:
                 size += len(name) + len(value) + 4
+                if name == b"content-length":
+                    framing |= 1
+                elif name == b"transfer-encoding":
+                    framing |= 2
+            if framing == 3:
+                # Ambiguous framing (RFC 9112 §6.3): never relay it to a client.
+                raise UpstreamProtocolError(
+                    f"upstream {self.name!r} sent both Content-Length and Transfer-Encoding",
+                    upstream=self.name,
+                )
             if size > self.limits.max_response_header_bytes:
                 raise UpstreamProtocolError(
                     f"upstream {self.name!r} sent a response head over "

@@ -252,7 +252,7 @@ def _parse_head(head: bytes) -> RawResponse:
 
 
 @contextlib.asynccontextmanager
-async def connect(port: int, *, timeout_s: float = DEFAULT_TIMEOUT_S):  # noqa: ANN201
+async def connect(port: int, *, timeout_s: float = DEFAULT_TIMEOUT_S):
     """A raw connection to 127.0.0.1:port, closed (forcefully) when the block ends."""
     with trio.fail_after(timeout_s):
         stream = await trio.open_tcp_stream("127.0.0.1", port)

@@ -106,8 +106,8 @@ async def test_upstream_response_head_too_large_is_502():
                                   "/api/capped/endless-body"])
 async def test_upstream_body_over_max_response_body_aborts_the_client(path):
     async with stage() as s:
-        response, closed = await exchange(s.port, request_bytes("GET", path),
-                                          max_body=4 * 1024 * 1024)
+        response, _ = await exchange(s.port, request_bytes("GET", path),
+                                     max_body=4 * 1024 * 1024)
         assert response is not None and response.status == 200
         assert not response.complete, "an oversized body must not end cleanly"
         assert response.ending in ("eof", "reset")

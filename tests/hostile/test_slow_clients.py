@@ -88,14 +88,15 @@ async def test_a_thousand_slow_connections_do_not_block_normal_requests():
                         await stream.send_all(b"GET /api/up/ok HTTP/1.1\r\nHost: a\r\nX-")
                     elif n % 3 == 2:
                         await stream.send_all(request_bytes(
-                            "POST", "/api/long/ok", [("Content-Length", "100000")], b"x" * 10))
+                            "POST", "/api/long/ok", [("Content-Length", "1000")], b"x" * 10))
             # Every normal request is still answered promptly.
             for _ in range(20):
                 started = trio.current_time()
                 async with connect(s.port) as conn:
                     await conn.send(NORMAL)
                     response = await conn.read_response(timeout_s=5)
-                assert response is not None and response.status == 200
+                assert response is not None, "no answer while slow clients are connected"
+                assert response.status == 200, response.body
                 assert trio.current_time() - started < 1.0
         finally:
             for stream in streams:

@@ -1,0 +1,96 @@
+"""Headers: a forwarding chain from an untrusted peer is dropped (the upstream's chain
+starts at the real peer), the client's deadline header only ever shortens the deadline,
+and ``Host`` plays no part in routing."""
+
+import json
+
+import pytest
+
+from tests.hostile import stage
+from tests.hostile.rawclient import exchange, request_bytes
+
+SPOOFED = [("X-Forwarded-For", "6.6.6.6, 7.7.7.7"), ("X-Forwarded-Proto", "https"),
+           ("X-Forwarded-Host", "evil.example"), ("Forwarded", "for=6.6.6.6;proto=https"),
+           ("X-FORWARDED-FOR", "8.8.8.8")]
+
+
+async def test_forwarding_chain_from_untrusted_peer_is_replaced():
+    async with stage() as s:
+        response, _ = await exchange(s.port, request_bytes("GET", "/api/up/headers", SPOOFED))
+        assert response is not None and response.status == 200
+        (seen,) = s.upstream.requests
+        assert seen.header_values("x-forwarded-for") == ["127.0.0.1"]
+        assert seen.header_values("x-forwarded-proto") == ["http"]
+        assert seen.header_values("x-forwarded-host") == ["gateway.test"]
+        assert seen.header_values("forwarded") == []
+        await s.assert_serves()
+
+
+async def test_forwarding_chain_from_trusted_peer_is_extended():
+    async with stage(server="  trusted_proxies: [127.0.0.1/32]\n") as s:
+        response, _ = await exchange(s.port, request_bytes("GET", "/api/up/headers", SPOOFED))
+        assert response is not None and response.status == 200
+        (seen,) = s.upstream.requests
+        (chain,) = seen.header_values("x-forwarded-for")
+        assert chain.endswith(", 127.0.0.1") and chain.startswith("6.6.6.6, 7.7.7.7")
+
+
+@pytest.mark.parametrize("name", ["X_Forwarded_For", "x_forwarded_proto", "X_Forwarded_Host",
+                                  "X_Request_Timeout_Ms", "x_request_id"])
+async def test_underscore_spellings_of_gateway_headers_are_not_forwarded(name):
+    # CGI/WSGI servers map "X_Forwarded_For" and "X-Forwarded-For" to the same
+    # HTTP_X_FORWARDED_FOR variable: forwarding the underscore form lets a client
+    # spoof what the gateway just replaced (nginx drops such headers by default).
+    async with stage() as s:
+        response, _ = await exchange(s.port, request_bytes(
+            "GET", "/api/up/headers", [(name, "999999")]))
+        assert response is not None and response.status in (200, 400), response
+        if response.status == 200:
+            (seen,) = s.upstream.requests
+            names = [key for key, _ in seen.headers]
+            assert name.lower() not in names, seen.headers
+        else:
+            assert s.upstream.requests == []
+        await s.assert_serves()
+
+
+@pytest.mark.parametrize(("sent", "most"), [("100000", 2000), ("300", 300), ("0", 0)])
+async def test_deadline_header_only_shortens(sent, most):
+    async with stage() as s:  # the route's deadline is the default, 2 s
+        response, _ = await exchange(s.port, request_bytes(
+            "GET", "/api/up/headers", [("x-request-timeout-ms", sent)]))
+        assert response is not None
+        if most == 0:
+            assert response.status == 504, response
+            assert s.upstream.requests == []
+            return
+        assert response.status == 200
+        (seen,) = s.upstream.requests
+        (budget,) = seen.header_values("x-request-timeout-ms")
+        assert 0 < int(budget) <= most
+
+
+@pytest.mark.parametrize("values", [["100", "100000"], ["abc"], ["-1"], ["1e9"], [" 5 0"]])
+async def test_malformed_deadline_header_is_400(values):
+    async with stage() as s:
+        response, _ = await exchange(s.port, request_bytes(
+            "GET", "/api/up/headers", [("x-request-timeout-ms", v) for v in values]))
+        assert response is not None and response.status == 400, response
+        assert s.upstream.requests == []
+        await s.assert_serves()
+
+
+@pytest.mark.parametrize("host", ["admin.internal", "127.0.0.1:{admin_port}", "localhost",
+                                  "evil.example:80", ""])
+async def test_host_is_not_used_for_routing(host):
+    async with stage() as s:
+        host_value = host.format(admin_port=s.gw.admin_port)
+        ok, _ = await exchange(s.port, request_bytes("GET", "/api/up/headers",
+                                                     [("Host", host_value)]))
+        assert ok is not None and ok.status == 200, ok
+        assert s.upstream.requests[-1].target == "/headers"
+        assert s.upstream.requests[-1].header("host") != host_value or not host_value
+        admin, _ = await exchange(s.port, request_bytes("GET", "/healthz",
+                                                        [("Host", host_value)]))
+        assert admin is not None and admin.status == 404
+        assert json.loads(admin.body)["cause"] == "no_route"

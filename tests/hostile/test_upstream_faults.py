@@ -1,0 +1,109 @@
+"""Upstream faults: refused, reset before the head, reset mid-body, garbage, a head that
+never ends, an endless body. Before the response starts the client gets a 502 (or a
+504 when the deadline fires first); once streaming began, the client connection is
+aborted so the client sees an incomplete body. After each fault the pool holds no
+connection and a normal request succeeds."""
+
+import json
+
+import pytest
+import trio
+
+from tests.hostile import stage
+from tests.hostile.rawclient import connect, exchange, request_bytes
+from tests.upstream import Responder, SeenRequest
+
+
+async def misbehave(request: SeenRequest, respond: Responder) -> None:
+    if request.path == "/head-stalls":
+        await respond.send_raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Half")
+        await trio.sleep_forever()
+    elif request.path == "/bad-status":
+        await respond.send_raw(b"HTTP/1.1 2OO OK\r\nContent-Length: 0\r\n\r\n")
+        await respond.close()
+    elif request.path == "/bad-chunk":
+        await respond.send_raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"5\r\nhello\r\nzz\r\n")
+        await respond.close()
+    elif request.path == "/smuggle-response":
+        await respond.send_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        await respond.close()
+    else:
+        await respond.fallback()
+
+
+BEFORE_STREAMING = {
+    # path: (status, cause)
+    "/api/dead": (502, "upstream_connect"),
+    "/api/up/reset": (502, "upstream_reset"),
+    "/api/up/garbage": (502, "upstream_protocol"),
+    "/api/up/bad-status": (502, "upstream_protocol"),
+    "/api/up/endless-headers": (502, "upstream_protocol"),
+    "/api/up/head-stalls": (504, "deadline"),
+    "/api/up/smuggle-response": (502, "upstream_protocol"),
+}
+
+
+@pytest.mark.parametrize("path", sorted(BEFORE_STREAMING))
+async def test_fault_before_the_response_is_a_clean_error(path):
+    status, cause = BEFORE_STREAMING[path]
+    async with stage() as s:
+        s.upstream.behaviour = misbehave
+        response, _ = await exchange(s.port, request_bytes(
+            "GET", path, [("x-request-timeout-ms", "500")]))
+        assert response is not None and response.status == status, response
+        assert response.complete
+        assert json.loads(response.body)["cause"] == cause
+        await s.settle()
+        assert s.pool_statistics().active == 0
+        assert s.pool_statistics("dead").active == 0
+        await s.assert_serves()
+
+
+@pytest.mark.parametrize("path", ["/api/up/reset-mid-body", "/api/up/bad-chunk"])
+async def test_fault_while_streaming_aborts_the_client(path):
+    async with stage() as s:
+        s.upstream.behaviour = misbehave
+        response, closed = await exchange(s.port, request_bytes("GET", path))
+        assert response is not None and response.status == 200
+        assert not response.complete, "a broken upstream body must not end cleanly"
+        assert response.ending in ("eof", "reset")
+        assert closed in ("eof", "reset")
+        await s.settle()
+        assert s.pool_statistics().active == 0
+        await s.assert_serves()
+
+
+@pytest.mark.parametrize("route", ["/api/up", "/api/capped"])
+async def test_endless_body_is_bounded(route):
+    # Without max_response_body the gateway streams for as long as the client reads:
+    # the client bounds its read and leaves; the gateway must then let go upstream.
+    async with stage() as s:
+        async with connect(s.port) as conn:
+            await conn.send(request_bytes("GET", route + "/endless-body"))
+            response = await conn.read_response(max_body=2 * 1024 * 1024, timeout_s=5)
+        assert response is not None and response.status == 200
+        assert not response.complete
+        if route == "/api/capped":
+            assert response.ending in ("eof", "reset")
+        else:
+            assert response.ending == "limit"
+        await s.settle()
+        stats = s.pool_statistics()
+        assert stats.active == 0 and stats.idle == 0, stats
+        with trio.fail_after(5):
+            await s.upstream.wait_cancelled(1)
+        await s.assert_serves()
+
+
+async def test_client_leaving_mid_stream_frees_the_pool():
+    async with stage() as s:
+        for _ in range(5):
+            async with connect(s.port) as conn:
+                await conn.send(request_bytes("GET", "/api/up/download?bytes=5000000"))
+                await conn.read_response(max_body=100_000)
+                conn.abort()
+        await s.settle()
+        assert s.pool_statistics().active == 0
+        await s.assert_serves()
