@@ -94,6 +94,7 @@ class Gateway:
         """Open what lives as long as the worker, inside the app nursery."""
         self._nursery = nursery
         await self._start_postgres(self.runtime.snapshot.upstreams.values())
+        nursery.start_soon(self.runtime.loop_lag.run)
         if self.watch_policy:
             nursery.start_soon(self._watch_policy_file)
             nursery.start_soon(self._reload_on_sighup)

@@ -53,6 +53,9 @@ class Metrics:
             ["upstream", "kind"])
         self.hedges = Counter("gateway_hedges_total", "Hedge races, by upstream and result",
                               ["upstream", "result"])
+        self.loop_lag = Gauge("gateway_event_loop_lag_seconds",
+                              "How late the worker's event loop wakes tasks (smoothed)",
+                              multiprocess_mode="max")
         self.reloads = Counter("gateway_policy_reloads_total", "Policy reloads, by result",
                                ["result"])
 
@@ -73,6 +76,7 @@ class Metrics:
 
     def refresh(self, runtime: Runtime) -> None:
         """Copy point-in-time figures (limiter state) into gauges before a scrape."""
+        self.loop_lag.set(runtime.loop_lag.lag_s)
         for name, state in runtime.snapshot.upstreams.items():
             stats = state.limiter.statistics()
             self.in_flight.labels(name).set(stats.in_flight)

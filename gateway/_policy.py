@@ -99,6 +99,9 @@ class ServerPolicy(_Model):
         0.002, description="A call with less budget left than this is not sent (504).")
     max_inflight: int = Field(4000, ge=1, description="Requests per worker before 503 at the door.")
     shed_retry_after: Duration = Field(1.0, description="Retry-After of a 503 from shedding.")
+    max_loop_lag: Duration | None = Field(
+        None, description="Shed new requests (503) while the worker's event loop runs "
+        "later than this (CPU overload); unset: never.")
     request_id_header: str = Field("x-request-id", description="Kept when sane, else generated.")
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = Field(
         (), description="Peers whose X-Forwarded-* chain is trusted (CIDR).")

@@ -42,6 +42,19 @@ access_log = logging.getLogger("gateway.access")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
+async def send_shielded(send: Send, message: dict[str, Any]) -> None:
+    """Send one ASGI message where no cancellation can interrupt it.
+
+    Hypercorn's ``app_send`` moves h11's state before its first checkpoint; a cancel
+    landing there leaves Hypercorn and h11 out of step, and the connection task then
+    crashes the worker (``LocalProtocolError`` when it tries to answer 500). Hypercorn
+    already shields the socket write itself, so this adds no new way to block; the
+    cancellation is delivered at the next checkpoint after the send.
+    """
+    with trio.CancelScope(shield=True):
+        await send(message)
+
+
 class RequestBody:
     """The client's body as an async iterator, relayed by the receive task.
 
@@ -105,14 +118,16 @@ class RequestContext:
     async def start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.response_started = True
         self.status = status
-        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        await send_shielded(self._send, {"type": "http.response.start", "status": status,
+                                         "headers": headers})
 
     async def send_body(self, data: bytes, *, more: bool) -> None:
         if not more:
             # Hypercorn answers the final body with ``http.disconnect`` on the receive
             # channel; from here on that message means "done", not "client gone".
             self.response_complete = True
-        await self._send({"type": "http.response.body", "body": data, "more_body": more})
+        await send_shielded(self._send,
+                            {"type": "http.response.body", "body": data, "more_body": more})
 
     async def send_json(self, status: int, payload: Any,
                         extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -146,8 +161,9 @@ async def send_error(send: Send, error: GatewayError, request_id: str,
         headers.append((b"allow", str(error.detail["allow"]).encode()))
     if error.status in (400, 408, 413, 414, 431):
         headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send_shielded(send, {"type": "http.response.start", "status": error.status,
+                               "headers": headers})
+    await send_shielded(send, {"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
@@ -214,6 +230,10 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
             raise Shed("the gateway is at max_inflight", retry_after_s=server.shed_retry_after,
                        reason="max_inflight")
         entered = True
+        if runtime.loop_lag.overloaded(server.max_loop_lag):
+            gate.shed_total += 1
+            raise Shed("the gateway is overloaded", retry_after_s=server.shed_retry_after,
+                       reason="loop_lag")
         match = snapshot.routes.match(method, raw_path)
         trace.route = match.route.path
         now = trio.current_time()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._breaker import CircuitBreaker
-from ._limits import InflightGate, UpstreamLimiter
+from ._limits import InflightGate, LoopLagMonitor, UpstreamLimiter
 from ._metrics import METRICS
 from ._policy import CallSettings, Policy, RetryPolicy, UpstreamPolicy
 from ._retries import RetryBudget
@@ -96,6 +96,7 @@ class Runtime:
     def __init__(self, loaded: LoadedPolicy) -> None:
         policy = loaded.policy
         self.gate = InflightGate(policy.server.max_inflight)
+        self.loop_lag = LoopLagMonitor()
         self.traces = TraceBuffer(policy.server.trace_buffer if policy.server.tracing else 0)
         self.snapshot = self._build(loaded, {})
         self.reloads = 0

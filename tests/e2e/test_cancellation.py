@@ -6,6 +6,7 @@ in the same process) with generous bounds; nothing sleeps and hopes.
 
 import json
 import socket
+import time
 
 import httpx
 import trio
@@ -236,3 +237,38 @@ def test_task_count_helper_is_not_trivially_flat():
 
 
 __all__ = ["json", "socket"]
+
+
+async def test_a_lagging_event_loop_sheds_at_the_door():
+    async with trio.open_nursery() as nursery:
+        a, b, c = [await start_upstream(nursery) for _ in range(3)]
+        text = policy(a.url, b.url, c.url).replace(
+            "max_inflight: 1000", "max_inflight: 1000\n  max_loop_lag: 20ms")
+        async with run_gateway(text) as gw, gw.client() as client:
+            assert (await client.get("/long/users/1")).status_code == 200
+            hogging = trio.Event()
+            stop = trio.Event()
+
+            async def hog() -> None:
+                """Block the loop on purpose, as CPU-bound overload would."""
+                while not stop.is_set():
+                    time.sleep(0.05)  # noqa: ASYNC251 - the blocking is the point
+                    hogging.set()
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(hog)
+            await hogging.wait()
+            with trio.fail_after(5):
+                while gw.gateway.runtime.loop_lag.lag_s <= 0.02:
+                    await trio.sleep(0.01)
+            shed = await client.get("/long/users/1")
+            assert shed.status_code == 503
+            assert shed.json()["cause"] == "shed"
+            assert "overloaded" in shed.json()["error"]
+            assert a.requests[-1].target == "/users/1" and len(a.requests) == 1
+            stop.set()
+            with trio.fail_after(5):
+                while gw.gateway.runtime.loop_lag.lag_s > 0.02:
+                    await trio.sleep(0.01)
+            assert (await client.get("/long/users/2")).status_code == 200
+        nursery.cancel_scope.cancel()
