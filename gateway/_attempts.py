@@ -98,6 +98,18 @@ def _is_breaker_failure(error: GatewayError) -> bool:
     return isinstance(error, UpstreamError | UpstreamTimeout)
 
 
+async def _single_attempt(ctx: RequestContext, call: TracedScope, name: str,
+                          perform: Perform[T]) -> T:
+    """The common case (no retry, hedge or breaker): one attempt in the caller's task,
+    without the coordinator's nursery, task and channel."""
+    with traced_scope(ctx.trace, call, "attempt", f"{name}#1", attempt=1,
+                      deadline=call.deadline) as attempt:
+        result = await perform(attempt, Claim(), frozenset())
+        if result.status is not None:
+            attempt.note(status=result.status)
+    return result.value
+
+
 async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamState,
                        settings: CallSettings, *, name: str, method: str, replayable: bool,
                        perform: Perform[T]) -> T:
@@ -113,6 +125,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     breaker = state.breaker
     min_budget = ctx.policy.server.min_call_budget
     budget.record_request(trio.current_time())
+    if max_attempts == 1 and hedge_after is None and breaker is None:
+        return await _single_attempt(ctx, call, name, perform)
 
     claim = Claim()
     events_send, events_receive = trio.open_memory_channel[

@@ -43,13 +43,15 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 async def send_shielded(send: Send, message: dict[str, Any]) -> None:
-    """Send one ASGI message where no cancellation can interrupt it.
+    """Send ``http.response.start`` where no cancellation can interrupt it.
 
     Hypercorn's ``app_send`` moves h11's state before its first checkpoint; a cancel
     landing there leaves Hypercorn and h11 out of step, and the connection task then
     crashes the worker (``LocalProtocolError`` when it tries to answer 500). Hypercorn
     already shields the socket write itself, so this adds no new way to block; the
-    cancellation is delivered at the next checkpoint after the send.
+    cancellation is delivered at the next checkpoint after the send. Body messages
+    need no shield: a cancel between h11 and Hypercorn there only ends the response
+    early, which the client sees as a truncated body.
     """
     with trio.CancelScope(shield=True):
         await send(message)
@@ -126,8 +128,7 @@ class RequestContext:
             # Hypercorn answers the final body with ``http.disconnect`` on the receive
             # channel; from here on that message means "done", not "client gone".
             self.response_complete = True
-        await send_shielded(self._send,
-                            {"type": "http.response.body", "body": data, "more_body": more})
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
     async def send_json(self, status: int, payload: Any,
                         extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -163,7 +164,7 @@ async def send_error(send: Send, error: GatewayError, request_id: str,
         headers.append((b"connection", b"close"))
     await send_shielded(send, {"type": "http.response.start", "status": error.status,
                                "headers": headers})
-    await send_shielded(send, {"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -1,0 +1,100 @@
+"""A/B cost of one gateway feature on the same run: tracing on vs off, by default.
+
+Starts the nginx upstream of ``make bench`` and the gateway (1 worker) twice per round
+with policies that differ only in the feature, interleaving the variants (A B A B …)
+so that drift of a noisy machine hits both alike. Each measurement is wrk at 64
+connections on ``/api/fast``; the figures are req/s and the worker's CPU per request
+(from /proc), reported as medians and as the ratio B/A.
+
+    .venv/bin/python -m bench.overhead                 # tracing, 3 rounds of 8 s
+    .venv/bin/python -m bench.overhead --rounds 5 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from bench import _procs, _wrk
+from bench._services import WORK, Service
+from bench._systems import nginx_upstream
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT = 18190
+ADMIN_PORT = 18191
+BASE_POLICY = (ROOT / "bench" / "gateway.yaml").read_text()
+
+VARIANTS = {
+    "tracing": ("tracing: true", "tracing: false"),
+}
+CONNECTIONS = 64
+
+
+def _policy(text: str, name: str) -> Path:
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / f"overhead-{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def _gateway(policy: Path, name: str) -> Service:
+    argv = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy),
+            "--config", str(ROOT / "bench" / "hypercorn-1.toml"),
+            "--bind", f"127.0.0.1:{PORT}", "--admin-bind", f"127.0.0.1:{ADMIN_PORT}"]
+    return Service(f"overhead-{name}", argv, PORT, "/api/fast")
+
+
+def measure(policy: Path, name: str, seconds: float) -> tuple[float, float]:
+    """(req/s, worker CPU ms per request) of one gateway run."""
+    service = _gateway(policy, name)
+    service.start()
+    try:
+        warm = _wrk.command(f"http://127.0.0.1:{PORT}/api/fast", CONNECTIONS, 2, 5, threads=1)
+        _wrk.run(warm, 2)
+        before = _procs.cpu_seconds(service.pid)
+        result = _wrk.run(_wrk.command(f"http://127.0.0.1:{PORT}/api/fast", CONNECTIONS,
+                                       seconds, 5, threads=1), seconds)
+        cpu = _procs.cpu_seconds(service.pid) - before
+    finally:
+        service.stop()
+    return result.requests / seconds, 1000 * cpu / max(result.requests, 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--feature", choices=sorted(VARIANTS), default="tracing")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    global CONNECTIONS
+    CONNECTIONS = args.connections
+    on_text, off_text = VARIANTS[args.feature]
+    assert on_text in BASE_POLICY, f"bench/gateway.yaml must contain {on_text!r}"
+    policies = {"on": _policy(BASE_POLICY, "on"),
+                "off": _policy(BASE_POLICY.replace(on_text, off_text), "off")}
+    upstream = nginx_upstream()
+    upstream.start()
+    figures: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
+    try:
+        for round_ in range(args.rounds):
+            for name in ("off", "on") if round_ % 2 else ("on", "off"):
+                figures[name].append(measure(policies[name], name, args.seconds))
+                rps, cpu = figures[name][-1]
+                print(f"round {round_ + 1} {args.feature} {name:>3}: {rps:8.0f} req/s "
+                      f"{cpu:.3f} ms CPU/request", flush=True)
+    finally:
+        upstream.stop()
+    med = {name: (statistics.median(r for r, _ in values),
+                  statistics.median(c for _, c in values)) for name, values in figures.items()}
+    print(f"\n{args.feature}: off {med['off'][0]:.0f} req/s {med['off'][1]:.3f} ms/req | "
+          f"on {med['on'][0]:.0f} req/s {med['on'][1]:.3f} ms/req")
+    print(f"throughput ratio on/off = {med['on'][0] / med['off'][0]:.3f}; "
+          f"CPU per request ratio on/off = {med['on'][1] / med['off'][1]:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
