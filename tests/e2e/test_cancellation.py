@@ -4,8 +4,6 @@ Timing assertions compare timestamps the upstream recorded (``trio.current_time(
 in the same process) with generous bounds; nothing sleeps and hopes.
 """
 
-import json
-import socket
 import time
 
 import httpx
@@ -235,8 +233,6 @@ def test_task_count_helper_is_not_trivially_flat():
     before, during = trio.run(main)
     assert during == before + 2
 
-
-__all__ = ["json", "socket"]
 
 
 async def test_a_lagging_event_loop_sheds_at_the_door():
