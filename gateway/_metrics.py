@@ -56,6 +56,10 @@ class Metrics:
         self.loop_lag = Gauge("gateway_event_loop_lag_seconds",
                               "How late the worker's event loop wakes tasks (smoothed)",
                               multiprocess_mode="max")
+        self.pool_connections = Gauge(
+            "gateway_upstream_connections",
+            "Upstream pool connections, by upstream and state (active, idle, waiting)",
+            ["upstream", "state"], multiprocess_mode="livesum")
         self.reloads = Counter("gateway_policy_reloads_total", "Policy reloads, by result",
                                ["result"])
 
@@ -81,6 +85,16 @@ class Metrics:
             stats = state.limiter.statistics()
             self.in_flight.labels(name).set(stats.in_flight)
             self.queued.labels(name).set(stats.queued)
+            if state.pool is not None:
+                pool = state.pool.statistics()
+                self.pool_connections.labels(name, "active").set(pool.active)
+                self.pool_connections.labels(name, "idle").set(pool.idle)
+                self.pool_connections.labels(name, "waiting").set(pool.waiting)
+            if state.postgres is not None:
+                pg = state.postgres.statistics()
+                self.pool_connections.labels(name, "active").set(pg.in_use)
+                self.pool_connections.labels(name, "idle").set(pg.idle)
+                self.pool_connections.labels(name, "waiting").set(pg.waiting)
 
 
 METRICS = Metrics()

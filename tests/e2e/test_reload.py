@@ -153,3 +153,57 @@ async def test_rewrites_and_sighup_with_two_workers(tmp_path: Path):
             assert failures == []
             assert served.process.poll() is None
         nursery.cancel_scope.cancel()
+
+
+async def test_removed_upstream_drains_then_its_pool_closes(tmp_path: Path):
+    two = """
+version: 1
+upstreams:
+  users: {{url: "{url}"}}
+  legacy: {{url: "{url}"}}
+routes:
+  - path: /api/users/{{id}}
+    proxy: {{upstream: users, path: "/users/{{id}}"}}
+  - path: /legacy/{{rest*}}
+    deadline: 10s
+    proxy: {{upstream: legacy, path: "/{{rest}}"}}
+"""
+    one = """
+version: 1
+upstreams:
+  users: {{url: "{url}"}}
+routes:
+  - path: /api/users/{{id}}
+    proxy: {{upstream: users, path: "/users/{{id}}"}}
+"""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        path = tmp_path / "policy.yaml"
+        async with run_gateway(two.format(url=upstream.url), policy_path=path,
+                               watch_policy=True) as gw, gw.client() as client:
+            runtime = gw.gateway.runtime
+            users = runtime.snapshot.upstreams["users"]
+            legacy = runtime.snapshot.upstreams["legacy"]
+            result = {}
+
+            async def in_flight() -> None:
+                result["response"] = await client.get("/legacy/slow?ms=600")
+
+            async with trio.open_nursery() as clients:
+                clients.start_soon(in_flight)
+                await upstream.wait_for(lambda: upstream.in_flight >= 1)
+                write_atomically(path, one.format(url=upstream.url))
+                with trio.fail_after(5):
+                    while "legacy" in runtime.snapshot.upstreams:
+                        await trio.sleep(0.01)
+                # New requests no longer reach the removed route; the old one finishes.
+                assert (await client.get("/legacy/users/1")).status_code == 404
+                assert legacy.pool._closed is False
+            assert result["response"].status_code == 200
+            with trio.fail_after(5):  # closed once the old snapshot drained
+                while not legacy.pool._closed:
+                    await trio.sleep(0.01)
+            assert runtime.snapshot.upstreams["users"] is users
+            assert users.pool._closed is False
+            assert (await client.get("/api/users/3")).status_code == 200
+        nursery.cancel_scope.cancel()

@@ -64,6 +64,10 @@ async def test_sql_route_binds_parameters_and_answers_json(database):
                                       "score": {"score": "12.50"}}
             async with gw.admin() as admin:
                 assert (await admin.get("/readyz")).json()["checks"]["db"] == "ok"
+                metrics = (await admin.get("/metrics")).text
+                assert 'gateway_upstream_connections{state="idle",upstream="db"}' in metrics
+                assert 'gateway_upstream_connections{state="waiting",upstream="db"} 0.0' \
+                    in metrics
         nursery.cancel_scope.cancel()
 
 

@@ -176,3 +176,24 @@ async def test_shutdown_cancels_what_outlives_the_grace_period():
                 assert trace.root.fired_scope == "server"
                 await upstream.wait_cancelled()
         nursery.cancel_scope.cancel()
+
+
+async def test_secrets_never_enter_traces_or_logs(caplog):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw, gw.client() as client:
+            with caplog.at_level("INFO", logger="gateway.access"):
+                response = await client.get(
+                    "/request-deadline?token=s3cret-query",
+                    headers={"authorization": "Bearer s3cret-token",
+                             "cookie": "session=s3cret-cookie"})
+                assert response.status_code == 504
+                trace = await trace_of(gw, response.headers["x-request-id"])
+            # The upstream did get them: redaction is about what the gateway records.
+            assert upstream.requests[-1].header("authorization") == "Bearer s3cret-token"
+            recorded = str(trace.to_json()) + caplog.text
+            assert "access" in caplog.text or trace.request_id in caplog.text
+            assert "s3cret" not in recorded
+            async with gw.admin() as admin:
+                assert "s3cret" not in (await admin.get("/traces")).text
+        nursery.cancel_scope.cancel()

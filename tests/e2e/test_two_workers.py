@@ -1,0 +1,93 @@
+"""The core claims with `workers = 2`: deadline, disconnect, shedding, and one metrics
+scrape that sums both workers."""
+
+import re
+from pathlib import Path
+
+import httpx
+import trio
+
+from tests.process_harness import serve_process
+from tests.upstream import start_upstream
+
+POLICY = """
+version: 1
+upstreams:
+  users: {{url: "{url}", limit: {{concurrency: 2, queue: 0, queue_timeout: 10ms}}}}
+routes:
+  - path: /api/{{rest*}}
+    deadline: 300ms
+    proxy: {{upstream: users, path: "/{{rest}}"}}
+  - path: /long/{{rest*}}
+    deadline: 10s
+    proxy: {{upstream: users, path: "/{{rest}}"}}
+"""
+
+
+def total(metrics: str, name: str, **labels: str) -> float:
+    found = 0.0
+    for line in metrics.splitlines():
+        match = re.match(rf"^{name}\{{(?P<labels>.*)\}} (?P<value>\S+)$", line)
+        if match and all(f'{k}="{v}"' in match["labels"] for k, v in labels.items()):
+            found += float(match["value"])
+    return found
+
+
+async def test_core_claims_hold_with_two_workers(tmp_path: Path):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY.format(url=upstream.url))
+        with serve_process(policy, workers=2) as served:
+            async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+                # Deadline: 504 at ~300 ms and the upstream sees the cancellation.
+                started = trio.current_time()
+                response = await client.get("/api/slow?ms=5000")
+                assert response.status_code == 504
+                await upstream.wait_cancelled(1)
+                assert upstream.cancelled[0].at - (started + 0.3) < 0.2
+
+                # Client disconnect: the upstream sees the cancellation promptly.
+                host, port = served.url.removeprefix("http://").split(":")
+                stream = await trio.open_tcp_stream(host, int(port))
+                await stream.send_all(b"GET /long/stall HTTP/1.1\r\nhost: t\r\n\r\n")
+                await upstream.wait_for(lambda: upstream.in_flight >= 1)
+                closed_at = trio.current_time()
+                await stream.aclose()
+                await upstream.wait_cancelled(2)
+                assert upstream.cancelled[1].at - closed_at < 0.2
+
+                # Shedding: each worker holds 2 slots and no queue; the rest is 503.
+                statuses: list[int] = []
+
+                async def one() -> None:
+                    statuses.append((await client.get("/long/slow?ms=400")).status_code)
+
+                async with trio.open_nursery() as clients:
+                    for _ in range(12):
+                        clients.start_soon(one)
+                assert statuses.count(200) <= 4
+                assert statuses.count(503) >= 8
+                assert statuses.count(200) + statuses.count(503) == 12
+                assert upstream.max_in_flight <= 4
+
+                # Plain requests spread over fresh connections; one scrape sums both workers.
+                for index in range(20):
+                    async with httpx.AsyncClient(timeout=10) as fresh:
+                        assert (await fresh.get(f"{served.url}/long/users/{index}")).status_code \
+                            == 200
+            pids = set()
+            metrics = ""
+            with trio.fail_after(10):
+                while len(pids) < 2:
+                    async with httpx.AsyncClient(timeout=5) as admin:
+                        pids.add((await admin.get(served.admin_url + "/policy")).json()[
+                            "worker_pid"])
+                        metrics = (await admin.get(served.admin_url + "/metrics")).text
+            answered = total(metrics, "gateway_requests_total", route="/long/{rest*}",
+                             status="200")
+            assert answered == 20 + statuses.count(200)
+            assert total(metrics, "gateway_cancellations_total", cause="deadline") >= 1
+            assert total(metrics, "gateway_cancellations_total",
+                         cause="client_disconnect") >= 1
+        nursery.cancel_scope.cancel()
