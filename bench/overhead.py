@@ -1,4 +1,4 @@
-"""A/B cost of one gateway feature on the same run: tracing on vs off, by default.
+"""A/B cost of one gateway feature on the same run (tracing on vs off, by default).
 
 Starts the nginx upstream of ``make bench`` and the gateway (1 worker) twice per round
 with policies that differ only in the feature, interleaving the variants (A B A B …)
@@ -7,7 +7,8 @@ connections on ``/api/fast``; the figures are req/s and the worker's CPU per req
 (from /proc), reported as medians and as the ratio B/A.
 
     .venv/bin/python -m bench.overhead                 # tracing, 3 rounds of 8 s
-    .venv/bin/python -m bench.overhead --rounds 5 --seconds 10
+    .venv/bin/python -m bench.overhead --feature gc    # tuned GC vs CPython's default
+    .venv/bin/python -m bench.overhead --rounds 5 --seconds 10 --connections 1000
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ PORT = 18190
 ADMIN_PORT = 18191
 BASE_POLICY = (ROOT / "bench" / "gateway.yaml").read_text()
 
-VARIANTS = {
-    "tracing": ("tracing: true", "tracing: false"),
+#: feature → (policy text when on, policy text when off, env when on, env when off)
+VARIANTS: dict[str, tuple[str, str, dict[str, str], dict[str, str]]] = {
+    "tracing": ("tracing: true", "tracing: false", {}, {}),
+    "gc": ("tracing: true", "tracing: true", {}, {"GATEWAY_GC": "default"}),
 }
 CONNECTIONS = 64
 
@@ -39,16 +42,17 @@ def _policy(text: str, name: str) -> Path:
     return path
 
 
-def _gateway(policy: Path, name: str) -> Service:
+def _gateway(policy: Path, name: str, env: dict[str, str]) -> Service:
     argv = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy),
             "--config", str(ROOT / "bench" / "hypercorn-1.toml"),
             "--bind", f"127.0.0.1:{PORT}", "--admin-bind", f"127.0.0.1:{ADMIN_PORT}"]
-    return Service(f"overhead-{name}", argv, PORT, "/api/fast")
+    return Service(f"overhead-{name}", argv, PORT, "/api/fast", env=env)
 
 
-def measure(policy: Path, name: str, seconds: float) -> tuple[float, float]:
+def measure(policy: Path, name: str, seconds: float,
+            env: dict[str, str]) -> tuple[float, float]:
     """(req/s, worker CPU ms per request) of one gateway run."""
-    service = _gateway(policy, name)
+    service = _gateway(policy, name, env)
     service.start()
     try:
         warm = _wrk.command(f"http://127.0.0.1:{PORT}/api/fast", CONNECTIONS, 2, 5, threads=1)
@@ -71,7 +75,8 @@ def main() -> int:
     args = parser.parse_args()
     global CONNECTIONS
     CONNECTIONS = args.connections
-    on_text, off_text = VARIANTS[args.feature]
+    on_text, off_text, on_env, off_env = VARIANTS[args.feature]
+    envs = {"on": on_env, "off": off_env}
     assert on_text in BASE_POLICY, f"bench/gateway.yaml must contain {on_text!r}"
     policies = {"on": _policy(BASE_POLICY, "on"),
                 "off": _policy(BASE_POLICY.replace(on_text, off_text), "off")}
@@ -81,7 +86,7 @@ def main() -> int:
     try:
         for round_ in range(args.rounds):
             for name in ("off", "on") if round_ % 2 else ("on", "off"):
-                figures[name].append(measure(policies[name], name, args.seconds))
+                figures[name].append(measure(policies[name], name, args.seconds, envs[name]))
                 rps, cpu = figures[name][-1]
                 print(f"round {round_ + 1} {args.feature} {name:>3}: {rps:8.0f} req/s "
                       f"{cpu:.3f} ms CPU/request", flush=True)

@@ -117,10 +117,13 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     retry: RetryPolicy | None = settings.retries
     allowed_retry = retry is not None and replayable and (
         method in IDEMPOTENT_METHODS or retry.non_idempotent)
-    max_attempts = retry.attempts if (retry is not None and allowed_retry) else 1
+    # A non-idempotent request may still be retried after a connect failure (nothing was
+    # sent); is_retryable decides per outcome, so only a streamed body caps attempts here.
+    max_attempts = retry.attempts if (retry is not None and replayable) else 1
     hedge_after = settings.hedge_after if replayable and method in IDEMPOTENT_METHODS else None
     max_hedges = settings.max_hedges if hedge_after is not None else 0
-    retry_statuses = frozenset(s for s in (retry.on if retry else ()) if isinstance(s, int))
+    retry_statuses = frozenset(s for s in retry.on if isinstance(s, int)) if (
+        retry is not None and allowed_retry) else frozenset()
     budget = state.retry_budget
     breaker = state.breaker
     min_budget = ctx.policy.server.min_call_budget
@@ -171,9 +174,15 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                 else:
                     breaker.record_ignored(trio.current_time())
             outcome = error
-        except trio.Cancelled:
+        except trio.Cancelled as cancelled:
+            # A deadline (call timeout, request deadline) is the upstream being too slow:
+            # a failure. Cancelled on purpose (client gone, hedge lost, sibling failed,
+            # quorum reached): says nothing about the upstream's health.
             if breaker is not None:
-                breaker.record_ignored(trio.current_time())
+                if cancelled.source == "deadline":
+                    breaker.record_failure(trio.current_time())
+                else:
+                    breaker.record_ignored(trio.current_time())
             raise
         events_send.send_nowait((attempt, outcome))
 

@@ -218,6 +218,8 @@ def tune_garbage_collector() -> None:
     start-up objects (modules, the policy) are frozen so no collection scans them.
     ``GATEWAY_GC_THRESHOLDS=700,10,10`` restores CPython's defaults.
     """
+    if os.environ.get("GATEWAY_GC") == "default":
+        return  # CPython's own settings, for comparison (bench/overhead.py --feature gc)
     thresholds = GC_THRESHOLDS
     if override := os.environ.get("GATEWAY_GC_THRESHOLDS"):
         thresholds = tuple(int(v) for v in override.split(","))  # type: ignore[assignment]

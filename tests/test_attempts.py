@@ -1,0 +1,479 @@
+"""run_attempts under virtual time: hedges, retries, per-try timeouts, the breaker.
+
+The call scope, limiter, retry budget and breaker are the real ones; only the upstream
+exchange is a scripted ``perform`` that sleeps on the mock clock, then answers or fails.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+
+import gateway._attempts
+from gateway._attempts import AttemptResult, Claim, run_attempts
+from gateway._breaker import BreakerState, CircuitBreaker
+from gateway._calls import upstream_call
+from gateway._deadlines import RequestDeadline
+from gateway._errors import (
+    CircuitOpen,
+    GatewayError,
+    UpstreamConnectError,
+    UpstreamResetError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from gateway._limits import UpstreamLimiter
+from gateway._policy import CallSettings, CircuitPolicy, ServerPolicy, UpstreamPolicy
+from gateway._retries import RetryBudget
+from gateway._runtime import UpstreamState
+from gateway._trace import Span, Trace, TracedScope, traced_scope
+
+MS = 0.001
+DEFAULT_ON = frozenset({502, 503, 504})
+
+
+# --------------------------------------------------------------------------- stand-ins
+
+
+class FakeContext:
+    """The parts of a request that run_attempts and upstream_call read."""
+
+    def __init__(self, deadline_s: float = 2.0) -> None:
+        now = trio.current_time()
+        self.trace = Trace("req-1", "GET", "/orders", "/orders")
+        self.policy = SimpleNamespace(server=ServerPolicy())
+        self.deadline = RequestDeadline(now + deadline_s, deadline_s, "policy")
+        self.request_id = "req-1"
+
+
+def connect_error() -> GatewayError:
+    return UpstreamConnectError("connection refused", upstream="orders")
+
+
+def reset_error() -> GatewayError:
+    return UpstreamResetError("connection reset", upstream="orders")
+
+
+Outcome = int | Callable[[], GatewayError]
+
+
+class Upstream:
+    """Attempt N sleeps ``script[N][0]`` virtual seconds, then answers ``script[N][1]``:
+    a status (raised as UpstreamStatusError when the attempt was told to treat it as a
+    retryable failure, as the proxy does) or an error factory."""
+
+    def __init__(self, *script: tuple[float, Outcome]) -> None:
+        self.script = script
+        self.t0 = trio.current_time()
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.retry_statuses: list[frozenset[int]] = []
+
+    async def perform(self, attempt: TracedScope, claim: Claim,
+                      retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+        index = len(self.starts)
+        self.starts.append(trio.current_time() - self.t0)
+        self.retry_statuses.append(retry_statuses)
+        delay, outcome = self.script[min(index, len(self.script) - 1)]
+        await trio.sleep(delay)
+        self.ends.append(trio.current_time() - self.t0)
+        if not isinstance(outcome, int):
+            raise outcome()
+        if outcome in retry_statuses:
+            raise UpstreamStatusError(f"upstream 'orders' answered {outcome}",
+                                      upstream_status=outcome, upstream="orders")
+        return AttemptResult({"attempt": index + 1}, outcome)
+
+
+class Pinned(random.Random):
+    """Jitter pinned to a share of the interval (0: no wait, 1: the full cap)."""
+
+    def __init__(self, share: float) -> None:
+        super().__init__(0)
+        self.share = share
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.share
+
+
+def make_state(*, budget: RetryBudget | None = None,
+               circuit: dict[str, Any] | None = None) -> UpstreamState:
+    return UpstreamState(
+        "orders", UpstreamPolicy(url="http://orders.invalid"),
+        UpstreamLimiter("orders", concurrency=10, queue=10, queue_timeout_s=0.05),
+        retry_budget=budget if budget is not None else RetryBudget(0.2, 10.0),
+        breaker=None if circuit is None else CircuitBreaker(
+            "orders", CircuitPolicy.model_validate(circuit)))
+
+
+def settings(**fields: Any) -> CallSettings:
+    return CallSettings.model_validate(fields)
+
+
+async def call(ctx: FakeContext, state: UpstreamState, call_settings: CallSettings,
+               upstream: Upstream, *, method: str = "GET", timeout_s: float | None = None,
+               ) -> Any:
+    """One call as the gateway makes it: request scope → call scope → attempts."""
+    with traced_scope(ctx.trace, None, "request", "/orders",
+                      deadline=ctx.deadline.at) as request:
+        async with upstream_call(ctx, request, "orders", state, timeout_s) as scope:
+            return await run_attempts(ctx, scope, state, call_settings, name="orders",
+                                      method=method, replayable=True,
+                                      perform=upstream.perform)
+
+
+def spans(ctx: FakeContext) -> dict[str, Span]:
+    assert ctx.trace.root is not None
+    return {span.label: span for span in ctx.trace.root.walk()}
+
+
+def attempt_spans(ctx: FakeContext) -> list[Span]:
+    return [span for span in spans(ctx).values() if span.kind == "attempt"]
+
+
+def where(span: Span) -> tuple[str, str | None, str | None]:
+    return span.outcome, span.cause, span.fired_scope
+
+
+# --------------------------------------------------------------------------- hedges
+
+
+async def test_hedge_starts_at_hedge_after_and_the_first_answer_wins(autojump_clock):
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((1.0, 200), (10 * MS, 200))
+    start = trio.current_time()
+
+    value = await call(ctx, state, settings(hedge_after="80ms"), upstream)
+
+    assert trio.current_time() - start == pytest.approx(0.090)
+    assert value == {"attempt": 2}
+    assert upstream.starts == pytest.approx([0.0, 0.080])
+    assert upstream.ends == pytest.approx([0.090])  # the first attempt never finished
+    found = spans(ctx)
+    first, hedge = found["attempt orders#1"], found["attempt orders#2"]
+    assert where(first) == ("cancelled", "hedge_lost", "attempt orders#1")
+    assert first.attrs["cancelled_by"] == "orders#2"
+    assert first.end_ms == pytest.approx(90)
+    assert hedge.outcome == "ok" and hedge.attrs["status"] == 200
+    assert (hedge.start_ms, hedge.end_ms) == (pytest.approx(80), pytest.approx(90))
+    assert found["call orders"].outcome == "ok"
+    assert state.retry_budget.statistics(trio.current_time()).retries == 1
+    assert state.limiter.statistics().in_flight == 0
+
+
+async def test_each_further_hedge_waits_hedge_after_again(autojump_clock):
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((1.0, 200))
+    start = trio.current_time()
+
+    value = await call(ctx, state, settings(hedge_after="80ms", max_hedges=2), upstream)
+
+    assert upstream.starts == pytest.approx([0.0, 0.080, 0.160])
+    assert trio.current_time() - start == pytest.approx(1.0)
+    assert value == {"attempt": 1}
+    found = spans(ctx)
+    assert found["attempt orders#1"].outcome == "ok"
+    for loser in ("attempt orders#2", "attempt orders#3"):
+        assert where(found[loser]) == ("cancelled", "hedge_lost", loser)
+        assert found[loser].attrs["cancelled_by"] == "orders#1"
+        assert found[loser].end_ms == pytest.approx(1000)
+    assert "attempt orders#4" not in found
+    assert state.retry_budget.statistics(trio.current_time()).retries == 2
+
+
+async def test_a_hedge_the_budget_refuses_is_a_retry_budget_span(autojump_clock):
+    ctx, state = FakeContext(), make_state(budget=RetryBudget(0.0, 0.0))
+    upstream = Upstream((1.0, 200))
+    start = trio.current_time()
+
+    value = await call(ctx, state, settings(hedge_after="80ms", max_hedges=2), upstream)
+
+    assert value == {"attempt": 1}
+    assert trio.current_time() - start == pytest.approx(1.0)
+    assert upstream.starts == [0.0]  # refused hedges are never sent
+    found = spans(ctx)
+    refused = found["attempt orders#2"]
+    assert where(refused) == ("cancelled", "retry_budget", "attempt orders#2")
+    assert refused.attrs["attempt"] == 2
+    assert refused.start_ms == pytest.approx(80)
+    # Once refused, no further hedge is tried for this call.
+    assert [s.cause for s in attempt_spans(ctx)] == [None, "retry_budget"]
+    assert state.retry_budget.denied_total == 1
+
+
+async def test_a_failed_first_attempt_leaves_the_hedge_running(autojump_clock):
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((100 * MS, reset_error), (50 * MS, 200))
+    start = trio.current_time()
+
+    value = await call(ctx, state, settings(hedge_after="80ms"), upstream)
+
+    assert value == {"attempt": 2}
+    assert trio.current_time() - start == pytest.approx(0.130)
+    found = spans(ctx)
+    assert found["attempt orders#1"].outcome == "error"
+    assert found["attempt orders#2"].outcome == "ok"
+
+
+# --------------------------------------------------------------------------- retries
+
+
+async def test_503_twice_then_200_is_retried_with_full_jitter(autojump_clock):
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((5 * MS, 503), (5 * MS, 503), (5 * MS, 200))
+    policy = settings(retries={"attempts": 3, "backoff": "20ms..20ms"})
+
+    value = await call(ctx, state, policy, upstream)
+
+    assert value == {"attempt": 3}
+    assert len(upstream.starts) == 3
+    gaps = [upstream.starts[i + 1] - upstream.ends[i] for i in range(2)]
+    assert all(0.0 <= gap <= 0.020 + 1e-9 for gap in gaps), gaps
+    # The last try may not fail on a status: its answer is what the client gets.
+    assert upstream.retry_statuses == [DEFAULT_ON, DEFAULT_ON, frozenset()]
+    assert [s.outcome for s in attempt_spans(ctx)] == ["error", "error", "ok"]
+    assert [s.attrs["attempt"] for s in attempt_spans(ctx)] == [1, 2, 3]
+    assert state.retry_budget.statistics(trio.current_time()).retries == 2
+
+
+@pytest.mark.parametrize(
+    ("share", "gaps"),
+    [(1.0, [0.020, 0.040, 0.050]),  # the cap doubles from the low end, clamped high
+     (0.5, [0.010, 0.020, 0.025]),
+     (0.0, [0.0, 0.0, 0.0])],
+)
+async def test_backoff_is_jittered_under_a_doubling_cap(autojump_clock, monkeypatch, share,
+                                                        gaps):
+    monkeypatch.setattr(gateway._attempts, "_rng", Pinned(share))
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((5 * MS, 503), (5 * MS, 503), (5 * MS, 503), (5 * MS, 200))
+    policy = settings(retries={"attempts": 4, "backoff": "20ms..50ms"})
+
+    assert await call(ctx, state, policy, upstream) == {"attempt": 4}
+    assert [upstream.starts[i + 1] - upstream.ends[i] for i in range(3)] == \
+        pytest.approx(gaps, abs=1e-9)
+
+
+async def test_a_last_try_status_is_the_answer(autojump_clock, monkeypatch):
+    monkeypatch.setattr(gateway._attempts, "_rng", Pinned(0.0))
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((5 * MS, 503))
+    policy = settings(retries={"attempts": 2, "backoff": "20ms..20ms"})
+
+    assert await call(ctx, state, policy, upstream) == {"attempt": 2}
+    assert len(upstream.starts) == 2
+    assert attempt_spans(ctx)[-1].attrs["status"] == 503
+
+
+async def test_post_is_neither_retried_nor_hedged(autojump_clock):
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((200 * MS, reset_error), (5 * MS, 200))
+    policy = settings(retries={"attempts": 3, "backoff": "20ms..20ms"}, hedge_after="80ms")
+    start = trio.current_time()
+
+    with pytest.raises(UpstreamResetError):
+        await call(ctx, state, policy, upstream, method="POST")
+
+    assert upstream.starts == [0.0]
+    assert trio.current_time() - start == pytest.approx(0.200)
+    assert [s.name for s in attempt_spans(ctx)] == ["orders#1"]
+
+
+async def test_post_5xx_is_passed_through_not_retried(autojump_clock):
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((5 * MS, 503), (5 * MS, 200))
+    policy = settings(retries={"attempts": 3, "backoff": "20ms..20ms"})
+
+    assert await call(ctx, state, policy, upstream, method="POST") == {"attempt": 1}
+    assert upstream.retry_statuses == [frozenset()]
+
+
+async def test_post_is_retried_when_the_policy_opts_in(autojump_clock):
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((5 * MS, 503), (5 * MS, 200))
+    policy = settings(retries={"attempts": 3, "backoff": "20ms..20ms", "non_idempotent": True})
+
+    assert await call(ctx, state, policy, upstream, method="POST") == {"attempt": 2}
+    assert len(upstream.starts) == 2
+
+
+async def test_post_connect_failure_is_retried(autojump_clock):
+    # Nothing of a request whose connection failed reached the upstream, so sending it
+    # again cannot repeat an effect (see ``is_retryable``).
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((5 * MS, connect_error), (5 * MS, 200))
+    policy = settings(retries={"attempts": 3, "backoff": "20ms..20ms"})
+
+    assert await call(ctx, state, policy, upstream, method="POST") == {"attempt": 2}
+    assert len(upstream.starts) == 2
+
+
+async def test_per_try_timeout_cuts_one_attempt_and_is_retried(autojump_clock, monkeypatch):
+    monkeypatch.setattr(gateway._attempts, "_rng", Pinned(1.0))
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((1.0, 200), (10 * MS, 200))
+    policy = settings(retries={"attempts": 2, "on": ["timeout"], "per_try_timeout": "50ms",
+                               "backoff": "20ms..20ms"})
+    start = trio.current_time()
+
+    value = await call(ctx, state, policy, upstream)
+
+    assert value == {"attempt": 2}
+    assert upstream.starts == pytest.approx([0.0, 0.070])  # 50ms try + 20ms backoff
+    assert trio.current_time() - start == pytest.approx(0.080)
+    found = spans(ctx)
+    first = found["attempt orders#1"]
+    assert where(first) == ("cancelled", "deadline", "attempt orders#1")
+    assert first.budget_ms == pytest.approx(50)
+    assert first.end_ms == pytest.approx(50)
+    assert found["attempt orders#2"].budget_ms == pytest.approx(50)
+    assert found["call orders"].outcome == "ok"
+
+
+async def test_per_try_timeout_is_not_retried_unless_listed(autojump_clock):
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((1.0, 200))
+    policy = settings(retries={"attempts": 3, "per_try_timeout": "50ms"})
+    start = trio.current_time()
+
+    with pytest.raises(UpstreamTimeout) as info:
+        await call(ctx, state, policy, upstream)
+
+    assert info.value.detail["scope"] == "attempt orders#1"
+    assert trio.current_time() - start == pytest.approx(0.050)
+    assert len(upstream.starts) == 1
+    assert where(spans(ctx)["attempt orders#1"]) == \
+        ("cancelled", "deadline", "attempt orders#1")
+
+
+@pytest.mark.parametrize(
+    ("per_try", "fails_at", "sent"),
+    [("60ms", 0.050, False),   # 50ms left < 20ms backoff + 60ms try
+     ("60ms", 0.010, True),    # 90ms left >= 80ms
+     (None, 0.090, False),     # 10ms left < 20ms backoff + 2ms floor
+     (None, 0.050, True)],
+)
+async def test_a_retry_that_cannot_fit_the_call_deadline_is_not_sent(
+        autojump_clock, monkeypatch, per_try, fails_at, sent):
+    monkeypatch.setattr(gateway._attempts, "_rng", Pinned(1.0))
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((fails_at, 503), (5 * MS, 200))
+    retries: dict[str, Any] = {"attempts": 3, "backoff": "20ms..20ms"}
+    if per_try is not None:
+        retries["per_try_timeout"] = per_try
+    start = trio.current_time()
+
+    if sent:
+        assert await call(ctx, state, settings(retries=retries), upstream,
+                          timeout_s=0.100) == {"attempt": 2}
+        assert upstream.starts == pytest.approx([0.0, fails_at + 0.020])
+    else:
+        with pytest.raises(UpstreamStatusError) as info:
+            await call(ctx, state, settings(retries=retries), upstream, timeout_s=0.100)
+        assert info.value.status == 503
+        assert len(upstream.starts) == 1
+        # Given up at once, not at the deadline.
+        assert trio.current_time() - start == pytest.approx(fails_at)
+        assert [s.name for s in attempt_spans(ctx)] == ["orders#1"]
+
+
+async def test_a_retry_the_budget_refuses_is_a_retry_budget_span(autojump_clock):
+    ctx, state = FakeContext(), make_state(budget=RetryBudget(0.0, 0.0))
+    upstream = Upstream((5 * MS, 503), (5 * MS, 200))
+
+    with pytest.raises(UpstreamStatusError):
+        await call(ctx, state, settings(retries={"attempts": 3}), upstream)
+
+    assert len(upstream.starts) == 1
+    refused = spans(ctx)["attempt orders#2"]
+    assert where(refused) == ("cancelled", "retry_budget", "attempt orders#2")
+    assert state.retry_budget.denied_total == 1
+
+
+# --------------------------------------------------------------------------- breaker
+
+CIRCUIT = {"consecutive_failures": 1, "open_for": "1s", "half_open_probes": 1}
+
+
+async def test_open_breaker_refuses_without_sending_then_admits_a_probe(autojump_clock):
+    state = make_state(circuit=CIRCUIT)
+    breaker = state.breaker
+    assert breaker is not None
+    failing = Upstream((10 * MS, connect_error))
+    start = trio.current_time()
+
+    with pytest.raises(UpstreamConnectError):
+        await call(FakeContext(), state, settings(), failing)
+    assert breaker.state is BreakerState.OPEN
+    opened_at = trio.current_time()
+
+    ctx = FakeContext()
+    with pytest.raises(CircuitOpen) as info:
+        await call(ctx, state, settings(), failing)
+    assert len(failing.starts) == 1  # the upstream was not called
+    assert trio.current_time() == opened_at  # refused at once
+    assert info.value.retry_after_s == pytest.approx(1.0)
+    assert where(spans(ctx)["attempt orders#1"]) == \
+        ("cancelled", "circuit_open", "attempt orders#1")
+
+    await trio.sleep(0.5)
+    with pytest.raises(CircuitOpen) as info:
+        await call(FakeContext(), state, settings(), failing)
+    assert info.value.retry_after_s == pytest.approx(0.5)
+
+    await trio.sleep_until(opened_at + 1.0)
+    healthy = Upstream((10 * MS, 200))
+    ctx = FakeContext()
+    assert await call(ctx, state, settings(), healthy) == {"attempt": 1}
+    assert len(healthy.starts) == 1
+    assert spans(ctx)["attempt orders#1"].outcome == "ok"
+    assert breaker.state is BreakerState.CLOSED
+    assert len(failing.starts) == 1
+    assert trio.current_time() - start == pytest.approx(1.020)
+
+
+async def test_a_failed_probe_opens_the_breaker_again(autojump_clock):
+    state = make_state(circuit=CIRCUIT)
+    breaker = state.breaker
+    assert breaker is not None
+    failing = Upstream((10 * MS, connect_error))
+    with pytest.raises(UpstreamConnectError):
+        await call(FakeContext(), state, settings(), failing)
+    await trio.sleep(1.0)
+
+    with pytest.raises(UpstreamConnectError):
+        await call(FakeContext(), state, settings(), failing)
+    assert len(failing.starts) == 2
+    assert breaker.state is BreakerState.OPEN
+    with pytest.raises(CircuitOpen):
+        await call(FakeContext(), state, settings(), failing)
+    assert len(failing.starts) == 2
+
+
+async def test_a_5xx_answer_counts_as_a_breaker_failure(autojump_clock):
+    state = make_state(circuit=CIRCUIT)
+    upstream = Upstream((10 * MS, 502))
+
+    assert await call(FakeContext(), state, settings(), upstream) == {"attempt": 1}
+    assert state.breaker is not None and state.breaker.state is BreakerState.OPEN
+
+
+async def test_a_retry_meeting_the_open_breaker_is_not_sent(autojump_clock, monkeypatch):
+    monkeypatch.setattr(gateway._attempts, "_rng", Pinned(0.0))
+    ctx, state = FakeContext(), make_state(circuit=CIRCUIT)
+    upstream = Upstream((10 * MS, connect_error), (10 * MS, 200))
+
+    with pytest.raises(CircuitOpen):
+        await call(ctx, state, settings(retries={"attempts": 3}), upstream)
+
+    assert len(upstream.starts) == 1
+    found = spans(ctx)
+    assert found["attempt orders#1"].outcome == "error"
+    assert where(found["attempt orders#2"]) == \
+        ("cancelled", "circuit_open", "attempt orders#2")
+    assert "attempt orders#3" not in found
