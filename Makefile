@@ -28,9 +28,10 @@ check: $(STAMP)
 test: $(STAMP) system-deps lint check
 	$(VENV)/bin/pytest -q
 
-bench: $(STAMP) system-deps
+## Bounded (about 6 minutes here, 20 at most), loopback only; writes bench/results/.
+bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,bench]'
-	$(PY) -m bench.run
+	bash bench/run.sh
 
 soak: $(STAMP)
 	$(PY) -m bench.soak

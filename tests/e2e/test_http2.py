@@ -1,0 +1,84 @@
+"""HTTP/2 (cleartext, prior knowledge): a client that resets its stream cancels the
+upstream work just as a closed HTTP/1.1 connection does, and the connection's other
+streams go on."""
+
+import h2.config
+import h2.connection
+import h2.events
+import trio
+
+from tests.gateway_harness import run_gateway, traces_with
+from tests.upstream import start_upstream
+
+POLICY = """
+version: 1
+upstreams:
+  users: {{url: "{url}"}}
+routes:
+  - path: /api/{{rest*}}
+    deadline: 10s
+    proxy: {{upstream: users, path: "/{{rest}}"}}
+"""
+
+
+class H2Client:
+    """A minimal HTTP/2 client over one connection, enough to open and reset streams."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.events: list[h2.events.Event] = []
+
+    async def start(self) -> None:
+        self.conn.initiate_connection()
+        await self.flush()
+
+    async def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            await self.stream.send_all(data)
+
+    async def get(self, path: str) -> int:
+        stream_id = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(stream_id, [(":method", "GET"), (":path", path),
+                                           (":scheme", "http"), (":authority", "gw")],
+                               end_stream=True)
+        await self.flush()
+        return stream_id
+
+    async def reset(self, stream_id: int) -> None:
+        self.conn.reset_stream(stream_id)
+        await self.flush()
+
+    async def response_status(self, stream_id: int) -> int:
+        while True:
+            for event in self.events:
+                if isinstance(event, h2.events.ResponseReceived) and \
+                        event.stream_id == stream_id:
+                    return int(dict(event.headers)[b":status"])
+            data = await self.stream.receive_some(65536)
+            assert data, "connection closed"
+            self.events.extend(self.conn.receive_data(data))
+            await self.flush()
+
+
+async def test_http2_stream_reset_cancels_the_upstream():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            assert await client.response_status(await client.get("/api/users/5")) == 200
+
+            stalled = await client.get("/api/stall")
+            await upstream.wait_for(lambda: upstream.in_flight >= 1)
+            reset_at = trio.current_time()
+            await client.reset(stalled)
+            await upstream.wait_cancelled()
+            assert upstream.cancelled[0].at - reset_at < 0.1
+            trace = (await traces_with(gw, route="/api/{rest*}", status=499))[0]
+            assert trace.cause == "client_disconnect"
+            # The connection and its other streams keep working.
+            assert await client.response_status(await client.get("/api/users/6")) == 200
+            await client.stream.aclose()
+        nursery.cancel_scope.cancel()
