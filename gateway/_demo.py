@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 
 import trio
 from hypercorn.config import Config, Sockets
@@ -15,18 +14,8 @@ from hypercorn.utils import wrap_app
 from ._app import Gateway
 from ._demo_upstreams import serve_demo_upstreams
 from ._policy_loader import load_policy_file
+from ._server import listen_socket
 from ._throwaway_postgres import PostgresCluster, PostgresUnavailable, start_cluster
-
-
-def _listen(bind: str) -> socket.socket:
-    host, _, port = bind.rpartition(":")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, int(port)))
-    sock.listen(4096)
-    sock.setblocking(False)
-    return sock
-
 
 DEMO_DSN_ENV = "GATEWAY_DEMO_DSN"
 _SEED_SQL = """
@@ -74,7 +63,7 @@ async def run_demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
 async def _serve_demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
     loaded = load_policy_file(policy_file)
     admin = admin_bind or os.environ.get("GATEWAY_ADMIN_BIND") or loaded.policy.server.admin_bind
-    public_sock, admin_sock = _listen(bind), _listen(admin)
+    public_sock, admin_sock = listen_socket(bind), listen_socket(admin)
     gateway = Gateway(loaded, admin_ports={admin_sock.getsockname()[1]})
     config = Config()
     config.errorlog = logging.getLogger("hypercorn.error")

@@ -224,11 +224,14 @@ def tune_garbage_collector() -> None:
         gc.set_threshold(*(int(v) for v in override.split(",")))
 
 
-def free_loopback_socket() -> socket.socket:
-    """A listening socket on 127.0.0.1 with an ephemeral port (tests and the demo)."""
+def listen_socket(bind: str = "127.0.0.1:0", backlog: int = 4096) -> socket.socket:
+    """A non-blocking listening socket for ``host:port`` (port 0: an ephemeral one).
+
+    Bound before serving, so the caller knows the real port (tests, the demo)."""
+    host, _, port = bind.rpartition(":")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1024)
+    sock.bind((host, int(port)))
+    sock.listen(backlog)
     sock.setblocking(False)
     return sock

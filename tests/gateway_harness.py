@@ -7,7 +7,6 @@ test knows the ports before the first request and never races for them.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,16 +20,8 @@ from hypercorn.utils import wrap_app
 
 from gateway._app import Gateway
 from gateway._policy_loader import load_policy_text
+from gateway._server import listen_socket
 from gateway._trace import Trace
-
-
-def listen_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(4096)
-    sock.setblocking(False)
-    return sock
 
 
 @dataclass
