@@ -179,11 +179,23 @@ def _only_cancelled(exc: BaseException) -> trio.Cancelled | None:
 
 
 def _attribute(ts: TracedScope, cancelled: trio.Cancelled, now: float) -> tuple[str, str | None]:
-    """(cause, scope that fired) of a cancellation reaching ``ts`` from outside it."""
-    if cancelled.source == "explicit" and cancelled.reason and "|" in cancelled.reason:
-        cause, _, scope = cancelled.reason.partition("|")
-        return cause, scope
-    if cancelled.source == "deadline":
+    """(cause, scope that fired) of a cancellation reaching ``ts`` from outside it.
+
+    The ``Cancelled`` that unwinds a span may come from a library's inner scope (trio's
+    ``open_tcp_stream`` cancels its own attempts "successfully found a socket" just as
+    an outer cancel lands). The reason Trio recorded on *this* span's scope when the
+    outer cancellation reached it is the one that explains the span, so it is read
+    first (Trio keeps it in ``CancelScope._cancel_reason``; absent, the exception's own
+    reason is used).
+    """
+    inherited = getattr(ts.cancel_scope, "_cancel_reason", None)
+    for source, reason in ((getattr(inherited, "source", None),
+                            getattr(inherited, "reason", None)),
+                           (cancelled.source, cancelled.reason)):
+        if source == "explicit" and reason and "|" in reason:
+            cause, _, scope = reason.partition("|")
+            return cause, scope
+    if cancelled.source == "deadline" or getattr(inherited, "source", None) == "deadline":
         fired: TracedScope | None = None
         for node in ts._chain():
             if node.cancel_scope.cancel_called and node.cancel_scope.deadline <= now:

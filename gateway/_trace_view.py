@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
-import time
 from typing import Any
 
 import httpx
+import trio
 from rich.console import Console
 from rich.text import Text
 from rich.tree import Tree
@@ -79,15 +79,20 @@ def render_traces_text(traces: list[dict[str, Any]], width: int = 140) -> str:
 def follow_traces(admin: str, *, cause: str | None, route: str | None, status: int | None,
                   limit: int, follow: bool, poll_interval_s: float = 1.0) -> None:
     """Fetch traces from a worker's admin endpoint and print them (polling with --follow)."""
+    trio.run(_follow, admin, cause, route, status, limit, follow, poll_interval_s)
+
+
+async def _follow(admin: str, cause: str | None, route: str | None, status: int | None,
+                  limit: int, follow: bool, poll_interval_s: float) -> None:
     console = Console()
     params: dict[str, Any] = {"limit": limit}
     for key, value in (("cause", cause), ("route", route), ("status", status)):
         if value is not None:
             params[key] = value
     seen: set[str] = set()
-    with httpx.Client(base_url=admin, timeout=5.0) as client:
+    async with httpx.AsyncClient(base_url=admin, timeout=5.0) as client:
         while True:
-            response = client.get("/traces", params=params)
+            response = await client.get("/traces", params=params)
             response.raise_for_status()
             fresh = [t for t in reversed(response.json()["traces"])
                      if t["request_id"] not in seen]
@@ -96,4 +101,4 @@ def follow_traces(admin: str, *, cause: str | None, route: str | None, status: i
                 console.print(render_trace(trace))
             if not follow:
                 return
-            time.sleep(poll_interval_s)
+            await trio.sleep(poll_interval_s)

@@ -2,7 +2,9 @@
 the scope that fired, and the Prometheus counter on the admin bind counts it."""
 
 import contextlib
+import os
 import re
+import sys
 
 import httpx
 import trio
@@ -152,6 +154,14 @@ async def test_every_cause_is_traced_and_counted():
             text = render_traces_text([t.to_json() for t in
                                        gw.gateway.runtime.traces.query(limit=3)])
             assert "cause=client_disconnect" in text and "GET /stall" in text
+            # ... and so does the CLI, reading the admin endpoint
+            result = await trio.run_process(
+                [sys.executable, "-m", "gateway", "traces", "--admin", gw.admin_url,
+                 "--cause", "deadline", "--limit", "5"],
+                capture_stdout=True, env={**os.environ, "COLUMNS": "200"})
+            output = result.stdout.decode()
+            assert "GET /request-deadline" in output and "cause=deadline" in output
+            assert "GET /stall" not in output
         nursery.cancel_scope.cancel()
 
 
