@@ -210,7 +210,7 @@ def tune_garbage_collector() -> None:
 
     Modules, the policy and the app are alive for the worker's whole life; with a
     thousand requests in flight, every full collection walked all of them. Freezing
-    them cut CPU per request at 1,000 connections by about a quarter (bench/overhead.py
+    them cut CPU per request at 1,000 connections by about 15 % (bench/overhead.py
     --feature gc). The thresholds stay CPython's: larger ones saved a little more CPU
     but let cyclic garbage (exception tracebacks, cancelled scopes) pile up between
     collections, and the worker's RSS grew by half in a three-minute soak.
