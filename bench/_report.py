@@ -17,8 +17,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 PACKAGES = (
-    "trio", "hypercorn", "quart", "quart-trio", "h11", "httpx", "httpcore", "fastapi",
-    "starlette", "uvicorn", "uvloop", "httptools", "aiohttp", "matplotlib",
+    "trio",
+    "hypercorn",
+    "quart",
+    "quart-trio",
+    "h11",
+    "httpx",
+    "httpcore",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "aiohttp",
+    "matplotlib",
 )
 
 
@@ -40,7 +52,8 @@ def environment() -> dict[str, Any]:
             versions[name] = "not installed"
     versions["nginx"] = _first_line(["nginx", "-v"])
     versions["nginx echo module"] = _first_line(
-        ["dpkg-query", "-W", "-f", "${Version}", "libnginx-mod-http-echo"])
+        ["dpkg-query", "-W", "-f", "${Version}", "libnginx-mod-http-echo"]
+    )
     versions["wrk"] = _first_line(["wrk", "-v"])
     cpu = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -70,8 +83,7 @@ def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
-def _rows(results: dict[str, Any], scenario: str, columns: int,
-          row: Any) -> list[str]:
+def _rows(results: dict[str, Any], scenario: str, columns: int, row: Any) -> list[str]:
     lines = []
     for name, entry in results["systems"].items():
         label = f"{entry['label']}"
@@ -107,7 +119,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         out += ["Not available: " + "; ".join(skipped), ""]
     if any("S1" in e for e in systems.values()) or skipped:
         out += [
-            "## S1 throughput: `GET /api/fast` (~200-byte JSON from the upstream)", "",
+            "## S1 throughput: `GET /api/fast` (~200-byte JSON from the upstream)",
+            "",
             "| system | c64 req/s | c64 p50 ms | c64 p99 ms | c64 errors | c64 CPU s/1k req "
             "| c1000 req/s | c1000 p50 ms | c1000 p99 ms | c1000 errors | c1000 CPU s/1k req |",
             "|---" * 11 + "|",
@@ -117,46 +130,86 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
             cells = []
             for c in ("c64", "c1000"):
                 m = d.get(c, {})
-                cells += [_f(m.get("rps")), _f(m.get("p50_ms"), 1), _f(m.get("p99_ms"), 1),
-                          _f(m.get("errors")), _f(m.get("cpu_s_per_1k"), 3)]
+                cells += [
+                    _f(m.get("rps")),
+                    _f(m.get("p50_ms"), 1),
+                    _f(m.get("p99_ms"), 1),
+                    _f(m.get("errors")),
+                    _f(m.get("cpu_s_per_1k"), 3),
+                ]
             return cells
 
         out += [*_rows(results, "S1", 10, s1), "", f"![S1]({plots.get('S1', '')})", ""]
     if any("S2" in e for e in systems.values()):
         out += [
-            "## S2 concurrency: `GET /api/slow1s` (1 s upstream) at 10,000 connections", "",
+            "## S2 concurrency: `GET /api/slow1s` (1 s upstream) at 10,000 connections",
+            "",
             "| system | req/s | p50 ms | p99 ms | errors | peak RSS MiB | CPU s/1k req |",
             "|---" * 7 + "|",
         ]
-        out += _rows(results, "S2", 6, lambda d: [
-            _f(d["rps"]), _f(d["p50_ms"]), _f(d["p99_ms"]), _f(d["errors"]),
-            _f(d["peak_rss_mib"]), _f(d["cpu_s_per_1k"], 3)])
+        out += _rows(
+            results,
+            "S2",
+            6,
+            lambda d: [
+                _f(d["rps"]),
+                _f(d["p50_ms"]),
+                _f(d["p99_ms"]),
+                _f(d["errors"]),
+                _f(d["peak_rss_mib"]),
+                _f(d["cpu_s_per_1k"], 3),
+            ],
+        )
         out += ["", f"![S2]({plots.get('S2', '')})", ""]
     if any("S3" in e for e in systems.values()):
         out += [
             "## S3 overload: `GET /api/slow` (50 ms upstream), `x-request-timeout-ms: 200`, "
-            "open loop at 4x capacity", "",
+            "open loop at 4x capacity",
+            "",
             "| system | offered req/s | x capacity | goodput req/s | good | shed < 10 ms "
             "| shed slower | timed out | not sent | errors | p50 ms | p99 ms |",
             "|---" * 12 + "|",
         ]
-        out += _rows(results, "S3", 11, lambda d: [
-            _f(d["offered_rps"]), _f(d["overload_factor"], 1), _f(d["goodput_rps"]),
-            _pct(d["good_share"]), _pct(d["shed_fast_share"]), _pct(d["shed_slow_share"]),
-            _pct(d["timed_out_share"]), _pct(d["not_sent_share"]), _pct(d["error_share"]),
-            _f(d["p50_ms"], 1), _f(d["p99_ms"], 1)])
+        out += _rows(
+            results,
+            "S3",
+            11,
+            lambda d: [
+                _f(d["offered_rps"]),
+                _f(d["overload_factor"], 1),
+                _f(d["goodput_rps"]),
+                _pct(d["good_share"]),
+                _pct(d["shed_fast_share"]),
+                _pct(d["shed_slow_share"]),
+                _pct(d["timed_out_share"]),
+                _pct(d["not_sent_share"]),
+                _pct(d["error_share"]),
+                _f(d["p50_ms"], 1),
+                _f(d["p99_ms"], 1),
+            ],
+        )
         out += ["", f"![S3]({plots.get('S3', '')})", ""]
     if any("S4" in e for e in systems.values()):
         out += [
-            "## S4 orphaned work: `GET /api/slow1s`, callers give up after 100 ms", "",
+            "## S4 orphaned work: `GET /api/slow1s`, callers give up after 100 ms",
+            "",
             "| system | requests | reached upstream | ran the full 1 s | orphaned upstream "
             "work-s | per abandoned request ms | upstream stop lag p50 ms |",
             "|---" * 7 + "|",
         ]
-        out += _rows(results, "S4", 6, lambda d: [
-            _f(d["requests"]), _f(d["reached_upstream"]), _f(d["ran_full"]),
-            _f(d["orphaned_work_s"], 2), _f(d["orphaned_ms_per_abandoned"]),
-            _f(d["stop_lag_p50_ms"])])
+        out += _rows(
+            results,
+            "S4",
+            6,
+            lambda d: [
+                _f(d["requests"]),
+                _f(d["reached_upstream"]),
+                _f(d["ran_full"]),
+                _f(d["orphaned_work_s"], 2),
+                _f(d["orphaned_ms_per_abandoned"]),
+                _f(d["stop_lag_p50_ms"]),
+            ],
+        )
         out += ["", f"![S4]({plots.get('S4', '')})", ""]
     notes = [f"- `{n}`: {note}" for n, e in systems.items() for note in e.get("notes", [])]
     if notes:
@@ -173,17 +226,29 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
 
 
 def _measured(results: dict[str, Any], scenario: str) -> list[tuple[str, dict[str, Any]]]:
-    return [(name, e[scenario]) for name, e in results["systems"].items()
-            if e["available"] and isinstance(e.get(scenario), dict)
-            and "error" not in e[scenario]]
+    return [
+        (name, e[scenario])
+        for name, e in results["systems"].items()
+        if e["available"] and isinstance(e.get(scenario), dict) and "error" not in e[scenario]
+    ]
 
 
-def _bars(ax: Any, names: list[str], series: dict[str, list[float]], title: str) -> None:
+def _bars(
+    ax: Any,
+    names: list[str],
+    series: dict[str, list[float]],
+    title: str,
+    fmt: str = "{:,.0f}",
+    log: bool = False,
+) -> None:
     width = 0.8 / max(1, len(series))
     for i, (label, values) in enumerate(series.items()):
         xs = [x + i * width - 0.4 + width / 2 for x in range(len(names))]
         bars = ax.bar(xs, values, width, label=label)
-        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.bar_label(bars, fmt=fmt, fontsize=7)
+    if log:
+        ax.set_yscale("log")
+        ax.margins(y=0.15)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_title(title, fontsize=10)
     if len(series) > 1:
@@ -205,23 +270,38 @@ def plots(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, str]:
     if s1 := _measured(results, "S1"):
         names = [n for n, _ in s1]
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        _bars(axes[0], names, {f"{c} conns": [d[c]["rps"] for _, d in s1]
-                               for c in ("c64", "c1000")}, "req/s (higher is better)")
-        _bars(axes[1], names, {f"{c} conns": [d[c]["cpu_s_per_1k"] for _, d in s1]
-                               for c in ("c64", "c1000")},
-              "CPU s per 1,000 requests (lower is better)")
+        _bars(
+            axes[0],
+            names,
+            {f"{c} conns": [d[c]["rps"] for _, d in s1] for c in ("c64", "c1000")},
+            "req/s, log scale (higher is better)",
+            log=True,
+        )
+        _bars(
+            axes[1],
+            names,
+            {f"{c} conns": [d[c]["cpu_s_per_1k"] for _, d in s1] for c in ("c64", "c1000")},
+            "CPU s per 1,000 requests, log scale (lower is better)",
+            fmt="{:.3g}",
+            log=True,
+        )
         save(fig, "S1", "S1 throughput: GET /api/fast")
     if s2 := _measured(results, "S2"):
         names = [n for n, _ in s2]
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
         _bars(axes[0], names, {"req/s": [d["rps"] for _, d in s2]}, "req/s (ideal 10,000)")
-        _bars(axes[1], names, {"p99 s": [d["p99_ms"] / 1e3 for _, d in s2]},
-              "p99 latency, s (ideal 1.0)")
+        _bars(
+            axes[1],
+            names,
+            {"p99 s": [d["p99_ms"] / 1e3 for _, d in s2]},
+            "p99 latency, s (ideal 1.0)",
+            fmt="{:.2f}",
+        )
         _bars(axes[2], names, {"MiB": [d["peak_rss_mib"] for _, d in s2]}, "peak RSS, MiB")
         save(fig, "S2", "S2 concurrency: 10,000 connections on a 1 s upstream")
     if s3 := _measured(results, "S3"):
         names = [n for n, _ in s3]
-        fig, ax = plt.subplots(figsize=(10, 4.5))
+        fig, ax = plt.subplots(figsize=(10, 5.5))
         left = [0.0] * len(s3)
         for key, label, color in (
             ("good_share", "2xx within 200 ms", "tab:green"),
@@ -235,16 +315,26 @@ def plots(results: dict[str, Any], out_dir: Path, stem: str) -> dict[str, str]:
             ax.barh(names, values, left=left, label=label, color=color)
             left = [a + b for a, b in zip(left, values, strict=True)]
         for y, (_, d) in enumerate(s3):
-            ax.text(101, y, f"goodput {d['goodput_rps']:,.0f}/s of {d['offered_rps']:,.0f}/s",
-                    va="center", fontsize=8)
+            ax.text(
+                101,
+                y,
+                f"goodput {d['goodput_rps']:,.0f}/s of {d['offered_rps']:,.0f}/s",
+                va="center",
+                fontsize=8,
+            )
         ax.set_xlim(0, 135)
         ax.set_xlabel("share of requests, %")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
         save(fig, "S3", "S3 overload: 200 ms client deadline, 4x capacity")
     if s4 := _measured(results, "S4"):
         names = [n for n, _ in s4]
         fig, ax = plt.subplots(figsize=(9, 4.5))
-        _bars(ax, names, {"work-s": [d["orphaned_work_s"] for _, d in s4]},
-              "upstream work-seconds after the caller left (lower is better)")
+        _bars(
+            ax,
+            names,
+            {"work-s": [d["orphaned_work_s"] for _, d in s4]},
+            "upstream work-seconds after the caller left (lower is better)",
+            fmt="{:.1f}",
+        )
         save(fig, "S4", f"S4 orphaned work: {s4[0][1]['requests']} callers give up at 100 ms")
     return files

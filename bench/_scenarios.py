@@ -56,8 +56,9 @@ class Recorder:
         return command
 
 
-def _wrk_measured(cmd: str, duration_s: float, root: int, sample_rss: bool = False
-                  ) -> dict[str, float | int]:
+def _wrk_measured(
+    cmd: str, duration_s: float, root: int, sample_rss: bool = False
+) -> dict[str, float | int]:
     cpu_before = _procs.cpu_seconds(root)
     with _procs.RssSampler(root) as rss:
         result = _wrk.run(cmd, duration_s)
@@ -74,8 +75,7 @@ def _wrk_measured(cmd: str, duration_s: float, root: int, sample_rss: bool = Fal
     return out
 
 
-def s1_throughput(system: System, root: int, budget: Budget, rec: Recorder
-                  ) -> dict[str, object]:
+def s1_throughput(system: System, root: int, budget: Budget, rec: Recorder) -> dict[str, object]:
     """req/s, p50, p99, errors and CPU s per 1,000 requests at each connection count."""
     url = system.url("/fast")
     _wrk.run(rec.add(_wrk.command(url, 64, budget.warmup_s, 5)), budget.warmup_s)
@@ -87,8 +87,7 @@ def s1_throughput(system: System, root: int, budget: Budget, rec: Recorder
     return results
 
 
-def s2_concurrency(system: System, root: int, budget: Budget, rec: Recorder
-                   ) -> dict[str, object]:
+def s2_concurrency(system: System, root: int, budget: Budget, rec: Recorder) -> dict[str, object]:
     """10,000 connections each waiting on a 1 s upstream: req/s, p99, errors, peak RSS."""
     time.sleep(1.0)
     cmd = rec.add(_wrk.command(system.url("/slow1s"), S2_CONNECTIONS, budget.measure_s, 10))
@@ -100,31 +99,44 @@ def s2_concurrency(system: System, root: int, budget: Budget, rec: Recorder
 def _loadclient(args: list[str], timeout_s: float, rec: Recorder) -> dict[str, object]:
     argv = [str(PYTHON), "-m", "bench.loadclient", *args]
     rec.add(shlex.join([".venv/bin/python", *argv[1:]]))
-    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
-                         timeout=timeout_s, check=False)
+    out = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
     if out.returncode != 0:
         raise RuntimeError(f"loadclient failed: {out.stderr.strip()[-300:]}")
     return json.loads(out.stdout)
 
 
-def s3_overload(system: System, root: int, budget: Budget, rec: Recorder,
-                capacity_rps: float | None) -> dict[str, object]:
+def s3_overload(
+    system: System, root: int, budget: Budget, rec: Recorder, capacity_rps: float | None
+) -> dict[str, object]:
     """Open-loop overload with a 200 ms client deadline; goodput and outcome shares."""
     capacity = capacity_rps or S3_FALLBACK_CAPACITY
     rate = min(S3_MAX_RATE, S3_OVERLOAD_FACTOR * capacity)
     time.sleep(1.0)
     cpu_before = _procs.cpu_seconds(root)
     data = _loadclient(
-        ["overload", system.url("/slow"), "--rate", f"{rate:.0f}",
-         "--duration", f"{budget.measure_s:g}", "--deadline-ms", str(S3_DEADLINE_MS),
-         "--give-up-ms", "1000", "-H", f"x-request-timeout-ms: {S3_DEADLINE_MS}"],
-        budget.measure_s + 60, rec,
+        [
+            "overload",
+            system.url("/slow"),
+            "--rate",
+            f"{rate:.0f}",
+            "--duration",
+            f"{budget.measure_s:g}",
+            "--deadline-ms",
+            str(S3_DEADLINE_MS),
+            "--give-up-ms",
+            "1000",
+            "-H",
+            f"x-request-timeout-ms: {S3_DEADLINE_MS}",
+        ],
+        budget.measure_s + 60,
+        rec,
     )
     counts: dict[str, int] = data["counts"]  # type: ignore[assignment]
     sent = max(1, counts.get("sent", 0))
     duration = float(data["duration_s"])  # type: ignore[arg-type]
-    timed_out = counts.get("deadline", 0) + counts.get("late", 0) + counts.get(
-        "client_timeout", 0)
+    timed_out = counts.get("deadline", 0) + counts.get("late", 0) + counts.get("client_timeout", 0)
     return {
         "capacity_rps": capacity,
         "capacity_from_s1": capacity_rps is not None,
@@ -154,10 +166,20 @@ def s4_orphans(system: System, budget: Budget, rec: Recorder) -> dict[str, objec
     """Upstream work-seconds spent after callers that gave up at 100 ms had left."""
     run_id = system.name
     data = _loadclient(
-        ["giveup", system.url("/slow1s"), "--run-id", run_id,
-         "--requests", str(budget.s4_requests), "--concurrency", str(budget.s4_concurrency),
-         "--give-up-ms", str(S4_GIVE_UP_MS)],
-        60, rec,
+        [
+            "giveup",
+            system.url("/slow1s"),
+            "--run-id",
+            run_id,
+            "--requests",
+            str(budget.s4_requests),
+            "--concurrency",
+            str(budget.s4_concurrency),
+            "--give-up-ms",
+            str(S4_GIVE_UP_MS),
+        ],
+        60,
+        rec,
     )
     client = {r["id"]: r for r in data["records"]}  # type: ignore[union-attr]
     deadline = time.monotonic() + 15

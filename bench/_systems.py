@@ -32,15 +32,25 @@ class System:
         python = str(PYTHON)
         if self.name.startswith("gateway-"):
             workers = self.name.removeprefix("gateway-")
-            argv = [python, "-m", "gateway", "serve", "--policy", "bench/gateway.yaml",
-                    "--config", f"bench/hypercorn-{workers}.toml"]
+            argv = [
+                python,
+                "-m",
+                "gateway",
+                "serve",
+                "--policy",
+                "bench/gateway.yaml",
+                "--config",
+                f"bench/hypercorn-{workers}.toml",
+            ]
         elif self.name == "fastapi":
             argv = [python, "-m", "bench.peers.fastapi_proxy", "--port", str(self.port)]
         elif self.name == "aiohttp":
             argv = [python, "-m", "bench.peers.aiohttp_proxy", "--port", str(self.port)]
         elif self.name == "nginx-proxy":
             prefix, conf = render_nginx(
-                "proxy.conf", "nginx-proxy", PORT=str(self.port),
+                "proxy.conf",
+                "nginx-proxy",
+                PORT=str(self.port),
                 UPSTREAM=f"127.0.0.1:{UPSTREAM_PORT}",
             )
             return nginx_service(self.name, prefix, conf, self.port, "/api/fast")

@@ -36,14 +36,26 @@ class WrkResult:
         return self.errors_socket + self.errors_status
 
 
-def command(url: str, connections: int, duration_s: float, timeout_s: float,
-            threads: int = 2, headers: tuple[str, ...] = ()) -> str:
+def command(
+    url: str,
+    connections: int,
+    duration_s: float,
+    timeout_s: float,
+    threads: int = 2,
+    headers: tuple[str, ...] = (),
+) -> str:
     """The shell command line: raise the fd limit to the hard limit, then exec wrk."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     limit = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
     wrk = [
-        "wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{duration_s:g}s",
-        f"--timeout={timeout_s:g}s", "--latency", "-s", str(SCRIPT.relative_to(ROOT)),
+        "wrk",
+        f"-t{min(threads, connections)}",
+        f"-c{connections}",
+        f"-d{duration_s:g}s",
+        f"--timeout={timeout_s:g}s",
+        "--latency",
+        "-s",
+        str(SCRIPT.relative_to(ROOT)),
     ]
     for header in headers:
         wrk += ["-H", header]
@@ -53,8 +65,12 @@ def command(url: str, connections: int, duration_s: float, timeout_s: float,
 def run(cmd: str, duration_s: float) -> WrkResult:
     """Run a command from :func:`command`, bounded to its duration plus a margin."""
     out = subprocess.run(
-        ["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True,
-        timeout=duration_s + 60, check=False,
+        ["bash", "-c", cmd],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=duration_s + 60,
+        check=False,
     )
     for line in out.stdout.splitlines():
         if line.startswith("WRK_JSON "):

@@ -66,8 +66,11 @@ class Target:
 class Connection(asyncio.Protocol):
     """One keep-alive connection; ``on_done(conn, status, latency_s)`` per response."""
 
-    def __init__(self, on_done: Callable[[Connection, int, float], None],
-                 on_lost: Callable[[Connection], None]) -> None:
+    def __init__(
+        self,
+        on_done: Callable[[Connection, int, float], None],
+        on_lost: Callable[[Connection], None],
+    ) -> None:
         self.on_done = on_done
         self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
@@ -120,8 +123,15 @@ class Connection(asyncio.Protocol):
 class Overload:
     """Open-loop load at ``rate`` requests per second; see the module docstring."""
 
-    def __init__(self, target: Target, rate: float, duration_s: float, deadline_s: float,
-                 give_up_s: float, max_connections: int) -> None:
+    def __init__(
+        self,
+        target: Target,
+        rate: float,
+        duration_s: float,
+        deadline_s: float,
+        give_up_s: float,
+        max_connections: int,
+    ) -> None:
         self.target = target
         self.request = target.request()
         self.rate = rate
@@ -249,8 +259,9 @@ class Overload:
         }
 
 
-async def give_up_run(target: Target, run_id: str, requests: int, concurrency: int,
-                      give_up_s: float) -> dict[str, object]:
+async def give_up_run(
+    target: Target, run_id: str, requests: int, concurrency: int, give_up_s: float
+) -> dict[str, object]:
     """S4: requests that are abandoned after ``give_up_s``; see the module docstring."""
     loop = asyncio.get_running_loop()
     records: list[dict[str, object]] = []
@@ -318,8 +329,12 @@ def main() -> None:
     target = Target.parse(args.url, args.header)
     if args.mode == "overload":
         coro = Overload(
-            target, args.rate, args.duration, args.deadline_ms / 1e3,
-            args.give_up_ms / 1e3, args.max_connections,
+            target,
+            args.rate,
+            args.duration,
+            args.deadline_ms / 1e3,
+            args.give_up_ms / 1e3,
+            args.max_connections,
         ).run()
     else:
         coro = give_up_run(

@@ -36,8 +36,10 @@ def raise_nofile() -> None:
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hard != resource.RLIM_INFINITY and hard < 2 * _scenarios.S2_CONNECTIONS:
-        _log(f"note: open-file hard limit {hard} is tight for S2's "
-             f"{_scenarios.S2_CONNECTIONS:,} connections plus upstream connections")
+        _log(
+            f"note: open-file hard limit {hard} is tight for S2's "
+            f"{_scenarios.S2_CONNECTIONS:,} connections plus upstream connections"
+        )
 
 
 def check_tools() -> None:
@@ -52,12 +54,14 @@ def _command_line(system: System) -> str:
     service = system.service()
     if service is None:
         return "the upstream itself (nginx in S1-S3, bench.s4_upstream in S4)"
-    return shlex.join(Path(a).relative_to(ROOT).as_posix() if a.startswith(str(ROOT)) else a
-                      for a in service.argv)
+    return shlex.join(
+        Path(a).relative_to(ROOT).as_posix() if a.startswith(str(ROOT)) else a for a in service.argv
+    )
 
 
-def _scenario(name: str, system: System, root: int, budget: Budget, rec: Recorder,
-              entry: dict[str, Any]) -> dict[str, Any]:
+def _scenario(
+    name: str, system: System, root: int, budget: Budget, rec: Recorder, entry: dict[str, Any]
+) -> dict[str, Any]:
     if name == "S1":
         return _scenarios.s1_throughput(system, root, budget, rec)
     if name == "S2":
@@ -68,8 +72,15 @@ def _scenario(name: str, system: System, root: int, budget: Budget, rec: Recorde
     return _scenarios.s4_orphans(system, budget, rec)
 
 
-def run_system(system: System, upstream: Service, scenarios: list[str], budget: Budget,
-               rec: Recorder, entry: dict[str, Any], tag: str) -> None:
+def run_system(
+    system: System,
+    upstream: Service,
+    scenarios: list[str],
+    budget: Budget,
+    rec: Recorder,
+    entry: dict[str, Any],
+    tag: str,
+) -> None:
     """Measure one system. It is started before the first scenario and checked after
     each one; a system that stopped answering is noted and restarted for the next."""
     service = system.service()
@@ -97,8 +108,15 @@ def run_system(system: System, upstream: Service, scenarios: list[str], budget: 
                 _log(f"{system.name}: {name} failed: {entry[name]['error']}")
             probe = service if service is not None else upstream
             if not probe.healthy():
-                note = (f"stopped answering during {name}; restarted for the next scenario "
-                        f"(log: bench/work/{probe.log_path.name})")
+                state = (
+                    "still running"
+                    if probe.proc is not None and probe.proc.poll() is None
+                    else "exited"
+                )
+                note = (
+                    f"no 200 from 5 probes after {name} ({state}); stopped and started "
+                    f"again for any later scenario (log: bench/work/{probe.log_path.name})"
+                )
                 entry.setdefault("notes", []).append(note)
                 _log(f"{system.name}: {note}")
                 if service is None:
@@ -111,8 +129,15 @@ def run_system(system: System, upstream: Service, scenarios: list[str], budget: 
             _log(f"{system.name}: stopped")
 
 
-def run_phase(upstream: Service, systems: list[System], scenarios: list[str],
-              budget: Budget, rec: Recorder, results: dict[str, Any], tag: str) -> None:
+def run_phase(
+    upstream: Service,
+    systems: list[System],
+    scenarios: list[str],
+    budget: Budget,
+    rec: Recorder,
+    results: dict[str, Any],
+    tag: str,
+) -> None:
     """Start the upstream, then measure each system in turn."""
     rec.add(shlex.join(upstream.argv).replace(str(ROOT) + "/", ""))
     upstream.start()
@@ -127,14 +152,23 @@ def run_phase(upstream: Service, systems: list[System], scenarios: list[str],
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="3 s measurements, for a smoke run (results in <date>-quick.md)")
-    parser.add_argument("--only", default="",
-                        help="comma-separated systems: " + ",".join(s.name for s in SYSTEMS))
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help="comma-separated subset of S1,S2,S3,S4")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
-                        help="where the markdown, JSON and PNG files go")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 s measurements, for a smoke run (results in <date>-quick.md)",
+    )
+    parser.add_argument(
+        "--only", default="", help="comma-separated systems: " + ",".join(s.name for s in SYSTEMS)
+    )
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of S1,S2,S3,S4"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "results",
+        help="where the markdown, JSON and PNG files go",
+    )
     args = parser.parse_args(argv)
     names = {s.name for s in SYSTEMS}
     args.only = [n for n in args.only.split(",") if n] or [s.name for s in SYSTEMS]
@@ -159,12 +193,15 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
         "quick": args.quick,
-        "invocation": shlex.join([".venv/bin/python", "-m", "bench.run",
-                                  *(argv if argv is not None else sys.argv[1:])]),
+        "invocation": shlex.join(
+            [".venv/bin/python", "-m", "bench.run", *(argv if argv is not None else sys.argv[1:])]
+        ),
         "budget": budget.__dict__,
         "environment": _report.environment(),
-        "systems": {s.name: {"label": s.label, "available": True, "reason": "",
-                             "command": _command_line(s)} for s in systems},
+        "systems": {
+            s.name: {"label": s.label, "available": True, "reason": "", "command": _command_line(s)}
+            for s in systems
+        },
     }
     phase1 = [s for s in args.scenarios if s != "S4"]
     if phase1:

@@ -47,8 +47,9 @@ class Records:
         return json.dumps({"inflight": self.inflight, "records": self.items}).encode()
 
 
-async def work_until_caller_leaves(stream: trio.SocketStream, conn: h11.Connection,
-                                   seconds: float) -> bool:
+async def work_until_caller_leaves(
+    stream: trio.SocketStream, conn: h11.Connection, seconds: float
+) -> bool:
     """Sleep ``seconds`` while reading the connection; True if the caller closed it."""
     caller_left = False
     async with trio.open_nursery() as nursery:
@@ -72,8 +73,7 @@ async def work_until_caller_leaves(stream: trio.SocketStream, conn: h11.Connecti
     return caller_left
 
 
-async def send(stream: trio.SocketStream, conn: h11.Connection, status: int,
-               body: bytes) -> None:
+async def send(stream: trio.SocketStream, conn: h11.Connection, status: int, body: bytes) -> None:
     """One complete response with Content-Length."""
     headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
     data = conn.send(h11.Response(status_code=status, headers=headers))
