@@ -277,6 +277,28 @@ class UpstreamResponse:
                     raise StopAsyncIteration
                 raise UpstreamResetError(f"upstream closed the connection mid-response ({event!r})")
 
+    def at_end(self) -> bool:
+        """Whether the body is known to be finished, without waiting for more bytes.
+
+        Lets a relay mark its last chunk as final (one write fewer per response). A
+        chunk already received is kept for the next ``__anext__``.
+        """
+        if self._complete:
+            return True
+        if self._pending is not None:
+            return False
+        h = self._conn.h11
+        with self._conn.errors:
+            event = h.next_event()
+        if type(event) is h11.EndOfMessage:
+            self._complete = True
+            return True
+        if type(event) is h11.Data and event.data:
+            self._pending = bytes(event.data)
+        elif event is not h11.NEED_DATA and type(event) is not h11.Data:
+            raise UpstreamResetError(f"upstream closed the connection mid-response ({event!r})")
+        return False
+
     async def read(self, max_bytes: int | None = None) -> bytes:
         """The whole body; UpstreamProtocolError once it grows past ``max_bytes``."""
         chunks: list[bytes] = []
