@@ -21,6 +21,7 @@ demo: $(STAMP) system-deps
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway tests bench
+	$(VENV)/bin/mypy
 
 check: $(STAMP)
 	$(PY) -m gateway check policies/*.yaml policies/examples/*.yaml

@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -79,11 +79,11 @@ class Gateway:
         if kind == "http":
             server = scope.get("server")
             if server is not None and server[1] in self.admin_ports:
-                await self.admin(scope, receive, send)
+                await self.admin(cast(Any, scope), cast(Any, receive), cast(Any, send))
                 return
             await handle_request(self.runtime, scope, receive, send, dispatch)
         elif kind == "lifespan":
-            await self.admin(scope, receive, send)
+            await self.admin(cast(Any, scope), cast(Any, receive), cast(Any, send))
         elif kind == "websocket":
             await send({"type": "websocket.close", "code": 1008})
         else:  # pragma: no cover - ASGI servers send only the three kinds

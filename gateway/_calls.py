@@ -159,7 +159,8 @@ async def bind_sql_args(ctx: RequestContext, args: Sequence[str]) -> list[Any]:
         elif source == "query":
             if query is None:
                 query = parse_qs(ctx.scope.get("query_string", b"").decode("latin-1"))
-            raw = (query.get(name) or [None])[0]
+            found = query.get(name)
+            raw = found[0] if found else None
         else:
             if body is None:
                 data = await ctx.body.read()

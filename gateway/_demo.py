@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from typing import Any, cast
 
 import trio
 from hypercorn.config import Config, Sockets
@@ -71,7 +72,7 @@ async def _serve_demo(policy_file: str, bind: str, admin_bind: str | None) -> No
     async with trio.open_nursery() as nursery:
         upstreams = await nursery.start(serve_demo_upstreams)
         await nursery.start(lambda task_status: worker_serve(
-            wrap_app(gateway, config.wsgi_max_body_size, "asgi"), config,
+            wrap_app(cast(Any, gateway), config.wsgi_max_body_size, "asgi"), config,
             sockets=Sockets([], [public_sock, admin_sock], []), task_status=task_status))
         public = f"http://{bind}"
         print("demo upstreams: " + ", ".join(f"{name} {url}" for name, url in upstreams))

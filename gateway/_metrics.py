@@ -105,7 +105,8 @@ def render_metrics(runtime: Runtime) -> bytes:
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if directory:
         registry = CollectorRegistry()
-        prometheus_multiprocess.MultiProcessCollector(registry, path=directory)
+        prometheus_multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+            registry, path=directory)
         return generate_latest(registry)
     from prometheus_client import REGISTRY
 

@@ -269,13 +269,15 @@ class _Document:
         depth = 0
         for events, event in enumerate(yaml.parse(source, Loader=yaml.SafeLoader), start=1):
             if events > MAX_NODES:
-                raise yaml.MarkedYAMLError(problem=f"the file has more than {MAX_NODES} values",
-                                           problem_mark=event.start_mark)
+                raise yaml.MarkedYAMLError(  # C and Python Mark types differ only in stubs
+                    problem=f"the file has more than {MAX_NODES} values",
+                    problem_mark=event.start_mark)  # type: ignore[arg-type]
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
-                    raise yaml.MarkedYAMLError(problem=f"nested deeper than {MAX_DEPTH} levels",
-                                               problem_mark=event.start_mark)
+                    raise yaml.MarkedYAMLError(
+                        problem=f"nested deeper than {MAX_DEPTH} levels",
+                        problem_mark=event.start_mark)  # type: ignore[arg-type]
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
 
@@ -442,7 +444,8 @@ _ARG_SOURCE_HINT = "is not an argument source (e.g. path.id, query.limit:int, bo
 def _validation_issues(exc: ValidationError, document: _Document) -> list[PolicyIssue]:
     """One operator-readable issue per location, union noise collapsed."""
     groups: dict[PolicyPath, list[tuple[str | None, PolicyPath, dict[str, Any]]]] = {}
-    for error in exc.errors(include_url=False):
+    for details in exc.errors(include_url=False):
+        error: dict[str, Any] = dict(details)
         loc = tuple(error["loc"])
         tag_index = next((i for i, part in enumerate(loc) if _is_union_tag(part)), None)
         if tag_index is None:

@@ -159,7 +159,7 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
     admin_urls = ", ".join(f"http://{h}:{p}" for h, p in addresses[public_count:])
     print(f"gateway: policy {loaded.file} ({loaded.version}), {config.workers} worker(s)\n"
           f"gateway: serving {public}\ngateway: admin {admin_urls}", flush=True)
-    hypercorn_run.signal = _MasterSignals()  # type: ignore[attr-defined]
+    hypercorn_run.signal = _MasterSignals()  # type: ignore[assignment,attr-defined]
     try:
         return run(config)
     finally:

@@ -55,9 +55,9 @@ def find_bindir() -> Path:
         bindir = Path(out.stdout.strip())
         if out.returncode == 0 and (bindir / "initdb").exists():
             return bindir
-    initdb = shutil.which("initdb")
-    if initdb is not None:
-        return Path(initdb).parent
+    found = shutil.which("initdb")
+    if found is not None:
+        return Path(found).parent
     raise PostgresUnavailable(
         "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found under "
         "/usr/lib/postgresql/*/bin or via pg_config; install the Debian package "

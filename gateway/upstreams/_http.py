@@ -482,7 +482,7 @@ class HttpUpstreamPool:
         with conn.errors:
             data = h.send(head)
             if body:
-                data += h.send(h11.Data(data=body))
+                data += h.send(h11.Data(data=body))  # type: ignore[arg-type]  # any buffer
             data += h.send(h11.EndOfMessage())
             await conn.stream.send_all(data)
         return await self._receive_head(conn)
@@ -568,7 +568,7 @@ class HttpUpstreamPool:
                     for start in range(0, len(view), RECEIVE_BYTES):
                         with conn.errors:
                             await send_all(
-                                h.send(h11.Data(data=view[start : start + RECEIVE_BYTES]))
+                                h.send(h11.Data(data=view[start : start + RECEIVE_BYTES]))  # type: ignore[arg-type]
                             )
                 elif body is not None:
                     async for chunk in body:
@@ -674,9 +674,10 @@ class HttpUpstreamPool:
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
-        conn = waiter.grant
-        if conn is None:  # a slot was freed for us: connect in it
+        granted = waiter.grant
+        if granted is None:  # a slot was freed for us: connect in it
             return await self._open()
+        conn = granted
         conn.begin(reused=True)
         return conn
 
