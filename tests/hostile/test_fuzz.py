@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from tests.hostile import Stage, stage
 
 EXAMPLES = 150
-SOCKET_TIMEOUT_S = 5.0
+SOCKET_TIMEOUT_S = 2.0
 
 TOKEN = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PATH_CHARS = st.sampled_from([*"abcXYZ019-._~!$&'()*+,;=:@/",
@@ -70,8 +70,12 @@ def build(method: str, path: str, hdrs: list[tuple[str, str]], body: bytes,
     return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + payload
 
 
-def send_one(port: int, data: bytes) -> bytes:
-    """Send, then read until the server closes (bounded in time and size)."""
+def send_one(port: int, data: bytes) -> bytes | None:
+    """Send, then read until the server closes (bounded in time and size).
+
+    None when nothing came back within SOCKET_TIMEOUT_S: the server is (rightly)
+    waiting for a body the request's own headers promised.
+    """
     received = bytearray()
     with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as sock:
         with contextlib.suppress(OSError):  # the server may refuse and close early
@@ -84,7 +88,15 @@ def send_one(port: int, data: bytes) -> bytes:
                 received += chunk
         except ConnectionResetError:
             pass
+        except TimeoutError:
+            return bytes(received) if received else None
     return bytes(received)
+
+
+def promises_more(hdrs: list[tuple[str, str]]) -> bool:
+    """Whether the fuzzed headers themselves announce a body (or a 100-continue wait)."""
+    names = {name.strip().lower() for name, _ in hdrs}
+    return bool(names & {"content-length", "transfer-encoding", "expect"})
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +133,9 @@ def test_fuzzed_requests_never_break_the_gateway(served: Stage, caplog):
         except UnicodeEncodeError:
             return
         answer = send_one(served.port, data)
+        if answer is None:
+            assert promises_more(hdrs), f"no answer within {SOCKET_TIMEOUT_S} s: {data[:300]!r}"
+            return
         if not answer:
             return  # the server closed without answering: allowed
         status_line = answer.split(b"\r\n", 1)[0]
@@ -135,5 +150,5 @@ def test_fuzzed_requests_never_break_the_gateway(served: Stage, caplog):
     assert errors == [], [r.exc_text or r.getMessage() for r in errors][:3]
     # Still serving normally at the end.
     answer = send_one(served.port, build("GET", "/api/up/ok", [], b"", "none"))
-    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert answer is not None and answer.startswith(b"HTTP/1.1 200 "), answer
     assert seen_statuses  # the run exercised the gateway at all
