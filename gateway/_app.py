@@ -17,15 +17,14 @@ from typing import Any, cast
 import trio
 
 from . import _hypercorn_fixes
-from ._errors import BadRequest, GatewayError, NotFound
+from ._errors import NotFound
 from ._fanout import fanout
 from ._metrics import METRICS
 from ._policy import resolve_call_settings
 from ._policy_loader import LoadedPolicy, PolicyError, load_policy_file
 from ._proxy import proxy
-from ._request import Receive, RequestContext, Scope, Send, handle_request, send_error
+from ._request import Receive, RequestContext, Scope, Send, handle_request
 from ._runtime import Runtime
-from ._trace import traced_scope
 
 log = logging.getLogger("gateway")
 _hypercorn_fixes.apply()
@@ -187,6 +186,3 @@ def create_gateway_from_env() -> Gateway:
     admin_ports = {int(p) for p in os.environ.get("GATEWAY_ADMIN_PORTS", "").split(",") if p}
     return Gateway(loaded, admin_ports=admin_ports)
 
-
-__all__ = ["BadRequest", "Gateway", "GatewayError", "create_gateway_from_env", "send_error",
-           "traced_scope"]
