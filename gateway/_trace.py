@@ -259,11 +259,14 @@ def traced_scope(
             span.error = type(exc).__name__
         raise
     span.end_ms = None if trace is None else trace.offset_ms()
+    if scope.cancel_cause is not None:
+        # Cancelled on purpose (a lost hedge, say) even if the work ended before its next
+        # checkpoint: its result is discarded, so the span is a cancellation.
+        span.outcome = "cancelled"
+        span.cause, span.fired_scope = scope.cancel_cause, span.label
+        return
     if cancel_scope.cancelled_caught:
         span.outcome = "cancelled"
-        if scope.cancel_cause is not None:
-            span.cause, span.fired_scope = scope.cancel_cause, span.label
-            return
         span.cause, span.fired_scope = "deadline", span.label
         raise UpstreamTimeout(f"{span.label}: deadline exceeded", scope=span.label)
 

@@ -1,10 +1,11 @@
 """Proxy routes end to end: Hypercorn-served gateway, real upstream servers on loopback."""
 
+import os
 import socket
 
 import trio
 
-from tests.gateway_harness import run_gateway
+from tests.gateway_harness import live_tasks, run_gateway
 from tests.upstream import start_upstream
 
 POLICY = """
@@ -160,4 +161,29 @@ async def test_graceful_shutdown_lets_in_flight_request_finish():
                 gw.shutdown.set()  # stop accepting; in-flight work gets the grace period
             assert result["response"].status_code == 200
             assert upstream.cancelled == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_closed_client_connections_end_at_once():
+    """A closed connection's task and socket do not wait for the keep-alive timer."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(policy_for(upstream.url), keep_alive_timeout=30) as gw, \
+                gw.client() as client:
+            assert (await client.get("/api/users/1")).status_code == 200
+            await trio.sleep(0.05)
+            baseline = live_tasks()
+            fds = len(os.listdir("/proc/self/fd"))
+            for index in range(50):
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                if index % 2:  # a full exchange, then the client closes
+                    await stream.send_all(
+                        f"GET /api/users/{index} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+                    assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200")
+                else:  # an idle connection (a pre-connecting proxy) closed unused
+                    await trio.sleep(0.001)
+                await stream.aclose()
+            with trio.fail_after(2):  # far below the 30 s keep-alive timeout
+                while live_tasks() > baseline or len(os.listdir("/proc/self/fd")) > fds:
+                    await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
