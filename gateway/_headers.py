@@ -110,6 +110,3 @@ def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]],
     out.append((request_id_header, request_id.encode("ascii")))
     return out
 
-
-def new_request_id() -> str:
-    return secrets.token_hex(12)

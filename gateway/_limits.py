@@ -130,7 +130,6 @@ class LoopLagMonitor:
 
     def __init__(self) -> None:
         self.lag_s = 0.0
-        self.max_lag_s = 0.0
 
     def overloaded(self, threshold_s: float | None) -> bool:
         return threshold_s is not None and self.lag_s > threshold_s
@@ -141,4 +140,3 @@ class LoopLagMonitor:
             await trio.sleep(self.INTERVAL_S)
             lag = max(0.0, trio.current_time() - expected)
             self.lag_s += self.ALPHA * (lag - self.lag_s)
-            self.max_lag_s = max(self.max_lag_s, lag)

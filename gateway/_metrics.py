@@ -20,7 +20,7 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
-    from ._trace import Trace
+    from ._trace import Span, Trace
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -63,11 +63,11 @@ class Metrics:
         self.reloads = Counter("gateway_policy_reloads_total", "Policy reloads, by result",
                                ["result"])
 
-    def observe_request(self, trace: Trace, status: int) -> None:
+    def observe_request(self, trace: Trace, status: int, cancelled: list[Span]) -> None:
         route = trace.route or "(none)"
         self.requests.labels(route, str(status)).inc()
         self.duration.labels(route).observe(trace.duration_ms / 1000)
-        for span in trace.cancelled_spans():
+        for span in cancelled:
             scope = (span.fired_scope or span.label).split("#")[0]
             self.cancellations.labels(route, span.cause or "unknown", scope).inc()
         if trace.cause == "shed" and trace.root is None:

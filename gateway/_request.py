@@ -71,10 +71,8 @@ class RequestBody:
         self._deadline = trio.current_time() + timeout_s
         self.declared_length = declared_length
         self.received = 0
-        self.consumed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        self.consumed = True
         while True:
             with trio.move_on_at(self._deadline) as waited:
                 try:
@@ -298,11 +296,11 @@ def finish_trace(runtime: Runtime, trace: Trace, policy: Any) -> None:
     """Count the request, keep its trace, log it when it is worth a line."""
     server = policy.server
     status = trace.status or 0
-    METRICS.observe_request(trace, status)
+    cancelled = trace.cancelled_spans()
+    METRICS.observe_request(trace, status, cancelled)
     if not server.tracing:
         return
     runtime.traces.add(trace)
-    cancelled = trace.cancelled_spans()
     if (status >= 500 or status == 499 or cancelled
             or trace.duration_ms >= server.slow_request * 1000
             or (server.log_sample and random.random() < server.log_sample)):

@@ -101,7 +101,6 @@ class Runtime:
         self.snapshot = self._build(loaded, {})
         self.reloads = 0
         self.last_reload_error: str | None = None
-        self.postgres_starter: Any = None  # set by the app: starts a PostgresUpstream
 
     def _build(self, loaded: LoadedPolicy, previous: dict[str, UpstreamState]) -> Snapshot:
         policy = loaded.policy

@@ -3,7 +3,6 @@ the scope that fired, and the Prometheus counter on the admin bind counts it."""
 
 import contextlib
 import os
-import re
 import sys
 
 import httpx
@@ -11,6 +10,7 @@ import trio
 
 from gateway._trace_view import render_traces_text
 from tests.gateway_harness import RunningGateway, run_gateway, trace_of, traces_with
+from tests.metrics import metric_total
 from tests.upstream import start_upstream
 
 POLICY = """
@@ -68,14 +68,7 @@ routes:
 async def metric(gw: RunningGateway, cause: str, scope: str) -> float:
     async with gw.admin() as admin:
         text = (await admin.get("/metrics")).text
-    total = 0.0
-    pattern = re.compile(r'^gateway_cancellations_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
-    for line in text.splitlines():
-        match = pattern.match(line)
-        if match and f'cause="{cause}"' in match["labels"] and \
-                f'scope="{scope}"' in match["labels"]:
-            total += float(match["value"])
-    return total
+    return metric_total(text, "gateway_cancellations_total", cause=cause, scope=scope)
 
 
 def spans_with(trace, cause: str) -> list:

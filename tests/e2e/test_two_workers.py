@@ -1,12 +1,12 @@
 """The core claims with `workers = 2`: deadline, disconnect, shedding, and one metrics
 scrape that sums both workers."""
 
-import re
 from pathlib import Path
 
 import httpx
 import trio
 
+from tests.metrics import metric_total
 from tests.process_harness import serve_process
 from tests.upstream import start_upstream
 
@@ -22,15 +22,6 @@ routes:
     deadline: 10s
     proxy: {{upstream: users, path: "/{{rest}}"}}
 """
-
-
-def total(metrics: str, name: str, **labels: str) -> float:
-    found = 0.0
-    for line in metrics.splitlines():
-        match = re.match(rf"^{name}\{{(?P<labels>.*)\}} (?P<value>\S+)$", line)
-        if match and all(f'{k}="{v}"' in match["labels"] for k, v in labels.items()):
-            found += float(match["value"])
-    return found
 
 
 async def test_core_claims_hold_with_two_workers(tmp_path: Path):
@@ -84,10 +75,10 @@ async def test_core_claims_hold_with_two_workers(tmp_path: Path):
                         pids.add((await admin.get(served.admin_url + "/policy")).json()[
                             "worker_pid"])
                         metrics = (await admin.get(served.admin_url + "/metrics")).text
-            answered = total(metrics, "gateway_requests_total", route="/long/{rest*}",
+            answered = metric_total(metrics, "gateway_requests_total", route="/long/{rest*}",
                              status="200")
             assert answered == 20 + statuses.count(200)
-            assert total(metrics, "gateway_cancellations_total", cause="deadline") >= 1
-            assert total(metrics, "gateway_cancellations_total",
+            assert metric_total(metrics, "gateway_cancellations_total", cause="deadline") >= 1
+            assert metric_total(metrics, "gateway_cancellations_total",
                          cause="client_disconnect") >= 1
         nursery.cancel_scope.cancel()
