@@ -1,5 +1,8 @@
-"""Workarounds for Hypercorn 0.18 trio-worker races the gateway hits; each is small and
-says which behaviour it fixes, so it can be dropped when Hypercorn fixes it.
+"""Changes to Hypercorn 0.18's trio worker the gateway depends on: two races it hits and
+two per-request costs it cannot afford. Each says which behaviour it changes, so it can
+be dropped when Hypercorn changes it.
+
+Races:
 
 * ``TCPServer._close`` calls ``send_eof`` without the connection's ``send_lock``. When
   the read side closes the connection (e.g. a client pipelines garbage after a request
@@ -9,35 +12,141 @@ says which behaviour it fixes, so it can be dropped when Hypercorn fixes it.
 * ``TCPServer.run`` keeps a connection's task group (and so its socket, in CLOSE_WAIT)
   alive after the client has closed, until the keep-alive idle timer expires
   (``keep_alive_timeout``, 75 s here): under connection churn, tasks and file
-  descriptors pile up (hypercorn#106). Stopping the idle timer once the read side
-  ends lets the connection finish at once; a response still being written is waited
-  for as before.
+  descriptors pile up (hypercorn#106). Ending the idle timer once the read side ends
+  lets the connection finish at once; a response still being written is waited for.
+
+Costs (each was measured with ``bench.overhead``):
+
+* The keep-alive timer was a task started (through ``nursery.start`` and a lock) every
+  time a connection went idle and cancelled every time a request arrived: a task, two
+  locks and several scheduler passes per request. :class:`IdleTimer` keeps one task per
+  connection and only moves its cancel scope's deadline.
+* Every socket write took the send lock and ran ``send_all`` in a shielded scope: two
+  scheduler passes per write, two or three writes per response. When the lock is free,
+  the write is first tried directly on the non-blocking socket; only what the kernel
+  does not take at once goes the original way.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 
 _applied = False
+
+
+class IdleTimer:
+    """A connection's keep-alive timer: one task whose deadline moves with idleness.
+
+    Same contract as Hypercorn's ``TrioSingleTask`` running ``TCPServer._idle_timeout``:
+    while the connection is idle it is closed after ``keep_alive_timeout`` or as soon as
+    the worker is told to terminate; while a request is in flight there is no deadline.
+    """
+
+    def __init__(self, server: Any) -> None:
+        self._server = server
+        self._scope: trio.CancelScope | None = None
+        self._idle = False
+        self._ended = False
+
+    async def restart(self, task_group: Any, action: Callable[[], Awaitable[None]]) -> None:
+        """The connection went idle: arm the deadline (and start the task the first time)."""
+        if self._ended:
+            return
+        self._idle = True
+        deadline = trio.current_time() + self._server.config.keep_alive_timeout
+        if self._scope is None:
+            self._scope = trio.CancelScope(deadline=deadline)
+            task_group._nursery.start_soon(self._watch, self._scope)
+        else:
+            self._scope.deadline = deadline
+        if self._server.context.terminated.is_set():
+            self._scope.cancel()
+
+    async def stop(self) -> None:
+        """A request is in flight: no deadline until the connection is idle again."""
+        self._idle = False
+        if self._scope is not None:
+            self._scope.deadline = math.inf
+
+    def end(self) -> None:
+        """The read side ended: the task finishes without closing anything itself."""
+        self._ended = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _watch(self, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                await self._server.context.terminated.wait()
+                if self._idle:
+                    break
+                # Terminating with a request in flight: restart() cancels when it ends.
+                await trio.sleep_forever()
+        if self._ended:
+            return
+        with trio.CancelScope(shield=True):
+            await self._server._initiate_server_close()
+
+
+def _direct_send(server: Any, data: bytes) -> int | None:
+    """Bytes of ``data`` the kernel took at once, or None when the socket is gone."""
+    sock = getattr(server.stream, "socket", None)
+    raw = getattr(sock, "_sock", None)
+    if raw is None:  # not a plain TCP stream (TLS): nothing is sent here
+        return 0
+    try:
+        return int(raw.send(data))
+    except BlockingIOError:
+        return 0
+    except OSError:
+        return None
 
 
 def apply() -> None:
     global _applied
     if _applied:
         return
-    original: Callable[[Any], Awaitable[None]] = TCPServer._close
+    original_init: Callable[..., None] = TCPServer.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.idle_task = IdleTimer(self)
+
+    TCPServer.__init__ = __init__  # type: ignore[method-assign]
+
+    original_send: Callable[[Any, Event], Awaitable[None]] = TCPServer.protocol_send
+
+    async def protocol_send(self: Any, event: Event) -> None:
+        if type(event) is RawData and not self.send_lock.locked():
+            data = event.data
+            if not data:
+                return
+            sent = _direct_send(self, data)
+            if sent is None:
+                await self.protocol.handle(Closed())
+                return
+            if sent == len(data):
+                return
+            event = RawData(data=data[sent:], address=event.address)
+        await original_send(self, event)
+
+    TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
+
+    original_close: Callable[[Any], Awaitable[None]] = TCPServer._close
 
     async def _close(self: Any) -> None:
         lock: trio.Lock = self.send_lock
         if lock.statistics().owner is trio.lowlevel.current_task():
-            await original(self)
+            await original_close(self)
             return
         async with lock:
-            await original(self)
+            await original_close(self)
 
     TCPServer._close = _close  # type: ignore[method-assign]
 
@@ -47,8 +156,7 @@ def apply() -> None:
         try:
             await original_read(self)
         finally:
-            with trio.CancelScope(shield=True):
-                await self.idle_task.stop()
+            self.idle_task.end()
 
     TCPServer._read_data = _read_data  # type: ignore[method-assign]
     _applied = True
