@@ -5,7 +5,8 @@ in the master before the workers are spawned.
 """
 
 from ._app import create_gateway_from_env
-from ._server import prepare_worker_process, tune_garbage_collector
+from ._gc import tune_garbage_collector
+from ._server import prepare_worker_process
 
 prepare_worker_process()
 app = create_gateway_from_env()

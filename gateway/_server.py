@@ -10,7 +10,6 @@ through Hypercorn's shutdown event instead of dropping in-flight requests.
 from __future__ import annotations
 
 import difflib
-import gc
 import logging
 import multiprocessing
 import os
@@ -203,25 +202,6 @@ def prepare_worker_process() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging()
-
-
-def tune_garbage_collector() -> None:
-    """Freeze the start-up objects so that no collection walks them again.
-
-    Modules, the policy and the app are alive for the worker's whole life; with a
-    thousand requests in flight, every full collection walked all of them. Freezing
-    them cut CPU per request at 1,000 connections by about 15 % (bench/overhead.py
-    --feature gc). The thresholds stay CPython's: larger ones saved a little more CPU
-    but let cyclic garbage (exception tracebacks, cancelled scopes) pile up between
-    collections, and the worker's RSS grew by half in a three-minute soak.
-    ``GATEWAY_GC=default`` skips the freeze; ``GATEWAY_GC_THRESHOLDS=a,b,c`` sets them.
-    """
-    if os.environ.get("GATEWAY_GC") == "default":
-        return
-    gc.collect()
-    gc.freeze()
-    if override := os.environ.get("GATEWAY_GC_THRESHOLDS"):
-        gc.set_threshold(*(int(v) for v in override.split(",")))
 
 
 def listen_socket(bind: str = "127.0.0.1:0", backlog: int = 4096) -> socket.socket:

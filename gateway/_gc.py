@@ -1,0 +1,55 @@
+"""The worker's garbage collector, tuned for many requests in flight.
+
+Modules, the policy and the app are alive for the worker's whole life; they are frozen
+after start-up so that no collection walks them again.
+
+The objects of requests in flight survive the young collections, so with a thousand in
+flight they reach the oldest generation quickly and CPython's thresholds ran a full
+collection (walking all of them) every few hundred requests: at 1,000 connections CPU
+per request was 1.1 ms instead of 0.65 ms and throughput fell by 40 %. Full collections
+are therefore not left to the allocation counters (:data:`GC_THRESHOLDS`) but run on a
+clock, every :data:`FULL_COLLECTION_INTERVAL_S`: rare enough to cost little at any
+load, frequent enough that cyclic garbage (exception tracebacks holding buffers, which
+hostile traffic produces by the thousand) cannot pile up. Leaving them rare without
+the clock let a three-minute soak grow the worker's RSS by 128 %.
+
+``GATEWAY_GC=default`` keeps CPython's behaviour; ``GATEWAY_GC_THRESHOLDS=a,b,c`` sets
+the thresholds (the clock still runs).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import trio
+
+#: CPython's young thresholds; a full collection from the counters only after 1,000
+#: (not 10) collections of the middle generation: the clock runs them instead.
+GC_THRESHOLDS = (700, 10, 1000)
+#: Seconds between full collections a worker runs itself.
+FULL_COLLECTION_INTERVAL_S = 1.0
+
+_tuned = False
+
+
+def tune_garbage_collector() -> None:
+    """Freeze the start-up objects and set the thresholds (a worker calls this once)."""
+    global _tuned
+    if os.environ.get("GATEWAY_GC") == "default":
+        return
+    gc.collect()
+    gc.freeze()
+    override = os.environ.get("GATEWAY_GC_THRESHOLDS")
+    thresholds = tuple(int(v) for v in override.split(",")) if override else GC_THRESHOLDS
+    gc.set_threshold(*thresholds)
+    _tuned = True
+
+
+async def run_full_collections(interval_s: float = FULL_COLLECTION_INTERVAL_S) -> None:
+    """Run a full collection every ``interval_s`` while the worker lives (if tuned)."""
+    if not _tuned:
+        return
+    while True:
+        await trio.sleep(interval_s)
+        gc.collect()
