@@ -8,6 +8,7 @@ connections on ``/api/fast``; the figures are req/s and the worker's CPU per req
 
     .venv/bin/python -m bench.overhead                 # tracing, 3 rounds of 8 s
     .venv/bin/python -m bench.overhead --feature gc    # tuned GC vs CPython's default
+    .venv/bin/python -m bench.overhead --feature worker  # Hypercorn's worker as tuned vs stock
     .venv/bin/python -m bench.overhead --rounds 5 --seconds 10 --connections 1000
 """
 
@@ -31,6 +32,7 @@ BASE_POLICY = (ROOT / "bench" / "gateway.yaml").read_text()
 VARIANTS: dict[str, tuple[str, str, dict[str, str], dict[str, str]]] = {
     "tracing": ("tracing: true", "tracing: false", {}, {}),
     "gc": ("tracing: true", "tracing: true", {}, {"GATEWAY_GC": "default"}),
+    "worker": ("tracing: true", "tracing: true", {}, {"GATEWAY_WORKER": "stock"}),
 }
 CONNECTIONS = 64
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import trio
 
@@ -29,6 +30,8 @@ import trio
 GC_THRESHOLDS = (700, 10, 1000)
 #: Seconds between full collections a worker runs itself.
 FULL_COLLECTION_INTERVAL_S = 1.0
+#: Most of the worker's time full collections may take (their interval grows with them).
+FULL_COLLECTION_BUDGET = 0.02
 
 _tuned = False
 
@@ -46,10 +49,16 @@ def tune_garbage_collector() -> None:
     _tuned = True
 
 
-async def run_full_collections(interval_s: float = FULL_COLLECTION_INTERVAL_S) -> None:
-    """Run a full collection every ``interval_s`` while the worker lives (if tuned)."""
+async def run_full_collections(min_interval_s: float = FULL_COLLECTION_INTERVAL_S,
+                               budget: float = FULL_COLLECTION_BUDGET) -> None:
+    """Run full collections while the worker lives (if tuned), spending at most
+    ``budget`` of the time on them but never running them less often than needed:
+    the next one comes ``max(min_interval_s, duration / budget)`` after the last."""
     if not _tuned:
         return
+    interval_s = min_interval_s
     while True:
         await trio.sleep(interval_s)
+        started = time.perf_counter()
         gc.collect()
+        interval_s = max(min_interval_s, (time.perf_counter() - started) / budget)

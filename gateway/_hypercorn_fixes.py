@@ -15,7 +15,8 @@ Races:
   descriptors pile up (hypercorn#106). Ending the idle timer once the read side ends
   lets the connection finish at once; a response still being written is waited for.
 
-Costs (each was measured with ``bench.overhead``):
+Costs (measured together with ``bench.overhead --feature worker``; the environment
+variable ``GATEWAY_WORKER=stock`` leaves them out, for that comparison):
 
 * The keep-alive timer was a task started (through ``nursery.start`` and a lock) every
   time a connection went idle and cancelled every time a request arrived: a task, two
@@ -25,75 +26,20 @@ Costs (each was measured with ``bench.overhead``):
   scheduler passes per write, two or three writes per response. When the lock is free,
   the write is first tried directly on the non-blocking socket; only what the kernel
   does not take at once goes the original way.
-* Connections were accepted one per scheduler pass. With a thousand busy connections a
-  pass takes tens of milliseconds, so new connections (and clients that reconnect)
-  waited seconds in the listen backlog before their first byte was read: the tail of
-  every high-concurrency run. :class:`BatchAcceptListener` takes what the backlog holds
-  (up to :data:`ACCEPT_BATCH`) each time it wakes, as nginx's ``multi_accept`` and
-  asyncio's accept loop do.
 """
 
 from __future__ import annotations
 
 import math
-import types
-from collections import deque
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import hypercorn.trio.run
 import trio
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 
-#: Most connections taken from the listen backlog per wake-up of the accept loop.
-ACCEPT_BATCH = 512
-
 _applied = False
-
-
-class BatchAcceptListener(trio.abc.Listener[trio.SocketStream]):
-    """A ``trio.SocketListener`` that drains the listen backlog on each wake-up.
-
-    The first connection is accepted the usual way (waiting, and handling the errors
-    trio handles); the rest that are already queued are taken without blocking and
-    handed out by the following ``accept()`` calls, which then return at once. A
-    failure in the draining (``EMFILE`` and the like) just ends the batch: the next
-    waiting accept meets it and reports it as before.
-    """
-
-    def __init__(self, socket: trio.socket.SocketType) -> None:
-        self._listener = trio.SocketListener(socket)
-        self.socket = socket
-        self._accepted: deque[trio.SocketStream] = deque()
-
-    async def accept(self) -> trio.SocketStream:
-        if self._accepted:
-            return self._accepted.popleft()
-        stream = await self._listener.accept()
-        raw = getattr(self.socket, "_sock", None)
-        if raw is not None:
-            for _ in range(ACCEPT_BATCH - 1):
-                try:
-                    conn, _address = raw.accept()
-                except OSError:  # nothing queued, or an error the next accept reports
-                    break
-                self._accepted.append(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
-        return stream
-
-    async def aclose(self) -> None:
-        while self._accepted:
-            await trio.aclose_forcefully(self._accepted.popleft())
-        await self._listener.aclose()
-
-
-class _TrioWithBatchAccept(types.ModuleType):
-    """What ``hypercorn.trio.run`` sees as ``trio``: trio itself, but for its listener."""
-
-    SocketListener = BatchAcceptListener
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(trio, name)
 
 
 class IdleTimer:
@@ -168,6 +114,38 @@ def apply() -> None:
     global _applied
     if _applied:
         return
+    if os.environ.get("GATEWAY_WORKER") != "stock":
+        _apply_cost_changes()
+
+    original_close: Callable[[Any], Awaitable[None]] = TCPServer._close
+
+    async def _close(self: Any) -> None:
+        lock: trio.Lock = self.send_lock
+        if lock.statistics().owner is trio.lowlevel.current_task():
+            await original_close(self)
+            return
+        async with lock:
+            await original_close(self)
+
+    TCPServer._close = _close  # type: ignore[method-assign]
+
+    original_read: Callable[[Any], Awaitable[None]] = TCPServer._read_data
+
+    async def _read_data(self: Any) -> None:
+        try:
+            await original_read(self)
+        finally:
+            if isinstance(self.idle_task, IdleTimer):
+                self.idle_task.end()
+            else:
+                with trio.CancelScope(shield=True):
+                    await self.idle_task.stop()
+
+    TCPServer._read_data = _read_data  # type: ignore[method-assign]
+    _applied = True
+
+
+def _apply_cost_changes() -> None:
     original_init: Callable[..., None] = TCPServer.__init__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -193,28 +171,3 @@ def apply() -> None:
         await original_send(self, event)
 
     TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
-
-    original_close: Callable[[Any], Awaitable[None]] = TCPServer._close
-
-    async def _close(self: Any) -> None:
-        lock: trio.Lock = self.send_lock
-        if lock.statistics().owner is trio.lowlevel.current_task():
-            await original_close(self)
-            return
-        async with lock:
-            await original_close(self)
-
-    TCPServer._close = _close  # type: ignore[method-assign]
-
-    original_read: Callable[[Any], Awaitable[None]] = TCPServer._read_data
-
-    async def _read_data(self: Any) -> None:
-        try:
-            await original_read(self)
-        finally:
-            self.idle_task.end()
-
-    TCPServer._read_data = _read_data  # type: ignore[method-assign]
-
-    hypercorn.trio.run.trio = _TrioWithBatchAccept("trio")  # type: ignore[attr-defined]
-    _applied = True

@@ -1,57 +1,17 @@
-"""What the gateway changes in its Hypercorn worker, tested at the level of sockets and
-the garbage collector: connections waiting in the listen backlog are taken in one
-wake-up, and full collections run on a clock.
+"""The worker's garbage collector: full collections run on a clock, paced by their cost.
+
+(The keep-alive timer and the socket writes the gateway changes in Hypercorn's worker
+are tested end to end in ``tests/hostile/test_keep_alive.py`` and the streaming tests.)
 """
 
 import gc
+import itertools
 import weakref
 
+import pytest
 import trio
-import trio.testing
 
 from gateway import _gc
-from gateway._hypercorn_fixes import BatchAcceptListener
-
-
-async def _listener() -> tuple[BatchAcceptListener, int]:
-    sock = trio.socket.socket()
-    await sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    return BatchAcceptListener(sock), sock.getsockname()[1]
-
-
-async def test_queued_connections_are_taken_in_one_wake_up():
-    listener, port = await _listener()
-    clients = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(5)]
-    first = await listener.accept()
-    # The other four were already in the backlog: no waiting (no checkpoint) for them.
-    with trio.testing.assert_no_checkpoints():
-        rest = [await listener.accept() for _ in range(4)]
-    for n, client in enumerate(clients):
-        await client.send_all(b"%d" % n)
-    received = sorted([await stream.receive_some(16) for stream in (first, *rest)])
-    assert received == [b"0", b"1", b"2", b"3", b"4"]
-    # A sixth accept waits for a connection like any other.
-    with trio.move_on_after(0.2) as waited:
-        await listener.accept()
-    assert waited.cancelled_caught
-    for stream in (first, *rest, *clients):
-        await stream.aclose()
-    await listener.aclose()
-
-
-async def test_closing_the_listener_closes_connections_taken_but_not_handed_out():
-    listener, port = await _listener()
-    clients = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
-    first = await listener.accept()
-    await listener.aclose()
-    # The two drained connections were closed by the listener: their clients see EOF.
-    for client in clients[1:]:
-        with trio.fail_after(5):
-            assert await client.receive_some(16) == b""
-    await first.aclose()
-    for client in clients:
-        await client.aclose()
 
 
 class _Cycle:
@@ -59,18 +19,44 @@ class _Cycle:
         self.me = self
 
 
-async def test_full_collections_run_on_the_clock(monkeypatch, autojump_clock):
+@pytest.fixture
+def automatic_collections_off(monkeypatch):
     monkeypatch.setattr(_gc, "_tuned", True)
     was_enabled = gc.isenabled()
-    gc.disable()  # no collection from the allocation counters at all
-    try:
-        cycle = _Cycle()
-        alive = weakref.ref(cycle)
-        del cycle
-        assert alive() is not None, "cyclic garbage only goes in a collection"
-        with trio.move_on_after(_gc.FULL_COLLECTION_INTERVAL_S * 1.5):
-            await _gc.run_full_collections()
-        assert alive() is None
-    finally:
-        if was_enabled:
-            gc.enable()
+    gc.disable()  # nothing from the allocation counters: only the clock collects
+    yield
+    if was_enabled:
+        gc.enable()
+
+
+async def test_cyclic_garbage_is_collected_on_the_clock(automatic_collections_off,
+                                                        autojump_clock):
+    cycle = _Cycle()
+    alive = weakref.ref(cycle)
+    del cycle
+    assert alive() is not None, "cyclic garbage only goes in a collection"
+    with trio.move_on_after(_gc.FULL_COLLECTION_INTERVAL_S * 1.5):
+        await _gc.run_full_collections()
+    assert alive() is None
+
+
+async def test_costly_collections_are_spaced_to_stay_within_the_budget(
+        automatic_collections_off, autojump_clock, monkeypatch):
+    collected_at: list[float] = []
+    monkeypatch.setattr(_gc.gc, "collect", lambda: collected_at.append(trio.current_time()))
+    # Each collection "takes" 100 ms of real time: at a 2 % budget, one every 5 s.
+    ticks = itertools.count()
+    monkeypatch.setattr(_gc.time, "perf_counter", lambda: next(ticks) * 0.1)
+    with trio.move_on_after(12):
+        await _gc.run_full_collections(min_interval_s=1.0, budget=0.02)
+    assert collected_at == pytest.approx([1.0, 6.0, 11.0])
+
+
+async def test_cheap_collections_run_every_interval(automatic_collections_off,
+                                                    autojump_clock, monkeypatch):
+    collected_at: list[float] = []
+    monkeypatch.setattr(_gc.gc, "collect", lambda: collected_at.append(trio.current_time()))
+    monkeypatch.setattr(_gc.time, "perf_counter", lambda: 0.0)
+    with trio.move_on_after(3.5):
+        await _gc.run_full_collections(min_interval_s=1.0, budget=0.02)
+    assert collected_at == pytest.approx([1.0, 2.0, 3.0])
