@@ -16,22 +16,13 @@ from ._calls import forward_headers, upstream_call
 from ._errors import UpstreamProtocolError, UpstreamStatusError
 from ._headers import downstream_response_headers
 from ._policy import resolve_call_settings
-from ._request import RequestContext
+from ._request import RequestContext, request_has_body
 from ._trace import TracedScope
 
 #: Largest request body held in memory so that a retry or hedge can send it again.
 REPLAYABLE_BODY_BYTES = 1024 * 1024
 #: Bodies up to this size are always read before an upstream slot is taken.
 BUFFERED_BODY_BYTES = 64 * 1024
-
-
-def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name == b"content-length":
-            return value.strip() != b"0"
-        if name == b"transfer-encoding":
-            return True
-    return False
 
 
 async def proxy(ctx: RequestContext) -> None:
@@ -47,7 +38,7 @@ async def proxy(ctx: RequestContext) -> None:
     method: str = ctx.scope["method"]
     body: Any = None
     replayable = True
-    if _has_body(ctx.scope["headers"]):
+    if request_has_body(ctx.scope["headers"]):
         declared = ctx.body.declared_length
         may_repeat = settings.retries is not None or settings.hedge_after is not None
         if declared is not None and (declared <= BUFFERED_BODY_BYTES or (

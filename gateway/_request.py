@@ -15,6 +15,7 @@ import json
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import trio
@@ -29,6 +30,7 @@ from ._errors import (
 )
 from ._guards import check_request_head
 from ._headers import request_id_from
+from ._hypercorn_fixes import DISCONNECT_EXTENSION
 from ._metrics import METRICS
 from ._routing import RouteMatch
 from ._runtime import Runtime, Snapshot
@@ -64,7 +66,7 @@ class RequestBody:
     body is cut with 408) and within ``limit`` bytes (413).
     """
 
-    def __init__(self, receiver: trio.MemoryReceiveChannel[bytes], limit: int,
+    def __init__(self, receiver: trio.MemoryReceiveChannel[bytes] | None, limit: int,
                  declared_length: int | None, timeout_s: float) -> None:
         self._receiver = receiver
         self._limit = limit
@@ -73,6 +75,8 @@ class RequestBody:
         self.received = 0
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._receiver is None:  # a request without a body
+            return
         while True:
             with trio.move_on_at(self._deadline) as waited:
                 try:
@@ -106,7 +110,6 @@ class RequestContext:
         self.deadline = deadline
         self.body = body
         self.request_scope: TracedScope | None = None
-        self.nursery: trio.Nursery | None = None
         self.response_started = False
         self.response_complete = False
         self.status: int | None = None
@@ -170,6 +173,35 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
         if name == b"content-length":
             return int(value) if value.isdigit() else None
     return None
+
+
+def request_has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an HTTP/1.x request head announces a body (RFC 9112 6.3)."""
+    for name, value in headers:
+        if name == b"content-length":
+            return value.strip() != b"0"
+        if name == b"transfer-encoding":
+            return True
+    return False
+
+
+def _close_callback_slot(scope: Scope, headers: list[tuple[bytes, bytes]]
+                         ) -> dict[str, Any] | None:
+    """Where to leave the stream-close callback, when the server offers one and the
+    request has no body to relay (HTTP/1.x only: an HTTP/2 head need not announce it)."""
+    extension = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+    if extension is None or scope.get("http_version") not in ("1.1", "1.0"):
+        return None
+    if request_has_body(headers):
+        return None
+    return extension  # type: ignore[no-any-return]
+
+
+def _stream_closed(context: RequestContext, request_scope: TracedScope) -> None:
+    """The server closed the request's stream: unless the response was complete, the
+    client left, and everything the request started is cancelled."""
+    if not context.response_complete:
+        request_scope.cancel("client_disconnect")
 
 
 async def _relay_receive(receive: Receive, sender: trio.MemorySendChannel[bytes],
@@ -245,22 +277,34 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"the request body ({declared} bytes) is larger than "
                                   f"{limit} bytes")
-        sender, receiver = trio.open_memory_channel[bytes](1)
-        body = RequestBody(receiver, limit, declared, server.limits.body_timeout)
+        on_close = _close_callback_slot(scope, headers)
+        if on_close is not None:
+            body = RequestBody(None, limit, declared, server.limits.body_timeout)
+        else:
+            sender, receiver = trio.open_memory_channel[bytes](1)
+            body = RequestBody(receiver, limit, declared, server.limits.body_timeout)
         context = RequestContext(runtime, snapshot, scope, send, trace, request_id, match,
                                  deadline, body)
         with traced_scope(trace, None, "request", match.route.path, deadline=deadline.at,
                           deadline_source=deadline.source) as request_scope:
             context.request_scope = request_scope
-            try:
-                async with trio.open_nursery() as nursery:
-                    context.nursery = nursery
-                    nursery.start_soon(_relay_receive, receive, sender, context, request_scope)
+            if on_close is not None:
+                # No body to relay: the server calls back when the stream closes.
+                on_close["on_close"] = partial(_stream_closed, context, request_scope)
+                try:
                     await dispatch(context)
-                    nursery.cancel_scope.cancel(reason="request answered")
-            except BaseExceptionGroup as group:
-                raise collapse_group(group) from None
-            receiver.close()
+                finally:
+                    on_close.pop("on_close", None)
+            else:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_relay_receive, receive, sender, context,
+                                           request_scope)
+                        await dispatch(context)
+                        nursery.cancel_scope.cancel(reason="request answered")
+                except BaseExceptionGroup as group:
+                    raise collapse_group(group) from None
+                receiver.close()
         if request_scope.cancel_cause == "client_disconnect":
             trace.status, trace.cause = 499, "client_disconnect"
         else:

@@ -214,10 +214,12 @@ class Upstream:
 
     # -- waiting on records, without polling ------------------------------------------
 
-    async def wait_for(self, predicate: Callable[[], object]) -> None:
-        """Wait until ``predicate()`` is true; it is re-checked whenever a record changes."""
-        while not predicate():
-            await self._changed.wait()
+    async def wait_for(self, predicate: Callable[[], object], timeout_s: float = 10.0) -> None:
+        """Wait until ``predicate()`` is true; it is re-checked whenever a record changes.
+        A test waiting for something that never happens fails after ``timeout_s``."""
+        with trio.fail_after(timeout_s):
+            while not predicate():
+                await self._changed.wait()
 
     async def wait_cancelled(self, count: int = 1) -> None:
         await self.wait_for(lambda: len(self.cancelled) >= count)

@@ -7,6 +7,7 @@ in the same process) with generous bounds; nothing sleeps and hopes.
 import time
 
 import httpx
+import pytest
 import trio
 import trio.lowlevel
 
@@ -100,25 +101,34 @@ async def test_client_shortens_deadline_but_cannot_extend_it():
         nursery.cancel_scope.cancel()
 
 
-async def _disconnecting_client(port: int, path: str, after_s: float) -> float:
+async def _disconnecting_client(port: int, path: str, after_s: float,
+                                method: str = "GET", body: bytes = b"") -> float:
     """Send a request on a raw socket and close it after ``after_s``; return the time."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+    length = f"content-length: {len(body)}\r\n" if body else ""
+    await stream.send_all(f"{method} {path} HTTP/1.1\r\nhost: t\r\n{length}\r\n".encode()
+                          + body)
     await trio.sleep(after_s)
     closed_at = trio.current_time()
     await stream.aclose()
     return closed_at
 
 
-async def test_client_disconnect_cancels_upstream_work_and_leaks_nothing():
+@pytest.mark.parametrize(("method", "body"), [("GET", b""), ("POST", b"hello")],
+                         ids=["without-body", "with-body"])
+async def test_client_disconnect_cancels_upstream_work_and_leaks_nothing(method, body):
+    # Without a body the server's stream-close callback notices; with one, the task
+    # relaying the body does.
     async with trio.open_nursery() as nursery:
         a, b, c = [await start_upstream(nursery) for _ in range(3)]
         async with run_gateway(policy(a.url, b.url, c.url)) as gw, gw.client() as client:
             assert (await client.get("/long/users/1")).status_code == 200  # warm pools
             await trio.sleep(0.05)
             baseline = live_tasks()
-            closed_at = await _disconnecting_client(gw.port, "/long/slow?ms=5000", 0.2)
-            await a.wait_cancelled()
+            closed_at = await _disconnecting_client(gw.port, "/long/slow?ms=5000", 0.2,
+                                                    method, body)
+            with trio.fail_after(5):
+                await a.wait_cancelled()
             assert a.cancelled[0].at - closed_at < 0.1
             # Nothing of that request is still running: tasks back to the baseline.
             with trio.fail_after(2):
