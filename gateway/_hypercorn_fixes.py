@@ -31,6 +31,10 @@ variable ``GATEWAY_WORKER=stock`` leaves them out, for that comparison):
   scheduler passes). A stream now also calls the function an app leaves in its scope's
   :data:`DISCONNECT_EXTENSION`, at the moment Hypercorn closes the stream, so a request
   without a body needs no watcher task.
+* Each message Hypercorn hands an app (the end of the request body, the disconnect)
+  went through ``MemorySendChannel.send``, a scheduler pass even when the channel has
+  room. It is put without waiting when it can be, and only waits when the app's queue
+  is full.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import trio
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import Request, StreamClosed
 from hypercorn.protocol.http_stream import HTTPStream
+from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
 
 #: Scope extension of a server that calls ``extension["on_close"]()``, if an app has set
@@ -198,3 +203,20 @@ def _apply_cost_changes() -> None:
             self.scope["extensions"][DISCONNECT_EXTENSION] = {}
 
     HTTPStream.handle = handle  # type: ignore[method-assign]
+
+    async def spawn_app(self: Any, app: Any, config: Any, scope: Any,
+                        send: Callable[[Any], Awaitable[None]]
+                        ) -> Callable[[Any], Awaitable[None]]:
+        to_app, app_receives = trio.open_memory_channel[Any](config.max_app_queue_size)
+        self._nursery.start_soon(_handle, app, config, scope, app_receives.receive, send,
+                                 trio.to_thread.run_sync, trio.from_thread.run)
+
+        async def put(message: Any) -> None:
+            try:
+                to_app.send_nowait(message)
+            except trio.WouldBlock:
+                await to_app.send(message)
+
+        return put
+
+    TaskGroup.spawn_app = spawn_app  # type: ignore[method-assign]
