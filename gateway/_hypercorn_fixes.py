@@ -53,6 +53,7 @@ from hypercorn.trio.tcp_server import TCPServer
 
 #: Scope extension of a server that calls ``extension["on_close"]()``, if an app has set
 #: it, when the request's stream closes: after the response, or when the client leaves.
+#: ``extension["closed"]`` is true once the stream has closed, callback or not.
 DISCONNECT_EXTENSION = "gateway.stream_close_callback"
 
 _applied = False
@@ -174,6 +175,9 @@ def _apply_cost_changes() -> None:
 
     async def protocol_send(self: Any, event: Event) -> None:
         if type(event) is RawData and not self.send_lock.locked():
+            # A cancelled task writes nothing, as with the lock it would have taken (it
+            # yields only when the task is cancelled).
+            await trio.lowlevel.checkpoint_if_cancelled()
             data = event.data
             if not data:
                 return
@@ -194,9 +198,13 @@ def _apply_cost_changes() -> None:
         if type(event) is StreamClosed and not self.closed:
             scope = getattr(self, "scope", None)
             extension = scope["extensions"].get(DISCONNECT_EXTENSION) if scope else None
-            on_close = extension.pop("on_close", None) if extension else None
-            if on_close is not None:
-                on_close()
+            if extension is not None:
+                # Closed before the app has looked (it may not have started): it reads
+                # the flag when it installs its callback.
+                extension["closed"] = True
+                on_close = extension.pop("on_close", None)
+                if on_close is not None:
+                    on_close()
         await original_handle(self, event)
         if type(event) is Request and getattr(self, "scope", None) is not None:
             # The app task is only scheduled yet: it sees the extension when it runs.

@@ -178,6 +178,7 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 def request_has_body(headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether an HTTP/1.x request head announces a body (RFC 9112 6.3)."""
     for name, value in headers:
+        name = name.lower()
         if name == b"content-length":
             return value.strip() != b"0"
         if name == b"transfer-encoding":
@@ -291,6 +292,8 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
             if on_close is not None:
                 # No body to relay: the server calls back when the stream closes.
                 on_close["on_close"] = partial(_stream_closed, context, request_scope)
+                if on_close.get("closed"):  # the client left before this task started
+                    _stream_closed(context, request_scope)
                 try:
                     await dispatch(context)
                 finally:

@@ -142,6 +142,27 @@ async def test_client_disconnect_cancels_upstream_work_and_leaks_nothing(method,
         nursery.cancel_scope.cancel()
 
 
+async def test_a_client_gone_before_its_request_starts_cancels_it():
+    # Request and close in one go: the worker may see the close before the request's
+    # task has run, and the request must still end as a disconnect, not be served.
+    count = 20
+    async with trio.open_nursery() as nursery:
+        a, b, c = [await start_upstream(nursery) for _ in range(3)]
+        async with run_gateway(policy(a.url, b.url, c.url)) as gw:
+            for _ in range(count):
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(b"GET /long/slow?ms=5000 HTTP/1.1\r\nhost: t\r\n\r\n")
+                await stream.aclose()
+            runtime = gw.gateway.runtime
+            # Served, each would hold its slot for 5 s.
+            with trio.fail_after(2):
+                while len(runtime.traces) < count or runtime.gate.in_flight:
+                    await trio.sleep(0.01)
+            statuses = [trace.status for trace in runtime.traces.query(limit=count)]
+            assert statuses == [499] * count
+        nursery.cancel_scope.cancel()
+
+
 async def test_fail_fast_fanout_cancels_siblings():
     async with trio.open_nursery() as nursery:
         a, b, c = [await start_upstream(nursery) for _ in range(3)]

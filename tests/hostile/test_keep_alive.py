@@ -49,3 +49,18 @@ async def test_shutdown_closes_idle_connections_and_answers_requests_in_flight()
             response = await busy.read_response(timeout_s=10)
             assert response is not None and response.status == 200, response
             assert response.closes or await busy.wait_closed(timeout_s=2) == "eof"
+
+
+async def test_a_request_cut_by_the_graceful_timeout_gets_no_half_answer():
+    # The worker cancels what is still running when graceful_timeout expires; a cancelled
+    # request writes nothing more, so its client sees the connection close, not a 500.
+    async with stage(graceful_timeout=0.5) as s:
+        async with connect(s.port) as busy:
+            await busy.send(request_bytes("GET", "/api/long/slow?ms=5000"))
+            with trio.fail_after(5):
+                while len(s.upstream.requests) < 1:
+                    await trio.sleep(0.01)
+            s.gw.shutdown.set()
+            response = await busy.read_response(timeout_s=5)
+            assert response is None, response
+            assert busy.eof or busy.reset
