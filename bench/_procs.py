@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -53,6 +54,20 @@ def cpu_seconds(root: int) -> float:
             # Fields 14 and 15 of stat (1-based); index 0 here is field 3 (state).
             ticks += int(fields[11]) + int(fields[12])
     return ticks / _CLOCK_TICKS
+
+
+def wait_quiet(root: int, *, busy_share: float = 0.1, window_s: float = 0.5,
+               limit_s: float = 15.0) -> float | None:
+    """Wait until the tree under ``root`` uses less than ``busy_share`` of one core over
+    ``window_s`` (it has finished the work a scenario left it); the seconds waited, or
+    None if it was still busy after ``limit_s``."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        before = cpu_seconds(root)
+        time.sleep(window_s)
+        if cpu_seconds(root) - before < busy_share * window_s:
+            return time.monotonic() - started
+    return None
 
 
 def rss_bytes(root: int) -> int:

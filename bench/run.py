@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import _report, _scenarios
+from bench import _procs, _report, _scenarios
 from bench._scenarios import Budget, Recorder
 from bench._services import ECHO_MODULE, ROOT, WORK, NotAvailable, Service
 from bench._systems import SYSTEMS, System, nginx_upstream, s4_upstream
@@ -123,6 +123,16 @@ def run_system(
                     raise RuntimeError("the upstream stopped answering")
                 service.stop()
                 running = False
+            elif name != scenarios[-1]:
+                # The next scenario starts from an idle system, not one still unwinding
+                # this one (10,000 connections closing after S2, say).
+                waited = _procs.wait_quiet(root)
+                if waited is None:
+                    note = f"still busy 15 s after {name}; the next scenario started anyway"
+                    entry.setdefault("notes", []).append(note)
+                    _log(f"{system.name}: {note}")
+                elif waited > 1:
+                    _log(f"{system.name}: quiet {waited:.1f} s after {name}")
     finally:
         if service is not None and running:
             service.stop()
