@@ -8,9 +8,10 @@ the test upstream's end, and 2 upstream tasks); those are counted from the pool'
 statistics and allowed, plus a slack of 2 for a connection the server is still closing
 when the count is taken.
 
-Hypercorn's trio server keeps a closed connection's handler task (and its keep-alive
-timer task) until ``keep_alive_timeout`` expires, so the gateway runs with a 2 s
-keep-alive here and the count is allowed that long (plus 3 s) to come back.
+A connection the client closed ends at once (stock Hypercorn kept its tasks until
+``keep_alive_timeout``; see ``gateway/_hypercorn_fixes.py``). The gateway still runs
+with a short 2 s keep-alive here, and the count is allowed that long (plus 3 s) to come
+back, so that the test states a bound rather than a race.
 """
 
 import os
