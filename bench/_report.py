@@ -8,6 +8,7 @@ import os
 import platform
 import resource
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,70 @@ def _rows(results: dict[str, Any], scenario: str, columns: int, row: Any) -> lis
     return lines
 
 
+Cell = Callable[[dict[str, Any]], str]
+
+
+def _num(key: str, digits: int = 0) -> Cell:
+    return lambda d: _f(d[key], digits)
+
+
+def _share(key: str) -> Cell:
+    return lambda d: _pct(d[key])
+
+
+def _at(connections: str, key: str, digits: int) -> Cell:
+    return lambda d: _f(d.get(connections, {}).get(key), digits)
+
+
+S1_TITLE = "## S1 throughput: `GET /api/fast` (~200-byte JSON from the upstream)"
+S1_COLUMNS: list[tuple[str, Cell]] = [
+    (f"{c} {header}", _at(c, key, digits))
+    for c in ("c64", "c1000")
+    for header, key, digits in (("req/s", "rps", 0), ("p50 ms", "p50_ms", 1),
+                                ("p99 ms", "p99_ms", 1), ("errors", "errors", 0),
+                                ("CPU s/1k req", "cpu_s_per_1k", 3))
+]
+_LATER_TABLES: list[tuple[str, str, list[tuple[str, Cell]]]] = [
+    ("S2", "## S2 concurrency: `GET /api/slow1s` (1 s upstream) at 10,000 connections", [
+        ("req/s", _num("rps")), ("p50 ms", _num("p50_ms")), ("p99 ms", _num("p99_ms")),
+        ("errors", _num("errors")), ("peak RSS MiB", _num("peak_rss_mib")),
+        ("CPU s/1k req", _num("cpu_s_per_1k", 3)),
+    ]),
+    ("S3", "## S3 overload: `GET /api/slow` (50 ms upstream), `x-request-timeout-ms: 200`, "
+     "open loop at 4x capacity", [
+        ("offered req/s", _num("offered_rps")), ("x capacity", _num("overload_factor", 1)),
+        ("goodput req/s", _num("goodput_rps")), ("good", _share("good_share")),
+        ("shed < 10 ms", _share("shed_fast_share")),
+        ("shed slower", _share("shed_slow_share")),
+        ("timed out", _share("timed_out_share")), ("not sent", _share("not_sent_share")),
+        ("errors", _share("error_share")), ("p50 ms", _num("p50_ms", 1)),
+        ("p99 ms", _num("p99_ms", 1)),
+    ]),
+    ("S4", "## S4 orphaned work: `GET /api/slow1s`, callers give up after 100 ms", [
+        ("requests", _num("requests")), ("reached upstream", _num("reached_upstream")),
+        ("ran the full 1 s", _num("ran_full")),
+        ("orphaned upstream work-s", _num("orphaned_work_s", 2)),
+        ("per abandoned request ms", _num("orphaned_ms_per_abandoned")),
+        ("upstream stop lag p50 ms", _num("stop_lag_p50_ms")),
+    ]),
+]
+
+
+def _table(results: dict[str, Any], plots: dict[str, str], scenario: str, title: str,
+           columns: list[tuple[str, Cell]]) -> list[str]:
+    """One scenario's section: title, table (a row per system) and plot."""
+    return [
+        title,
+        "",
+        "| system | " + " | ".join(header for header, _ in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+        *_rows(results, scenario, len(columns), lambda d: [cell(d) for _, cell in columns]),
+        "",
+        f"![{scenario}]({plots.get(scenario, '')})",
+        "",
+    ]
+
+
 def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     """The results file."""
     env, budget = results["environment"], results["budget"]
@@ -118,99 +183,10 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
     if skipped:
         out += ["Not available: " + "; ".join(skipped), ""]
     if any("S1" in e for e in systems.values()) or skipped:
-        out += [
-            "## S1 throughput: `GET /api/fast` (~200-byte JSON from the upstream)",
-            "",
-            "| system | c64 req/s | c64 p50 ms | c64 p99 ms | c64 errors | c64 CPU s/1k req "
-            "| c1000 req/s | c1000 p50 ms | c1000 p99 ms | c1000 errors | c1000 CPU s/1k req |",
-            "|---" * 11 + "|",
-        ]
-
-        def s1(d: dict[str, Any]) -> list[str]:
-            cells = []
-            for c in ("c64", "c1000"):
-                m = d.get(c, {})
-                cells += [
-                    _f(m.get("rps")),
-                    _f(m.get("p50_ms"), 1),
-                    _f(m.get("p99_ms"), 1),
-                    _f(m.get("errors")),
-                    _f(m.get("cpu_s_per_1k"), 3),
-                ]
-            return cells
-
-        out += [*_rows(results, "S1", 10, s1), "", f"![S1]({plots.get('S1', '')})", ""]
-    if any("S2" in e for e in systems.values()):
-        out += [
-            "## S2 concurrency: `GET /api/slow1s` (1 s upstream) at 10,000 connections",
-            "",
-            "| system | req/s | p50 ms | p99 ms | errors | peak RSS MiB | CPU s/1k req |",
-            "|---" * 7 + "|",
-        ]
-        out += _rows(
-            results,
-            "S2",
-            6,
-            lambda d: [
-                _f(d["rps"]),
-                _f(d["p50_ms"]),
-                _f(d["p99_ms"]),
-                _f(d["errors"]),
-                _f(d["peak_rss_mib"]),
-                _f(d["cpu_s_per_1k"], 3),
-            ],
-        )
-        out += ["", f"![S2]({plots.get('S2', '')})", ""]
-    if any("S3" in e for e in systems.values()):
-        out += [
-            "## S3 overload: `GET /api/slow` (50 ms upstream), `x-request-timeout-ms: 200`, "
-            "open loop at 4x capacity",
-            "",
-            "| system | offered req/s | x capacity | goodput req/s | good | shed < 10 ms "
-            "| shed slower | timed out | not sent | errors | p50 ms | p99 ms |",
-            "|---" * 12 + "|",
-        ]
-        out += _rows(
-            results,
-            "S3",
-            11,
-            lambda d: [
-                _f(d["offered_rps"]),
-                _f(d["overload_factor"], 1),
-                _f(d["goodput_rps"]),
-                _pct(d["good_share"]),
-                _pct(d["shed_fast_share"]),
-                _pct(d["shed_slow_share"]),
-                _pct(d["timed_out_share"]),
-                _pct(d["not_sent_share"]),
-                _pct(d["error_share"]),
-                _f(d["p50_ms"], 1),
-                _f(d["p99_ms"], 1),
-            ],
-        )
-        out += ["", f"![S3]({plots.get('S3', '')})", ""]
-    if any("S4" in e for e in systems.values()):
-        out += [
-            "## S4 orphaned work: `GET /api/slow1s`, callers give up after 100 ms",
-            "",
-            "| system | requests | reached upstream | ran the full 1 s | orphaned upstream "
-            "work-s | per abandoned request ms | upstream stop lag p50 ms |",
-            "|---" * 7 + "|",
-        ]
-        out += _rows(
-            results,
-            "S4",
-            6,
-            lambda d: [
-                _f(d["requests"]),
-                _f(d["reached_upstream"]),
-                _f(d["ran_full"]),
-                _f(d["orphaned_work_s"], 2),
-                _f(d["orphaned_ms_per_abandoned"]),
-                _f(d["stop_lag_p50_ms"]),
-            ],
-        )
-        out += ["", f"![S4]({plots.get('S4', '')})", ""]
+        out += _table(results, plots, "S1", S1_TITLE, S1_COLUMNS)
+    for scenario, title, columns in _LATER_TABLES:
+        if any(scenario in e for e in systems.values()):
+            out += _table(results, plots, scenario, title, columns)
     notes = [f"- `{n}`: {note}" for n, e in systems.items() for note in e.get("notes", [])]
     if notes:
         out += ["## Notes", "", *notes, ""]

@@ -178,7 +178,6 @@ def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 def request_has_body(headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether an HTTP/1.x request head announces a body (RFC 9112 6.3)."""
     for name, value in headers:
-        name = name.lower()
         if name == b"content-length":
             return value.strip() != b"0"
         if name == b"transfer-encoding":

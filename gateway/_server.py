@@ -89,6 +89,10 @@ def load_hypercorn_config(path: str | os.PathLike[str] | None) -> GatewayConfig:
     if config.worker_class != "trio":
         raise HypercornConfigError(f"{path}: worker_class: the gateway needs 'trio', got "
                                    f"{config.worker_class!r}")
+    if config.h11_pass_raw_headers:
+        # The request path reads header names as ASGI servers give them, lower-cased.
+        raise HypercornConfigError(f"{path}: h11_pass_raw_headers: the gateway needs "
+                                   "lower-cased header names; remove the setting")
     config.application_path = APPLICATION_PATH
     if "errorlog" not in mapping:
         # Hypercorn's default writes to stderr synchronously; ours goes through a queue.

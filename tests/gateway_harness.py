@@ -77,6 +77,27 @@ async def run_gateway(policy_text: str, *, policy_path: Path | None = None,
             shutdown.set()
 
 
+async def fire(client: httpx.AsyncClient, path: str, count: int, concurrency: int,
+               latencies: list[float] | None = None) -> list[int]:
+    """GET ``path`` (``{i}`` is the request's index) ``count`` times, ``concurrency`` at
+    a time; the statuses, in the order the answers came."""
+    statuses: list[int] = []
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def one(index: int) -> None:
+        async with limiter:
+            started = trio.current_time()
+            response = await client.get(path.format(i=index))
+            statuses.append(response.status_code)
+            if latencies is not None:
+                latencies.append(trio.current_time() - started)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(count):
+            nursery.start_soon(one, index)
+    return statuses
+
+
 def live_tasks() -> int:
     """Tasks alive in this Trio run, for leak checks against a baseline."""
     root = trio.lowlevel.current_root_task()

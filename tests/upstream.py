@@ -388,6 +388,19 @@ class Upstream:
         await respond.json({"path": "/tail", "delay_ms": round(delay_ms, 3)})
 
 
+def proxy_policy(url: str) -> str:
+    """The plainest policy in front of a test upstream: ``/api/{rest*}`` to ``/{rest}``."""
+    return f"""
+version: 1
+upstreams:
+  users: {{url: "{url}"}}
+routes:
+  - path: /api/{{rest*}}
+    deadline: 10s
+    proxy: {{upstream: users, path: "/{{rest}}"}}
+"""
+
+
 async def start_upstream(nursery: trio.Nursery, *, behaviour: Behaviour | None = None) -> Upstream:
     """Listen on 127.0.0.1 on a free port and serve inside ``nursery`` until it ends."""
     upstream = Upstream(behaviour)

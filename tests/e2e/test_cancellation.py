@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from tests.gateway_harness import live_tasks, run_gateway, trace_of, traces_with
+from tests.gateway_harness import fire, live_tasks, run_gateway, trace_of, traces_with
 from tests.upstream import start_upstream
 
 POLICY = """
@@ -236,14 +236,7 @@ async def test_door_sheds_beyond_max_inflight():
         a, b, c = [await start_upstream(nursery) for _ in range(3)]
         text = policy(a.url, b.url, c.url).replace("max_inflight: 1000", "max_inflight: 2")
         async with run_gateway(text) as gw, gw.client() as client:
-            statuses: list[int] = []
-
-            async def one() -> None:
-                statuses.append((await client.get("/long/slow?ms=300")).status_code)
-
-            async with trio.open_nursery() as clients:
-                for _ in range(5):
-                    clients.start_soon(one)
+            statuses = await fire(client, "/long/slow?ms=300", 5, 5)
             assert sorted(statuses) == [200, 200, 503, 503, 503]
             assert a.max_in_flight <= 2
         nursery.cancel_scope.cancel()

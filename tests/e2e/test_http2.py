@@ -8,17 +8,7 @@ import h2.events
 import trio
 
 from tests.gateway_harness import run_gateway, traces_with
-from tests.upstream import start_upstream
-
-POLICY = """
-version: 1
-upstreams:
-  users: {{url: "{url}"}}
-routes:
-  - path: /api/{{rest*}}
-    deadline: 10s
-    proxy: {{upstream: users, path: "/{{rest}}"}}
-"""
+from tests.upstream import proxy_policy, start_upstream
 
 
 class H2Client:
@@ -65,7 +55,7 @@ class H2Client:
 async def test_http2_stream_reset_cancels_the_upstream():
     async with trio.open_nursery() as nursery:
         upstream = await start_upstream(nursery)
-        async with run_gateway(POLICY.format(url=upstream.url)) as gw:
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
             client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
             await client.start()
             assert await client.response_status(await client.get("/api/users/5")) == 200

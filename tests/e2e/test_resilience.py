@@ -2,10 +2,9 @@
 
 import random
 
-import httpx
 import trio
 
-from tests.gateway_harness import run_gateway, trace_of
+from tests.gateway_harness import fire, run_gateway, trace_of
 from tests.upstream import start_upstream
 
 POLICY = """
@@ -44,25 +43,6 @@ routes:
     deadline: 2s
     proxy: {{upstream: flaky, path: "/tail"}}
 """
-
-
-async def fire(client: httpx.AsyncClient, path: str, count: int, concurrency: int,
-               latencies: list[float] | None = None) -> list[int]:
-    statuses: list[int] = []
-    limiter = trio.CapacityLimiter(concurrency)
-
-    async def one(index: int) -> None:
-        async with limiter:
-            started = trio.current_time()
-            response = await client.get(path.format(i=index))
-            statuses.append(response.status_code)
-            if latencies is not None:
-                latencies.append(trio.current_time() - started)
-
-    async with trio.open_nursery() as nursery:
-        for index in range(count):
-            nursery.start_soon(one, index)
-    return statuses
 
 
 async def test_retries_hide_a_30_percent_failure_rate_within_the_budget():

@@ -10,17 +10,7 @@ import trio
 
 from gateway._server import HypercornConfigError, check_hypercorn_mapping, load_hypercorn_config
 from tests.process_harness import ROOT, serve_process
-from tests.upstream import start_upstream
-
-POLICY = """
-version: 1
-upstreams:
-  users: {{url: "{url}"}}
-routes:
-  - path: /api/{{rest*}}
-    deadline: 10s
-    proxy: {{upstream: users, path: "/{{rest}}"}}
-"""
+from tests.upstream import proxy_policy, start_upstream
 
 
 def test_project_hypercorn_toml_has_only_known_keys():
@@ -38,12 +28,19 @@ def test_a_typo_in_hypercorn_toml_is_an_error(tmp_path: Path):
         load_hypercorn_config(path)
 
 
+def test_raw_header_names_are_refused(tmp_path: Path):
+    path = tmp_path / "hypercorn.toml"
+    path.write_text('worker_class = "trio"\nh11_pass_raw_headers = true\n')
+    with pytest.raises(HypercornConfigError, match="h11_pass_raw_headers"):
+        load_hypercorn_config(path)
+
+
 @pytest.mark.parametrize("target", ["master", "group"])
 async def test_sigterm_with_two_workers_drains_in_flight_requests(tmp_path: Path, target: str):
     async with trio.open_nursery() as nursery:
         upstream = await start_upstream(nursery)
         policy = tmp_path / "policy.yaml"
-        policy.write_text(POLICY.format(url=upstream.url))
+        policy.write_text(proxy_policy(upstream.url))
         with serve_process(policy, workers=2) as served:
             async with httpx.AsyncClient(base_url=served.url, timeout=20) as client:
                 first = await client.get("/api/users/1")

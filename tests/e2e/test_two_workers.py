@@ -6,6 +6,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from tests.gateway_harness import fire
 from tests.metrics import metric_total
 from tests.process_harness import serve_process
 from tests.upstream import start_upstream
@@ -49,14 +50,7 @@ async def test_core_claims_hold_with_two_workers(tmp_path: Path):
                 assert upstream.cancelled[1].at - closed_at < 0.2
 
                 # Shedding: each worker holds 2 slots and no queue; the rest is 503.
-                statuses: list[int] = []
-
-                async def one() -> None:
-                    statuses.append((await client.get("/long/slow?ms=400")).status_code)
-
-                async with trio.open_nursery() as clients:
-                    for _ in range(12):
-                        clients.start_soon(one)
+                statuses = await fire(client, "/long/slow?ms=400", 12, 12)
                 assert statuses.count(200) <= 4
                 assert statuses.count(503) >= 8
                 assert statuses.count(200) + statuses.count(503) == 12
