@@ -45,15 +45,21 @@ def tree(root: int) -> list[int]:
     return found
 
 
-def cpu_seconds(root: int) -> float:
-    """utime + stime of the tree under ``root``, in seconds."""
-    ticks = 0
+def cpu_split(root: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the tree under ``root``."""
+    user = system = 0
     for pid in tree(root):
         fields = _stat_fields(pid)
         if fields is not None:
             # Fields 14 and 15 of stat (1-based); index 0 here is field 3 (state).
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / _CLOCK_TICKS
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / _CLOCK_TICKS, system / _CLOCK_TICKS
+
+
+def cpu_seconds(root: int) -> float:
+    """utime + stime of the tree under ``root``, in seconds."""
+    return sum(cpu_split(root))
 
 
 def wait_quiet(root: int, *, busy_share: float = 0.1, window_s: float = 0.5,
@@ -68,6 +74,23 @@ def wait_quiet(root: int, *, busy_share: float = 0.1, window_s: float = 0.5,
         if cpu_seconds(root) - before < busy_share * window_s:
             return time.monotonic() - started
     return None
+
+
+def tcp_accept_state(port: int) -> tuple[int, int]:
+    """(established connections to local ``port``, connections waiting in its listen
+    backlog) on IPv4, from ``/proc/net/tcp``. The kernel counts a connection as
+    established once the handshake is done, before the server accepts it; the backlog
+    (a listening socket's receive queue there) holds those not yet accepted."""
+    established = backlog = 0
+    for line in (_PROC / "net" / "tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) != port:
+            continue
+        if fields[3] == "01":
+            established += 1
+        elif fields[3] == "0A":
+            backlog += int(fields[4].split(":")[1], 16)
+    return established, backlog
 
 
 def rss_bytes(root: int) -> int:

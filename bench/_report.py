@@ -17,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from bench._scenarios import S1_ACCEPT_LIMIT_S
+
 PACKAGES = (
     "trio",
     "hypercorn",
@@ -117,12 +119,31 @@ def _at(connections: str, key: str, digits: int) -> Cell:
 
 
 S1_TITLE = "## S1 throughput: `GET /api/fast` (~200-byte JSON from the upstream)"
+def _c1000_over_c64(d: dict[str, Any]) -> str:
+    c64, c1000 = d.get("c64", {}).get("rps"), d.get("c1000", {}).get("rps")
+    return _f(c1000 / c64, 2) if c64 and c1000 is not None else "-"
+
+
+def _accept_s(connections: str) -> Cell:
+    """Seconds the system took to accept every connection ("> limit" if it never did)."""
+    def cell(d: dict[str, Any]) -> str:
+        run = d.get(connections, {})
+        if "accept_s" not in run:
+            return "-"
+        if run["accept_s"] is None:
+            return f"> {S1_ACCEPT_LIMIT_S:g}"
+        return _f(run["accept_s"], 1)
+    return cell
+
+
 S1_COLUMNS: list[tuple[str, Cell]] = [
-    (f"{c} {header}", _at(c, key, digits))
-    for c in ("c64", "c1000")
-    for header, key, digits in (("req/s", "rps", 0), ("p50 ms", "p50_ms", 1),
-                                ("p99 ms", "p99_ms", 1), ("errors", "errors", 0),
-                                ("CPU s/1k req", "cpu_s_per_1k", 3))
+    *((f"{c} {header}", _at(c, key, digits))
+      for c in ("c64", "c1000")
+      for header, key, digits in (("req/s", "rps", 0), ("p50 ms", "p50_ms", 1),
+                                  ("p99 ms", "p99_ms", 1), ("errors", "errors", 0),
+                                  ("CPU s/1k req", "cpu_s_per_1k", 3))),
+    *((f"{c} accept s", _accept_s(c)) for c in ("c64", "c1000")),
+    ("c1000 ÷ c64 req/s", _c1000_over_c64),
 ]
 _LATER_TABLES: list[tuple[str, str, list[tuple[str, Cell]]]] = [
     ("S2", "## S2 concurrency: `GET /api/slow1s` (1 s upstream) at 10,000 connections", [
@@ -172,7 +193,8 @@ def markdown(results: dict[str, Any], plots: dict[str, str]) -> str:
         f"# Benchmark results, {results['date']}" + (" (quick run)" if results["quick"] else ""),
         "",
         f"Measured with `{results['invocation']}`; {budget['measure_s']:g} s per measurement "
-        f"after a {budget['warmup_s']:g} s warm-up; total run time "
+        f"after a {budget['warmup_s']:g} s warm-up (in S1, once the system has accepted "
+        "every connection); total run time "
         f"{results['elapsed_s'] / 60:.1f} min. Load generator, systems and upstream share "
         "the same cores, so absolute numbers are low and ratios are what to compare.",
         "How to read these tables: `bench/README.md`.",

@@ -23,6 +23,7 @@ from bench._services import PYTHON, ROOT
 from bench._systems import UPSTREAM_PORT, System
 
 S1_CONNECTIONS = (64, 1000)
+S1_ACCEPT_LIMIT_S = 60.0  # longest wait for a system to accept all of S1's connections
 S2_CONNECTIONS = 10_000
 S3_DEADLINE_MS = 200
 S3_OVERLOAD_FACTOR = 4
@@ -77,14 +78,67 @@ def _wrk_measured(
 
 def s1_throughput(system: System, root: int, budget: Budget, rec: Recorder) -> dict[str, object]:
     """req/s, p50, p99, errors and CPU s per 1,000 requests at each connection count."""
-    url = system.url("/fast")
-    _wrk.run(rec.add(_wrk.command(url, 64, budget.warmup_s, 5)), budget.warmup_s)
     results: dict[str, object] = {}
     for connections in S1_CONNECTIONS:
         time.sleep(0.5)
-        cmd = rec.add(_wrk.command(url, connections, budget.measure_s, 5))
-        results[f"c{connections}"] = _wrk_measured(cmd, budget.measure_s, root)
+        results[f"c{connections}"] = steady_window(system, connections, root, budget, rec)
     return results
+
+
+def steady_window(system: System, connections: int, root: int, budget: Budget,
+                  rec: Recorder) -> dict[str, float | int | None]:
+    """One wrk run: wait until the system has accepted all ``connections`` (a server
+    that accepts one connection per loop pass takes seconds to take in 1,000 under
+    load), warm up on them, then measure a window of ``budget.measure_s``: requests
+    counted at the upstream, CPU of the system's tree. Latency and errors are wrk's
+    over the whole run, ramp included."""
+    duration_s = S1_ACCEPT_LIMIT_S + budget.warmup_s + budget.measure_s + 5
+    proc = _wrk.start(rec.add(_wrk.command(system.url("/fast"), connections, duration_s, 5)))
+    try:
+        accept_s = _wait_accepted(system.port, connections, S1_ACCEPT_LIMIT_S)
+        time.sleep(budget.warmup_s)
+        served_before, cpu_before = upstream_requests(), _procs.cpu_split(root)
+        started = time.monotonic()
+        time.sleep(budget.measure_s)
+        served_after, cpu_after = upstream_requests(), _procs.cpu_split(root)
+        window_s = time.monotonic() - started
+    finally:
+        result = _wrk.stop(proc)
+    served = served_after - served_before - 1  # the second status request itself
+    user, kernel = (after - before for after, before in zip(cpu_after, cpu_before, strict=True))
+    cpu = user + kernel
+    return {
+        **asdict(result),
+        "rps": served / window_s,
+        "errors": result.errors,
+        "accept_s": accept_s,
+        "window_requests": served,
+        "cpu_s": cpu,
+        "cpu_user_s": user,
+        "cpu_kernel_s": kernel,
+        "cpu_s_per_1k": cpu / served * 1000 if served > 0 else float("nan"),
+    }
+
+
+def _wait_accepted(port: int, connections: int, limit_s: float) -> float | None:
+    """Seconds until ``connections`` are established to ``port`` and none waits in its
+    listen backlog, or None if that took longer than ``limit_s``."""
+    started = time.monotonic()
+    while (waited := time.monotonic() - started) < limit_s:
+        established, backlog = _procs.tcp_accept_state(port)
+        if established >= connections and backlog == 0:
+            return waited
+        time.sleep(0.1)
+    return None
+
+
+def upstream_requests() -> int:
+    """Requests the nginx upstream has served since it started (its ``stub_status``)."""
+    url = f"http://127.0.0.1:{UPSTREAM_PORT}/nginx_status"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    # "Active connections: N\nserver accepts handled requests\n A H R\n..."
+    return int(text.splitlines()[2].split()[2])
 
 
 def s2_concurrency(system: System, root: int, budget: Budget, rec: Recorder) -> dict[str, object]:

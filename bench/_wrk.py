@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 import shlex
+import signal
 import subprocess
 from dataclasses import dataclass
 
@@ -72,12 +73,36 @@ def run(cmd: str, duration_s: float) -> WrkResult:
         timeout=duration_s + 60,
         check=False,
     )
-    for line in out.stdout.splitlines():
+    return _parse(out.stdout, out.returncode, out.stderr)
+
+
+def start(cmd: str) -> subprocess.Popen[str]:
+    """Start a command from :func:`command` in the background (``bash`` execs wrk, so
+    the process is wrk itself); :func:`stop` ends it and reads its result."""
+    return subprocess.Popen(["bash", "-c", cmd], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def stop(proc: subprocess.Popen[str]) -> WrkResult:
+    """Interrupt a wrk from :func:`start` (it then prints its summary, as at the end of
+    its duration) and parse the result; killed if it does not exit within 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        stdout, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    return _parse(stdout, proc.returncode, stderr)
+
+
+def _parse(stdout: str, returncode: int | None, stderr: str) -> WrkResult:
+    for line in stdout.splitlines():
         if line.startswith("WRK_JSON "):
             data = json.loads(line.removeprefix("WRK_JSON "))
             break
     else:
-        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip()[-300:]}")
+        raise RuntimeError(f"wrk failed ({returncode}): {stderr.strip()[-300:]}")
     return WrkResult(
         requests=data["requests"],
         duration_s=data["duration_us"] / 1e6,
