@@ -3,7 +3,8 @@
 Starts the nginx upstream of ``make bench`` and the gateway (1 worker) twice per round
 with policies that differ only in the feature, interleaving the variants (A B A B …)
 so that drift of a noisy machine hits both alike. Each measurement is wrk at 64
-connections on ``/api/fast``; the figures are req/s and the worker's CPU per request
+connections on ``/api/fast``, measured as S1 measures (a window once every connection
+is accepted and warmed up); the figures are req/s and the worker's CPU per request
 (from /proc), reported as medians and as the ratio B/A.
 
     .venv/bin/python -m bench.overhead                 # tracing, 3 rounds of 8 s
@@ -19,9 +20,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench import _procs, _wrk
+from bench._scenarios import Budget, Recorder, steady_window
 from bench._services import WORK, Service
-from bench._systems import nginx_upstream
+from bench._systems import System, nginx_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT = 18190
@@ -53,19 +54,17 @@ def _gateway(policy: Path, name: str, env: dict[str, str]) -> Service:
 
 def measure(policy: Path, name: str, seconds: float,
             env: dict[str, str]) -> tuple[float, float]:
-    """(req/s, worker CPU ms per request) of one gateway run."""
+    """(req/s, worker CPU ms per request) of one gateway run, measured as S1 measures:
+    a window once every connection is accepted and warmed up."""
     service = _gateway(policy, name, env)
     service.start()
+    system = System(f"overhead-{name}", f"gateway ({name})", PORT, "/api", True)
     try:
-        warm = _wrk.command(f"http://127.0.0.1:{PORT}/api/fast", CONNECTIONS, 2, 5, threads=1)
-        _wrk.run(warm, 2)
-        before = _procs.cpu_seconds(service.pid)
-        result = _wrk.run(_wrk.command(f"http://127.0.0.1:{PORT}/api/fast", CONNECTIONS,
-                                       seconds, 5, threads=1), seconds)
-        cpu = _procs.cpu_seconds(service.pid) - before
+        run = steady_window(system, CONNECTIONS, service.pid, Budget(measure_s=seconds),
+                            Recorder())
     finally:
         service.stop()
-    return result.requests / seconds, 1000 * cpu / max(result.requests, 1)
+    return float(run["rps"] or 0), float(run["cpu_s_per_1k"] or 0)
 
 
 def main() -> int:

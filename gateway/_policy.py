@@ -102,6 +102,12 @@ class ServerPolicy(_Model):
     max_loop_lag: Duration | None = Field(
         None, description="Shed new requests (503) while the worker's event loop runs "
         "later than this (CPU overload); unset: never.")
+    accept_batch: int = Field(
+        1, ge=1, le=4096,
+        description="Connections a worker takes from the listen backlog per wake-up. 1: one "
+        "per scheduler pass, so a saturated worker takes new connections in slowly and the "
+        "backlog holds the excess (which keeps goodput under overload); more: bursts are "
+        "taken in at once, but a saturated worker then admits more than it can finish.")
     request_id_header: str = Field("x-request-id", description="Kept when sane, else generated.")
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = Field(
         (), description="Peers whose X-Forwarded-* chain is trusted (CIDR).")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._breaker import CircuitBreaker
+from ._hypercorn_fixes import set_accept_batch
 from ._limits import InflightGate, LoopLagMonitor, UpstreamLimiter
 from ._metrics import METRICS
 from ._policy import CallSettings, Policy, RetryPolicy, UpstreamPolicy
@@ -96,6 +97,7 @@ class Runtime:
     def __init__(self, loaded: LoadedPolicy) -> None:
         policy = loaded.policy
         self.gate = InflightGate(policy.server.max_inflight)
+        set_accept_batch(policy.server.accept_batch)
         self.loop_lag = LoopLagMonitor()
         self.traces = TraceBuffer(policy.server.trace_buffer if policy.server.tracing else 0)
         self.snapshot = self._build(loaded, {})
@@ -160,6 +162,7 @@ class Runtime:
         new = self._build(loaded, old.upstreams)
         policy = loaded.policy
         self.gate.limit = policy.server.max_inflight
+        set_accept_batch(policy.server.accept_batch)
         self.traces.resize(policy.server.trace_buffer if policy.server.tracing else 0)
         self.snapshot = new
         self.reloads += 1
