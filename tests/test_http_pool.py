@@ -541,6 +541,49 @@ async def test_idle_connection_closed_by_upstream_is_detected_before_reuse(nurse
     assert pool.statistics() == PoolStatistics(0, 1, 0, 2, 1)
 
 
+@pytest.fixture
+def descriptors_above_1024():
+    """Hold enough descriptors that new sockets get numbers above 1,023, as in a worker
+    serving a thousand clients."""
+    held = []
+    try:
+        while not held or held[-1].fileno() < 1100:
+            held.append(socket.socket())
+        yield
+    finally:
+        for sock in held:
+            sock.close()
+
+
+async def test_idle_connections_above_descriptor_1024_are_reused(nursery,
+                                                                  descriptors_above_1024):
+    upstream = await start_upstream(nursery, echo)
+    pool = HttpUpstreamPool("users", upstream.url)
+    for i in range(5):
+        assert await get(pool, f"/n/{i}") == (200, f"/n/{i}".encode())
+    assert pool._idle[0].socket.fileno() > 1023
+    assert len(upstream.conns) == 1
+    assert pool.statistics() == PoolStatistics(0, 1, 0, 1, 0)
+    await pool.aclose()
+
+
+async def test_stale_connection_above_descriptor_1024_is_detected(nursery,
+                                                                 descriptors_above_1024):
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        await conn.read_body()
+        await conn.respond(200, b"once")
+        await conn.close()
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("users", upstream.url)
+    assert await get(pool) == (200, b"once")
+    with trio.fail_after(SAFETY_S):
+        await trio.lowlevel.wait_readable(pool._idle[0].socket)
+    async with pool.request("POST", "/", [], b"data") as response:
+        assert await response.read() == b"once"
+    assert pool.statistics() == PoolStatistics(0, 1, 0, 2, 1)
+
+
 async def _start_drop_second_request(nursery: trio.Nursery) -> Upstream:
     """The first connection answers once, reads the next request, then closes unanswered."""
 

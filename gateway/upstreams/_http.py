@@ -207,15 +207,18 @@ class _Connection:
     def peer_gone(self) -> bool:
         """True when an idle socket is readable: EOF (or stray bytes) is pending on it.
 
-        An idle keep-alive connection has nothing to say; anything readable means the
-        upstream closed it (or broke protocol), so it must not carry a request.
+        An idle keep-alive connection has nothing to say; anything readable (or a hang-up
+        or error) means the upstream closed it (or broke protocol), so it must not carry
+        a request. ``poll()``, not ``select()``: select cannot take descriptors above
+        1,023, which a worker holding 1,000 client connections reaches, and every idle
+        connection there would look gone.
         """
+        poller = select.poll()
         try:
-            readable, _, _ = select.select([self.socket], [], [], 0)
+            poller.register(self.socket.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
-
     def close(self) -> None:
         """Close the socket now. Synchronous, so it cannot be cancelled or hang: the
         kernel sends FIN (or RST if unread bytes remain) and the upstream sees it."""
