@@ -80,8 +80,9 @@ def tcp_accept_state(port: int) -> tuple[int, int]:
     """(established connections to local ``port``, connections waiting in its listen
     backlog) on IPv4, from ``/proc/net/tcp``. The kernel counts a connection as
     established once the handshake is done, before the server accepts it; the backlog
-    (a listening socket's receive queue there) holds those not yet accepted."""
-    established = backlog = 0
+    (a listening socket's receive queue there) holds those not yet accepted. Raises if
+    nothing listens on ``port`` over IPv4."""
+    established = backlog = listening = 0
     for line in (_PROC / "net" / "tcp").read_text().splitlines()[1:]:
         fields = line.split()
         if int(fields[1].rsplit(":", 1)[1], 16) != port:
@@ -89,7 +90,10 @@ def tcp_accept_state(port: int) -> tuple[int, int]:
         if fields[3] == "01":
             established += 1
         elif fields[3] == "0A":
+            listening += 1
             backlog += int(fields[4].split(":")[1], 16)
+    if not listening:
+        raise RuntimeError(f"nothing listens on port {port} over IPv4")
     return established, backlog
 
 

@@ -23,6 +23,7 @@ from bench._services import PYTHON, ROOT
 from bench._systems import UPSTREAM_PORT, System
 
 S1_CONNECTIONS = (64, 1000)
+WRK_THREADS = 2
 S1_ACCEPT_LIMIT_S = 90.0  # longest wait for a system to accept all of S1's connections
 S2_CONNECTIONS = 10_000
 S3_DEADLINE_MS = 200
@@ -93,17 +94,24 @@ def steady_window(system: System, connections: int, root: int, budget: Budget,
     counted at the upstream, CPU of the system's tree. Latency and errors are wrk's
     over the whole run, ramp included."""
     duration_s = S1_ACCEPT_LIMIT_S + budget.warmup_s + budget.measure_s + 5
-    proc = _wrk.start(rec.add(_wrk.command(system.url("/fast"), connections, duration_s, 5)))
+    threads = min(WRK_THREADS, connections)
+    command = _wrk.command(system.url("/fast"), connections, duration_s, 5, threads=threads)
+    proc = _wrk.start(rec.add(command))
     try:
-        accept_s = _wait_accepted(system.port, connections, S1_ACCEPT_LIMIT_S)
+        # wrk opens the same number of connections per thread.
+        opened = connections // threads * threads
+        accept_s = _wait_accepted(system.port, opened, S1_ACCEPT_LIMIT_S)
         time.sleep(budget.warmup_s)
         served_before, cpu_before = upstream_requests(), _procs.cpu_split(root)
         started = time.monotonic()
         time.sleep(budget.measure_s)
         served_after, cpu_after = upstream_requests(), _procs.cpu_split(root)
         window_s = time.monotonic() - started
-    finally:
-        result = _wrk.stop(proc)
+    except BaseException:
+        proc.kill()  # the error is the one to report, not wrk's missing summary
+        proc.communicate()
+        raise
+    result = _wrk.stop(proc)
     served = served_after - served_before - 1  # the second status request itself
     user, kernel = (after - before for after, before in zip(cpu_after, cpu_before, strict=True))
     cpu = user + kernel

@@ -9,6 +9,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import hypercorn.trio.run
 import pytest
 import trio
 import trio.testing
@@ -98,6 +99,7 @@ async def test_the_gateway_serves_a_burst_taken_in_one_batch(batch) -> None:
         policy = proxy_policy(upstream.url) + f"server:\n  accept_batch: {QUEUED}\n"
         async with run_gateway(policy) as gateway:
             assert _hypercorn_fixes._accept_batch == QUEUED
+            assert hypercorn.trio.run.trio.SocketListener is BatchAcceptListener
             # Blocking connects from outside the loop: all of them queue in the backlog
             # before the worker wakes, and it takes them in together.
             clients = [socket.create_connection(("127.0.0.1", gateway.port))

@@ -577,6 +577,7 @@ async def test_stale_connection_above_descriptor_1024_is_detected(nursery,
     upstream = await start_upstream(nursery, handler)
     pool = HttpUpstreamPool("users", upstream.url)
     assert await get(pool) == (200, b"once")
+    assert pool._idle[0].socket.fileno() > 1023
     with trio.fail_after(SAFETY_S):
         await trio.lowlevel.wait_readable(pool._idle[0].socket)
     async with pool.request("POST", "/", [], b"data") as response:

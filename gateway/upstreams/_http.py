@@ -219,6 +219,7 @@ class _Connection:
             return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
+
     def close(self) -> None:
         """Close the socket now. Synchronous, so it cannot be cancelled or hang: the
         kernel sends FIN (or RST if unread bytes remain) and the upstream sees it."""
