@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._errors import BadRequest, HeadersTooLarge, UriTooLong
 from ._policy import LimitsPolicy
 
-__all__ = ["HEADER_LINE_OVERHEAD", "check_request_head"]
+__all__ = ["HEADER_LINE_OVERHEAD", "BodyFraming", "check_request_head"]
 
 #: Bytes a header line adds to its name and value on the wire (": " and CRLF).
 HEADER_LINE_OVERHEAD = 4
@@ -39,8 +39,18 @@ _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> None:
-    """Raise a ``BadRequest`` (400, 414 or 431) when the request head must not pass.
+class BodyFraming(NamedTuple):
+    """How a request head that passed announces its body (RFC 9112 §6.3)."""
+
+    #: A Content-Length other than 0, or Transfer-Encoding: there is a body to relay.
+    announced: bool
+    #: The Content-Length, when the head declares one.
+    length: int | None
+
+
+def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> BodyFraming:
+    """Raise a ``BadRequest`` (400, 414 or 431) when the request head must not pass;
+    else say how it frames its body (read in the same pass over the headers).
 
     Limits: more than ``max_header_count`` headers or more than ``max_header_bytes`` of
     them (name + value + 4 per line) → 431; a request target longer than
@@ -61,6 +71,7 @@ def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> None:
     max_bytes = limits.max_header_bytes
     total = 0
     content_lengths = 0
+    content_length = b""
     transfer_encoding = False
     token = _TOKEN_RE.fullmatch
     bad_value = _BAD_VALUE_RE.search
@@ -72,6 +83,7 @@ def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> None:
             raise BadRequest(f"request header {_printable(name)} holds a control character")
         if name == b"content-length":
             content_lengths += 1
+            content_length = value
         elif name == b"transfer-encoding":
             transfer_encoding = True
     if total > max_bytes:
@@ -84,6 +96,11 @@ def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> None:
             raise BadRequest("the request has both Content-Length and Transfer-Encoding")
         if scope.get("http_version") == "1.0":
             raise BadRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request")
+        return BodyFraming(True, None)
+    if not content_lengths:
+        return BodyFraming(False, None)
+    length = int(content_length) if content_length.isdigit() else None
+    return BodyFraming(content_length.strip() != b"0", length)
 
 
 def _printable(name: bytes) -> str:

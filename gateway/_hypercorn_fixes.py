@@ -72,7 +72,7 @@ _accept_batch = 1
 def set_accept_batch(batch: int) -> None:
     """Set how many queued connections a listener takes per wake-up (from now on)."""
     global _accept_batch
-    _accept_batch = max(1, batch)
+    _accept_batch = batch
 
 
 class IdleTimer:

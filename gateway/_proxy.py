@@ -16,7 +16,7 @@ from ._calls import forward_headers, upstream_call
 from ._errors import UpstreamProtocolError, UpstreamStatusError
 from ._headers import downstream_response_headers
 from ._policy import resolve_call_settings
-from ._request import RequestContext, request_has_body
+from ._request import RequestContext
 from ._trace import TracedScope
 
 #: Largest request body held in memory so that a retry or hedge can send it again.
@@ -38,7 +38,7 @@ async def proxy(ctx: RequestContext) -> None:
     method: str = ctx.scope["method"]
     body: Any = None
     replayable = True
-    if request_has_body(ctx.scope["headers"]):
+    if ctx.body.announced:
         declared = ctx.body.declared_length
         may_repeat = settings.retries is not None or settings.hedge_after is not None
         if declared is not None and (declared <= BUFFERED_BODY_BYTES or (

@@ -28,7 +28,7 @@ from ._errors import (
     Shed,
     collapse_group,
 )
-from ._guards import check_request_head
+from ._guards import BodyFraming, check_request_head
 from ._headers import request_id_from
 from ._hypercorn_fixes import DISCONNECT_EXTENSION
 from ._metrics import METRICS
@@ -67,11 +67,12 @@ class RequestBody:
     """
 
     def __init__(self, receiver: trio.MemoryReceiveChannel[bytes] | None, limit: int,
-                 declared_length: int | None, timeout_s: float) -> None:
+                 framing: BodyFraming, timeout_s: float) -> None:
         self._receiver = receiver
         self._limit = limit
         self._deadline = trio.current_time() + timeout_s
-        self.declared_length = declared_length
+        self.announced = framing.announced
+        self.declared_length = framing.length
         self.received = 0
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -168,31 +169,13 @@ async def send_error(send: Send, error: GatewayError, request_id: str,
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
-
-
-def request_has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether an HTTP/1.x request head announces a body (RFC 9112 6.3)."""
-    for name, value in headers:
-        if name == b"content-length":
-            return value.strip() != b"0"
-        if name == b"transfer-encoding":
-            return True
-    return False
-
-
-def _close_callback_slot(scope: Scope, headers: list[tuple[bytes, bytes]]
-                         ) -> dict[str, Any] | None:
+def _close_callback_slot(scope: Scope, framing: BodyFraming) -> dict[str, Any] | None:
     """Where to leave the stream-close callback, when the server offers one and the
     request has no body to relay (HTTP/1.x only: an HTTP/2 head need not announce it)."""
     extension = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
     if extension is None or scope.get("http_version") not in ("1.1", "1.0"):
         return None
-    if request_has_body(headers):
+    if framing.announced:
         return None
     return extension  # type: ignore[no-any-return]
 
@@ -256,7 +239,7 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
     request_scope: TracedScope | None = None
     context: RequestContext | None = None
     try:
-        check_request_head(scope, server.limits)
+        framing = check_request_head(scope, server.limits)
         if not gate.try_enter():
             raise Shed("the gateway is at max_inflight", retry_after_s=server.shed_retry_after,
                        reason="max_inflight")
@@ -273,16 +256,16 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
                                       header_deadline)
         trace.deadline_source = deadline.source
         limit = match.route.max_body or server.limits.max_body
-        declared = _declared_length(headers)
+        declared = framing.length
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"the request body ({declared} bytes) is larger than "
                                   f"{limit} bytes")
-        on_close = _close_callback_slot(scope, headers)
+        on_close = _close_callback_slot(scope, framing)
         if on_close is not None:
-            body = RequestBody(None, limit, declared, server.limits.body_timeout)
+            body = RequestBody(None, limit, framing, server.limits.body_timeout)
         else:
             sender, receiver = trio.open_memory_channel[bytes](1)
-            body = RequestBody(receiver, limit, declared, server.limits.body_timeout)
+            body = RequestBody(receiver, limit, framing, server.limits.body_timeout)
         context = RequestContext(runtime, snapshot, scope, send, trace, request_id, match,
                                  deadline, body)
         with traced_scope(trace, None, "request", match.route.path, deadline=deadline.at,

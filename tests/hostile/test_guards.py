@@ -3,7 +3,7 @@
 import pytest
 
 from gateway._errors import BadRequest, HeadersTooLarge, UriTooLong
-from gateway._guards import HEADER_LINE_OVERHEAD, check_request_head
+from gateway._guards import HEADER_LINE_OVERHEAD, BodyFraming, check_request_head
 from gateway._policy import LimitsPolicy
 
 LIMITS = LimitsPolicy(max_header_count=10, max_header_bytes=512, max_uri_bytes=100)
@@ -19,6 +19,16 @@ def test_an_ordinary_head_passes():
                               (b"content-length", b"5"), (b"x-obs-text", b"caf\xe9")]),
                        LIMITS)
     check_request_head(scope([(b"transfer-encoding", b"chunked")]), LIMITS)
+
+
+@pytest.mark.parametrize(("headers", "framing"), [
+    ([(b"host", b"a")], BodyFraming(False, None)),
+    ([(b"content-length", b"0")], BodyFraming(False, 0)),
+    ([(b"content-length", b"5")], BodyFraming(True, 5)),
+    ([(b"transfer-encoding", b"chunked")], BodyFraming(True, None)),
+])
+def test_a_passing_head_says_how_its_body_is_framed(headers, framing):
+    assert check_request_head(scope(headers), LIMITS) == framing
 
 
 def test_header_count_over_the_limit_is_431():
