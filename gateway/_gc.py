@@ -3,65 +3,83 @@
 Modules, the policy and the app are alive for the worker's whole life; they are frozen
 after start-up so that no collection walks them again.
 
-The objects of requests in flight survive the young collections, so with many in
-flight they reach the oldest generation quickly, and CPython's thresholds then run a
-full collection (walking all of them) every few hundred requests. Full collections are
-therefore not left to the allocation counters (:data:`GC_THRESHOLDS` makes those rare)
-but run on a clock: every :data:`FULL_COLLECTION_INTERVAL_S`, so that cyclic garbage
-(exception tracebacks holding buffers, which hostile traffic produces by the thousand)
-cannot pile up, and less often when a collection is costly, so that they never take
-more than :data:`FULL_COLLECTION_BUDGET` of the time (their cost grows with the
-requests in flight). Measured: at 1,000 connections 0.68 -> 0.61 ms of CPU per
-request (``bench.overhead --feature gc --connections 1000``); a fixed 1 s clock halved
-throughput at 10,000 connections; rare full collections without the clock let a
-three-minute soak grow the worker's RSS by 128 % (with the clock: +0.6 %).
+A proxied request frees almost everything it allocates by reference counting; cyclic
+garbage is rare (about 2,400 objects over 130,000 requests at 1,000 connections). But
+the objects of requests in flight live for the whole request, so with many in flight
+CPython's allocation-driven collections walk them again and again: at 1,000 connections
+collections took 12 % of the worker's CPU (``perf``: ``gc_collect_main`` and its
+visitors, 52 of 438 µs per request; 5 % at 64). Automatic collections are therefore
+off, and collections run on a clock instead: every :data:`FULL_COLLECTION_INTERVAL_S`,
+and less often when a collection is costly, so that they never take more than
+:data:`FULL_COLLECTION_BUDGET` of the time (their cost grows with the requests in
+flight). While a costly collection is deferred, the clock still looks every interval
+at the worker's peak RSS: if it grew by :data:`SURGE_BYTES` since the last collection
+(a storm of cyclic garbage, such as exception tracebacks holding buffers), it collects
+at once. Measured with ``bench.overhead --feature gc --connections 1000`` and in a
+three-minute soak: see ``bench/README.md``.
 
-``GATEWAY_GC=default`` keeps CPython's behaviour; ``GATEWAY_GC_THRESHOLDS=a,b,c`` sets
-the thresholds (the clock still runs).
+``GATEWAY_GC=default`` keeps CPython's behaviour; ``GATEWAY_GC_THRESHOLDS=a,b,c`` turns
+allocation-driven collections back on with these thresholds (the clock still runs).
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import resource
 import time
 
 import trio
 
-#: CPython's young thresholds; a full collection from the counters only after 1,000
-#: (not 10) collections of the middle generation: the clock runs them instead.
-GC_THRESHOLDS = (700, 10, 1000)
-#: Seconds between full collections a worker runs itself.
+#: Seconds between full collections a worker runs itself (and between surge checks).
 FULL_COLLECTION_INTERVAL_S = 1.0
 #: Most of the worker's time full collections may take (their interval grows with them).
 FULL_COLLECTION_BUDGET = 0.02
+#: Growth of the worker's peak RSS since the last collection that collects at once.
+SURGE_BYTES = 64 * 2**20
 
 _tuned = False
 
 
 def tune_garbage_collector() -> None:
-    """Freeze the start-up objects and set the thresholds (a worker calls this once)."""
+    """Freeze the start-up objects and turn allocation-driven collections off (a worker
+    calls this once; :func:`run_full_collections` then collects)."""
     global _tuned
     if os.environ.get("GATEWAY_GC") == "default":
         return
     gc.collect()
     gc.freeze()
-    override = os.environ.get("GATEWAY_GC_THRESHOLDS")
-    thresholds = tuple(int(v) for v in override.split(",")) if override else GC_THRESHOLDS
-    gc.set_threshold(*thresholds)
+    if override := os.environ.get("GATEWAY_GC_THRESHOLDS"):
+        gc.set_threshold(*(int(v) for v in override.split(",")))
+    else:
+        gc.disable()
     _tuned = True
 
 
+def peak_rss_bytes() -> int:
+    """The worker's peak resident set size (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 async def run_full_collections(min_interval_s: float = FULL_COLLECTION_INTERVAL_S,
-                               budget: float = FULL_COLLECTION_BUDGET) -> None:
+                               budget: float = FULL_COLLECTION_BUDGET,
+                               surge_bytes: int = SURGE_BYTES) -> None:
     """Run full collections while the worker lives (if tuned), spending at most
     ``budget`` of the time on them but never running them less often than needed:
-    the next one comes ``max(min_interval_s, duration / budget)`` after the last."""
+    the next one comes ``max(min_interval_s, duration / budget)`` after the last, or at
+    the first check (every ``min_interval_s``) that finds the peak RSS grown by
+    ``surge_bytes`` since the last."""
     if not _tuned:
         return
     interval_s = min_interval_s
+    rss_at_last = peak_rss_bytes()
     while True:
-        await trio.sleep(interval_s)
+        due = trio.current_time() + interval_s
+        while (left_s := due - trio.current_time()) > 0:
+            await trio.sleep(min(min_interval_s, left_s))
+            if peak_rss_bytes() - rss_at_last >= surge_bytes:
+                break
+        rss_at_last = peak_rss_bytes()
         started = time.perf_counter()
         gc.collect()
         interval_s = max(min_interval_s, (time.perf_counter() - started) / budget)

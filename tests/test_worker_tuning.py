@@ -4,6 +4,7 @@
 are tested end to end in ``tests/hostile/test_keep_alive.py`` and the streaming tests.)
 """
 
+import collections
 import gc
 import itertools
 import weakref
@@ -60,3 +61,41 @@ async def test_cheap_collections_run_every_interval(automatic_collections_off,
     with trio.move_on_after(3.5):
         await _gc.run_full_collections(min_interval_s=1.0, budget=0.02)
     assert collected_at == pytest.approx([1.0, 2.0, 3.0])
+
+
+
+async def test_a_surge_in_memory_collects_before_a_deferred_collection(
+        automatic_collections_off, autojump_clock, monkeypatch):
+    # Collections "take" 100 ms, so at a 2 % budget the next is due 5 s after the
+    # last; the peak RSS jumps by the surge size at 2.5 s: the clock collects at the
+    # next check (3 s) instead of waiting for 6 s.
+    collected_at: list[float] = []
+    monkeypatch.setattr(_gc.gc, "collect", lambda: collected_at.append(trio.current_time()))
+    ticks = itertools.count()
+    monkeypatch.setattr(_gc.time, "perf_counter", lambda: next(ticks) * 0.1)
+    monkeypatch.setattr(_gc, "peak_rss_bytes",
+                        lambda: 100 * 2**20 + (64 * 2**20 if trio.current_time() > 2.5 else 0))
+    with trio.move_on_after(6.5):
+        await _gc.run_full_collections(min_interval_s=1.0, budget=0.02, surge_bytes=64 * 2**20)
+    assert collected_at == pytest.approx([1.0, 3.0])
+
+
+def test_a_tuned_worker_leaves_collections_to_the_clock(monkeypatch):
+    # Request churn (objects freed by reference counting) must not run collections that
+    # walk the requests in flight: the tuned worker collects only on its clock.
+    monkeypatch.delenv("GATEWAY_GC", raising=False)
+    monkeypatch.delenv("GATEWAY_GC_THRESHOLDS", raising=False)
+    monkeypatch.setattr(_gc, "_tuned", False)
+    was_enabled = gc.isenabled()
+    try:
+        _gc.tune_garbage_collector()
+        before = gc.get_stats()[0]["collections"]
+        in_flight: collections.deque[list[list[int]]] = collections.deque(maxlen=1000)
+        for _ in range(50_000):  # 1,000 requests in flight, each holding 20 objects
+            in_flight.append([[] for _ in range(20)])
+        assert gc.get_stats()[0]["collections"] == before
+        assert _gc._tuned
+    finally:
+        gc.unfreeze()
+        if was_enabled:
+            gc.enable()
