@@ -160,6 +160,7 @@ _LATER_TABLES: list[tuple[str, str, list[tuple[str, Cell]]]] = [
         ("timed out", _share("timed_out_share")), ("not sent", _share("not_sent_share")),
         ("errors", _share("error_share")), ("p50 ms", _num("p50_ms", 1)),
         ("p99 ms", _num("p99_ms", 1)), ("client stall ms", _num("client_max_stall_ms")),
+        ("client nice", _num("client_nice")),
     ]),
     ("S4", "## S4 orphaned work: `GET /api/slow1s`, callers give up after 100 ms", [
         ("requests", _num("requests")), ("reached upstream", _num("reached_upstream")),

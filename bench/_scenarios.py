@@ -213,10 +213,11 @@ def s3_overload(
         "error_share": (counts.get("other", 0) + counts.get("conn_error", 0)) / sent,
         "p50_ms": data["p50_ms"],
         "p99_ms": data["p99_ms"],
-        # The longest the open-loop client went without issuing arrivals, and the
-        # niceness it ran at: what to check before trusting "offered".
+        # The longest gap between turns of the open-loop client's issuing loop, the
+        # niceness it ran at and its memory: what to check before trusting "offered".
         "client_max_stall_ms": data.get("max_stall_ms"),
         "client_nice": data.get("client_nice"),
+        "client_peak_rss_mib": data.get("peak_rss_mib"),
         "counts": counts,
         "cpu_s": _procs.cpu_seconds(root) - cpu_before,
     }

@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import gc
+import ipaddress
 import itertools
 import json
 import os
@@ -33,7 +34,7 @@ import resource
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -46,8 +47,6 @@ CLIENT_NICE = -10
 #: SO_LINGER of a client that gives up: close with a reset, so that no TIME_WAIT is left
 #: holding a local port (a run opens tens of thousands of connections).
 LINGER_RESET = struct.pack("ii", 1, 0)
-#: Linux's IP_BIND_ADDRESS_NO_PORT (not in the socket module of every Python).
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 #: Loopback source addresses connections are spread over (127.42.0.1 onwards).
 SOURCE_ADDRESSES = 64
 TICK_S = 0.001
@@ -130,39 +129,34 @@ class Connection(asyncio.Protocol):
         self.sent_at = time.perf_counter() if arrived_at is None else arrived_at
         self.transport.write(request)
 
-    def close(self) -> None:
+    def close(self, reset: bool = False) -> None:
+        """Close the connection; ``reset`` closes it with a reset instead of a FIN."""
         if self.transport is not None and not self.closed:
             self.closed = True
             sock = self.transport.get_extra_info("socket")
-            if sock is not None:
+            if reset and sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             self.transport.close()
 
 
-_sources = itertools.cycle(f"127.42.{n // 250}.{1 + n % 250}" for n in range(SOURCE_ADDRESSES))
-
-
-async def connect_from_spread_source(target: Target) -> socket.socket:
-    """A connected socket whose source address is one of many loopback addresses.
+def spread_sources(host: str) -> Iterator[tuple[str, int] | None]:
+    """Local addresses to connect from, in turn: 64 loopback addresses when the target
+    is on loopback, else the kernel's choice.
 
     Every connection from one source address to the target takes one of the ~28,000
-    local ports; an open-loop run opens tens of thousands, and with the range nearly used
-    the kernel's search for a free port took most of the client's CPU (``perf``:
-    ``__inet_hash_connect``), stalling its schedule by seconds. Spreading the source
-    over the 127/8 loopback network gives each address its own port range.
-    ``IP_BIND_ADDRESS_NO_PORT`` leaves the port to ``connect``, which needs only the
-    four-tuple to be unique.
+    local ports; an open-loop run opens tens of thousands, and with the range nearly
+    used the kernel's search for a free port took most of the client's CPU (``perf``:
+    ``__inet_hash_connect``), stalling its schedule by seconds. Each source address in
+    127/8 has a port range of its own.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.bind((next(_sources), 0))
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (target.host, target.port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, not an address
+        loopback = False
+    if not loopback:
+        return itertools.repeat(None)
+    return itertools.cycle((f"127.42.{n // 250}.{1 + n % 250}", 0)
+                           for n in range(SOURCE_ADDRESSES))
 
 
 class Overload:
@@ -192,6 +186,7 @@ class Overload:
         self.connecting = 0
         self.busy: set[Connection] = set()
         self.measuring = True
+        self.sources = spread_sources(target.host)
 
     def classify(self, status: int, latency: float) -> str:
         if 200 <= status < 300:
@@ -222,9 +217,9 @@ class Overload:
         self.connecting += 1
         try:
             async with asyncio.timeout(self.give_up_s):
-                sock = await connect_from_spread_source(self.target)
                 _, conn = await loop.create_connection(
-                    lambda: Connection(self.done, self.lost), sock=sock
+                    lambda: Connection(self.done, self.lost), self.target.host, self.target.port,
+                    local_addr=next(self.sources),
                 )
         except TimeoutError:
             self.counts["client_timeout"] += 1
@@ -261,14 +256,21 @@ class Overload:
         for conn in [c for c in self.busy if now - c.sent_at > self.give_up_s]:
             self.busy.discard(conn)
             self.counts["client_timeout"] += 1
-            conn.close()
+            conn.close(reset=True)
 
     async def run(self) -> dict[str, object]:
         tasks: set[asyncio.Task[None]] = set()
         # The collector walked every connection and task many times a second (a third
         # of the client's CPU in ``perf``), stalling the schedule; the run is seconds
-        # long, so cyclic garbage waits for one collection after the arrivals.
+        # long, so cyclic garbage waits until it ends (peak RSS in the output).
+        niceness = favour_this_process()
         gc.disable()
+        try:
+            return {**await self._issue_and_drain(tasks), "client_nice": niceness}
+        finally:
+            gc.enable()
+
+    async def _issue_and_drain(self, tasks: set[asyncio.Task[None]]) -> dict[str, object]:
         start = time.perf_counter()
         issued = 0
         last_reap = start
@@ -287,7 +289,6 @@ class Overload:
                 last_reap = now
             await asyncio.sleep(TICK_S)
         sending_s = time.perf_counter() - start
-        gc.enable()
         # Let the last arrivals finish or give up, then close everything.
         self.measuring = False
         drain_until = time.perf_counter() + self.give_up_s + 0.1
@@ -370,7 +371,7 @@ def favour_this_process() -> int:
     An open-loop client that gets only its fair share of a CPU the system under test
     saturates falls behind its schedule (arrivals due during a stall are sent late or
     not at all), so it would offer less than the load asked for. Returns the niceness
-    the client runs at (0 when lowering it is not permitted).
+    the client runs at (the inherited one when lowering it is not permitted).
     """
     with contextlib.suppress(PermissionError):
         os.setpriority(os.PRIO_PROCESS, 0, CLIENT_NICE)
@@ -397,7 +398,6 @@ def main() -> None:
     give.add_argument("-H", "--header", action="append", default=[])
     args = parser.parse_args()
     target = Target.parse(args.url, args.header)
-    priority = favour_this_process()
     if args.mode == "overload":
         coro = Overload(
             target,
@@ -411,9 +411,7 @@ def main() -> None:
         coro = give_up_run(
             target, args.run_id, args.requests, args.concurrency, args.give_up_ms / 1e3
         )
-    result = uvloop.run(coro)
-    result["client_nice"] = priority
-    print(json.dumps(result))
+    print(json.dumps(uvloop.run(coro)))
 
 
 if __name__ == "__main__":

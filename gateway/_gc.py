@@ -10,13 +10,16 @@ CPython's allocation-driven collections walk them again and again: at 1,000 conn
 collections took 12 % of the worker's CPU (``perf``: ``gc_collect_main`` and its
 visitors, 52 of 438 µs per request; 5 % at 64). Automatic collections are therefore
 off, and collections run on a clock instead: every :data:`FULL_COLLECTION_INTERVAL_S`,
-and less often when a collection is costly, so that they never take more than
-:data:`FULL_COLLECTION_BUDGET` of the time (their cost grows with the requests in
-flight). While a costly collection is deferred, the clock still looks every interval
-at the worker's peak RSS: if it grew by :data:`SURGE_BYTES` since the last collection
-(a storm of cyclic garbage, such as exception tracebacks holding buffers), it collects
-at once. Measured with ``bench.overhead --feature gc --connections 1000`` and in a
-three-minute soak: see ``bench/README.md``.
+and less often when a collection is costly, so that the clock's collections take at
+most :data:`FULL_COLLECTION_BUDGET` of the worker's CPU (their cost grows with the
+requests in flight), but never less often than :data:`MAX_INTERVAL_S`. While a
+costly collection is deferred, the clock still looks every interval at the worker's
+RSS high-water mark: if it rose by :data:`SURGE_BYTES` since the last collection (a
+storm of cyclic garbage, such as exception tracebacks holding buffers), it collects
+at that check, whatever the budget. Memory freed by a collection can be refilled up
+to the old mark unnoticed; the next collection on the clock takes it. Measured with
+``bench.overhead --feature gc --connections 1000`` and in a three-minute soak: see
+``bench/README.md``.
 
 ``GATEWAY_GC=default`` keeps CPython's behaviour; ``GATEWAY_GC_THRESHOLDS=a,b,c`` turns
 allocation-driven collections back on with these thresholds (the clock still runs).
@@ -33,8 +36,10 @@ import trio
 
 #: Seconds between full collections a worker runs itself (and between surge checks).
 FULL_COLLECTION_INTERVAL_S = 1.0
-#: Most of the worker's time full collections may take (their interval grows with them).
+#: Most of the worker's CPU the clock's collections may take (their interval grows).
 FULL_COLLECTION_BUDGET = 0.02
+#: Longest interval between the clock's collections, however costly they are.
+MAX_INTERVAL_S = 30.0
 #: Growth of the worker's peak RSS since the last collection that collects at once.
 SURGE_BYTES = 64 * 2**20
 
@@ -42,8 +47,10 @@ _tuned = False
 
 
 def tune_garbage_collector() -> None:
-    """Freeze the start-up objects and turn allocation-driven collections off (a worker
-    calls this once; :func:`run_full_collections` then collects)."""
+    """Freeze the start-up objects and leave collections to the clock.
+
+    A worker calls this once; :func:`run_full_collections` then collects.
+    """
     global _tuned
     if os.environ.get("GATEWAY_GC") == "default":
         return
@@ -51,24 +58,31 @@ def tune_garbage_collector() -> None:
     gc.freeze()
     if override := os.environ.get("GATEWAY_GC_THRESHOLDS"):
         gc.set_threshold(*(int(v) for v in override.split(",")))
+        gc.enable()
     else:
         gc.disable()
     _tuned = True
 
 
 def peak_rss_bytes() -> int:
-    """The worker's peak resident set size (Linux reports ``ru_maxrss`` in KiB)."""
+    """The worker's RSS high-water mark (Linux reports ``ru_maxrss`` in KiB): a system
+    call, no file to read."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 async def run_full_collections(min_interval_s: float = FULL_COLLECTION_INTERVAL_S,
                                budget: float = FULL_COLLECTION_BUDGET,
-                               surge_bytes: int = SURGE_BYTES) -> None:
-    """Run full collections while the worker lives (if tuned), spending at most
-    ``budget`` of the time on them but never running them less often than needed:
-    the next one comes ``max(min_interval_s, duration / budget)`` after the last, or at
-    the first check (every ``min_interval_s``) that finds the peak RSS grown by
-    ``surge_bytes`` since the last."""
+                               surge_bytes: int = SURGE_BYTES,
+                               max_interval_s: float = MAX_INTERVAL_S) -> None:
+    """Run full collections while the worker lives (if tuned).
+
+    The next one comes ``duration / budget`` after the last (its CPU time, so that a
+    worker descheduled mid-collection does not defer the next), between
+    ``min_interval_s`` and ``max_interval_s``; or at the first check (every
+    ``min_interval_s``) that finds the RSS high-water mark risen by ``surge_bytes``.
+    """
+    if min_interval_s <= 0 or budget <= 0 or max_interval_s < min_interval_s:
+        raise ValueError("collection intervals and budget must be positive")
     if not _tuned:
         return
     interval_s = min_interval_s
@@ -80,6 +94,7 @@ async def run_full_collections(min_interval_s: float = FULL_COLLECTION_INTERVAL_
             if peak_rss_bytes() - rss_at_last >= surge_bytes:
                 break
         rss_at_last = peak_rss_bytes()
-        started = time.perf_counter()
+        started = time.thread_time()
         gc.collect()
-        interval_s = max(min_interval_s, (time.perf_counter() - started) / budget)
+        cost_s = time.thread_time() - started
+        interval_s = min(max_interval_s, max(min_interval_s, cost_s / budget))

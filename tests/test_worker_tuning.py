@@ -47,7 +47,7 @@ async def test_costly_collections_are_spaced_to_stay_within_the_budget(
     monkeypatch.setattr(_gc.gc, "collect", lambda: collected_at.append(trio.current_time()))
     # Each collection "takes" 100 ms of real time: at a 2 % budget, one every 5 s.
     ticks = itertools.count()
-    monkeypatch.setattr(_gc.time, "perf_counter", lambda: next(ticks) * 0.1)
+    monkeypatch.setattr(_gc.time, "thread_time", lambda: next(ticks) * 0.1)
     with trio.move_on_after(12):
         await _gc.run_full_collections(min_interval_s=1.0, budget=0.02)
     assert collected_at == pytest.approx([1.0, 6.0, 11.0])
@@ -57,11 +57,22 @@ async def test_cheap_collections_run_every_interval(automatic_collections_off,
                                                     autojump_clock, monkeypatch):
     collected_at: list[float] = []
     monkeypatch.setattr(_gc.gc, "collect", lambda: collected_at.append(trio.current_time()))
-    monkeypatch.setattr(_gc.time, "perf_counter", lambda: 0.0)
+    monkeypatch.setattr(_gc.time, "thread_time", lambda: 0.0)
     with trio.move_on_after(3.5):
         await _gc.run_full_collections(min_interval_s=1.0, budget=0.02)
     assert collected_at == pytest.approx([1.0, 2.0, 3.0])
 
+
+async def test_very_costly_collections_still_run_every_max_interval(
+        automatic_collections_off, autojump_clock, monkeypatch):
+    # A collection "taking" 10 s of CPU would be due 500 s later at a 2 % budget.
+    collected_at: list[float] = []
+    monkeypatch.setattr(_gc.gc, "collect", lambda: collected_at.append(trio.current_time()))
+    ticks = itertools.count()
+    monkeypatch.setattr(_gc.time, "thread_time", lambda: next(ticks) * 10.0)
+    with trio.move_on_after(65):
+        await _gc.run_full_collections(min_interval_s=1.0, budget=0.02, max_interval_s=30.0)
+    assert collected_at == pytest.approx([1.0, 31.0, 61.0])
 
 
 async def test_a_surge_in_memory_collects_before_a_deferred_collection(
@@ -72,7 +83,7 @@ async def test_a_surge_in_memory_collects_before_a_deferred_collection(
     collected_at: list[float] = []
     monkeypatch.setattr(_gc.gc, "collect", lambda: collected_at.append(trio.current_time()))
     ticks = itertools.count()
-    monkeypatch.setattr(_gc.time, "perf_counter", lambda: next(ticks) * 0.1)
+    monkeypatch.setattr(_gc.time, "thread_time", lambda: next(ticks) * 0.1)
     monkeypatch.setattr(_gc, "peak_rss_bytes",
                         lambda: 100 * 2**20 + (64 * 2**20 if trio.current_time() > 2.5 else 0))
     with trio.move_on_after(6.5):
@@ -80,22 +91,60 @@ async def test_a_surge_in_memory_collects_before_a_deferred_collection(
     assert collected_at == pytest.approx([1.0, 3.0])
 
 
-def test_a_tuned_worker_leaves_collections_to_the_clock(monkeypatch):
+@pytest.fixture
+def collector_state_restored():
+    """The collector as the test found it: enabled flag, thresholds, frozen objects."""
+    was_enabled, thresholds = gc.isenabled(), gc.get_threshold()
+    frozen_before = gc.get_freeze_count()
+    yield
+    if frozen_before == 0:
+        gc.unfreeze()
+    gc.set_threshold(*thresholds)
+    if was_enabled:
+        gc.enable()
+    else:
+        gc.disable()
+
+
+def _requests_in_flight_churn() -> int:
+    """Young collections run while 1,000 requests of 20 objects each come and go."""
+    before = gc.get_stats()[0]["collections"]
+    in_flight: collections.deque[list[list[int]]] = collections.deque(maxlen=1000)
+    for _ in range(50_000):
+        in_flight.append([[] for _ in range(20)])
+    return gc.get_stats()[0]["collections"] - before
+
+
+def test_a_tuned_worker_leaves_collections_to_the_clock(monkeypatch,
+                                                         collector_state_restored):
     # Request churn (objects freed by reference counting) must not run collections that
     # walk the requests in flight: the tuned worker collects only on its clock.
     monkeypatch.delenv("GATEWAY_GC", raising=False)
     monkeypatch.delenv("GATEWAY_GC_THRESHOLDS", raising=False)
     monkeypatch.setattr(_gc, "_tuned", False)
-    was_enabled = gc.isenabled()
-    try:
-        _gc.tune_garbage_collector()
-        before = gc.get_stats()[0]["collections"]
-        in_flight: collections.deque[list[list[int]]] = collections.deque(maxlen=1000)
-        for _ in range(50_000):  # 1,000 requests in flight, each holding 20 objects
-            in_flight.append([[] for _ in range(20)])
-        assert gc.get_stats()[0]["collections"] == before
-        assert _gc._tuned
-    finally:
-        gc.unfreeze()
-        if was_enabled:
-            gc.enable()
+    _gc.tune_garbage_collector()
+    assert _gc._tuned
+    assert _requests_in_flight_churn() == 0
+
+
+def test_thresholds_from_the_environment_turn_young_collections_back_on(
+        monkeypatch, collector_state_restored):
+    monkeypatch.delenv("GATEWAY_GC", raising=False)
+    monkeypatch.setenv("GATEWAY_GC_THRESHOLDS", "700,10,1000")
+    monkeypatch.setattr(_gc, "_tuned", False)
+    gc.disable()
+    _gc.tune_garbage_collector()
+    assert gc.isenabled()
+    assert gc.get_threshold() == (700, 10, 1000)
+    assert _requests_in_flight_churn() > 0
+
+
+async def test_default_gc_leaves_the_collector_alone(monkeypatch, collector_state_restored):
+    monkeypatch.setenv("GATEWAY_GC", "default")
+    monkeypatch.setattr(_gc, "_tuned", False)
+    gc.enable()
+    thresholds = gc.get_threshold()
+    _gc.tune_garbage_collector()
+    assert gc.isenabled() and gc.get_threshold() == thresholds
+    with trio.fail_after(1):
+        await _gc.run_full_collections()  # returns at once: nothing to run
