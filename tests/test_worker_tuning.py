@@ -41,54 +41,45 @@ async def test_cyclic_garbage_is_collected_on_the_clock(automatic_collections_of
     assert alive() is None
 
 
-async def test_costly_collections_are_spaced_to_stay_within_the_budget(
-        automatic_collections_off, autojump_clock, monkeypatch):
+async def collection_times(monkeypatch, cost_s: float, run_for_s: float,
+                           **settings: float) -> list[float]:
+    """When the clock collects within ``run_for_s`` if each collection takes ``cost_s``
+    of CPU (a 1 s interval and a 2 % budget unless ``settings`` say otherwise)."""
     collected_at: list[float] = []
     monkeypatch.setattr(_gc.gc, "collect", lambda: collected_at.append(trio.current_time()))
-    # Each collection "takes" 100 ms of real time: at a 2 % budget, one every 5 s.
-    ticks = itertools.count()
-    monkeypatch.setattr(_gc.time, "thread_time", lambda: next(ticks) * 0.1)
-    with trio.move_on_after(12):
-        await _gc.run_full_collections(min_interval_s=1.0, budget=0.02)
-    assert collected_at == pytest.approx([1.0, 6.0, 11.0])
+    ticks = itertools.count()  # read twice per collection: before and after
+    monkeypatch.setattr(_gc.time, "thread_time", lambda: next(ticks) * cost_s)
+    with trio.move_on_after(run_for_s):
+        await _gc.run_full_collections(**{"min_interval_s": 1.0, "budget": 0.02, **settings})
+    return collected_at
+
+
+async def test_costly_collections_are_spaced_to_stay_within_the_budget(
+        automatic_collections_off, autojump_clock, monkeypatch):
+    # 100 ms per collection at a 2 % budget: one every 5 s.
+    assert await collection_times(monkeypatch, 0.1, 12) == pytest.approx([1.0, 6.0, 11.0])
 
 
 async def test_cheap_collections_run_every_interval(automatic_collections_off,
                                                     autojump_clock, monkeypatch):
-    collected_at: list[float] = []
-    monkeypatch.setattr(_gc.gc, "collect", lambda: collected_at.append(trio.current_time()))
-    monkeypatch.setattr(_gc.time, "thread_time", lambda: 0.0)
-    with trio.move_on_after(3.5):
-        await _gc.run_full_collections(min_interval_s=1.0, budget=0.02)
-    assert collected_at == pytest.approx([1.0, 2.0, 3.0])
+    assert await collection_times(monkeypatch, 0.0, 3.5) == pytest.approx([1.0, 2.0, 3.0])
 
 
 async def test_very_costly_collections_still_run_every_max_interval(
         automatic_collections_off, autojump_clock, monkeypatch):
-    # A collection "taking" 10 s of CPU would be due 500 s later at a 2 % budget.
-    collected_at: list[float] = []
-    monkeypatch.setattr(_gc.gc, "collect", lambda: collected_at.append(trio.current_time()))
-    ticks = itertools.count()
-    monkeypatch.setattr(_gc.time, "thread_time", lambda: next(ticks) * 10.0)
-    with trio.move_on_after(65):
-        await _gc.run_full_collections(min_interval_s=1.0, budget=0.02, max_interval_s=30.0)
-    assert collected_at == pytest.approx([1.0, 31.0, 61.0])
+    # 10 s per collection would put the next one 500 s later at a 2 % budget.
+    times = await collection_times(monkeypatch, 10.0, 65, max_interval_s=30.0)
+    assert times == pytest.approx([1.0, 31.0, 61.0])
 
 
 async def test_a_surge_in_memory_collects_before_a_deferred_collection(
         automatic_collections_off, autojump_clock, monkeypatch):
-    # Collections "take" 100 ms, so at a 2 % budget the next is due 5 s after the
-    # last; the peak RSS jumps by the surge size at 2.5 s: the clock collects at the
-    # next check (3 s) instead of waiting for 6 s.
-    collected_at: list[float] = []
-    monkeypatch.setattr(_gc.gc, "collect", lambda: collected_at.append(trio.current_time()))
-    ticks = itertools.count()
-    monkeypatch.setattr(_gc.time, "thread_time", lambda: next(ticks) * 0.1)
+    # The next collection is due 5 s after the one at 1 s; the RSS high-water mark
+    # rises by the surge size at 2.5 s: the clock collects at its next check (3 s).
     monkeypatch.setattr(_gc, "peak_rss_bytes",
                         lambda: 100 * 2**20 + (64 * 2**20 if trio.current_time() > 2.5 else 0))
-    with trio.move_on_after(6.5):
-        await _gc.run_full_collections(min_interval_s=1.0, budget=0.02, surge_bytes=64 * 2**20)
-    assert collected_at == pytest.approx([1.0, 3.0])
+    times = await collection_times(monkeypatch, 0.1, 6.5, surge_bytes=64 * 2**20)
+    assert times == pytest.approx([1.0, 3.0])
 
 
 @pytest.fixture
