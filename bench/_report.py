@@ -119,6 +119,8 @@ def _at(connections: str, key: str, digits: int) -> Cell:
 
 
 S1_TITLE = "## S1 throughput: `GET /api/fast` (~200-byte JSON from the upstream)"
+
+
 def _c1000_over_c64(d: dict[str, Any]) -> str:
     c64, c1000 = d.get("c64", {}).get("rps"), d.get("c1000", {}).get("rps")
     return _f(c1000 / c64, 2) if c64 and c1000 is not None else "-"

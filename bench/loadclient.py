@@ -6,7 +6,7 @@ an arrival with none free is counted ``not_sent``). Every request is classified 
 status and latency: ``good`` (2xx within the deadline), ``shed_fast`` (503 in under
 10 ms), ``shed_slow``, ``deadline`` (504), ``late`` (2xx after the deadline),
 ``client_timeout`` (no connection or no answer within ``--give-up-ms``; the
-connection is closed), ``not_sent`` (all ``--max-connections`` busy), ``other``
+connection is closed with a reset), ``not_sent`` (all ``--max-connections`` busy), ``other``
 statuses and ``conn_error``.
 
 ``giveup`` (S4): ``--requests`` requests at ``--concurrency``, each on its own
@@ -260,10 +260,10 @@ class Overload:
 
     async def run(self) -> dict[str, object]:
         tasks: set[asyncio.Task[None]] = set()
+        niceness = favour_this_process()
         # The collector walked every connection and task many times a second (a third
         # of the client's CPU in ``perf``), stalling the schedule; the run is seconds
         # long, so cyclic garbage waits until it ends (peak RSS in the output).
-        niceness = favour_this_process()
         gc.disable()
         try:
             return {**await self._issue_and_drain(tasks), "client_nice": niceness}

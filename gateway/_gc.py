@@ -82,18 +82,17 @@ async def run_full_collections(min_interval_s: float = FULL_COLLECTION_INTERVAL_
     ``min_interval_s``) that finds the RSS high-water mark risen by ``surge_bytes``.
     """
     if min_interval_s <= 0 or budget <= 0 or max_interval_s < min_interval_s:
-        raise ValueError("collection intervals and budget must be positive")
+        raise ValueError("need 0 < min_interval_s <= max_interval_s and a budget above 0")
     if not _tuned:
         return
     interval_s = min_interval_s
-    rss_at_last = peak_rss_bytes()
     while True:
+        rss_at_last = peak_rss_bytes()
         due = trio.current_time() + interval_s
         while (left_s := due - trio.current_time()) > 0:
             await trio.sleep(min(min_interval_s, left_s))
             if peak_rss_bytes() - rss_at_last >= surge_bytes:
                 break
-        rss_at_last = peak_rss_bytes()
         started = time.thread_time()
         gc.collect()
         cost_s = time.thread_time() - started

@@ -21,13 +21,24 @@ class _Cycle:
 
 
 @pytest.fixture
-def automatic_collections_off(monkeypatch):
-    monkeypatch.setattr(_gc, "_tuned", True)
-    was_enabled = gc.isenabled()
-    gc.disable()  # nothing from the allocation counters: only the clock collects
+def collector_state_restored():
+    """The collector as the test found it: enabled flag, thresholds, frozen objects."""
+    was_enabled, thresholds = gc.isenabled(), gc.get_threshold()
+    frozen_before = gc.get_freeze_count()
     yield
+    if frozen_before == 0:
+        gc.unfreeze()
+    gc.set_threshold(*thresholds)
     if was_enabled:
         gc.enable()
+    else:
+        gc.disable()
+
+
+@pytest.fixture
+def automatic_collections_off(monkeypatch, collector_state_restored):
+    monkeypatch.setattr(_gc, "_tuned", True)
+    gc.disable()  # nothing from the allocation counters: only the clock collects
 
 
 async def test_cyclic_garbage_is_collected_on_the_clock(automatic_collections_off,
@@ -80,21 +91,6 @@ async def test_a_surge_in_memory_collects_before_a_deferred_collection(
                         lambda: 100 * 2**20 + (64 * 2**20 if trio.current_time() > 2.5 else 0))
     times = await collection_times(monkeypatch, 0.1, 6.5, surge_bytes=64 * 2**20)
     assert times == pytest.approx([1.0, 3.0])
-
-
-@pytest.fixture
-def collector_state_restored():
-    """The collector as the test found it: enabled flag, thresholds, frozen objects."""
-    was_enabled, thresholds = gc.isenabled(), gc.get_threshold()
-    frozen_before = gc.get_freeze_count()
-    yield
-    if frozen_before == 0:
-        gc.unfreeze()
-    gc.set_threshold(*thresholds)
-    if was_enabled:
-        gc.enable()
-    else:
-        gc.disable()
 
 
 def _requests_in_flight_churn() -> int:
