@@ -37,7 +37,7 @@ import trio
 #: Seconds between full collections a worker runs itself (and between surge checks).
 FULL_COLLECTION_INTERVAL_S = 1.0
 #: Most of the worker's CPU the clock's collections may take (their interval grows).
-FULL_COLLECTION_BUDGET = 0.02
+FULL_COLLECTION_BUDGET = 0.005
 #: Longest interval between the clock's collections, however costly they are.
 MAX_INTERVAL_S = 30.0
 #: Growth of the worker's peak RSS since the last collection that collects at once.

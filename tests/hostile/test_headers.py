@@ -3,9 +3,13 @@ starts at the real peer), the client's deadline header only ever shortens the de
 and ``Host`` plays no part in routing."""
 
 import json
+import time
+from email.utils import parsedate_to_datetime
+from wsgiref.handlers import format_date_time
 
 import pytest
 
+from gateway._hypercorn_fixes import http_date
 from tests.hostile import stage
 from tests.hostile.rawclient import exchange, request_bytes
 
@@ -94,3 +98,19 @@ async def test_host_is_not_used_for_routing(host):
                                                         [("Host", host_value)]))
         assert admin is not None and admin.status == 404
         assert json.loads(admin.body)["cause"] == "no_route"
+
+
+async def test_responses_carry_the_current_date():
+    async with stage() as s:
+        before = int(time.time())
+        response, _ = await exchange(s.port, request_bytes("GET", "/api/up/headers"))
+        after = time.time()
+        assert response is not None and response.status == 200
+        (date,) = response.header_values("date")
+        assert before <= parsedate_to_datetime(date.decode()).timestamp() <= after
+
+
+def test_the_date_is_formatted_anew_each_second():
+    # The formatter keeps the last second's text: each call must give its own second's.
+    for timestamp in (1_000.0, 1_000.9, 1_001.0, 999.5, 1_700_000_000.25):
+        assert http_date(timestamp) == format_date_time(int(timestamp))
