@@ -26,7 +26,8 @@ variable ``GATEWAY_WORKER=stock`` leaves them out, for that comparison):
 * The keep-alive timer was a task started (through ``nursery.start`` and a lock) every
   time a connection went idle and cancelled every time a request arrived: a task, two
   locks and several scheduler passes per request. :class:`IdleTimer` keeps one task per
-  connection and only moves its cancel scope's deadline.
+  connection, which wakes once per keep-alive period; a request only records the time
+  the connection went idle.
 * Every socket write took the send lock and ran ``send_all`` in a shielded scope: two
   scheduler passes per write, two or three writes per response. When the lock is free,
   the write is first tried directly on the non-blocking socket; only what the kernel
