@@ -142,18 +142,18 @@ class IdleTimer:
         terminated = self._server.context.terminated
         with scope:
             while True:
-                # Busy: look again a whole period from now (the request's end moves
-                # the idle deadline past that).
-                due = (self._idle_since if self._idle else trio.current_time()) + timeout
-                with trio.move_on_at(due):
-                    await terminated.wait()
                 if terminated.is_set():
                     if self._idle:
                         break
                     # Terminating with a request in flight: restart() cancels when it ends.
                     await trio.sleep_forever()
-                if self._idle and trio.current_time() >= self._idle_since + timeout:
+                # Busy: look again a whole period from now (the request's end moves
+                # the idle deadline past that).
+                due = (self._idle_since if self._idle else trio.current_time()) + timeout
+                if self._idle and trio.current_time() >= due:
                     break
+                with trio.move_on_at(due):
+                    await terminated.wait()
         if self._ended:
             return
         with trio.CancelScope(shield=True):
