@@ -48,6 +48,7 @@ variable ``GATEWAY_WORKER=stock`` leaves them out, for that comparison):
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import types
@@ -83,10 +84,12 @@ def http_date(timestamp: float | None = None) -> str:
     """The IMF-fixdate of ``timestamp``'s second (now's if None), formatted at most once
     per second."""
     global _date_cache
-    second = int(time.time() if timestamp is None else timestamp)
-    if _date_cache[0] != second:
-        _date_cache = (second, _format_date_time(second))
-    return _date_cache[1]
+    second = math.floor(time.time() if timestamp is None else timestamp)
+    cached_second, text = _date_cache  # one read: the pair cannot be torn by a writer
+    if cached_second != second:
+        text = _format_date_time(second)
+        _date_cache = (second, text)
+    return text
 
 
 def set_accept_batch(batch: int) -> None:
