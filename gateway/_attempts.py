@@ -10,7 +10,10 @@ hedge or a call that ends early can never leave an attempt behind. The rules:
   the remaining deadline covers the backoff plus one more try;
 * ``hedge_after`` starts another concurrent attempt when none has answered yet (at
   most ``max_hedges``, each paid from the retry budget); the first attempt to
-  *claim* the answer wins and the others are cancelled with cause ``hedge_lost``.
+  *claim* the answer wins and the others are cancelled with cause ``hedge_lost``;
+* once an attempt has claimed the answer (the proxy claims at the response head, before
+  the first byte goes to the client), no hedge or retry follows it: if it then fails,
+  the call fails with it.
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
 
     claim = Claim()
     events_send, events_receive = trio.open_memory_channel[
-        tuple[TracedScope, AttemptResult[T] | GatewayError]](math.inf)
+        tuple[TracedScope, AttemptResult[T] | GatewayError | None]](math.inf)
     started = 0
     hedges = 0
     running = 0
@@ -160,6 +163,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
             if attempt.cancel_cause is not None:  # lost a hedge race: not an outcome
                 if breaker is not None:
                     breaker.record_ignored(trio.current_time())
+                events_send.send_nowait((attempt, None))  # ended: no longer running
                 return
             if breaker is not None:
                 if result.status is not None and result.status >= 500:
@@ -183,6 +187,12 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                     breaker.record_failure(trio.current_time())
                 else:
                     breaker.record_ignored(trio.current_time())
+            raise
+        except Exception:
+            # Not an upstream outcome (a fault of the gateway's own): free the probe slot
+            # so that a half-open breaker is not left waiting for it.
+            if breaker is not None:
+                breaker.record_ignored(trio.current_time())
             raise
         events_send.send_nowait((attempt, outcome))
 
@@ -211,6 +221,10 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
             with trio.move_on_after(wait_s) as timer:
                 attempt, outcome = await events_receive.receive()
             if timer.cancelled_caught:
+                if claim.winner is not None:
+                    # An attempt claimed the answer while the timer ran (it is sending
+                    # its body now): a hedge could only lose.
+                    continue
                 # Nobody answered within hedge_after: start a hedge if the budget allows.
                 if budget.try_spend(trio.current_time()):
                     hedges += 1
@@ -222,6 +236,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                     refuse_retry()
                 continue
             running -= 1
+            if outcome is None:  # a loser cancelled by the winner's claim
+                continue
             if isinstance(outcome, AttemptResult):
                 if claim.winner is None or claim.winner is attempt:
                     claim.claim(attempt)
@@ -229,6 +245,11 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                     nursery.cancel_scope.cancel(reason="hedge_lost|" + attempt.span.label)
                     break
                 continue
+            if claim.winner is attempt:
+                # It failed after claiming the answer (say, reset mid-body): the response
+                # has started, so nothing can replace it; the others were cancelled.
+                failure = outcome
+                break
             if running > 0:
                 continue  # a hedge is still trying
             failure = outcome

@@ -161,12 +161,18 @@ class CircuitBreaker:
         """Apply a reloaded policy; the state, its timer and the counts are kept.
 
         New thresholds take effect at the next outcome (an open breaker uses the new
-        ``open_for`` from the time it opened); a new window length keeps the counts
-        that fall inside it.
+        ``open_for`` from the time it opened; a half-open one whose probes already
+        meet a lowered ``half_open_probes`` closes at once); a new window length keeps
+        the counts that fall inside it.
         """
         if policy.window != self._policy.window:
             self._window = self._window.resized(policy.window)
         self._policy = policy
+        if (self._state is BreakerState.HALF_OPEN and not self._probes_in_flight
+                and self._probes_succeeded >= policy.half_open_probes):
+            # Fewer probes are now enough and they have all succeeded: no outcome is
+            # left to close it, and a half-open breaker would refuse every call.
+            self._close()
 
     @property
     def state(self) -> BreakerState:

@@ -220,6 +220,75 @@ async def test_a_failed_first_attempt_leaves_the_hedge_running(autojump_clock):
     assert found["attempt orders#2"].outcome == "ok"
 
 
+class Streaming:
+    """An upstream whose answer arrives after ``head_s`` and whose body then takes
+    ``body_s`` to stream, claiming the answer at its head as the proxy does; with
+    ``reset`` the body ends in a reset instead."""
+
+    def __init__(self, head_s: float, body_s: float, *, reset: bool = False) -> None:
+        self.head_s, self.body_s, self.reset = head_s, body_s, reset
+        self.t0 = trio.current_time()
+        self.starts: list[float] = []
+
+    async def perform(self, attempt: TracedScope, claim: Claim,
+                      retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+        self.starts.append(trio.current_time() - self.t0)
+        await trio.sleep(self.head_s)
+        if not claim.claim(attempt):
+            return AttemptResult(None, 200)
+        await trio.sleep(self.body_s)
+        if self.reset:
+            raise reset_error()
+        return AttemptResult("body", 200)
+
+
+async def test_no_hedge_once_an_attempt_is_sending_its_answer(autojump_clock):
+    ctx, state = FakeContext(), make_state()
+    upstream = Streaming(10 * MS, 500 * MS)  # head at 10 ms, body until 510 ms
+
+    value = await call(ctx, state, settings(hedge_after="50ms"), upstream)  # type: ignore[arg-type]
+
+    assert value == "body"
+    assert upstream.starts == [0.0]  # no second request behind an answer under way
+    assert [where(s) for s in attempt_spans(ctx)] == [("ok", None, None)]
+    assert state.retry_budget.statistics(trio.current_time()).retries == 0
+
+
+async def test_a_winner_failing_mid_body_ends_the_call_at_once(autojump_clock):
+    ctx, state = FakeContext(deadline_s=2.0), make_state()
+    # The first attempt is slow; the hedge answers at 90 ms, claims, then resets at 100.
+    slow, hedge = Upstream((1.0, 200)), Streaming(10 * MS, 10 * MS, reset=True)
+
+    async def perform(attempt: TracedScope, claim: Claim,
+                      retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+        chosen = slow if attempt.span.name == "orders#1" else hedge
+        return await chosen.perform(attempt, claim, retry_statuses)
+
+    start = trio.current_time()
+    with pytest.raises(UpstreamResetError):
+        await call(ctx, state, settings(hedge_after="80ms"), SimpleNamespace(perform=perform))  # type: ignore[arg-type]
+
+    assert trio.current_time() - start == pytest.approx(0.100)  # not at the 2 s deadline
+    found = spans(ctx)
+    assert where(found["attempt orders#1"]) == ("cancelled", "hedge_lost", "attempt orders#1")
+    assert found["attempt orders#2"].outcome == "error"
+    assert state.limiter.statistics().in_flight == 0
+
+
+async def test_no_retry_once_the_answer_has_started(autojump_clock):
+    ctx, state = FakeContext(deadline_s=2.0), make_state()
+    upstream = Streaming(10 * MS, 10 * MS, reset=True)  # resets mid-body at 20 ms
+    start = trio.current_time()
+
+    with pytest.raises(UpstreamResetError):
+        await call(ctx, state, settings(retries={"attempts": 3}), upstream)  # type: ignore[arg-type]
+
+    assert trio.current_time() - start == pytest.approx(0.020)
+    assert upstream.starts == [0.0]  # a reset after the head is not retried
+    assert [s.outcome for s in attempt_spans(ctx)] == ["error"]
+    assert state.retry_budget.statistics(trio.current_time()).retries == 0
+
+
 # --------------------------------------------------------------------------- retries
 
 

@@ -198,6 +198,31 @@ def test_reconfigure_keeps_state_and_counts():
     assert breaker.statistics(3.0).state is CLOSED
 
 
+def test_lowering_half_open_probes_below_those_that_succeeded_closes_it():
+    transitions: list = []
+    breaker, _ = _breaker(transitions, half_open_probes=3)
+    _open_it(breaker)
+    assert breaker.allow(5.0) and breaker.allow(5.0)  # half-open: two of three probes
+    breaker.record_success(5.1)
+    breaker.record_success(5.1)
+    assert breaker.statistics(5.1).state is HALF_OPEN
+    breaker.reconfigure(_policy(half_open_probes=2))  # two are now enough, and they passed
+    assert breaker.statistics(5.2).state is CLOSED
+    assert breaker.allow(100.0)
+    assert transitions[-1] == ("users", HALF_OPEN, CLOSED)
+
+
+def test_lowering_half_open_probes_waits_for_a_probe_still_out():
+    breaker, _ = _breaker(half_open_probes=3)
+    _open_it(breaker)
+    assert breaker.allow(5.0) and breaker.allow(5.0)
+    breaker.record_success(5.1)
+    breaker.reconfigure(_policy(half_open_probes=1))
+    assert breaker.statistics(5.2).state is HALF_OPEN  # the probe out still decides
+    breaker.record_failure(5.3)
+    assert breaker.statistics(5.3).state is OPEN
+
+
 def test_reconfigure_window_keeps_the_counts_inside_it():
     breaker, _ = _breaker(min_requests=1000)
     for t in range(10):

@@ -2,6 +2,8 @@
 
 import random
 
+import httpx
+import pytest
 import trio
 
 from tests.gateway_harness import fire, run_gateway, trace_of
@@ -42,6 +44,12 @@ routes:
   - path: /plain-tail/{{n}}
     deadline: 2s
     proxy: {{upstream: flaky, path: "/tail"}}
+  - path: /mid-body
+    deadline: 2s
+    proxy: {{upstream: flaky, path: "/reset-mid-body"}}
+  - path: /tail-stream
+    deadline: 5s
+    proxy: {{upstream: tail, path: "/stream"}}
 """
 
 
@@ -132,4 +140,42 @@ async def test_hedging_cuts_the_tail_and_cancels_every_loser():
             assert still_waiting
             with trio.fail_after(2):
                 await upstream.wait_cancelled(len(still_waiting))
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_answer_cut_mid_body_is_not_retried_and_ends_at_once():
+    """Retries are on for resets, but once the status line went to the client nothing
+    can replace the answer: the client sees it cut off, the upstream one request."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw, gw.client() as client:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await client.get("/mid-body")
+            with trio.fail_after(2):  # the trace is filed just after the connection drops
+                while not (traces := gw.gateway.runtime.traces.query(route="/mid-body")):
+                    await trio.sleep(0.01)
+            spans = list(traces[0].root.walk())
+            attempts = [s for s in spans if s.kind == "attempt"]
+            assert [a.outcome for a in attempts] == ["error"]
+            assert not any(s.cause == "deadline" for s in spans)  # not held to the deadline
+            assert upstream.attempts("/reset-mid-body") == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_hedge_is_sent_while_the_first_answer_streams():
+    """hedge_after counts until an answer's head arrives, not until its body ends."""
+    async def slow_body(request, respond) -> None:
+        await respond.start(200, [(b"content-type", b"text/plain")], content_length=20)
+        await respond.send(b"0123456789")
+        await trio.sleep(0.6)  # the body outlasts hedge_after (100 ms) six times
+        await respond.send(b"abcdefghij")
+        await respond.end()
+
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=slow_body)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw, gw.client() as client:
+            response = await client.get("/tail-stream")
+            assert response.status_code == 200
+            assert response.content == b"0123456789abcdefghij"
+            assert upstream.attempts("/stream") == 1
         nursery.cancel_scope.cancel()
