@@ -531,6 +531,56 @@ async def test_empty_body_response_is_reusable_without_reading(nursery):
     assert pool.statistics() == PoolStatistics(0, 1, 0, 1, 0)
 
 
+#: Bytes a broken upstream sends after a complete response (a body longer than its
+#: Content-Length, a body on a HEAD answer): they must never answer the next request.
+STRAY = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 5\r\n\r\nstale"
+
+
+@pytest.mark.parametrize("handoff", ["idle", "to a waiter"])
+@pytest.mark.parametrize("arrival", ["with the response", "after it was read"])
+async def test_bytes_after_a_response_never_answer_the_next_request(nursery, arrival, handoff):
+    read_done, stray_sent = trio.Event(), trio.Event()
+
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        if request.target != b"/one":
+            await echo(conn, request)
+            return
+        response = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst"
+        if arrival == "with the response":
+            await conn.stream.send_all(response + STRAY)
+        else:
+            await conn.stream.send_all(response)
+            await read_done.wait()
+            await conn.stream.send_all(STRAY)  # on loopback: in the client's queue now
+        stray_sent.set()
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("users", upstream.url, PoolLimits(max_connections=1))
+    second: list[tuple[int, bytes]] = []
+    answered = trio.Event()
+
+    async def get_second() -> None:
+        second.append(await get(pool, "/two"))
+        answered.set()
+
+    async with pool.request("GET", "/one", []) as response:
+        if handoff == "to a waiter":
+            nursery.start_soon(get_second)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.statistics().waiting == 1
+        assert await response.read() == b"first"
+        read_done.set()
+        with trio.fail_after(SAFETY_S):
+            await stray_sent.wait()
+    if handoff == "idle":
+        await get_second()
+    with trio.fail_after(SAFETY_S):
+        await answered.wait()
+    assert second == [(200, b"/two")]
+    assert len(upstream.conns) == 2  # the first connection was not used again
+    assert pool.statistics().closed_total == 1
+
+
 # -- 3. stale keep-alive connections ------------------------------------------------------
 
 
@@ -701,6 +751,68 @@ async def test_early_answer_during_upload_is_returned(nursery):
         assert response.status == 413
         assert await response.read() == b"big!"
     assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
+
+
+async def test_a_connection_is_not_reused_before_its_upload_is_written(nursery, monkeypatch):
+    """The upstream answers early (keep-alive) while the end of a chunked body is still
+    unwritten: h11 counts the request as sent once it has framed the end, but the
+    connection must not carry another request before those bytes are in the socket, or
+    the upstream reads that request as the rest of the body.
+
+    A socket buffer full at exactly a chunk boundary cannot be set up reliably on
+    loopback (acknowledgements free room at their own pace), so the write of the body's
+    end is held back instead, as a full buffer would hold it."""
+    opened = trio.open_tcp_stream
+    never = trio.Event()
+
+    async def end_of_body_stalls(*args, **kwargs):
+        stream = await opened(*args, **kwargs)
+        send_all = stream.send_all
+
+        async def stalling_send_all(data) -> None:
+            if bytes(data) == b"0\r\n\r\n":
+                await never.wait()
+            await send_all(data)
+
+        stream.send_all = stalling_send_all  # type: ignore[method-assign]
+        return stream
+
+    monkeypatch.setattr(trio, "open_tcp_stream", end_of_body_stalls)
+    exchange_left = trio.Event()
+    after_answer: list[bytes] = []  # what the first connection carried after its 401
+
+    async def handler(conn: ServerConn, request: h11.Request) -> None:
+        if request.target != b"/upload":
+            await echo(conn, request)
+            return
+        async for _ in conn.body_chunks():
+            break  # one chunk is enough to refuse
+        await conn.respond(401, b"nope")  # early answer, keep-alive
+        await exchange_left.wait()
+        received = bytearray(conn.h.trailing_data[0])
+        while b"/two" not in received:
+            data = await conn.stream.receive_some(65536)
+            if not data:
+                break
+            received += data
+        after_answer.append(bytes(received))
+        await conn.close()
+
+    upstream = await start_upstream(nursery, handler)
+    pool = HttpUpstreamPool("files", upstream.url, PoolLimits(max_connections=1))
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"all of it"
+
+    async with pool.request("POST", "/upload", [], body()) as response:
+        assert response.status == 401
+        assert await response.read() == b"nope"
+        await trio.testing.wait_all_tasks_blocked()  # the body's end waits to be written
+    exchange_left.set()
+    with trio.fail_after(SAFETY_S):
+        assert await get(pool, "/two") == (200, b"/two")
+    assert after_answer and b"/two" not in after_answer[0]  # it went on a new connection
+    assert len(upstream.conns) == 2
 
 
 async def test_body_iterable_failure_is_raised_and_closes_the_connection(nursery):

@@ -317,8 +317,14 @@ class UpstreamResponse:
         return b"".join(chunks)
 
     def _reusable(self) -> bool:
+        """Both messages ended, and nothing came after the response: bytes beyond it (a
+        body longer than its Content-Length, a body on a HEAD answer) would be read as
+        the next request's answer."""
         h = self._conn.h11
-        return self._complete and h.our_state is h11.DONE and h.their_state is h11.DONE
+        if not (self._complete and h.our_state is h11.DONE and h.their_state is h11.DONE):
+            return False
+        extra, closed = h.trailing_data
+        return not extra and not closed
 
 
 class _Waiter:
@@ -334,12 +340,16 @@ class _Waiter:
 class _Upload:
     """State of the task writing a request body beside the response reader."""
 
-    __slots__ = ("error", "scope")
+    __slots__ = ("error", "scope", "written")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.error: BaseException | None = None
         """The caller's body iterable (or its framing) failed: the exchange is void."""
+        self.written = False
+        """The whole body, its end included, is in the socket. h11 counts the request as
+        sent once it has framed the end, before the write: a write cut short there
+        would leave the upstream reading the next request as this body."""
 
 
 class HttpUpstreamPool:
@@ -531,7 +541,7 @@ class HttpUpstreamPool:
                                 # Closing wakes the old upload task if it is mid-write.
                                 conn = await self._reconnect(stale)
                         yield response
-                        reusable = response._reusable()
+                        reusable = response._reusable() and upload.written
                     except BaseException as exc:
                         caught = exc
                     finally:
@@ -581,6 +591,7 @@ class HttpUpstreamPool:
                                 await send_all(h.send(h11.Data(data=chunk)))
                 with conn.errors:
                     await send_all(h.send(h11.EndOfMessage()))
+                upload.written = True
             except UpstreamError:
                 # The socket broke: the reader reports it (or reads an early answer).
                 return
@@ -711,7 +722,10 @@ class HttpUpstreamPool:
         if reusable and not self._closed:
             conn.h11.start_next_cycle()
             if self._waiters:
-                self._grant(conn)
+                if conn.peer_gone():  # what the idle path checks at checkout
+                    self._discard(conn)  # its slot goes to the waiter, who connects
+                else:
+                    self._grant(conn)
                 return
             now = trio.current_time()
             conn.idle_since = now
