@@ -45,12 +45,23 @@ async def upstream_call(ctx: RequestContext, parent: TracedScope, call_name: str
     deadline = call_deadline(now, ctx.deadline.at, timeout_s)
     with traced_scope(ctx.trace, parent, "call", call_name, deadline=deadline,
                       upstream=state.name, **attrs) as call:
-        if deadline - now < ctx.policy.server.min_call_budget:
-            raise UpstreamTimeout(
-                f"call {call_name}: {max(0.0, deadline - now) * 1000:.0f}ms left, below the "
-                "floor; not sent", scope=call.span.label, call=call_name)
+        _check_budget_floor(ctx, call, call_name, now)
         async with state.limiter.slot():
+            _check_budget_floor(ctx, call, call_name, trio.current_time())  # after a wait
             yield call
+
+
+def _check_budget_floor(ctx: RequestContext, call: TracedScope, call_name: str,
+                        now: float) -> None:
+    """Refuse a call whose budget, after the margin kept back from the upstream, is below
+    the floor: the upstream would be told it has (almost) no time and answer too late."""
+    server = ctx.policy.server
+    budget = call.deadline - now - server.deadline_margin
+    if budget < server.min_call_budget:
+        raise UpstreamTimeout(
+            f"call {call_name}: {max(0.0, budget) * 1000:.0f}ms left after the "
+            f"{server.deadline_margin * 1000:g}ms margin, below the floor; not sent",
+            scope=call.span.label, call=call_name)
 
 
 def forward_headers(ctx: RequestContext, call: TracedScope,
@@ -67,6 +78,11 @@ def forward_headers(ctx: RequestContext, call: TracedScope,
             drop=frozenset({deadline_header}))
     budget = propagated_budget_ms(trio.current_time(), call.deadline, server.deadline_margin)
     return [*base, (deadline_header, str(budget).encode())]
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON (RFC 8259); passed on, they make the answer invalid."""
+    raise ValueError(f"{name} is not JSON")
 
 
 async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
@@ -92,8 +108,8 @@ async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
             raise UpstreamStatusError(f"upstream {state.name!r} answered {response.status}",
                                       upstream_status=response.status, upstream=state.name)
         try:
-            value = json.loads(body) if body else None
-        except ValueError:
+            value = json.loads(body, parse_constant=_refuse_constant) if body else None
+        except (ValueError, RecursionError):  # nesting deeper than the parser's stack
             raise UpstreamProtocolError(f"upstream {state.name!r} answered invalid JSON",
                                         upstream=state.name) from None
         return AttemptResult(value, response.status)

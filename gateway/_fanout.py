@@ -70,7 +70,8 @@ async def fanout(ctx: RequestContext) -> None:
             error.detail.setdefault("call", name)
             raise error
         raise UpstreamError("the fan-out did not gather enough answers")
-    payload: dict[str, Any] = dict(results)
+    # In the policy's order, not the order the answers came in.
+    payload: dict[str, Any] = {name: results[name] for name in action.calls if name in results}
     if errors and action.on_failure == "partial":
         payload["errors"] = {
             name: {**error_payload(error, ctx.request_id), "status": error.status}

@@ -96,7 +96,8 @@ class ServerPolicy(_Model):
     deadline_margin: Duration = Field(
         0.005, description="Subtracted from the remaining budget sent upstream.")
     min_call_budget: Duration = Field(
-        0.002, description="A call with less budget left than this is not sent (504).")
+        0.002, description="A call whose budget, after deadline_margin, is below this is "
+        "not sent (504); checked again once the call has an upstream slot.")
     max_inflight: int = Field(4000, ge=1, description="Requests per worker before 503 at the door.")
     shed_retry_after: Duration = Field(1.0, description="Retry-After of a 503 from shedding.")
     max_loop_lag: Duration | None = Field(
@@ -315,6 +316,9 @@ class FanoutAction(_Model):
         if isinstance(self.mode, Quorum) and self.mode.quorum > len(self.calls):
             raise ValueError(
                 f"quorum {self.mode.quorum} is above the number of calls ({len(self.calls)})")
+        if self.on_failure == "partial" and "errors" in self.calls:
+            raise ValueError("a call named 'errors' would be hidden by the 'errors' map of "
+                             "on_failure: partial; rename it")
         return self
 
 

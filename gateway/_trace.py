@@ -195,7 +195,10 @@ def _attribute(ts: TracedScope, cancelled: trio.Cancelled, now: float) -> tuple[
         if source == "explicit" and reason and "|" in reason:
             cause, _, scope = reason.partition("|")
             return cause, scope
-    if cancelled.source == "deadline" or getattr(inherited, "source", None) == "deadline":
+    # The record on this span's scope first: the exception may come from a library's
+    # own inner scope that was cancelled (or timed out) at the same moment.
+    source = getattr(inherited, "source", None) or cancelled.source
+    if source == "deadline":
         fired: TracedScope | None = None
         for node in ts._chain():
             if node.cancel_scope.cancel_called and node.cancel_scope.deadline <= now:
@@ -203,11 +206,11 @@ def _attribute(ts: TracedScope, cancelled: trio.Cancelled, now: float) -> tuple[
         if fired is None:
             return "shutdown", "server"
         return "deadline", fired.span.label
-    if cancelled.source == "nursery":
+    if source == "nursery":
         return "sibling_failed", None
-    if cancelled.source in ("shutdown", "KeyboardInterrupt"):
+    if source in ("shutdown", "KeyboardInterrupt"):
         return "shutdown", "server"
-    return cancelled.source, None
+    return source, None
 
 
 @contextmanager

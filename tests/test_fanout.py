@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import gateway._fanout
 from gateway._attempts import AttemptResult, Claim, run_attempts
@@ -326,3 +327,44 @@ async def test_the_request_deadline_bounds_every_call(autojump_clock, monkeypatc
     found = spans(ctx)
     assert where(found["call slow"]) == ("cancelled", "deadline", "request")
     assert ctx.sent == []
+
+
+def test_siblings_of_a_crashed_call_are_sibling_failed_whatever_their_inner_scopes(
+        monkeypatch):
+    """A call's own code may use a library scope that is cancelled explicitly at the same
+    moment (trio's ``open_tcp_stream`` cancels its other attempts "successfully found a
+    socket"); the span still reads the cause Trio recorded on it. Scheduling order varies
+    between runs, so the case runs many times."""
+
+    async def run_call(ctx: Any, parent: Any, name: str, call: FanoutCall) -> Any:
+        state = ctx.snapshot.upstreams[call.upstream]
+        settings = ctx.snapshot.call_settings(call, resolve_call_settings)
+
+        async def perform(attempt: TracedScope, claim: Claim,
+                          retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+            if name == "crash":
+                await trio.sleep(10 * MS)
+                raise RuntimeError("a fault of the gateway's own")
+            async with trio.open_nursery() as inner:  # happy eyeballs, say
+                async def found() -> None:
+                    await trio.sleep(10 * MS)
+                    inner.cancel_scope.cancel(reason="successfully found a socket")
+                inner.start_soon(found)
+                await trio.sleep(1)
+            await trio.sleep(1)
+            return AttemptResult({}, 200)
+
+        async with upstream_call(ctx, parent, name, state, settings.timeout) as scope:
+            return await run_attempts(ctx, scope, state, settings, name=name,
+                                      method=call.method, replayable=True, perform=perform)
+
+    monkeypatch.setattr(gateway._fanout, "_run_call", run_call)
+    causes = set()
+    for _ in range(40):
+        async def main() -> None:
+            ctx = FakeContext(make_policy(["good", "crash"], on_failure="partial"))
+            with pytest.RaisesGroup(RuntimeError, flatten_subgroups=True):
+                await serve(ctx)
+            causes.add(where(spans(ctx)["call good"])[:2])
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert causes == {("cancelled", "sibling_failed")}

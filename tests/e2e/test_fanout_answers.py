@@ -1,0 +1,84 @@
+"""What a fan-out route answers when upstreams answer oddly, against real servers."""
+
+import json
+
+import pytest
+import trio
+
+from gateway._policy_loader import PolicyError, load_policy_text
+from tests.gateway_harness import run_gateway
+from tests.upstream import start_upstream
+
+POLICY = """
+version: 1
+upstreams:
+  up: {{url: "{url}"}}
+routes:
+  - path: /partial
+    fanout:
+      on_failure: partial
+      calls:
+        zeta: {{upstream: up, path: /zeta}}
+        deep: {{upstream: up, path: /deep}}
+        nan: {{upstream: up, path: /nan}}
+        alpha: {{upstream: up, path: /alpha}}
+"""
+
+
+async def answer(request, respond) -> None:
+    if request.path == "/zeta":
+        await trio.sleep(0.05)  # answers last, listed first
+        await respond.json({"z": 1})
+    elif request.path == "/deep":
+        await respond.respond(200, b"[" * 50_000, [(b"content-type", b"application/json")])
+    elif request.path == "/nan":
+        await respond.respond(200, b'{"x": NaN}', [(b"content-type", b"application/json")])
+    else:
+        await respond.json({"a": 1})
+
+
+async def test_odd_json_fails_only_its_call_and_the_answer_keeps_the_policy_order():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=answer)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw, gw.client() as client:
+            response = await client.get("/partial")
+            assert response.status_code == 200, response.text
+            body = json.loads(response.text)  # strict: NaN would not parse
+            assert list(body) == ["zeta", "alpha", "errors"]
+            assert body["zeta"] == {"z": 1} and body["alpha"] == {"a": 1}
+            assert set(body["errors"]) == {"deep", "nan"}
+            for name in ("deep", "nan"):
+                assert body["errors"][name]["status"] == 502
+                assert "invalid JSON" in body["errors"][name]["error"]
+            # The gateway keeps serving.
+            assert (await client.get("/partial")).status_code == 200
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_deadline_header_of_thousands_of_digits_is_a_400():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=answer)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw, gw.client() as client:
+            response = await client.get("/partial", headers={"x-request-timeout-ms": "9" * 5000})
+            assert response.status_code == 400
+            assert "at most" in response.json()["error"]
+            assert upstream.requests == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_call_is_not_sent_when_the_margin_leaves_it_no_budget():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=answer)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw, gw.client() as client:
+            # 6 ms left, minus the 5 ms margin: 1 ms, below the 2 ms floor.
+            response = await client.get("/partial", headers={"x-request-timeout-ms": "6"})
+            assert response.status_code in (502, 504), response.text
+            assert upstream.requests == []  # no upstream was told it had 0-1 ms
+        nursery.cancel_scope.cancel()
+
+
+def test_a_call_named_errors_is_refused_with_partial():
+    text = POLICY.format(url="http://127.0.0.1:1").replace("alpha:", "errors:")
+    with pytest.raises(PolicyError) as refused:
+        load_policy_text(text, "policy.yaml")
+    assert "policy.yaml" in str(refused.value) and "'errors'" in str(refused.value)
