@@ -140,7 +140,7 @@ def _convert(name: str, raw: Any, kind: str) -> Any:
         raise BadRequest(f"argument {name!r} is missing")
     try:
         if kind == "int":
-            if isinstance(raw, bool):
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
                 raise ValueError
             return int(raw)
         if kind == "bool":
@@ -155,8 +155,9 @@ def _convert(name: str, raw: Any, kind: str) -> Any:
         if kind == "uuid":
             return uuid.UUID(str(raw))
         return str(raw)
-    except (ValueError, TypeError):
-        raise BadRequest(f"argument {name!r} is not a valid {kind}: {str(raw)[:64]!r}") from None
+    except (ValueError, TypeError, OverflowError):  # OverflowError: int(1e400)
+        # Not the value itself: argument values never enter traces or logs.
+        raise BadRequest(f"argument {name!r} is not a valid {kind}") from None
 
 
 async def bind_sql_args(ctx: RequestContext, args: Sequence[str]) -> list[Any]:

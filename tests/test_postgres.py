@@ -348,6 +348,34 @@ async def test_query_errors_are_translated(upstream) -> None:
     assert await upstream.ready()
 
 
+async def test_constraint_errors_do_not_quote_row_values(upstream) -> None:
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    await upstream.execute(f"CREATE TABLE {table} (email text PRIMARY KEY, age int "
+                           "CHECK (age >= 0))", [], timeout_s=5.0)
+    secret = "carol@secret.example"
+    await upstream.execute(f"INSERT INTO {table} VALUES ($1, 1)", [secret], timeout_s=5.0)
+    for query, args in ((f"INSERT INTO {table} VALUES ($1, 2)", [secret]),
+                        (f"INSERT INTO {table} VALUES ($1, -7)", ["bob@secret.example"])):
+        with pytest.raises(UpstreamError) as failed:
+            await upstream.execute(query, args, timeout_s=5.0)
+        assert "secret.example" not in str(failed.value)  # the server's DETAIL quotes it
+        assert "violates" in str(failed.value)  # the primary message stays
+
+
+async def test_cancels_while_connecting_leave_the_upstream_serving(cluster, nursery) -> None:
+    """A call cancelled while its connection is being opened makes asyncio report a
+    lost connection; that report must not end the upstream."""
+    up = PostgresUpstream("db", settings(cluster.dsn, min_size=0, max_size=5))
+    await nursery.start(up.run)
+    for i in range(120):
+        with trio.move_on_after((i % 40) * 0.0005):  # 0-20 ms: somewhere in a connect
+            await up.fetch("SELECT 1", [], timeout_s=5.0)
+        if up._pool is not None:  # no idle connection: the next call connects again
+            await up._bridge(up._loop, up._pool.expire_connections)
+    assert await up.fetch("SELECT 41 + 1 AS n", [], timeout_s=5.0) == [{"n": 42}]
+    await up.aclose()
+
+
 async def test_transactions(upstream, monitor) -> None:
     table = f"t_{uuid.uuid4().hex[:12]}"
     await upstream.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)", [], timeout_s=2)
@@ -469,3 +497,13 @@ async def test_cancelling_run_closes_the_pool(cluster) -> None:
         return count == "0"
 
     await poll_until(all_closed, within_s=2)
+
+
+@pytest.mark.parametrize("raw", [1e400, -math.inf, math.nan, 3.5, True, "7x"])
+def test_a_bad_int_argument_is_a_400_that_does_not_quote_it(raw: object) -> None:
+    from gateway._calls import _convert
+
+    with pytest.raises(BadRequest) as refused:
+        _convert("n", raw, "int")
+    assert str(raw) not in str(refused.value)  # argument values stay out of traces
+    assert _convert("n", 7.0, "int") == 7 and _convert("n", "7", "int") == 7

@@ -241,14 +241,18 @@ def _translate(name: str, exc: BaseException) -> GatewayError:
         state = exc.sqlstate or ""
         kind = type(exc).__name__
         if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
-            return UpstreamTimeout(f"{where}: statement cancelled on the server: {exc}")
+            return UpstreamTimeout(f"{where}: statement cancelled on the server: "
+                                   f"{getattr(exc, 'message', None) or 'cancelled'}")
         if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
             return UpstreamResetError(f"{where}: connection lost mid-call", sqlstate=state)
+        # The primary message only: the server's DETAIL line can quote row values
+        # ("Key (email)=(...) already exists"), which must not reach clients or logs.
+        message = getattr(exc, "message", None) or kind
         if state[:2] in {"08", "53", "57"}:
-            return UpstreamConnectError(f"{where}: {kind}: {exc}", sqlstate=state)
+            return UpstreamConnectError(f"{where}: {kind}: {message}", sqlstate=state)
         if state.startswith("22"):
             return BadRequest(f"{where}: invalid query argument ({kind})", sqlstate=state)
-        return UpstreamError(f"{where}: {kind}: {exc}", sqlstate=state)
+        return UpstreamError(f"{where}: {kind}: {message}", sqlstate=state)
     if isinstance(exc, asyncpg.exceptions._base.DataError):
         # The argument could not be encoded for its parameter type; the message would
         # quote the value, which must not reach logs or traces.
@@ -490,6 +494,10 @@ class PostgresUpstream:
         self._started = True
         try:
             async with trio_asyncio.open_loop() as loop:
+                # trio-asyncio's default handler re-raises what asyncio only reports (a
+                # connection lost while a cancelled connect unwinds, say) into the loop's
+                # nursery, which would end this upstream for good; log it as asyncio does.
+                loop.set_exception_handler(self._report_asyncio_error)
                 pool = await self._bridge(loop, _create_pool, self.settings)
                 self._loop, self._pool = loop, pool
                 try:
@@ -516,6 +524,11 @@ class PostgresUpstream:
                     self._loop = None
         finally:
             self._stopped.set()
+
+    def _report_asyncio_error(self, loop: Any, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        logger.warning("postgres upstream %r: %s", self.name, context.get("message"),
+                       exc_info=exc if isinstance(exc, BaseException) else None)
 
     async def aclose(self) -> None:
         """Stop ``run()`` and wait until the pool is closed."""
