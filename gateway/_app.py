@@ -145,8 +145,16 @@ class Gateway:
             log.error("policy reload rejected, the active policy keeps serving:\n%s", error)
             return False
         if loaded.version == self.runtime.snapshot.loaded.version:
+            self.runtime.last_reload_error = None  # the file is the active policy again
             return True
-        old = self.runtime.swap(loaded)
+        try:
+            old = self.runtime.swap(loaded)
+        except Exception as error:  # valid on paper, but its parts cannot be built
+            self.runtime.last_reload_error = f"{loaded.file}: {error}"
+            METRICS.reloads.labels("rejected").inc()
+            log.error("policy reload rejected, the active policy keeps serving: %s: %s",
+                      loaded.file, error)
+            return False
         await self._start_postgres(self.runtime.snapshot.upstreams.values())
         METRICS.reloads.labels("applied").inc()
         log.info("policy %s active (was %s)", loaded.version, old.loaded.version)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -80,7 +81,7 @@ class LimitsPolicy(_Model):
     max_uri_bytes: int = Field(8192, ge=64, description="Longer request target → 414.")
     max_body: ByteSize = Field(16 * 1024**2, description="Default body cap per route → 413.")
     max_upstream_header_bytes: ByteSize = Field(
-        64 * 1024, description="An upstream answering larger headers → 502.")
+        64 * 1024, ge=1024, description="An upstream answering larger headers → 502.")
     body_timeout: Duration = Field(60.0, description="A request body slower than this is cut.")
     response_timeout: Duration = Field(
         3600.0, description="Longest a response may stream before it is cut.")
@@ -195,8 +196,8 @@ class LimitPolicy(_Model):
 
 class PoolPolicy(_Model):
     max_connections: int = Field(100, ge=1, description="Open connections at most.")
-    idle_timeout: Duration = Field(30.0, description="Idle connections older are closed.")
-    connect_timeout: Duration = Field(1.0, description="Bound of opening a connection.")
+    idle_timeout: Duration = Field(30.0, gt=0, description="Idle connections older are closed.")
+    connect_timeout: Duration = Field(1.0, gt=0, description="Bound of opening a connection.")
 
 
 class CircuitPolicy(_Model):
@@ -242,8 +243,19 @@ class UpstreamPolicy(_Model):
     def _url(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        if not re.match(r"^http://[^/\s:@]+(:\d{1,5})?(/[^\s?#]*)?$", value):
+        if not re.match(r"^http://[^/\s:@?#]+(:\d{1,5})?(/[^\s?#]*)?$", value):
             raise ValueError(f"{value!r} is not an http:// URL with host[:port][/prefix]")
+        # What the upstream pool will parse, checked here so a policy that passes
+        # ``check`` also starts (and reloads).
+        parts = urlsplit(value)
+        if not parts.hostname or not re.fullmatch(r"[A-Za-z0-9.-]+", parts.hostname):
+            raise ValueError(f"{value!r}: the host must be an ASCII name or an IPv4 address")
+        try:
+            port = parts.port
+        except ValueError as error:
+            raise ValueError(f"{value!r} is not a usable upstream URL: {error}") from None
+        if port == 0:
+            raise ValueError(f"{value!r}: port 0 cannot be connected to")
         return value.rstrip("/")
 
     @model_validator(mode="after")

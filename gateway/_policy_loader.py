@@ -530,12 +530,14 @@ def _error_issue(loc: PolicyPath, error: dict[str, Any],
                               "this gateway reads version 1")
     if kind == "literal_error":
         return document.issue(loc, f"{_quote(value)} is not one of {_choices(ctx['expected'])}")
-    if kind in {"greater_than_equal", "greater_than"}:
-        bound = ctx.get("ge", ctx.get("gt"))
-        return document.issue(loc, f"{_quote(value)} is below the minimum of {bound}")
-    if kind in {"less_than_equal", "less_than"}:
-        bound = ctx.get("le", ctx.get("lt"))
-        return document.issue(loc, f"{_quote(value)} is above the maximum of {bound}")
+    if kind == "greater_than_equal":
+        return document.issue(loc, f"{_quote(value)} is below the minimum of {ctx['ge']}")
+    if kind == "greater_than":
+        return document.issue(loc, f"{_quote(value)} must be above {ctx['gt']}")
+    if kind == "less_than_equal":
+        return document.issue(loc, f"{_quote(value)} is above the maximum of {ctx['le']}")
+    if kind == "less_than":
+        return document.issue(loc, f"{_quote(value)} must be below {ctx['lt']}")
     if kind == "string_pattern_mismatch":
         if loc and "args" in loc:
             return document.issue(loc, f"{_quote(value)} {_ARG_SOURCE_HINT}")

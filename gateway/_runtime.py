@@ -45,6 +45,7 @@ class UpstreamState:
     pool: HttpUpstreamPool | None = None
     postgres: Any = None  # PostgresUpstream, kept untyped so only its module imports asyncpg
     users: int = 0  # snapshots referring to this state
+    identity: tuple[Any, ...] = ()  # what its connections were built from
 
 
 def _pool_limits(policy: Policy, upstream: UpstreamPolicy) -> PoolLimits:
@@ -63,9 +64,10 @@ def _upstream_retry_policy(policy: Policy, upstream: UpstreamPolicy) -> RetryPol
     return policy.defaults.call.retries or RetryPolicy()
 
 
-def _connection_identity(upstream: UpstreamPolicy) -> tuple[Any, ...]:
+def _connection_identity(policy: Policy, upstream: UpstreamPolicy) -> tuple[Any, ...]:
     """What, when changed, needs a new pool (limits alone are resized in place)."""
-    return (upstream.url, upstream.pool, upstream.postgres)
+    return (upstream.url, upstream.pool, upstream.postgres,
+            policy.server.limits.max_upstream_header_bytes)
 
 
 @dataclass
@@ -105,36 +107,30 @@ class Runtime:
         self.last_reload_error: str | None = None
 
     def _build(self, loaded: LoadedPolicy, previous: dict[str, UpstreamState]) -> Snapshot:
+        """The snapshot of ``loaded``, reusing ``previous`` upstreams where it can.
+
+        Everything new is built first; upstreams kept from ``previous`` are changed in
+        place only once nothing more can fail, so a policy that cannot be built leaves
+        the active one exactly as it was.
+        """
         policy = loaded.policy
         upstreams: dict[str, UpstreamState] = {}
-        retry_after = policy.server.shed_retry_after
+        kept: list[tuple[UpstreamState, UpstreamPolicy]] = []
         for name, definition in policy.upstreams.items():
             old = previous.get(name)
-            if old is not None and _connection_identity(old.policy) == _connection_identity(
-                    definition):
-                old.limiter.resize(concurrency=definition.limit.concurrency,
-                                   queue=definition.limit.queue,
-                                   queue_timeout_s=definition.limit.queue_timeout,
-                                   retry_after_s=retry_after)
-                old.policy = definition
-                retry = _upstream_retry_policy(policy, definition)
-                old.retry_budget.reconfigure(retry.budget, retry.min_per_second)
-                if definition.circuit is None:
-                    old.breaker = None
-                elif old.breaker is None:
-                    old.breaker = CircuitBreaker(name, definition.circuit,
-                                                 on_transition=METRICS.breaker_transition)
-                else:
-                    old.breaker.reconfigure(definition.circuit)
+            identity = _connection_identity(policy, definition)
+            if old is not None and old.identity == identity:
+                kept.append((old, definition))
                 upstreams[name] = old
                 continue
             limiter = UpstreamLimiter(name, concurrency=definition.limit.concurrency,
                                       queue=definition.limit.queue,
                                       queue_timeout_s=definition.limit.queue_timeout,
-                                      retry_after_s=retry_after)
+                                      retry_after_s=policy.server.shed_retry_after)
             retry = _upstream_retry_policy(policy, definition)
             state = UpstreamState(name, definition, limiter,
-                                  retry_budget=RetryBudget(retry.budget, retry.min_per_second))
+                                  retry_budget=RetryBudget(retry.budget, retry.min_per_second),
+                                  identity=identity)
             if definition.circuit is not None:
                 state.breaker = CircuitBreaker(name, definition.circuit,
                                                on_transition=METRICS.breaker_transition)
@@ -142,9 +138,30 @@ class Runtime:
                 state.pool = HttpUpstreamPool(name, definition.url,
                                               _pool_limits(policy, definition))
             upstreams[name] = state
+        routes = RouteTable(policy.routes)
+        for old, definition in kept:
+            self._reconfigure(policy, old, definition)
         for state in upstreams.values():
             state.users += 1
-        return Snapshot(loaded, RouteTable(policy.routes), upstreams)
+        return Snapshot(loaded, routes, upstreams)
+
+    @staticmethod
+    def _reconfigure(policy: Policy, old: UpstreamState, definition: UpstreamPolicy) -> None:
+        """Apply new limits, budget and breaker settings to a kept upstream in place."""
+        old.limiter.resize(concurrency=definition.limit.concurrency,
+                           queue=definition.limit.queue,
+                           queue_timeout_s=definition.limit.queue_timeout,
+                           retry_after_s=policy.server.shed_retry_after)
+        old.policy = definition
+        retry = _upstream_retry_policy(policy, definition)
+        old.retry_budget.reconfigure(retry.budget, retry.min_per_second)
+        if definition.circuit is None:
+            old.breaker = None
+        elif old.breaker is None:
+            old.breaker = CircuitBreaker(old.name, definition.circuit,
+                                         on_transition=METRICS.breaker_transition)
+        else:
+            old.breaker.reconfigure(definition.circuit)
 
     def enter(self) -> Snapshot:
         snapshot = self.snapshot

@@ -207,3 +207,32 @@ routes:
             assert users.pool._closed is False
             assert (await client.get("/api/users/3")).status_code == 200
         nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_changes_every_upstream_alike_and_a_reverted_file_clears_its_error(
+        tmp_path: Path):
+    """The upstream header limit is a server setting: a reload must rebuild every pool
+    with it, not only the pools whose own settings changed. A file made bad and then put
+    back is the active policy again, and the error it caused is no longer reported."""
+    text = GOOD + "server: {{limits: {{max_upstream_header_bytes: {limit}}}}}\n"
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        path = tmp_path / "policy.yaml"
+        first = text.format(url=upstream.url, concurrency=10, deadline=2000, limit="64KiB")
+        async with run_gateway(first, policy_path=path) as gw, gw.client() as client:
+            gateway, runtime = gw.gateway, gw.gateway.runtime
+            write_atomically(path, text.format(url=upstream.url, concurrency=10,
+                                               deadline=2000, limit="1KiB"))
+            assert await gateway.reload()
+            pool = runtime.snapshot.upstreams["users"].pool
+            assert pool is not None and pool.limits.max_response_header_bytes == 1024
+            assert (await client.get("/api/users/1")).status_code == 200
+
+            write_atomically(path, BAD.format(url=upstream.url, deadline=2000))
+            assert not await gateway.reload()
+            assert runtime.last_reload_error is not None
+            write_atomically(path, text.format(url=upstream.url, concurrency=10,
+                                               deadline=2000, limit="1KiB"))
+            assert await gateway.reload()
+            assert runtime.last_reload_error is None
+        nursery.cancel_scope.cancel()
