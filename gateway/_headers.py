@@ -16,7 +16,19 @@ HOP_BY_HOP = frozenset({
 })
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
                         b"forwarded"})
+#: Headers an upstream may read as the client's address or as the scheme, host, port or
+#: prefix it was reached by: from a peer that is not a trusted proxy they are dropped
+#: (besides every ``X-Forwarded-*``), never passed on as the client wrote them.
+_CLIENT_CLAIMS = frozenset({b"x-real-ip", b"x-client-ip", b"true-client-ip",
+                            b"x-cluster-client-ip", b"x-original-forwarded-for"})
+#: Response headers the worker sets itself (as nginx does, the upstream's are not
+#: relayed): a second ``Date`` or ``Server`` would contradict the first.
+_SERVER_OWNED = frozenset({b"date", b"server"})
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _claims_client(name: bytes) -> bool:
+    return name.startswith(b"x-forwarded-") or name in _CLIENT_CLAIMS
 
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -63,8 +75,9 @@ def upstream_request_headers(
 ) -> Headers:
     """Headers to send upstream: hop-by-hop gone, forwarding chain appended.
 
-    An incoming ``X-Forwarded-*`` chain is kept only from a trusted proxy; from anyone
-    else it is dropped and the chain starts at the peer. ``Host`` is passed through as
+    An incoming ``X-Forwarded-*`` chain (and ``X-Real-IP`` and its kin) is kept only
+    from a trusted proxy; from anyone else it is dropped and the chain starts at the
+    peer. ``Host`` is passed through as
     ``X-Forwarded-Host`` and the upstream gets its own host (set by the pool).
     """
     trusted_peer = is_trusted(peer, trusted)
@@ -76,7 +89,10 @@ def upstream_request_headers(
     owned = _FORWARDED | {request_id_header} | drop
     for name, value in strip_hop_by_hop(headers):
         # CGI/WSGI upstreams read X_Forwarded_For as X-Forwarded-For: no spoofing that way.
-        if b"_" in name and name.replace(b"_", b"-") in owned:
+        dashed = name.replace(b"_", b"-") if b"_" in name else name
+        if dashed is not name and dashed in owned:
+            continue
+        if not trusted_peer and dashed not in _FORWARDED and _claims_client(dashed):
             continue
         if name in _FORWARDED:
             if trusted_peer:
@@ -106,7 +122,8 @@ def upstream_request_headers(
 def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]],
                                 request_id_header: bytes, request_id: str) -> Headers:
     """Upstream response headers as the client gets them, with the request id."""
-    out = [(n, v) for n, v in strip_hop_by_hop(headers) if n != request_id_header]
+    out = [(n, v) for n, v in strip_hop_by_hop(headers)
+           if n != request_id_header and n not in _SERVER_OWNED]
     out.append((request_id_header, request_id.encode("ascii")))
     return out
 

@@ -324,7 +324,19 @@ def _apply_cost_changes() -> None:
             try:
                 to_app.send_nowait(message)
             except trio.WouldBlock:
-                await to_app.send(message)
+                if message.get("type") != "http.disconnect":
+                    await to_app.send(message)
+                    return
+                # The stream closed while the app was not reading its body (an upstream
+                # that does not read it, a request that ended early). This put may come
+                # from the app's own last send, so waiting for room would wait for
+                # ever: the unread body is moot now, drop it so that the close gets in.
+                while True:
+                    try:
+                        app_receives.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                to_app.send_nowait(message)
 
         return put
 

@@ -41,6 +41,8 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 access_log = logging.getLogger("gateway.access")
+#: Body chunks the relay holds for a handler that is not reading (about 1 MiB at most).
+RELAY_CHUNKS = 16
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -264,7 +266,10 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
         if on_close is not None:
             body = RequestBody(None, limit, framing, server.limits.body_timeout)
         else:
-            sender, receiver = trio.open_memory_channel[bytes](1)
+            # Room for a few chunks (Hypercorn reads at most 64 KiB at a time): while
+            # the handler is not reading (waiting for an upstream slot, say) the relay
+            # goes on taking the client's messages, so a disconnect is still seen.
+            sender, receiver = trio.open_memory_channel[bytes](RELAY_CHUNKS)
             body = RequestBody(receiver, limit, framing, server.limits.body_timeout)
         context = RequestContext(runtime, snapshot, scope, send, trace, request_id, match,
                                  deadline, body)

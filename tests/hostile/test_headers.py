@@ -39,6 +39,37 @@ async def test_forwarding_chain_from_trusted_peer_is_extended():
         assert chain.endswith(", 127.0.0.1") and chain.startswith("6.6.6.6, 7.7.7.7")
 
 
+CLAIMS = [("X-Forwarded-Port", "443"), ("X-Forwarded-Prefix", "/admin"),
+          ("X-Forwarded-Ssl", "on"), ("X-Forwarded-Server", "evil"), ("X-Real-IP", "6.6.6.6"),
+          ("X-Client-IP", "6.6.6.6"), ("True-Client-IP", "6.6.6.6"), ("X_Real_IP", "6.6.6.6")]
+
+
+@pytest.mark.parametrize(("server", "kept"), [("", False),
+                                              ("  trusted_proxies: [127.0.0.1/32]\n", True)])
+async def test_client_address_and_forwarding_claims_pass_only_from_a_trusted_proxy(server, kept):
+    # Upstream frameworks read X-Forwarded-Port/-Prefix/-Ssl and X-Real-IP (Werkzeug's
+    # ProxyFix, Spring): from anyone but a trusted proxy they would be the client's word.
+    async with stage(server=server) as s:
+        response, _ = await exchange(s.port, request_bytes("GET", "/api/up/headers", CLAIMS))
+        assert response is not None and response.status == 200
+        (seen,) = s.upstream.requests
+        for name, value in CLAIMS:
+            assert seen.header_values(name.lower()) == ([value] if kept else []), name
+
+
+async def test_a_response_carries_one_date_and_one_server_header():
+    async def dated(request, respond) -> None:
+        await respond.respond(200, b"ok", [(b"date", b"Mon, 01 Jan 2001 00:00:00 GMT"),
+                                          (b"server", b"up/1")])
+
+    async with stage() as s:
+        s.upstream.behaviour = dated
+        response, _ = await exchange(s.port, request_bytes("GET", "/api/up/x"))
+        assert response is not None and response.status == 200
+        assert len(response.header_values("date")) == 1
+        assert len(response.header_values("server")) == 1
+
+
 @pytest.mark.parametrize("name", ["X_Forwarded_For", "x_forwarded_proto", "X_Forwarded_Host",
                                   "X_Request_Timeout_Ms", "x_request_id"])
 async def test_underscore_spellings_of_gateway_headers_are_not_forwarded(name):

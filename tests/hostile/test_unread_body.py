@@ -1,0 +1,91 @@
+"""Request bodies nobody reads: the request still ends, and a client that leaves is seen.
+
+While a handler is not reading the body (its upstream does not read it, or the request
+waits for an upstream slot), the client's messages queue up in the worker. Neither the
+answer nor the client's departure may then wait behind that queue.
+"""
+
+from functools import partial
+
+import trio
+import trio.testing
+
+from tests.hostile import POLICY, closed_port, policy_for, stage
+from tests.hostile.rawclient import connect
+from tests.upstream import start_upstream
+
+CHUNK = b"10000\r\n" + b"z" * 0x10000 + b"\r\n"  # 64 KiB, chunked
+
+
+async def wait_until(predicate, timeout_s: float = 5.0) -> None:
+    with trio.fail_after(timeout_s):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+async def test_an_early_answer_to_an_unread_upload_ends_the_request():
+    """An upstream refusing a large upload without reading it (401, 413) is common; the
+    client gets the answer, and the request, its connections and its slot are freed."""
+    answer = trio.Event()
+
+    async def refuse_unread(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(4096)
+        await answer.wait()
+        await stream.send_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\n\r\nno way")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, refuse_unread, 0, host="127.0.0.1"))
+        url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        policy = POLICY.format(url=url, dead_port=closed_port(), extra="").replace(
+            "max_body: 256KiB", "max_body: 1GiB").replace("body_timeout: 1s", "body_timeout: 60s")
+        async with stage(policy) as s, connect(s.port) as conn:
+            runtime = s.gw.gateway.runtime
+            await conn.send(b"POST /api/long/upload HTTP/1.1\r\nHost: g\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n")
+
+            async def pump() -> None:
+                while await conn.try_send(CHUNK):
+                    pass
+
+            async with trio.open_nursery() as uploading:
+                uploading.start_soon(pump)
+                # Everything stalls: the upstream, the worker's queues, the client.
+                await trio.testing.wait_all_tasks_blocked()
+                answer.set()
+                response = await conn.read_response(timeout_s=10)
+                uploading.cancel_scope.cancel()
+            assert response is not None and response.status == 401 and response.complete
+            assert response.body == b"no way"
+            assert await conn.wait_closed(timeout_s=5) is not None  # the body was unread
+            await wait_until(lambda: runtime.gate.in_flight == 0)
+            await wait_until(lambda: s.pool_statistics().active == 0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_leaving_while_its_request_waits_for_a_slot_is_cancelled():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = policy_for(upstream.url).replace(
+            f'up: {{url: "{upstream.url}"}}',
+            f'up: {{url: "{upstream.url}", pool: {{max_connections: 1}}}}').replace(
+            "body_timeout: 1s", "body_timeout: 60s")
+        async with stage(policy) as s:
+            runtime = s.gw.gateway.runtime
+            async with connect(s.port) as hold:
+                await hold.send(b"GET /api/long/stall HTTP/1.1\r\nHost: g\r\n\r\n")
+                await upstream.wait_requests(1)  # the pool's one connection is taken
+                async with connect(s.port) as conn:
+                    await conn.send(b"POST /api/long/echo HTTP/1.1\r\nHost: g\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n"
+                                    + b"5\r\nhello\r\n" * 3)
+                    await wait_until(lambda: s.pool_statistics().waiting == 1)
+                    conn.abort()
+                await wait_until(lambda: runtime.gate.in_flight == 1)  # cancelled, queued
+                assert s.pool_statistics().waiting == 0
+                hold.abort()
+            await wait_until(lambda: runtime.gate.in_flight == 0)
+            assert [r.target for r in upstream.requests] == ["/stall"]  # never sent
+        nursery.cancel_scope.cancel()
