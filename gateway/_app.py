@@ -72,6 +72,8 @@ class Gateway:
         self.admin = create_admin_app(self)
         self._nursery: trio.Nursery | None = None
         self._policy_stat: tuple[int, int, int] | None = None
+        #: One reload at a time (the file watcher and SIGHUP may ask together).
+        self._reload_lock = trio.Lock()
 
     # ------------------------------------------------------------------ ASGI
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -136,6 +138,10 @@ class Gateway:
     # ------------------------------------------------------------------ reload
     async def reload(self) -> bool:
         """Load the policy file again; swap it in when valid, keep the old one if not."""
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         path = self.runtime.snapshot.loaded.file
         try:
             loaded = await trio.to_thread.run_sync(load_policy_file, path)
@@ -148,14 +154,17 @@ class Gateway:
             self.runtime.last_reload_error = None  # the file is the active policy again
             return True
         try:
-            old = self.runtime.swap(loaded)
+            new = self.runtime.prepare(loaded)
         except Exception as error:  # valid on paper, but its parts cannot be built
             self.runtime.last_reload_error = f"{loaded.file}: {error}"
             METRICS.reloads.labels("rejected").inc()
             log.error("policy reload rejected, the active policy keeps serving: %s: %s",
                       loaded.file, error)
             return False
-        await self._start_postgres(self.runtime.snapshot.upstreams.values())
+        # New PostgreSQL upstreams connect before the policy serves, so that its first
+        # requests do not find them missing.
+        await self._start_postgres(new.upstreams.values())
+        old = self.runtime.activate(new)
         METRICS.reloads.labels("applied").inc()
         log.info("policy %s active (was %s)", loaded.version, old.loaded.version)
         assert self._nursery is not None

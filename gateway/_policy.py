@@ -360,6 +360,10 @@ class Route(_Model):
         stripped = _PARAM_RE.sub("", value)
         if "{" in stripped or "}" in stripped:
             raise ValueError(f"{value!r} has a malformed {{param}}")
+        for match in _PARAM_RE.finditer(value):
+            start, end = match.span()
+            if value[start - 1] != "/" or (end < len(value) and value[end] != "/"):
+                raise ValueError(f"{value!r}: {match[0]} must be a whole path segment")
         tails = [m for m in _PARAM_RE.finditer(value) if m.group(2)]
         if tails and (len(tails) > 1 or tails[0].end() != len(value)):
             raise ValueError(f"{value!r}: a {{name*}} parameter may only end the path")
@@ -370,6 +374,9 @@ class Route(_Model):
     def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if value is None:
             return value
+        if not value:
+            raise ValueError("no method: the route could never answer (omit 'methods' "
+                             "for the default)")
         upper = tuple(m.upper() for m in value)
         for method in upper:
             if method not in (*ALL_METHODS, "TRACE"):
@@ -447,11 +454,7 @@ def cross_check(policy: Policy) -> list[Problem]:
                                         f"HTTP call names {call.upstream!r}, "
                                         "which is a postgres upstream (use 'query')"))
             if call.path is not None:
-                for name in template_params(call.path):
-                    if name not in route_params:
-                        problems.append(Problem(
-                            (*where, "path"),
-                            f"{{{name}}} is not a parameter of the route path {route.path!r}"))
+                problems.extend(_template_problems((*where, "path"), call.path, route))
             if isinstance(call, FanoutCall):
                 for arg_index, arg in enumerate(call.args):
                     source, _, rest = arg.partition(".")
@@ -472,12 +475,77 @@ def cross_check(policy: Policy) -> list[Problem]:
                     (*where, "timeout"),
                     f"timeout {call.timeout:g}s exceeds the route deadline {deadline:g}s "
                     "and will never fire", severity="warning"))
+    problems.extend(_shadowed_routes(policy))
     for name, upstream in policy.upstreams.items():
         if upstream.postgres is not None and "://" in upstream.postgres.dsn_env:
             problems.append(Problem(("upstreams", name, "postgres", "dsn_env"),
                                     "put the DSN in an environment variable and name the "
                                     "variable here; secrets never go inline"))
     return problems
+
+
+def _template_problems(where: PolicyPath, template: str, route: Route) -> list[Problem]:
+    """An upstream path template: well formed, naming only the route's parameters, and
+    ``{name*}`` (slashes kept) only for the route's own ``{name*}``."""
+    problems: list[Problem] = []
+    path = template.partition("?")[0]
+    if not path.startswith("/"):
+        problems.append(Problem(where, f"{template!r} must start with '/'"))
+    stripped = _PARAM_RE.sub("", template)
+    if "{" in stripped or "}" in stripped:
+        problems.append(Problem(where, f"{template!r} has a malformed {{param}}"))
+    route_tails = {name for name, star in _PARAM_RE.findall(route.path) if star}
+    route_params = set(template_params(route.path))
+    for name, star in _PARAM_RE.findall(template):
+        if name not in route_params:
+            problems.append(Problem(
+                where, f"{{{name}}} is not a parameter of the route path {route.path!r}"))
+        elif star and name not in route_tails:
+            problems.append(Problem(
+                where, f"{{{name}*}} keeps slashes, but the route's {{{name}}} is one segment "
+                "(an encoded %2F in it would become a real '/')"))
+    return problems
+
+
+def _shadowed_routes(policy: Policy) -> list[Problem]:
+    """Routes an earlier route always answers first (same shape, literal for literal,
+    every method taken): a warning, as the file still means something."""
+    problems: list[Problem] = []
+    shapes: list[tuple[int, list[str], frozenset[str]]] = []
+    for index, route in enumerate(policy.routes):
+        segments = route.path[1:].split("/")
+        methods = frozenset(route.allowed_methods)
+        if "GET" in methods:
+            methods |= {"HEAD"}  # the router answers HEAD wherever GET is allowed
+        for earlier, earlier_segments, earlier_methods in shapes:
+            if methods <= earlier_methods and _covers(earlier_segments, segments):
+                problems.append(Problem(
+                    ("routes", index, "path"),
+                    f"never reached: routes[{earlier}] ({policy.routes[earlier].path!r}) "
+                    "matches every request it would", severity="warning"))
+                break
+        shapes.append((index, segments, methods))
+    return problems
+
+
+def _covers(general: list[str], specific: list[str]) -> bool:
+    """Whether a route of ``general`` segments matches every path ``specific`` does."""
+    for position, piece in enumerate(general):
+        match = _PARAM_RE.fullmatch(piece)
+        if match and match[2]:  # {name*}: one or more segments, to the end
+            return len(specific) > position and not any(
+                p == "" for p in specific[position:])
+        if position >= len(specific):
+            return False
+        other = specific[position]
+        if match:
+            other_match = _PARAM_RE.fullmatch(other)
+            if other_match and other_match[2]:
+                return False  # a tail matches more than one segment
+            continue
+        if other != piece:
+            return False
+    return len(general) == len(specific)
 
 
 # --------------------------------------------------------------------------- resolution

@@ -158,7 +158,11 @@ class RouteTable:
 
 def _encode_value(name: str, value: str, tail: bool) -> str:
     if tail:
-        pieces = value.split("/")
+        # Empty pieces come from encoded slashes (%2F%2F, a leading %2F): dropped, as a
+        # literal "//" is, so "/static/%2Fetc" cannot become "//etc" upstream (which some
+        # servers read as a scheme-relative authority). A trailing slash is kept.
+        split = value.split("/")
+        pieces = [p for p in split[:-1] if p] + split[-1:]
         if any(p in (".", "..") for p in pieces):
             raise BadRequest(f"parameter {name!r} may not contain '.' or '..' segments")
         return "/".join(quote(p, safe=_SEGMENT_SAFE) for p in pieces)

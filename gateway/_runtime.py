@@ -175,9 +175,17 @@ class Runtime:
 
     def swap(self, loaded: LoadedPolicy) -> Snapshot:
         """Make ``loaded`` active; return the old snapshot (close it with :meth:`retire`)."""
+        return self.activate(self.prepare(loaded))
+
+    def prepare(self, loaded: LoadedPolicy) -> Snapshot:
+        """The snapshot of ``loaded``, built but not yet serving (raises if it cannot be
+        built, leaving the active one as it was)."""
+        return self._build(loaded, self.snapshot.upstreams)
+
+    def activate(self, new: Snapshot) -> Snapshot:
+        """Serve ``new`` from now on; return the old snapshot."""
         old = self.snapshot
-        new = self._build(loaded, old.upstreams)
-        policy = loaded.policy
+        policy = new.policy
         self.gate.limit = policy.server.max_inflight
         set_accept_batch(policy.server.accept_batch)
         self.traces.resize(policy.server.trace_buffer if policy.server.tracing else 0)

@@ -73,3 +73,12 @@ def test_query_template_and_client_query():
     assert build_target("/files/{rest*}", {"rest": "a b/c"}) == "/files/a%20b/c"
     with pytest.raises(BadRequest):
         build_target("/files/{rest*}", {"rest": "a/../b"})
+
+
+@pytest.mark.parametrize(("rest", "target"), [("/etc/passwd", "/files/etc/passwd"),
+                                              ("//evil.example/x", "/files/evil.example/x"),
+                                              ("a//b/", "/files/a/b/")])
+def test_encoded_slashes_in_a_tail_never_make_an_empty_segment(rest, target):
+    # "/static/%2Fetc%2Fpasswd" decodes to the tail "/etc/passwd".
+    assert build_target("/files/{rest*}", {"rest": rest}) == target
+    assert build_target("/{rest*}", {"rest": rest}) == target.removeprefix("/files")

@@ -101,3 +101,58 @@ async def test_deadline_cancels_the_query_on_the_server(database):
             assert pool.statistics().size == size_before
         nursery.cancel_scope.cancel()
 
+
+
+SQL_ONLY = """
+version: 1
+upstreams:
+  db:
+    postgres: {{dsn_env: GATEWAY_TEST_DSN, pool: {{min: 2, max: {max}}}}}
+    limit: {{concurrency: 20, queue: 100, queue_timeout: 2s}}
+routes:
+  - path: /api/one
+    deadline: 2s
+    sql: {{upstream: db, query: "SELECT 1 AS one", one: true}}
+"""
+
+
+async def test_reloading_a_postgres_upstream_under_load_answers_every_request(
+        database, tmp_path):
+    """A changed PostgreSQL upstream gets a new pool; it connects before the policy
+    that uses it serves, so no request finds it missing."""
+    path = tmp_path / "policy.yaml"
+    statuses: list[int] = []
+    async with run_gateway(SQL_ONLY.format(max=4), policy_path=path) as gw, \
+            gw.client() as client:
+        stop = trio.Event()
+
+        async def loop() -> None:
+            while not stop.is_set():
+                statuses.append((await client.get("/api/one")).status_code)
+
+        async with trio.open_nursery() as clients:
+            for _ in range(6):
+                clients.start_soon(loop)
+            for size in (5, 6, 7):
+                before = len(statuses)
+                await trio.Path(path).write_text(SQL_ONLY.format(max=size))
+                assert await gw.gateway.reload()
+                with trio.fail_after(10):
+                    while len(statuses) < before + 30:  # the new pool serves
+                        await trio.sleep(0.01)
+            stop.set()
+        assert gw.gateway.runtime.snapshot.upstreams["db"].postgres.settings.max_size == 7
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+
+
+async def test_reloads_asked_together_apply_a_change_once(database, tmp_path):
+    """The file watcher and SIGHUP may ask at once; two builds of the same change would
+    start two pools and leave one behind."""
+    path = tmp_path / "policy.yaml"
+    async with run_gateway(SQL_ONLY.format(max=4), policy_path=path) as gw:
+        runtime = gw.gateway.runtime
+        await trio.Path(path).write_text(SQL_ONLY.format(max=5))
+        async with trio.open_nursery() as both:
+            both.start_soon(gw.gateway.reload)
+            both.start_soon(gw.gateway.reload)
+        assert runtime.reloads == 1
