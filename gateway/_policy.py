@@ -21,6 +21,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -69,6 +70,17 @@ class _Model(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads ``yes``/``true`` as a boolean, and pydantic would take it as 1: a
+        typo that silently sets a limit to one. A boolean is only a boolean."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if "bool" not in str(annotation):
+                raise ValueError(f"expected a number or text, got {str(value).lower()}")
+        return value
+
 
 # --------------------------------------------------------------------------- server
 
@@ -84,7 +96,8 @@ class LimitsPolicy(_Model):
         64 * 1024, ge=1024, description="An upstream answering larger headers → 502.")
     body_timeout: Duration = Field(60.0, description="A request body slower than this is cut.")
     response_timeout: Duration = Field(
-        3600.0, description="Longest a response may stream before it is cut.")
+        3600.0, description="Longest an admin response may stream before it is cut "
+        "(public routes are bounded by their deadline).")
 
 
 class ServerPolicy(_Model):
@@ -135,8 +148,10 @@ class ServerPolicy(_Model):
     @classmethod
     def _networks(cls, value: Any) -> Any:
         if isinstance(value, list):
-            return tuple(ip_network(item, strict=False) if isinstance(item, str) else item
-                         for item in value)
+            for item in value:
+                if not isinstance(item, str):  # ip_network(167772160) is 10.0.0.0/32
+                    raise ValueError(f"{item!r} is not a CIDR network written as text")
+            return tuple(ip_network(item, strict=False) for item in value)
         return value
 
     @field_validator("admin_bind")
