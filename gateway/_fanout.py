@@ -2,8 +2,9 @@
 
 ``mode`` says how many answers are needed (all, first, quorum N); once they are in,
 the remaining calls are cancelled with cause ``quorum_reached``. ``on_failure:
-fail_fast`` cancels the siblings of a failed call (cause ``sibling_failed``, naming
-it); ``partial`` lets them finish and reports failures in an ``errors`` map.
+fail_fast`` cancels the siblings once a failure leaves too few calls to reach that
+number (cause ``sibling_failed``, naming the call): at the first failure for ``all``;
+``partial`` lets them finish and reports failures in an ``errors`` map.
 """
 
 from __future__ import annotations
@@ -50,7 +51,12 @@ async def fanout(ctx: RequestContext) -> None:
                     value = await _run_call(ctx, stage, name, call)
                 except GatewayError as error:
                     errors[name] = error
-                    if action.on_failure == "fail_fast" and not first_failure:
+                    # Fail fast once the answer can no longer be had: at the first
+                    # failure for ``all``, only when too few calls are left for
+                    # ``first`` or a quorum (a failed call there is what the others
+                    # are for).
+                    if (action.on_failure == "fail_fast" and not first_failure
+                            and len(errors) > len(action.calls) - needed):
                         first_failure.append((name, error))
                         nursery.cancel_scope.cancel(reason=f"sibling_failed|call {name}")
                     return

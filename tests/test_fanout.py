@@ -203,6 +203,34 @@ async def test_quorum_answers_at_the_nth_answer(autojump_clock, monkeypatch):
     assert_no_slot_held(ctx)
 
 
+async def test_first_and_quorum_outlive_a_failure_that_leaves_enough_calls(autojump_clock,
+                                                                            monkeypatch):
+    failing_first = {"bad": (5 * MS, connect_error), "fast": (10 * MS, {"n": 1}),
+                     "mid": (50 * MS, {"n": 2})}
+    install(monkeypatch, failing_first)
+    first = FakeContext(make_policy(list(failing_first), mode="first"))
+    assert await serve(first) == pytest.approx(0.010)
+    assert first.sent == [(200, {"fast": {"n": 1}}, pytest.approx(0.010))]
+
+    quorum = FakeContext(make_policy(list(failing_first), mode={"quorum": 2}))
+    assert await serve(quorum) == pytest.approx(0.050)
+    assert quorum.sent == [(200, {"fast": {"n": 1}, "mid": {"n": 2}}, pytest.approx(0.050))]
+
+
+async def test_quorum_fails_fast_once_it_cannot_be_reached(autojump_clock, monkeypatch):
+    two_bad = {"bad": (5 * MS, connect_error), "worse": (8 * MS, connect_error),
+               "slow": (200 * MS, {"n": 1})}
+    install(monkeypatch, two_bad)
+    ctx = FakeContext(make_policy(list(two_bad), mode={"quorum": 2}))
+    start = trio.current_time()
+    with pytest.raises(UpstreamConnectError) as failed:
+        await serve(ctx)
+    assert failed.value.detail["call"] == "worse"
+    assert trio.current_time() - start == pytest.approx(0.008)  # not the slow call's 200
+    assert where(spans(ctx)["call slow"])[:2] == ("cancelled", "sibling_failed")
+    assert_no_slot_held(ctx)
+
+
 # --------------------------------------------------------------------------- failures
 
 WITH_BAD = {"fast": (10 * MS, {"n": 1}), "bad": (20 * MS, connect_error),
