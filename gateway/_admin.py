@@ -90,6 +90,8 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
         except ValueError:
             return {"error": "status, min_ms and limit must be numbers",
                     "cause": "bad_request"}, 400
+        if limit < 1:
+            return {"error": "limit must be at least 1", "cause": "bad_request"}, 400
         found = gateway.runtime.traces.query(route=args.get("route"), cause=args.get("cause"),
                                              status=status, min_ms=min_ms, limit=limit)
         return {"traces": [t.to_json() for t in found]}
@@ -104,5 +106,10 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
     @app.errorhandler(404)
     async def not_found(_: Exception) -> Any:
         return {"error": "no such admin endpoint", "cause": "no_route"}, 404
+
+    @app.errorhandler(405)
+    async def method_not_allowed(_: Exception) -> Any:
+        return {"error": f"{request.method} is not allowed here",
+                "cause": "method_not_allowed"}, 405
 
     return app

@@ -20,7 +20,7 @@ from . import _hypercorn_fixes
 from ._errors import NotFound
 from ._fanout import fanout
 from ._gc import run_full_collections
-from ._metrics import METRICS
+from ._metrics import METRICS, refresh_gauges
 from ._policy import resolve_call_settings
 from ._policy_loader import LoadedPolicy, PolicyError, load_policy_file
 from ._proxy import proxy
@@ -98,6 +98,7 @@ class Gateway:
         await self._start_postgres(self.runtime.snapshot.upstreams.values())
         nursery.start_soon(self.runtime.loop_lag.run)
         nursery.start_soon(run_full_collections)
+        nursery.start_soon(refresh_gauges, self.runtime)
         if self.watch_policy:
             nursery.start_soon(self._watch_policy_file)
             nursery.start_soon(self._reload_on_sighup)

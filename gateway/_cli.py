@@ -37,6 +37,10 @@ def serve(policy_file: str, config_path: str, binds: tuple[str, ...], admin_bind
     except (PolicyError, HypercornConfigError) as error:
         click.echo(str(error), err=True)
         sys.exit(1)
+    except OSError as error:  # a missing hypercorn.toml, a port already taken
+        where = f" ({error.filename})" if error.filename else ""
+        click.echo(f"cannot serve: {error.strerror or error}{where}", err=True)
+        sys.exit(1)
     sys.exit(code)
 
 
@@ -79,11 +83,24 @@ def schema() -> None:
 @click.option("--cause", default=None)
 @click.option("--route", default=None)
 @click.option("--status", type=int, default=None)
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--follow", is_flag=True, help="Keep polling for new traces.")
+@click.option("--token", envvar="GATEWAY_ADMIN_TOKEN", default=None,
+              help="Admin bearer token (or GATEWAY_ADMIN_TOKEN).")
 def traces(admin: str, cause: str | None, route: str | None, status: int | None,
-           limit: int, follow: bool) -> None:
+           limit: int, follow: bool, token: str | None) -> None:
     """Render recent cancellation traces as trees."""
+    import httpx
+
     from ._trace_view import follow_traces
 
-    follow_traces(admin, cause=cause, route=route, status=status, limit=limit, follow=follow)
+    try:
+        follow_traces(admin, cause=cause, route=route, status=status, limit=limit,
+                      follow=follow, token=token)
+    except httpx.HTTPStatusError as error:
+        raise click.ClickException(
+            f"{admin} answered {error.response.status_code}"
+            + (" (give the admin token with --token)" if error.response.status_code == 401
+               else "")) from None
+    except httpx.HTTPError as error:
+        raise click.ClickException(f"cannot reach the admin endpoint {admin}: {error}") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+import trio
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -70,8 +71,9 @@ class Metrics:
         for span in cancelled:
             scope = (span.fired_scope or span.label).split("#")[0]
             self.cancellations.labels(route, span.cause or "unknown", scope).inc()
-        if trace.cause == "shed" and trace.root is None:
-            self.shed.labels("door").inc()
+        if trace.cause == "shed":
+            # No span: refused at the door; with spans: by an upstream's limiter.
+            self.shed.labels("door" if trace.root is None else "upstream").inc()
 
     def breaker_transition(self, upstream: str, old: Any, new: Any) -> None:
         value = {"closed": 0, "half_open": 1, "open": 2}.get(new.value, 0)
@@ -98,6 +100,18 @@ class Metrics:
 
 
 METRICS = Metrics()
+
+#: Seconds between copies of a worker's point-in-time figures into its gauges.
+GAUGE_REFRESH_S = 1.0
+
+
+async def refresh_gauges(runtime: Runtime, interval_s: float = GAUGE_REFRESH_S) -> None:
+    """Keep this worker's gauges current. With several workers a scrape reaches one of
+    them but sums every worker's stored gauges: refreshing only the scraped worker
+    would leave the others' figures as they were at their last scrape."""
+    while True:
+        METRICS.refresh(runtime)
+        await trio.sleep(interval_s)
 
 
 def render_metrics(runtime: Runtime) -> bytes:

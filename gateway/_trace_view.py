@@ -76,29 +76,38 @@ def render_traces_text(traces: list[dict[str, Any]], width: int = 140) -> str:
     return buffer.getvalue()
 
 
+#: Request ids ``--follow`` remembers as printed (the newest; older ones are forgotten).
+SEEN_LIMIT = 10_000
+
+
 def follow_traces(admin: str, *, cause: str | None, route: str | None, status: int | None,
-                  limit: int, follow: bool, poll_interval_s: float = 1.0) -> None:
+                  limit: int, follow: bool, poll_interval_s: float = 1.0,
+                  token: str | None = None) -> None:
     """Fetch traces from a worker's admin endpoint and print them (polling with --follow)."""
-    trio.run(_follow, admin, cause, route, status, limit, follow, poll_interval_s)
+    trio.run(_follow, admin, cause, route, status, limit, follow, poll_interval_s, token)
 
 
 async def _follow(admin: str, cause: str | None, route: str | None, status: int | None,
-                  limit: int, follow: bool, poll_interval_s: float) -> None:
+                  limit: int, follow: bool, poll_interval_s: float,
+                  token: str | None = None) -> None:
     console = Console()
     params: dict[str, Any] = {"limit": limit}
     for key, value in (("cause", cause), ("route", route), ("status", status)):
         if value is not None:
             params[key] = value
-    seen: set[str] = set()
-    async with httpx.AsyncClient(base_url=admin, timeout=5.0) as client:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    seen: dict[str, None] = {}  # insertion-ordered: the oldest are dropped first
+    async with httpx.AsyncClient(base_url=admin, timeout=5.0, headers=headers) as client:
         while True:
             response = await client.get("/traces", params=params)
             response.raise_for_status()
             fresh = [t for t in reversed(response.json()["traces"])
                      if t["request_id"] not in seen]
             for trace in fresh:
-                seen.add(trace["request_id"])
+                seen[trace["request_id"]] = None
                 console.print(render_trace(trace))
+            while len(seen) > SEEN_LIMIT:
+                del seen[next(iter(seen))]
             if not follow:
                 return
             await trio.sleep(poll_interval_s)

@@ -2,6 +2,7 @@
 policy names one (``server.admin_token_env``)."""
 
 import pytest
+import trio
 
 from tests.hostile import stage
 from tests.hostile.rawclient import exchange, request_bytes
@@ -51,3 +52,50 @@ async def test_admin_token_env_unset_fails_closed(monkeypatch):
             assert (await admin.get("/healthz")).status_code == 401
             bare = await admin.get("/healthz", headers={"authorization": "Bearer"})
             assert bare.status_code == 401
+
+
+async def test_bad_admin_requests_get_a_json_4xx():
+    async with stage() as s, s.gw.admin() as admin:
+        for method, path, status in (("GET", "/traces?limit=0", 400),
+                                     ("GET", "/traces?limit=-5", 400),
+                                     ("GET", "/traces?limit=x", 400),
+                                     ("POST", "/healthz", 405),
+                                     ("DELETE", "/traces", 405)):
+            response = await admin.request(method, path)
+            assert response.status_code == status, (method, path, response.text)
+            assert response.headers["content-type"].startswith("application/json")
+            assert response.json()["cause"]
+
+
+def test_the_traces_command_says_plainly_when_the_admin_is_unreachable():
+    from click.testing import CliRunner
+
+    from gateway._cli import main
+
+    result = CliRunner().invoke(main, ["traces", "--admin", "http://127.0.0.1:1"])
+    assert result.exit_code == 1
+    assert "cannot reach the admin endpoint http://127.0.0.1:1" in result.output
+    assert "Traceback" not in result.output
+
+
+async def test_requests_an_upstream_limiter_sheds_are_counted_as_shed():
+    from tests.metrics import metric_total
+    from tests.upstream import start_upstream
+
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = (f'version: 1\nupstreams:\n  up: {{url: "{upstream.url}", '
+                  "limit: {concurrency: 1, queue: 0}}\nroutes:\n  - path: /x/{rest*}\n"
+                  '    proxy: {upstream: up, path: "/{rest}"}\n')
+        async with stage(policy) as s, s.gw.admin() as admin, s.gw.client() as client:
+            before = metric_total((await admin.get("/metrics")).text,
+                                  "gateway_shed_total", where="upstream")
+            async with trio.open_nursery() as clients:
+                clients.start_soon(client.get, "/x/slow?ms=300")
+                await upstream.wait_requests(1)  # the one slot is taken
+                refused = await client.get("/x/ok")
+            assert refused.status_code == 503 and refused.json()["cause"] == "shed"
+            after = metric_total((await admin.get("/metrics")).text,
+                                 "gateway_shed_total", where="upstream")
+            assert after == before + 1
+        nursery.cancel_scope.cancel()
