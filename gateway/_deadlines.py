@@ -47,7 +47,8 @@ def parse_deadline_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -
         raise BadRequest(
             f"{name.decode()} must be a whole number of milliseconds, got {text[:32]!r}")
     # Too many digits is too large, and int() refuses more than 4,300 of them.
-    millis = int(text) if len(text) <= len(str(_MAX_HEADER_MS)) else _MAX_HEADER_MS + 1
+    digits = text.lstrip(b"0") or b"0"
+    millis = int(digits) if len(digits) <= len(str(_MAX_HEADER_MS)) else _MAX_HEADER_MS + 1
     if millis > _MAX_HEADER_MS:
         raise BadRequest(f"{name.decode()} must be at most {_MAX_HEADER_MS} ms")
     return millis / 1000

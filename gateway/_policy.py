@@ -93,7 +93,7 @@ class LimitsPolicy(_Model):
     max_uri_bytes: int = Field(8192, ge=64, description="Longer request target → 414.")
     max_body: ByteSize = Field(16 * 1024**2, description="Default body cap per route → 413.")
     max_upstream_header_bytes: ByteSize = Field(
-        64 * 1024, ge=1024, description="An upstream answering larger headers → 502.")
+        64 * 1024, ge=1, description="An upstream answering larger headers → 502.")
     body_timeout: Duration = Field(60.0, description="A request body slower than this is cut.")
     response_timeout: Duration = Field(
         3600.0, description="Longest an admin response may stream before it is cut "
@@ -263,7 +263,7 @@ class UpstreamPolicy(_Model):
         # What the upstream pool will parse, checked here so a policy that passes
         # ``check`` also starts (and reloads).
         parts = urlsplit(value)
-        if not parts.hostname or not re.fullmatch(r"[A-Za-z0-9.-]+", parts.hostname):
+        if not parts.hostname or not re.fullmatch(r"[A-Za-z0-9._-]+", parts.hostname):
             raise ValueError(f"{value!r}: the host must be an ASCII name or an IPv4 address")
         try:
             port = parts.port
@@ -555,8 +555,8 @@ def _covers(general: list[str], specific: list[str]) -> bool:
         other = specific[position]
         if match:
             other_match = _PARAM_RE.fullmatch(other)
-            if other_match and other_match[2]:
-                return False  # a tail matches more than one segment
+            if (other_match and other_match[2]) or other == "":
+                return False  # a tail matches more segments; a {param} never an empty one
             continue
         if other != piece:
             return False

@@ -41,8 +41,11 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 access_log = logging.getLogger("gateway.access")
-#: Body chunks the relay holds for a handler that is not reading (about 1 MiB at most).
-RELAY_CHUNKS = 16
+#: Body chunks the relay holds for a handler that is not reading (at most 256 KiB, on
+#: top of Hypercorn's own queue): enough for most API bodies, so that a client leaving
+#: while its request waits is still seen; a larger unread body is held back by TCP
+#: flow control, and its request ends at its deadline or body timeout.
+RELAY_CHUNKS = 4
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 

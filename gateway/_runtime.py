@@ -66,8 +66,8 @@ def _upstream_retry_policy(policy: Policy, upstream: UpstreamPolicy) -> RetryPol
 
 def _connection_identity(policy: Policy, upstream: UpstreamPolicy) -> tuple[Any, ...]:
     """What, when changed, needs a new pool (limits alone are resized in place)."""
-    return (upstream.url, upstream.pool, upstream.postgres,
-            policy.server.limits.max_upstream_header_bytes)
+    header_limit = policy.server.limits.max_upstream_header_bytes if upstream.url else None
+    return (upstream.url, upstream.pool, upstream.postgres, header_limit)
 
 
 @dataclass

@@ -18,6 +18,9 @@ def test_header_parsing():
     assert parse_deadline_header([], H) is None
     assert parse_deadline_header([(H, b"250")], H) == 0.25
     assert parse_deadline_header([(H, b"250"), (H, b"250")], H) == 0.25
+    assert parse_deadline_header([(H, b"000000000250")], H) == 0.25  # zeros are no size
+    with pytest.raises(BadRequest):
+        parse_deadline_header([(H, b"9" * 5000)], H)  # past int()'s digit limit: a 400
     for bad in (b"-1", b"abc", b"1.5", b"", b"99999999999"):
         with pytest.raises(BadRequest):
             parse_deadline_header([(H, bad)], H)

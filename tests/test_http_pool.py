@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
 from functools import partial
 
 import h11
@@ -1095,3 +1098,53 @@ async def test_bytes_body_gets_content_length(nursery):
         assert await response.read() == b"ok"
     data = await captured.receive()
     assert data.endswith(b"content-length: 11\r\n\r\nhello world")
+
+
+async def test_streamed_uploads_reuse_their_connection_on_a_busy_loop():
+    """The end of an upload may be in the socket before its task has returned from the
+    write; an upstream answering in that gap (here one outside the event loop, while
+    other work keeps the loop busy) must not cost the connection."""
+
+    def answer_each_upload(conn: socket.socket) -> None:
+        received = b""
+        with conn:
+            while True:
+                while b"0\r\n\r\n" not in received:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    received += data
+                received = received.split(b"0\r\n\r\n", 1)[1]
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        with suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                threading.Thread(target=answer_each_upload, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    pool = HttpUpstreamPool("files", f"http://127.0.0.1:{listener.getsockname()[1]}")
+
+    async def other_work() -> None:
+        while True:
+            # The loop is held up (other requests' work) while the upstream thread, not
+            # needing the GIL meanwhile, answers: the window the race needs.
+            time.sleep(0.0005)  # noqa: ASYNC251
+            await trio.lowlevel.checkpoint()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"x" * 100
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_work)
+            for _ in range(100):
+                async with pool.request("POST", "/upload", [], body()) as response:
+                    assert await response.read() == b"ok"
+            nursery.cancel_scope.cancel()
+    finally:
+        listener.close()
+    assert pool.statistics().opened_total == 1

@@ -541,7 +541,7 @@ class HttpUpstreamPool:
                                 # Closing wakes the old upload task if it is mid-write.
                                 conn = await self._reconnect(stale)
                         yield response
-                        reusable = response._reusable() and upload.written
+                        reusable = response._reusable()
                     except BaseException as exc:
                         caught = exc
                     finally:
@@ -556,7 +556,9 @@ class HttpUpstreamPool:
                     caught = _first_leaf(cancelled)
         finally:
             if conn is not None:
-                self._release(conn, reusable)
+                # Read once the upload task has ended: its last write may have been in
+                # the socket while it had not yet returned when the answer was read.
+                self._release(conn, reusable and upload is not None and upload.written)
         if (
             upload is not None
             and upload.error is not None
