@@ -39,6 +39,10 @@ _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
+#: Methods whose HTTP/2 requests are read for a body even without a Content-Length.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
 class BodyFraming(NamedTuple):
     """How a request head that passed announces its body (RFC 9112 §6.3)."""
 
@@ -98,7 +102,10 @@ def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> BodyFr
             raise BadRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request")
         return BodyFraming(True, None)
     if not content_lengths:
-        return BodyFraming(False, None)
+        # HTTP/2 frames a body by DATA frames that no header announces: a method that
+        # carries a body is taken to have one (an empty one is relayed as empty).
+        return BodyFraming(scope.get("http_version") not in ("1.0", "1.1")
+                           and scope.get("method") in _BODY_METHODS, None)
     length = int(content_length) if content_length.isdigit() else None
     return BodyFraming(content_length.strip() != b"0", length)
 

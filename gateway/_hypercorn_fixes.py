@@ -54,14 +54,18 @@ import time
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import Any
 from wsgiref.handlers import format_date_time as _format_date_time
 
+import h2.events
+import h2.exceptions
 import hypercorn.config
 import hypercorn.trio.run
 import trio
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import Request, StreamClosed
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
@@ -257,6 +261,26 @@ def apply() -> None:
                     await self.idle_task.stop()
 
     TCPServer._read_data = _read_data  # type: ignore[method-assign]
+
+    original_h2_events: Callable[[Any, list[Any]], Awaitable[None]] = (
+        H2Protocol._handle_events)
+
+    async def _handle_h2_events(self: Any, events: list[Any]) -> None:
+        # A client may go on sending DATA on a stream already answered (a 413 before
+        # the body, a shed upload); Hypercorn looks the stream up and its KeyError ends
+        # the worker. Such data is dropped, its flow-control credit given back.
+        if not any(type(event) is h2.events.DataReceived for event in events):
+            await original_h2_events(self, events)
+            return
+        for event in events:  # one at a time: an earlier event may close the stream
+            if type(event) is h2.events.DataReceived and event.stream_id not in self.streams:
+                with suppress(h2.exceptions.H2Error):
+                    self.connection.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id)
+                continue
+            await original_h2_events(self, [event])
+
+    H2Protocol._handle_events = _handle_h2_events  # type: ignore[method-assign]
     hypercorn.trio.run.trio = _TrioWithBatchAccept("trio")  # type: ignore[attr-defined]
     _applied = True
 

@@ -72,3 +72,44 @@ async def test_http2_stream_reset_cancels_the_upstream():
             assert await client.response_status(await client.get("/api/users/6")) == 200
             await client.stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_data_on_an_answered_stream_is_dropped_and_the_connection_serves_on():
+    """A client may go on sending a body the gateway already refused (413 on its
+    Content-Length); those DATA frames must not end the worker."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = proxy_policy(upstream.url).replace("    deadline: 10s\n",
+                                                    "    deadline: 10s\n    max_body: 1KiB\n")
+        async with run_gateway(policy) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            refused = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(refused, [(":method", "POST"), (":path", "/api/ok"),
+                                               (":scheme", "http"), (":authority", "gw"),
+                                               ("content-length", "100000")])
+            await client.flush()
+            with trio.fail_after(5):
+                assert await client.response_status(refused) == 413
+            client.conn.send_data(refused, b"x" * 1000)
+            await client.flush()
+            with trio.fail_after(5):
+                assert await client.response_status(await client.get("/api/ok")) == 200
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_http2_body_without_content_length_reaches_the_upstream():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            stream_id = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(stream_id, [(":method", "POST"), (":path", "/api/ok"),
+                                                 (":scheme", "http"), (":authority", "gw")])
+            client.conn.send_data(stream_id, b"hello world", end_stream=True)
+            await client.flush()
+            with trio.fail_after(5):
+                assert await client.response_status(stream_id) == 200
+            assert upstream.requests[-1].body == b"hello world"
+        nursery.cancel_scope.cancel()
