@@ -44,7 +44,7 @@ class Metrics:
                             ["where"])
         self.breaker_state = Gauge(
             "gateway_circuit_state", "Circuit breaker state (0 closed, 1 half-open, 2 open)",
-            ["upstream"], multiprocess_mode="max")
+            ["upstream"], multiprocess_mode="livemax")
         self.breaker_transitions = Counter(
             "gateway_circuit_transitions_total", "Circuit breaker transitions, by new state",
             ["upstream", "state"])
@@ -56,7 +56,7 @@ class Metrics:
                               ["upstream", "result"])
         self.loop_lag = Gauge("gateway_event_loop_lag_seconds",
                               "How late the worker's event loop wakes tasks (smoothed)",
-                              multiprocess_mode="max")
+                              multiprocess_mode="livemax")
         self.pool_connections = Gauge(
             "gateway_upstream_connections",
             "Upstream pool connections, by upstream and state (active, idle, waiting)",

@@ -1,15 +1,17 @@
 """Running the gateway under Hypercorn: config checks, process limits, workers, signals.
 
-``serve`` is Hypercorn's own multi-process runner with three fixes a gateway needs:
-unknown keys in ``hypercorn.toml`` are errors (Hypercorn stores a typo silently), the
-admin bind is added next to the public binds with its real port known before workers
-start, and workers ignore SIGTERM so that a terminating master lets them drain
-through Hypercorn's shutdown event instead of dropping in-flight requests.
+``serve`` runs Hypercorn's trio workers with what a gateway needs on top: unknown keys
+in ``hypercorn.toml`` are errors (Hypercorn stores a typo silently), the admin bind is
+added next to the public binds with its real port known before workers start, workers
+ignore SIGTERM so that a terminating master lets them drain through Hypercorn's
+shutdown event instead of dropping in-flight requests, and the master replaces a
+worker that dies (:mod:`gateway._supervisor`) instead of stopping the server.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import multiprocessing
 import os
@@ -23,9 +25,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import trio
 from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import trio_worker, worker_serve
+from hypercorn.utils import load_application, write_pid_file
 
 from ._logging import configure_logging
+from ._supervisor import Supervisor
 
 log = logging.getLogger("gateway.server")
 
@@ -93,6 +99,9 @@ def load_hypercorn_config(path: str | os.PathLike[str] | None) -> GatewayConfig:
         # The request path reads header names as ASGI servers give them, lower-cased.
         raise HypercornConfigError(f"{path}: h11_pass_raw_headers: the gateway needs "
                                    "lower-cased header names; remove the setting")
+    if config.use_reloader:
+        raise HypercornConfigError(f"{path}: use_reloader: not supported; the gateway "
+                                   "reloads its policy on SIGHUP")
     config.application_path = APPLICATION_PATH
     if "errorlog" not in mapping:
         # Hypercorn's default writes to stderr synchronously; ours goes through a queue.
@@ -132,11 +141,10 @@ def bound_ports(sockets: Sockets) -> list[tuple[str, int]]:
 
 def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None = None,
           workers: int | None = None, public_bind: list[str] | None = None) -> int:
-    """Run Hypercorn with the gateway app; returns Hypercorn's exit code."""
-    from hypercorn import run as hypercorn_run
-    from hypercorn.run import run
-
+    """Run Hypercorn with the gateway app until stopped; returns the exit code."""
     from ._policy_loader import load_policy_file
+
+    configure_logging()
 
     loaded = load_policy_file(policy_file)  # fail before binding anything
     config = load_hypercorn_config(config_path)
@@ -162,9 +170,15 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
     admin_urls = ", ".join(f"http://{h}:{p}" for h, p in addresses[public_count:])
     print(f"gateway: policy {loaded.file} ({loaded.version}), {config.workers} worker(s)\n"
           f"gateway: serving {public}\ngateway: admin {admin_urls}", flush=True)
-    hypercorn_run.signal = _MasterSignals()  # type: ignore[assignment,attr-defined]
     try:
-        return run(config)
+        if config.workers == 0:
+            return serve_in_process(config, sockets)
+        if config.pid_path is not None:
+            write_pid_file(config.pid_path)
+        supervisor = Supervisor(config.workers, trio_worker,
+                                {"config": config, "sockets": sockets},
+                                on_worker_exit=forget_worker_gauges)
+        return supervisor.run()  # returns once every worker has ended
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -172,28 +186,31 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
             sock.close()
 
 
-def _forward_sighup(signum: int, frame: object) -> None:
-    for child in multiprocessing.active_children():
-        if child.pid is not None:
-            os.kill(child.pid, signal.SIGHUP)
+def serve_in_process(config: Config, sockets: Sockets) -> int:
+    """``workers = 0``: serve in this process, draining on SIGTERM or SIGINT.
+
+    Hypercorn's runner installs no shutdown trigger here, so SIGTERM would end the
+    process with its requests in flight."""
+    for sock in [*sockets.insecure_sockets, *sockets.secure_sockets]:
+        sock.listen(config.backlog)
+    app = load_application(config.application_path, config.wsgi_max_body_size)
+    trio.run(functools.partial(worker_serve, app, config, sockets=sockets,
+                               shutdown_trigger=_stop_signal))
+    return 0
 
 
-class _MasterSignals:
-    """The ``signal`` module as Hypercorn's master loop sees it, with SIGHUP changed.
+async def _stop_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            return
 
-    Hypercorn's master restarts every worker on SIGHUP, and a worker that cannot load
-    a bad policy then stops the whole server. The gateway reloads its policy inside
-    each worker instead (atomically, keeping the old one on error), so the master only
-    forwards SIGHUP to its workers.
-    """
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(signal, name)
+def forget_worker_gauges(pid: int) -> None:
+    """Drop a dead worker's live gauges (in flight, pool sizes) from the shared scrape."""
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import multiprocess
 
-    def signal(self, signum: int, handler: Any) -> Any:
-        if signum == signal.SIGHUP:
-            handler = _forward_sighup
-        return signal.signal(signum, handler)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def prepare_worker_process() -> None:

@@ -26,11 +26,16 @@ class ServedGateway:
     output: list[str]
 
     def worker_pids(self) -> list[int]:
+        """The master's children that serve (not multiprocessing's resource tracker)."""
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        workers = []
         try:
-            return [int(p) for p in children.read_text().split()]
-        except OSError:
-            return []
+            for pid in children.read_text().split():
+                if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    workers.append(int(pid))
+        except OSError:  # the master or a child has just ended
+            pass
+        return workers
 
     def signal_master(self, signum: int) -> None:
         self.process.send_signal(signum)

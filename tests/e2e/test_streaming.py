@@ -15,7 +15,7 @@ import httpx
 import trio
 import trio.lowlevel
 
-from tests.process_harness import ServedGateway, serve_process
+from tests.process_harness import serve_process
 from tests.upstream import BODY_KEEP_LIMIT, DOWNLOAD_PATTERN, Responder, SeenRequest, start_upstream
 
 MiB = 1024 * 1024
@@ -47,17 +47,6 @@ async def counting(request: SeenRequest, respond: Responder) -> None:
         "content_length": request.header("content-length"),
         "transfer_encoding": request.header("transfer-encoding"),
     })
-
-
-def hypercorn_workers(served: ServedGateway) -> list[int]:
-    """The master's children that serve: ``worker_pids()`` also lists the resource
-    tracker multiprocessing starts beside them."""
-    workers = []
-    for pid in served.worker_pids():
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        if b"resource_tracker" not in cmdline:
-            workers.append(pid)
-    return workers
 
 
 def peak_rss_kb(pid: int) -> int:
@@ -114,7 +103,7 @@ async def test_200_mib_each_way_with_flat_worker_memory(tmp_path: Path):
         policy = tmp_path / "policy.yaml"
         policy.write_text(POLICY.format(url=upstream.url))
         with serve_process(policy, workers=1) as served:
-            (worker,) = hypercorn_workers(served)
+            (worker,) = served.worker_pids()
             async with httpx.AsyncClient(base_url=served.url, timeout=30) as client:
                 # Warm up both directions, so that what is allocated once is counted
                 # before the baseline and what grows with the body size after it.

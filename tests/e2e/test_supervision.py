@@ -1,0 +1,133 @@
+"""The master keeps the gateway serving when a worker dies, stops when workers keep
+dying, and every way of stopping it drains in-flight requests and exits 0."""
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from gateway import _supervisor
+from gateway._supervisor import Supervisor, describe_exit
+from tests.metrics import metric_total
+from tests.process_harness import ServedGateway, serve_process
+from tests.upstream import proxy_policy, start_upstream
+
+
+async def _wait_for_workers(served: ServedGateway, count: int, gone: set[int]) -> list[int]:
+    with trio.fail_after(30):
+        while True:
+            pids = served.worker_pids()
+            if len(pids) == count and not gone & set(pids):
+                return pids
+            await trio.sleep(0.05)
+
+
+def _metrics_dir(pid: int) -> str:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    values = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")]
+    return values[0].decode()
+
+
+def _any_exists(paths: list[str]) -> bool:
+    return any(Path(path).exists() for path in paths)
+
+
+async def test_killed_workers_are_replaced_and_their_gauges_forgotten(tmp_path: Path):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url))
+        with serve_process(policy, workers=2) as served:
+            first = await _wait_for_workers(served, 2, set())
+            metrics_dir = _metrics_dir(first[0])
+            results: list[int | str] = []
+
+            async def stalled() -> None:
+                async with httpx.AsyncClient(timeout=30) as fresh:
+                    try:
+                        results.append((await fresh.get(served.url + "/api/stall")).status_code)
+                    except httpx.TransportError as error:
+                        results.append(type(error).__name__)
+
+            async with trio.open_nursery() as clients:
+                for _ in range(6):
+                    clients.start_soon(stalled)
+                await upstream.wait_for(lambda: upstream.in_flight >= 6)
+                async with httpx.AsyncClient(timeout=5) as admin:
+                    with trio.fail_after(10):  # gauges are written once a second
+                        while metric_total((await admin.get(served.admin_url + "/metrics")).text,
+                                           "gateway_upstream_in_flight") < 6:
+                            await trio.sleep(0.1)
+                for pid in first:
+                    os.kill(pid, signal.SIGKILL)
+            # The clients of the killed workers saw their connections end.
+            assert len(results) == 6 and 200 not in results
+
+            second = await _wait_for_workers(served, 2, set(first))
+            assert served.process.poll() is None
+            async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+                for index in range(10):
+                    assert (await client.get(f"/api/users/{index}")).status_code == 200
+            async with httpx.AsyncClient(timeout=5) as admin:
+                metrics = (await admin.get(served.admin_url + "/metrics")).text
+            # The dead workers' in-flight calls are not counted as still running.
+            assert metric_total(metrics, "gateway_upstream_in_flight") == 0
+            output = "".join(served.output)
+            for pid in first:
+                assert f"worker {pid} ended with signal SIGKILL; starting another" in output
+
+            served.signal_master(signal.SIGTERM)
+            code = await trio.to_thread.run_sync(served.process.wait, 20)
+            assert code == 0, output
+            assert not _any_exists([*(f"/proc/{pid}" for pid in second), metrics_dir])
+        nursery.cancel_scope.cancel()
+
+
+async def test_sigterm_with_no_worker_processes_drains_in_flight_requests(tmp_path: Path):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url))
+        with serve_process(policy, workers=0) as served:
+            assert served.worker_pids() == []
+            results: list[int] = []
+            async with httpx.AsyncClient(base_url=served.url, timeout=20) as client:
+
+                async def slow() -> None:
+                    results.append((await client.get("/api/slow?ms=1500")).status_code)
+
+                async with trio.open_nursery() as clients:
+                    for _ in range(3):
+                        clients.start_soon(slow)
+                    await upstream.wait_requests(3)
+                    served.signal_master(signal.SIGTERM)
+            code = await trio.to_thread.run_sync(served.process.wait, 20)
+        assert results == [200, 200, 200]
+        assert upstream.cancelled == []
+        assert code == 0, "".join(served.output)
+        nursery.cancel_scope.cancel()
+
+
+def _exit_with_3(shutdown_event: object) -> None:
+    sys.exit(3)
+
+
+def test_a_worker_that_keeps_dying_stops_the_master(caplog: pytest.LogCaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(_supervisor, "RESTART_LIMIT", 3)
+    with caplog.at_level(logging.ERROR, logger="gateway.server"):
+        code = Supervisor(2, _exit_with_3, {}).run()
+    assert code == 1
+    assert "3 workers ended abnormally within 60 s: stopping the gateway (last: exit code 3)" \
+        in caplog.text
+
+
+def test_exits_are_described_by_code_or_signal():
+    assert describe_exit(3) == "exit code 3"
+    assert describe_exit(-9) == "signal SIGKILL"
+    assert describe_exit(None) == "still running"
