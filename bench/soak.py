@@ -209,7 +209,7 @@ def main() -> int:
             config = Path(work) / "hypercorn.toml"
             config.write_text(
                 f'worker_class = "trio"\ngraceful_timeout = 5\n'
-                f"keep_alive_timeout = {KEEP_ALIVE_S}\nread_timeout = 2\n"
+                f"keep_alive_timeout = {KEEP_ALIVE_S}\n"
             )
             with serve_process(policy, config=config) as served:
                 port = int(served.url.rsplit(":", 1)[1])

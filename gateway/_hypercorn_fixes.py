@@ -15,10 +15,14 @@ Races:
   descriptors pile up (hypercorn#106). Ending the idle timer once the read side ends
   lets the connection finish at once; a response still being written is waited for.
 
-Setting:
+Settings:
 
 * Connections are accepted one per scheduler pass; ``server.accept_batch`` lets a
   listener take more per wake-up (:class:`BatchAcceptListener`).
+* A write to a client ran without any bound, shielded from cancellation: a client that
+  stopped reading held its request, its upstream work and the worker's graceful
+  shutdown forever. ``server.send_timeout`` bounds each write (:func:`send_bounded`);
+  past it the connection is dropped, which cancels the request's work.
 
 Costs (measured together with ``bench.overhead --feature worker``; the environment
 variable ``GATEWAY_WORKER=stock`` leaves them out, for that comparison):
@@ -48,6 +52,7 @@ variable ``GATEWAY_WORKER=stock`` leaves them out, for that comparison):
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -75,9 +80,13 @@ from hypercorn.trio.tcp_server import TCPServer
 #: ``extension["closed"]`` is true once the stream has closed, callback or not.
 DISCONNECT_EXTENSION = "gateway.stream_close_callback"
 
+log = logging.getLogger("gateway.server")
+
 _applied = False
 #: Most connections a listener takes per wake-up (``server.accept_batch`` of the policy).
 _accept_batch = 1
+#: Longest one write to a client may wait (``server.send_timeout`` of the policy).
+_send_timeout = 30.0
 
 
 #: The second :func:`http_date` last formatted, and its text.
@@ -100,6 +109,32 @@ def set_accept_batch(batch: int) -> None:
     """Set how many queued connections a listener takes per wake-up (from now on)."""
     global _accept_batch
     _accept_batch = batch
+
+
+def set_send_timeout(seconds: float) -> None:
+    """Set how long one write may wait for its client to take it (from now on)."""
+    global _send_timeout
+    _send_timeout = seconds
+
+
+async def send_bounded(server: Any, data: bytes) -> None:
+    """Hypercorn's write of ``data`` (under the connection's send lock, shielded so that
+    a cancelled request never leaves half a frame on the wire), given up after
+    ``server.send_timeout``: the connection is then closed and its streams told so."""
+    async with server.send_lock:
+        try:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + _send_timeout
+                await server.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await server.protocol.handle(Closed())
+            return
+        if scope.cancelled_caught:
+            log.info("a client took none of %d bytes within send_timeout (%.3g s): "
+                     "closing its connection", len(data), _send_timeout)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(server.stream)
+                await server.protocol.handle(Closed())
 
 
 class IdleTimer:
@@ -233,6 +268,15 @@ def apply() -> None:
     global _applied
     if _applied:
         return
+    stock_send: Callable[[Any, Event], Awaitable[None]] = TCPServer.protocol_send
+
+    async def protocol_send_bounded(self: Any, event: Event) -> None:
+        if type(event) is RawData:
+            await send_bounded(self, event.data)
+        else:
+            await stock_send(self, event)
+
+    TCPServer.protocol_send = protocol_send_bounded  # type: ignore[method-assign]
     if os.environ.get("GATEWAY_WORKER") != "stock":
         _apply_cost_changes()
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._breaker import CircuitBreaker
-from ._hypercorn_fixes import set_accept_batch
+from ._hypercorn_fixes import set_accept_batch, set_send_timeout
 from ._limits import InflightGate, LoopLagMonitor, UpstreamLimiter
 from ._metrics import METRICS
 from ._policy import CallSettings, Policy, RetryPolicy, UpstreamPolicy
@@ -100,6 +100,7 @@ class Runtime:
         policy = loaded.policy
         self.gate = InflightGate(policy.server.max_inflight)
         set_accept_batch(policy.server.accept_batch)
+        set_send_timeout(policy.server.send_timeout)
         self.loop_lag = LoopLagMonitor()
         self.traces = TraceBuffer(policy.server.trace_buffer if policy.server.tracing else 0)
         self.snapshot = self._build(loaded, {})
@@ -188,6 +189,7 @@ class Runtime:
         policy = new.policy
         self.gate.limit = policy.server.max_inflight
         set_accept_batch(policy.server.accept_batch)
+        set_send_timeout(policy.server.send_timeout)
         self.traces.resize(policy.server.trace_buffer if policy.server.tracing else 0)
         self.snapshot = new
         self.reloads += 1

@@ -99,6 +99,13 @@ def load_hypercorn_config(path: str | os.PathLike[str] | None) -> GatewayConfig:
         # The request path reads header names as ASGI servers give them, lower-cased.
         raise HypercornConfigError(f"{path}: h11_pass_raw_headers: the gateway needs "
                                    "lower-cased header names; remove the setting")
+    if config.read_timeout is not None:
+        # Hypercorn applies it to every read, also while a client waits for its answer:
+        # a request slower than it was cut and counted as the client leaving.
+        raise HypercornConfigError(
+            f"{path}: read_timeout: not supported; it cuts requests whose answer takes "
+            "longer. A request head is bounded by keep_alive_timeout, a body by the "
+            "policy's server.limits.body_timeout")
     if config.use_reloader:
         raise HypercornConfigError(f"{path}: use_reloader: not supported; the gateway "
                                    "reloads its policy on SIGHUP")

@@ -44,8 +44,8 @@ class RunningGateway:
 async def run_gateway(policy_text: str, *, policy_path: Path | None = None,
                       graceful_timeout: float = 3.0,
                       watch_policy: bool = False,
-                      poll_interval_s: float = 0.02, keep_alive_timeout: float = 30.0,
-                      read_timeout: float | None = None) -> AsyncIterator[RunningGateway]:
+                      poll_interval_s: float = 0.02,
+                      keep_alive_timeout: float = 30.0) -> AsyncIterator[RunningGateway]:
     """Serve ``policy_text`` until the block ends; then shut down gracefully."""
     if policy_path is not None:
         await trio.Path(policy_path).write_text(policy_text)
@@ -60,7 +60,6 @@ async def run_gateway(policy_text: str, *, policy_path: Path | None = None,
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = keep_alive_timeout
-    config.read_timeout = read_timeout
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
 

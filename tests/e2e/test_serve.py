@@ -35,6 +35,14 @@ def test_raw_header_names_are_refused(tmp_path: Path):
         load_hypercorn_config(path)
 
 
+def test_read_timeout_is_refused(tmp_path: Path):
+    # Hypercorn applies it while a client waits for its answer: a slower answer was cut.
+    path = tmp_path / "hypercorn.toml"
+    path.write_text('worker_class = "trio"\nread_timeout = 30\n')
+    with pytest.raises(HypercornConfigError, match="read_timeout: not supported"):
+        load_hypercorn_config(path)
+
+
 @pytest.mark.parametrize("target", ["master", "group"])
 async def test_sigterm_with_two_workers_drains_in_flight_requests(tmp_path: Path, target: str):
     async with trio.open_nursery() as nursery:

@@ -2,20 +2,21 @@
 timeouts, and a thousand such connections do not stop normal requests being answered.
 
 Hypercorn bounds a request head by ``keep_alive_timeout`` (the connection counts as idle
-until the head is complete) and every single read by ``read_timeout``; a client that
-trickles a byte now and then passes ``read_timeout`` forever. Once the head is in, the
-body is bounded only by the gateway: ``server.limits.body_timeout``.
+until the head is complete). Once the head is in, the body is bounded by the gateway:
+``server.limits.body_timeout``; an answer the client stops reading, by
+``server.send_timeout``.
 """
 
 import resource
 
 import trio
 
+from tests.gateway_harness import traces_with
 from tests.hostile import NORMAL, stage
 from tests.hostile.rawclient import connect, request_bytes
 
 #: Hypercorn timeouts short enough for a test; production sets them in hypercorn.toml.
-FAST_TIMEOUTS = {"keep_alive_timeout": 2, "read_timeout": 1}
+FAST_TIMEOUTS = {"keep_alive_timeout": 2}
 
 
 async def test_slowloris_head_is_cut():
@@ -62,6 +63,39 @@ async def test_trickled_body_is_cut_by_body_timeout():
         await s.settle()
         assert s.complete_since(0) == []
         await s.assert_serves()
+
+
+#: Far more than the socket buffers between the upstream and a client that stops reading.
+ENDLESS_DOWNLOAD = request_bytes("GET", "/api/long/download?bytes=4294967296")
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_work_cancelled():
+    async with stage(server="  send_timeout: 500ms\n") as s:
+        async with connect(s.port) as conn:
+            await conn.send(ENDLESS_DOWNLOAD)
+            await s.upstream.wait_for(lambda: s.upstream.in_flight >= 1)
+            # The client reads nothing; /api/long's deadline is 30 s.
+            await s.upstream.wait_cancelled(1)
+            assert await conn.wait_closed(timeout_s=5) in ("eof", "reset")
+        (trace,) = await traces_with(s.gw, route="/api/long/{rest*}")
+        assert trace.cause == "client_disconnect"
+        await s.settle()
+        await s.assert_serves()
+
+
+async def test_a_client_that_stops_reading_does_not_hold_up_shutdown():
+    with trio.fail_after(20):
+        async with stage(server="  send_timeout: 2s\n", graceful_timeout=1) as s:
+            conn_context = connect(s.port)
+            conn = await conn_context.__aenter__()
+            await conn.send(ENDLESS_DOWNLOAD)
+            await s.upstream.wait_for(lambda: s.upstream.in_flight >= 1)
+            started = trio.current_time()
+            s.gw.shutdown.set()
+        # The gateway has shut down with the client still connected and not reading.
+        elapsed = trio.current_time() - started
+        await conn_context.__aexit__(None, None, None)
+    assert elapsed < 1 + 2 + 2
 
 
 def raise_nofile_limit(needed: int) -> None:
