@@ -15,6 +15,7 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from ._metrics import render_metrics
+from ._trace_peers import gather
 
 if TYPE_CHECKING:
     from ._app import Gateway
@@ -34,8 +35,9 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
         if env is None:
             return None
         token = os.environ.get(env, "")
-        given = request.headers.get("authorization", "")
-        if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if not token or scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), token.encode()):
             response = jsonify({"error": "a valid bearer token is required",
                                 "cause": "unauthorized"})
             response.status_code = 401
@@ -92,16 +94,21 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
                     "cause": "bad_request"}, 400
         if limit < 1:
             return {"error": "limit must be at least 1", "cause": "bad_request"}, 400
-        found = gateway.runtime.traces.query(route=args.get("route"), cause=args.get("cause"),
-                                             status=status, min_ms=min_ms, limit=limit)
-        return {"traces": [t.to_json() for t in found]}
+        query = {"route": args.get("route"), "cause": args.get("cause"), "status": status,
+                 "min_ms": min_ms, "limit": limit}
+        found = await gather(gateway.runtime.traces, {"query": query})
+        return {"traces": found.traces[:limit], "unreachable_workers": found.unreachable}
 
     @app.get("/traces/<request_id>")
     async def trace(request_id: str) -> Any:
-        found = gateway.runtime.traces.get(request_id)
-        if found is None:
-            return {"error": f"no trace for request {request_id!r}", "cause": "not_found"}, 404
-        return found.to_json()
+        found = await gather(gateway.runtime.traces, {"get": request_id})
+        if not found.traces:
+            error = f"no trace for request {request_id!r}"
+            if found.unreachable:
+                error += f" (workers {found.unreachable} did not answer)"
+            return {"error": error, "cause": "not_found",
+                    "unreachable_workers": found.unreachable}, 404
+        return found.traces[0]
 
     @app.errorhandler(404)
     async def not_found(_: Exception) -> Any:

@@ -26,6 +26,7 @@ from ._policy_loader import LoadedPolicy, PolicyError, load_policy_file
 from ._proxy import proxy
 from ._request import Receive, RequestContext, Scope, Send, handle_request
 from ._runtime import Runtime
+from ._trace_peers import peer_dir, serve_peer_socket
 
 log = logging.getLogger("gateway")
 _hypercorn_fixes.apply()
@@ -99,6 +100,8 @@ class Gateway:
         nursery.start_soon(self.runtime.loop_lag.run)
         nursery.start_soon(run_full_collections)
         nursery.start_soon(refresh_gauges, self.runtime)
+        if (directory := peer_dir()) is not None:
+            await nursery.start(serve_peer_socket, lambda: self.runtime.traces, directory)
         if self.watch_policy:
             nursery.start_soon(self._watch_policy_file)
             nursery.start_soon(self._reload_on_sighup)

@@ -10,6 +10,7 @@ worker that dies (:mod:`gateway._supervisor`) instead of stopping the server.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import logging
@@ -32,6 +33,7 @@ from hypercorn.utils import load_application, write_pid_file
 
 from ._logging import configure_logging
 from ._supervisor import Supervisor
+from ._trace_peers import PEER_DIR_ENV, socket_path
 
 log = logging.getLogger("gateway.server")
 
@@ -169,10 +171,16 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
     admin_ports = {port for _, port in addresses[public_count:]}
     os.environ["GATEWAY_POLICY"] = str(Path(policy_file).resolve())
     os.environ["GATEWAY_ADMIN_PORTS"] = ",".join(str(p) for p in sorted(admin_ports))
-    metrics_dir = None
-    if config.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    run_dir = None
+    if config.workers > 1:
+        # Shared by the workers: their trace sockets, and their metrics unless the
+        # operator names a directory for those.
+        run_dir = tempfile.mkdtemp(prefix="gateway-run-")
+        os.environ[PEER_DIR_ENV] = run_dir
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            metrics_dir = os.path.join(run_dir, "metrics")
+            os.mkdir(metrics_dir)
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     public = ", ".join(f"http://{h}:{p}" for h, p in addresses[:public_count])
     admin_urls = ", ".join(f"http://{h}:{p}" for h, p in addresses[public_count:])
     print(f"gateway: policy {loaded.file} ({loaded.version}), {config.workers} worker(s)\n"
@@ -184,11 +192,11 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
             write_pid_file(config.pid_path)
         supervisor = Supervisor(config.workers, trio_worker,
                                 {"config": config, "sockets": sockets},
-                                on_worker_exit=forget_worker_gauges)
+                                on_worker_exit=forget_worker)
         return supervisor.run()  # returns once every worker has ended
     finally:
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
         for sock in [*sockets.insecure_sockets, *sockets.secure_sockets]:
             sock.close()
 
@@ -212,12 +220,17 @@ async def _stop_signal() -> None:
             return
 
 
-def forget_worker_gauges(pid: int) -> None:
-    """Drop a dead worker's live gauges (in flight, pool sizes) from the shared scrape."""
+def forget_worker(pid: int) -> None:
+    """Drop what an ended worker shared: its live gauges (in flight, pool sizes) from
+    the metrics scrape, and its trace socket."""
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    directory = os.environ.get(PEER_DIR_ENV)
+    if directory:
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path(directory, pid))
 
 
 def prepare_worker_process() -> None:

@@ -101,8 +101,11 @@ async def _follow(admin: str, cause: str | None, route: str | None, status: int 
         while True:
             response = await client.get("/traces", params=params)
             response.raise_for_status()
-            fresh = [t for t in reversed(response.json()["traces"])
-                     if t["request_id"] not in seen]
+            body = response.json()
+            if body.get("unreachable_workers"):
+                Console(stderr=True).print(f"warning: workers {body['unreachable_workers']} "
+                                           "did not answer; their traces are missing")
+            fresh = [t for t in reversed(body["traces"]) if t["request_id"] not in seen]
             for trace in fresh:
                 seen[trace["request_id"]] = None
                 console.print(render_trace(trace))

@@ -1,6 +1,8 @@
 """The core claims with `workers = 2`: deadline, disconnect, shedding, and one metrics
 scrape that sums both workers."""
 
+import os
+import signal
 from pathlib import Path
 
 import httpx
@@ -75,4 +77,46 @@ async def test_core_claims_hold_with_two_workers(tmp_path: Path):
             assert metric_total(metrics, "gateway_cancellations_total", cause="deadline") >= 1
             assert metric_total(metrics, "gateway_cancellations_total",
                          cause="client_disconnect") >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_any_worker_finds_the_traces_of_every_worker(tmp_path: Path):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY.format(url=upstream.url))
+        with serve_process(policy, workers=2) as served:
+            ids: list[str] = []
+            pids: set[int] = set()
+            async with httpx.AsyncClient(base_url=served.admin_url, timeout=10) as admin:
+                # Fresh connections until both workers have served some (the kernel
+                # picks the worker that accepts).
+                while len(pids) < 2 and len(ids) < 200:
+                    for index in range(10):
+                        async with httpx.AsyncClient(timeout=10) as fresh:
+                            response = await fresh.get(f"{served.url}/long/users/{index}")
+                            ids.append(response.headers["x-request-id"])
+                    for _ in range(3):  # each scrape reaches either worker
+                        body = (await admin.get("/traces", params={"limit": 1000})).json()
+                        assert sorted(t["request_id"] for t in body["traces"]) == sorted(ids)
+                        assert body["unreachable_workers"] == []
+                        pids |= {t["worker_pid"] for t in body["traces"]}
+                assert pids == set(served.worker_pids())
+                for request_id in ids:
+                    found = await admin.get(f"/traces/{request_id}")
+                    assert found.status_code == 200
+                    assert found.json()["request_id"] == request_id
+
+            # A worker that cannot answer is named, and the others' traces still come.
+            # (A fresh connection: a stopped worker accepts none.)
+            stopped = served.worker_pids()[0]
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                async with httpx.AsyncClient(timeout=10) as fresh:
+                    body = (await fresh.get(served.admin_url + "/traces",
+                                            params={"limit": 1000})).json()
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+            assert body["unreachable_workers"] == [stopped]
+            assert {t["worker_pid"] for t in body["traces"]} == pids - {stopped}
         nursery.cancel_scope.cancel()

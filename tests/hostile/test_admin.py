@@ -39,6 +39,9 @@ async def test_admin_token_is_required(admin_token):
                 assert basic.status_code == 401, path
                 good = await admin.get(path, headers={"authorization": f"Bearer {admin_token}"})
                 assert good.status_code == 200, path
+                # The scheme is case-insensitive (RFC 9110, 11.1).
+                lower = await admin.get(path, headers={"authorization": f"bearer {admin_token}"})
+                assert lower.status_code == 200, path
             denied = await admin.get("/healthz")
             assert denied.headers["www-authenticate"] == "Bearer"
             assert admin_token not in denied.text
