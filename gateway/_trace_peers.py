@@ -55,8 +55,16 @@ async def serve_peer_socket(traces: Callable[[], TraceBuffer], directory: str,
     """Answer siblings' trace questions until cancelled (for the life of the worker)."""
     path = socket_path(directory, os.getpid())
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(path)
-    sock.listen(16)
+    try:
+        await trio.Path(path).unlink(missing_ok=True)  # left by an earlier process
+        await sock.bind(path)
+        sock.listen(16)
+    except OSError as error:
+        # Serving matters more: this worker's traces are then only its own to show.
+        log.error("cannot listen for sibling workers' trace queries on %s: %s", path, error)
+        sock.close()
+        task_status.started()
+        return
     try:
         async with trio.open_nursery() as nursery:
             task_status.started()
