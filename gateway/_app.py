@@ -166,8 +166,14 @@ class Gateway:
                       loaded.file, error)
             return False
         # New PostgreSQL upstreams connect before the policy serves, so that its first
-        # requests do not find them missing.
-        await self._start_postgres(new.upstreams.values())
+        # requests do not find them missing. Until then nothing active has changed: a
+        # reload cut short (shutdown) closes what it built and leaves the policy as is.
+        try:
+            await self._start_postgres(new.upstreams.values())
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.runtime.discard(new)
+            raise
         old = self.runtime.activate(new)
         METRICS.reloads.labels("applied").inc()
         log.info("policy %s active (was %s)", loaded.version, old.loaded.version)

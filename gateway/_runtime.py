@@ -75,6 +75,8 @@ class Snapshot:
     loaded: LoadedPolicy
     routes: RouteTable
     upstreams: dict[str, UpstreamState]
+    #: Kept upstreams and the settings they take when this snapshot is activated.
+    pending: list[tuple[UpstreamState, UpstreamPolicy]] = field(default_factory=list)
     in_flight: int = 0
     drained: trio.Event = field(default_factory=trio.Event)
     _settings: dict[int, CallSettings] = field(default_factory=dict)
@@ -104,15 +106,16 @@ class Runtime:
         self.loop_lag = LoopLagMonitor()
         self.traces = TraceBuffer(policy.server.trace_buffer if policy.server.tracing else 0)
         self.snapshot = self._build(loaded, {})
+        self._take_up(self.snapshot)
         self.reloads = 0
         self.last_reload_error: str | None = None
 
     def _build(self, loaded: LoadedPolicy, previous: dict[str, UpstreamState]) -> Snapshot:
         """The snapshot of ``loaded``, reusing ``previous`` upstreams where it can.
 
-        Everything new is built first; upstreams kept from ``previous`` are changed in
-        place only once nothing more can fail, so a policy that cannot be built leaves
-        the active one exactly as it was.
+        Upstreams kept from ``previous`` are changed in place only by :meth:`activate`,
+        so a policy that cannot be built, or is built and never activated, leaves the
+        active one exactly as it was.
         """
         policy = loaded.policy
         upstreams: dict[str, UpstreamState] = {}
@@ -140,11 +143,7 @@ class Runtime:
                                               _pool_limits(policy, definition))
             upstreams[name] = state
         routes = RouteTable(policy.routes)
-        for old, definition in kept:
-            self._reconfigure(policy, old, definition)
-        for state in upstreams.values():
-            state.users += 1
-        return Snapshot(loaded, routes, upstreams)
+        return Snapshot(loaded, routes, upstreams, pending=kept)
 
     @staticmethod
     def _reconfigure(policy: Policy, old: UpstreamState, definition: UpstreamPolicy) -> None:
@@ -183,9 +182,23 @@ class Runtime:
         built, leaving the active one as it was)."""
         return self._build(loaded, self.snapshot.upstreams)
 
+    def _take_up(self, new: Snapshot) -> None:
+        for state, definition in new.pending:
+            self._reconfigure(new.policy, state, definition)
+        new.pending = []
+        for state in new.upstreams.values():
+            state.users += 1
+
+    async def discard(self, new: Snapshot) -> None:
+        """Close what a prepared snapshot built that the active one does not use."""
+        for name, state in new.upstreams.items():
+            if self.snapshot.upstreams.get(name) is not state:
+                await close_upstream(state)
+
     def activate(self, new: Snapshot) -> Snapshot:
         """Serve ``new`` from now on; return the old snapshot."""
         old = self.snapshot
+        self._take_up(new)
         policy = new.policy
         self.gate.limit = policy.server.max_inflight
         set_accept_batch(policy.server.accept_batch)

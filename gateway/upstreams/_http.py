@@ -448,6 +448,11 @@ class HttpUpstreamPool:
             f"queued | Connections: {s.active} active, {s.idle} idle]>"
         )
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` has been called: new requests are refused."""
+        return self._closed
+
     async def aclose(self) -> None:
         """Close idle connections; connections in use are closed when released.
 
