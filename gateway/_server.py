@@ -171,6 +171,8 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
     admin_ports = {port for _, port in addresses[public_count:]}
     os.environ["GATEWAY_POLICY"] = str(Path(policy_file).resolve())
     os.environ["GATEWAY_ADMIN_PORTS"] = ",".join(str(p) for p in sorted(admin_ports))
+    if operator_metrics_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        clear_metrics_dir(operator_metrics_dir)
     run_dir = None
     if config.workers > 1:
         # Shared by the workers: their trace sockets, and their metrics unless the
@@ -218,6 +220,19 @@ async def _stop_signal() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
             return
+
+
+def clear_metrics_dir(directory: str) -> None:
+    """Remove an earlier run's metric files from an operator's PROMETHEUS_MULTIPROC_DIR.
+
+    prometheus_client sums every ``*.db`` file it finds there, so an earlier run's files
+    would add its counts to this run's and keep its processes' gauges for ever."""
+    os.makedirs(directory, exist_ok=True)
+    stale = list(Path(directory).glob("*.db"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d metric files of an earlier run from %s", len(stale), directory)
 
 
 def forget_worker(pid: int) -> None:

@@ -135,3 +135,23 @@ def test_exits_are_described_by_code_or_signal():
     assert describe_exit(3) == "exit code 3"
     assert describe_exit(-9) == "signal SIGKILL"
     assert describe_exit(None) == "still running"
+
+
+async def test_an_earlier_runs_metrics_are_not_added_to_this_runs(tmp_path: Path):
+    metrics_dir = tmp_path / "metrics"
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url))
+        totals = []
+        for requests in (5, 2):
+            with serve_process(policy, workers=2, env=env) as served:
+                async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+                    for index in range(requests):
+                        assert (await client.get(f"/api/users/{index}")).status_code == 200
+                async with httpx.AsyncClient(timeout=5) as admin:
+                    metrics = (await admin.get(served.admin_url + "/metrics")).text
+                totals.append(metric_total(metrics, "gateway_requests_total", status="200"))
+        assert totals == [5, 2]
+        nursery.cancel_scope.cancel()
