@@ -15,6 +15,13 @@ Races:
   descriptors pile up (hypercorn#106). Ending the idle timer once the read side ends
   lets the connection finish at once; a response still being written is waited for.
 
+* Hypercorn hands an HTTP/2 stream's body to its app through a bounded queue and
+  reads the connection's next frame only once the body has been queued: a stream whose
+  app is not reading its body (waiting for an upstream slot, relaying to a slow
+  upstream) stopped every other stream of the connection. A stream's body is now
+  queued without waiting (:class:`H2Inbox`), bounded by the stream's flow-control
+  window, which is reopened only as the app takes the body.
+
 Settings:
 
 * Connections are accepted one per scheduler pass; ``server.accept_batch`` lets a
@@ -60,6 +67,7 @@ import types
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
+from functools import partial
 from typing import Any
 from wsgiref.handlers import format_date_time as _format_date_time
 
@@ -216,6 +224,77 @@ def _direct_send(server: Any, data: bytes) -> int | None:
         return None
 
 
+class H2Inbox:
+    """One HTTP/2 stream's messages for its app, queued without blocking the connection.
+
+    The body bytes queued here are bounded by the stream's flow-control window: the
+    connection's window is reopened as each DATA frame arrives, the stream's only as the
+    app takes the body (:meth:`receive`), so a client can send no more than a window
+    ahead of the app. Pieces waiting together are handed over as one message, so tiny
+    DATA frames cannot pile up as many messages.
+    """
+
+    def __init__(self) -> None:
+        self._messages: deque[dict[str, Any]] = deque()
+        self._credit: deque[int] = deque()  # flow-control bytes owed, per message
+        self._arrived = trio.lowlevel.ParkingLot()
+        self._reopen: Callable[[int], Awaitable[None]] | None = None
+
+    def add_body(self, data: bytes, credit: int,
+                 reopen: Callable[[int], Awaitable[None]]) -> None:
+        """Queue a DATA frame's bytes; ``reopen(credit)`` runs once the app takes them."""
+        self._reopen = reopen
+        if self._messages and self._open_body(self._messages[-1]):
+            self._messages[-1]["body"] += data
+            self._credit[-1] += credit
+        else:
+            self._append({"type": "http.request", "body": bytearray(data), "more_body": True},
+                         credit)
+
+    def put(self, message: dict[str, Any]) -> None:
+        if (message.get("type") == "http.request" and not message.get("more_body")
+                and self._messages and self._open_body(self._messages[-1])):
+            self._messages[-1]["body"] += message.get("body", b"")
+            self._messages[-1]["more_body"] = False
+            return
+        self._append(dict(message), 0)
+
+    async def receive(self) -> dict[str, Any]:
+        while not self._messages:
+            await self._arrived.park()
+        message, credit = self._messages.popleft(), self._credit.popleft()
+        if message.get("type") == "http.request":
+            message["body"] = bytes(message["body"])
+        if credit and self._reopen is not None:
+            await self._reopen(credit)
+        return message
+
+    def _append(self, message: dict[str, Any], credit: int) -> None:
+        self._messages.append(message)
+        self._credit.append(credit)
+        self._arrived.unpark_all()
+
+    @staticmethod
+    def _open_body(message: dict[str, Any]) -> bool:
+        return message["type"] == "http.request" and bool(message["more_body"])
+
+
+class H2Put:
+    """The ``app_put`` of an HTTP/2 stream: queues into its :class:`H2Inbox`."""
+
+    def __init__(self, inbox: H2Inbox) -> None:
+        self.inbox = inbox
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.inbox.put(message)
+
+
+async def _reopen_stream_window(protocol: Any, stream_id: int, credit: int) -> None:
+    with suppress(h2.exceptions.H2Error):  # the stream has ended meanwhile
+        protocol.connection.increment_flow_control_window(credit, stream_id=stream_id)
+    await protocol._flush()
+
+
 class BatchAcceptListener(trio.abc.Listener[trio.SocketStream]):
     """A ``trio.SocketListener`` that takes up to ``server.accept_batch`` queued
     connections per wake-up instead of one per scheduler pass.
@@ -317,14 +396,40 @@ def apply() -> None:
             await original_h2_events(self, events)
             return
         for event in events:  # one at a time: an earlier event may close the stream
-            if type(event) is h2.events.DataReceived and event.stream_id not in self.streams:
-                with suppress(h2.exceptions.H2Error):
-                    self.connection.acknowledge_received_data(
-                        event.flow_controlled_length, event.stream_id)
-                continue
+            if type(event) is h2.events.DataReceived:
+                stream = self.streams.get(event.stream_id)
+                if stream is None:
+                    with suppress(h2.exceptions.H2Error):
+                        self.connection.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id)
+                    continue
+                app_put = getattr(stream, "app_put", None)
+                if isinstance(app_put, H2Put):
+                    # Queued without waiting; only the stream's window waits for the app.
+                    if event.flow_controlled_length:  # an empty DATA frame (END_STREAM) has none
+                        self.connection.increment_flow_control_window(
+                            event.flow_controlled_length)
+                        app_put.inbox.add_body(
+                            event.data, event.flow_controlled_length,
+                            partial(_reopen_stream_window, self, event.stream_id))
+                        await self._flush()
+                    continue
             await original_h2_events(self, [event])
 
     H2Protocol._handle_events = _handle_h2_events  # type: ignore[method-assign]
+
+    previous_spawn: Callable[..., Awaitable[Any]] = TaskGroup.spawn_app
+
+    async def spawn_app(self: Any, app: Any, config: Any, scope: Any,
+                        send: Callable[[Any], Awaitable[None]]) -> Any:
+        if scope.get("http_version") != "2":
+            return await previous_spawn(self, app, config, scope, send)
+        inbox = H2Inbox()
+        self._nursery.start_soon(_handle, app, config, scope, inbox.receive, send,
+                                 trio.to_thread.run_sync, trio.from_thread.run)
+        return H2Put(inbox)
+
+    TaskGroup.spawn_app = spawn_app  # type: ignore[method-assign]
     hypercorn.trio.run.trio = _TrioWithBatchAccept("trio")  # type: ignore[attr-defined]
     _applied = True
 

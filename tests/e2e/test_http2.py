@@ -113,3 +113,70 @@ async def test_an_http2_body_without_content_length_reaches_the_upstream():
                 assert await client.response_status(stream_id) == 200
             assert upstream.requests[-1].body == b"hello world"
         nursery.cancel_scope.cancel()
+
+
+TWO_UPSTREAMS = """
+version: 1
+upstreams:
+  one: {{url: "{url}", limit: {{concurrency: 1, queue: 10, queue_timeout: 20s}}}}
+  other: {{url: "{url}"}}
+routes:
+  - path: /one/{{rest*}}
+    deadline: 30s
+    proxy: {{upstream: one, path: "/{{rest}}"}}
+  - path: /other/{{rest*}}
+    proxy: {{upstream: other, path: "/{{rest}}"}}
+"""
+
+
+async def _send_body(client: H2Client, stream_id: int, size: int, *, end: bool) -> int:
+    """Send up to ``size`` bytes as flow control allows; return what was sent (stops
+    when the window stays shut for 0.5 s)."""
+    sent = 0
+    while sent < size:
+        window = min(client.conn.local_flow_control_window(stream_id), 16384, size - sent)
+        if window > 0:
+            client.conn.send_data(stream_id, b"x" * window)
+            sent += window
+            await client.flush()
+            continue
+        with trio.move_on_after(0.5) as waited:
+            data = await client.stream.receive_some(65536)
+            client.events.extend(client.conn.receive_data(data))
+            await client.flush()
+        if waited.cancelled_caught:
+            return sent
+    if end:
+        client.conn.end_stream(stream_id)
+        await client.flush()
+    return sent
+
+
+async def test_a_stream_whose_body_waits_does_not_stop_the_other_streams():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(TWO_UPSTREAMS.format(url=upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            holder = await client.get("/one/stall")  # takes upstream one's only slot
+            await upstream.wait_for(lambda: upstream.in_flight >= 1)
+            upload = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(upload, [(":method", "POST"), (":path", "/one/ok"),
+                                              (":scheme", "http"), (":authority", "gw")])
+            await client.flush()
+            # The upload waits for a slot: the client can send only a bounded amount
+            # ahead (flow control), and then the window stays shut.
+            ahead = await _send_body(client, upload, 4 * 1024 * 1024, end=False)
+            assert ahead < 1024 * 1024
+            # Another stream of the same connection is answered meanwhile.
+            with trio.fail_after(5):
+                assert await client.response_status(await client.get("/other/users/1")) == 200
+            # Once the slot is free the upload goes on, and reaches the upstream whole.
+            await client.reset(holder)
+            with trio.fail_after(10):
+                rest = await _send_body(client, upload, 2 * 1024 * 1024 - ahead, end=True)
+                assert ahead + rest == 2 * 1024 * 1024
+                assert await client.response_status(upload) == 200
+                assert upstream.requests[-1].body_size == 2 * 1024 * 1024
+            await client.stream.aclose()
+        nursery.cancel_scope.cancel()
