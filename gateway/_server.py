@@ -32,7 +32,7 @@ from hypercorn.trio.run import trio_worker, worker_serve
 from hypercorn.utils import load_application, write_pid_file
 
 from ._logging import configure_logging
-from ._supervisor import Supervisor
+from ._supervisor import MASTER_SIGNALS, Supervisor
 from ._trace_peers import PEER_DIR_ENV, socket_path
 
 log = logging.getLogger("gateway.server")
@@ -183,18 +183,24 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
             metrics_dir = os.path.join(run_dir, "metrics")
             os.mkdir(metrics_dir)
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    supervisor = None
+    if config.workers > 0:
+        # Past graceful_timeout a worker cancels what is left; a write to a client that
+        # stopped reading can take send_timeout more, and closing pools a few seconds.
+        drain_timeout_s = config.graceful_timeout + loaded.policy.server.send_timeout + 15
+        supervisor = Supervisor(config.workers, trio_worker,
+                                {"config": config, "sockets": sockets},
+                                drain_timeout_s=drain_timeout_s, on_worker_exit=forget_worker)
+        supervisor.take_signals()
     public = ", ".join(f"http://{h}:{p}" for h, p in addresses[:public_count])
     admin_urls = ", ".join(f"http://{h}:{p}" for h, p in addresses[public_count:])
     print(f"gateway: policy {loaded.file} ({loaded.version}), {config.workers} worker(s)\n"
           f"gateway: serving {public}\ngateway: admin {admin_urls}", flush=True)
     try:
-        if config.workers == 0:
-            return serve_in_process(config, sockets)
         if config.pid_path is not None:
             write_pid_file(config.pid_path)
-        supervisor = Supervisor(config.workers, trio_worker,
-                                {"config": config, "sockets": sockets},
-                                on_worker_exit=forget_worker)
+        if supervisor is None:
+            return serve_in_process(config, sockets)
         return supervisor.run()  # returns once every worker has ended
     finally:
         if run_dir is not None:
@@ -219,7 +225,15 @@ def serve_in_process(config: Config, sockets: Sockets) -> int:
 async def _stop_signal() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
-            return
+            break
+    # From now on a second stop signal ends the process without draining.
+    signal.signal(signal.SIGTERM, _exit_at_once)
+    signal.signal(signal.SIGINT, _exit_at_once)
+
+
+def _exit_at_once(signum: int, frame: object) -> None:
+    os.write(2, b"gateway: second stop signal: exiting without draining\n")
+    os._exit(1)
 
 
 def clear_metrics_dir(directory: str) -> None:
@@ -255,8 +269,11 @@ def prepare_worker_process() -> None:
     for during start-up cannot kill a worker.
     """
     if multiprocessing.parent_process() is not None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # The master handles SIGINT (a terminal's Ctrl-C reaches the whole group) and
+        # SIGTERM; it started this process with them blocked (see _supervisor).
+        for signum in MASTER_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
     configure_logging()
 
 

@@ -4,8 +4,13 @@ Hypercorn's own runner stops the whole server when one worker exits with an erro
 then returns 0 without waiting for the others to drain. A gateway that loses a worker
 (to the OOM killer, say) should keep serving on the rest while a new one starts, as
 nginx's master does. A worker that keeps dying is a fault no restart will mend, so after
-``RESTART_LIMIT`` abnormal exits within ``RESTART_WINDOW_S`` the master stops every
+``restart_limit`` abnormal exits within ``RESTART_WINDOW_S`` the master stops every
 worker and exits 1, naming how the last one ended.
+
+Stop and reload signals are blocked while a worker is being started: the master gets
+them once the start is done, and the worker begins with them blocked until it has set
+its own handling (:func:`gateway._server.prepare_worker_process`), so a signal in that
+window neither kills a half-started worker nor is lost.
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ from typing import Any
 
 log = logging.getLogger("gateway.server")
 
+#: Abnormal exits within RESTART_WINDOW_S that stop the master (at least twice the
+#: worker count, so one event taking every worker down is survived).
 RESTART_LIMIT = 5
 RESTART_WINDOW_S = 60.0
+#: Signals the master handles; blocked around each worker start.
+MASTER_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 #: How often the master looks at its flags while waiting for a worker to end.
 _POLL_S = 0.2
 
@@ -46,66 +55,90 @@ class Supervisor:
     """Keeps ``count`` worker processes running ``target(**kwargs, shutdown_event=…)``.
 
     SIGTERM or SIGINT sets the shared shutdown event, after which each worker drains
-    its in-flight requests and exits; a second one kills the workers at once. SIGHUP is
-    forwarded to the workers, which reload their policy themselves.
+    its in-flight requests and exits; a worker still running ``drain_timeout_s`` later,
+    or any worker once a second stop signal comes, is killed. SIGHUP is forwarded to
+    the workers, which reload their policy themselves.
     """
 
     def __init__(self, count: int, target: Callable[..., None], kwargs: Mapping[str, Any],
-                 *, on_worker_exit: Callable[[int], None] | None = None) -> None:
+                 *, drain_timeout_s: float = 60.0,
+                 on_worker_exit: Callable[[int], None] | None = None) -> None:
         self._count = count
         self._target = target
         self._kwargs = dict(kwargs)
+        self._drain_timeout_s = drain_timeout_s
         self._on_worker_exit = on_worker_exit
         self._context = multiprocessing.get_context("spawn")
         self._shutdown_event = self._context.Event()
         self._workers: list[BaseProcess] = []
         self._stop_signals = 0
         self._deaths: deque[float] = deque()
+        self._restart_limit = max(RESTART_LIMIT, 2 * count)
+        self._previous_handlers: dict[int, Any] | None = None
 
-    def run(self) -> int:
-        """Serve until told to stop (returns 0) or until workers keep dying (returns 1)."""
-        previous = {signum: signal.getsignal(signum)
-                    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        # Workers inherit SIG_IGN for SIGINT: a terminal's Ctrl-C reaches the master only.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            self._start_missing()
+    def take_signals(self) -> None:
+        """Handle the master's signals from now on (before announcing the server, so
+        a stop asked for at once is a clean stop)."""
+        if self._previous_handlers is None:
+            self._previous_handlers = {signum: signal.getsignal(signum)
+                                       for signum in MASTER_SIGNALS}
             signal.signal(signal.SIGINT, self._on_stop_signal)
             signal.signal(signal.SIGTERM, self._on_stop_signal)
             signal.signal(signal.SIGHUP, self._on_sighup)
+
+    def run(self) -> int:
+        """Serve until told to stop (0), or until workers keep dying or cannot be
+        started, or have to be killed (1)."""
+        self.take_signals()
+        previous = self._previous_handlers or {}
+        code = 1
+        try:
             code = self._watch()
-            self._shutdown_event.set()
-            self._join_all()
-            return code
         finally:
+            self._shutdown_event.set()
+            if not self._join_all():
+                code = 1
+            if self._stop_signals > 1:
+                log.warning("second stop signal: the workers were killed without draining")
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        return code
 
-    def _start_missing(self) -> None:
-        while len(self._workers) < self._count:
+    def _start_missing(self) -> bool:
+        """Start workers up to the count; False when starts keep failing."""
+        while len(self._workers) < self._count and not self._stop_signals:
             process = self._context.Process(
                 target=self._target,
                 kwargs={**self._kwargs, "shutdown_event": self._shutdown_event})
-            process.start()
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
+            try:
+                process.start()
+            except OSError as error:  # no memory to fork, no file descriptors left
+                log.error("cannot start a worker: %s", error)
+                return not self._too_many_deaths()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self._workers.append(process)
+        return True
 
     def _watch(self) -> int:
         while not self._stop_signals:
+            if not self._start_missing():
+                log.error("workers cannot be started: stopping the gateway")
+                return 1
             wait([process.sentinel for process in self._workers], timeout=_POLL_S)
             for process in [p for p in self._workers if p.exitcode is not None]:
                 self._reap(process)
-                if self._stop_signals:
-                    break
-                if process.exitcode != 0:
-                    log.error("worker %s ended with %s; starting another", process.pid,
+                if process.exitcode == 0:
+                    log.info("worker %s exited; starting another", process.pid)
+                    continue
+                log.error("worker %s ended with %s; starting another", process.pid,
+                          describe_exit(process.exitcode))
+                if self._too_many_deaths():
+                    log.error("%d workers ended abnormally within %.0f s: stopping the "
+                              "gateway (last: %s)", len(self._deaths), RESTART_WINDOW_S,
                               describe_exit(process.exitcode))
-                    if self._too_many_deaths():
-                        log.error("%d workers ended abnormally within %.0f s: stopping the "
-                                  "gateway (last: %s)", RESTART_LIMIT, RESTART_WINDOW_S,
-                                  describe_exit(process.exitcode))
-                        return 1
-            if not self._stop_signals:
-                self._start_missing()
+                    return 1
         return 0
 
     def _too_many_deaths(self) -> bool:
@@ -113,7 +146,7 @@ class Supervisor:
         self._deaths.append(now)
         while self._deaths and now - self._deaths[0] > RESTART_WINDOW_S:
             self._deaths.popleft()
-        return len(self._deaths) >= RESTART_LIMIT
+        return len(self._deaths) >= self._restart_limit
 
     def _reap(self, process: BaseProcess) -> None:
         process.join()
@@ -121,17 +154,27 @@ class Supervisor:
         if self._on_worker_exit is not None and process.pid is not None:
             self._on_worker_exit(process.pid)
 
-    def _join_all(self) -> None:
+    def _join_all(self) -> bool:
+        """Wait for every worker to end; kill those still running past the drain
+        timeout. True when all drained on their own."""
+        deadline = time.monotonic() + self._drain_timeout_s
+        drained = True
         while self._workers:
+            if drained and time.monotonic() > deadline:
+                pids = [p.pid for p in self._workers]
+                log.error("workers %s still running %.0f s after the stop: killing them",
+                          pids, self._drain_timeout_s)
+                self._signal_workers(signal.SIGKILL)
+                drained = False
             wait([process.sentinel for process in self._workers], timeout=_POLL_S)
             for process in [p for p in self._workers if p.exitcode is not None]:
                 self._reap(process)
+        return drained and self._stop_signals < 2
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         self._stop_signals += 1
         self._shutdown_event.set()
         if self._stop_signals > 1:
-            log.warning("second stop signal: killing the workers without draining")
             self._signal_workers(signal.SIGKILL)
 
     def _on_sighup(self, signum: int, frame: object) -> None:

@@ -1,9 +1,12 @@
 """The master keeps the gateway serving when a worker dies, stops when workers keep
 dying, and every way of stopping it drains in-flight requests and exits 0."""
 
+import contextlib
 import logging
 import os
+import resource
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import trio
 from gateway import _supervisor
 from gateway._supervisor import Supervisor, describe_exit
 from tests.metrics import metric_total
-from tests.process_harness import ServedGateway, serve_process
+from tests.process_harness import ROOT, ServedGateway, serve_process
 from tests.upstream import proxy_policy, start_upstream
 
 
@@ -125,7 +128,7 @@ def test_a_worker_that_keeps_dying_stops_the_master(caplog: pytest.LogCaptureFix
                                                     monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(_supervisor, "RESTART_LIMIT", 3)
     with caplog.at_level(logging.ERROR, logger="gateway.server"):
-        code = Supervisor(2, _exit_with_3, {}).run()
+        code = Supervisor(1, _exit_with_3, {}).run()
     assert code == 1
     assert "3 workers ended abnormally within 60 s: stopping the gateway (last: exit code 3)" \
         in caplog.text
@@ -154,4 +157,129 @@ async def test_an_earlier_runs_metrics_are_not_added_to_this_runs(tmp_path: Path
                     metrics = (await admin.get(served.admin_url + "/metrics")).text
                 totals.append(metric_total(metrics, "gateway_requests_total", status="200"))
         assert totals == [5, 2]
+        nursery.cancel_scope.cancel()
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def test_a_reload_while_a_worker_starts_does_not_kill_it(tmp_path: Path):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url))
+        with serve_process(policy, workers=2) as served:
+            first = await _wait_for_workers(served, 2, set())
+            os.kill(first[0], signal.SIGKILL)
+            # SIGHUPs all through the replacement's start (it takes a few tenths of a
+            # second); before the start blocked them, one killed the new worker.
+            with trio.move_on_after(2):
+                while True:
+                    served.signal_master(signal.SIGHUP)
+                    await trio.sleep(0.01)
+            await _wait_for_workers(served, 2, {first[0]})
+            output = "".join(served.output)
+            assert "signal SIGHUP" not in output, output
+            async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
+                assert (await client.get("/api/users/1")).status_code == 200
+        nursery.cancel_scope.cancel()
+
+
+async def test_sigterm_just_after_start_leaves_no_process_behind(tmp_path: Path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(proxy_policy("http://127.0.0.1:9"))
+    config = tmp_path / "hypercorn.toml"
+    config.write_text('worker_class = "trio"\ngraceful_timeout = 2\n')
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--config",
+         str(config), "--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0",
+         "--workers", "2"], cwd=str(ROOT), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    assert process.stdout is not None
+    seen = b""
+    with trio.fail_after(20):
+        while b"gateway: admin" not in seen:
+            seen += await process.stdout.receive_some(4096)
+        process.send_signal(signal.SIGTERM)  # while the workers are starting
+        while await process.stdout.receive_some(4096):
+            pass
+        code = await process.wait()
+        while not _group_gone(process.pid):
+            await trio.sleep(0.05)
+    assert code == 0
+
+
+async def test_a_worker_that_does_not_drain_is_killed(tmp_path: Path):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url).replace(
+            "version: 1\n", "version: 1\nserver: {send_timeout: 1s}\n"))
+        config = tmp_path / "hypercorn.toml"
+        config.write_text('worker_class = "trio"\ngraceful_timeout = 1\n')
+        with serve_process(policy, workers=2, config=config) as served:
+            wedged = (await _wait_for_workers(served, 2, set()))[0]
+            os.kill(wedged, signal.SIGSTOP)  # as a worker whose loop never returns
+            served.signal_master(signal.SIGTERM)
+            # graceful_timeout 1 s + send_timeout 1 s + 15 s for closing pools
+            code = await trio.to_thread.run_sync(served.process.wait, 30)
+            assert code == 1
+            assert "still running 17 s after the stop: killing them" in "".join(served.output)
+            assert _group_gone(served.process.pid) or not _any_exists([f"/proc/{wedged}"])
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_that_cannot_be_started_stops_the_master(tmp_path: Path):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url))
+        with serve_process(policy, workers=2) as served:
+            first = await _wait_for_workers(served, 2, set())
+            master = served.process.pid
+            # No file descriptor left for the master: it cannot start a process.
+            open_fds = len(list(await trio.Path(f"/proc/{master}/fd").iterdir()))
+            resource.prlimit(master, resource.RLIMIT_NOFILE, (open_fds, open_fds))
+            os.kill(first[0], signal.SIGKILL)
+            code = await trio.to_thread.run_sync(served.process.wait, 30)
+            assert code == 1
+            output = "".join(served.output)
+            assert "cannot start a worker" in output, output
+            assert not _any_exists([f"/proc/{pid}" for pid in first])
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_worker_processes_pid_file_and_a_second_signal(tmp_path: Path):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url))
+        pid_file = tmp_path / "gateway.pid"
+        config = tmp_path / "hypercorn.toml"
+        config.write_text(f'worker_class = "trio"\ngraceful_timeout = 30\n'
+                          f'pid_path = "{pid_file}"\n')
+        with serve_process(policy, workers=0, config=config) as served:
+            assert (await trio.Path(pid_file).read_text()).strip() == str(served.process.pid)
+            async with httpx.AsyncClient(base_url=served.url, timeout=20) as client:
+
+                async def stalled() -> None:
+                    with contextlib.suppress(httpx.TransportError):  # the process ends
+                        await client.get("/api/stall")
+
+                async with trio.open_nursery() as clients:
+                    clients.start_soon(stalled)
+                    await upstream.wait_for(lambda: upstream.in_flight >= 1)
+                    served.signal_master(signal.SIGTERM)  # drains: the stall would hold it
+                    await trio.sleep(0.5)
+                    assert served.process.poll() is None
+                    served.signal_master(signal.SIGTERM)
+                    code = await trio.to_thread.run_sync(served.process.wait, 10)
+                    clients.cancel_scope.cancel()
+            assert code == 1
+            assert "second stop signal" in "".join(served.output)
         nursery.cancel_scope.cancel()
