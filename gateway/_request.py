@@ -174,15 +174,13 @@ async def send_error(send: Send, error: GatewayError, request_id: str,
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _close_callback_slot(scope: Scope, framing: BodyFraming) -> dict[str, Any] | None:
-    """Where to leave the stream-close callback, when the server offers one and the
-    request has no body to relay (HTTP/1.x only: an HTTP/2 head need not announce it)."""
-    extension = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
-    if extension is None or scope.get("http_version") not in ("1.1", "1.0"):
-        return None
-    if framing.announced:
-        return None
-    return extension  # type: ignore[no-any-return]
+def _body_relayed(scope: Scope, framing: BodyFraming) -> bool:
+    """Whether the request may have a body to relay: one is announced, or the server
+    offers no stream-close callback to learn of a disconnect by, or it is HTTP/2 (whose
+    head need not announce a body)."""
+    if DISCONNECT_EXTENSION not in scope.get("extensions", {}):
+        return True
+    return framing.announced or scope.get("http_version") not in ("1.1", "1.0")
 
 
 def _stream_closed(context: RequestContext, request_scope: TracedScope) -> None:
@@ -265,8 +263,9 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"the request body ({declared} bytes) is larger than "
                                   f"{limit} bytes")
-        on_close = _close_callback_slot(scope, framing)
-        if on_close is not None:
+        on_close = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+        relayed = _body_relayed(scope, framing)
+        if not relayed:
             body = RequestBody(None, limit, framing, server.limits.body_timeout)
         else:
             # Room for a few chunks (Hypercorn reads at most 64 KiB at a time): while
@@ -280,24 +279,27 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
                           deadline_source=deadline.source) as request_scope:
             context.request_scope = request_scope
             if on_close is not None:
-                # No body to relay: the server calls back when the stream closes.
+                # The server calls back when the stream closes: the client leaving is
+                # seen at once, even while a body waits unread behind the relay.
                 on_close["on_close"] = partial(_stream_closed, context, request_scope)
                 if on_close.get("closed"):  # the client left before this task started
                     _stream_closed(context, request_scope)
-                try:
+            try:
+                if not relayed:
                     await dispatch(context)
-                finally:
+                else:
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(_relay_receive, receive, sender, context,
+                                               request_scope)
+                            await dispatch(context)
+                            nursery.cancel_scope.cancel(reason="request answered")
+                    except BaseExceptionGroup as group:
+                        raise collapse_group(group) from None
+                    receiver.close()
+            finally:
+                if on_close is not None:
                     on_close.pop("on_close", None)
-            else:
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_relay_receive, receive, sender, context,
-                                           request_scope)
-                        await dispatch(context)
-                        nursery.cancel_scope.cancel(reason="request answered")
-                except BaseExceptionGroup as group:
-                    raise collapse_group(group) from None
-                receiver.close()
         if request_scope.cancel_cause == "client_disconnect":
             trace.status, trace.cause = 499, "client_disconnect"
         else:

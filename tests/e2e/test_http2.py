@@ -180,3 +180,26 @@ async def test_a_stream_whose_body_waits_does_not_stop_the_other_streams():
                 assert upstream.requests[-1].body_size == 2 * 1024 * 1024
             await client.stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_resetting_a_stream_whose_body_waits_cancels_it_at_once():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(TWO_UPSTREAMS.format(url=upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            await client.get("/one/stall")  # takes upstream one's only slot
+            await upstream.wait_for(lambda: upstream.in_flight >= 1)
+            upload = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(upload, [(":method", "POST"), (":path", "/one/ok"),
+                                              (":scheme", "http"), (":authority", "gw")])
+            await client.flush()
+            await _send_body(client, upload, 4 * 1024 * 1024, end=False)
+            await client.reset(upload)
+            with trio.fail_after(2):  # not at the 20 s queue timeout
+                (trace,) = await traces_with(gw, timeout_s=2, route="/one/{rest*}",
+                                             status=499)
+            assert trace.cause == "client_disconnect"
+            assert await client.response_status(await client.get("/other/users/1")) == 200
+            await client.stream.aclose()
+        nursery.cancel_scope.cancel()
