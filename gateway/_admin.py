@@ -8,6 +8,7 @@ watcher and the PostgreSQL bridge live for the life of the worker.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,8 @@ from ._trace_peers import gather
 
 if TYPE_CHECKING:
     from ._app import Gateway
+
+log = logging.getLogger("gateway.admin")
 
 
 def create_admin_app(gateway: Gateway) -> QuartTrio:
@@ -113,6 +116,14 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
     @app.errorhandler(404)
     async def not_found(_: Exception) -> Any:
         return {"error": "no such admin endpoint", "cause": "no_route"}, 404
+
+    @app.errorhandler(500)
+    async def internal_error(error: Exception) -> Any:
+        original = getattr(error, "original_exception", None) or error
+        log.error("admin %s %s failed", request.method, request.path,
+                  exc_info=(type(original), original, original.__traceback__))
+        return {"error": "the admin endpoint failed; the gateway logged why",
+                "cause": "internal"}, 500
 
     @app.errorhandler(405)
     async def method_not_allowed(_: Exception) -> Any:

@@ -70,6 +70,22 @@ async def test_bad_admin_requests_get_a_json_4xx():
             assert response.json()["cause"]
 
 
+async def test_an_admin_endpoint_that_fails_answers_json_and_the_gateway_serves_on(
+        monkeypatch, caplog):
+    async with stage() as s, s.gw.admin() as admin:
+        def broken(**query: object) -> None:
+            raise RuntimeError("trace buffer broken")  # stands for a bug in the gateway
+
+        monkeypatch.setattr(s.gw.gateway.runtime.traces, "query", broken)
+        response = await admin.get("/traces")
+        assert response.status_code == 500
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json()["cause"] == "internal"
+        assert "trace buffer broken" in caplog.text
+        assert (await admin.get("/healthz")).status_code == 200
+        await s.assert_serves()
+
+
 def test_the_traces_command_says_plainly_when_the_admin_is_unreachable():
     from click.testing import CliRunner
 
