@@ -100,7 +100,8 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
         query = {"route": args.get("route"), "cause": args.get("cause"), "status": status,
                  "min_ms": min_ms, "limit": limit}
         found = await gather(gateway.runtime.traces, {"query": query})
-        return {"traces": found.traces[:limit], "unreachable_workers": found.unreachable}
+        return {"traces": found.traces[:limit], "unreachable_workers": found.unreachable,
+                "worker_pid": os.getpid()}
 
     @app.get("/traces/<request_id>")
     async def trace(request_id: str) -> Any:

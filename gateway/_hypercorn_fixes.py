@@ -125,21 +125,29 @@ def set_send_timeout(seconds: float) -> None:
     _send_timeout = seconds
 
 
+#: A write is sent in pieces of this size, each with its own send_timeout, so the
+#: timeout measures a client's lack of progress, not the size of the answer.
+SEND_PIECE = 64 * 1024
+
+
 async def send_bounded(server: Any, data: bytes) -> None:
     """Hypercorn's write of ``data`` (under the connection's send lock, shielded so that
-    a cancelled request never leaves half a frame on the wire), given up after
-    ``server.send_timeout``: the connection is then closed and its streams told so."""
+    a cancelled request never leaves half a frame on the wire), given up when the
+    client takes no piece of it within ``server.send_timeout``: the connection is then
+    closed and its streams told so."""
     async with server.send_lock:
+        view = memoryview(data)
         try:
             with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + _send_timeout
-                await server.stream.send_all(data)
+                for start in range(0, len(view), SEND_PIECE):
+                    scope.deadline = trio.current_time() + _send_timeout
+                    await server.stream.send_all(view[start:start + SEND_PIECE])
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await server.protocol.handle(Closed())
             return
         if scope.cancelled_caught:
-            log.info("a client took none of %d bytes within send_timeout (%.3g s): "
-                     "closing its connection", len(data), _send_timeout)
+            log.info("a client took no %d-byte piece of its answer within send_timeout "
+                     "(%.3g s): closing its connection", SEND_PIECE, _send_timeout)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(server.stream)
                 await server.protocol.handle(Closed())
@@ -417,6 +425,19 @@ def apply() -> None:
             await original_h2_events(self, [event])
 
     H2Protocol._handle_events = _handle_h2_events  # type: ignore[method-assign]
+
+    original_h2_handle: Callable[[Any, Any], Awaitable[None]] = H2Protocol.handle
+
+    async def _handle_h2(self: Any, event: Any) -> None:
+        await original_h2_handle(self, event)
+        if isinstance(event, Closed):
+            # Hypercorn closes the streams but not their send buffers: a response
+            # waiting there for the gone connection would hold its request (and its
+            # slot at the door) until the request's deadline.
+            for buffer in list(self.stream_buffers.values()):
+                await buffer.close()
+
+    H2Protocol.handle = _handle_h2  # type: ignore[method-assign]
 
     previous_spawn: Callable[..., Awaitable[Any]] = TaskGroup.spawn_app
 

@@ -22,7 +22,7 @@ import signal
 import socket
 import tempfile
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from hypercorn.utils import load_application, write_pid_file
 
 from ._logging import configure_logging
 from ._supervisor import MASTER_SIGNALS, Supervisor
-from ._trace_peers import PEER_DIR_ENV, socket_path
+from ._trace_peers import PEER_DIR_ENV, socket_dir_fits, socket_path, write_worker_list
 
 log = logging.getLogger("gateway.server")
 
@@ -178,6 +178,9 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
         # Shared by the workers: their trace sockets, and their metrics unless the
         # operator names a directory for those.
         run_dir = tempfile.mkdtemp(prefix="gateway-run-")
+        if not socket_dir_fits(run_dir):  # a long TMPDIR: socket paths would not bind
+            os.rmdir(run_dir)
+            run_dir = tempfile.mkdtemp(prefix="gateway-run-", dir="/tmp")
         os.environ[PEER_DIR_ENV] = run_dir
         if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             metrics_dir = os.path.join(run_dir, "metrics")
@@ -190,7 +193,8 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
         drain_timeout_s = config.graceful_timeout + loaded.policy.server.send_timeout + 15
         supervisor = Supervisor(config.workers, trio_worker,
                                 {"config": config, "sockets": sockets},
-                                drain_timeout_s=drain_timeout_s, on_worker_exit=forget_worker)
+                                drain_timeout_s=drain_timeout_s, on_worker_exit=forget_worker,
+                                on_workers_changed=worker_list_recorder(run_dir))
         supervisor.take_signals()
     public = ", ".join(f"http://{h}:{p}" for h, p in addresses[:public_count])
     admin_urls = ", ".join(f"http://{h}:{p}" for h, p in addresses[public_count:])
@@ -247,6 +251,13 @@ def clear_metrics_dir(directory: str) -> None:
         path.unlink(missing_ok=True)
     if stale:
         log.info("removed %d metric files of an earlier run from %s", len(stale), directory)
+
+
+def worker_list_recorder(run_dir: str | None) -> Callable[[list[int]], None] | None:
+    """What records the running workers for trace queries (none with one worker)."""
+    if run_dir is None:
+        return None
+    return functools.partial(write_worker_list, run_dir)
 
 
 def forget_worker(pid: int) -> None:

@@ -62,12 +62,14 @@ class Supervisor:
 
     def __init__(self, count: int, target: Callable[..., None], kwargs: Mapping[str, Any],
                  *, drain_timeout_s: float = 60.0,
-                 on_worker_exit: Callable[[int], None] | None = None) -> None:
+                 on_worker_exit: Callable[[int], None] | None = None,
+                 on_workers_changed: Callable[[list[int]], None] | None = None) -> None:
         self._count = count
         self._target = target
         self._kwargs = dict(kwargs)
         self._drain_timeout_s = drain_timeout_s
         self._on_worker_exit = on_worker_exit
+        self._on_workers_changed = on_workers_changed
         self._context = multiprocessing.get_context("spawn")
         self._shutdown_event = self._context.Event()
         self._workers: list[BaseProcess] = []
@@ -119,7 +121,12 @@ class Supervisor:
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self._workers.append(process)
+            self._workers_changed()
         return True
+
+    def _workers_changed(self) -> None:
+        if self._on_workers_changed is not None:
+            self._on_workers_changed([p.pid for p in self._workers if p.pid is not None])
 
     def _watch(self) -> int:
         while not self._stop_signals:
@@ -151,6 +158,7 @@ class Supervisor:
     def _reap(self, process: BaseProcess) -> None:
         process.join()
         self._workers.remove(process)
+        self._workers_changed()
         if self._on_worker_exit is not None and process.pid is not None:
             self._on_worker_exit(process.pid)
 

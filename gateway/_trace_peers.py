@@ -3,8 +3,9 @@
 Workers share the admin port, so a request for ``/traces`` reaches one of them at
 random, while each keeps its traces in its own ring buffer. The worker a query reaches
 asks its siblings through their sockets (in the directory the master names in
-``GATEWAY_PEER_DIR``) and merges the answers, so an SRE sees every worker's traces and
-finds a request's trace by id whichever worker served it. Nothing is shared on the
+``GATEWAY_PEER_DIR``, where it also lists the workers it runs) and merges the answers,
+so an SRE sees every worker's traces and finds a request's trace by id whichever worker
+served it; a worker that cannot answer is named. Nothing is shared on the
 request path: a trace is serialised only when an admin query asks for it.
 """
 
@@ -36,6 +37,26 @@ def peer_dir() -> str | None:
 
 def socket_path(directory: str, pid: int) -> str:
     return os.path.join(directory, f"worker-{pid}.sock")
+
+
+#: The file in the peer directory listing the workers the master is running.
+WORKERS_FILE = "workers"
+#: AF_UNIX socket paths are limited to 107 bytes on Linux.
+MAX_SOCKET_PATH = 107
+
+
+def socket_dir_fits(directory: str) -> bool:
+    """Whether every worker's socket path in ``directory`` is short enough to bind."""
+    return len(socket_path(directory, 2**22).encode()) <= MAX_SOCKET_PATH
+
+
+def write_worker_list(directory: str, pids: list[int]) -> None:
+    """Record the running workers (atomically), so a query can name those that have
+    no socket to answer on."""
+    temporary = os.path.join(directory, f".{WORKERS_FILE}.tmp")
+    with open(temporary, "w") as handle:
+        handle.write(" ".join(str(pid) for pid in pids))
+    os.replace(temporary, os.path.join(directory, WORKERS_FILE))
 
 
 def answer(traces: TraceBuffer, question: dict[str, Any]) -> list[dict[str, Any]]:
@@ -77,15 +98,18 @@ async def serve_peer_socket(traces: Callable[[], TraceBuffer], directory: str,
 
 
 async def _answer_one(stream: trio.SocketStream, traces: TraceBuffer) -> None:
+    # Nothing a sibling does (a bad question, hanging up before the answer) may end the
+    # nursery this runs in: the worker's reloads and gauges live there too.
     async with stream:
         with trio.move_on_after(PEER_TIMEOUT_S):
-            raw = await _read_all(stream, _MAX_QUESTION)
             try:
+                raw = await _read_all(stream, _MAX_QUESTION)
                 reply = answer(traces, json.loads(raw))
-            except (ValueError, TypeError, KeyError) as error:
-                log.warning("bad trace question from a sibling worker: %s", error)
-                return
-            await stream.send_all(json.dumps(reply).encode())
+                await stream.send_all(json.dumps(reply).encode())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.debug("a sibling worker left before its trace answer")
+            except Exception as error:  # a malformed question
+                log.warning("bad trace question from a sibling worker: %r", error)
 
 
 async def _read_all(stream: trio.SocketStream, limit: int) -> bytes:
@@ -110,19 +134,25 @@ async def gather(traces: TraceBuffer, question: dict[str, Any]) -> Gathered:
     gathered = Gathered(answer(traces, question))
     directory = peer_dir()
     if directory is not None:
-        siblings = [path for path in await trio.Path(directory).glob("worker-*.sock")
-                    if path.name != f"worker-{os.getpid()}.sock"]
+        try:
+            listed = (await trio.Path(directory, WORKERS_FILE).read_text()).split()
+        except OSError:
+            listed = []
         payload = json.dumps(question).encode()
         async with trio.open_nursery() as nursery:
-            for path in siblings:
-                nursery.start_soon(_ask, str(path), payload, gathered)
+            for pid in {int(text) for text in listed if text.isdigit()} - {os.getpid()}:
+                path = socket_path(directory, pid)
+                if await trio.Path(path).exists():
+                    nursery.start_soon(_ask, pid, path, payload, gathered)
+                else:  # starting, or it could not listen
+                    gathered.unreachable.append(pid)
+        gathered.unreachable.sort()
     gathered.traces.sort(key=lambda t: t["started_at"] + t["duration_ms"] / 1000,
                          reverse=True)
     return gathered
 
 
-async def _ask(path: str, payload: bytes, gathered: Gathered) -> None:
-    pid = int(os.path.basename(path).removeprefix("worker-").removesuffix(".sock"))
+async def _ask(pid: int, path: str, payload: bytes, gathered: Gathered) -> None:
     try:
         with trio.fail_after(PEER_TIMEOUT_S):
             stream = await trio.open_unix_socket(path)
@@ -132,6 +162,5 @@ async def _ask(path: str, payload: bytes, gathered: Gathered) -> None:
                 raw = await _read_all(stream, _MAX_ANSWER)
         gathered.traces.extend(json.loads(raw))
     except (OSError, trio.TooSlowError, trio.BrokenResourceError, ValueError) as error:
-        # A worker that died leaves its socket until the master removes it.
         log.warning("worker %d did not answer a trace query: %s", pid, error or type(error))
         gathered.unreachable.append(pid)

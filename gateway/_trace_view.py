@@ -97,14 +97,17 @@ async def _follow(admin: str, cause: str | None, route: str | None, status: int 
             params[key] = value
     headers = {"authorization": f"Bearer {token}"} if token else {}
     seen: dict[str, None] = {}  # insertion-ordered: the oldest are dropped first
+    warned: list[int] = []
     async with httpx.AsyncClient(base_url=admin, timeout=5.0, headers=headers) as client:
         while True:
             response = await client.get("/traces", params=params)
             response.raise_for_status()
             body = response.json()
-            if body.get("unreachable_workers"):
-                Console(stderr=True).print(f"warning: workers {body['unreachable_workers']} "
-                                           "did not answer; their traces are missing")
+            unreachable = body.get("unreachable_workers") or []
+            if unreachable and unreachable != warned:  # once per change, not every poll
+                Console(stderr=True).print(f"warning: workers {unreachable} did not "
+                                           "answer; their traces are missing")
+            warned = unreachable
             fresh = [t for t in reversed(body["traces"]) if t["request_id"] not in seen]
             for trace in fresh:
                 seen[trace["request_id"]] = None

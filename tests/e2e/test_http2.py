@@ -5,6 +5,7 @@ streams go on."""
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import trio
 
 from tests.gateway_harness import run_gateway, traces_with
@@ -202,4 +203,32 @@ async def test_resetting_a_stream_whose_body_waits_cancels_it_at_once():
             assert trace.cause == "client_disconnect"
             assert await client.response_status(await client.get("/other/users/1")) == 200
             await client.stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_closed_connection_releases_a_stream_whose_answer_waits_to_be_sent():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            # A window of 0: the answer waits in the gateway's buffer for the stream.
+            conn.local_settings = h2.settings.Settings(
+                client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+            conn.initiate_connection()
+            conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "t"),
+                                  (":path", "/api/users/1")], end_stream=True)
+            await stream.send_all(conn.data_to_send())
+            with trio.fail_after(5):
+                answered = False
+                while not answered:
+                    for event in conn.receive_data(await stream.receive_some(65536)):
+                        answered |= isinstance(event, h2.events.ResponseReceived)
+                    await stream.send_all(conn.data_to_send())
+            await stream.aclose()
+            closed = trio.current_time()
+            with trio.fail_after(5):  # not at the route's 10 s deadline
+                while gw.gateway.runtime.gate.in_flight > 0:
+                    await trio.sleep(0.01)
+            assert trio.current_time() - closed < 1
         nursery.cancel_scope.cancel()

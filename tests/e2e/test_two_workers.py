@@ -4,13 +4,14 @@ scrape that sums both workers."""
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
 
 from tests.gateway_harness import fire
 from tests.metrics import metric_total
-from tests.process_harness import serve_process
+from tests.process_harness import ServedGateway, serve_process
 from tests.upstream import start_upstream
 
 POLICY = """
@@ -80,43 +81,80 @@ async def test_core_claims_hold_with_two_workers(tmp_path: Path):
         nursery.cancel_scope.cancel()
 
 
+async def _both_workers_traces_found(served: ServedGateway) -> list[str]:
+    """Requests until both workers have served some; every one's trace is found through
+    the one admin port, by query and by id. Returns the request ids."""
+    ids: list[str] = []
+    pids: set[int] = set()
+    async with httpx.AsyncClient(base_url=served.admin_url, timeout=10) as admin:
+        # Fresh connections until both workers have served some (the kernel picks the
+        # worker that accepts).
+        while len(pids) < 2 and len(ids) < 200:
+            for index in range(10):
+                async with httpx.AsyncClient(timeout=10) as fresh:
+                    response = await fresh.get(f"{served.url}/long/users/{index}")
+                    ids.append(response.headers["x-request-id"])
+            for _ in range(3):  # each scrape reaches either worker
+                body = (await admin.get("/traces", params={"limit": 1000})).json()
+                assert sorted(t["request_id"] for t in body["traces"]) == sorted(ids)
+                assert body["unreachable_workers"] == []
+                pids |= {t["worker_pid"] for t in body["traces"]}
+        assert pids == set(served.worker_pids())
+        for request_id in ids:
+            found = await admin.get(f"/traces/{request_id}")
+            assert found.status_code == 200
+            assert found.json()["request_id"] == request_id
+    return ids
+
+
+async def _traces_query(served: ServedGateway) -> dict[str, Any]:
+    # A fresh connection: a stopped worker accepts none.
+    async with httpx.AsyncClient(timeout=10) as fresh:
+        return (await fresh.get(served.admin_url + "/traces",  # type: ignore[no-any-return]
+                                params={"limit": 1000})).json()
+
+
 async def test_any_worker_finds_the_traces_of_every_worker(tmp_path: Path):
     async with trio.open_nursery() as nursery:
         upstream = await start_upstream(nursery)
         policy = tmp_path / "policy.yaml"
         policy.write_text(POLICY.format(url=upstream.url))
         with serve_process(policy, workers=2) as served:
-            ids: list[str] = []
-            pids: set[int] = set()
-            async with httpx.AsyncClient(base_url=served.admin_url, timeout=10) as admin:
-                # Fresh connections until both workers have served some (the kernel
-                # picks the worker that accepts).
-                while len(pids) < 2 and len(ids) < 200:
-                    for index in range(10):
-                        async with httpx.AsyncClient(timeout=10) as fresh:
-                            response = await fresh.get(f"{served.url}/long/users/{index}")
-                            ids.append(response.headers["x-request-id"])
-                    for _ in range(3):  # each scrape reaches either worker
-                        body = (await admin.get("/traces", params={"limit": 1000})).json()
-                        assert sorted(t["request_id"] for t in body["traces"]) == sorted(ids)
-                        assert body["unreachable_workers"] == []
-                        pids |= {t["worker_pid"] for t in body["traces"]}
-                assert pids == set(served.worker_pids())
-                for request_id in ids:
-                    found = await admin.get(f"/traces/{request_id}")
-                    assert found.status_code == 200
-                    assert found.json()["request_id"] == request_id
-
+            await _both_workers_traces_found(served)
             # A worker that cannot answer is named, and the others' traces still come.
-            # (A fresh connection: a stopped worker accepts none.)
-            stopped = served.worker_pids()[0]
+            stopped, other = served.worker_pids()
             os.kill(stopped, signal.SIGSTOP)
             try:
-                async with httpx.AsyncClient(timeout=10) as fresh:
-                    body = (await fresh.get(served.admin_url + "/traces",
-                                            params={"limit": 1000})).json()
+                body = await _traces_query(served)
             finally:
                 os.kill(stopped, signal.SIGCONT)
             assert body["unreachable_workers"] == [stopped]
-            assert {t["worker_pid"] for t in body["traces"]} == pids - {stopped}
+            assert {t["worker_pid"] for t in body["traces"]} == {other}
+            # So is one without a socket to answer on (it could not listen).
+            directory = _environ(other)["GATEWAY_PEER_DIR"]
+            await trio.Path(directory, f"worker-{stopped}.sock").unlink()
+            for _ in range(50):  # until the query reaches the other worker
+                body = await _traces_query(served)
+                if body["worker_pid"] == other:
+                    break
+            assert body["worker_pid"] == other
+            assert body["unreachable_workers"] == [stopped]
         nursery.cancel_scope.cancel()
+
+
+async def test_traces_of_every_worker_with_a_long_temporary_directory(tmp_path: Path):
+    # Socket paths above 107 bytes cannot be bound; the run directory then goes to /tmp.
+    long_tmp = tmp_path / ("t" * 90)
+    long_tmp.mkdir()
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(POLICY.format(url=upstream.url))
+        with serve_process(policy, workers=2, env={"TMPDIR": str(long_tmp)}) as served:
+            await _both_workers_traces_found(served)
+        nursery.cancel_scope.cancel()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(pair.decode().split("=", 1) for pair in pairs if b"=" in pair)

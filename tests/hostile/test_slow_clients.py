@@ -7,13 +7,16 @@ until the head is complete). Once the head is in, the body is bounded by the gat
 ``server.send_timeout``.
 """
 
+import re
 import resource
+import socket
 
 import trio
 
-from tests.gateway_harness import traces_with
+from tests.gateway_harness import run_gateway, traces_with
 from tests.hostile import NORMAL, stage
 from tests.hostile.rawclient import connect, request_bytes
+from tests.upstream import Responder, SeenRequest, start_upstream
 
 #: Hypercorn timeouts short enough for a test; production sets them in hypercorn.toml.
 FAST_TIMEOUTS = {"keep_alive_timeout": 2}
@@ -96,6 +99,53 @@ async def test_a_client_that_stops_reading_does_not_hold_up_shutdown():
         elapsed = trio.current_time() - started
         await conn_context.__aexit__(None, None, None)
     assert elapsed < 1 + 2 + 2
+
+
+async def _big_json(request: SeenRequest, respond: Responder) -> None:
+    await respond.json({"items": ["x" * 1000] * 12_000})  # about 12 MB
+
+
+async def test_a_client_reading_steadily_keeps_a_large_answer_going():
+    # A fan-out's answer is one write of the whole body; send_timeout (1 s) bounds each
+    # 64 KiB piece of it, not the whole: a client taking ~2 s to read it is not cut.
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=_big_json)
+        policy = f"""
+version: 1
+server: {{send_timeout: 1s}}
+upstreams:
+  up: {{url: "{upstream.url}"}}
+routes:
+  - path: /agg
+    deadline: 30s
+    max_response_body: 16MiB
+    fanout:
+      calls:
+        a: {{upstream: up, path: /big}}
+"""
+        async with run_gateway(policy) as gw:
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            await sock.connect(("127.0.0.1", gw.port))
+            stream = trio.SocketStream(sock)
+            await stream.send_all(b"GET /agg HTTP/1.1\r\nhost: t\r\n\r\n")
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive_some(65536)
+            head, _, body = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(re.search(rb"content-length: (\d+)", head.lower())[1])
+            got = len(body)
+            started = trio.current_time()
+            with trio.fail_after(30):
+                while got < length:
+                    data = await stream.receive_some(65536)
+                    assert data, f"cut after {got} of {length} bytes"
+                    got += len(data)
+                    await trio.sleep(0.01)  # about 6 MB/s
+            assert trio.current_time() - started > 1  # longer than send_timeout
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
 
 
 def raise_nofile_limit(needed: int) -> None:
