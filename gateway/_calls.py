@@ -25,7 +25,7 @@ from ._errors import (
     UpstreamTimeout,
 )
 from ._headers import upstream_request_headers
-from ._policy import CallSettings, FanoutCall
+from ._policy import CallSettings, FanoutCall, sql_reads_only
 from ._trace import TracedScope, traced_scope
 
 if TYPE_CHECKING:
@@ -217,6 +217,8 @@ async def sql_call(ctx: RequestContext, parent: TracedScope, name: str, call: Fa
 
     async with upstream_call(ctx, parent, name, state, settings.timeout,
                              protocol="sql") as scope:
-        # A SELECT is idempotent; the method only matters for the retry rules.
-        return await run_attempts(ctx, scope, state, settings, name=name, method="GET",
+        # Retried and hedged like a GET only when the statement only reads; one that
+        # may write follows a POST's rules (retried only when nothing was sent).
+        method = "GET" if sql_reads_only(query) else "POST"
+        return await run_attempts(ctx, scope, state, settings, name=name, method=method,
                                   replayable=True, perform=perform)

@@ -9,6 +9,7 @@ field so the loader can point at the line.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -330,6 +331,24 @@ class FanoutCall(_Model):
         return self
 
 
+_SQL_COMMENT = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
+_SQL_READS = re.compile(r"^\s*\(*\s*(select|values|table|with|show)\b", re.I)
+_SQL_WRITES = re.compile(
+    r"\b(insert|update|delete|merge|copy|call|do|lock|create|alter|drop|truncate|grant|"
+    r"revoke|refresh|vacuum|nextval|setval|for\s+(no\s+key\s+)?update|for\s+(key\s+)?share)"
+    r"\b", re.I)
+
+
+@functools.lru_cache(maxsize=1024)
+def sql_reads_only(query: str) -> bool:
+    """Whether a statement only reads, as far as its text tells: it starts as a read and
+    names no writing or locking keyword. Only such calls are retried after a timeout
+    and hedged; a statement that may write runs once (like a POST). A read that calls a
+    function with side effects cannot be told from its text."""
+    text = _SQL_COMMENT.sub(" ", query)
+    return bool(_SQL_READS.match(text)) and not _SQL_WRITES.search(text)
+
+
 class Quorum(_Model):
     quorum: int = Field(ge=1)
 
@@ -482,6 +501,12 @@ def cross_check(policy: Policy) -> list[Problem]:
                         problems.append(Problem(
                             (*where, "args", arg_index),
                             f"path.{name} is not a parameter of the route path {route.path!r}"))
+                if call.query is not None and call.hedge_after is not None \
+                        and not sql_reads_only(call.query):
+                    problems.append(Problem(
+                        (*where, "hedge_after"),
+                        "ignored: the statement may write, and only statements that only "
+                        "read are hedged (a write would run twice)", severity="warning"))
                 if call.query is not None:
                     used = {int(n) for n in re.findall(r"\$(\d+)", call.query)}
                     if used and max(used) > len(call.args):

@@ -156,3 +156,43 @@ async def test_reloads_asked_together_apply_a_change_once(database, tmp_path):
             both.start_soon(gw.gateway.reload)
             both.start_soon(gw.gateway.reload)
         assert runtime.reloads == 1
+
+
+HEDGED = """
+version: 1
+upstreams:
+  db:
+    postgres: {dsn_env: GATEWAY_TEST_DSN, pool: {min: 2, max: 4}}
+routes:
+  - path: /api/read/{id}
+    deadline: 2s
+    sql:
+      upstream: db
+      query: "SELECT $1::int AS v FROM pg_sleep(0.2)"
+      args: ["path.id:int"]
+      one: true
+      hedge_after: 20ms
+  - path: /api/write/{id}
+    deadline: 2s
+    sql:
+      upstream: db
+      query: "INSERT INTO gw_log (v) SELECT $1 FROM pg_sleep(0.2) RETURNING v"
+      args: ["path.id:int"]
+      one: true
+      hedge_after: 20ms
+"""
+
+
+async def test_a_statement_that_may_write_is_never_hedged(database):
+    database.psql("DROP TABLE IF EXISTS gw_log; CREATE TABLE gw_log (v int)")
+    async with run_gateway(HEDGED) as gw, gw.client() as client:
+        warnings = [str(w) for w in gw.gateway.runtime.snapshot.loaded.warnings]
+        assert any("sql.hedge_after: warning: ignored: the statement may write" in w
+                   for w in warnings), \
+            warnings
+        for kind, expected_attempts in (("read", 2), ("write", 1)):
+            response = await client.get(f"/api/{kind}/5")
+            assert response.status_code == 200 and response.json() == {"v": 5}
+            trace = await trace_of(gw, response.headers["x-request-id"])
+            attempts = [s for s in trace.root.walk() if s.kind == "attempt"]
+            assert len(attempts) == expected_attempts, (kind, trace.to_json())
