@@ -9,7 +9,7 @@ import h2.settings
 import trio
 
 from tests.gateway_harness import run_gateway, traces_with
-from tests.upstream import proxy_policy, start_upstream
+from tests.upstream import Upstream, proxy_policy, start_upstream
 
 
 class H2Client:
@@ -153,18 +153,25 @@ async def _send_body(client: H2Client, stream_id: int, size: int, *, end: bool) 
     return sent
 
 
+async def _upload_waiting_for_a_slot(client: H2Client, upstream: Upstream) -> tuple[int, int]:
+    """A stalled GET that takes upstream one's only slot, then a POST whose body waits
+    for it; their stream ids."""
+    holder = await client.get("/one/stall")
+    await upstream.wait_for(lambda: upstream.in_flight >= 1)
+    upload = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(upload, [(":method", "POST"), (":path", "/one/ok"),
+                                      (":scheme", "http"), (":authority", "gw")])
+    await client.flush()
+    return holder, upload
+
+
 async def test_a_stream_whose_body_waits_does_not_stop_the_other_streams():
     async with trio.open_nursery() as nursery:
         upstream = await start_upstream(nursery)
         async with run_gateway(TWO_UPSTREAMS.format(url=upstream.url)) as gw:
             client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
             await client.start()
-            holder = await client.get("/one/stall")  # takes upstream one's only slot
-            await upstream.wait_for(lambda: upstream.in_flight >= 1)
-            upload = client.conn.get_next_available_stream_id()
-            client.conn.send_headers(upload, [(":method", "POST"), (":path", "/one/ok"),
-                                              (":scheme", "http"), (":authority", "gw")])
-            await client.flush()
+            holder, upload = await _upload_waiting_for_a_slot(client, upstream)
             # The upload waits for a slot: the client can send only a bounded amount
             # ahead (flow control), and then the window stays shut.
             ahead = await _send_body(client, upload, 4 * 1024 * 1024, end=False)
@@ -189,12 +196,7 @@ async def test_resetting_a_stream_whose_body_waits_cancels_it_at_once():
         async with run_gateway(TWO_UPSTREAMS.format(url=upstream.url)) as gw:
             client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
             await client.start()
-            await client.get("/one/stall")  # takes upstream one's only slot
-            await upstream.wait_for(lambda: upstream.in_flight >= 1)
-            upload = client.conn.get_next_available_stream_id()
-            client.conn.send_headers(upload, [(":method", "POST"), (":path", "/one/ok"),
-                                              (":scheme", "http"), (":authority", "gw")])
-            await client.flush()
+            _, upload = await _upload_waiting_for_a_slot(client, upstream)
             await _send_body(client, upload, 4 * 1024 * 1024, end=False)
             await client.reset(upload)
             with trio.fail_after(2):  # not at the 20 s queue timeout

@@ -8,6 +8,8 @@ import resource
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -18,7 +20,20 @@ from gateway import _supervisor
 from gateway._supervisor import Supervisor, describe_exit
 from tests.metrics import metric_total
 from tests.process_harness import ROOT, ServedGateway, serve_process
-from tests.upstream import proxy_policy, start_upstream
+from tests.upstream import Upstream, proxy_policy, start_upstream
+
+
+@asynccontextmanager
+async def upstream_and_policy(tmp_path: Path, edit: tuple[str, str] = ("", "")
+                              ) -> AsyncIterator[tuple[Upstream, Path]]:
+    """A test upstream and the plain proxy policy in front of it (``edit`` replaces one
+    text in it), in a file."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url).replace(*edit))
+        yield upstream, policy
+        nursery.cancel_scope.cancel()
 
 
 async def _wait_for_workers(served: ServedGateway, count: int, gone: set[int]) -> list[int]:
@@ -41,10 +56,7 @@ def _any_exists(paths: list[str]) -> bool:
 
 
 async def test_killed_workers_are_replaced_and_their_gauges_forgotten(tmp_path: Path):
-    async with trio.open_nursery() as nursery:
-        upstream = await start_upstream(nursery)
-        policy = tmp_path / "policy.yaml"
-        policy.write_text(proxy_policy(upstream.url))
+    async with upstream_and_policy(tmp_path) as (upstream, policy):
         with serve_process(policy, workers=2) as served:
             first = await _wait_for_workers(served, 2, set())
             metrics_dir = _metrics_dir(first[0])
@@ -94,14 +106,10 @@ async def test_killed_workers_are_replaced_and_their_gauges_forgotten(tmp_path: 
             code = await trio.to_thread.run_sync(served.process.wait, 20)
             assert code == 0, output
             assert not _any_exists([*(f"/proc/{pid}" for pid in second), metrics_dir])
-        nursery.cancel_scope.cancel()
 
 
 async def test_sigterm_with_no_worker_processes_drains_in_flight_requests(tmp_path: Path):
-    async with trio.open_nursery() as nursery:
-        upstream = await start_upstream(nursery)
-        policy = tmp_path / "policy.yaml"
-        policy.write_text(proxy_policy(upstream.url))
+    async with upstream_and_policy(tmp_path) as (upstream, policy):
         with serve_process(policy, workers=0) as served:
             assert served.worker_pids() == []
             results: list[int] = []
@@ -119,7 +127,6 @@ async def test_sigterm_with_no_worker_processes_drains_in_flight_requests(tmp_pa
         assert results == [200, 200, 200]
         assert upstream.cancelled == []
         assert code == 0, "".join(served.output)
-        nursery.cancel_scope.cancel()
 
 
 def _exit_with_3(shutdown_event: object) -> None:
@@ -145,10 +152,7 @@ def test_exits_are_described_by_code_or_signal():
 async def test_an_earlier_runs_metrics_are_not_added_to_this_runs(tmp_path: Path):
     metrics_dir = tmp_path / "metrics"
     env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    async with trio.open_nursery() as nursery:
-        upstream = await start_upstream(nursery)
-        policy = tmp_path / "policy.yaml"
-        policy.write_text(proxy_policy(upstream.url))
+    async with upstream_and_policy(tmp_path) as (_upstream, policy):
         totals = []
         for requests in (5, 2):
             with serve_process(policy, workers=2, env=env) as served:
@@ -159,7 +163,6 @@ async def test_an_earlier_runs_metrics_are_not_added_to_this_runs(tmp_path: Path
                     metrics = (await admin.get(served.admin_url + "/metrics")).text
                 totals.append(metric_total(metrics, "gateway_requests_total", status="200"))
         assert totals == [5, 2]
-        nursery.cancel_scope.cancel()
 
 
 def _group_gone(pgid: int) -> bool:
@@ -171,10 +174,7 @@ def _group_gone(pgid: int) -> bool:
 
 
 async def test_a_reload_while_a_worker_starts_does_not_kill_it(tmp_path: Path):
-    async with trio.open_nursery() as nursery:
-        upstream = await start_upstream(nursery)
-        policy = tmp_path / "policy.yaml"
-        policy.write_text(proxy_policy(upstream.url))
+    async with upstream_and_policy(tmp_path) as (_upstream, policy):
         with serve_process(policy, workers=2) as served:
             first = await _wait_for_workers(served, 2, set())
             os.kill(first[0], signal.SIGKILL)
@@ -189,7 +189,6 @@ async def test_a_reload_while_a_worker_starts_does_not_kill_it(tmp_path: Path):
             assert "signal SIGHUP" not in output, output
             async with httpx.AsyncClient(base_url=served.url, timeout=10) as client:
                 assert (await client.get("/api/users/1")).status_code == 200
-        nursery.cancel_scope.cancel()
 
 
 async def test_sigterm_just_after_start_leaves_no_process_behind(tmp_path: Path):
@@ -217,11 +216,8 @@ async def test_sigterm_just_after_start_leaves_no_process_behind(tmp_path: Path)
 
 
 async def test_a_worker_that_does_not_drain_is_killed(tmp_path: Path):
-    async with trio.open_nursery() as nursery:
-        upstream = await start_upstream(nursery)
-        policy = tmp_path / "policy.yaml"
-        policy.write_text(proxy_policy(upstream.url).replace(
-            "version: 1\n", "version: 1\nserver: {send_timeout: 1s}\n"))
+    edit = ("version: 1\n", "version: 1\nserver: {send_timeout: 1s}\n")
+    async with upstream_and_policy(tmp_path, edit) as (_upstream, policy):
         config = tmp_path / "hypercorn.toml"
         config.write_text('worker_class = "trio"\ngraceful_timeout = 1\n')
         with serve_process(policy, workers=2, config=config) as served:
@@ -233,14 +229,10 @@ async def test_a_worker_that_does_not_drain_is_killed(tmp_path: Path):
             assert code == 1
             assert "still running 17 s after the stop: killing them" in "".join(served.output)
             assert _group_gone(served.process.pid) or not _any_exists([f"/proc/{wedged}"])
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_worker_that_cannot_be_started_stops_the_master(tmp_path: Path):
-    async with trio.open_nursery() as nursery:
-        upstream = await start_upstream(nursery)
-        policy = tmp_path / "policy.yaml"
-        policy.write_text(proxy_policy(upstream.url))
+    async with upstream_and_policy(tmp_path) as (_upstream, policy):
         with serve_process(policy, workers=2) as served:
             first = await _wait_for_workers(served, 2, set())
             master = served.process.pid
@@ -253,14 +245,10 @@ async def test_a_worker_that_cannot_be_started_stops_the_master(tmp_path: Path):
             output = "".join(served.output)
             assert "cannot start a worker" in output, output
             assert not _any_exists([f"/proc/{pid}" for pid in first])
-        nursery.cancel_scope.cancel()
 
 
 async def test_no_worker_processes_pid_file_and_a_second_signal(tmp_path: Path):
-    async with trio.open_nursery() as nursery:
-        upstream = await start_upstream(nursery)
-        policy = tmp_path / "policy.yaml"
-        policy.write_text(proxy_policy(upstream.url))
+    async with upstream_and_policy(tmp_path) as (upstream, policy):
         pid_file = tmp_path / "gateway.pid"
         config = tmp_path / "hypercorn.toml"
         config.write_text(f'worker_class = "trio"\ngraceful_timeout = 30\n'
@@ -284,4 +272,3 @@ async def test_no_worker_processes_pid_file_and_a_second_signal(tmp_path: Path):
                     clients.cancel_scope.cancel()
             assert code == 1
             assert "second stop signal" in "".join(served.output)
-        nursery.cancel_scope.cancel()
