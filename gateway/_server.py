@@ -188,12 +188,12 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     supervisor = None
     if config.workers > 0:
-        # Past graceful_timeout a worker cancels what is left; a write to a client that
-        # stopped reading can take send_timeout more, and closing pools a few seconds.
-        drain_timeout_s = config.graceful_timeout + loaded.policy.server.send_timeout + 15
         supervisor = Supervisor(config.workers, trio_worker,
                                 {"config": config, "sockets": sockets},
-                                drain_timeout_s=drain_timeout_s, on_worker_exit=forget_worker,
+                                drain_timeout_s=functools.partial(
+                                    drain_timeout, policy_file, config.graceful_timeout,
+                                    loaded.policy.server.send_timeout),
+                                on_worker_exit=forget_worker,
                                 on_workers_changed=worker_list_recorder(run_dir))
         supervisor.take_signals()
     public = ", ".join(f"http://{h}:{p}" for h, p in addresses[:public_count])
@@ -238,6 +238,20 @@ async def _stop_signal() -> None:
 def _exit_at_once(signum: int, frame: object) -> None:
     os.write(2, b"gateway: second stop signal: exiting without draining\n")
     os._exit(1)
+
+
+def drain_timeout(policy_file: str, graceful_timeout: float, send_timeout: float) -> float:
+    """How long the master waits for stopping workers before it kills them.
+
+    Past graceful_timeout a worker cancels what is left; a write to a client that
+    stopped reading can take send_timeout more (from the policy file as it is now, which
+    the workers may have reloaded; ``send_timeout`` if it cannot be read), and closing
+    pools a few seconds."""
+    from ._policy_loader import PolicyError, load_policy_file
+
+    with contextlib.suppress(PolicyError, OSError):
+        send_timeout = load_policy_file(policy_file).policy.server.send_timeout
+    return graceful_timeout + send_timeout + 15
 
 
 def clear_metrics_dir(directory: str) -> None:

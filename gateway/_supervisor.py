@@ -55,13 +55,14 @@ class Supervisor:
     """Keeps ``count`` worker processes running ``target(**kwargs, shutdown_event=…)``.
 
     SIGTERM or SIGINT sets the shared shutdown event, after which each worker drains
-    its in-flight requests and exits; a worker still running ``drain_timeout_s`` later,
+    its in-flight requests and exits; a worker still running ``drain_timeout_s`` later
+    (a number, or a function asked at the stop),
     or any worker once a second stop signal comes, is killed. SIGHUP is forwarded to
     the workers, which reload their policy themselves.
     """
 
     def __init__(self, count: int, target: Callable[..., None], kwargs: Mapping[str, Any],
-                 *, drain_timeout_s: float = 60.0,
+                 *, drain_timeout_s: float | Callable[[], float] = 60.0,
                  on_worker_exit: Callable[[int], None] | None = None,
                  on_workers_changed: Callable[[list[int]], None] | None = None) -> None:
         self._count = count
@@ -165,13 +166,15 @@ class Supervisor:
     def _join_all(self) -> bool:
         """Wait for every worker to end; kill those still running past the drain
         timeout. True when all drained on their own."""
-        deadline = time.monotonic() + self._drain_timeout_s
+        timeout_s = (self._drain_timeout_s() if callable(self._drain_timeout_s)
+                     else self._drain_timeout_s)
+        deadline = time.monotonic() + timeout_s
         drained = True
         while self._workers:
             if drained and time.monotonic() > deadline:
                 pids = [p.pid for p in self._workers]
                 log.error("workers %s still running %.0f s after the stop: killing them",
-                          pids, self._drain_timeout_s)
+                          pids, timeout_s)
                 self._signal_workers(signal.SIGKILL)
                 drained = False
             wait([process.sentinel for process in self._workers], timeout=_POLL_S)

@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from gateway import _supervisor
+from gateway._server import drain_timeout
 from gateway._supervisor import Supervisor, describe_exit
 from tests.metrics import metric_total
 from tests.process_harness import ROOT, ServedGateway, serve_process
@@ -272,3 +273,13 @@ async def test_no_worker_processes_pid_file_and_a_second_signal(tmp_path: Path):
                     clients.cancel_scope.cancel()
             assert code == 1
             assert "second stop signal" in "".join(served.output)
+
+
+def test_the_drain_bound_follows_the_policy_file_as_it_is_at_the_stop(tmp_path: Path):
+    # Workers may have reloaded a policy with another send_timeout since the start.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(proxy_policy("http://127.0.0.1:9").replace(
+        "version: 1\n", "version: 1\nserver: {send_timeout: 5s}\n"))
+    assert drain_timeout(str(policy), 10, 30) == 10 + 5 + 15
+    policy.write_text("version: 1\nroutes: nonsense\n")  # unreadable: the start's value
+    assert drain_timeout(str(policy), 10, 30) == 10 + 30 + 15
