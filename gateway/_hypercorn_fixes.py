@@ -19,8 +19,12 @@ Races:
   reads the connection's next frame only once the body has been queued: a stream whose
   app is not reading its body (waiting for an upstream slot, relaying to a slow
   upstream) stopped every other stream of the connection. A stream's body is now
-  queued without waiting (:class:`H2Inbox`), bounded by the stream's flow-control
-  window, which is reopened only as the app takes the body.
+  queued without waiting, bounded by the stream's flow-control window, which is
+  reopened only as the app takes the body; a stream answered before its body was read
+  is reset with NO_ERROR (:mod:`gateway._h2_flow`).
+* A cancelled task's write was dropped once it had left the protocol's state machine:
+  for HTTP/2 a lost HEADERS frame or WINDOW_UPDATE breaks the whole connection. HTTP/2
+  writes are now shielded from the writer's cancellation (:func:`send_bounded`).
 
 Settings:
 
@@ -67,7 +71,6 @@ import types
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from functools import partial
 from typing import Any
 from wsgiref.handlers import format_date_time as _format_date_time
 
@@ -82,6 +85,8 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
+
+from gateway._h2_flow import H2Inbox, H2Put, connection_window, reset_if_answered_early
 
 #: Scope extension of a server that calls ``extension["on_close"]()``, if an app has set
 #: it, when the request's stream closes: after the response, or when the client leaves.
@@ -130,25 +135,39 @@ def set_send_timeout(seconds: float) -> None:
 SEND_PIECE = 64 * 1024
 
 
+async def _unless_multiplexed(server: Any, step: Callable[[], Awaitable[None]]) -> None:
+    if not isinstance(getattr(server.protocol, "protocol", None), H2Protocol):
+        await step()
+
+
 async def send_bounded(server: Any, data: bytes) -> None:
-    """Hypercorn's write of ``data`` (under the connection's send lock, shielded so that
-    a cancelled request never leaves half a frame on the wire), given up when the
+    """Hypercorn's write of ``data`` under the connection's send lock, given up when the
     client takes no piece of it within ``server.send_timeout``: the connection is then
-    closed and its streams told so."""
-    async with server.send_lock:
-        view = memoryview(data)
-        try:
-            with trio.CancelScope(shield=True) as scope:
-                for start in range(0, len(view), SEND_PIECE):
-                    scope.deadline = trio.current_time() + _send_timeout
-                    await server.stream.send_all(view[start:start + SEND_PIECE])
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await server.protocol.handle(Closed())
-            return
-        if scope.cancelled_caught:
-            log.info("a client took no %d-byte piece of its answer within send_timeout "
-                     "(%.3g s): closing its connection", SEND_PIECE, _send_timeout)
-            with trio.CancelScope(shield=True):
+    closed and its streams told so.
+
+    On HTTP/2 the write is shielded from the writer's cancellation, the wait for the
+    lock included: its bytes have already left the protocol's state machine (header
+    compression state, flow-control credit, END_STREAM), so dropping them would break
+    the connection for every stream on it, not only the cancelled request's. Each
+    writer ahead holds the lock for at most ``send_timeout`` a piece. On HTTP/1.1 a
+    cancelled request writes nothing more and its connection closes: a request cut by
+    the graceful timeout gets no half answer, and no 500.
+    """
+    await _unless_multiplexed(server, trio.lowlevel.checkpoint_if_cancelled)
+    with trio.CancelScope(shield=True):
+        async with server.send_lock:
+            view = memoryview(data)
+            try:
+                with trio.CancelScope() as scope:
+                    for start in range(0, len(view), SEND_PIECE):
+                        scope.deadline = trio.current_time() + _send_timeout
+                        await server.stream.send_all(view[start:start + SEND_PIECE])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await server.protocol.handle(Closed())
+                return
+            if scope.cancelled_caught:
+                log.info("a client took no %d-byte piece of its answer within send_timeout "
+                         "(%.3g s): closing its connection", SEND_PIECE, _send_timeout)
                 await trio.aclose_forcefully(server.stream)
                 await server.protocol.handle(Closed())
 
@@ -230,77 +249,6 @@ def _direct_send(server: Any, data: bytes) -> int | None:
         return 0
     except OSError:
         return None
-
-
-class H2Inbox:
-    """One HTTP/2 stream's messages for its app, queued without blocking the connection.
-
-    The body bytes queued here are bounded by the stream's flow-control window: the
-    connection's window is reopened as each DATA frame arrives, the stream's only as the
-    app takes the body (:meth:`receive`), so a client can send no more than a window
-    ahead of the app. Pieces waiting together are handed over as one message, so tiny
-    DATA frames cannot pile up as many messages.
-    """
-
-    def __init__(self) -> None:
-        self._messages: deque[dict[str, Any]] = deque()
-        self._credit: deque[int] = deque()  # flow-control bytes owed, per message
-        self._arrived = trio.lowlevel.ParkingLot()
-        self._reopen: Callable[[int], Awaitable[None]] | None = None
-
-    def add_body(self, data: bytes, credit: int,
-                 reopen: Callable[[int], Awaitable[None]]) -> None:
-        """Queue a DATA frame's bytes; ``reopen(credit)`` runs once the app takes them."""
-        self._reopen = reopen
-        if self._messages and self._open_body(self._messages[-1]):
-            self._messages[-1]["body"] += data
-            self._credit[-1] += credit
-        else:
-            self._append({"type": "http.request", "body": bytearray(data), "more_body": True},
-                         credit)
-
-    def put(self, message: dict[str, Any]) -> None:
-        if (message.get("type") == "http.request" and not message.get("more_body")
-                and self._messages and self._open_body(self._messages[-1])):
-            self._messages[-1]["body"] += message.get("body", b"")
-            self._messages[-1]["more_body"] = False
-            return
-        self._append(dict(message), 0)
-
-    async def receive(self) -> dict[str, Any]:
-        while not self._messages:
-            await self._arrived.park()
-        message, credit = self._messages.popleft(), self._credit.popleft()
-        if message.get("type") == "http.request":
-            message["body"] = bytes(message["body"])
-        if credit and self._reopen is not None:
-            await self._reopen(credit)
-        return message
-
-    def _append(self, message: dict[str, Any], credit: int) -> None:
-        self._messages.append(message)
-        self._credit.append(credit)
-        self._arrived.unpark_all()
-
-    @staticmethod
-    def _open_body(message: dict[str, Any]) -> bool:
-        return message["type"] == "http.request" and bool(message["more_body"])
-
-
-class H2Put:
-    """The ``app_put`` of an HTTP/2 stream: queues into its :class:`H2Inbox`."""
-
-    def __init__(self, inbox: H2Inbox) -> None:
-        self.inbox = inbox
-
-    async def __call__(self, message: dict[str, Any]) -> None:
-        self.inbox.put(message)
-
-
-async def _reopen_stream_window(protocol: Any, stream_id: int, credit: int) -> None:
-    with suppress(h2.exceptions.H2Error):  # the stream has ended meanwhile
-        protocol.connection.increment_flow_control_window(credit, stream_id=stream_id)
-    await protocol._flush()
 
 
 class BatchAcceptListener(trio.abc.Listener[trio.SocketStream]):
@@ -403,6 +351,7 @@ def apply() -> None:
         if not any(type(event) is h2.events.DataReceived for event in events):
             await original_h2_events(self, events)
             return
+        credited = False
         for event in events:  # one at a time: an earlier event may close the stream
             if type(event) is h2.events.DataReceived:
                 stream = self.streams.get(event.stream_id)
@@ -415,14 +364,13 @@ def apply() -> None:
                 if isinstance(app_put, H2Put):
                     # Queued without waiting; only the stream's window waits for the app.
                     if event.flow_controlled_length:  # an empty DATA frame (END_STREAM) has none
-                        self.connection.increment_flow_control_window(
-                            event.flow_controlled_length)
-                        app_put.inbox.add_body(
-                            event.data, event.flow_controlled_length,
-                            partial(_reopen_stream_window, self, event.stream_id))
-                        await self._flush()
+                        credited |= connection_window(self).give(event.flow_controlled_length)
+                        app_put.inbox.add_body(event.data, event.flow_controlled_length,
+                                               self, event.stream_id)
                     continue
             await original_h2_events(self, [event])
+        if credited:
+            await self._flush()
 
     H2Protocol._handle_events = _handle_h2_events  # type: ignore[method-assign]
 
@@ -438,6 +386,27 @@ def apply() -> None:
                 await buffer.close()
 
     H2Protocol.handle = _handle_h2  # type: ignore[method-assign]
+
+    # An answer that ends while its client is still sending the body: the stream is
+    # reset with NO_ERROR once both the app has closed it and its END_STREAM is queued,
+    # whichever of the two comes last.
+    original_stream_send: Callable[[Any, Any], Awaitable[None]] = H2Protocol.stream_send
+
+    async def _stream_send(self: Any, event: Any) -> None:
+        await original_stream_send(self, event)
+        if type(event) is StreamClosed and reset_if_answered_early(self, event.stream_id):
+            await self._flush()
+
+    H2Protocol.stream_send = _stream_send  # type: ignore[method-assign]
+
+    original_send_data: Callable[[Any, int], Awaitable[None]] = H2Protocol._send_data
+
+    async def _send_data(self: Any, stream_id: int) -> None:
+        await original_send_data(self, stream_id)
+        if stream_id not in self.streams and reset_if_answered_early(self, stream_id):
+            await self._flush()
+
+    H2Protocol._send_data = _send_data  # type: ignore[method-assign]
 
     previous_spawn: Callable[..., Awaitable[Any]] = TaskGroup.spawn_app
 
@@ -470,9 +439,9 @@ def _apply_cost_changes() -> None:
 
     async def protocol_send(self: Any, event: Event) -> None:
         if type(event) is RawData and not self.send_lock.locked():
-            # A cancelled task writes nothing, as with the lock it would have taken (it
+            # As in send_bounded, only HTTP/1.1 drops a cancelled task's write (this
             # yields only when the task is cancelled).
-            await trio.lowlevel.checkpoint_if_cancelled()
+            await _unless_multiplexed(self, trio.lowlevel.checkpoint_if_cancelled)
             data = event.data
             if not data:
                 return

@@ -2,8 +2,12 @@
 upstream work just as a closed HTTP/1.1 connection does, and the connection's other
 streams go on."""
 
+from collections.abc import Callable
+from typing import Any
+
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import trio
@@ -42,15 +46,30 @@ class H2Client:
         await self.flush()
 
     async def response_status(self, stream_id: int) -> int:
+        event = await self.until(lambda e: isinstance(e, h2.events.ResponseReceived)
+                                 and e.stream_id == stream_id)
+        return int(dict(event.headers)[b":status"])
+
+    async def until(self, wanted: Callable[[h2.events.Event], bool]) -> Any:
+        """The first event (seen or still to come) that is ``wanted``."""
         while True:
             for event in self.events:
-                if isinstance(event, h2.events.ResponseReceived) and \
-                        event.stream_id == stream_id:
-                    return int(dict(event.headers)[b":status"])
+                if wanted(event):
+                    return event
             data = await self.stream.receive_some(65536)
             assert data, "connection closed"
             self.events.extend(self.conn.receive_data(data))
             await self.flush()
+
+    async def round_trip(self) -> None:
+        """Return once the gateway has handled every frame sent before this call, and
+        everything it wrote in answer to them has been read: two PINGs, since what
+        answers a frame may follow the PING ACK of the same read."""
+        for payload in (b"first...", b"second.."):
+            self.conn.ping(payload)
+            await self.flush()
+            await self.until(lambda e, p=payload: isinstance(e, h2.events.PingAckReceived)
+                             and e.ping_data == p)
 
 
 async def test_http2_stream_reset_cancels_the_upstream():
@@ -233,4 +252,81 @@ async def test_a_closed_connection_releases_a_stream_whose_answer_waits_to_be_se
                 while gw.gateway.runtime.gate.in_flight > 0:
                     await trio.sleep(0.01)
             assert trio.current_time() - closed < 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_body_of_tiny_frames_costs_no_window_update_per_frame():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            await client.round_trip()
+            upload = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(upload, [(":method", "POST"), (":path", "/api/ok"),
+                                              (":scheme", "http"), (":authority", "gw")])
+            for _ in range(5000):
+                client.conn.send_data(upload, b"x")
+            await client.flush()
+            await client.round_trip()
+            client.conn.end_stream(upload)
+            await client.flush()
+            with trio.fail_after(5):
+                assert await client.response_status(upload) == 200
+            assert upstream.requests[-1].body_size == 5000
+            updates = [e for e in client.events if isinstance(e, h2.events.WindowUpdated)]
+            assert len(updates) <= 2  # credit goes back by half windows, not per frame
+            await client.stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_upload_answered_before_its_body_is_read_is_told_to_stop_sending():
+    """A client that sends its whole window before the 413 would otherwise wait forever
+    for a window that nobody will reopen."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = proxy_policy(upstream.url).replace("    deadline: 10s\n",
+                                                    "    deadline: 10s\n    max_body: 1KiB\n")
+        async with run_gateway(policy) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            refused = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(refused, [(":method", "POST"), (":path", "/api/ok"),
+                                               (":scheme", "http"), (":authority", "gw"),
+                                               ("content-length", "300000")])
+            while window := min(client.conn.local_flow_control_window(refused), 16384):
+                client.conn.send_data(refused, b"x" * window)
+            await client.flush()
+            with trio.fail_after(5):
+                reset = await client.until(lambda e: isinstance(e, h2.events.StreamReset)
+                                           and e.stream_id == refused)
+            assert reset.error_code == h2.errors.ErrorCodes.NO_ERROR
+            # The whole answer came first.
+            ended = [i for i, e in enumerate(client.events)
+                     if isinstance(e, h2.events.StreamEnded) and e.stream_id == refused]
+            assert ended and ended[0] < client.events.index(reset)
+            assert await client.response_status(refused) == 413
+            with trio.fail_after(5):
+                assert await client.response_status(await client.get("/api/ok")) == 200
+            await client.stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_upload_shed_while_its_body_waits_is_told_to_stop_sending():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = TWO_UPSTREAMS.replace("queue_timeout: 20s", "queue_timeout: 1s")
+        async with run_gateway(policy.format(url=upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            _, upload = await _upload_waiting_for_a_slot(client, upstream)
+            while window := min(client.conn.local_flow_control_window(upload), 16384):
+                client.conn.send_data(upload, b"x" * window)
+            await client.flush()
+            with trio.fail_after(5):  # shed at the 1 s queue timeout
+                assert await client.response_status(upload) == 503
+                reset = await client.until(lambda e: isinstance(e, h2.events.StreamReset)
+                                           and e.stream_id == upload)
+            assert reset.error_code == h2.errors.ErrorCodes.NO_ERROR
+            await client.stream.aclose()
         nursery.cancel_scope.cancel()
