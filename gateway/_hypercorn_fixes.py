@@ -412,7 +412,9 @@ def apply() -> None:
 
     async def spawn_app(self: Any, app: Any, config: Any, scope: Any,
                         send: Callable[[Any], Awaitable[None]]) -> Any:
-        if scope.get("http_version") != "2":
+        if scope.get("http_version") != "2" or scope["type"] != "http":
+            # HTTP/1.1, and HTTP/2 WebSockets, whose DATA frames carry WebSocket frames
+            # for Hypercorn to decode, not a request body.
             return await previous_spawn(self, app, config, scope, send)
         inbox = H2Inbox()
         self._nursery.start_soon(_handle, app, config, scope, inbox.receive, send,

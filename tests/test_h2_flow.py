@@ -24,8 +24,8 @@ Handler = Callable[[Receive], Awaitable[None]]
 
 @asynccontextmanager
 async def serve_asgi(handler: Handler) -> AsyncIterator[H2Client]:
-    """Serve an app that hands each POST's ``receive`` to ``handler`` and answers
-    everything else 200; an HTTP/2 client connected to it."""
+    """Serve an app that hands each POST's ``receive`` to ``handler``, echoes one
+    WebSocket message and answers everything else 200; an HTTP/2 client connected."""
 
     async def app(scope: dict[str, Any], receive: Receive,
                   send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
@@ -33,6 +33,13 @@ async def serve_asgi(handler: Handler) -> AsyncIterator[H2Client]:
             while (message := await receive())["type"] != "lifespan.shutdown":
                 await send({"type": message["type"] + ".complete"})
             await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] == "websocket":  # echo one message
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept"})
+            message = await receive()
+            await send({"type": "websocket.send", "text": message.get("text")})
+            await send({"type": "websocket.close", "code": 1000})
             return
         if scope["method"] == "POST":
             await handler(receive)
@@ -124,3 +131,27 @@ async def test_a_cancelled_read_of_the_body_loses_nothing_and_the_client_gets_it
             await client.until(lambda e: isinstance(e, h2.events.WindowUpdated)
                                and e.stream_id == upload)
         assert bodies == [65535]
+
+
+async def _no_posts(receive: Receive) -> None:
+    raise AssertionError("no POST is sent")
+
+
+async def test_an_http2_websocket_gets_its_messages_not_a_request_body():
+    async with serve_asgi(_no_posts) as client:
+        await client.round_trip()  # the server's SETTINGS allow extended CONNECT
+        stream_id = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(stream_id, [
+            (":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"),
+            (":path", "/"), (":authority", "t"), ("sec-websocket-version", "13")])
+        await client.flush()
+        assert await client.response_status(stream_id) == 200
+        mask, text = b"\x01\x02\x03\x04", b"hello"
+        frame = bytes([0x81, 0x80 | len(text)]) + mask + bytes(
+            byte ^ mask[index % 4] for index, byte in enumerate(text))
+        client.conn.send_data(stream_id, frame)
+        await client.flush()
+        with trio.fail_after(5):
+            echoed = await client.until(lambda e: isinstance(e, h2.events.DataReceived)
+                                        and e.stream_id == stream_id)
+        assert echoed.data[:2 + len(text)] == bytes([0x81, len(text)]) + text
