@@ -13,7 +13,9 @@ sending tiny DATA frames does not get a WINDOW_UPDATE for each.
 A stream answered before its body was read (a 413, a request shed while it waited) is
 reset with NO_ERROR once the answer has ended (RFC 9113, section 8.1): the client stops
 sending a body nobody will read, instead of waiting forever on a window that the body
-queued for a finished app would never reopen.
+queued for a finished app would never reopen. A stream whose app ended in the middle of
+its answer (an upstream broke mid-body) is reset with INTERNAL_ERROR, so its client
+sees the answer fail rather than wait for the rest of it.
 """
 
 from __future__ import annotations
@@ -73,8 +75,13 @@ class ConnectionWindow:
         if self._owed < CREDIT_BATCH:
             return False
         owed, self._owed = self._owed, 0
-        self._protocol.connection.increment_flow_control_window(owed)
-        return True
+        # The connection may have closed earlier in the same read (a GOAWAY after the
+        # DATA, Hypercorn's keep_alive_max_requests): no credit is due then, and h2's
+        # ProtocolError would end the whole worker.
+        with suppress(h2.exceptions.H2Error):
+            self._protocol.connection.increment_flow_control_window(owed)
+            return True
+        return False
 
 
 def connection_window(protocol: Any) -> ConnectionWindow:
@@ -162,3 +169,26 @@ def reset_if_answered_early(protocol: Any, stream_id: int) -> bool:
         protocol.connection.reset_stream(stream_id, h2.errors.ErrorCodes.NO_ERROR)
         return True
     return False
+
+
+def reset_if_cut(protocol: Any, stream_id: int) -> bool:
+    """Reset with INTERNAL_ERROR a stream whose app ended in the middle of its answer (an
+    upstream broke mid-body); true when a reset is now queued.
+
+    Over HTTP/1.1 Hypercorn then drops the connection; over HTTP/2 it only forgot the
+    stream, which stayed open with neither END_STREAM nor RST_STREAM: the client waited
+    for the rest of the body for ever.
+    """
+    buffer = protocol.stream_buffers.get(stream_id)
+    stream = protocol.connection.streams.get(stream_id)
+    if (buffer is None or buffer._complete or stream is None
+            or stream.state_machine.state not in _ANSWER_OPEN):
+        return False
+    with suppress(h2.exceptions.H2Error):
+        protocol.connection.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        return True
+    return False
+
+
+#: States of a stream whose answer has not ended (no END_STREAM queued).
+_ANSWER_OPEN = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})

@@ -86,7 +86,13 @@ from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
 
-from gateway._h2_flow import H2Inbox, H2Put, connection_window, reset_if_answered_early
+from gateway._h2_flow import (
+    H2Inbox,
+    H2Put,
+    connection_window,
+    reset_if_answered_early,
+    reset_if_cut,
+)
 
 #: Scope extension of a server that calls ``extension["on_close"]()``, if an app has set
 #: it, when the request's stream closes: after the response, or when the client leaves.
@@ -389,12 +395,19 @@ def apply() -> None:
 
     # An answer that ends while its client is still sending the body: the stream is
     # reset with NO_ERROR once both the app has closed it and its END_STREAM is queued,
-    # whichever of the two comes last.
+    # whichever of the two comes last. One the app left unfinished is reset at once.
     original_stream_send: Callable[[Any, Any], Awaitable[None]] = H2Protocol.stream_send
 
     async def _stream_send(self: Any, event: Any) -> None:
         await original_stream_send(self, event)
-        if type(event) is StreamClosed and reset_if_answered_early(self, event.stream_id):
+        if type(event) is not StreamClosed:
+            return
+        if reset_if_cut(self, event.stream_id):
+            # As for a client's reset: the send task drops the stream's buffer.
+            await self.stream_buffers[event.stream_id].close()
+            await self._window_updated(event.stream_id)
+            await self._flush()
+        elif reset_if_answered_early(self, event.stream_id):
             await self._flush()
 
     H2Protocol.stream_send = _stream_send  # type: ignore[method-assign]

@@ -10,9 +10,11 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+import hypercorn.config
+import pytest
 import trio
 
-from tests.gateway_harness import run_gateway, traces_with
+from tests.gateway_harness import RunningGateway, run_gateway, traces_with
 from tests.upstream import Upstream, proxy_policy, start_upstream
 
 
@@ -328,5 +330,76 @@ async def test_an_upload_shed_while_its_body_waits_is_told_to_stop_sending():
                 reset = await client.until(lambda e: isinstance(e, h2.events.StreamReset)
                                            and e.stream_id == upload)
             assert reset.error_code == h2.errors.ErrorCodes.NO_ERROR
+            await client.stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_answer_cut_mid_body_resets_its_stream_and_the_connection_serves_on():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            cut = await client.get("/api/reset-mid-body")
+            with trio.fail_after(5):
+                assert await client.response_status(cut) == 200
+                reset = await client.until(lambda e: isinstance(e, h2.events.StreamReset)
+                                           and e.stream_id == cut)
+            assert reset.error_code == h2.errors.ErrorCodes.INTERNAL_ERROR
+            assert not any(isinstance(e, h2.events.StreamEnded) and e.stream_id == cut
+                           for e in client.events)  # never passed off as complete
+            with trio.fail_after(5):
+                assert await client.response_status(await client.get("/api/ok")) == 200
+            await client.stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def _worker_serves_another_client(gw: RunningGateway) -> None:
+    with trio.fail_after(5):
+        other = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+        await other.start()
+        assert await other.response_status(await other.get("/api/ok")) == 200
+    await other.stream.aclose()
+
+
+async def test_a_goaway_right_after_an_upload_does_not_end_the_worker():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            upload = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(upload, [(":method", "POST"), (":path", "/api/ok"),
+                                              (":scheme", "http"), (":authority", "gw")])
+            # Half a window of body, then GOAWAY, in one write: the gateway's
+            # connection credit falls due after the connection has closed.
+            client.conn.send_data(upload, b"x" * 16384)
+            client.conn.send_data(upload, b"x" * 16383)
+            client.conn.close_connection()
+            await client.flush()
+            await _worker_serves_another_client(gw)
+            await client.stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_upload_on_the_request_that_ends_the_connection_does_not_end_the_worker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hypercorn closes a connection at keep_alive_max_requests (1,000 by default).
+    monkeypatch.setattr(hypercorn.config.Config, "keep_alive_max_requests", 1)
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            with trio.fail_after(5):
+                assert await client.response_status(await client.get("/api/ok")) == 200
+            upload = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(upload, [(":method", "POST"), (":path", "/api/ok"),
+                                              (":scheme", "http"), (":authority", "gw"),
+                                              ("content-length", "40000")])
+            client.conn.send_data(upload, b"x" * 16384)
+            client.conn.send_data(upload, b"x" * 16384)
+            await client.flush()
+            await _worker_serves_another_client(gw)
             await client.stream.aclose()
         nursery.cancel_scope.cancel()
