@@ -13,6 +13,7 @@ import h2.settings
 import hypercorn.config
 import pytest
 import trio
+from hyperframe.frame import DataFrame
 
 from tests.gateway_harness import RunningGateway, run_gateway, traces_with
 from tests.upstream import Upstream, proxy_policy, start_upstream
@@ -113,8 +114,10 @@ async def test_data_on_an_answered_stream_is_dropped_and_the_connection_serves_o
             await client.flush()
             with trio.fail_after(5):
                 assert await client.response_status(refused) == 413
-            client.conn.send_data(refused, b"x" * 1000)
-            await client.flush()
+            # Written as raw frames: DATA already in flight when the answer (and the
+            # stream's reset) came, which the client's h2 would no longer send itself.
+            for _ in range(2):
+                await client.stream.send_all(DataFrame(refused, data=b"x" * 1000).serialize())
             with trio.fail_after(5):
                 assert await client.response_status(await client.get("/api/ok")) == 200
         nursery.cancel_scope.cancel()
