@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench._scenarios import S1_ACCEPT_LIMIT_S
+from bench._scenarios import S1_ACCEPT_LIMIT_S, s1_ratio
 
 PACKAGES = (
     "trio",
@@ -122,8 +122,8 @@ S1_TITLE = "## S1 throughput: `GET /api/fast` (~200-byte JSON from the upstream)
 
 
 def _c1000_over_c64(d: dict[str, Any]) -> str:
-    c64, c1000 = d.get("c64", {}).get("rps"), d.get("c1000", {}).get("rps")
-    return _f(c1000 / c64, 2) if c64 and c1000 is not None else "-"
+    ratio = s1_ratio(d)
+    return "-" if ratio is None else _f(ratio, 2)
 
 
 def _accept_s(connections: str) -> Cell:
@@ -145,6 +145,7 @@ S1_COLUMNS: list[tuple[str, Cell]] = [
                                   ("p99 ms", "p99_ms", 1), ("errors", "errors", 0),
                                   ("CPU s/1k req", "cpu_s_per_1k", 3))),
     *((f"{c} accept s", _accept_s(c)) for c in ("c64", "c1000")),
+    ("c64 again req/s", _at("c64_after", "rps", 0)),
     ("c1000 ÷ c64 req/s", _c1000_over_c64),
 ]
 _LATER_TABLES: list[tuple[str, str, list[tuple[str, Cell]]]] = [

@@ -124,7 +124,8 @@ class Gateway:
                     continue
                 upstream = PostgresUpstream(state.name, PostgresSettings(
                     dsn=dsn, min_size=pg.pool.min, max_size=pg.pool.max,
-                    statement_cache_size=pg.statement_cache_size))
+                    statement_cache_size=pg.statement_cache_size,
+                    client_check_interval_s=pg.client_check_interval))
                 assert self._nursery is not None
                 await self._nursery.start(upstream.run)
                 state.postgres = upstream

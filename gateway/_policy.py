@@ -246,6 +246,9 @@ class PostgresPolicy(_Model):
     dsn_env: str = Field(description="Environment variable holding the DSN (never inline).")
     pool: PostgresPoolPolicy = PostgresPoolPolicy()
     statement_cache_size: int = Field(100, ge=0)
+    client_check_interval: Duration = Field(
+        1.0, ge=0, description="How often a backend running a query checks that the "
+        "gateway's end is still there, and stops the query if not (PostgreSQL 14+; 0 off).")
 
 
 class UpstreamPolicy(_Model):

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
+import trio_asyncio
 
 from gateway._errors import (
     BadRequest,
@@ -21,9 +22,11 @@ from gateway._errors import (
     UpstreamTimeout,
 )
 from gateway.upstreams._postgres import (
+    CLIENT_CHECK,
     PostgresSettings,
     PostgresStatistics,
     PostgresUpstream,
+    _Connector,
     to_json,
 )
 
@@ -497,6 +500,79 @@ async def test_cancelling_run_closes_the_pool(cluster) -> None:
         return count == "0"
 
     await poll_until(all_closed, within_s=2)
+
+
+@pytest.mark.parametrize("check_s", [0.2, 0.0], ids=["client-check", "no-client-check"])
+async def test_a_query_left_by_a_terminated_pool_stops_within_the_client_check(
+    cluster, monitor, check_s: float
+) -> None:
+    """A pool cut at close with a query running (so no cancel request can be sent, as
+    when a worker dies) leaves nothing behind on the server when the backend checks its
+    client: it stops the query within ``client_check_interval_s``. Without the check
+    (the control) the query runs on towards ``statement_timeout``."""
+    up = PostgresUpstream("db", settings(
+        cluster.dsn, min_size=0, max_size=1, close_timeout_s=0.3, statement_timeout_s=60,
+        client_check_interval_s=check_s))
+    marker = f"orphan-{uuid.uuid4().hex}"
+    failures: list[BaseException] = []
+
+    async def running() -> bool:
+        return await active_with(monitor, marker) == 1
+
+    async def gone() -> bool:
+        return await active_with(monitor, marker) == 0
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(up.run)
+        # The connection first goes back to the pool once: asyncpg's RESET ALL on
+        # release must not drop the setting.
+        assert await up.fetchrow(f"SHOW {CLIENT_CHECK}", [], timeout_s=2) == {
+            CLIENT_CHECK: f"{round(check_s * 1000)}ms" if check_s else "0"}
+
+        async def victim() -> None:
+            try:
+                await up.fetch(f"SELECT pg_sleep(30) /* {marker} */", [], timeout_s=60)
+            except UpstreamError as exc:
+                failures.append(exc)
+
+        nursery.start_soon(victim)
+        await poll_until(running, within_s=2)
+        await up.aclose()  # waits close_timeout_s for the query, then terminates
+    assert len(failures) == 1, "the cut query must fail for its caller"
+    try:
+        if check_s:
+            await poll_until(gone, within_s=3)
+        else:
+            await trio.sleep(5 * 0.2)
+            assert await running(), "without the check the backend cannot know"
+    finally:
+        await monitor.fetch(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+            " WHERE pid <> pg_backend_pid() AND position($1 in query) > 0",
+            [marker], timeout_s=1.0)
+
+
+async def test_a_server_that_refuses_the_client_check_is_used_without_it(cluster, caplog) -> None:
+    """The setting is sent in the startup packet, which a server older than 14 (or on a
+    platform without the check) refuses; the pool then connects without it, and says so
+    once. PostgreSQL 15 refuses a malformed value the same way (SQLSTATE 22023)."""
+    connect = _Connector("db")
+    server_settings = {"application_name": "trio-gateway", CLIENT_CHECK: "soon"}
+
+    async def connect_and_show() -> str:
+        con = await connect(cluster.dsn, server_settings=server_settings, timeout=5)
+        try:
+            return str(await con.fetchval(f"SHOW {CLIENT_CHECK}"))
+        finally:
+            await con.close()
+
+    async with trio_asyncio.open_loop() as loop:
+        first = await trio_asyncio.aio_as_trio(connect_and_show, loop=loop)()
+        second = await trio_asyncio.aio_as_trio(connect_and_show, loop=loop)()
+    assert (first, second) == ("0", "0")
+    assert not connect.client_check
+    warnings = [r for r in caplog.records if CLIENT_CHECK in r.getMessage()]
+    assert len(warnings) == 1 and "statement_timeout" in warnings[0].getMessage()
 
 
 @pytest.mark.parametrize("raw", [1e400, -math.inf, math.nan, 3.5, True, "7x"])

@@ -25,6 +25,15 @@ Deadlines and cancellation
     one round trip) bounds every statement inside ``transaction()``. A per-query
     ``SET`` outside a transaction would cost two extra round trips on the hot path.
 
+    When the gateway's end of a connection is gone (a worker killed, a pool terminated
+    on close with a query still running) nobody is left to send a cancel. PostgreSQL 14
+    and later then notice the closed socket themselves if
+    ``client_connection_check_interval`` is set: it is sent in the startup packet
+    (``client_check_interval_s``, default 1 s), so the backend stops such a query within
+    that interval instead of at ``statement_timeout``. A server that refuses the
+    setting (older than 14, or a platform without the check) is connected to without
+    it, with one warning.
+
 Errors, translated once, in ``_translate``::
 
     cannot connect (refused, unreachable, connect timeout,
@@ -111,6 +120,9 @@ class PostgresSettings:
     rollback, pool close); past it the connection is terminated (default 2 s).
     ``statement_timeout_s``: server-side ceiling on any single statement, the backstop
     for a cancel request that never reaches the server (default 30 s; 0 disables).
+    ``client_check_interval_s``: how often a backend running a query checks that the
+    gateway's end of its connection is still there, and stops the query if not
+    (PostgreSQL 14+, default 1 s; 0 disables).
     """
 
     dsn: str
@@ -120,6 +132,7 @@ class PostgresSettings:
     connect_timeout_s: float = 2.0
     close_timeout_s: float = 2.0
     statement_timeout_s: float = 30.0
+    client_check_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.dsn:
@@ -138,9 +151,10 @@ class PostgresSettings:
             value = getattr(self, field)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{field} must be positive and finite, got {value}")
-        ceiling = self.statement_timeout_s
-        if not (ceiling >= 0 and math.isfinite(ceiling)):
-            raise ValueError(f"statement_timeout_s must be non-negative and finite, got {ceiling}")
+        for field in ("statement_timeout_s", "client_check_interval_s"):
+            value = getattr(self, field)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{field} must be non-negative and finite, got {value}")
 
 
 @dataclass(frozen=True)
@@ -272,12 +286,48 @@ def _check_timeout(timeout_s: float) -> None:
 # the upstream's trio-asyncio loop.
 
 
-async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
-    """``asyncpg.connect`` that marks its failures as connect failures."""
-    try:
-        return await asyncpg.connect(*args, **kwargs)
-    except Exception as exc:
-        raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
+#: The server setting that lets a backend notice its client is gone (PostgreSQL 14+).
+CLIENT_CHECK = "client_connection_check_interval"
+#: How a server refuses it in the startup packet: unknown before 14 (undefined_object),
+#: or a platform without the check (invalid_parameter_value).
+_CLIENT_CHECK_REFUSED = frozenset({"42704", "22023"})
+
+
+class _Connector:
+    """``asyncpg.connect`` for one pool: failures become connect failures, and a server
+    that refuses :data:`CLIENT_CHECK` is connected to without it from then on."""
+
+    def __init__(self, upstream_name: str) -> None:
+        self._name = upstream_name
+        self.client_check = True
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> asyncpg.Connection:
+        if not self.client_check:
+            kwargs = _without_client_check(kwargs)
+        try:
+            return await asyncpg.connect(*args, **kwargs)
+        except asyncpg.PostgresError as exc:
+            if not (self.client_check and _refuses_client_check(exc, kwargs)):
+                raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
+            self.client_check = False
+            logger.warning("postgres upstream %r: the server refused %s (%s); queries of a "
+                           "connection that dies run on until statement_timeout",
+                           self._name, CLIENT_CHECK, exc)
+            return await self(*args, **kwargs)
+        except Exception as exc:
+            raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _refuses_client_check(exc: asyncpg.PostgresError, kwargs: dict[str, Any]) -> bool:
+    return (CLIENT_CHECK in (kwargs.get("server_settings") or {})
+            and getattr(exc, "sqlstate", None) in _CLIENT_CHECK_REFUSED
+            and CLIENT_CHECK in str(exc))
+
+
+def _without_client_check(kwargs: dict[str, Any]) -> dict[str, Any]:
+    server_settings = dict(kwargs.get("server_settings") or {})
+    server_settings.pop(CLIENT_CHECK, None)
+    return {**kwargs, "server_settings": server_settings}
 
 
 async def _init_connection(con: asyncpg.Connection) -> None:
@@ -288,7 +338,7 @@ async def _init_connection(con: asyncpg.Connection) -> None:
         )
 
 
-async def _create_pool(settings: PostgresSettings) -> asyncpg.Pool:
+async def _create_pool(settings: PostgresSettings, name: str) -> asyncpg.Pool:
     """An asyncpg pool that opens no connection yet.
 
     ``init_size=0`` lets the gateway start while the database is down; the floor of
@@ -300,12 +350,14 @@ async def _create_pool(settings: PostgresSettings) -> asyncpg.Pool:
     server_settings = {"application_name": "trio-gateway"}
     if settings.statement_timeout_s:
         server_settings["statement_timeout"] = str(math.ceil(settings.statement_timeout_s * 1000))
+    if settings.client_check_interval_s:
+        server_settings[CLIENT_CHECK] = str(math.ceil(settings.client_check_interval_s * 1000))
     return await asyncpg.create_pool(
         settings.dsn,
         init_size=0,
         min_size=0,
         max_size=settings.max_size,
-        connect=_connect,
+        connect=_Connector(name),
         init=_init_connection,
         timeout=settings.connect_timeout_s,
         statement_cache_size=settings.statement_cache_size,
@@ -498,7 +550,7 @@ class PostgresUpstream:
                 # connection lost while a cancelled connect unwinds, say) into the loop's
                 # nursery, which would end this upstream for good; log it as asyncio does.
                 loop.set_exception_handler(self._report_asyncio_error)
-                pool = await self._bridge(loop, _create_pool, self.settings)
+                pool = await self._bridge(loop, _create_pool, self.settings, self.name)
                 self._loop, self._pool = loop, pool
                 try:
                     # Warm the pool before reporting started, so the first requests
