@@ -307,13 +307,16 @@ class _Connector:
         try:
             return await asyncpg.connect(*args, **kwargs)
         except asyncpg.PostgresError as exc:
-            if not (self.client_check and _refuses_client_check(exc, kwargs)):
+            # Judged by what this attempt sent: connects started before the first
+            # refusal came back fail the same way and are retried too.
+            if not _refuses_client_check(exc, kwargs):
                 raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
-            self.client_check = False
-            logger.warning("postgres upstream %r: the server refused %s (%s); queries of a "
-                           "connection that dies run on until statement_timeout",
-                           self._name, CLIENT_CHECK, exc)
-            return await self(*args, **kwargs)
+            if self.client_check:
+                self.client_check = False
+                logger.warning("postgres upstream %r: the server refused %s (%s); queries "
+                               "of a connection that dies run on until statement_timeout",
+                               self._name, CLIENT_CHECK, exc)
+            return await self(*args, **_without_client_check(kwargs))
         except Exception as exc:
             raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
 
