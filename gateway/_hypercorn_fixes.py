@@ -22,6 +22,12 @@ Races:
   queued without waiting, bounded by the stream's flow-control window, which is
   reopened only as the app takes the body; a stream answered before its body was read
   is reset with NO_ERROR (:mod:`gateway._h2_flow`).
+* A stream the client reset kept its send buffer and priority node (Hypercorn's send
+  task blocks an empty, unfinished buffer for good); 1,000 such resets on one
+  connection filled the priority tree, and the next stream's ``TooManyStreamsError``
+  ended the worker. The buffer is now closed on the reset, and a full tree refuses the
+  new stream (REFUSED_STREAM) instead of raising. A WebSocket's end over HTTP/2 sends
+  its close frame and END_STREAM (it was taken for an answer cut mid-body and reset).
 * A cancelled task's write was dropped once it had left the protocol's state machine:
   for HTTP/2 a lost HEADERS frame or WINDOW_UPDATE breaks the whole connection. HTTP/2
   writes are now shielded from the writer's cancellation (:func:`send_bounded`).
@@ -74,6 +80,7 @@ from contextlib import suppress
 from typing import Any
 from wsgiref.handlers import format_date_time as _format_date_time
 
+import h2.errors
 import h2.events
 import h2.exceptions
 import hypercorn.config
@@ -83,8 +90,10 @@ from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import Request, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import HTTPStream
+from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
+from priority.priority import TooManyStreamsError
 
 from gateway._h2_flow import (
     H2Inbox,
@@ -351,6 +360,20 @@ def apply() -> None:
         H2Protocol._handle_events)
 
     async def _handle_h2_events(self: Any, events: list[Any]) -> None:
+        await _handle_h2_events_in_order(self, events)
+        # A stream the client reset keeps its send buffer and its node in the
+        # priority tree: Hypercorn's send task finds the buffer empty but not complete
+        # and blocks the stream for good. 1,000 such resets on one connection filled
+        # the tree, and the next request's TooManyStreamsError ended the worker. As
+        # for an answer cut mid-body, closing the buffer lets the send task drop both.
+        for event in events:
+            if type(event) is h2.events.StreamReset:
+                buffer = self.stream_buffers.get(event.stream_id)
+                if buffer is not None:
+                    await buffer.close()
+                    await self._window_updated(event.stream_id)
+
+    async def _handle_h2_events_in_order(self: Any, events: list[Any]) -> None:
         # A client may go on sending DATA on a stream already answered (a 413 before
         # the body, a shed upload); Hypercorn looks the stream up and its KeyError ends
         # the worker. Such data is dropped, its flow-control credit given back.
@@ -380,6 +403,24 @@ def apply() -> None:
 
     H2Protocol._handle_events = _handle_h2_events  # type: ignore[method-assign]
 
+    original_create_stream: Callable[[Any, Any], Awaitable[None]] = H2Protocol._create_stream
+
+    async def _create_stream(self: Any, request: Any) -> None:
+        # Should per-stream state ever leak again, a full priority tree costs the new
+        # stream (REFUSED_STREAM: safe for the client to retry), not the worker.
+        try:
+            await original_create_stream(self, request)
+        except TooManyStreamsError:
+            self.streams.pop(request.stream_id, None)
+            self.stream_buffers.pop(request.stream_id, None)
+            with suppress(h2.exceptions.H2Error):
+                self.connection.reset_stream(request.stream_id,
+                                             h2.errors.ErrorCodes.REFUSED_STREAM)
+            log.warning("HTTP/2: refused stream %d, the connection's priority tree is full",
+                        request.stream_id)
+
+    H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
+
     original_h2_handle: Callable[[Any, Any], Awaitable[None]] = H2Protocol.handle
 
     async def _handle_h2(self: Any, event: Any) -> None:
@@ -399,8 +440,18 @@ def apply() -> None:
     original_stream_send: Callable[[Any, Any], Awaitable[None]] = H2Protocol.stream_send
 
     async def _stream_send(self: Any, event: Any) -> None:
+        closed_websocket = (type(event) is StreamClosed
+                            and isinstance(self.streams.get(event.stream_id), WSStream))
         await original_stream_send(self, event)
         if type(event) is not StreamClosed:
+            return
+        if closed_websocket:
+            # A WebSocket ends without an end-of-body event: what it queued (its close
+            # frame) is sent, then END_STREAM.
+            buffer = self.stream_buffers.get(event.stream_id)
+            if buffer is not None:
+                buffer.set_complete()
+                await self._window_updated(event.stream_id)
             return
         if reset_if_cut(self, event.stream_id):
             # As for a client's reset: the send task drops the stream's buffer.

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import h2.errors
 import h2.events
 import trio
 from hypercorn.config import Config, Sockets
@@ -137,6 +138,31 @@ async def _no_posts(receive: Receive) -> None:
     raise AssertionError("no POST is sent")
 
 
+async def test_an_http2_websocket_closed_by_the_client_gets_the_close_reply_then_ends():
+    async with serve_asgi(_no_posts) as client:
+        await client.round_trip()
+        stream_id = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(stream_id, [
+            (":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "http"),
+            (":path", "/"), (":authority", "t"), ("sec-websocket-version", "13")])
+        await client.flush()
+        assert await client.response_status(stream_id) == 200
+        mask, code = b"\x01\x02\x03\x04", (1000).to_bytes(2, "big")
+        client.conn.send_data(stream_id, bytes([0x88, 0x80 | len(code)]) + mask + bytes(
+            byte ^ mask[index % 4] for index, byte in enumerate(code)))
+        await client.flush()
+        with trio.fail_after(5):
+            await client.until(lambda e: isinstance(e, (h2.events.StreamEnded,
+                                                        h2.events.StreamReset))
+                               and e.stream_id == stream_id)
+        on_stream = [e for e in client.events if getattr(e, "stream_id", None) == stream_id]
+        sent = b"".join(e.data for e in on_stream if isinstance(e, h2.events.DataReceived))
+        assert sent == bytes([0x88, 2]) + code, "the close reply was dropped"
+        assert any(isinstance(e, h2.events.StreamEnded) for e in on_stream)
+        assert all(e.error_code == h2.errors.ErrorCodes.NO_ERROR
+                   for e in on_stream if isinstance(e, h2.events.StreamReset))
+
+
 async def test_an_http2_websocket_gets_its_messages_not_a_request_body():
     async with serve_asgi(_no_posts) as client:
         await client.round_trip()  # the server's SETTINGS allow extended CONNECT
@@ -155,3 +181,13 @@ async def test_an_http2_websocket_gets_its_messages_not_a_request_body():
             echoed = await client.until(lambda e: isinstance(e, h2.events.DataReceived)
                                         and e.stream_id == stream_id)
         assert echoed.data[:2 + len(text)] == bytes([0x81, len(text)]) + text
+        # The app closes (1000): its close frame arrives, then END_STREAM; the stream
+        # was reset with INTERNAL_ERROR and the close frame dropped.
+        with trio.fail_after(5):
+            await client.until(lambda e: isinstance(e, h2.events.StreamEnded)
+                               and e.stream_id == stream_id)
+        on_stream = [e for e in client.events if getattr(e, "stream_id", None) == stream_id]
+        sent = b"".join(e.data for e in on_stream if isinstance(e, h2.events.DataReceived))
+        assert sent.endswith(bytes([0x88, 2]) + (1000).to_bytes(2, "big"))
+        assert all(e.error_code == h2.errors.ErrorCodes.NO_ERROR
+                   for e in on_stream if isinstance(e, h2.events.StreamReset))

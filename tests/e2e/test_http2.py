@@ -2,6 +2,7 @@
 upstream work just as a closed HTTP/1.1 connection does, and the connection's other
 streams go on."""
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import h2.errors
 import h2.events
 import h2.settings
 import hypercorn.config
+import priority
 import pytest
 import trio
 from hyperframe.frame import DataFrame
@@ -403,6 +405,50 @@ async def test_an_upload_on_the_request_that_ends_the_connection_does_not_end_th
             client.conn.send_data(upload, b"x" * 16384)
             client.conn.send_data(upload, b"x" * 16384)
             await client.flush()
+            await _worker_serves_another_client(gw)
+            await client.stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_streams_the_client_resets_leave_nothing_behind_and_the_worker_serves_on():
+    # Each reset upload used to leave its send buffer and priority node behind; with
+    # 999 of them the connection's priority tree was full, and request 1,000 raised
+    # TooManyStreamsError out of the worker, ending every connection on it.
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            for _ in range(999):
+                upload = client.conn.get_next_available_stream_id()
+                client.conn.send_headers(upload, [(":method", "POST"), (":path", "/api/ok"),
+                                                  (":scheme", "http"), (":authority", "gw")])
+                client.conn.send_data(upload, b"x")
+                await client.flush()
+                await client.round_trip()  # the app waits for the rest of the body
+                await client.reset(upload)
+                await client.round_trip()
+            with trio.fail_after(5):
+                assert await client.response_status(await client.get("/api/ok")) == 200
+            await _worker_serves_another_client(gw)
+            await client.stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_full_priority_tree_refuses_the_new_stream_not_the_worker(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(priority, "PriorityTree",
+                        functools.partial(priority.PriorityTree, maximum_streams=3))
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            stalled = [await client.get("/api/stall") for _ in range(3)]
+            with trio.fail_after(5):
+                refused = await client.until(lambda e: isinstance(e, h2.events.StreamReset))
+            assert refused.stream_id == stalled[-1]
+            assert refused.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
             await _worker_serves_another_client(gw)
             await client.stream.aclose()
         nursery.cancel_scope.cancel()
