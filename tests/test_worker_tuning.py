@@ -53,11 +53,17 @@ async def test_cyclic_garbage_is_collected_on_the_clock(automatic_collections_of
 
 
 async def collection_times(monkeypatch, cost_s: float, run_for_s: float,
-                           **settings: float) -> list[float]:
+                           found: int = 5_000, **settings: float) -> list[float]:
     """When the clock collects within ``run_for_s`` if each collection takes ``cost_s``
-    of CPU (a 1 s interval and a 2 % budget unless ``settings`` say otherwise)."""
+    of CPU and finds ``found`` unreachable objects (a 1 s interval and a 2 % budget
+    unless ``settings`` say otherwise)."""
     collected_at: list[float] = []
-    monkeypatch.setattr(_gc.gc, "collect", lambda: collected_at.append(trio.current_time()))
+
+    def collect() -> int:
+        collected_at.append(trio.current_time())
+        return found
+
+    monkeypatch.setattr(_gc.gc, "collect", collect)
     ticks = itertools.count()  # read twice per collection: before and after
     monkeypatch.setattr(_gc.time, "thread_time", lambda: next(ticks) * cost_s)
     with trio.move_on_after(run_for_s):
@@ -69,6 +75,13 @@ async def test_costly_collections_are_spaced_to_stay_within_the_budget(
         automatic_collections_off, autojump_clock, monkeypatch):
     # 100 ms per collection at a 2 % budget: one every 5 s.
     assert await collection_times(monkeypatch, 0.1, 12) == pytest.approx([1.0, 6.0, 11.0])
+
+
+async def test_collections_that_find_little_garbage_take_a_quarter_of_the_budget(
+        automatic_collections_off, autojump_clock, monkeypatch):
+    # 100 ms per collection, 12 objects found each time: at 0.5 %, one every 20 s.
+    times = await collection_times(monkeypatch, 0.1, 45, found=12)
+    assert times == pytest.approx([1.0, 21.0, 41.0])
 
 
 async def test_cheap_collections_run_every_interval(automatic_collections_off,
