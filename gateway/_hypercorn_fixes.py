@@ -28,6 +28,11 @@ Races:
   ended the worker. The buffer is now closed on the reset, and a full tree refuses the
   new stream (REFUSED_STREAM) instead of raising. A WebSocket's end over HTTP/2 sends
   its close frame and END_STREAM (it was taken for an answer cut mid-body and reset).
+* PRIORITY frames are taken only for open streams and never raise: frames naming
+  idle streams filled the priority tree, or built chains whose re-parenting or
+  scheduling raised, and each ended the worker.
+* An h2c upgrade whose ``HTTP2-Settings`` h2 would refuse is answered over HTTP/1.1:
+  it was upgraded, then raised and ended the worker.
 * A cancelled task's write was dropped once it had left the protocol's state machine:
   for HTTP/2 a lost HEADERS frame or WINDOW_UPDATE breaks the whole connection. HTTP/2
   writes are now shielded from the writer's cancellation (:func:`send_bounded`).
@@ -86,14 +91,17 @@ import h2.exceptions
 import hypercorn.config
 import hypercorn.trio.run
 import trio
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import Request, StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
-from priority.priority import TooManyStreamsError
+from priority.priority import PriorityError, TooManyStreamsError
 
 from gateway._h2_flow import (
     H2Inbox,
@@ -314,6 +322,25 @@ class _TrioWithBatchAccept(types.ModuleType):
         return getattr(trio, name)
 
 
+def _h2c_settings_refused(headers: list[tuple[bytes, bytes]]) -> bool:
+    """True for an ``Upgrade: h2c`` request whose ``HTTP2-Settings`` h2 would refuse."""
+    upgrade = settings = b""
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"upgrade":
+            upgrade = value.strip().lower()
+        elif lowered == b"http2-settings":
+            settings = value
+    if upgrade != b"h2c" or not settings:
+        return False
+    try:
+        # What the upgrade itself will do with the header, on a throwaway connection.
+        H2Connection(H2Configuration(client_side=False)).initiate_upgrade_connection(settings)
+    except Exception:
+        return True
+    return False
+
+
 def apply() -> None:
     global _applied
     if _applied:
@@ -420,6 +447,36 @@ def apply() -> None:
                         request.stream_id)
 
     H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
+
+    async def _priority_updated(self: Any, event: Any) -> None:
+        # Hypercorn inserted a node for any stream a PRIORITY frame named (never removed)
+        # and let the tree's errors escape: 1,001 PRIORITY frames for idle streams
+        # (TooManyStreamsError), a chain of 150 re-parented (PriorityLoop), or one 990
+        # deep under a new stream (RecursionError in the send task) each ended the
+        # worker. RFC 9113 deprecates these signals; they are now taken only for open
+        # streams, with a parent that is one, and never raise.
+        if event.stream_id not in self.stream_buffers:
+            return
+        parent = event.depends_on if event.depends_on in self.stream_buffers else None
+        with suppress(PriorityError):
+            self.priority.reprioritize(stream_id=event.stream_id, depends_on=parent,
+                                       weight=event.weight, exclusive=event.exclusive)
+        await self.has_data.set()
+
+    H2Protocol._priority_updated = _priority_updated  # type: ignore[method-assign]
+
+    original_check_protocol: Callable[[Any, Any], Awaitable[None]] = (
+        H11Protocol._check_protocol)
+
+    async def _check_protocol(self: Any, event: Any) -> None:
+        # An h2c upgrade whose HTTP2-Settings h2 cannot take (bad base64, a truncated
+        # SETTINGS payload) raised after the 101 and ended the worker. RFC 9113 §3.2
+        # (7540 §3.2.1): such a request is not upgraded; it is answered over HTTP/1.1.
+        if _h2c_settings_refused(event.headers):
+            return
+        await original_check_protocol(self, event)
+
+    H11Protocol._check_protocol = _check_protocol  # type: ignore[method-assign]
 
     original_h2_handle: Callable[[Any, Any], Awaitable[None]] = H2Protocol.handle
 

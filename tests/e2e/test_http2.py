@@ -3,6 +3,7 @@ upstream work just as a closed HTTP/1.1 connection does, and the connection's ot
 streams go on."""
 
 import functools
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ import hypercorn.config
 import priority
 import pytest
 import trio
-from hyperframe.frame import DataFrame
+from hyperframe.frame import DataFrame, PriorityFrame
 
 from tests.gateway_harness import RunningGateway, run_gateway, traces_with
 from tests.upstream import Upstream, proxy_policy, start_upstream
@@ -449,6 +450,53 @@ async def test_a_full_priority_tree_refuses_the_new_stream_not_the_worker(
                 refused = await client.until(lambda e: isinstance(e, h2.events.StreamReset))
             assert refused.stream_id == stalled[-1]
             assert refused.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+            await _worker_serves_another_client(gw)
+            await client.stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def _priority(stream_id: int, depends_on: int = 0) -> bytes:
+    frame = PriorityFrame(stream_id)
+    frame.depends_on, frame.stream_weight = depends_on, 15
+    return frame.serialize()
+
+
+def _chain(first: int, length: int) -> tuple[bytes, list[int]]:
+    """PRIORITY frames making each of ``length`` idle streams depend on the one before."""
+    ids = [first + 2 * index for index in range(length)]
+    return _priority(ids[0]) + b"".join(
+        _priority(child, parent) for parent, child in itertools.pairwise(ids)), ids
+
+
+@pytest.mark.parametrize("attack", ["idle-flood", "re-parent-a-long-chain", "deep-chain"])
+async def test_priority_frames_cannot_end_the_worker(attack: str) -> None:
+    # Each ended the worker: 1,001 idle streams filled the priority tree
+    # (TooManyStreamsError); re-parenting under a 150-long chain raised PriorityLoop;
+    # a stream opened under a 990-long chain made the send task recurse too deep.
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            await client.round_trip()
+            if attack == "idle-flood":
+                frames = b"".join(_priority(1001 + 2 * index) for index in range(1001))
+                next_stream = 3
+            elif attack == "re-parent-a-long-chain":
+                frames, ids = _chain(3, 150)
+                frames += _priority(1001, ids[-1]) * 2
+                next_stream = 1003
+            else:
+                frames, ids = _chain(3, 990)
+                next_stream = ids[-1] + 2
+                frames += _priority(next_stream, ids[-1])
+            await client.stream.send_all(frames)
+            await client.round_trip()
+            client.conn.highest_outbound_stream_id = next_stream - 2
+            with trio.fail_after(5):
+                stream_id = await client.get("/api/ok")
+                assert stream_id == next_stream
+                assert await client.response_status(stream_id) == 200
             await _worker_serves_another_client(gw)
             await client.stream.aclose()
         nursery.cancel_scope.cancel()

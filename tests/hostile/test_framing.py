@@ -180,3 +180,16 @@ async def test_content_length_body_arrives_upstream_exactly():
         assert s.upstream.requests[0].body == b"hello world"
         assert s.upstream.requests[0].header_values("content-length") == ["11"]
         assert s.upstream.requests[1].target == "/next"
+
+
+@pytest.mark.parametrize("settings", [b"AAAA", b"AAMAAABkAAQAAP__X"],
+                         ids=["truncated-settings", "bad-base64"])
+async def test_an_h2c_upgrade_with_settings_h2_refuses_is_answered_over_http11(settings):
+    # It was upgraded (101) and the HTTP/2 side then raised on the settings, which
+    # ended the worker and every connection on it.
+    async with stage() as s:
+        response, _ = await exchange(s.port, b"GET /api/up/ok HTTP/1.1\r\nHost: gateway.test\r\n"
+                                     b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                                     b"HTTP2-Settings: " + settings + b"\r\n\r\n")
+        assert response is not None and response.status == 200
+        await s.assert_serves()
