@@ -33,6 +33,8 @@ Races:
   scheduling raised, and each ended the worker.
 * An h2c upgrade whose ``HTTP2-Settings`` h2 would refuse is answered over HTTP/1.1:
   it was upgraded, then raised and ended the worker.
+* Anything but ``OSError`` a connection raised ended the worker (``TCPServer.run``);
+  it now ends that connection only, and is logged.
 * A cancelled task's write was dropped once it had left the protocol's state machine:
   for HTTP/2 a lost HEADERS frame or WINDOW_UPDATE breaks the whole connection. HTTP/2
   writes are now shielded from the writer's cancellation (:func:`send_bounded`).
@@ -382,6 +384,21 @@ def apply() -> None:
                     await self.idle_task.stop()
 
     TCPServer._read_data = _read_data  # type: ignore[method-assign]
+
+    original_run: Callable[[Any], Awaitable[None]] = TCPServer.run
+
+    async def run_contained(self: Any) -> None:
+        # Hypercorn catches only OSError here: anything else one connection raised (an
+        # error of h2's, h11's or the priority tree's no one foresaw) went up through
+        # serve_listeners and ended the worker, with every connection on it. It now
+        # ends that connection (already closed by ``run``'s own ``finally``).
+        try:
+            await original_run(self)
+        except Exception:
+            log.exception("a connection ended with an unexpected error; the worker "
+                          "serves on")
+
+    TCPServer.run = run_contained  # type: ignore[method-assign]
 
     original_h2_events: Callable[[Any, list[Any]], Awaitable[None]] = (
         H2Protocol._handle_events)

@@ -2,6 +2,7 @@
 upstream work just as a closed HTTP/1.1 connection does, and the connection's other
 streams go on."""
 
+import contextlib
 import functools
 import itertools
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import h2.errors
 import h2.events
 import h2.settings
 import hypercorn.config
+import hypercorn.protocol.h2
 import priority
 import pytest
 import trio
@@ -500,3 +502,28 @@ async def test_priority_frames_cannot_end_the_worker(attack: str) -> None:
             await _worker_serves_another_client(gw)
             await client.stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_an_unforeseen_error_of_one_connection_ends_that_connection_only(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # A stand-in for a protocol library's error nobody has found yet: Hypercorn let
+    # anything but OSError out of a connection's task, which ended the worker.
+    async def fails(self: object, event: object) -> None:
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(hypercorn.protocol.h2.H2Protocol, "_priority_updated", fails)
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            assert await client.response_status(await client.get("/api/ok")) == 200
+            await client.stream.send_all(_priority(1))
+            with trio.fail_after(5):  # this connection closes (what it had queued first)
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while await client.stream.receive_some(65536):
+                        pass
+            await _worker_serves_another_client(gw)
+        nursery.cancel_scope.cancel()
+    assert any("unexpected error" in record.getMessage() and record.exc_info
+               for record in caplog.records)
