@@ -8,6 +8,7 @@ so a chain of services shares one deadline.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from ._deadlines import call_deadline, propagated_budget_ms
 from ._errors import (
     BadRequest,
     NotFound,
+    StatementWrites,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamStatusError,
@@ -29,8 +31,11 @@ from ._policy import CallSettings, FanoutCall, sql_reads_only
 from ._trace import TracedScope, traced_scope
 
 if TYPE_CHECKING:
+    from ._attempts import Perform
     from ._request import RequestContext
     from ._runtime import UpstreamState
+
+log = logging.getLogger("gateway.calls")
 
 #: Default cap on an upstream body the gateway parses itself (fan-out, SQL routes).
 DEFAULT_PARSED_BODY_LIMIT = 4 * 1024 * 1024
@@ -205,20 +210,43 @@ async def sql_call(ctx: RequestContext, parent: TracedScope, name: str, call: Fa
     query = call.query
     args = await bind_sql_args(ctx, call.args)
 
-    async def perform(attempt: TracedScope, claim: Claim,
-                      retry_statuses: frozenset[int]) -> AttemptResult[Any]:
-        remaining = max(0.001, attempt.deadline - trio.current_time())
-        if call.one:
-            row = await postgres.fetchrow(query, args, timeout_s=remaining)
-            if row is None:
-                raise NotFound(f"{name}: no row found", call=name)
-            return AttemptResult(row)
-        return AttemptResult(await postgres.fetch(query, args, timeout_s=remaining))
+    def attempt_of(writes: bool) -> Perform[Any]:
+        async def perform(attempt: TracedScope, claim: Claim,
+                          retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+            remaining = max(0.001, attempt.deadline - trio.current_time())
+            try:
+                if call.one:
+                    row = await postgres.fetchrow(query, args, timeout_s=remaining,
+                                                  writes=writes)
+                    if row is None:
+                        raise NotFound(f"{name}: no row found", call=name)
+                    return AttemptResult(row)
+                return AttemptResult(await postgres.fetch(query, args, timeout_s=remaining,
+                                                          writes=writes))
+            except StatementWrites:
+                # Nothing was written (the session was read-only). Claiming the call
+                # stops its hedges and retries; the caller runs it again as a write.
+                claim.claim(attempt)
+                attempt.note(statement_writes=True)
+                raise
+        return perform
 
     async with upstream_call(ctx, parent, name, state, settings.timeout,
                              protocol="sql") as scope:
-        # Retried and hedged like a GET only when the statement only reads; one that
-        # may write follows a POST's rules (retried only when nothing was sent).
-        method = "GET" if sql_reads_only(query) else "POST"
-        return await run_attempts(ctx, scope, state, settings, name=name, method=method,
-                                  replayable=True, perform=perform)
+        # Retried and hedged like a GET only when the statement only reads, as its text
+        # tells and PostgreSQL confirms (reads run in read-only sessions); one that may
+        # write follows a POST's rules (retried only when nothing was sent).
+        if sql_reads_only(query) and query not in postgres.writing_statements:
+            try:
+                return await run_attempts(ctx, scope, state, settings, name=name,
+                                          method="GET", replayable=True,
+                                          perform=attempt_of(writes=False))
+            except StatementWrites:
+                if query not in postgres.writing_statements:
+                    postgres.writing_statements.add(query)
+                    log.warning("upstream %r: a statement that reads by its text wrote "
+                                   "(a function with side effects?); it now runs as a write, "
+                                   "never hedged or retried after a timeout: %s",
+                                   state.name, query)
+        return await run_attempts(ctx, scope, state, settings, name=name, method="POST",
+                                  replayable=True, perform=attempt_of(writes=True))

@@ -94,6 +94,13 @@ class UpstreamProtocolError(UpstreamError):
     cause = "upstream_protocol"
 
 
+class StatementWrites(UpstreamError):
+    """A SQL statement run as a read tried to write; its read-only session refused, so
+    nothing was written."""
+
+    cause = "statement_writes"
+
+
 class UpstreamStatusError(UpstreamError):
     """An upstream answered a status the call treats as failure (fan-out, retries)."""
 

@@ -347,7 +347,8 @@ def sql_reads_only(query: str) -> bool:
     """Whether a statement only reads, as far as its text tells: it starts as a read and
     names no writing or locking keyword. Only such calls are retried after a timeout
     and hedged; a statement that may write runs once (like a POST). A read that calls a
-    function with side effects cannot be told from its text."""
+    function with side effects cannot be told from its text: the read-only session it
+    runs in refuses the write (``StatementWrites``)."""
     text = _SQL_COMMENT.sub(" ", query)
     return bool(_SQL_READS.match(text)) and not _SQL_WRITES.search(text)
 

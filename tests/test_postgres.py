@@ -18,6 +18,7 @@ import trio_asyncio
 
 from gateway._errors import (
     BadRequest,
+    StatementWrites,
     UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
@@ -364,6 +365,38 @@ async def test_constraint_errors_do_not_quote_row_values(upstream) -> None:
             await upstream.execute(query, args, timeout_s=5.0)
         assert "secret.example" not in str(failed.value)  # the server's DETAIL quotes it
         assert "violates" in str(failed.value)  # the primary message stays
+
+
+async def test_a_read_that_writes_is_refused_and_writes_nothing(cluster, nursery) -> None:
+    """Reads run in read-only sessions, so a read whose text hides a write (a function
+    with side effects) fails before writing; a call marked ``writes`` runs it, and its
+    connection goes back to the pool read-only again."""
+    up = PostgresUpstream("db", settings(cluster.dsn, min_size=1, max_size=1))
+    await nursery.start(up.run)
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    await up.execute(f"CREATE TABLE {table} (v int)", [], timeout_s=5.0)
+    await up.execute(f"CREATE FUNCTION {table}_add(x int) RETURNS int LANGUAGE sql AS "
+                     f"'INSERT INTO {table} VALUES (x) RETURNING v'", [], timeout_s=5.0)
+    query = f"SELECT {table}_add($1) AS v"
+
+    async def count() -> object:
+        row = await up.fetchrow(f"SELECT count(*) AS n FROM {table}", [], timeout_s=5.0)
+        return row and row["n"]
+
+    with pytest.raises(StatementWrites) as refused:
+        await up.fetchrow(query, [1], timeout_s=5.0)
+    assert refused.value.detail["sqlstate"] == "25006"
+    assert refused.value.status == 502
+    assert await count() == 0
+    assert await up.fetchrow(query, [2], timeout_s=5.0, writes=True) == {"v": 2}
+    assert await count() == 1
+    # One connection in the pool: the write's session was reset on release.
+    assert await up.fetchrow("SHOW default_transaction_read_only", [], timeout_s=5.0) \
+        == {"default_transaction_read_only": "on"}
+    async with up.transaction(timeout_s=5.0) as tx:
+        assert await tx.fetchrow(query, [3]) == {"v": 3}
+    assert await count() == 2
+    await up.aclose()
 
 
 async def test_cancels_while_connecting_leave_the_upstream_serving(cluster, nursery) -> None:

@@ -25,6 +25,15 @@ Deadlines and cancellation
     one round trip) bounds every statement inside ``transaction()``. A per-query
     ``SET`` outside a transaction would cost two extra round trips on the hot path.
 
+Reads that cannot write
+    Sessions are read-only by default (``default_transaction_read_only``, sent in the
+    startup packet): a statement called with ``writes=False`` that tries to write fails
+    with ``StatementWrites`` and changes nothing. That is what makes hedging and
+    retrying a read safe even when its text hides a write (``SELECT f()`` of a function
+    that inserts). A call with ``writes=True`` switches its session to read-write first
+    (one more round trip; the pool's ``RESET ALL`` on release switches it back), and
+    ``transaction()`` opens ``BEGIN READ WRITE``.
+
     When the gateway's end of a connection is gone (a worker killed, a pool terminated
     on close with a query still running) nobody is left to send a cancel. PostgreSQL 14
     and later then notice the closed socket themselves if
@@ -41,6 +50,7 @@ Errors, translated once, in ``_translate``::
     connection lost in the middle of a call                     UpstreamResetError
     ``timeout_s`` spent, or statement_timeout fired on server   UpstreamTimeout
     bad argument value (SQLSTATE class 22, argument encoding)   BadRequest
+    a write in a read-only session (SQLSTATE 25006)              StatementWrites
     any other failure                                           UpstreamError
 
 No row is not an error: ``fetchrow`` returns None and the caller decides (``NotFound``).
@@ -72,6 +82,7 @@ import trio_asyncio
 from .._errors import (
     BadRequest,
     GatewayError,
+    StatementWrites,
     UpstreamConnectError,
     UpstreamError,
     UpstreamResetError,
@@ -240,6 +251,10 @@ def _row(record: asyncpg.Record) -> Row:
 # Error translation
 
 
+#: SQLSTATE of a write refused by a read-only transaction.
+READ_ONLY_SQL_TRANSACTION = "25006"
+
+
 class _ConnectFailed(Exception):
     """Opening a connection failed; raised inside the pool so the cause stays known."""
 
@@ -264,6 +279,9 @@ def _translate(name: str, exc: BaseException) -> GatewayError:
         message = getattr(exc, "message", None) or kind
         if state[:2] in {"08", "53", "57"}:
             return UpstreamConnectError(f"{where}: {kind}: {message}", sqlstate=state)
+        if state == READ_ONLY_SQL_TRANSACTION:
+            return StatementWrites(f"{where}: the statement writes, and ran as a read: "
+                                   f"{message}", sqlstate=state)
         if state.startswith("22"):
             return BadRequest(f"{where}: invalid query argument ({kind})", sqlstate=state)
         return UpstreamError(f"{where}: {kind}: {message}", sqlstate=state)
@@ -350,7 +368,8 @@ async def _create_pool(settings: PostgresSettings, name: str) -> asyncpg.Pool:
     ``create_pool()`` returns an awaitable, not a coroutine: awaiting it here, inside
     a coroutine, is what lets trio-asyncio run it.
     """
-    server_settings = {"application_name": "trio-gateway"}
+    server_settings = {"application_name": "trio-gateway",
+                       "default_transaction_read_only": "on"}
     if settings.statement_timeout_s:
         server_settings["statement_timeout"] = str(math.ceil(settings.statement_timeout_s * 1000))
     if settings.client_check_interval_s:
@@ -402,9 +421,12 @@ async def _run_on_pool(
     method: str,
     query: str,
     args: Sequence[object],
+    writes: bool,
 ) -> Any:
     con = await _acquire(pool, waiting)
     try:
+        if writes:
+            await con.execute("SET default_transaction_read_only = off")
         return await getattr(con, method)(query, *args)
     finally:
         await _release(pool, con, release_timeout_s)
@@ -428,7 +450,8 @@ async def _begin(
 ) -> Any:
     con = await _acquire(pool, waiting)
     try:
-        await con.execute(f"BEGIN; SET LOCAL statement_timeout = {statement_timeout_ms:d}")
+        await con.execute(
+            f"BEGIN READ WRITE; SET LOCAL statement_timeout = {statement_timeout_ms:d}")
     except BaseException:
         await _release(pool, con, release_timeout_s)
         raise
@@ -524,6 +547,9 @@ class PostgresUpstream:
         self._loop: Any = None
         self._pool: asyncpg.Pool | None = None
         self._waiting = _Waiting()
+        #: Statements whose text reads but which PostgreSQL caught writing
+        #: (``StatementWrites``); callers run them as writes from then on.
+        self.writing_statements: set[str] = set()
         self._started = False
         self._closing = trio.Event()
         self._stopped = trio.Event()
@@ -691,7 +717,7 @@ class PostgresUpstream:
         )
 
     async def _query(
-        self, method: str, query: str, args: Sequence[object], timeout_s: float
+        self, method: str, query: str, args: Sequence[object], timeout_s: float, writes: bool
     ) -> Any:
         loop, pool = self._open()
         return await self._bounded(
@@ -704,27 +730,30 @@ class PostgresUpstream:
             method,
             query,
             tuple(args),
+            writes,
         )
 
     # ---- queries
 
     async def fetch(
-        self, query: str, args: Sequence[object], *, timeout_s: float
+        self, query: str, args: Sequence[object], *, timeout_s: float, writes: bool = False
     ) -> list[dict[str, JSON]]:
-        """All rows, as JSON-ready dicts."""
-        records = await self._query("fetch", query, args, timeout_s)
+        """All rows, as JSON-ready dicts. ``writes``: the statement may write (a read
+        that tries raises ``StatementWrites``)."""
+        records = await self._query("fetch", query, args, timeout_s, writes)
         return [_row(record) for record in records]
 
     async def fetchrow(
-        self, query: str, args: Sequence[object], *, timeout_s: float
+        self, query: str, args: Sequence[object], *, timeout_s: float, writes: bool = False
     ) -> dict[str, JSON] | None:
         """The first row, or None when there is none."""
-        record = await self._query("fetchrow", query, args, timeout_s)
+        record = await self._query("fetchrow", query, args, timeout_s, writes)
         return None if record is None else _row(record)
 
-    async def execute(self, query: str, args: Sequence[object], *, timeout_s: float) -> str:
+    async def execute(self, query: str, args: Sequence[object], *, timeout_s: float,
+                      writes: bool = True) -> str:
         """Run a statement; returns its status tag (``"UPDATE 3"``)."""
-        status: str = await self._query("execute", query, args, timeout_s)
+        status: str = await self._query("execute", query, args, timeout_s, writes)
         return status
 
     @asynccontextmanager

@@ -2,9 +2,12 @@
 
 import time
 
+import httpx
 import pytest
 import trio
 
+from gateway._trace import Span, Trace
+from gateway.upstreams._postgres import PostgresSettings, PostgresUpstream
 from tests.gateway_harness import run_gateway, trace_of
 from tests.upstream import start_upstream
 
@@ -180,6 +183,14 @@ routes:
       args: ["path.id:int"]
       one: true
       hedge_after: 20ms
+  - path: /api/log/{id}
+    deadline: 2s
+    sql:
+      upstream: db
+      query: "SELECT gw_log_after_lock($1) AS v"
+      args: ["path.id:int"]
+      one: true
+      hedge_after: 20ms
 """
 
 
@@ -196,3 +207,60 @@ async def test_a_statement_that_may_write_is_never_hedged(database):
             trace = await trace_of(gw, response.headers["x-request-id"])
             attempts = [s for s in trace.root.walk() if s.kind == "attempt"]
             assert len(attempts) == expected_attempts, (kind, trace.to_json())
+
+
+async def test_a_read_whose_function_writes_is_run_once_and_never_hedged_again(database):
+    """``SELECT f()`` reads by its text. When f writes and a hedge runs it twice at
+    once, both copies used to commit; now the read-only session refuses the write in
+    both, the call runs once as a write, and later calls are not hedged."""
+    database.psql("DROP TABLE IF EXISTS gw_log; CREATE TABLE gw_log (v int); "
+                  "CREATE OR REPLACE FUNCTION gw_log_after_lock(x int) RETURNS int "
+                  "LANGUAGE sql AS 'SELECT pg_advisory_xact_lock_shared(4242); "
+                  "INSERT INTO gw_log VALUES (x) RETURNING v'")
+
+    def logged() -> list[str]:
+        return database.psql("SELECT v FROM gw_log ORDER BY v").split()
+
+    def attempts_of(trace: Trace) -> list[Span]:
+        return [s for s in trace.root.walk() if s.kind == "attempt"]
+
+    holder = PostgresUpstream("holder", PostgresSettings(dsn=database.dsn, min_size=0,
+                                                         max_size=2))
+    async with run_gateway(HEDGED) as gw, gw.client() as client, \
+            trio.open_nursery() as nursery:
+        await nursery.start(holder.run)
+        answers: list[httpx.Response] = []
+
+        async def ask() -> None:
+            answers.append(await client.get("/api/log/5"))
+
+        # Both the attempt and its hedge wait on the lock, then run at the same moment.
+        async with holder.transaction(timeout_s=5.0) as tx:
+            await tx.execute("SELECT pg_advisory_xact_lock(4242)", [])
+            nursery.start_soon(ask)
+            with trio.fail_after(5):
+                while (await holder.fetchrow(
+                        "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = "
+                        "'Lock' AND query LIKE '%gw_log_after_lock%'", [], timeout_s=1.0)
+                       or {}).get("n") != 2:
+                    await trio.sleep(0.005)
+        with trio.fail_after(5):
+            while not answers:
+                await trio.sleep(0.005)
+        first = answers[0]
+        assert first.status_code == 200 and first.json() == {"v": 5}
+        assert logged() == ["5"]  # before read-only reads, the hedge wrote it again
+        trace = await trace_of(gw, first.headers["x-request-id"])
+        assert any(a.attrs.get("statement_writes") for a in attempts_of(trace)), \
+            trace.to_json()
+
+        second = await client.get("/api/log/6")
+        assert second.status_code == 200 and second.json() == {"v": 6}
+        assert logged() == ["5", "6"]
+        trace = await trace_of(gw, second.headers["x-request-id"])
+        assert len(attempts_of(trace)) == 1, trace.to_json()
+        # A statement that does only read is still hedged.
+        read = await client.get("/api/read/7")
+        trace = await trace_of(gw, read.headers["x-request-id"])
+        assert len(attempts_of(trace)) == 2, trace.to_json()
+        await holder.aclose()
