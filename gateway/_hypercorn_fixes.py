@@ -28,6 +28,9 @@ Races:
   ended the worker. The buffer is now closed on the reset, and a full tree refuses the
   new stream (REFUSED_STREAM) instead of raising. A WebSocket's end over HTTP/2 sends
   its close frame and END_STREAM (it was taken for an answer cut mid-body and reset).
+* A client that resets most of the streams it opens, at once (HTTP/2 rapid reset), is
+  sent GOAWAY (ENHANCE_YOUR_CALM) and closed after ``server.limits.h2_premature_resets``
+  of them (:mod:`gateway._h2_resets`); Hypercorn let it run 1,000 streams a connection.
 * PRIORITY frames are taken only for open streams and never raise: frames naming
   idle streams filled the priority tree, or built chains whose re-parenting or
   scheduling raised, and each ended the worker.
@@ -112,6 +115,8 @@ from gateway._h2_flow import (
     reset_if_answered_early,
     reset_if_cut,
 )
+from gateway._h2_resets import PREMATURE_S, PrematureResets
+from gateway._metrics import METRICS
 
 #: Scope extension of a server that calls ``extension["on_close"]()``, if an app has set
 #: it, when the request's stream closes: after the response, or when the client leaves.
@@ -125,6 +130,9 @@ _applied = False
 _accept_batch = 1
 #: Longest one write to a client may wait (``server.send_timeout`` of the policy).
 _send_timeout = 30.0
+#: Premature stream resets an HTTP/2 connection may make before it is closed
+#: (``server.limits.h2_premature_resets`` of the policy; 0: no limit).
+_premature_reset_limit = 100
 
 
 #: The second :func:`http_date` last formatted, and its text.
@@ -147,6 +155,12 @@ def set_accept_batch(batch: int) -> None:
     """Set how many queued connections a listener takes per wake-up (from now on)."""
     global _accept_batch
     _accept_batch = batch
+
+
+def set_premature_reset_limit(limit: int) -> None:
+    """Apply ``server.limits.h2_premature_resets`` to connections opened from now on."""
+    global _premature_reset_limit
+    _premature_reset_limit = limit
 
 
 def set_send_timeout(seconds: float) -> None:
@@ -343,6 +357,21 @@ def _h2c_settings_refused(headers: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
+async def _close_for_resets(protocol: Any, resets: PrematureResets,
+                            last_stream_id: int) -> None:
+    """GOAWAY (ENHANCE_YOUR_CALM) naming the last stream acted on, then close."""
+    log.warning("HTTP/2: closing a connection from %s that reset %d of the %d streams it "
+                "opened within %g s of opening them", protocol.client, resets.premature,
+                resets.streams, PREMATURE_S)
+    METRICS.connections_closed.labels("h2_premature_resets").inc()
+    with suppress(h2.exceptions.H2Error):
+        protocol.connection.close_connection(
+            error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+            last_stream_id=last_stream_id, additional_data=b"too many streams reset")
+    await protocol._flush()
+    await protocol.send(Closed())
+
+
 def apply() -> None:
     global _applied
     if _applied:
@@ -404,6 +433,21 @@ def apply() -> None:
         H2Protocol._handle_events)
 
     async def _handle_h2_events(self: Any, events: list[Any]) -> None:
+        resets: PrematureResets | None = self.__dict__.get("premature_resets")
+        if resets is None:
+            resets = self.premature_resets = PrematureResets(_premature_reset_limit)
+        last_stream_id = None
+        for index, event in enumerate(events):
+            kind = type(event)
+            if kind is h2.events.RequestReceived:
+                resets.opened(event.stream_id, trio.current_time())
+            elif kind is h2.events.StreamReset:
+                resets.reset_by_client(event.stream_id, trio.current_time())
+                if resets.exceeded():
+                    # One read can hold thousands of open-and-reset pairs: the rest of
+                    # it is not acted on, and GOAWAY says so.
+                    events, last_stream_id = events[:index + 1], event.stream_id
+                    break
         await _handle_h2_events_in_order(self, events)
         # A stream the client reset keeps its send buffer and its node in the
         # priority tree: Hypercorn's send task finds the buffer empty but not complete
@@ -416,6 +460,18 @@ def apply() -> None:
                 if buffer is not None:
                     await buffer.close()
                     await self._window_updated(event.stream_id)
+        if last_stream_id is not None and not self.closed:
+            await _close_for_resets(self, resets, last_stream_id)
+
+    original_close_stream: Callable[[Any, int], Awaitable[None]] = H2Protocol._close_stream
+
+    async def _close_stream(self: Any, stream_id: int) -> None:
+        resets: PrematureResets | None = self.__dict__.get("premature_resets")
+        if resets is not None:
+            resets.closed(stream_id)
+        await original_close_stream(self, stream_id)
+
+    H2Protocol._close_stream = _close_stream  # type: ignore[method-assign]
 
     async def _handle_h2_events_in_order(self: Any, events: list[Any]) -> None:
         # A client may go on sending DATA on a stream already answered (a 413 before

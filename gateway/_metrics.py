@@ -63,6 +63,9 @@ class Metrics:
             ["upstream", "state"], multiprocess_mode="livesum")
         self.reloads = Counter("gateway_policy_reloads_total", "Policy reloads, by result",
                                ["result"])
+        self.connections_closed = Counter(
+            "gateway_client_connections_closed_total",
+            "Client connections the gateway closed for abuse, by reason", ["reason"])
 
     def observe_request(self, trace: Trace, status: int, cancelled: list[Span]) -> None:
         route = trace.route or "(none)"

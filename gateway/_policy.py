@@ -93,6 +93,10 @@ class LimitsPolicy(_Model):
     max_header_bytes: ByteSize = Field(16 * 1024, description="Total request header size → 431.")
     max_uri_bytes: int = Field(8192, ge=64, description="Longer request target → 414.")
     max_body: ByteSize = Field(16 * 1024**2, description="Default body cap per route → 413.")
+    h2_premature_resets: int = Field(
+        100, ge=0, description="HTTP/2: streams a client may reset within 1 s of opening "
+        "them before its connection is sent GOAWAY (ENHANCE_YOUR_CALM) and closed, once "
+        "they are also half of the streams it opened (rapid reset); 0: no limit.")
     max_upstream_header_bytes: ByteSize = Field(
         64 * 1024, ge=1, description="An upstream answering larger headers → 502.")
     body_timeout: Duration = Field(60.0, description="A request body slower than this is cut.")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._breaker import CircuitBreaker
-from ._hypercorn_fixes import set_accept_batch, set_send_timeout
+from ._hypercorn_fixes import set_accept_batch, set_premature_reset_limit, set_send_timeout
 from ._limits import InflightGate, LoopLagMonitor, UpstreamLimiter
 from ._metrics import METRICS
 from ._policy import CallSettings, Policy, RetryPolicy, UpstreamPolicy
@@ -103,6 +103,7 @@ class Runtime:
         self.gate = InflightGate(policy.server.max_inflight)
         set_accept_batch(policy.server.accept_batch)
         set_send_timeout(policy.server.send_timeout)
+        set_premature_reset_limit(policy.server.limits.h2_premature_resets)
         self.loop_lag = LoopLagMonitor()
         self.traces = TraceBuffer(policy.server.trace_buffer if policy.server.tracing else 0)
         self.snapshot = self._build(loaded, {})
@@ -203,6 +204,7 @@ class Runtime:
         self.gate.limit = policy.server.max_inflight
         set_accept_batch(policy.server.accept_batch)
         set_send_timeout(policy.server.send_timeout)
+        set_premature_reset_limit(policy.server.limits.h2_premature_resets)
         self.traces.resize(policy.server.trace_buffer if policy.server.tracing else 0)
         self.snapshot = new
         self.reloads += 1

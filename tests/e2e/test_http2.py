@@ -21,6 +21,7 @@ import trio
 from hyperframe.frame import DataFrame, PriorityFrame
 
 from tests.gateway_harness import RunningGateway, run_gateway, traces_with
+from tests.metrics import metric_total
 from tests.upstream import Upstream, proxy_policy, start_upstream
 
 
@@ -419,7 +420,8 @@ async def test_streams_the_client_resets_leave_nothing_behind_and_the_worker_ser
     # TooManyStreamsError out of the worker, ending every connection on it.
     async with trio.open_nursery() as nursery:
         upstream = await start_upstream(nursery)
-        async with run_gateway(proxy_policy(upstream.url)) as gw:
+        # With no limit on early resets, which would close this connection first.
+        async with run_gateway(_with_reset_limit(proxy_policy(upstream.url), 0)) as gw:
             client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
             await client.start()
             for _ in range(999):
@@ -527,3 +529,60 @@ async def test_an_unforeseen_error_of_one_connection_ends_that_connection_only(
         nursery.cancel_scope.cancel()
     assert any("unexpected error" in record.getMessage() and record.exc_info
                for record in caplog.records)
+
+
+def _with_reset_limit(policy: str, limit: int) -> str:
+    return policy + f"server: {{limits: {{h2_premature_resets: {limit}}}}}\n"
+
+
+async def test_a_client_resetting_every_stream_it_opens_is_cut_off_at_the_limit():
+    # Rapid reset: each open-and-reset pair costs the client two small frames and the
+    # gateway a request started and cancelled. Hypercorn allowed 1,000 a connection.
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(_with_reset_limit(proxy_policy(upstream.url), 50)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            with contextlib.suppress(trio.BrokenResourceError):
+                for _ in range(20):  # 1,000 pairs, far more than one read of the gateway
+                    for _ in range(50):
+                        stream_id = client.conn.get_next_available_stream_id()
+                        client.conn.send_headers(
+                            stream_id, [(":method", "GET"), (":path", "/api/stall"),
+                                        (":scheme", "http"), (":authority", "gw")],
+                            end_stream=True)
+                        client.conn.reset_stream(stream_id)
+                    await client.flush()
+            with trio.fail_after(5):
+                goaway = await client.until(
+                    lambda e: isinstance(e, h2.events.ConnectionTerminated))
+            assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+            assert goaway.last_stream_id == 99  # the 50th stream: none after it was acted on
+            assert len(upstream.requests) <= 50
+            await _worker_serves_another_client(gw)
+            async with gw.admin() as admin:
+                metrics = (await admin.get("/metrics")).text
+            assert metric_total(metrics, "gateway_client_connections_closed_total",
+                                reason="h2_premature_resets") == 1
+            await client.stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_that_cancels_some_of_its_streams_is_served_on():
+    # A browser or gRPC client cancels streams it no longer needs: a third of them here,
+    # at once, over three times the limit, and every other stream is answered.
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(_with_reset_limit(proxy_policy(upstream.url), 50)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            with trio.fail_after(10):
+                for _ in range(150):
+                    answered = [await client.get("/api/ok") for _ in range(2)]
+                    await client.reset(await client.get("/api/stall"))
+                    for stream_id in answered:
+                        assert await client.response_status(stream_id) == 200
+            assert not any(isinstance(e, h2.events.ConnectionTerminated)
+                           for e in client.events)
+            await client.stream.aclose()
+        nursery.cancel_scope.cancel()
