@@ -1,5 +1,5 @@
 """The admin surface: invisible on the public bind; behind a bearer token when the
-policy names one (``server.admin_token_env``)."""
+policy names one (``server.admin_token_env``), all but the probes' two paths."""
 
 import pytest
 import trio
@@ -28,10 +28,13 @@ def admin_token(monkeypatch):
     return token
 
 
+PROTECTED_PATHS = ["/metrics", "/traces", "/policy"]
+
+
 async def test_admin_token_is_required(admin_token):
     async with stage(server=f"  admin_token_env: {TOKEN_ENV}\n") as s:
         async with s.gw.admin() as admin:
-            for path in ADMIN_PATHS[:-1]:
+            for path in PROTECTED_PATHS:
                 assert (await admin.get(path)).status_code == 401, path
                 wrong = await admin.get(path, headers={"authorization": "Bearer nope"})
                 assert wrong.status_code == 401, path
@@ -42,19 +45,35 @@ async def test_admin_token_is_required(admin_token):
                 # The scheme is case-insensitive (RFC 9110, 11.1).
                 lower = await admin.get(path, headers={"authorization": f"bearer {admin_token}"})
                 assert lower.status_code == 200, path
-            denied = await admin.get("/healthz")
+            denied = await admin.get("/policy")
             assert denied.headers["www-authenticate"] == "Bearer"
             assert admin_token not in denied.text
         await s.assert_serves()
+
+
+async def test_probes_need_no_token_and_learn_only_whether_the_gateway_is_ready(admin_token):
+    # A load balancer's or an orchestrator's probe carries no secret; readiness tells
+    # it yes or no, and names its checks (the upstreams) only to a holder of the token.
+    async with stage(server=f"  admin_token_env: {TOKEN_ENV}\n") as s:
+        async with s.gw.admin() as admin:
+            assert (await admin.get("/healthz")).json() == {"status": "ok"}
+            probe = await admin.get("/readyz")
+            assert probe.status_code == 200 and probe.json() == {"ready": True}
+            full = await admin.get("/readyz",
+                                   headers={"authorization": f"Bearer {admin_token}"})
+            assert full.status_code == 200 and full.json()["checks"]
+            wrong = await admin.get("/readyz", headers={"authorization": "Bearer nope"})
+            assert wrong.json() == {"ready": True}
 
 
 async def test_admin_token_env_unset_fails_closed(monkeypatch):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     async with stage(server=f"  admin_token_env: {TOKEN_ENV}\n") as s:
         async with s.gw.admin() as admin:
-            assert (await admin.get("/healthz")).status_code == 401
-            bare = await admin.get("/healthz", headers={"authorization": "Bearer"})
+            assert (await admin.get("/metrics")).status_code == 401
+            bare = await admin.get("/metrics", headers={"authorization": "Bearer"})
             assert bare.status_code == 401
+            assert "checks" not in (await admin.get("/readyz")).json()
 
 
 async def test_bad_admin_requests_get_a_json_4xx():
