@@ -16,7 +16,7 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from ._metrics import render_metrics
-from ._trace_peers import gather
+from ._trace_peers import dumps, gather
 
 if TYPE_CHECKING:
     from ._app import Gateway
@@ -113,8 +113,9 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
         query = {"route": args.get("route"), "cause": args.get("cause"), "status": status,
                  "min_ms": min_ms, "limit": limit}
         found = await gather(gateway.runtime.traces, {"query": query})
-        return {"traces": found.traces[:limit], "unreachable_workers": found.unreachable,
+        body = {"traces": found.traces[:limit], "unreachable_workers": found.unreachable,
                 "worker_pid": os.getpid()}
+        return Response(await dumps(body), content_type="application/json")
 
     @app.get("/traces/<request_id>")
     async def trace(request_id: str) -> Any:

@@ -334,6 +334,7 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
 def finish_trace(runtime: Runtime, trace: Trace, policy: Any) -> None:
     """Count the request, keep its trace, log it when it is worth a line."""
     server = policy.server
+    trace.finish()
     status = trace.status or 0
     cancelled = trace.cancelled_spans()
     METRICS.observe_request(trace, status, cancelled)

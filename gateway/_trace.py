@@ -97,15 +97,25 @@ class Trace:
         self.cause: str | None = None
         self.deadline_source: str | None = None
         self.root: Span | None = None
+        #: Set when the request is over (``finish``): a trace read later keeps it.
+        self.end_ms: float | None = None
 
     def offset_ms(self) -> float:
         return (trio.current_time() - self.t0) * 1000
 
     @property
     def duration_ms(self) -> float:
+        if self.end_ms is not None:
+            return self.end_ms
         if self.root is not None and self.root.end_ms is not None:
             return self.root.end_ms
         return self.offset_ms()
+
+    def finish(self) -> None:
+        """Fix the duration: a request refused before any span (shed at the door, no
+        route) has no root span to end, and its duration would grow each time it is read."""
+        if self.end_ms is None:
+            self.end_ms = self.duration_ms
 
     def cancelled_spans(self) -> list[Span]:
         return [] if self.root is None else [s for s in self.root.walk()
@@ -287,6 +297,8 @@ class TraceBuffer:
         self._enabled = size > 0
 
     def add(self, trace: Trace) -> None:
+        """Keep a finished trace (its duration fixed from now on)."""
+        trace.finish()
         if self._enabled:
             self._traces.append(trace)
 

@@ -78,3 +78,16 @@ async def test_buffer_is_bounded_and_filterable():
     assert buffer.get("r0") is None and buffer.get("r4") is not None
     assert [t.request_id for t in buffer.query(route="/b")] == ["r4", "r2"]
     assert [t.request_id for t in buffer.query(status=203)] == ["r3"]
+
+
+async def test_a_kept_trace_without_spans_keeps_its_duration(autojump_clock):
+    # A request refused before any span (shed at the door, no route) has no root span
+    # whose end fixes its duration: read later, it went on growing.
+    traces = TraceBuffer(10)
+    trace = Trace("r-1", "GET", "/nowhere", None)
+    trace.status = 404
+    await trio.sleep(0.002)
+    traces.add(trace)
+    await trio.sleep(60)
+    assert traces.query(min_ms=1000) == []
+    assert trace.to_json()["duration_ms"] == pytest.approx(2.0)

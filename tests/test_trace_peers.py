@@ -4,10 +4,11 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import trio
 
 from gateway._trace import Trace, TraceBuffer
-from gateway._trace_peers import serve_peer_socket, socket_path
+from gateway._trace_peers import answer, serve_peer_socket, socket_path
 
 
 def buffer_of(count: int) -> TraceBuffer:
@@ -55,3 +56,28 @@ async def test_a_sibling_that_hangs_up_or_asks_too_much_does_not_stop_the_answer
             assert answer[0]["worker_pid"] == os.getpid()
             nursery.cancel_scope.cancel()
     assert not await trio.Path(path).exists()
+
+
+async def test_traces_are_turned_into_json_off_the_event_loop(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    # 1,000 traces are milliseconds of CPU; the loop serving requests must not spend them.
+    on_the_loop: list[bool] = []
+    to_json = Trace.to_json
+
+    def recording(self: Trace) -> dict:
+        on_the_loop.append(trio.lowlevel.in_trio_run())
+        return to_json(self)
+
+    monkeypatch.setattr(Trace, "to_json", recording)
+    traces = buffer_of(1000)
+    local = await answer(traces, {"query": {"limit": 1000}})
+    assert [t["request_id"] for t in local[:2]] == ["request-999", "request-998"]
+    path = socket_path(str(tmp_path), os.getpid())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_peer_socket, lambda: traces, str(tmp_path))
+            sibling = json.loads(await ask(path, json.dumps({"query": {"limit": 1000}})
+                                           .encode()))
+            nursery.cancel_scope.cancel()
+    assert sibling == local
+    assert len(on_the_loop) == 2000 and not any(on_the_loop)
