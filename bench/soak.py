@@ -5,12 +5,14 @@
 Starts ``python -m gateway serve`` (one worker) in front of the recording test upstream,
 sends a mix of normal requests and hostile ones (smuggling attempts, oversized heads and
 bodies, bad paths, upstream faults, clients that leave mid-request) from a Trio load
-client, then reports:
+client, over HTTP/1.1 and HTTP/2 (normal streams three to a connection; streams reset
+at once, uploads reset mid-body and PRIORITY frames for idle streams), then reports:
 
 * normal requests answered correctly (must be 100 %);
 * worker RSS after warm-up against the end (must stay within ±10 %);
-* the worker's open file descriptors and the admin ``/metrics`` in-flight gauges back
-  to their baseline once the traffic stops.
+* the worker's open file descriptors (less the idle connections its upstream pool
+  keeps, which grow with the peak concurrency) and the admin ``/metrics`` in-flight
+  gauges back to their baseline once the traffic stops.
 
 Prints a summary table and exits non-zero when a bound is broken. Traffic goes to
 127.0.0.1 only.
@@ -31,12 +33,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h2.errors
+import h2.events
 import httpx
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.h2client import H2Client  # noqa: E402
 from tests.hostile.rawclient import connect, exchange, request_bytes  # noqa: E402
 from tests.process_harness import serve_process  # noqa: E402
 from tests.upstream import start_upstream  # noqa: E402
@@ -45,6 +50,10 @@ RSS_TOLERANCE = 0.10
 FD_SLACK = 4
 KEEP_ALIVE_S = 2
 HOSTILE_SHARE = 0.3
+#: Share of the clients' turns (normal or hostile) taken over HTTP/2.
+H2_SHARE = 0.2
+#: Streams a rapid-reset client opens and resets (the policy's limit is 100).
+RAPID_RESETS = 150
 
 POLICY = """
 version: 1
@@ -115,6 +124,15 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def pooled_upstream(admin_url: str) -> int:
+    """Idle connections the upstream pool keeps: open descriptors, but not leaked ones."""
+    text = httpx.get(admin_url + "/metrics", timeout=5).text
+    return int(sum(
+        float(m[1])
+        for m in re.finditer(r'^gateway_upstream_connections\{[^}]*state="idle"[^}]*\} (\S+)$',
+                             text, re.M)))
+
+
 def in_flight_gauges(admin_url: str) -> float:
     text = httpx.get(admin_url + "/metrics", timeout=5).text
     return sum(
@@ -141,6 +159,56 @@ async def one_normal(port: int, tally: Tally, rng: random.Random) -> None:
             tally.failures.append(repr(response)[:300])
 
 
+async def one_normal_h2(port: int, tally: Tally, rng: random.Random) -> None:
+    users = [rng.randrange(1, 10_000) for _ in range(3)]
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        client = H2Client(stream)
+        await client.start()
+        streams = [await client.get(f"/api/users/{user}") for user in users]
+        for user, stream_id in zip(users, streams, strict=True):
+            with trio.move_on_after(10):
+                status, body = await client.response(stream_id)
+                if status == 200 and f'"id": "{user}"'.encode() in body:
+                    tally.normal_ok += 1
+                    continue
+            tally.normal_bad += 1
+            if len(tally.failures) < 10:
+                tally.failures.append(f"HTTP/2 /api/users/{user}")
+
+
+async def one_hostile_h2(port: int, tally: Tally, rng: random.Random) -> None:
+    kind = rng.choice(("rapid reset", "reset upload", "idle priority"))
+    try:
+        with trio.fail_after(10):
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                client = H2Client(stream)
+                await client.start()
+                if kind == "rapid reset":
+                    for _ in range(RAPID_RESETS):
+                        await client.reset(await client.get("/api/up/stall"))
+                    goaway = await client.until(
+                        lambda e: isinstance(e, h2.events.ConnectionTerminated))
+                    cut = goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+                    tally.hostile["h2 rapid reset " + ("cut" if cut else "NOT cut")] += 1
+                    return
+                if kind == "reset upload":
+                    upload = client.conn.get_next_available_stream_id()
+                    client.conn.send_headers(upload, [
+                        (":method", "POST"), (":path", "/api/up/ok"), (":scheme", "http"),
+                        (":authority", "soak"), ("content-length", "900")])
+                    client.conn.send_data(upload, b"x" * 300)
+                    await client.flush()
+                    await client.reset(upload)
+                else:
+                    for stream_id in range(101, 301, 2):
+                        client.conn.prioritize(stream_id, weight=rng.randrange(1, 256))
+                    await client.flush()
+                status = await client.response_status(await client.get("/api/up/ok"))
+                tally.hostile[f"h2 {kind} then {status}"] += 1
+    except (trio.TooSlowError, trio.BrokenResourceError, AssertionError) as error:
+        tally.hostile[f"h2 {kind}: {type(error).__name__}"] += 1
+
+
 async def one_hostile(port: int, tally: Tally, rng: random.Random) -> None:
     kind = rng.randrange(len(HOSTILE) + 1)
     if kind == len(HOSTILE):  # a client that leaves mid-request
@@ -165,10 +233,11 @@ async def load(
         while trio.current_time() < end:
             if trio.current_time() >= warm_at:
                 warmed.set()
+            h2 = rng.random() < H2_SHARE
             if rng.random() < HOSTILE_SHARE:
-                await one_hostile(port, tally, rng)
+                await (one_hostile_h2 if h2 else one_hostile)(port, tally, rng)
             else:
-                await one_normal(port, tally, rng)
+                await (one_normal_h2 if h2 else one_normal)(port, tally, rng)
 
     async with trio.open_nursery() as nursery:
         for n in range(concurrency):
@@ -214,7 +283,7 @@ def main() -> int:
             with serve_process(policy, config=config) as served:
                 port = int(served.url.rsplit(":", 1)[1])
                 pid = worker_pid(served.process.pid)
-                fds_idle = fd_count(pid)
+                fds_idle = fd_count(pid) - pooled_upstream(served.admin_url)
                 warmed = threading.Event()
                 rss_warm: list[int] = []
 
@@ -233,10 +302,12 @@ def main() -> int:
                 # Closed connections keep their server tasks until keep_alive_timeout.
                 deadline = time.monotonic() + KEEP_ALIVE_S + 5
                 while time.monotonic() < deadline and (
-                    fd_count(pid) > fds_idle + FD_SLACK or in_flight_gauges(served.admin_url) > 0
+                    fd_count(pid) - pooled_upstream(served.admin_url) > fds_idle + FD_SLACK
+                    or in_flight_gauges(served.admin_url) > 0
                 ):
                     time.sleep(0.25)
-                fds_end = fd_count(pid)
+                pooled_end = pooled_upstream(served.admin_url)
+                fds_end = fd_count(pid) - pooled_end
                 gauges_end = in_flight_gauges(served.admin_url)
     finally:
         if stop:
@@ -266,8 +337,8 @@ def main() -> int:
     )
     rows.append(
         (
-            "worker open fds idle → end",
-            f"{fds_idle} → {fds_end}",
+            "worker open fds idle → end, less pooled upstream connections",
+            f"{fds_idle} → {fds_end} ({pooled_end} pooled at the end)",
             f"≤ idle + {FD_SLACK}",
             fds_end <= fds_idle + FD_SLACK,
         )

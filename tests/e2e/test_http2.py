@@ -5,8 +5,6 @@ streams go on."""
 import contextlib
 import functools
 import itertools
-from collections.abc import Callable
-from typing import Any
 
 import h2.config
 import h2.connection
@@ -21,64 +19,9 @@ import trio
 from hyperframe.frame import DataFrame, PriorityFrame
 
 from tests.gateway_harness import RunningGateway, run_gateway, traces_with
+from tests.h2client import H2Client
 from tests.metrics import metric_total
 from tests.upstream import Upstream, proxy_policy, start_upstream
-
-
-class H2Client:
-    """A minimal HTTP/2 client over one connection, enough to open and reset streams."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.events: list[h2.events.Event] = []
-
-    async def start(self) -> None:
-        self.conn.initiate_connection()
-        await self.flush()
-
-    async def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data:
-            await self.stream.send_all(data)
-
-    async def get(self, path: str) -> int:
-        stream_id = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(stream_id, [(":method", "GET"), (":path", path),
-                                           (":scheme", "http"), (":authority", "gw")],
-                               end_stream=True)
-        await self.flush()
-        return stream_id
-
-    async def reset(self, stream_id: int) -> None:
-        self.conn.reset_stream(stream_id)
-        await self.flush()
-
-    async def response_status(self, stream_id: int) -> int:
-        event = await self.until(lambda e: isinstance(e, h2.events.ResponseReceived)
-                                 and e.stream_id == stream_id)
-        return int(dict(event.headers)[b":status"])
-
-    async def until(self, wanted: Callable[[h2.events.Event], bool]) -> Any:
-        """The first event (seen or still to come) that is ``wanted``."""
-        while True:
-            for event in self.events:
-                if wanted(event):
-                    return event
-            data = await self.stream.receive_some(65536)
-            assert data, "connection closed"
-            self.events.extend(self.conn.receive_data(data))
-            await self.flush()
-
-    async def round_trip(self) -> None:
-        """Return once the gateway has handled every frame sent before this call, and
-        everything it wrote in answer to them has been read: two PINGs, since what
-        answers a frame may follow the PING ACK of the same read."""
-        for payload in (b"first...", b"second.."):
-            self.conn.ping(payload)
-            await self.flush()
-            await self.until(lambda e, p=payload: isinstance(e, h2.events.PingAckReceived)
-                             and e.ping_data == p)
 
 
 async def test_http2_stream_reset_cancels_the_upstream():
