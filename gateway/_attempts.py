@@ -8,9 +8,19 @@ hedge or a call that ends early can never leave an attempt behind. The rules:
   method is idempotent (or the route opted in), the body can be sent again, attempts
   are left, the retry budget allows it (else a span with cause ``retry_budget``), and
   the remaining deadline covers the backoff plus one more try;
+* a retry or hedge is a new try sent upstream, so it must leave the budget a first try
+  needs (``min_call_budget`` after ``deadline_margin``, or the per-try timeout);
+* a status listed in ``retries.on`` is a failure only when a retry can follow it
+  (attempts, time and budget left, decided when the answer arrives); otherwise the
+  upstream's answer, its ``Retry-After`` included, goes to the client;
 * ``hedge_after`` starts another concurrent attempt when none has answered yet (at
-  most ``max_hedges``, each paid from the retry budget); the first attempt to
+  most ``max_hedges``, each paid from the retry budget and holding a slot of the
+  upstream's concurrency limit of its own, or not sent); the first attempt to
   *claim* the answer wins and the others are cancelled with cause ``hedge_lost``;
+* the circuit breaker counts what says something about the upstream: a 5xx, a failed
+  exchange, a deadline set by policy. A 4xx answer is a healthy upstream, and a
+  request whose client-shortened deadline ran out says nothing (one impatient client
+  must not open the circuit for everyone);
 * once an attempt has claimed the answer (the proxy claims at the response head, before
   the first byte goes to the client), no hedge or retry follows it: if it then fails,
   the call fails with it.
@@ -20,7 +30,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -30,6 +40,7 @@ from ._errors import (
     CircuitOpen,
     GatewayError,
     Shed,
+    StatementWrites,
     UpstreamConnectError,
     UpstreamError,
     UpstreamResetError,
@@ -78,8 +89,9 @@ class Claim:
         return self.winner is attempt
 
 
-#: perform(attempt scope, claim, statuses to treat as retryable failures)
-Perform = Callable[[TracedScope, Claim, frozenset[int]], Awaitable[AttemptResult[T]]]
+#: perform(attempt scope, claim, statuses to treat as retryable failures): ``status in
+#: retry_statuses`` is asked once the status has arrived, and may decide on a retry then.
+Perform = Callable[[TracedScope, Claim, Container[int]], Awaitable[AttemptResult[T]]]
 
 
 def outcome_of(error: GatewayError) -> str | int | None:
@@ -98,7 +110,27 @@ def outcome_of(error: GatewayError) -> str | int | None:
 
 
 def _is_breaker_failure(error: GatewayError) -> bool:
-    return isinstance(error, UpstreamError | UpstreamTimeout)
+    if isinstance(error, UpstreamStatusError):
+        return error.upstream_status >= 500
+    return isinstance(error, UpstreamError | UpstreamTimeout) and not isinstance(
+        error, StatementWrites)
+
+
+def _deadline_says_upstream_slow(ctx: RequestContext) -> bool:
+    """A deadline fired in an attempt: a policy's (call, per-try, route) says the upstream
+    was too slow; only the client's own, shorter one having passed says nothing."""
+    return not (ctx.deadline.source == "header" and trio.current_time() >= ctx.deadline.at)
+
+
+class _Plan:
+    """A retry decided when an attempt's retryable status arrived: the budget is spent
+    and the backoff drawn then, so that the answer is only discarded for a retry that
+    will be sent."""
+
+    __slots__ = ("delay_s",)
+
+    def __init__(self) -> None:
+        self.delay_s: float | None = None
 
 
 async def _single_attempt(ctx: RequestContext, call: TracedScope, name: str,
@@ -130,6 +162,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     budget = state.retry_budget
     breaker = state.breaker
     min_budget = ctx.policy.server.min_call_budget
+    margin = ctx.policy.server.deadline_margin
+    per_try = retry.per_try_timeout if retry is not None else None
     budget.record_request(trio.current_time())
     if max_attempts == 1 and hedge_after is None and breaker is None:
         return await _single_attempt(ctx, call, name, perform)
@@ -140,9 +174,36 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     started = 0
     hedges = 0
     running = 0
+    plan = _Plan()
 
-    async def attempt_task(number: int, task_status: trio.TaskStatus[TracedScope]) -> None:
-        per_try = retry.per_try_timeout if retry is not None else None
+    def time_for_a_try(delay_s: float) -> bool:
+        """Is there time for ``delay_s`` and one more try, with the floor a first try has?"""
+        remaining = call.deadline - trio.current_time() - margin
+        return may_retry_within(remaining, per_try, delay_s, min_budget)
+
+    class RetryNow:
+        """``status in`` this: is an answer with ``status`` to be discarded for a retry?"""
+
+        def __contains__(self, status: object) -> bool:
+            if status not in retry_statuses:
+                return False
+            if running > 1 or claim.winner is not None:
+                return True  # another attempt may yet answer
+            if retry is None or started >= max_attempts:
+                return False
+            delay = backoff_delay(started, retry.backoff.low_s, retry.backoff.high_s, _rng)
+            if not time_for_a_try(delay):
+                return False
+            if not budget.try_spend(trio.current_time()):
+                refuse_retry()
+                return False
+            plan.delay_s = delay
+            return True
+
+    retry_now = RetryNow()
+
+    async def attempt_task(number: int, slot: object | None,
+                           task_status: trio.TaskStatus[TracedScope]) -> None:
         deadline = call.deadline if per_try is None else min(
             call.deadline, trio.current_time() + per_try)
         outcome: AttemptResult[T] | GatewayError
@@ -151,13 +212,16 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                               deadline=deadline) as attempt:
                 claim.attempts.append(attempt)
                 task_status.started(attempt)
+                if claim.winner is not None:  # claimed while this hedge was starting
+                    attempt.cancel("hedge_lost", detail=claim.winner.span.name)
+                    await trio.lowlevel.checkpoint()
                 if breaker is not None and not breaker.allow(trio.current_time()):
                     raise CircuitOpen(f"circuit of upstream {state.name!r} is open",
                                       retry_after_s=breaker.retry_after(trio.current_time()),
                                       upstream=state.name)
                 last = number >= max_attempts and hedges >= max_hedges
                 result = await perform(attempt, claim,
-                                       frozenset() if last else retry_statuses)
+                                       frozenset() if last else retry_now)
                 if result.status is not None:
                     attempt.note(status=result.status)
             if attempt.cancel_cause is not None:  # lost a hedge race: not an outcome
@@ -175,15 +239,18 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
             if breaker is not None and not isinstance(error, CircuitOpen):
                 if _is_breaker_failure(error):
                     breaker.record_failure(trio.current_time())
+                elif isinstance(error, UpstreamStatusError):  # a 4xx: it answered
+                    breaker.record_success(trio.current_time())
                 else:
                     breaker.record_ignored(trio.current_time())
             outcome = error
         except trio.Cancelled as cancelled:
-            # A deadline (call timeout, request deadline) is the upstream being too slow:
+            # A policy's deadline (call, per-try, route) is the upstream being too slow:
             # a failure. Cancelled on purpose (client gone, hedge lost, sibling failed,
-            # quorum reached): says nothing about the upstream's health.
+            # quorum reached), or by the client's own shorter deadline: says nothing
+            # about the upstream's health.
             if breaker is not None:
-                if cancelled.source == "deadline":
+                if cancelled.source == "deadline" and _deadline_says_upstream_slow(ctx):
                     breaker.record_failure(trio.current_time())
                 else:
                     breaker.record_ignored(trio.current_time())
@@ -194,6 +261,9 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
             if breaker is not None:
                 breaker.record_ignored(trio.current_time())
             raise
+        finally:
+            if slot is not None:
+                state.limiter.release(slot)
         events_send.send_nowait((attempt, outcome))
 
     def refuse_retry() -> None:
@@ -213,7 +283,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     async with trio.open_nursery() as nursery:
         started += 1
         running += 1
-        await nursery.start(attempt_task, started)
+        await nursery.start(attempt_task, started, None)
         while True:
             wait_s = math.inf
             if hedge_after is not None and hedges < max_hedges and claim.winner is None:
@@ -225,13 +295,24 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                     # An attempt claimed the answer while the timer ran (it is sending
                     # its body now): a hedge could only lose.
                     continue
-                # Nobody answered within hedge_after: start a hedge if the budget allows.
+                # Nobody answered within hedge_after: start a hedge if there is time for
+                # one, a slot of the upstream's concurrency limit free, and the budget.
+                if not time_for_a_try(0.0):
+                    hedges = max_hedges  # no more hedges for this call
+                    call.note(hedge_not_sent="no budget left for a try")
+                    continue
+                slot = state.limiter.try_hold()
+                if slot is None:
+                    hedges = max_hedges
+                    call.note(hedge_not_sent="the upstream's concurrency limit is reached")
+                    continue
                 if budget.try_spend(trio.current_time()):
                     hedges += 1
                     started += 1
                     running += 1
-                    await nursery.start(attempt_task, started)
+                    await nursery.start(attempt_task, started, slot)
                 else:
+                    state.limiter.release(slot)
                     hedges = max_hedges  # no more hedges for this call
                     refuse_retry()
                 continue
@@ -260,18 +341,21 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                     or not is_retryable(method=method, outcome=reason, policy=retry,
                                         body_replayable=replayable)):
                 break
-            delay = backoff_delay(started, retry.backoff.low_s, retry.backoff.high_s, _rng)
-            remaining = call.deadline - trio.current_time()
-            if not may_retry_within(remaining, retry.per_try_timeout, delay, min_budget):
-                break
-            if not budget.try_spend(trio.current_time()):
-                refuse_retry()
-                break
+            if plan.delay_s is not None:  # decided, and paid, when the status arrived
+                delay, plan.delay_s = plan.delay_s, None
+            else:
+                delay = backoff_delay(started, retry.backoff.low_s, retry.backoff.high_s,
+                                      _rng)
+                if not time_for_a_try(delay):
+                    break
+                if not budget.try_spend(trio.current_time()):
+                    refuse_retry()
+                    break
             failure = None
             await trio.sleep(delay)
             started += 1
             running += 1
-            await nursery.start(attempt_task, started)
+            await nursery.start(attempt_task, started, None)
     if failure is not None:
         raise failure
     return value  # type: ignore[return-value]

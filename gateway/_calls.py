@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Container, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +52,11 @@ async def upstream_call(ctx: RequestContext, parent: TracedScope, call_name: str
     with traced_scope(ctx.trace, parent, "call", call_name, deadline=deadline,
                       upstream=state.name, **attrs) as call:
         _check_budget_floor(ctx, call, call_name, now)
-        async with state.limiter.slot():
+        # Queue wait counts against the deadline: wait no longer than would leave the
+        # call the floor it needs once it has a slot.
+        server = ctx.policy.server
+        max_wait = call.deadline - now - server.deadline_margin - server.min_call_budget
+        async with state.limiter.slot(max_wait):
             _check_budget_floor(ctx, call, call_name, trio.current_time())  # after a wait
             yield call
 
@@ -90,6 +95,14 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    """A number a double cannot hold (``1e400``) would be re-encoded as ``Infinity``."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:32]} is beyond the range of a double")
+    return value
+
+
 async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
                          call: FanoutCall, state: UpstreamState,
                          settings: CallSettings) -> Any:
@@ -104,7 +117,7 @@ async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
     base = _fanout_base_headers(ctx)
 
     async def perform(attempt: TracedScope, claim: Claim,
-                      retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+                      retry_statuses: Container[int]) -> AttemptResult[Any]:
         headers = forward_headers(ctx, attempt, base)
         headers.append((b"accept", b"application/json"))
         async with pool.request(call.method, target, headers, None) as response:
@@ -113,7 +126,8 @@ async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
             raise UpstreamStatusError(f"upstream {state.name!r} answered {response.status}",
                                       upstream_status=response.status, upstream=state.name)
         try:
-            value = json.loads(body, parse_constant=_refuse_constant) if body else None
+            value = json.loads(body, parse_constant=_refuse_constant,
+                               parse_float=_finite_float) if body else None
         except (ValueError, RecursionError):  # nesting deeper than the parser's stack
             raise UpstreamProtocolError(f"upstream {state.name!r} answered invalid JSON",
                                         upstream=state.name) from None
@@ -212,7 +226,7 @@ async def sql_call(ctx: RequestContext, parent: TracedScope, name: str, call: Fa
 
     def attempt_of(writes: bool) -> Perform[Any]:
         async def perform(attempt: TracedScope, claim: Claim,
-                          retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+                          retry_statuses: Container[int]) -> AttemptResult[Any]:
             remaining = max(0.001, attempt.deadline - trio.current_time())
             try:
                 if call.one:

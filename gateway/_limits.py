@@ -8,6 +8,7 @@ changes them, without dropping the calls that hold or wait for a slot.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -49,33 +50,60 @@ class UpstreamLimiter:
             self._retry_after_s = retry_after_s
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one slot for the duration of the block, or raise :class:`Shed`."""
+    async def slot(self, max_wait_s: float = math.inf) -> AsyncIterator[None]:
+        """Hold one slot for the duration of the block, or raise :class:`Shed`.
+
+        ``max_wait_s``: the most the caller can wait (its deadline, less what the call
+        itself needs). A call that would wait longer than its deadline allows is shed
+        (503, ``Retry-After``) when that time is spent, or at once if there is none,
+        rather than queued to fail with a 504 later.
+        """
         token = object()
         try:
             self._limiter.acquire_on_behalf_of_nowait(token)
         except trio.WouldBlock:
+            if max_wait_s <= 0:
+                self.shed_total += 1
+                raise Shed(f"upstream {self.name!r}: no free slot and no time left to wait "
+                           "for one", retry_after_s=self._retry_after_s, upstream=self.name,
+                           reason="deadline") from None
             if self._queued >= self._queue_limit:
                 self.shed_total += 1
                 raise Shed(f"upstream {self.name!r}: queue full ({self._queue_limit} waiting)",
                            retry_after_s=self._retry_after_s, upstream=self.name,
                            reason="queue_full") from None
+            wait_s = min(self._queue_timeout_s, max_wait_s)
             self._queued += 1
             try:
-                with trio.move_on_after(self._queue_timeout_s) as waited:
+                with trio.move_on_after(wait_s) as waited:
                     await self._limiter.acquire_on_behalf_of(token)
             finally:
                 self._queued -= 1
             if waited.cancelled_caught:
                 self.shed_total += 1
-                raise Shed(f"upstream {self.name!r}: no slot within "
-                           f"{self._queue_timeout_s * 1000:g}ms",
+                raise Shed(f"upstream {self.name!r}: no slot within {wait_s * 1000:g}ms"
+                           + ("" if wait_s == self._queue_timeout_s else
+                              " (the time the call's deadline left to wait)"),
                            retry_after_s=self._retry_after_s, upstream=self.name,
-                           reason="queue_timeout") from None
+                           reason="queue_timeout" if wait_s == self._queue_timeout_s
+                           else "deadline") from None
         try:
             yield
         finally:
             self._limiter.release_on_behalf_of(token)
+
+    def try_hold(self) -> object | None:
+        """A slot taken without waiting (a hedge's), or None when all are taken; give it
+        back with :meth:`release`."""
+        token = object()
+        try:
+            self._limiter.acquire_on_behalf_of_nowait(token)
+        except trio.WouldBlock:
+            return None
+        return token
+
+    def release(self, token: object) -> None:
+        self._limiter.release_on_behalf_of(token)
 
     def statistics(self) -> LimiterStatistics:
         return LimiterStatistics(

@@ -522,6 +522,7 @@ def cross_check(policy: Policy) -> list[Problem]:
                             (*where, "args"),
                             f"the query uses ${max(used)} but only {len(call.args)} "
                             "args are given"))
+            problems.extend(_budget_problems(policy, where, call))
             if call.timeout is not None and call.timeout > deadline:
                 problems.append(Problem(
                     (*where, "timeout"),
@@ -534,6 +535,34 @@ def cross_check(policy: Policy) -> list[Problem]:
                                     "put the DSN in an environment variable and name the "
                                     "variable here; secrets never go inline"))
     return problems
+
+
+def upstream_retry_policy(policy: Policy, upstream: UpstreamPolicy) -> RetryPolicy:
+    """The retry budget of an upstream comes from its own call settings, else the defaults:
+    it is shared by every call to the upstream."""
+    if upstream.call is not None and upstream.call.retries is not None:
+        return upstream.call.retries
+    return policy.defaults.call.retries or RetryPolicy()
+
+
+def _budget_problems(policy: Policy, where: PolicyPath,
+                     call: FanoutCall | ProxyAction) -> list[Problem]:
+    """A route or call that sets its own retry budget: it would be silently ignored."""
+    if call.retries is None:
+        return []
+    upstream = policy.upstreams[call.upstream]
+    budget = upstream_retry_policy(policy, upstream)
+    source = (f"upstreams.{call.upstream}.call.retries"
+              if upstream.call is not None and upstream.call.retries is not None
+              else "defaults.call.retries")
+    shown = {"budget": f"{budget.budget:.0%}", "min_per_second": f"{budget.min_per_second:g}"}
+    return [Problem((*where, "retries", field),
+                    f"ignored: the retry budget is the upstream's, shared by every call to "
+                    f"it; this call's retries draw on {field} {shown[field]} of {source}",
+                    severity="warning")
+            for field in ("budget", "min_per_second")
+            if field in call.retries.model_fields_set
+            and getattr(call.retries, field) != getattr(budget, field)]
 
 
 def _template_problems(where: PolicyPath, template: str, route: Route) -> list[Problem]:

@@ -9,6 +9,7 @@ client connection (see ``_request``).
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 from ._attempts import AttemptResult, Claim, run_attempts
@@ -52,7 +53,7 @@ async def proxy(ctx: RequestContext) -> None:
     limit = route.max_response_body
 
     async def perform(attempt: TracedScope, claim: Claim,
-                      retry_statuses: frozenset[int]) -> AttemptResult[None]:
+                      retry_statuses: Container[int]) -> AttemptResult[None]:
         headers = forward_headers(ctx, attempt)
         async with pool.request(method, target, headers, body) as response:
             status = response.status

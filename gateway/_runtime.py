@@ -21,7 +21,7 @@ from ._breaker import CircuitBreaker
 from ._hypercorn_fixes import set_accept_batch, set_premature_reset_limit, set_send_timeout
 from ._limits import InflightGate, LoopLagMonitor, UpstreamLimiter
 from ._metrics import METRICS
-from ._policy import CallSettings, Policy, RetryPolicy, UpstreamPolicy
+from ._policy import CallSettings, Policy, UpstreamPolicy, upstream_retry_policy
 from ._retries import RetryBudget
 from ._routing import RouteTable
 from ._trace import TraceBuffer
@@ -55,13 +55,6 @@ def _pool_limits(policy: Policy, upstream: UpstreamPolicy) -> PoolLimits:
         connect_timeout_s=upstream.pool.connect_timeout,
         max_response_header_bytes=policy.server.limits.max_upstream_header_bytes,
     )
-
-
-def _upstream_retry_policy(policy: Policy, upstream: UpstreamPolicy) -> RetryPolicy:
-    """The budget of an upstream comes from its own call settings, else the defaults."""
-    if upstream.call is not None and upstream.call.retries is not None:
-        return upstream.call.retries
-    return policy.defaults.call.retries or RetryPolicy()
 
 
 def _connection_identity(policy: Policy, upstream: UpstreamPolicy) -> tuple[Any, ...]:
@@ -132,7 +125,7 @@ class Runtime:
                                       queue=definition.limit.queue,
                                       queue_timeout_s=definition.limit.queue_timeout,
                                       retry_after_s=policy.server.shed_retry_after)
-            retry = _upstream_retry_policy(policy, definition)
+            retry = upstream_retry_policy(policy, definition)
             state = UpstreamState(name, definition, limiter,
                                   retry_budget=RetryBudget(retry.budget, retry.min_per_second),
                                   identity=identity)
@@ -154,7 +147,7 @@ class Runtime:
                            queue_timeout_s=definition.limit.queue_timeout,
                            retry_after_s=policy.server.shed_retry_after)
         old.policy = definition
-        retry = _upstream_retry_policy(policy, definition)
+        retry = upstream_retry_policy(policy, definition)
         old.retry_budget.reconfigure(retry.budget, retry.min_per_second)
         if definition.circuit is None:
             old.breaker = None

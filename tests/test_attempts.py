@@ -7,7 +7,7 @@ exchange is a scripted ``perform`` that sleeps on the mock clock, then answers o
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,7 +34,6 @@ from gateway._runtime import UpstreamState
 from gateway._trace import Span, Trace, TracedScope, traced_scope
 
 MS = 0.001
-DEFAULT_ON = frozenset({502, 503, 504})
 
 
 # --------------------------------------------------------------------------- stand-ins
@@ -43,11 +42,12 @@ DEFAULT_ON = frozenset({502, 503, 504})
 class FakeContext:
     """The parts of a request that run_attempts and upstream_call read."""
 
-    def __init__(self, deadline_s: float = 2.0) -> None:
+    def __init__(self, deadline_s: float = 2.0, *, source: str = "policy",
+                 **server: Any) -> None:
         now = trio.current_time()
         self.trace = Trace("req-1", "GET", "/orders", "/orders")
-        self.policy = SimpleNamespace(server=ServerPolicy())
-        self.deadline = RequestDeadline(now + deadline_s, deadline_s, "policy")
+        self.policy = SimpleNamespace(server=ServerPolicy.model_validate(server))
+        self.deadline = RequestDeadline(now + deadline_s, deadline_s, source)  # type: ignore[arg-type]
         self.request_id = "req-1"
 
 
@@ -72,19 +72,20 @@ class Upstream:
         self.t0 = trio.current_time()
         self.starts: list[float] = []
         self.ends: list[float] = []
-        self.retry_statuses: list[frozenset[int]] = []
+        #: Per attempt: was its status answer discarded for a retry (asked as it arrived)?
+        self.discarded: list[bool] = []
 
     async def perform(self, attempt: TracedScope, claim: Claim,
-                      retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+                      retry_statuses: Container[int]) -> AttemptResult[Any]:
         index = len(self.starts)
         self.starts.append(trio.current_time() - self.t0)
-        self.retry_statuses.append(retry_statuses)
         delay, outcome = self.script[min(index, len(self.script) - 1)]
         await trio.sleep(delay)
         self.ends.append(trio.current_time() - self.t0)
         if not isinstance(outcome, int):
             raise outcome()
-        if outcome in retry_statuses:
+        self.discarded.append(outcome in retry_statuses)
+        if self.discarded[-1]:
             raise UpstreamStatusError(f"upstream 'orders' answered {outcome}",
                                       upstream_status=outcome, upstream="orders")
         return AttemptResult({"attempt": index + 1}, outcome)
@@ -102,10 +103,10 @@ class Pinned(random.Random):
 
 
 def make_state(*, budget: RetryBudget | None = None,
-               circuit: dict[str, Any] | None = None) -> UpstreamState:
+               circuit: dict[str, Any] | None = None, concurrency: int = 10) -> UpstreamState:
     return UpstreamState(
         "orders", UpstreamPolicy(url="http://orders.invalid"),
-        UpstreamLimiter("orders", concurrency=10, queue=10, queue_timeout_s=0.05),
+        UpstreamLimiter("orders", concurrency=concurrency, queue=10, queue_timeout_s=0.05),
         retry_budget=budget if budget is not None else RetryBudget(0.2, 10.0),
         breaker=None if circuit is None else CircuitBreaker(
             "orders", CircuitPolicy.model_validate(circuit)))
@@ -231,7 +232,7 @@ class Streaming:
         self.starts: list[float] = []
 
     async def perform(self, attempt: TracedScope, claim: Claim,
-                      retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+                      retry_statuses: Container[int]) -> AttemptResult[Any]:
         self.starts.append(trio.current_time() - self.t0)
         await trio.sleep(self.head_s)
         if not claim.claim(attempt):
@@ -260,7 +261,7 @@ async def test_a_winner_failing_mid_body_ends_the_call_at_once(autojump_clock):
     slow, hedge = Upstream((1.0, 200)), Streaming(10 * MS, 10 * MS, reset=True)
 
     async def perform(attempt: TracedScope, claim: Claim,
-                      retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+                      retry_statuses: Container[int]) -> AttemptResult[Any]:
         chosen = slow if attempt.span.name == "orders#1" else hedge
         return await chosen.perform(attempt, claim, retry_statuses)
 
@@ -303,8 +304,7 @@ async def test_503_twice_then_200_is_retried_with_full_jitter(autojump_clock):
     assert len(upstream.starts) == 3
     gaps = [upstream.starts[i + 1] - upstream.ends[i] for i in range(2)]
     assert all(0.0 <= gap <= 0.020 + 1e-9 for gap in gaps), gaps
-    # The last try may not fail on a status: its answer is what the client gets.
-    assert upstream.retry_statuses == [DEFAULT_ON, DEFAULT_ON, frozenset()]
+    assert upstream.discarded == [True, True, False]
     assert [s.outcome for s in attempt_spans(ctx)] == ["error", "error", "ok"]
     assert [s.attrs["attempt"] for s in attempt_spans(ctx)] == [1, 2, 3]
     assert state.retry_budget.statistics(trio.current_time()).retries == 2
@@ -359,7 +359,7 @@ async def test_post_5xx_is_passed_through_not_retried(autojump_clock):
     policy = settings(retries={"attempts": 3, "backoff": "20ms..20ms"})
 
     assert await call(ctx, state, policy, upstream, method="POST") == {"attempt": 1}
-    assert upstream.retry_statuses == [frozenset()]
+    assert upstream.discarded == [False]
 
 
 async def test_post_is_retried_when_the_policy_opts_in(autojump_clock):
@@ -442,23 +442,25 @@ async def test_a_retry_that_cannot_fit_the_call_deadline_is_not_sent(
                           timeout_s=0.100) == {"attempt": 2}
         assert upstream.starts == pytest.approx([0.0, fails_at + 0.020])
     else:
-        with pytest.raises(UpstreamStatusError) as info:
-            await call(ctx, state, settings(retries=retries), upstream, timeout_s=0.100)
-        assert info.value.status == 503
-        assert len(upstream.starts) == 1
-        # Given up at once, not at the deadline.
+        # No retry can follow: the 503 itself is the answer (its Retry-After with it),
+        # at once, not at the deadline.
+        assert await call(ctx, state, settings(retries=retries), upstream,
+                          timeout_s=0.100) == {"attempt": 1}
+        assert upstream.discarded == [False]
         assert trio.current_time() - start == pytest.approx(fails_at)
-        assert [s.name for s in attempt_spans(ctx)] == ["orders#1"]
+        assert [(s.name, s.attrs["status"]) for s in attempt_spans(ctx)] == \
+            [("orders#1", 503)]
 
 
 async def test_a_retry_the_budget_refuses_is_a_retry_budget_span(autojump_clock):
     ctx, state = FakeContext(), make_state(budget=RetryBudget(0.0, 0.0))
     upstream = Upstream((5 * MS, 503), (5 * MS, 200))
 
-    with pytest.raises(UpstreamStatusError):
-        await call(ctx, state, settings(retries={"attempts": 3}), upstream)
+    # The retry refused, the 503 is the answer.
+    assert await call(ctx, state, settings(retries={"attempts": 3}), upstream) == \
+        {"attempt": 1}
 
-    assert len(upstream.starts) == 1
+    assert len(upstream.starts) == 1 and upstream.discarded == [False]
     refused = spans(ctx)["attempt orders#2"]
     assert where(refused) == ("cancelled", "retry_budget", "attempt orders#2")
     assert state.retry_budget.denied_total == 1
@@ -546,3 +548,70 @@ async def test_a_retry_meeting_the_open_breaker_is_not_sent(autojump_clock, monk
     assert where(found["attempt orders#2"]) == \
         ("cancelled", "circuit_open", "attempt orders#2")
     assert "attempt orders#3" not in found
+
+
+async def test_a_4xx_answer_is_a_healthy_upstream_to_the_breaker(autojump_clock):
+    # A fan-out lookup of a missing user is a 404 raised as a status error: the
+    # upstream answered, and must not be cut off for it.
+    state = make_state(circuit=CIRCUIT)
+    missing = Upstream((10 * MS, lambda: UpstreamStatusError(
+        "upstream 'orders' answered 404", upstream_status=404, upstream="orders")))
+    for _ in range(3):
+        with pytest.raises(UpstreamStatusError):
+            await call(FakeContext(), state, settings(), missing)
+    assert state.breaker is not None and state.breaker.state is BreakerState.CLOSED
+    assert await call(FakeContext(), state, settings(), Upstream((10 * MS, 200))) == \
+        {"attempt": 1}
+
+
+@pytest.mark.parametrize(("source", "opened"), [("header", False), ("policy", True)])
+async def test_only_a_policy_deadline_counts_against_the_breaker(autojump_clock, source,
+                                                                 opened):
+    # A client may shorten its own deadline: its impatience says nothing about the
+    # upstream, and must not open the circuit for every other client.
+    state = make_state(circuit=CIRCUIT)
+    with pytest.raises(UpstreamTimeout):
+        await call(FakeContext(0.030, source=source), state, settings(),
+                   Upstream((100 * MS, 200)))
+    assert state.breaker is not None
+    assert (state.breaker.state is BreakerState.OPEN) is opened
+
+
+async def test_a_hedge_needs_the_floor_a_first_try_needs(autojump_clock):
+    ctx = FakeContext(0.500, deadline_margin="50ms", min_call_budget="50ms")
+    state = make_state()
+    upstream = Upstream((2.0, 200))
+    # At 420 ms the hedge would have 500 - 420 - 50 = 30 ms: below the 50 ms floor.
+    with pytest.raises(UpstreamTimeout):
+        await call(ctx, state, settings(hedge_after="420ms"), upstream)
+    assert upstream.starts == [0.0]
+    assert spans(ctx)["call orders"].attrs["hedge_not_sent"] == "no budget left for a try"
+    assert state.retry_budget.statistics(trio.current_time()).retries == 0
+
+
+async def test_a_retry_needs_the_floor_a_first_try_needs(autojump_clock, monkeypatch):
+    monkeypatch.setattr(gateway._attempts, "_rng", Pinned(0.0))
+    ctx = FakeContext(0.500, deadline_margin="50ms", min_call_budget="50ms")
+    upstream = Upstream((420 * MS, 503), (5 * MS, 200))
+    # 30 ms would be left after the margin: the 503 is the answer, not a retry.
+    assert await call(ctx, make_state(), settings(retries={"attempts": 3}), upstream) == \
+        {"attempt": 1}
+    assert len(upstream.starts) == 1 and upstream.discarded == [False]
+
+
+async def test_a_hedge_takes_a_slot_of_the_concurrency_limit_or_is_not_sent(autojump_clock):
+    ctx, state = FakeContext(), make_state(concurrency=1)
+    upstream = Upstream((1.0, 200))
+
+    assert await call(ctx, state, settings(hedge_after="80ms"), upstream) == {"attempt": 1}
+
+    assert upstream.starts == [0.0]  # the call holds the only slot
+    assert spans(ctx)["call orders"].attrs["hedge_not_sent"] == \
+        "the upstream's concurrency limit is reached"
+    assert state.limiter.statistics().in_flight == 0
+
+    ctx, state = FakeContext(), make_state(concurrency=2)
+    upstream = Upstream((1.0, 200), (10 * MS, 200))
+    assert await call(ctx, state, settings(hedge_after="80ms"), upstream) == {"attempt": 2}
+    assert upstream.starts == pytest.approx([0.0, 0.080])
+    assert state.limiter.statistics().in_flight == 0  # the hedge's slot is given back

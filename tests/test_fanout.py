@@ -7,7 +7,7 @@ followed by an answer or an error.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from types import SimpleNamespace
 from typing import Any
 
@@ -110,7 +110,7 @@ def install(monkeypatch: pytest.MonkeyPatch,
         delay, outcome = script[name]
 
         async def perform(attempt: TracedScope, claim: Claim,
-                          retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+                          retry_statuses: Container[int]) -> AttemptResult[Any]:
             await trio.sleep(delay)
             finished.append(name)
             if callable(outcome):
@@ -369,7 +369,7 @@ def test_siblings_of_a_crashed_call_are_sibling_failed_whatever_their_inner_scop
         settings = ctx.snapshot.call_settings(call, resolve_call_settings)
 
         async def perform(attempt: TracedScope, claim: Claim,
-                          retry_statuses: frozenset[int]) -> AttemptResult[Any]:
+                          retry_statuses: Container[int]) -> AttemptResult[Any]:
             if name == "crash":
                 await trio.sleep(10 * MS)
                 raise RuntimeError("a fault of the gateway's own")

@@ -69,3 +69,30 @@ def test_gate():
     gate.leave()
     assert gate.try_enter()
     assert gate.shed_total == 1
+
+
+async def test_a_queued_call_waits_no_longer_than_its_deadline_allows(autojump_clock):
+    limiter = UpstreamLimiter("u", concurrency=1, queue=5, queue_timeout_s=5.0)
+    release = trio.Event()
+
+    async def hold() -> None:
+        async with limiter.slot():
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold)
+        await trio.sleep(0.01)
+        start = trio.current_time()
+        with pytest.raises(Shed) as shed:
+            async with limiter.slot(max_wait_s=0.2):
+                pass
+        # Shed when the deadline's time to wait is spent, not at queue_timeout (5 s).
+        assert trio.current_time() - start == pytest.approx(0.2)
+        assert shed.value.detail["reason"] == "deadline"
+        assert shed.value.retry_after_s is not None
+        with pytest.raises(Shed):  # no time to wait at all: shed at once
+            async with limiter.slot(max_wait_s=0.0):
+                pass
+        assert trio.current_time() - start == pytest.approx(0.2)
+        release.set()
+    assert limiter.statistics().shed_total == 2

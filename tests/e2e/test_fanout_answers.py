@@ -82,3 +82,41 @@ def test_a_call_named_errors_is_refused_with_partial():
     with pytest.raises(PolicyError) as refused:
         load_policy_text(text, "policy.yaml")
     assert "policy.yaml" in str(refused.value) and "'errors'" in str(refused.value)
+
+
+OVERFLOW = """
+version: 1
+upstreams:
+  u:
+    url: "{url}"
+routes:
+  - path: /f
+    fanout:
+      on_failure: partial
+      calls:
+        a: {{upstream: u, path: /big}}
+        b: {{upstream: u, path: /users/1}}
+"""
+
+
+def strict(text: str):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+async def test_a_number_that_overflows_does_not_make_the_answer_invalid_json():
+    async def behaviour(request, respond):
+        if request.path == "/big":
+            await respond.respond(200, b'{"score": 1e400}',
+                                  headers=[(b"content-type", b"application/json")])
+        else:
+            await respond.fallback()
+
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=behaviour)
+        async with run_gateway(OVERFLOW.format(url=upstream.url)) as gw, gw.client() as client:
+            r = await client.get("/f")
+            answer = strict(r.text)  # the gateway's answer must be valid JSON (RFC 8259)
+            assert "a" in answer["errors"] and answer["b"]["id"] == "1"
+        nursery.cancel_scope.cancel()

@@ -179,3 +179,95 @@ async def test_no_hedge_is_sent_while_the_first_answer_streams():
             assert response.content == b"0123456789abcdefghij"
             assert upstream.attempts("/stream") == 1
         nursery.cancel_scope.cancel()
+
+
+UNRETRIED = """
+version: 1
+upstreams:
+  plain:
+    url: "{url}"
+  nobudget:
+    url: "{url}"
+    call:
+      retries: {{attempts: 3, on: [503], backoff: 1ms..1ms, budget: 0%, min_per_second: 0}}
+  notime:
+    url: "{url}"
+    call:
+      retries: {{attempts: 3, on: [503], backoff: 1ms..1ms, per_try_timeout: 1s}}
+routes:
+  - path: /plain
+    proxy: {{upstream: plain, path: "/status/503?retry_after=7"}}
+  - path: /nobudget
+    proxy: {{upstream: nobudget, path: "/status/503?retry_after=7"}}
+  - path: /notime
+    deadline: 500ms
+    proxy: {{upstream: notime, path: "/status/503?retry_after=7"}}
+"""
+
+
+async def test_a_503_not_retried_after_all_is_passed_on_with_its_retry_after():
+    # A status in retries.on is discarded only for a retry that will be sent: when the
+    # budget refuses it, the client gets the upstream's own 503, Retry-After included,
+    # as it would with no retry policy (the gateway's JSON 503 carried none).
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(UNRETRIED.format(url=upstream.url)) as gw, gw.client() as client:
+            plain = await client.get("/plain")
+            assert plain.status_code == 503
+            assert plain.headers.get("retry-after") == "7"
+            refused = await client.get("/nobudget")
+            assert upstream.attempts("/status/503") == 2  # the retry was not sent
+            trace = await trace_of(gw, refused.headers["x-request-id"])
+            assert any(s.cause == "retry_budget" for s in trace.root.walk())
+            assert refused.status_code == 503
+            assert refused.headers.get("retry-after") == "7", (refused.headers, refused.text)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_503_with_no_time_left_for_a_retry_is_passed_on_with_its_retry_after():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(UNRETRIED.format(url=upstream.url)) as gw, gw.client() as client:
+            r = await client.get("/notime")  # 500 ms left < 1 s per-try: never retried
+            assert upstream.attempts("/status/503") == 1
+            assert r.status_code == 503
+            assert r.headers.get("retry-after") == "7", (r.headers, r.text)
+        nursery.cancel_scope.cancel()
+
+
+QUEUED = """
+version: 1
+upstreams:
+  u:
+    url: "{url}"
+    limit: {{concurrency: 1, queue: 10, queue_timeout: 5s}}
+routes:
+  - path: /hold
+    deadline: 3s
+    proxy: {{upstream: u, path: /stall}}
+  - path: /quick
+    deadline: 200ms
+    proxy: {{upstream: u, path: /ok}}
+"""
+
+
+async def test_a_queued_call_that_cannot_get_a_slot_within_its_deadline_is_shed():
+    # Queue wait counts against the deadline: 503 + Retry-After once the deadline leaves
+    # no time to wait, not a 504 at the deadline (queue_timeout is 5 s here).
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(QUEUED.format(url=upstream.url)) as gw, gw.client() as client:
+            async def hold():
+                async with gw.client() as other:
+                    await other.get("/hold")
+            async with trio.open_nursery() as holder:
+                holder.start_soon(hold)
+                await upstream.wait_requests(1)  # the only slot is taken
+                started = trio.current_time()
+                r = await client.get("/quick")
+                waited = trio.current_time() - started
+                holder.cancel_scope.cancel()
+            assert r.status_code == 503, (r.status_code, r.text, round(waited, 3))
+            assert r.json()["cause"] == "shed"
+            assert "retry-after" in r.headers
+        nursery.cancel_scope.cancel()
