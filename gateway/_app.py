@@ -21,7 +21,7 @@ from ._errors import NotFound
 from ._fanout import fanout
 from ._gc import run_full_collections
 from ._metrics import METRICS, refresh_gauges
-from ._policy import resolve_call_settings
+from ._policy import Policy, resolve_call_settings
 from ._policy_loader import LoadedPolicy, PolicyError, load_policy_file
 from ._proxy import proxy
 from ._request import Receive, RequestContext, Scope, Send, handle_request
@@ -33,8 +33,16 @@ _hypercorn_fixes.apply()
 
 #: How often the policy file is checked for changes (GATEWAY_POLICY_POLL_S overrides).
 POLICY_POLL_INTERVAL_S = float(os.environ.get("GATEWAY_POLICY_POLL_S", "1.0"))
-#: How long a retired snapshot may take to drain before its pools close.
+#: How long a retired snapshot may take to drain before its pools close, at least.
 RETIRE_GRACE_S = 30.0
+
+
+def retire_grace(policy: Policy) -> float:
+    """How long the requests of a replaced policy may still run: its longest request
+    deadline (which bounds a request, its streamed answer included), and a second."""
+    longest = max((route.deadline or policy.defaults.deadline for route in policy.routes),
+                  default=policy.defaults.deadline)
+    return max(RETIRE_GRACE_S, longest + 1.0)
 
 
 async def _sql_route(ctx: RequestContext) -> None:
@@ -142,9 +150,20 @@ class Gateway:
 
     # ------------------------------------------------------------------ reload
     async def reload(self) -> bool:
-        """Load the policy file again; swap it in when valid, keep the old one if not."""
+        """Load the policy file again; swap it in when valid, keep the old one if not.
+
+        Never raises (but for cancellation): the file watcher and the SIGHUP loop call
+        it, and an error escaping would end them, so that no later fix of the file
+        would ever be loaded.
+        """
         async with self._reload_lock:
-            return await self._reload()
+            try:
+                return await self._reload()
+            except Exception as error:
+                self.runtime.last_reload_error = f"{type(error).__name__}: {error}"
+                METRICS.reloads.labels("rejected").inc()
+                log.exception("policy reload failed, the active policy keeps serving")
+                return False
 
     async def _reload(self) -> bool:
         path = self.runtime.snapshot.loaded.file
@@ -175,11 +194,17 @@ class Gateway:
             with trio.CancelScope(shield=True):
                 await self.runtime.discard(new)
             raise
-        old = self.runtime.activate(new)
+        try:
+            old = self.runtime.activate(new)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.runtime.discard(new)
+            raise
         METRICS.reloads.labels("applied").inc()
         log.info("policy %s active (was %s)", loaded.version, old.loaded.version)
         assert self._nursery is not None
-        self._nursery.start_soon(partial(self.runtime.retire, old, grace_s=RETIRE_GRACE_S))
+        self._nursery.start_soon(partial(self.runtime.retire, old,
+                                         grace_s=retire_grace(old.policy)))
         return True
 
     async def _policy_file_stat(self) -> tuple[int, int, int] | None:

@@ -141,7 +141,8 @@ class ServerPolicy(_Model):
     admin_token_env: str | None = Field(
         None, description="Environment variable holding a bearer token the admin bind requires.")
     tracing: bool = Field(True, description="Record a cancellation trace per request.")
-    trace_buffer: int = Field(1000, ge=0, description="Traces kept per worker (ring buffer).")
+    trace_buffer: int = Field(1000, ge=0, le=1_000_000,
+                              description="Traces kept per worker (ring buffer).")
     slow_request: Duration = Field(1.0, description="A request slower than this is logged.")
     log_sample: Percent = Field(0.0, description="Share of ordinary requests also logged.")
     limits: LimitsPolicy = LimitsPolicy()

@@ -63,6 +63,16 @@ def _connection_identity(policy: Policy, upstream: UpstreamPolicy) -> tuple[Any,
     return (upstream.url, upstream.pool, upstream.postgres, header_limit)
 
 
+def _same_service(old: UpstreamPolicy, new: UpstreamPolicy) -> bool:
+    """The same server behind a new pool: its concurrency limit, circuit breaker and
+    retry budget carry over, so that a pool setting changed does not let the drain
+    exceed the limit or close an open circuit."""
+    if old.url is not None or new.url is not None:
+        return old.url == new.url
+    return (old.postgres is not None and new.postgres is not None
+            and old.postgres.dsn_env == new.postgres.dsn_env)
+
+
 @dataclass
 class Snapshot:
     loaded: LoadedPolicy
@@ -121,17 +131,25 @@ class Runtime:
                 kept.append((old, definition))
                 upstreams[name] = old
                 continue
-            limiter = UpstreamLimiter(name, concurrency=definition.limit.concurrency,
-                                      queue=definition.limit.queue,
-                                      queue_timeout_s=definition.limit.queue_timeout,
-                                      retry_after_s=policy.server.shed_retry_after)
-            retry = upstream_retry_policy(policy, definition)
-            state = UpstreamState(name, definition, limiter,
-                                  retry_budget=RetryBudget(retry.budget, retry.min_per_second),
-                                  identity=identity)
-            if definition.circuit is not None:
-                state.breaker = CircuitBreaker(name, definition.circuit,
-                                               on_transition=METRICS.breaker_transition)
+            if old is not None and _same_service(old.policy, definition):
+                # New connections only: the rest is shared, and changed on activation.
+                state = UpstreamState(name, definition, old.limiter,
+                                      retry_budget=old.retry_budget, breaker=old.breaker,
+                                      identity=identity)
+                kept.append((state, definition))
+            else:
+                limiter = UpstreamLimiter(name, concurrency=definition.limit.concurrency,
+                                          queue=definition.limit.queue,
+                                          queue_timeout_s=definition.limit.queue_timeout,
+                                          retry_after_s=policy.server.shed_retry_after)
+                retry = upstream_retry_policy(policy, definition)
+                state = UpstreamState(
+                    name, definition, limiter,
+                    retry_budget=RetryBudget(retry.budget, retry.min_per_second),
+                    identity=identity)
+                if definition.circuit is not None:
+                    state.breaker = CircuitBreaker(name, definition.circuit,
+                                                   on_transition=METRICS.breaker_transition)
             if definition.url is not None:
                 state.pool = HttpUpstreamPool(name, definition.url,
                                               _pool_limits(policy, definition))
@@ -192,13 +210,14 @@ class Runtime:
     def activate(self, new: Snapshot) -> Snapshot:
         """Serve ``new`` from now on; return the old snapshot."""
         old = self.snapshot
-        self._take_up(new)
         policy = new.policy
+        # The one step that allocates, first: should it fail, nothing has changed yet.
+        self.traces.resize(policy.server.trace_buffer if policy.server.tracing else 0)
+        self._take_up(new)
         self.gate.limit = policy.server.max_inflight
         set_accept_batch(policy.server.accept_batch)
         set_send_timeout(policy.server.send_timeout)
         set_premature_reset_limit(policy.server.limits.h2_premature_resets)
-        self.traces.resize(policy.server.trace_buffer if policy.server.tracing else 0)
         self.snapshot = new
         self.reloads += 1
         self.last_reload_error = None

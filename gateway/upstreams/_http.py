@@ -667,7 +667,10 @@ class HttpUpstreamPool:
     async def _checkout(self) -> _Connection:
         """A connection for one request: warmest idle one, a new one, or the queue."""
         if self._closed:
-            raise RuntimeError(f"upstream pool {self.name!r} is closed")
+            # A request of a retired policy that outlived its grace (a retry, a hedge):
+            # an upstream failure to its client, not a crash.
+            raise UpstreamConnectError(f"upstream pool {self.name!r} is closed (its "
+                                       "policy was replaced)", upstream=self.name)
         idle = self._idle
         if idle:
             cutoff = trio.current_time() - self._idle_timeout
