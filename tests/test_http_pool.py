@@ -261,7 +261,7 @@ async def test_closed_pool_refuses_new_requests_and_closes_released_connections(
         assert await response.read() == b"/"
     assert pool.statistics() == PoolStatistics(0, 0, 0, 1, 1)
     await upstream.conns[0].peer_closed.wait()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(UpstreamConnectError, match="closed"):
         async with pool.request("GET", "/", []):
             pass  # pragma: no cover
 
