@@ -36,6 +36,9 @@ Races:
   scheduling raised, and each ended the worker.
 * An h2c upgrade whose ``HTTP2-Settings`` h2 would refuse is answered over HTTP/1.1:
   it was upgraded, then raised and ended the worker.
+* A request Hypercorn's HTTP/1.1 parser refuses (no Host, a bad method or header line,
+  a bad Content-Length or chunk size) was answered with an empty 400; it now gets the
+  gateway's JSON error body and a request id, as every other bad request does.
 * Anything but ``OSError`` a connection raised ended the worker (``TCPServer.run``);
   it now ends that connection only, and is logged.
 * A cancelled task's write was dropped once it had left the protocol's state machine:
@@ -79,9 +82,11 @@ variable ``GATEWAY_WORKER=stock`` leaves them out, for that comparison):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import secrets
 import time
 import types
 from collections import deque
@@ -93,6 +98,7 @@ from wsgiref.handlers import format_date_time as _format_date_time
 import h2.errors
 import h2.events
 import h2.exceptions
+import h11
 import hypercorn.config
 import hypercorn.trio.run
 import trio
@@ -130,6 +136,8 @@ _applied = False
 _accept_batch = 1
 #: Longest one write to a client may wait (``server.send_timeout`` of the policy).
 _send_timeout = 30.0
+#: The request id header of the policy, sent with the answers Hypercorn gives itself.
+_request_id_header = b"x-request-id"
 #: Premature stream resets an HTTP/2 connection may make before it is closed
 #: (``server.limits.h2_premature_resets`` of the policy; 0: no limit).
 _premature_reset_limit = 100
@@ -161,6 +169,30 @@ def set_premature_reset_limit(limit: int) -> None:
     """Apply ``server.limits.h2_premature_resets`` to connections opened from now on."""
     global _premature_reset_limit
     _premature_reset_limit = limit
+
+
+def set_request_id_header(name: str) -> None:
+    """Apply ``server.request_id_header`` to the answers Hypercorn's parser gives."""
+    global _request_id_header
+    _request_id_header = name.encode()
+
+
+#: What a client is told when Hypercorn's HTTP/1.1 parser refuses its request.
+_PARSER_ERRORS = {431: "the request head is too large"}
+
+
+async def _send_json_error_response(self: Any, status_code: int) -> None:
+    """Hypercorn's own answer to a request h11 refuses, in the gateway's JSON form."""
+    request_id = secrets.token_hex(12)
+    body = json.dumps({
+        "error": _PARSER_ERRORS.get(status_code, "the request is not valid HTTP/1.1"),
+        "cause": "bad_request", "request_id": request_id}, separators=(",", ":")).encode()
+    await self._send_h11_event(h11.Response(status_code=status_code, headers=[
+        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+        (b"connection", b"close"), (_request_id_header, request_id.encode()),
+        *self.config.response_headers("h11")]))
+    await self._send_h11_event(h11.Data(data=body))
+    await self._send_h11_event(h11.EndOfMessage())
 
 
 def set_send_timeout(seconds: float) -> None:
@@ -428,6 +460,7 @@ def apply() -> None:
                           "serves on")
 
     TCPServer.run = run_contained  # type: ignore[method-assign]
+    H11Protocol._send_error_response = _send_json_error_response  # type: ignore[method-assign]
 
     original_h2_events: Callable[[Any, list[Any]], Awaitable[None]] = (
         H2Protocol._handle_events)

@@ -273,6 +273,10 @@ class UpstreamPolicy(_Model):
             return value
         if not re.match(r"^http://[^/\s:@?#]+(:\d{1,5})?(/[^\s?#]*)?$", value):
             raise ValueError(f"{value!r} is not an http:// URL with host[:port][/prefix]")
+        prefix = urlsplit(value).path
+        if unsendable := _unsendable(prefix):
+            raise ValueError(f"{value!r}: the path prefix holds {unsendable!r}, which a "
+                             "request target cannot carry; percent-encode it")
         # What the upstream pool will parse, checked here so a policy that passes
         # ``check`` also starts (and reloads).
         parts = urlsplit(value)
@@ -566,6 +570,17 @@ def _budget_problems(policy: Policy, where: PolicyPath,
             and getattr(call.retries, field) != getattr(budget, field)]
 
 
+#: What a request target may carry literally (RFC 3986 pchar, '/', '?' and '%XX').
+_TARGET_CHARS = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
+
+
+def _unsendable(text: str) -> str | None:
+    """The first character of ``text`` an HTTP/1.1 request target cannot carry."""
+    match = _TARGET_CHARS.match(text)
+    end = match.end() if match else 0
+    return None if end == len(text) else text[end]
+
+
 def _template_problems(where: PolicyPath, template: str, route: Route) -> list[Problem]:
     """An upstream path template: well formed, naming only the route's parameters, and
     ``{name*}`` (slashes kept) only for the route's own ``{name*}``."""
@@ -576,6 +591,9 @@ def _template_problems(where: PolicyPath, template: str, route: Route) -> list[P
     stripped = _PARAM_RE.sub("", template)
     if "{" in stripped or "}" in stripped:
         problems.append(Problem(where, f"{template!r} has a malformed {{param}}"))
+    elif unsendable := _unsendable(stripped):
+        problems.append(Problem(where, f"{template!r} holds {unsendable!r}, which a request "
+                                "target cannot carry; percent-encode it"))
     route_tails = {name for name, star in _PARAM_RE.findall(route.path) if star}
     route_params = set(template_params(route.path))
     for name, star in _PARAM_RE.findall(template):

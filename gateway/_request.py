@@ -32,7 +32,7 @@ from ._guards import BodyFraming, check_request_head
 from ._headers import request_id_from
 from ._hypercorn_fixes import DISCONNECT_EXTENSION
 from ._metrics import METRICS
-from ._routing import RouteMatch
+from ._routing import RouteMatch, origin_form
 from ._runtime import Runtime, Snapshot
 from ._trace import Trace, TracedScope, traced_scope
 
@@ -235,7 +235,7 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
     request_id = request_id_from(headers, rid_header)
     method: str = scope["method"]
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-    raw_path = raw_path.partition(b"?")[0]
+    raw_path = origin_form(raw_path.partition(b"?")[0])
     trace = Trace(request_id, method, raw_path.decode("latin-1")[:512], None)
     gate = runtime.gate
     entered = False

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, unquote_plus, unquote_to_bytes
 
 from ._errors import BadRequest, MethodNotAllowed, NotFound
 from ._policy import Route
@@ -24,6 +24,17 @@ _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*?)\}")
 # encoded because some frameworks give them meaning, ";" because Tomcat and Jetty read
 # "..;" as "..").
 _SEGMENT_SAFE = "-._~!$'()*,:@"
+
+
+def origin_form(raw_path: bytes) -> bytes:
+    """The path of a request target, also in absolute form (``http://host/path``), which
+    RFC 9112 (3.2.2) says a server must accept, as a proxy in front may send it."""
+    head = raw_path[:8].lower()
+    if not (head.startswith(b"http://") or head.startswith(b"https://")):
+        return raw_path
+    authority_and_path = raw_path.partition(b"//")[2]
+    slash = authority_and_path.find(b"/")
+    return b"/" if slash < 0 else authority_and_path[slash:]
 
 
 def normalize_path(raw_path: bytes) -> list[str]:
@@ -173,7 +184,8 @@ def _encode_value(name: str, value: str, tail: bool) -> str:
 
 def build_target(template: str, params: dict[str, str], query_string: bytes = b"",
                  tails: frozenset[str] = frozenset()) -> str:
-    """Fill an upstream path template; the client's query string is appended.
+    """Fill an upstream path template; the client's query string is appended, less the
+    parameters the template's own query sets.
 
     A value lands percent-encoded in its own segment (or, for a template's query part,
     as an encoded query value), so it cannot change the shape of the upstream path. A
@@ -192,8 +204,19 @@ def build_target(template: str, params: dict[str, str], query_string: bytes = b"
         return _PARAM_RE.sub(replace, text)
 
     target = fill(path_template, in_query=False)
-    queries = [q for q in (fill(query_template, in_query=True), query_string.decode("latin-1"))
-               if q]
+    client_query = query_string.decode("latin-1")
+    if query_template and client_query:
+        # The template's parameters are the policy's: a client's own ``user=2`` after
+        # a templated ``user={id}`` would reach an upstream that reads the last value.
+        pinned = {_query_name(pair) for pair in query_template.split("&")}
+        client_query = "&".join(pair for pair in client_query.split("&")
+                                if _query_name(pair) not in pinned)
+    queries = [q for q in (fill(query_template, in_query=True), client_query) if q]
     if queries:
         target += "?" + "&".join(queries)
     return target
+
+
+def _query_name(pair: str) -> str:
+    """The decoded name of one ``name=value`` pair (``+`` is a space in a query)."""
+    return unquote_plus(pair.partition("=")[0])

@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._breaker import CircuitBreaker
-from ._hypercorn_fixes import set_accept_batch, set_premature_reset_limit, set_send_timeout
+from ._hypercorn_fixes import (
+    set_accept_batch,
+    set_premature_reset_limit,
+    set_request_id_header,
+    set_send_timeout,
+)
 from ._limits import InflightGate, LoopLagMonitor, UpstreamLimiter
 from ._metrics import METRICS
 from ._policy import CallSettings, Policy, UpstreamPolicy, upstream_retry_policy
@@ -107,6 +112,7 @@ class Runtime:
         set_accept_batch(policy.server.accept_batch)
         set_send_timeout(policy.server.send_timeout)
         set_premature_reset_limit(policy.server.limits.h2_premature_resets)
+        set_request_id_header(policy.server.request_id_header)
         self.loop_lag = LoopLagMonitor()
         self.traces = TraceBuffer(policy.server.trace_buffer if policy.server.tracing else 0)
         self.snapshot = self._build(loaded, {})
@@ -218,6 +224,7 @@ class Runtime:
         set_accept_batch(policy.server.accept_batch)
         set_send_timeout(policy.server.send_timeout)
         set_premature_reset_limit(policy.server.limits.h2_premature_resets)
+        set_request_id_header(policy.server.request_id_header)
         self.snapshot = new
         self.reloads += 1
         self.last_reload_error = None

@@ -82,3 +82,16 @@ def test_encoded_slashes_in_a_tail_never_make_an_empty_segment(rest, target):
     # "/static/%2Fetc%2Fpasswd" decodes to the tail "/etc/passwd".
     assert build_target("/files/{rest*}", {"rest": rest}) == target
     assert build_target("/{rest*}", {"rest": rest}) == target.removeprefix("/files")
+
+
+def test_a_client_query_cannot_set_a_parameter_the_template_sets():
+    # /api/users/1/orders?user=2 must not reach an upstream that reads the last value
+    # (or a list) as /orders?user=1&user=2.
+    for client in (b"user=2", b"page=2&user=2", b"user=2&page=2", b"us%65r=2", b"user",
+                   b"user=2&user=3"):
+        target = build_target("/orders?user={id}", {"id": "1"}, client)
+        assert target.startswith("/orders?user=1") and target.count("=2") <= 1, target
+        assert "user=2" not in target and "us%65r" not in target, target
+    assert build_target("/orders?user={id}", {"id": "1"}, b"page=2&users=4") == \
+        "/orders?user=1&page=2&users=4"
+    assert build_target("/orders", {}, b"user=2") == "/orders?user=2"

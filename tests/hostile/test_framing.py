@@ -12,6 +12,8 @@ gateway re-frames what it forwards, so the tests check that the upstream gets on
 request.
 """
 
+import json
+
 import pytest
 import trio
 
@@ -39,6 +41,11 @@ REFUSED_BEFORE_THE_APP = {
     "bad-header-name": (HEAD + b"X(A): 1\r\nContent-Length: 0\r\n\r\n", (400,)),
     "two-hosts": (HEAD + b"Host: other.test\r\nContent-Length: 0\r\n\r\n", (400,)),
     "space-in-target": (b"GET /api/up/ok HTTP/1.1 x\r\nHost: a\r\n\r\n", (400,)),
+    "no-host": (b"GET /api/up/ok HTTP/1.1\r\n\r\n", (400,)),
+    "bad-method-token": (b"G@T /api/up/ok HTTP/1.1\r\nHost: a\r\n\r\n", (400,)),
+    "header-without-colon": (b"GET /api/up/ok HTTP/1.1\r\nHost: a\r\nBadHeader\r\n\r\n",
+                             (400,)),
+    "content-length-not-digits": (HEAD + b"Content-Length: abc\r\n\r\n", (400,)),
 }
 
 REFUSED_BY_THE_GATEWAY = {
@@ -61,6 +68,12 @@ async def test_malformed_framing_is_refused_by_the_server(name):
     async with stage() as s:
         response, closed = await exchange(s.port, data)
         assert response is not None and response.status in statuses, response
+        # The gateway's JSON error, as for every other bad request (Hypercorn's own
+        # answer was empty).
+        assert response.header("content-type") == b"application/json", response
+        body = json.loads(response.body)
+        assert body["cause"] == "bad_request" and body["error"]
+        assert response.header("x-request-id") == body["request_id"].encode()
         assert closed in ("eof", "reset")
         await s.settle()
         assert s.upstream.requests == []
