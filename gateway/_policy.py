@@ -154,6 +154,13 @@ class ServerPolicy(_Model):
             raise ValueError(f"{value!r} is not a valid header name")
         return value.lower()
 
+    @model_validator(mode="after")
+    def _distinct_headers(self) -> ServerPolicy:
+        if self.deadline_header == self.request_id_header:
+            raise ValueError(f"deadline_header and request_id_header are both "
+                             f"{self.deadline_header!r}: one header cannot carry both")
+        return self
+
     @field_validator("trusted_proxies", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:
@@ -204,7 +211,8 @@ class CallSettings(_Model):
 
 
 class DefaultsPolicy(_Model):
-    deadline: Duration = Field(2.0, description="Request deadline when a route sets none.")
+    deadline: Duration = Field(2.0, gt=0,
+                               description="Request deadline when a route sets none.")
     call: CallSettings = CallSettings()
 
 
@@ -393,7 +401,8 @@ class Route(_Model):
     path: str = Field(description="Path template, e.g. /api/users/{id} or /static/{rest*}.")
     methods: tuple[str, ...] | None = Field(
         None, description="Default: all for proxy routes, GET and HEAD for the others.")
-    deadline: Duration | None = Field(None, description="Request deadline (a client may shorten).")
+    deadline: Duration | None = Field(None, gt=0,
+                                      description="Request deadline (a client may shorten).")
     max_body: ByteSize | None = Field(None, description="Body cap (413); default server.limits.")
     max_response_body: ByteSize | None = Field(None, description="Upstream body cap (502).")
     proxy: ProxyAction | None = None
