@@ -922,6 +922,9 @@ async def _misbehave(conn: ServerConn, request: h11.Request) -> None:
         for _ in range(100):
             await raw.send_all(b"x-h: " + b"a" * 1000 + b"\r\n")
         await conn.close()
+    elif request.target == b"/status-600":  # three digits, but no HTTP status
+        await raw.send_all(b"HTTP/1.1 600 Whatever\r\ncontent-length: 0\r\n\r\n")
+        await conn.close()
     elif request.target == b"/short":
         await raw.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345")
         await conn.close()
@@ -940,6 +943,7 @@ async def _misbehave(conn: ServerConn, request: h11.Request) -> None:
         ("/garbage", UpstreamProtocolError),
         ("/big-head", UpstreamProtocolError),
         ("/huge-head", UpstreamProtocolError),
+        ("/status-600", UpstreamProtocolError),
     ],
 )
 async def test_failures_before_the_head(nursery, target, error):

@@ -631,6 +631,11 @@ class HttpUpstreamPool:
                     framing |= 1
                 elif name == b"transfer-encoding":
                     framing |= 2
+            if response.status > 599:
+                # Not a status (RFC 9110 §15): relayed, a client could read anything.
+                raise UpstreamProtocolError(
+                    f"upstream {self.name!r} answered status {response.status}, "
+                    "which is not an HTTP status", upstream=self.name)
             if framing == 3:
                 # Ambiguous framing (RFC 9112 §6.3): never relay it to a client.
                 raise UpstreamProtocolError(
