@@ -110,8 +110,10 @@ class UpstreamStatusError(UpstreamError):
         super().__init__(message, upstream_status=upstream_status, **detail)
         self.upstream_status = upstream_status
         # A gateway-class 5xx the gateway could not retry away is reported as the upstream
-        # said it (a 503 stays a 503 for the client's own retry logic); the rest is a 502.
-        if upstream_status in (502, 503, 504):
+        # said it (a 503 stays a 503 for the client's own retry logic), and so is a 4xx:
+        # it is about the request (a 404 for a user who does not exist is no bad gateway,
+        # and would page whoever watches 5xx). Any other 5xx is a 502.
+        if upstream_status in (502, 503, 504) or 400 <= upstream_status < 500:
             self.status = upstream_status
 
 

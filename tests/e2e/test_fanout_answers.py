@@ -120,3 +120,30 @@ async def test_a_number_that_overflows_does_not_make_the_answer_invalid_json():
             answer = strict(r.text)  # the gateway's answer must be valid JSON (RFC 8259)
             assert "a" in answer["errors"] and answer["b"]["id"] == "1"
         nursery.cancel_scope.cancel()
+
+
+MISSING = """
+version: 1
+upstreams:
+  u: {{url: "{url}"}}
+routes:
+  - path: /f/{{code}}
+    fanout:
+      calls:
+        a: {{upstream: u, path: "/status/{{code}}"}}
+        b: {{upstream: u, path: /users/1}}
+"""
+
+
+@pytest.mark.parametrize(("code", "status"), [(404, 404), (403, 403), (500, 502), (503, 503)])
+async def test_a_fail_fast_fan_out_answers_a_call_s_4xx_as_it_came(code, status):
+    # A lookup of a record that does not exist is a 404 to the client, not a 502 "bad
+    # gateway", which would page whoever watches the gateway's 5xx.
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(MISSING.format(url=upstream.url)) as gw, gw.client() as client:
+            response = await client.get(f"/f/{code}")
+            assert response.status_code == status, response.text
+            body = response.json()
+            assert (body["cause"], body["call"]) == ("upstream_status", "a")
+        nursery.cancel_scope.cancel()
