@@ -542,6 +542,8 @@ def _error_issue(loc: PolicyPath, error: dict[str, Any],
         if loc and "args" in loc:
             return document.issue(loc, f"{_quote(value)} {_ARG_SOURCE_HINT}")
         return document.issue(loc, f"{_quote(value)} does not match {ctx.get('pattern')}")
+    if kind == "finite_number":
+        return document.issue(loc, f"{_quote(value)} is not a finite number")
     if kind in _TYPE_NAMES:
         return document.issue(loc, f"expected {_TYPE_NAMES[kind]}, got {_quote(value)}")
     return document.issue(loc, _requote(_bare_message(error), value))

@@ -6,6 +6,8 @@ seconds (float) and fractions (float) so that no unitless number reaches the cod
 
 from __future__ import annotations
 
+import datetime
+import json
 import re
 from typing import Annotated, Any, NamedTuple
 
@@ -16,13 +18,26 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _PERCENT_RE = re.compile(r"^(?P<value>\d+(?:\.\d+)?)%$")
 
 
+def _shown(value: Any) -> str:
+    """``value`` as the operator wrote it in YAML, near enough: no Python reprs
+    (``datetime.date(2001, 12, 14)``) in a message meant for them."""
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def parse_duration(value: Any) -> float:
     """``"250ms"`` → 0.25 seconds. Bare numbers are refused: a unit is always required."""
     if isinstance(value, str):
         match = _DURATION_RE.match(value.strip())
         if match:
             return float(match["value"]) * _UNIT_SECONDS[match["unit"]]
-    raise ValueError(f"{value!r} is not a duration (e.g. 250ms, 2s, 1m)")
+    raise ValueError(f"{_shown(value)} is not a duration (e.g. 250ms, 2s, 1m)")
 
 
 def format_duration(seconds: float) -> str:
@@ -39,7 +54,7 @@ def parse_percent(value: Any) -> float:
         match = _PERCENT_RE.match(value.strip())
         if match:
             return float(match["value"]) / 100
-    raise ValueError(f"{value!r} is not a percentage (e.g. 20%)")
+    raise ValueError(f"{_shown(value)} is not a percentage (e.g. 20%)")
 
 
 class DurationSpan(NamedTuple):
@@ -61,7 +76,7 @@ def parse_duration_range(value: Any) -> DurationSpan:
             if low > high:
                 raise ValueError(f"{value!r}: the low end is above the high end")
             return DurationSpan(low, high)
-    raise ValueError(f"{value!r} is not a duration range (e.g. 20ms..500ms)")
+    raise ValueError(f"{_shown(value)} is not a duration range (e.g. 20ms..500ms)")
 
 
 Duration = Annotated[
