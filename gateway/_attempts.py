@@ -43,6 +43,7 @@ from ._errors import (
     StatementWrites,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamQueryError,
     UpstreamResetError,
     UpstreamStatusError,
     UpstreamTimeout,
@@ -104,6 +105,8 @@ def outcome_of(error: GatewayError) -> str | int | None:
         return "timeout"
     if isinstance(error, UpstreamStatusError):
         return error.upstream_status
+    if isinstance(error, UpstreamQueryError):
+        return None  # it would fail the same way again
     if isinstance(error, UpstreamError):
         return "reset"
     return None

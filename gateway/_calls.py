@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import uuid
 from collections.abc import AsyncIterator, Container, Sequence
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ import trio
 from ._deadlines import call_deadline, propagated_budget_ms
 from ._errors import (
     BadRequest,
-    NotFound,
+    NoRow,
     StatementWrites,
     UpstreamError,
     UpstreamProtocolError,
@@ -154,12 +155,19 @@ def _fanout_base_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
 # --------------------------------------------------------------------------- SQL
 
 
+#: An ``:int`` argument given as text: plain ASCII digits (``int()`` also takes ``+7``,
+#: `` 7 ``, ``0_7`` and other scripts' digits, all of which would reach the same row).
+_PLAIN_INT = re.compile(r"-?[0-9]{1,20}")
+
+
 def _convert(name: str, raw: Any, kind: str) -> Any:
     if raw is None:
         raise BadRequest(f"argument {name!r} is missing")
     try:
         if kind == "int":
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            if isinstance(raw, str) and not _PLAIN_INT.fullmatch(raw):
                 raise ValueError
             return int(raw)
         if kind == "bool":
@@ -173,7 +181,9 @@ def _convert(name: str, raw: Any, kind: str) -> Any:
             raise ValueError
         if kind == "uuid":
             return uuid.UUID(str(raw))
-        return str(raw)
+        if not isinstance(raw, str):  # a JSON true or list is no text (str() is Python's)
+            raise ValueError
+        return raw
     except (ValueError, TypeError, OverflowError):  # OverflowError: int(1e400)
         # Not the value itself: argument values never enter traces or logs.
         raise BadRequest(f"argument {name!r} is not a valid {kind}") from None
@@ -194,18 +204,13 @@ async def bind_sql_args(ctx: RequestContext, args: Sequence[str]) -> list[Any]:
             raw: Any = ctx.match.params.get(name)
         elif source == "query":
             if query is None:
-                query = parse_qs(ctx.scope.get("query_string", b"").decode("latin-1"))
+                query = parse_qs(ctx.scope.get("query_string", b"").decode("latin-1"),
+                                 keep_blank_values=True)
             found = query.get(name)
             raw = found[0] if found else None
         else:
             if body is None:
-                data = await ctx.body.read()
-                try:
-                    body = json.loads(data) if data else {}
-                except ValueError:
-                    raise BadRequest("the request body is not valid JSON") from None
-                if not isinstance(body, dict):
-                    raise BadRequest("the request body must be a JSON object")
+                body = await ctx.json_body()
             raw = body.get(name)
         values.append(_convert(name, raw, kind))
     return values
@@ -233,7 +238,7 @@ async def sql_call(ctx: RequestContext, parent: TracedScope, name: str, call: Fa
                     row = await postgres.fetchrow(query, args, timeout_s=remaining,
                                                   writes=writes)
                     if row is None:
-                        raise NotFound(f"{name}: no row found", call=name)
+                        raise NoRow(f"{name}: no row found", call=name)
                     return AttemptResult(row)
                 return AttemptResult(await postgres.fetch(query, args, timeout_s=remaining,
                                                           writes=writes))

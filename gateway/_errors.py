@@ -72,6 +72,19 @@ class NotFound(GatewayError):
     cause = "no_route"
 
 
+class NoRow(NotFound):
+    """A SQL call that answers one row found none: the route exists, the record not."""
+
+    cause = "not_found"
+
+
+class InternalError(GatewayError):
+    """A fault of the gateway's own: answered as JSON, logged with its traceback."""
+
+    status = 500
+    cause = "internal"
+
+
 class MethodNotAllowed(GatewayError):
     status = 405
     cause = "method_not_allowed"
@@ -99,6 +112,13 @@ class StatementWrites(UpstreamError):
     nothing was written."""
 
     cause = "statement_writes"
+
+
+class UpstreamQueryError(UpstreamError):
+    """A statement the database refused for good (no such table, a constraint): the same
+    statement would fail again, so it is never retried."""
+
+    cause = "upstream_query"
 
 
 class UpstreamStatusError(UpstreamError):

@@ -551,6 +551,18 @@ def cross_check(policy: Policy) -> list[Problem]:
     return problems
 
 
+def routes_binding_path_values(policy: Policy) -> frozenset[str]:
+    """Routes (by path template) that bind a path parameter as a SQL argument: the value
+    is data (an invite token, say), and SQL argument values never enter a trace."""
+    found: set[str] = set()
+    for route in policy.routes:
+        for _, call in _calls(route):
+            if isinstance(call, FanoutCall) and call.query is not None and any(
+                    arg.startswith("path.") for arg in call.args):
+                found.add(route.path)
+    return frozenset(found)
+
+
 def upstream_retry_policy(policy: Policy, upstream: UpstreamPolicy) -> RetryPolicy:
     """The retry budget of an upstream comes from its own call settings, else the defaults:
     it is shared by every call to the upstream."""

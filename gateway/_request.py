@@ -22,7 +22,9 @@ import trio
 
 from ._deadlines import RequestDeadline, effective_deadline, parse_deadline_header
 from ._errors import (
+    BadRequest,
     GatewayError,
+    InternalError,
     PayloadTooLarge,
     RequestTimeout,
     Shed,
@@ -41,6 +43,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 access_log = logging.getLogger("gateway.access")
+log = logging.getLogger("gateway.request")
 #: Body chunks the relay holds for a handler that is not reading (at most 256 KiB, on
 #: top of Hypercorn's own queue): enough for most API bodies, so that a client leaving
 #: while its request waits is still seen; a larger unread body is held back by TCP
@@ -119,10 +122,31 @@ class RequestContext:
         self.response_started = False
         self.response_complete = False
         self.status: int | None = None
+        self._json_body: dict[str, Any] | BadRequest | None = None
+        self._json_lock: trio.Lock | None = None
 
     @property
     def policy(self) -> Any:
         return self.snapshot.policy
+
+    async def json_body(self) -> dict[str, Any]:
+        """The body as a JSON object, read and parsed once: the calls of a fan-out that
+        take arguments from it share it (the body can be read only once)."""
+        if self._json_lock is None:
+            self._json_lock = trio.Lock()
+        async with self._json_lock:
+            if self._json_body is None:
+                data = await self.body.read()
+                try:
+                    parsed = json.loads(data) if data else {}
+                except (ValueError, RecursionError):  # RecursionError: nested too deep
+                    self._json_body = BadRequest("the request body is not valid JSON")
+                else:
+                    self._json_body = parsed if isinstance(parsed, dict) else BadRequest(
+                        "the request body must be a JSON object")
+        if isinstance(self._json_body, BadRequest):
+            raise self._json_body
+        return self._json_body
 
     async def start_response(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.response_started = True
@@ -316,6 +340,14 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
             return
         trace.status = error.status
         await send_error(send, error, request_id, rid_header)
+    except Exception:
+        # A fault of the gateway's own (a bug): a JSON 500 with the request id and the
+        # traceback in the log, where Hypercorn would answer an empty 500.
+        log.exception("request %s failed inside the gateway", request_id)
+        trace.status, trace.cause = 500, "internal"
+        if context is None or not context.response_started:
+            await send_error(send, InternalError("the gateway failed to serve this request; "
+                                                 "it logged why"), request_id, rid_header)
     except BaseException as exc:
         # Cancelled from outside the request (Hypercorn's graceful deadline on shutdown):
         # nothing can be sent any more; the trace keeps the cause.
@@ -328,13 +360,27 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
         if entered:
             gate.leave()
         runtime.leave(snapshot)
-        finish_trace(runtime, trace, policy)
+        finish_trace(runtime, trace, snapshot)
 
 
-def finish_trace(runtime: Runtime, trace: Trace, policy: Any) -> None:
+def _hide_private_path(trace: Trace, snapshot: Snapshot) -> None:
+    """A path whose values a route binds as SQL arguments is kept as its template."""
+    route = trace.route
+    if route is None:  # refused before routing (shed at the door, say): route it now
+        try:
+            route = snapshot.routes.match(trace.method, trace.path.encode("latin-1")).route.path
+        except GatewayError:
+            return
+    if route in snapshot.private_paths:
+        trace.path = route
+
+
+def finish_trace(runtime: Runtime, trace: Trace, snapshot: Snapshot) -> None:
     """Count the request, keep its trace, log it when it is worth a line."""
-    server = policy.server
+    server = snapshot.policy.server
     trace.finish()
+    if snapshot.private_paths:
+        _hide_private_path(trace, snapshot)
     status = trace.status or 0
     cancelled = trace.cancelled_spans()
     METRICS.observe_request(trace, status, cancelled)

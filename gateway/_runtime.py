@@ -26,7 +26,13 @@ from ._hypercorn_fixes import (
 )
 from ._limits import InflightGate, LoopLagMonitor, UpstreamLimiter
 from ._metrics import METRICS
-from ._policy import CallSettings, Policy, UpstreamPolicy, upstream_retry_policy
+from ._policy import (
+    CallSettings,
+    Policy,
+    UpstreamPolicy,
+    routes_binding_path_values,
+    upstream_retry_policy,
+)
 from ._retries import RetryBudget
 from ._routing import RouteTable
 from ._trace import TraceBuffer
@@ -88,6 +94,8 @@ class Snapshot:
     in_flight: int = 0
     drained: trio.Event = field(default_factory=trio.Event)
     _settings: dict[int, CallSettings] = field(default_factory=dict)
+    #: Routes whose path values are SQL arguments: their traces show the template.
+    private_paths: frozenset[str] = frozenset()
 
     @property
     def policy(self) -> Policy:
@@ -161,7 +169,8 @@ class Runtime:
                                               _pool_limits(policy, definition))
             upstreams[name] = state
         routes = RouteTable(policy.routes)
-        return Snapshot(loaded, routes, upstreams, pending=kept)
+        return Snapshot(loaded, routes, upstreams, pending=kept,
+                        private_paths=routes_binding_path_values(policy))
 
     @staticmethod
     def _reconfigure(policy: Policy, old: UpstreamState, definition: UpstreamPolicy) -> None:

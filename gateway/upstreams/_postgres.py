@@ -85,6 +85,7 @@ from .._errors import (
     StatementWrites,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamQueryError,
     UpstreamResetError,
     UpstreamTimeout,
 )
@@ -115,6 +116,8 @@ MAX_SAFE_INTEGER = 2**53 - 1
 _RETRY_MIN_S = 0.1
 _RETRY_MAX_S = 2.0
 _FLOOR_CHECK_S = 1.0
+#: Readiness holds this long after a statement succeeded, without a probe of its own.
+READY_FRESH_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -193,7 +196,11 @@ def to_json(value: object) -> JSON:
       the strings PostgreSQL prints (``"NaN"``, ``"Infinity"``, ``"-Infinity"``).
     - ``int2/4/8``, ``bool``, ``text``: unchanged (int8 is not clamped).
     - ``uuid``, ``inet``/``cidr`` and anything unknown: ``str()``.
-    - ``timestamp[tz]``, ``date``, ``time[tz]``: ISO 8601 (``isoformat()``).
+    - ``timestamp[tz]``, ``date``, ``time[tz]``: ISO 8601 (``isoformat()``);
+      PostgreSQL's ``infinity`` and ``-infinity`` as those words.
+    - ``bit``/``varbit``: the bits as a string of 0 and 1.
+    - geometric types: points as ``[x, y]``, a box, segment, path or polygon as its
+      points, a circle as ``[[x, y], r]``.
     - ``interval``: seconds as a float.
     - ``json``/``jsonb``: parsed JSON (codecs set on each new connection).
     - ``bytea``: base64 (standard alphabet, padded).
@@ -218,7 +225,15 @@ def to_json(value: object) -> JSON:
         ):
             return int(value)
         return format(value, "f")
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+    if isinstance(value, (datetime.datetime, datetime.date)):
+        # asyncpg decodes PostgreSQL's infinity as the largest (smallest) Python value.
+        bare = value.replace(tzinfo=None) if isinstance(value, datetime.datetime) else value
+        if bare in (datetime.datetime.max, datetime.date.max):
+            return "infinity"
+        if bare in (datetime.datetime.min, datetime.date.min):
+            return "-infinity"
+        return value.isoformat()
+    if isinstance(value, datetime.time):
         return value.isoformat()
     if isinstance(value, datetime.timedelta):
         return value.total_seconds()
@@ -226,6 +241,10 @@ def to_json(value: object) -> JSON:
         return str(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return base64.b64encode(value).decode("ascii")
+    if isinstance(value, asyncpg.BitString):
+        return str(value.as_string())
+    if isinstance(value, asyncpg.Path):  # and Polygon: the points, [x, y] each
+        return [to_json(point) for point in value.points]
     if isinstance(value, (list, tuple)):
         return [to_json(item) for item in value]
     if isinstance(value, dict):
@@ -258,40 +277,71 @@ READ_ONLY_SQL_TRANSACTION = "25006"
 class _ConnectFailed(Exception):
     """Opening a connection failed; raised inside the pool so the cause stays known."""
 
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.kind = type(cause).__name__
 
-def _translate(name: str, exc: BaseException) -> GatewayError:
-    """Map an asyncio/asyncpg failure to the gateway's error tree (module docstring)."""
+
+#: SQLSTATE classes whose primary message speaks of the schema or the statement, never
+#: of data (``relation "x" does not exist``, a constraint's name): it is kept. Others
+#: can quote values (``invalid input syntax for type integer: "..."``, a PL/pgSQL
+#: RAISE, a tsquery that does not parse), which must reach no answer, trace or log.
+_MESSAGE_KEPT = frozenset({"08", "0A", "23", "25", "40", "42", "53", "55", "57"})
+#: A syntax error in something the statement parses at run time from its input.
+_SYNTAX_ERROR = "42601"
+
+
+def _query_error_message(exc: asyncpg.PostgresError, state: str) -> str:
+    kind = type(exc).__name__
+    if state[:2] in _MESSAGE_KEPT and state != _SYNTAX_ERROR:
+        # The primary message only: the DETAIL line can quote row values
+        # ("Key (email)=(...) already exists").
+        return f"{kind} (SQLSTATE {state}): {getattr(exc, 'message', None) or kind}"
+    return f"{kind} (SQLSTATE {state})"
+
+
+def _translate(name: str, exc: BaseException, *, input_bound: bool = False) -> GatewayError:
+    """Map an asyncio/asyncpg failure to the gateway's error tree (module docstring).
+
+    ``input_bound``: the statement had arguments, so a data error or a syntax error in
+    something parsed at run time (``to_tsquery($1)``) is the client's input (400); with
+    none it is the statement's or the data's (502). The server's own words go to the
+    debug log only: they may quote argument values or the server's address.
+    """
     where = f"postgres upstream {name!r}"
+    logger.debug("%s: %s", where, exc)
     if isinstance(exc, _ConnectFailed):
-        return UpstreamConnectError(f"{where}: cannot connect: {exc}")
+        return UpstreamConnectError(f"{where}: cannot connect ({exc.kind})")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"{where}: timed out")
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
         kind = type(exc).__name__
         if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
-            return UpstreamTimeout(f"{where}: statement cancelled on the server: "
-                                   f"{getattr(exc, 'message', None) or 'cancelled'}")
+            return UpstreamTimeout(f"{where}: statement cancelled on the server")
         if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
             return UpstreamResetError(f"{where}: connection lost mid-call", sqlstate=state)
-        # The primary message only: the server's DETAIL line can quote row values
-        # ("Key (email)=(...) already exists"), which must not reach clients or logs.
-        message = getattr(exc, "message", None) or kind
         if state[:2] in {"08", "53", "57"}:
-            return UpstreamConnectError(f"{where}: {kind}: {message}", sqlstate=state)
+            return UpstreamConnectError(f"{where}: {_query_error_message(exc, state)}",
+                                        sqlstate=state)
         if state == READ_ONLY_SQL_TRANSACTION:
-            return StatementWrites(f"{where}: the statement writes, and ran as a read: "
-                                   f"{message}", sqlstate=state)
-        if state.startswith("22"):
+            return StatementWrites(f"{where}: the statement writes, and ran as a read",
+                                   sqlstate=state)
+        if input_bound and (state.startswith("22") or (
+                state == _SYNTAX_ERROR and not getattr(exc, "position", None))):
             return BadRequest(f"{where}: invalid query argument ({kind})", sqlstate=state)
-        return UpstreamError(f"{where}: {kind}: {message}", sqlstate=state)
+        if state.startswith("40"):  # serialization failure, deadlock: try again
+            return UpstreamError(f"{where}: {_query_error_message(exc, state)}",
+                                 sqlstate=state)
+        return UpstreamQueryError(f"{where}: {_query_error_message(exc, state)}",
+                                  sqlstate=state)
     if isinstance(exc, asyncpg.exceptions._base.DataError):
         # The argument could not be encoded for its parameter type; the message would
         # quote the value, which must not reach logs or traces.
         return BadRequest(f"{where}: invalid query argument")
     if isinstance(exc, OSError):
         return UpstreamResetError(f"{where}: connection lost mid-call: {type(exc).__name__}")
-    return UpstreamError(f"{where}: {type(exc).__name__}: {exc}")
+    return UpstreamError(f"{where}: {type(exc).__name__}")
 
 
 def _check_timeout(timeout_s: float) -> None:
@@ -328,7 +378,7 @@ class _Connector:
             # Judged by what this attempt sent: connects started before the first
             # refusal came back fail the same way and are retried too.
             if not _refuses_client_check(exc, kwargs):
-                raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
+                raise _ConnectFailed(exc) from exc
             if self.client_check:
                 self.client_check = False
                 logger.warning("postgres upstream %r: the server refused %s (%s); queries "
@@ -336,7 +386,7 @@ class _Connector:
                                self._name, CLIENT_CHECK, exc)
             return await self(*args, **_without_client_check(kwargs))
         except Exception as exc:
-            raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
+            raise _ConnectFailed(exc) from exc
 
 
 def _refuses_client_check(exc: asyncpg.PostgresError, kwargs: dict[str, Any]) -> bool:
@@ -475,6 +525,16 @@ async def _finish(pool: asyncpg.Pool, con: Any, statement: str, timeout_s: float
         await _release(pool, con, timeout_s)
 
 
+async def _probe_alone(settings: PostgresSettings) -> None:
+    """``SELECT 1`` on a connection opened for it and closed after."""
+    con = await asyncpg.connect(settings.dsn, timeout=settings.connect_timeout_s,
+                                server_settings={"application_name": "trio-gateway"})
+    try:
+        await con.fetchval("SELECT 1")
+    finally:
+        await con.close(timeout=settings.close_timeout_s)
+
+
 async def _close_pool(pool: asyncpg.Pool) -> None:
     await pool.close()
 
@@ -527,10 +587,12 @@ class Transaction:
         async with self._lock:
             if timeout_s is None:
                 return await self._upstream._bridge(
-                    self._loop, _con_call, self._con, method, query, args
+                    self._loop, _con_call, self._con, method, query, args,
+                    input_bound=bool(args),
                 )
             return await self._upstream._bounded(
-                timeout_s, self._loop, _con_call, self._con, method, query, args
+                timeout_s, self._loop, _con_call, self._con, method, query, args,
+                input_bound=bool(args),
             )
 
 
@@ -550,6 +612,7 @@ class PostgresUpstream:
         #: Statements whose text reads but which PostgreSQL caught writing
         #: (``StatementWrites``); callers run them as writes from then on.
         self.writing_statements: set[str] = set()
+        self._last_ok: float | None = None
         self._started = False
         self._closing = trio.Event()
         self._stopped = trio.Event()
@@ -692,8 +755,10 @@ class PostgresUpstream:
             raise UpstreamConnectError(f"postgres upstream {self.name!r} is {state}")
         return loop, pool
 
-    async def _bridge(self, loop: Any, fn: Callable[..., Awaitable[_T]], *args: object) -> _T:
-        """Run ``fn(*args)`` as an asyncio task; Trio cancellation cancels it."""
+    async def _bridge(self, loop: Any, fn: Callable[..., Awaitable[_T]], *args: object,
+                      input_bound: bool = False) -> _T:
+        """Run ``fn(*args)`` as an asyncio task; Trio cancellation cancels it.
+        ``input_bound``: the statement has arguments (see :func:`_translate`)."""
         try:
             result: _T = await trio_asyncio.aio_as_trio(fn, loop=loop)(*args)
         except asyncio.CancelledError as exc:
@@ -701,16 +766,18 @@ class PostgresUpstream:
             # loop is shutting down under us.
             raise UpstreamConnectError(f"postgres upstream {self.name!r} is closing") from exc
         except Exception as exc:
-            raise _translate(self.name, exc) from exc
+            # Not chained: the driver's exception can quote argument values.
+            raise _translate(self.name, exc, input_bound=input_bound) from None
         return result
 
     async def _bounded(
-        self, timeout_s: float, loop: Any, fn: Callable[..., Awaitable[_T]], *args: object
+        self, timeout_s: float, loop: Any, fn: Callable[..., Awaitable[_T]], *args: object,
+        input_bound: bool = False,
     ) -> _T:
         """``_bridge`` inside a ``timeout_s`` scope of its own → ``UpstreamTimeout``."""
         _check_timeout(timeout_s)
         with trio.move_on_after(timeout_s):
-            return await self._bridge(loop, fn, *args)
+            return await self._bridge(loop, fn, *args, input_bound=input_bound)
         raise UpstreamTimeout(
             f"postgres upstream {self.name!r}: no answer within {timeout_s:g} s",
             timeout_s=timeout_s,
@@ -720,7 +787,7 @@ class PostgresUpstream:
         self, method: str, query: str, args: Sequence[object], timeout_s: float, writes: bool
     ) -> Any:
         loop, pool = self._open()
-        return await self._bounded(
+        result = await self._bounded(
             timeout_s,
             loop,
             _run_on_pool,
@@ -731,7 +798,10 @@ class PostgresUpstream:
             query,
             tuple(args),
             writes,
+            input_bound=bool(args),
         )
+        self._last_ok = trio.current_time()
+        return result
 
     # ---- queries
 
@@ -803,7 +873,22 @@ class PostgresUpstream:
     # ---- health
 
     async def ready(self) -> bool:
-        """True when ``SELECT 1`` answers within the connect timeout."""
+        """True when ``SELECT 1`` answers within the connect timeout. A pool whose
+        connections are all lent out to traffic is busy, not down, and a probe would only
+        wait for one: it is ready while a statement succeeded in the last
+        :data:`READY_FRESH_S`."""
+        stats = self.statistics()
+        if stats.idle == 0 and stats.in_use >= self.settings.max_size:
+            if (self._last_ok is not None
+                    and trio.current_time() - self._last_ok < READY_FRESH_S):
+                return True
+            try:  # on a connection of its own, outside the pool's queue
+                loop, _ = self._open()
+                await self._bounded(self.settings.connect_timeout_s, loop, _probe_alone,
+                                    self.settings)
+            except (UpstreamError, UpstreamTimeout):
+                return False
+            return True
         try:
             await self.fetchrow("SELECT 1", (), timeout_s=self.settings.connect_timeout_s)
         except (UpstreamError, UpstreamTimeout):
