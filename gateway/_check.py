@@ -13,6 +13,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import SchemaSerializer
+
 from ._policy import (
     FanoutCall,
     Policy,
@@ -234,9 +237,22 @@ def _origins(policy: Policy, call: ProxyAction | FanoutCall, upstream: UpstreamP
 # --------------------------------------------------------------------------- schema
 
 
+class _DefaultsAsWritten(GenerateJsonSchema):
+    """Defaults in the form a policy file writes them (``"50ms"``, ``"20%"``), through
+    each field's own serializer: an editor completing ``0.05`` from the schema wrote a
+    value the loader refuses."""
+
+    def default_schema(self, schema: Any) -> JsonSchemaValue:
+        json_schema = super().default_schema(schema)
+        if "default" in json_schema:
+            json_schema["default"] = SchemaSerializer(schema["schema"]).to_python(
+                schema["default"], mode="json")
+        return json_schema
+
+
 def policy_json_schema() -> dict[str, Any]:
     """The JSON Schema of the policy file, for editors (yaml-language-server)."""
-    schema = Policy.model_json_schema()
+    schema = Policy.model_json_schema(schema_generator=_DefaultsAsWritten)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,

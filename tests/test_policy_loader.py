@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -397,3 +398,32 @@ def test_version_is_sha256_prefix_of_file_bytes(tmp_path: Path) -> None:
     path.write_bytes(MINIMAL.encode())
     loaded = load_policy_file(os.fspath(path))
     assert loaded.version == hashlib.sha256(MINIMAL.encode()).hexdigest()[:12]
+
+
+def test_schema_defaults_are_written_as_a_policy_file_writes_them() -> None:
+    # An editor completing from the schema offered `queue_timeout: 0.05`, which the
+    # loader refuses: durations, percents and ranges are text with their unit.
+    schema = policy_json_schema()
+    wrong = [f"{model}.{name}: {prop['default']!r}"
+             for model, definition in schema["$defs"].items()
+             for name, prop in definition.get("properties", {}).items()
+             if prop.get("type") == "string" and "default" in prop
+             and not (isinstance(prop["default"], str)
+                      and re.search(prop.get("pattern", ""), prop["default"]))]
+    assert not wrong
+    limit = schema["$defs"]["LimitPolicy"]["properties"]
+    retries = schema["$defs"]["RetryPolicy"]["properties"]
+    assert (limit["queue_timeout"]["default"], retries["budget"]["default"],
+            retries["backoff"]["default"]) == ("50ms", "20%", "20ms..200ms")
+    text = f"""version: 1
+upstreams:
+  a:
+    url: "http://127.0.0.1:1"
+    limit: {{queue_timeout: {limit['queue_timeout']['default']}}}
+    call: {{retries: {{budget: {retries['budget']['default']},
+                       backoff: {retries['backoff']['default']}}}}}
+routes:
+  - path: /x
+    proxy: {{upstream: a, path: /x}}
+"""
+    assert load_policy_text(text, "p.yaml").policy.upstreams["a"].limit.queue_timeout == 0.05
