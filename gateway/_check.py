@@ -17,6 +17,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import SchemaSerializer
 
 from ._policy import (
+    IDEMPOTENT_METHODS,
     FanoutCall,
     Policy,
     ProxyAction,
@@ -25,6 +26,7 @@ from ._policy import (
     Route,
     UpstreamPolicy,
     resolve_call_settings,
+    sql_reads_only,
 )
 from ._policy_loader import LoadedPolicy, PolicyError, load_policy_file
 from ._units import format_duration
@@ -163,8 +165,20 @@ def _explain_call(policy: Policy, call: ProxyAction | FanoutCall) -> list[str]:
         lines.append("timeout: none  # bounded by the deadline only")
     else:
         lines.append(f"timeout: {format_duration(resolved.timeout)}  # {origin('timeout')}")
-    lines.extend(_explain_retries(resolved.retries, origin("retries")))
-    if resolved.hedge_after is None:
+    # A call that may write runs as a POST: never hedged, retried only when nothing was
+    # sent (a connect failure), unless its retries opt in with non_idempotent.
+    writes = (not sql_reads_only(call.query) if call.query is not None
+              else call.method not in IDEMPOTENT_METHODS) if isinstance(
+                  call, FanoutCall) else False
+    retry_lines = _explain_retries(resolved.retries, origin("retries"))
+    if writes and resolved.retries is not None and resolved.retries.attempts > 1 \
+            and not resolved.retries.non_idempotent:
+        retry_lines.append("  # may write: retried only after a connect failure")
+    lines.extend(retry_lines)
+    if writes and resolved.hedge_after is not None:
+        what = "the statement" if isinstance(call, FanoutCall) and call.query else "the call"
+        lines.append(f"hedge: off  # {what} may write, and a write is never hedged")
+    elif resolved.hedge_after is None:
         lines.append("hedge: off")
     else:
         lines.append(f"hedge: after {format_duration(resolved.hedge_after)}, "

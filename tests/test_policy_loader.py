@@ -305,6 +305,28 @@ def test_explain_matches_a_concrete_path() -> None:
     assert explain_route(loaded, "/api/users/42").startswith("route: /api/users/{id}  #")
 
 
+def test_explain_says_a_call_that_may_write_is_never_hedged() -> None:
+    # The upstream's hedge_after and reset retries are inherited, but a statement that
+    # may write runs once, like a POST: explain must not promise what never happens.
+    loaded = load_policy_text("""\
+version: 1
+upstreams:
+  db:
+    postgres: {dsn_env: GATEWAY_TEST_DSN}
+    call: {hedge_after: 20ms, retries: {attempts: 3, on: [connect, reset, timeout]}}
+routes:
+  - path: /api/log/{id}
+    sql: {upstream: db, query: "INSERT INTO log VALUES ($1)", args: ["path.id:int"]}
+  - path: /api/read/{id}
+    sql: {upstream: db, query: "SELECT v FROM log WHERE v = $1", args: ["path.id:int"]}
+""", "p.yaml")
+    writes = explain_route(loaded, "/api/log/5")
+    assert "hedge: off  # the statement may write, and a write is never hedged" in writes
+    assert "# may write: retried only after a connect failure" in writes
+    reads = explain_route(loaded, "/api/read/5")
+    assert "hedge: after 20ms" in reads and "may write" not in reads
+
+
 def test_explain_unknown_route(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     out = io.StringIO()
