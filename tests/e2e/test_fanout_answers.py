@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from gateway._policy_loader import PolicyError, load_policy_text
-from tests.gateway_harness import run_gateway
+from tests.gateway_harness import run_gateway, trace_of
 from tests.upstream import start_upstream
 
 POLICY = """
@@ -146,4 +146,39 @@ async def test_a_fail_fast_fan_out_answers_a_call_s_4xx_as_it_came(code, status)
             assert response.status_code == status, response.text
             body = response.json()
             assert (body["cause"], body["call"]) == ("upstream_status", "a")
+        nursery.cancel_scope.cancel()
+
+
+PARTIAL = """
+version: 1
+upstreams:
+  u: {{url: "{url}"}}
+routes:
+  - path: /f
+    deadline: 400ms
+    fanout:
+      on_failure: partial
+      calls:
+        user: {{upstream: u, path: /users/7}}
+        history: {{upstream: u, path: /stall}}
+"""
+
+
+async def test_a_partial_fan_out_answers_what_arrived_when_a_call_runs_past_the_deadline():
+    # The stalled call has no timeout of its own: it used to run into the request's
+    # deadline, and the client got a 504 and lost the answer that had arrived.
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(PARTIAL.format(url=upstream.url)) as gw, gw.client() as client:
+            response = await client.get("/f")
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["user"] == {"id": "7", "name": "user-7"}
+            assert (body["errors"]["history"]["cause"], body["errors"]["history"]["status"]) \
+                == ("deadline", 504)
+            trace = await trace_of(gw, response.headers["x-request-id"])
+            assert trace.duration_ms < 400
+            history = next(s for s in trace.root.walk() if s.label == "call history")
+            assert (history.outcome, history.cause, history.fired_scope) == \
+                ("cancelled", "deadline", "stage fanout")
         nursery.cancel_scope.cancel()
