@@ -343,8 +343,7 @@ async def test_a_call_timeout_under_fail_fast_fails_the_fanout(autojump_clock, m
 
 async def test_the_request_deadline_bounds_every_call(autojump_clock, monkeypatch):
     install(monkeypatch, THREE)
-    ctx = FakeContext(make_policy(list(THREE), on_failure="partial"),
-                      deadline_s=0.100)
+    ctx = FakeContext(make_policy(list(THREE)), deadline_s=0.100)
     start = trio.current_time()
 
     with pytest.raises(UpstreamTimeout) as info:
@@ -355,6 +354,24 @@ async def test_the_request_deadline_bounds_every_call(autojump_clock, monkeypatc
     found = spans(ctx)
     assert where(found["call slow"]) == ("cancelled", "deadline", "request")
     assert ctx.sent == []
+
+
+async def test_a_partial_fan_out_answers_what_arrived_before_the_deadline(autojump_clock,
+                                                                         monkeypatch):
+    # The slow call is cut a tenth of the budget before the request's deadline (10 ms
+    # here), so what arrived is answered instead of a 504.
+    install(monkeypatch, THREE)
+    ctx = FakeContext(make_policy(list(THREE), on_failure="partial"), deadline_s=0.100)
+
+    assert await serve(ctx) == pytest.approx(0.090)
+
+    (status, payload, _), = ctx.sent
+    assert status == 200
+    assert (payload["fast"], payload["mid"]) == ({"n": 1}, {"n": 2})
+    assert payload["errors"]["slow"]["cause"] == "deadline"
+    assert payload["errors"]["slow"]["status"] == 504
+    assert where(spans(ctx)["call slow"]) == ("cancelled", "deadline", "stage fanout")
+    assert_no_slot_held(ctx)
 
 
 def test_siblings_of_a_crashed_call_are_sibling_failed_whatever_their_inner_scopes(
