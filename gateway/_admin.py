@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +111,8 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
                     "cause": "bad_request"}, 400
         if limit < 1:
             return {"error": "limit must be at least 1", "cause": "bad_request"}, 400
+        if min_ms is not None and not math.isfinite(min_ms):
+            return {"error": "min_ms must be a finite number", "cause": "bad_request"}, 400
         query = {"route": args.get("route"), "cause": args.get("cause"), "status": status,
                  "min_ms": min_ms, "limit": limit}
         found = await gather(gateway.runtime.traces, {"query": query})

@@ -81,6 +81,8 @@ async def test_bad_admin_requests_get_a_json_4xx():
         for method, path, status in (("GET", "/traces?limit=0", 400),
                                      ("GET", "/traces?limit=-5", 400),
                                      ("GET", "/traces?limit=x", 400),
+                                     ("GET", "/traces?min_ms=nan", 400),
+                                     ("GET", "/traces?min_ms=inf", 400),
                                      ("POST", "/healthz", 405),
                                      ("DELETE", "/traces", 405)):
             response = await admin.request(method, path)
