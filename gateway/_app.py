@@ -8,6 +8,7 @@ request's CPU) and go straight to ``_request.handle_request``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -70,12 +71,16 @@ class Gateway:
     """One worker's gateway: runtime state, the admin app, and the ASGI entry point."""
 
     def __init__(self, loaded: LoadedPolicy, *, admin_ports: set[int] | None = None,
+                 admin_addresses: set[tuple[str, int]] | None = None,
                  watch_policy: bool = True,
                  poll_interval_s: float = POLICY_POLL_INTERVAL_S) -> None:
         from ._admin import create_admin_app
 
         self.runtime = Runtime(loaded)
+        #: Local addresses of the admin listeners: ports on any host, or (host, port)
+        #: where a public bind may share the port number on another address.
         self.admin_ports = admin_ports if admin_ports is not None else set()
+        self.admin_addresses = admin_addresses if admin_addresses is not None else set()
         self.watch_policy = watch_policy
         self.poll_interval_s = poll_interval_s
         self.admin = create_admin_app(self)
@@ -89,7 +94,8 @@ class Gateway:
         kind = scope["type"]
         if kind == "http":
             server = scope.get("server")
-            if server is not None and server[1] in self.admin_ports:
+            if server is not None and (server[1] in self.admin_ports or
+                                       (server[0], server[1]) in self.admin_addresses):
                 await self.admin(cast(Any, scope), cast(Any, receive), cast(Any, send))
                 return
             await handle_request(self.runtime, scope, receive, send, dispatch)
@@ -239,5 +245,7 @@ def create_gateway_from_env() -> Gateway:
     path = os.environ.get("GATEWAY_POLICY", "policies/demo.yaml")
     loaded = load_policy_file(path)
     admin_ports = {int(p) for p in os.environ.get("GATEWAY_ADMIN_PORTS", "").split(",") if p}
-    return Gateway(loaded, admin_ports=admin_ports)
+    admin_addresses = {(str(host), int(port)) for host, port in
+                       json.loads(os.environ.get("GATEWAY_ADMIN_ADDRESSES", "[]"))}
+    return Gateway(loaded, admin_ports=admin_ports, admin_addresses=admin_addresses)
 

@@ -60,6 +60,13 @@ async def proxy(ctx: RequestContext) -> None:
             if status in retry_statuses:
                 raise UpstreamStatusError(f"upstream {state.name!r} answered {status}",
                                           upstream_status=status, upstream=state.name)
+            if limit is not None and method != "HEAD" and status not in (204, 304):
+                declared = _declared_length(response.headers)
+                if declared is not None and declared > limit:
+                    # Refused before the head goes out: a clean 502, not a 200 cut off.
+                    raise UpstreamProtocolError(
+                        f"upstream {state.name!r} body of {declared} bytes exceeds {limit}",
+                        upstream=state.name)
             if not claim.claim(attempt):
                 return AttemptResult(None, status)
             await ctx.start_response(status, downstream_response_headers(
@@ -84,3 +91,11 @@ async def proxy(ctx: RequestContext) -> None:
                              settings.timeout) as call:
         await run_attempts(ctx, call, state, settings, name=action.upstream, method=method,
                            replayable=replayable, perform=perform)
+
+
+def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The upstream's Content-Length (its framing was checked by the pool)."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)
+    return None

@@ -11,8 +11,10 @@ worker that dies (:mod:`gateway._supervisor`) instead of stopping the server.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import difflib
 import functools
+import json
 import logging
 import multiprocessing
 import os
@@ -20,6 +22,7 @@ import resource
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
@@ -144,6 +147,11 @@ def check_somaxconn(backlog: int) -> None:
                     "will cap the accept queue", somaxconn, backlog)
 
 
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
+#: prctl(2) option: the signal this process gets when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
 def bound_ports(sockets: Sockets) -> list[tuple[str, int]]:
     return [sock.getsockname()[:2] for sock in sockets.insecure_sockets]
 
@@ -168,9 +176,16 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
     check_somaxconn(config.backlog)
     sockets = config.create_sockets()
     addresses = bound_ports(sockets)
-    admin_ports = {port for _, port in addresses[public_count:]}
+    # Admin connections are told by the local address they arrive on: by port alone
+    # when the admin bind is a wildcard, else by host and port, since a public bind
+    # may use the same port number on another address.
+    admin_bound = addresses[public_count:]
+    admin_ports = {port for host, port in admin_bound if host in _WILDCARD_HOSTS}
+    admin_addresses = sorted({(host, port) for host, port in admin_bound
+                              if host not in _WILDCARD_HOSTS})
     os.environ["GATEWAY_POLICY"] = str(Path(policy_file).resolve())
     os.environ["GATEWAY_ADMIN_PORTS"] = ",".join(str(p) for p in sorted(admin_ports))
+    os.environ["GATEWAY_ADMIN_ADDRESSES"] = json.dumps(admin_addresses)
     if operator_metrics_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         clear_metrics_dir(operator_metrics_dir)
     run_dir = None
@@ -196,6 +211,10 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
                                 on_worker_exit=forget_worker,
                                 on_workers_changed=worker_list_recorder(run_dir))
         supervisor.take_signals()
+    if supervisor is None:
+        # As in a worker: a reload asked for before the app listens for SIGHUP (its
+        # import, its start-up) must not end the process.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     public = ", ".join(f"http://{h}:{p}" for h, p in addresses[:public_count])
     admin_urls = ", ".join(f"http://{h}:{p}" for h, p in addresses[public_count:])
     print(f"gateway: policy {loaded.file} ({loaded.version}), {config.workers} worker(s)\n"
@@ -293,13 +312,28 @@ def prepare_worker_process() -> None:
     SIGHUP is ignored until the app's reload task listens for it, so a reload asked
     for during start-up cannot kill a worker.
     """
-    if multiprocessing.parent_process() is not None:
+    parent = multiprocessing.parent_process()
+    if parent is not None:
         # The master handles SIGINT (a terminal's Ctrl-C reaches the whole group) and
         # SIGTERM; it started this process with them blocked (see _supervisor).
         for signum in MASTER_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
+        _end_with(parent.pid)
     configure_logging()
+
+
+def _end_with(master_pid: int | None) -> None:
+    """Have the kernel kill this worker when its master dies (Linux): a master killed
+    without running its handlers (the OOM killer, kill -9) left workers serving for
+    ever, holding the ports and deaf to SIGTERM, which they ignore."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("cannot ask to end with the master: errno %d", ctypes.get_errno())
+    elif os.getppid() != master_pid:  # it died before the request was in place
+        os._exit(1)
 
 
 def listen_socket(bind: str = "127.0.0.1:0", backlog: int = 4096) -> socket.socket:

@@ -1,6 +1,9 @@
 """Limits: header count and size (431), URI length (414), body size per route (413),
-upstream response head too large (502), upstream body over ``max_response_body`` (the
-client connection is aborted, since streaming had begun)."""
+upstream response head too large (502), upstream body over ``max_response_body`` (502
+when its Content-Length says so; else the client connection is aborted, since
+streaming had begun)."""
+
+import json
 
 import pytest
 
@@ -102,9 +105,9 @@ async def test_upstream_response_head_too_large_is_502():
         await s.assert_serves()
 
 
-@pytest.mark.parametrize("path", ["/api/capped/download?bytes=1000000",
-                                  "/api/capped/endless-body"])
+@pytest.mark.parametrize("path", ["/api/capped/endless-body"])
 async def test_upstream_body_over_max_response_body_aborts_the_client(path):
+    # A body of no declared length: over the cap only once streaming has begun.
     async with stage() as s:
         response, _ = await exchange(s.port, request_bytes("GET", path),
                                      max_body=4 * 1024 * 1024)
@@ -114,4 +117,16 @@ async def test_upstream_body_over_max_response_body_aborts_the_client(path):
         assert len(response.body) <= 256 * 1024 + 64 * 1024
         await s.settle()
         assert s.pool_statistics().active == 0
+        await s.assert_serves()
+
+
+async def test_an_answer_declared_over_max_response_body_is_a_502_before_any_byte():
+    # The upstream's Content-Length already says the body is over the cap: a 200 head
+    # and a cut connection told the client nothing it could act on.
+    async with stage() as s:
+        async with connect(s.port) as conn:
+            await conn.send(request_bytes("GET", "/api/capped/download?bytes=1000000"))
+            response = await conn.read_response(timeout_s=5)
+        assert response is not None and response.status == 502, response
+        assert json.loads(response.body)["cause"] == "upstream_protocol"
         await s.assert_serves()

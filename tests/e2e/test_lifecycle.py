@@ -1,0 +1,168 @@
+"""The real `python -m gateway serve` process: which bind answers what, a reload asked
+for during start-up, and workers whose master was killed."""
+
+import contextlib
+import os
+import signal
+import socket
+from pathlib import Path
+
+import httpx
+import trio
+
+from tests.process_harness import serve_process
+from tests.upstream import proxy_policy, start_upstream
+
+
+async def _workers(served, count: int, gone: set[int], timeout_s: float = 30) -> list[int]:
+    with trio.fail_after(timeout_s):
+        while True:
+            pids = served.worker_pids()
+            if len(pids) == count and not gone & set(pids):
+                return pids
+            await trio.sleep(0.05)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(policy: Path, *args: str):
+    import subprocess
+    import sys
+
+    from tests.process_harness import ROOT
+
+    config = policy.parent / "hypercorn.toml"
+    config.write_text('worker_class = "trio"\ngraceful_timeout = 5\n')
+    return subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--config",
+         str(config), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)
+
+
+def _stop(process) -> None:
+    import subprocess
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+async def _get(url: str, deadline_s: float = 20) -> httpx.Response:
+    """GET, retrying while the server is not up yet."""
+    with trio.fail_after(deadline_s):
+        while True:
+            try:
+                async with httpx.AsyncClient(timeout=2) as client:
+                    return await client.get(url)
+            except httpx.TransportError:
+                await trio.sleep(0.1)
+
+
+async def test_admin_endpoints_never_answer_on_the_public_bind_with_the_same_port(
+        tmp_path: Path):
+    """README: the admin endpoints 'listen only on the admin bind ... never on the
+    public one'. A common layout is the public bind on one address and the admin bind
+    on loopback. When the two share a port number (public 127.0.0.1:P, admin
+    127.0.0.2:P here; 10.0.0.5:8080 and 127.0.0.1:8080 in production), every public
+    request is served by the admin app: /metrics, /traces and /policy are public, and
+    the proxied API answers 404."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url))
+        port = _free_port()
+        process = _launch(policy, "--bind", f"127.0.0.1:{port}",
+                          "--admin-bind", f"127.0.0.2:{port}", "--workers", "1")
+        try:
+            admin = await _get(f"http://127.0.0.2:{port}/healthz")
+            assert admin.status_code == 200
+            public_metrics = await _get(f"http://127.0.0.1:{port}/metrics")
+            public_api = await _get(f"http://127.0.0.1:{port}/api/users/1")
+            assert public_metrics.status_code == 404, (
+                f"/metrics on the PUBLIC bind answered {public_metrics.status_code}: "
+                f"{public_metrics.text[:200]!r}")
+            assert public_api.status_code == 200, (public_api.status_code, public_api.text)
+        finally:
+            await trio.to_thread.run_sync(_stop, process)
+        nursery.cancel_scope.cancel()
+
+
+async def test_workers_do_not_outlive_a_master_that_was_killed(tmp_path: Path):
+    # A master killed without running its handlers (the OOM killer, kill -9) left its
+    # workers serving for ever, holding the ports and deaf to SIGTERM.
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except OSError:
+            return False
+
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url))
+        with serve_process(policy, workers=2) as served:
+            workers = await _workers(served, 2, set())
+            os.kill(served.process.pid, signal.SIGKILL)
+            await trio.to_thread.run_sync(served.process.wait)
+            try:
+                with trio.fail_after(10):
+                    while any(running(pid) for pid in workers):
+                        await trio.sleep(0.05)
+                port = int(served.url.rsplit(":", 1)[1])
+                with socket.socket() as again:  # the port is free for a new gateway
+                    again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    again.bind(("127.0.0.1", port))
+            finally:
+                for pid in workers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_asked_for_during_start_up_does_not_kill_a_single_process_gateway(
+        tmp_path: Path):
+    """README: 'SIGHUP is ignored until the app's reload task listens for it, so a
+    reload asked for during start-up cannot kill a worker' and 'This holds with
+    workers = 0 too'. With workers = 0 nothing handles SIGHUP between the announcement
+    ('gateway: serving ...') and the app's reload task: its default action ends the
+    gateway, as a deploy script that reloads right after starting finds out."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url))
+        process = _launch(policy, "--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0",
+                          "--workers", "0")
+        try:
+            url = None
+            assert process.stdout is not None
+            while url is None:
+                line = await trio.to_thread.run_sync(process.stdout.readline)
+                assert line, "the gateway exited during start-up"
+                if line.startswith("gateway: serving "):
+                    url = line.split()[-1]
+            process.send_signal(signal.SIGHUP)  # the gateway has announced itself
+            status = None
+            with trio.fail_after(15):
+                while status is None and process.poll() is None:
+                    try:
+                        async with httpx.AsyncClient(timeout=2) as client:
+                            status = (await client.get(url + "/api/users/1")).status_code
+                    except httpx.TransportError:
+                        await trio.sleep(0.05)
+            assert process.poll() is None, (
+                f"the gateway died of a SIGHUP sent after it announced itself "
+                f"(exit {process.poll()})")
+            assert status == 200
+        finally:
+            await trio.to_thread.run_sync(_stop, process)
+        nursery.cancel_scope.cancel()
