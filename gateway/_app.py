@@ -23,7 +23,14 @@ from ._fanout import fanout
 from ._gc import run_full_collections
 from ._metrics import METRICS, refresh_gauges
 from ._policy import Policy, resolve_call_settings
-from ._policy_loader import LoadedPolicy, PolicyError, load_policy_file
+from ._policy_loader import (
+    LAST_GOOD_ENV,
+    LoadedPolicy,
+    PolicyError,
+    load_policy_file,
+    load_policy_text,
+    record_last_good,
+)
 from ._proxy import proxy
 from ._request import Receive, RequestContext, Scope, Send, handle_request
 from ._runtime import Runtime
@@ -207,6 +214,7 @@ class Gateway:
                 await self.runtime.discard(new)
             raise
         METRICS.reloads.labels("applied").inc()
+        await trio.to_thread.run_sync(record_last_good, loaded)
         log.info("policy %s active (was %s)", loaded.version, old.loaded.version)
         assert self._nursery is not None
         self._nursery.start_soon(partial(self.runtime.retire, old,
@@ -241,9 +249,24 @@ class Gateway:
 
 
 def create_gateway_from_env() -> Gateway:
-    """Build the app a Hypercorn worker imports: policy and admin port from the env."""
+    """Build the app a Hypercorn worker imports: policy and admin port from the env.
+
+    A worker started to replace one that died, while the policy file on disk is one
+    the running workers rejected, starts on the policy they serve (the last one that
+    loaded): reading the bad file, every replacement died, and the master, seeing
+    workers die in a row, stopped the gateway."""
     path = os.environ.get("GATEWAY_POLICY", "policies/demo.yaml")
-    loaded = load_policy_file(path)
+    try:
+        loaded = load_policy_file(path)
+    except PolicyError as error:
+        last_good = os.environ.get(LAST_GOOD_ENV)
+        if not last_good or not os.path.exists(last_good):
+            raise
+        with open(last_good, "rb") as stream:
+            loaded = load_policy_text(stream.read(), path)
+        log.error("the policy file is invalid; this worker starts on the policy the "
+                  "others serve (%s) and reloads when the file is fixed:\n%s",
+                  loaded.version, error)
     admin_ports = {int(p) for p in os.environ.get("GATEWAY_ADMIN_PORTS", "").split(",") if p}
     admin_addresses = {(str(host), int(port)) for host, port in
                        json.loads(os.environ.get("GATEWAY_ADMIN_ADDRESSES", "[]"))}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -111,6 +112,8 @@ class LoadedPolicy:
     warnings: tuple[PolicyIssue, ...] = ()
     #: ``time.time()`` when it was loaded.
     loaded_at: float = field(default_factory=time.time)
+    #: The bytes it was loaded from (a replacement worker may start from them).
+    text: bytes = field(default=b"", repr=False, compare=False)
 
 
 def format_path(path: PolicyPath) -> str:
@@ -184,7 +187,7 @@ def load_policy_text(text: str | bytes, file: str) -> LoadedPolicy:
     if issues or policy is None:
         raise PolicyError(_ordered(issues + warnings))
     return LoadedPolicy(policy=policy, file=file, version=version,
-                        warnings=tuple(_ordered(warnings)), loaded_at=time.time())
+                        warnings=tuple(_ordered(warnings)), loaded_at=time.time(), text=data)
 
 
 def _ordered(issues: list[PolicyIssue]) -> list[PolicyIssue]:
@@ -654,3 +657,22 @@ def _quote(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "a list"
     return json.dumps(str(value), ensure_ascii=False)
+
+
+#: A file holding the policy the workers last loaded (set by ``serve`` with workers).
+LAST_GOOD_ENV = "GATEWAY_POLICY_LAST_GOOD"
+
+
+def record_last_good(loaded: LoadedPolicy) -> None:
+    """Keep the active policy where a replacement worker can start from it (blocking)."""
+    path = os.environ.get(LAST_GOOD_ENV)
+    if not path or not loaded.text:
+        return
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "wb") as stream:
+            stream.write(loaded.text)
+        os.replace(temporary, path)
+    except OSError as error:
+        logging.getLogger("gateway").warning(
+            "cannot keep the active policy for replacement workers: %s", error)

@@ -159,7 +159,7 @@ def bound_ports(sockets: Sockets) -> list[tuple[str, int]]:
 def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None = None,
           workers: int | None = None, public_bind: list[str] | None = None) -> int:
     """Run Hypercorn with the gateway app until stopped; returns the exit code."""
-    from ._policy_loader import load_policy_file
+    from ._policy_loader import LAST_GOOD_ENV, load_policy_file, record_last_good
 
     configure_logging()
 
@@ -202,7 +202,13 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
             os.mkdir(metrics_dir)
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     supervisor = None
+    policy_dir = None
     if config.workers > 0:
+        # Replacement workers start from the policy the workers serve when the file on
+        # disk has since gone bad (see create_gateway_from_env); they keep it current.
+        policy_dir = tempfile.mkdtemp(prefix="gateway-policy-")
+        os.environ[LAST_GOOD_ENV] = os.path.join(policy_dir, "active.yaml")
+        record_last_good(loaded)
         supervisor = Supervisor(config.workers, trio_worker,
                                 {"config": config, "sockets": sockets},
                                 drain_timeout_s=functools.partial(
@@ -226,8 +232,9 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
             return serve_in_process(config, sockets)
         return supervisor.run()  # returns once every worker has ended
     finally:
-        if run_dir is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        for directory in (run_dir, policy_dir):
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
         for sock in [*sockets.insecure_sockets, *sockets.secure_sockets]:
             sock.close()
 

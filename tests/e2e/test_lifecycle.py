@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from tests.process_harness import serve_process
@@ -119,9 +120,8 @@ async def test_workers_do_not_outlive_a_master_that_was_killed(tmp_path: Path):
                     while any(running(pid) for pid in workers):
                         await trio.sleep(0.05)
                 port = int(served.url.rsplit(":", 1)[1])
-                with socket.socket() as again:  # the port is free for a new gateway
-                    again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    again.bind(("127.0.0.1", port))
+                with pytest.raises(ConnectionRefusedError):  # nobody listens any more
+                    socket.create_connection(("127.0.0.1", port), timeout=2).close()
             finally:
                 for pid in workers:
                     with contextlib.suppress(ProcessLookupError):
@@ -165,4 +165,34 @@ async def test_a_reload_asked_for_during_start_up_does_not_kill_a_single_process
             assert status == 200
         finally:
             await trio.to_thread.run_sync(_stop, process)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_replaced_while_the_policy_file_is_bad_serves_the_active_policy(
+        tmp_path: Path):
+    # The file on disk went bad (the workers rejected it and serve on), then a worker
+    # died: each replacement died reading the bad file, and after five in a row the
+    # master stopped the whole gateway.
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url))
+        with serve_process(policy, workers=2, env={"GATEWAY_POLICY_POLL_S": "0.1"}) as served:
+            workers = await _workers(served, 2, set())
+            policy.write_text("version: 1\nroutes: [oops\n")
+            with trio.fail_after(10):  # both workers have seen it and rejected it
+                while sum("policy reload rejected" in line for line in served.output) < 2:
+                    await trio.sleep(0.05)
+            os.kill(workers[0], signal.SIGKILL)
+            replaced = await _workers(served, 2, {workers[0]})
+            new = (set(replaced) - set(workers)).pop()
+            with trio.fail_after(10):
+                while not any(f" {new} " in line and "starts on the policy the others serve"
+                              in line for line in served.output):
+                    assert served.process.poll() is None, "the master stopped the gateway"
+                    await trio.sleep(0.05)
+            async with httpx.AsyncClient(timeout=5) as client:
+                for _ in range(20):
+                    assert (await client.get(served.url + "/api/users/1")).status_code == 200
+            assert served.process.poll() is None
         nursery.cancel_scope.cancel()
