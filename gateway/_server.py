@@ -152,6 +152,23 @@ _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 _PR_SET_PDEATHSIG = 1
 
 
+def _failing_bind(binds: list[str], public_count: int) -> str:
+    """Which of ``binds`` cannot be bound now, as ``bind HOST:PORT (public|admin)``."""
+    for index, bind in enumerate(binds):
+        role = "public" if index < public_count else "admin"
+        host, _, port = bind.rpartition(":")
+        if host.startswith("unix:") or not port.isdigit():
+            continue
+        try:
+            infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+            with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(infos[0][4])
+        except OSError:
+            return f"bind {bind} ({role})"
+    return "bind " + ", ".join(binds)
+
+
 def bound_ports(sockets: Sockets) -> list[tuple[str, int]]:
     return [sock.getsockname()[:2] for sock in sockets.insecure_sockets]
 
@@ -174,7 +191,11 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
     config.bind = [*config.bind, admin]
     raise_open_file_limit(loaded.policy.server.max_inflight * max(config.workers, 1) * 2 + 256)
     check_somaxconn(config.backlog)
-    sockets = config.create_sockets()
+    try:
+        sockets = config.create_sockets()
+    except OSError as error:  # name the bind: "Address already in use" alone says too little
+        raise OSError(error.errno, error.strerror or str(error),
+                      _failing_bind(config.bind, public_count)) from None
     addresses = bound_ports(sockets)
     # Admin connections are told by the local address they arrive on: by port alone
     # when the admin bind is a wildcard, else by host and port, since a public bind

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from tests.process_harness import serve_process
@@ -191,3 +192,22 @@ async def test_a_worker_replaced_while_the_policy_file_is_bad_serves_the_active_
                     assert (await client.get(served.url + "/api/users/1")).status_code == 200
             assert served.process.poll() is None
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("role", ["public", "admin"])
+async def test_a_busy_port_is_named_in_the_start_up_error(tmp_path: Path, role: str):
+    # "cannot serve: Address already in use" did not say which of the binds it was.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(proxy_policy("http://127.0.0.1:9"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        binds = {"public": busy, "admin": "127.0.0.1:0"}
+        if role == "admin":
+            binds = {"public": "127.0.0.1:0", "admin": busy}
+        process = _launch(policy, "--bind", binds["public"], "--admin-bind", binds["admin"],
+                          "--workers", "0")
+        output, _ = await trio.to_thread.run_sync(process.communicate)
+    assert process.returncode == 1
+    assert f"Address already in use (bind {busy} ({role}))" in output, output
