@@ -187,6 +187,10 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
     if public_bind:
         config.bind = list(public_bind)
     admin = admin_bind or os.environ.get("GATEWAY_ADMIN_BIND") or loaded.policy.server.admin_bind
+    if admin.startswith(("unix:", "fd://")):
+        # Admin connections are told by the TCP address they arrive on.
+        raise HypercornConfigError(f"admin bind {admin!r}: the admin endpoints need a "
+                                   "host:port bind")
     public_count = len(config.bind)
     config.bind = [*config.bind, admin]
     raise_open_file_limit(loaded.policy.server.max_inflight * max(config.workers, 1) * 2 + 256)

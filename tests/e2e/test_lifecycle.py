@@ -211,3 +211,15 @@ async def test_a_busy_port_is_named_in_the_start_up_error(tmp_path: Path, role: 
         output, _ = await trio.to_thread.run_sync(process.communicate)
     assert process.returncode == 1
     assert f"Address already in use (bind {busy} ({role}))" in output, output
+
+
+async def test_an_admin_bind_on_a_unix_socket_is_refused_up_front(tmp_path: Path):
+    # It was announced as "http:///:t", then every worker crash-looped.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(proxy_policy("http://127.0.0.1:9"))
+    process = _launch(policy, "--bind", "127.0.0.1:0", "--admin-bind",
+                      f"unix:{tmp_path}/admin.sock", "--workers", "1")
+    output, _ = await trio.to_thread.run_sync(process.communicate)
+    assert process.returncode == 1
+    assert "the admin endpoints need a host:port bind" in output, output
+    assert "gateway: serving" not in output
