@@ -125,15 +125,17 @@ def _deadline_says_upstream_slow(ctx: RequestContext) -> bool:
     return not (ctx.deadline.source == "header" and trio.current_time() >= ctx.deadline.at)
 
 
-class _Plan:
-    """A retry decided when an attempt's retryable status arrived: the budget is spent
-    and the backoff drawn then, so that the answer is only discarded for a retry that
-    will be sent."""
+class _DecidedOnArrival:
+    """A ``Container`` whose ``status in`` it asks ``decide(status)`` when the answer
+    arrives (the protocol attempts speak: a set of statuses)."""
 
-    __slots__ = ("delay_s",)
+    __slots__ = ("decide",)
 
-    def __init__(self) -> None:
-        self.delay_s: float | None = None
+    def __init__(self, decide: Callable[[int], bool]) -> None:
+        self.decide = decide
+
+    def __contains__(self, status: object) -> bool:
+        return isinstance(status, int) and self.decide(status)
 
 
 async def _single_attempt(ctx: RequestContext, call: TracedScope, name: str,
@@ -177,33 +179,34 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     started = 0
     hedges = 0
     running = 0
-    plan = _Plan()
+    #: A retry decided (and paid) when an attempt's retryable status arrived.
+    planned_delay: float | None = None
 
     def time_for_a_try(delay_s: float) -> bool:
         """Is there time for ``delay_s`` and one more try, with the floor a first try has?"""
         remaining = call.deadline - trio.current_time() - margin
         return may_retry_within(remaining, per_try, delay_s, min_budget)
 
-    class RetryNow:
-        """``status in`` this: is an answer with ``status`` to be discarded for a retry?"""
+    def discard_for_retry(status: int) -> bool:
+        """Is an answer with ``status`` to be discarded for a retry? Decided when it
+        arrives, so that it is discarded only for a retry that will be sent."""
+        nonlocal planned_delay
+        if status not in retry_statuses:
+            return False
+        if running > 1 or claim.winner is not None:
+            return True  # another attempt may yet answer
+        if retry is None or started >= max_attempts:
+            return False
+        delay = backoff_delay(started, retry.backoff.low_s, retry.backoff.high_s, _rng)
+        if not time_for_a_try(delay):
+            return False
+        if not budget.try_spend(trio.current_time()):
+            refuse_retry()
+            return False
+        planned_delay = delay
+        return True
 
-        def __contains__(self, status: object) -> bool:
-            if status not in retry_statuses:
-                return False
-            if running > 1 or claim.winner is not None:
-                return True  # another attempt may yet answer
-            if retry is None or started >= max_attempts:
-                return False
-            delay = backoff_delay(started, retry.backoff.low_s, retry.backoff.high_s, _rng)
-            if not time_for_a_try(delay):
-                return False
-            if not budget.try_spend(trio.current_time()):
-                refuse_retry()
-                return False
-            plan.delay_s = delay
-            return True
-
-    retry_now = RetryNow()
+    retry_now = _DecidedOnArrival(discard_for_retry)
 
     async def attempt_task(number: int, slot: object | None,
                            task_status: trio.TaskStatus[TracedScope]) -> None:
@@ -344,8 +347,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                     or not is_retryable(method=method, outcome=reason, policy=retry,
                                         body_replayable=replayable)):
                 break
-            if plan.delay_s is not None:  # decided, and paid, when the status arrived
-                delay, plan.delay_s = plan.delay_s, None
+            if planned_delay is not None:  # decided, and paid, when the status arrived
+                delay, planned_delay = planned_delay, None
             else:
                 delay = backoff_delay(started, retry.backoff.low_s, retry.backoff.high_s,
                                       _rng)
