@@ -44,6 +44,17 @@ class ServedGateway:
         os.killpg(self.process.pid, signum)
 
 
+def stop_process(process: subprocess.Popen[str]) -> None:
+    """SIGINT to its process group, then SIGKILL past 15 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 @contextmanager
 def serve_process(policy: Path, *, workers: int = 1, config: Path | None = None,
                   env: dict[str, str] | None = None,
@@ -96,10 +107,4 @@ def serve_process(policy: Path, *, workers: int = 1, config: Path | None = None,
         sys.stderr.write("gateway output:\n" + "".join(output[-60:]))
         raise
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_process(process)

@@ -5,13 +5,15 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from tests.process_harness import serve_process
+from tests.process_harness import ROOT, serve_process, stop_process
 from tests.upstream import proxy_policy, start_upstream
 
 
@@ -25,36 +27,18 @@ async def _workers(served, count: int, gone: set[int], timeout_s: float = 30) ->
 
 
 def _free_port() -> int:
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _launch(policy: Path, *args: str):
-    import subprocess
-    import sys
-
-    from tests.process_harness import ROOT
-
+def _launch(policy: Path, *args: str) -> subprocess.Popen[str]:
     config = policy.parent / "hypercorn.toml"
     config.write_text('worker_class = "trio"\ngraceful_timeout = 5\n')
     return subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--config",
          str(config), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True)
-
-
-def _stop(process) -> None:
-    import subprocess
-
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 async def _get(url: str, deadline_s: float = 20) -> httpx.Response:
@@ -93,7 +77,7 @@ async def test_admin_endpoints_never_answer_on_the_public_bind_with_the_same_por
                 f"{public_metrics.text[:200]!r}")
             assert public_api.status_code == 200, (public_api.status_code, public_api.text)
         finally:
-            await trio.to_thread.run_sync(_stop, process)
+            await trio.to_thread.run_sync(stop_process, process)
         nursery.cancel_scope.cancel()
 
 
@@ -160,7 +144,7 @@ async def test_a_reload_asked_for_during_start_up_does_not_kill_a_single_process
                 f"(exit {process.poll()})")
             assert status == 200
         finally:
-            await trio.to_thread.run_sync(_stop, process)
+            await trio.to_thread.run_sync(stop_process, process)
         nursery.cancel_scope.cancel()
 
 
