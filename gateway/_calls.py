@@ -12,8 +12,8 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import AsyncIterator, Container, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Container, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ._attempts import Perform
     from ._request import RequestContext
     from ._runtime import UpstreamState
+    from .upstreams._postgres import PostgresUpstream
 
 log = logging.getLogger("gateway.calls")
 
@@ -43,22 +44,40 @@ log = logging.getLogger("gateway.calls")
 DEFAULT_PARSED_BODY_LIMIT = 4 * 1024 * 1024
 
 
+@contextmanager
+def call_span(ctx: RequestContext, parent: TracedScope, call_name: str,
+              state: UpstreamState, timeout_s: float | None,
+              **attrs: Any) -> Iterator[TracedScope]:
+    """The traced cancel scope of one call, its deadline nested in the request's: what
+    the call does before it takes a slot (binding its arguments) is traced too."""
+    deadline = call_deadline(trio.current_time(), ctx.deadline.at, timeout_s)
+    with traced_scope(ctx.trace, parent, "call", call_name, deadline=deadline,
+                      upstream=state.name, **attrs) as call:
+        yield call
+
+
+@asynccontextmanager
+async def capacity_slot(ctx: RequestContext, call: TracedScope, call_name: str,
+                        state: UpstreamState) -> AsyncIterator[None]:
+    """One of the upstream's capacity slots for ``call``, checked against its floor."""
+    now = trio.current_time()
+    _check_budget_floor(ctx, call, call_name, now)
+    # Queue wait counts against the deadline: wait no longer than would leave the
+    # call the floor it needs once it has a slot.
+    server = ctx.policy.server
+    max_wait = call.deadline - now - server.deadline_margin - server.min_call_budget
+    async with state.limiter.slot(max_wait):
+        _check_budget_floor(ctx, call, call_name, trio.current_time())  # after a wait
+        yield
+
+
 @asynccontextmanager
 async def upstream_call(ctx: RequestContext, parent: TracedScope, call_name: str,
                         state: UpstreamState, timeout_s: float | None,
                         **attrs: Any) -> AsyncIterator[TracedScope]:
     """A traced call scope holding one of the upstream's capacity slots."""
-    now = trio.current_time()
-    deadline = call_deadline(now, ctx.deadline.at, timeout_s)
-    with traced_scope(ctx.trace, parent, "call", call_name, deadline=deadline,
-                      upstream=state.name, **attrs) as call:
-        _check_budget_floor(ctx, call, call_name, now)
-        # Queue wait counts against the deadline: wait no longer than would leave the
-        # call the floor it needs once it has a slot.
-        server = ctx.policy.server
-        max_wait = call.deadline - now - server.deadline_margin - server.min_call_budget
-        async with state.limiter.slot(max_wait):
-            _check_budget_floor(ctx, call, call_name, trio.current_time())  # after a wait
+    with call_span(ctx, parent, call_name, state, timeout_s, **attrs) as call:
+        async with capacity_slot(ctx, call, call_name, state):
             yield call
 
 
@@ -219,15 +238,26 @@ async def bind_sql_args(ctx: RequestContext, args: Sequence[str]) -> list[Any]:
 async def sql_call(ctx: RequestContext, parent: TracedScope, name: str, call: FanoutCall,
                    state: UpstreamState, settings: CallSettings) -> Any:
     """Run a policy's SQL with bound arguments; rows (or one row) as JSON values."""
+    with call_span(ctx, parent, name, state, settings.timeout, protocol="sql") as scope:
+        postgres = state.postgres
+        if postgres is None:
+            raise UpstreamError(f"postgres upstream {state.name!r} is not running",
+                                upstream=state.name)
+        # Bound inside the call's span, before it takes a slot: a refused argument is
+        # the call's failure in the trace, and holds no capacity.
+        args = await bind_sql_args(ctx, call.args)
+        async with capacity_slot(ctx, scope, name, state):
+            return await _run_sql(ctx, scope, name, call, state, settings, postgres, args)
+
+
+async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: FanoutCall,
+                   state: UpstreamState, settings: CallSettings, postgres: PostgresUpstream,
+                   args: list[Any]) -> Any:
+    """The call's attempts, as reads while PostgreSQL agrees the statement only reads."""
     from ._attempts import AttemptResult, Claim, run_attempts
 
-    assert call.query is not None
-    postgres = state.postgres
-    if postgres is None:
-        raise UpstreamError(f"postgres upstream {state.name!r} is not running",
-                            upstream=state.name)
     query = call.query
-    args = await bind_sql_args(ctx, call.args)
+    assert query is not None
 
     def attempt_of(writes: bool) -> Perform[Any]:
         async def perform(attempt: TracedScope, claim: Claim,
@@ -250,22 +280,20 @@ async def sql_call(ctx: RequestContext, parent: TracedScope, name: str, call: Fa
                 raise
         return perform
 
-    async with upstream_call(ctx, parent, name, state, settings.timeout,
-                             protocol="sql") as scope:
-        # Retried and hedged like a GET only when the statement only reads, as its text
-        # tells and PostgreSQL confirms (reads run in read-only sessions); one that may
-        # write follows a POST's rules (retried only when nothing was sent).
-        if sql_reads_only(query) and query not in postgres.writing_statements:
-            try:
-                return await run_attempts(ctx, scope, state, settings, name=name,
-                                          method="GET", replayable=True,
-                                          perform=attempt_of(writes=False))
-            except StatementWrites:
-                if query not in postgres.writing_statements:
-                    postgres.writing_statements.add(query)
-                    log.warning("upstream %r: a statement that reads by its text wrote "
-                                   "(a function with side effects?); it now runs as a write, "
-                                   "never hedged or retried after a timeout: %s",
-                                   state.name, query)
-        return await run_attempts(ctx, scope, state, settings, name=name, method="POST",
-                                  replayable=True, perform=attempt_of(writes=True))
+    # Retried and hedged like a GET only when the statement only reads, as its text
+    # tells and PostgreSQL confirms (reads run in read-only sessions); one that may
+    # write follows a POST's rules (retried only when nothing was sent).
+    if sql_reads_only(query) and query not in postgres.writing_statements:
+        try:
+            return await run_attempts(ctx, scope, state, settings, name=name,
+                                      method="GET", replayable=True,
+                                      perform=attempt_of(writes=False))
+        except StatementWrites:
+            if query not in postgres.writing_statements:
+                postgres.writing_statements.add(query)
+                log.warning("upstream %r: a statement that reads by its text wrote "
+                            "(a function with side effects?); it now runs as a write, "
+                            "never hedged or retried after a timeout: %s",
+                            state.name, query)
+    return await run_attempts(ctx, scope, state, settings, name=name, method="POST",
+                              replayable=True, perform=attempt_of(writes=True))

@@ -194,3 +194,15 @@ async def test_a_down_database_is_not_described_to_clients(database):
             await trio.to_thread.run_sync(database.start)
         assert down.status_code == 502 and down.json()["cause"] == "upstream_connect"
         assert port not in down.text and "127.0.0.1" not in down.text, down.text
+
+
+async def test_a_call_refused_for_its_arguments_is_in_the_trace(database):
+    async with run_gateway(POLICY) as gw, gw.client() as client:
+        response = await client.post("/api/both", json={"a": 1, "b": "two"})
+        assert response.status_code == 400 and response.json()["call"] == "b", response.text
+        trace = await trace_of(gw, response.headers["x-request-id"])
+        calls = {span.name: span for span in trace.root.walk() if span.kind == "call"}
+        assert calls["b"].outcome == "error" and "'b'" in calls["b"].error, calls
+        assert not calls["b"].children  # refused before any attempt
+        # The sibling it stopped says why, naming it.
+        assert (calls["a"].outcome, calls["a"].cause) == ("cancelled", "sibling_failed")
