@@ -82,6 +82,7 @@ import trio_asyncio
 from .._errors import (
     BadRequest,
     GatewayError,
+    InternalError,
     StatementWrites,
     UpstreamConnectError,
     UpstreamError,
@@ -263,7 +264,19 @@ def to_json(value: object) -> JSON:
 
 
 def _row(record: asyncpg.Record) -> Row:
-    return {key: to_json(item) for key, item in record.items()}
+    row = {key: to_json(item) for key, item in record.items()}
+    if len(row) != len(record):
+        raise _duplicate_columns(list(record.keys()))
+    return row
+
+
+def _duplicate_columns(names: list[str]) -> InternalError:
+    """Two columns of one name (``SELECT u.id, o.id``) would leave one value in the JSON
+    object: the statement is refused instead of answering with a value missing."""
+    twice = sorted({name for name in names if names.count(name) > 1})
+    return InternalError(
+        "the statement's result names column " + ", ".join(repr(n) for n in twice)
+        + " more than once; give each column its own name in the policy (AS)")
 
 
 # --------------------------------------------------------------------------------------

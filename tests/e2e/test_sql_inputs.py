@@ -68,6 +68,9 @@ routes:
   - path: /api/long
     deadline: 10s
     sql: {upstream: db, query: "SELECT pg_sleep(5) AS slept"}
+  - path: /api/pairs
+    deadline: 2s
+    sql: {upstream: db, query: "SELECT 1 AS id, 2 AS id, 3 AS n"}
   - path: /api/types
     sql:
       upstream: db
@@ -206,3 +209,15 @@ async def test_a_call_refused_for_its_arguments_is_in_the_trace(database):
         assert not calls["b"].children  # refused before any attempt
         # The sibling it stopped says why, naming it.
         assert (calls["a"].outcome, calls["a"].cause) == ("cancelled", "sibling_failed")
+
+
+async def test_columns_of_one_name_are_refused_not_merged(database):
+    async with run_gateway(POLICY) as gw, gw.client() as client:
+        response = await client.get("/api/pairs")
+        # Answered as {"id": 2, "n": 3}, the first id was lost without a word.
+        assert response.status_code == 500, response.text
+        body = response.json()
+        assert body["cause"] == "internal" and "'id'" in body["error"], body
+        trace = await trace_of(gw, response.headers["x-request-id"])
+        assert trace.status == 500 and trace.cause == "internal"
+        assert (await client.get("/api/scores/7")).status_code == 200
