@@ -19,6 +19,7 @@ import trio
 
 from . import _hypercorn_fixes
 from ._errors import NotFound
+from ._expect_continue import continue_on_first_receive
 from ._fanout import fanout
 from ._gc import run_full_collections
 from ._metrics import METRICS, refresh_gauges
@@ -103,6 +104,7 @@ class Gateway:
             server = scope.get("server")
             if server is not None and (server[1] in self.admin_ports or
                                        (server[0], server[1]) in self.admin_addresses):
+                receive = continue_on_first_receive(cast(Any, scope), receive)
                 await self.admin(cast(Any, scope), cast(Any, receive), cast(Any, send))
                 return
             await handle_request(self.runtime, scope, receive, send, dispatch)

@@ -39,6 +39,9 @@ Races:
 * A request Hypercorn's HTTP/1.1 parser refuses (no Host, a bad method or header line,
   a bad Content-Length or chunk size) was answered with an empty 400; it now gets the
   gateway's JSON error body and a request id, as every other bad request does.
+* ``100 Continue`` went out as soon as a request's head was parsed, so a client
+  uploading to a request the gateway refuses on its head (413, 404, 503) sent its body
+  anyway; it is now sent when the app first reads the body (:mod:`gateway._expect_continue`).
 * Anything but ``OSError`` a connection raised ended the worker (``TCPServer.run``);
   it now ends that connection only, and is logged.
 * A cancelled task's write was dropped once it had left the protocol's state machine:
@@ -114,6 +117,7 @@ from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
 from priority.priority import PriorityError, TooManyStreamsError
 
+from gateway import _expect_continue
 from gateway._h2_flow import (
     H2Inbox,
     H2Put,
@@ -419,6 +423,7 @@ def apply() -> None:
     TCPServer.protocol_send = protocol_send_bounded  # type: ignore[method-assign]
     if os.environ.get("GATEWAY_WORKER") != "stock":
         _apply_cost_changes()
+    _expect_continue.apply()
 
     original_close: Callable[[Any], Awaitable[None]] = TCPServer._close
 

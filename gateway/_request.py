@@ -30,6 +30,7 @@ from ._errors import (
     Shed,
     collapse_group,
 )
+from ._expect_continue import CONTINUE_EXTENSION, SendContinue
 from ._guards import BodyFraming, check_request_head
 from ._headers import request_id_from
 from ._hypercorn_fixes import DISCONNECT_EXTENSION
@@ -75,8 +76,10 @@ class RequestBody:
     """
 
     def __init__(self, receiver: trio.MemoryReceiveChannel[bytes] | None, limit: int,
-                 framing: BodyFraming, timeout_s: float) -> None:
+                 framing: BodyFraming, timeout_s: float,
+                 send_continue: SendContinue | None = None) -> None:
         self._receiver = receiver
+        self._send_continue = send_continue
         self._limit = limit
         self._deadline = trio.current_time() + timeout_s
         self.announced = framing.announced
@@ -86,6 +89,9 @@ class RequestBody:
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self._receiver is None:  # a request without a body
             return
+        if self._send_continue is not None:  # the client waits to be asked for it
+            send_continue, self._send_continue = self._send_continue, None
+            await send_continue()
         while True:
             with trio.move_on_at(self._deadline) as waited:
                 try:
@@ -296,7 +302,8 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
             # the handler is not reading (waiting for an upstream slot, say) the relay
             # goes on taking the client's messages, so a disconnect is still seen.
             sender, receiver = trio.open_memory_channel[bytes](RELAY_CHUNKS)
-            body = RequestBody(receiver, limit, framing, server.limits.body_timeout)
+            body = RequestBody(receiver, limit, framing, server.limits.body_timeout,
+                               scope.get("extensions", {}).get(CONTINUE_EXTENSION))
         context = RequestContext(runtime, snapshot, scope, send, trace, request_id, match,
                                  deadline, body)
         with traced_scope(trace, None, "request", match.route.path, deadline=deadline.at,

@@ -44,6 +44,8 @@ class RawResponse:
     ending: Ending = "complete"
     framing: Literal["length", "chunked", "close", "none"] = "none"
     raw_head: bytes = b""
+    #: Statuses of the interim (1xx) answers that came before this one.
+    interim: list[int] = field(default_factory=list)
 
     def header(self, name: str) -> bytes | None:
         wanted = name.lower().encode()
@@ -129,6 +131,14 @@ class RawConnection:
         del self.buffer[:count]
         return out
 
+    async def read_head(self, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> RawResponse | None:
+        """The next response head alone, interim (1xx) ones included; None on close or
+        when none came within the timeout."""
+        with trio.move_on_after(timeout_s):
+            head = await self._read_until(b"\r\n\r\n", 1024 * 1024)
+            return None if head is None else _parse_head(head)
+        return None
+
     async def read_response(self, *, method: str = "GET", max_body: int = 64 * 1024 * 1024,
                             timeout_s: float = DEFAULT_TIMEOUT_S) -> RawResponse | None:
         """The next response, or None when the connection closed before any byte of it.
@@ -138,6 +148,7 @@ class RawConnection:
         ``ending="limit"`` (for endless bodies).
         """
         response: RawResponse | None = None
+        interim: list[int] = []
         with trio.move_on_after(timeout_s):
             while True:
                 head = await self._read_until(b"\r\n\r\n", 1024 * 1024)
@@ -147,7 +158,9 @@ class RawConnection:
                     return None
                 response = _parse_head(head)
                 if not 100 <= response.status < 200:
+                    response.interim = interim
                     break
+                interim.append(response.status)
             await self._read_body(response, method, max_body)
             return response
         if response is None:
