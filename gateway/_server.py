@@ -169,6 +169,15 @@ def _failing_bind(binds: list[str], public_count: int) -> str:
     return "bind " + ", ".join(binds)
 
 
+def close_listening(sockets: Sockets) -> None:
+    """Close the master's copies of the listening sockets. A worker closes its own as
+    it begins to drain (trio's ``serve_listeners`` does); once the master has too, new
+    connections are refused at once (a proxy in front tries another instance) instead
+    of waiting in the backlog until the drain ends and being reset then."""
+    for sock in [*sockets.insecure_sockets, *sockets.secure_sockets]:
+        sock.close()
+
+
 def bound_ports(sockets: Sockets) -> list[tuple[str, int]]:
     return [sock.getsockname()[:2] for sock in sockets.insecure_sockets]
 
@@ -240,7 +249,8 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
                                     drain_timeout, policy_file, config.graceful_timeout,
                                     loaded.policy.server.send_timeout),
                                 on_worker_exit=forget_worker,
-                                on_workers_changed=worker_list_recorder(run_dir))
+                                on_workers_changed=worker_list_recorder(run_dir),
+                                on_stop=functools.partial(close_listening, sockets))
         supervisor.take_signals()
     if supervisor is None:
         # As in a worker: a reload asked for before the app listens for SIGHUP (its
@@ -260,8 +270,7 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
         for directory in (run_dir, policy_dir):
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
-        for sock in [*sockets.insecure_sockets, *sockets.secure_sockets]:
-            sock.close()
+        close_listening(sockets)
 
 
 def serve_in_process(config: Config, sockets: Sockets) -> int:

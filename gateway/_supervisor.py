@@ -58,19 +58,22 @@ class Supervisor:
     its in-flight requests and exits; a worker still running ``drain_timeout_s`` later
     (a number, or a function asked at the stop),
     or any worker once a second stop signal comes, is killed. SIGHUP is forwarded to
-    the workers, which reload their policy themselves.
+    the workers, which reload their policy themselves. ``on_stop`` is called once the
+    workers have been told to stop (the master closes its listening sockets there).
     """
 
     def __init__(self, count: int, target: Callable[..., None], kwargs: Mapping[str, Any],
                  *, drain_timeout_s: float | Callable[[], float] = 60.0,
                  on_worker_exit: Callable[[int], None] | None = None,
-                 on_workers_changed: Callable[[list[int]], None] | None = None) -> None:
+                 on_workers_changed: Callable[[list[int]], None] | None = None,
+                 on_stop: Callable[[], None] | None = None) -> None:
         self._count = count
         self._target = target
         self._kwargs = dict(kwargs)
         self._drain_timeout_s = drain_timeout_s
         self._on_worker_exit = on_worker_exit
         self._on_workers_changed = on_workers_changed
+        self._on_stop = on_stop
         self._context = multiprocessing.get_context("spawn")
         self._shutdown_event = self._context.Event()
         self._workers: list[BaseProcess] = []
@@ -99,6 +102,8 @@ class Supervisor:
             code = self._watch()
         finally:
             self._shutdown_event.set()
+            if self._on_stop is not None:
+                self._on_stop()
             if not self._join_all():
                 code = 1
             if self._stop_signals > 1:

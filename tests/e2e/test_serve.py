@@ -71,3 +71,42 @@ async def test_sigterm_with_two_workers_drains_in_flight_requests(tmp_path: Path
             assert upstream.cancelled == []
             assert code == 0, "".join(served.output)
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_draining_gateway_refuses_new_connections_at_once(tmp_path: Path, workers: int):
+    """A connection made during the drain waited in the listen backlog until the last
+    process exited, and was reset then; a proxy in front waited for nothing. It is
+    refused at once, so the proxy can try another instance, while in-flight requests
+    finish."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url))
+        with serve_process(policy, workers=workers) as served:
+            host, port = served.url.removeprefix("http://").rsplit(":", 1)
+            async with httpx.AsyncClient(base_url=served.url, timeout=20) as client:
+                assert (await client.get("/api/users/1")).status_code == 200
+                results: list[int] = []
+
+                async def slow() -> None:
+                    results.append((await client.get("/api/slow?ms=3500")).status_code)
+
+                async with trio.open_nursery() as clients:
+                    clients.start_soon(slow)
+                    await upstream.wait_requests(2)
+                    served.signal_master(signal.SIGTERM)
+                    # Well before the in-flight request ends, connecting is refused.
+                    with trio.fail_after(2.5):
+                        while True:
+                            try:
+                                stream = await trio.open_tcp_stream(host, int(port))
+                            except OSError:
+                                break
+                            await stream.aclose()
+                            await trio.sleep(0.05)
+                    assert results == []
+                code = await trio.to_thread.run_sync(served.process.wait, 20)
+            assert results == [200]
+            assert code == 0, "".join(served.output)
+        nursery.cancel_scope.cancel()
