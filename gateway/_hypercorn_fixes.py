@@ -77,7 +77,8 @@ variable ``GATEWAY_WORKER=stock`` leaves them out, for that comparison):
 * Each message Hypercorn hands an app (the end of the request body, the disconnect)
   went through ``MemorySendChannel.send``, a scheduler pass even when the channel has
   room. It is put without waiting when it can be, and only waits when the app's queue
-  is full.
+  is full. While it waits, the connection is not read, so a client that resets it is
+  looked for in the kernel's socket state instead (:func:`_send_watching_peer`).
 * Every response's ``Date`` header was formatted anew (``wsgiref``'s
   ``format_date_time``, about 1 % of the worker's CPU at 64 connections); it is
   formatted once a second (:func:`http_date`).
@@ -85,11 +86,13 @@ variable ``GATEWAY_WORKER=stock`` leaves them out, for that comparison):
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import math
 import os
 import secrets
+import select
 import time
 import types
 from collections import deque
@@ -312,6 +315,41 @@ class IdleTimer:
             await self._server._initiate_server_close()
 
 
+#: The connection (``TCPServer``) whose task this is: its reader puts the body to the app.
+_connection: contextvars.ContextVar[Any] = contextvars.ContextVar("gateway_connection")
+#: How often a read stalled behind an app not reading its body looks for the client's reset.
+PEER_CHECK_S = 0.25
+_PEER_GONE = select.POLLERR | select.POLLHUP | select.POLLRDHUP
+
+
+async def _send_watching_peer(to_app: trio.MemorySendChannel[Any], message: Any) -> None:
+    """Put a body message to an app whose queue is full, and meanwhile look for the
+    client's reset: the connection is not read while its app is not reading the body
+    (waiting for an upstream slot, or relaying to a slow upstream), so a client that
+    gave up on a large upload would not be seen before ``body_timeout`` or the deadline.
+    The kernel reports the reset (or the end of the client's sending) without the
+    socket being read; the connection is then closed, which cancels the request."""
+    server = _connection.get(None)
+    sock = getattr(getattr(getattr(server, "stream", None), "socket", None), "_sock", None)
+    if sock is None:  # TLS, or not a connection of ours: wait as before
+        await to_app.send(message)
+        return
+    poller = select.poll()
+    poller.register(sock.fileno(), _PEER_GONE)
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            # No event to wait for: the socket is readable all along (the unread body).
+            while not poller.poll(0):  # noqa: ASYNC110
+                await trio.sleep(PEER_CHECK_S)
+            await server.protocol.handle(Closed())  # the request sees its client leave
+            nursery.cancel_scope.cancel(reason="client gone while its body waited")
+
+        nursery.start_soon(watch)
+        await to_app.send(message)
+        nursery.cancel_scope.cancel(reason="body put")
+
+
 def _direct_send(server: Any, data: bytes) -> int | None:
     """Bytes of ``data`` the kernel took at once, or None when the socket is gone."""
     sock = getattr(server.stream, "socket", None)
@@ -458,6 +496,7 @@ def apply() -> None:
         # error of h2's, h11's or the priority tree's no one foresaw) went up through
         # serve_listeners and ended the worker, with every connection on it. It now
         # ends that connection (already closed by ``run``'s own ``finally``).
+        _connection.set(self)  # for a read stalled behind an app not reading its body
         try:
             await original_run(self)
         except Exception:
@@ -722,7 +761,7 @@ def _apply_cost_changes() -> None:
                 to_app.send_nowait(message)
             except trio.WouldBlock:
                 if message.get("type") != "http.disconnect":
-                    await to_app.send(message)
+                    await _send_watching_peer(to_app, message)
                     return
                 # The stream closed while the app was not reading its body (an upstream
                 # that does not read it, a request that ended early). This put may come

@@ -10,6 +10,7 @@ from functools import partial
 import trio
 import trio.testing
 
+from tests.gateway_harness import traces_with
 from tests.hostile import POLICY, closed_port, policy_for, stage
 from tests.hostile.rawclient import connect
 from tests.upstream import start_upstream
@@ -85,6 +86,46 @@ async def test_a_client_leaving_while_its_request_waits_for_a_slot_is_cancelled(
                     conn.abort()
                 await wait_until(lambda: runtime.gate.in_flight == 1)  # cancelled, queued
                 assert s.pool_statistics().waiting == 0
+                hold.abort()
+            await wait_until(lambda: runtime.gate.in_flight == 0)
+            assert [r.target for r in upstream.requests] == ["/stall"]  # never sent
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_resetting_a_large_upload_that_waits_for_a_slot_is_cancelled():
+    """With more body queued than the worker buffers, the connection is no longer read
+    while the request waits; the client's reset is seen all the same, not only at
+    ``body_timeout`` (a minute here)."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = policy_for(upstream.url).replace(
+            f'up: {{url: "{upstream.url}"}}',
+            f'up: {{url: "{upstream.url}", pool: {{max_connections: 1}}}}').replace(
+            "body_timeout: 1s", "body_timeout: 60s").replace("max_body: 256KiB", "max_body: 1GiB")
+        async with stage(policy) as s:
+            runtime = s.gw.gateway.runtime
+            async with connect(s.port) as hold:
+                await hold.send(b"GET /api/long/stall HTTP/1.1\r\nHost: g\r\n\r\n")
+                await upstream.wait_requests(1)  # the pool's one connection is taken
+                async with connect(s.port) as conn:
+                    await conn.send(b"POST /api/long/echo HTTP/1.1\r\nHost: g\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n")
+
+                    async def pump() -> None:
+                        while await conn.try_send(CHUNK):
+                            pass
+
+                    async with trio.open_nursery() as uploading:
+                        uploading.start_soon(pump)
+                        # Every buffer is full: the client's, the kernel's, the worker's.
+                        await trio.testing.wait_all_tasks_blocked()
+                        uploading.cancel_scope.cancel()
+                    assert s.pool_statistics().waiting == 1
+                    conn.abort()
+                await wait_until(lambda: runtime.gate.in_flight == 1)  # cancelled, queued
+                assert s.pool_statistics().waiting == 0
+                (trace,) = await traces_with(s.gw, route="/api/long/{rest*}")
+                assert (trace.method, trace.cause) == ("POST", "client_disconnect")
                 hold.abort()
             await wait_until(lambda: runtime.gate.in_flight == 0)
             assert [r.target for r in upstream.requests] == ["/stall"]  # never sent
