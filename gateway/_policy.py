@@ -10,6 +10,7 @@ field so the loader can point at the line.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from pydantic import (
 )
 
 from ._units import Duration, DurationRange, DurationSpan, Percent
+from .upstreams._tls import client_context
 
 PolicyPath = tuple[str | int, ...]
 
@@ -264,10 +266,39 @@ class PostgresPolicy(_Model):
         "gateway's end is still there, and stops the query if not (PostgreSQL 14+; 0 off).")
 
 
+class TlsPolicy(_Model):
+    """TLS to an ``https://`` upstream; the server's certificate is always verified."""
+
+    ca_file: str | None = Field(None, description="PEM file of the CAs to trust instead of "
+                                "the system's (an absolute path).")
+    server_name: str | None = Field(None, description="Name sent as SNI and checked in the "
+                                    "server's certificate; the URL's host by default.")
+    cert_file: str | None = Field(None, description="PEM client certificate (chain) for "
+                                  "upstreams that ask for one (mutual TLS).")
+    key_file: str | None = Field(None, description="PEM private key of cert_file, unless "
+                                 "cert_file holds it.")
+
+    @model_validator(mode="after")
+    def _usable(self) -> TlsPolicy:
+        for field in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, field)
+            if path is not None and not os.path.isabs(path):
+                raise ValueError(f"{field} {path!r}: give an absolute path")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        if self.server_name is not None and not re.fullmatch(r"[A-Za-z0-9._-]+",
+                                                              self.server_name):
+            raise ValueError(f"server_name {self.server_name!r} is not an ASCII host name")
+        # Built (its files read) here, so that a policy that passes ``check`` also starts.
+        client_context(ca_file=self.ca_file, cert_file=self.cert_file, key_file=self.key_file)
+        return self
+
+
 class UpstreamPolicy(_Model):
     """An HTTP upstream (``url``) or a PostgreSQL one (``postgres``)."""
 
-    url: str | None = Field(None, description="http://host:port[/prefix]")
+    url: str | None = Field(None, description="http://host:port[/prefix] or https://…")
+    tls: TlsPolicy | None = None
     postgres: PostgresPolicy | None = None
     pool: PoolPolicy = PoolPolicy()
     limit: LimitPolicy = LimitPolicy()
@@ -279,8 +310,9 @@ class UpstreamPolicy(_Model):
     def _url(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        if not re.match(r"^http://[^/\s:@?#]+(:\d{1,5})?(/[^\s?#]*)?$", value):
-            raise ValueError(f"{value!r} is not an http:// URL with host[:port][/prefix]")
+        if not re.match(r"^https?://[^/\s:@?#]+(:\d{1,5})?(/[^\s?#]*)?$", value):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with "
+                             "host[:port][/prefix]")
         prefix = urlsplit(value).path
         if unsendable := _unsendable(prefix):
             raise ValueError(f"{value!r}: the path prefix holds {unsendable!r}, which a "
@@ -297,6 +329,14 @@ class UpstreamPolicy(_Model):
         if port == 0:
             raise ValueError(f"{value!r}: port 0 cannot be connected to")
         return value.rstrip("/")
+
+    @field_validator("tls")
+    @classmethod
+    def _tls_for_https(cls, value: TlsPolicy | None, info: ValidationInfo) -> TlsPolicy | None:
+        url = info.data.get("url")
+        if value is not None and not (url or "").startswith("https://"):
+            raise ValueError("'tls' is for an https:// url")
+        return value
 
     @model_validator(mode="after")
     def _kind(self) -> UpstreamPolicy:

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import trio
 
@@ -37,6 +38,7 @@ from ._retries import RetryBudget
 from ._routing import RouteTable
 from ._trace import TraceBuffer
 from .upstreams._http import HttpUpstreamPool, PoolLimits
+from .upstreams._tls import UpstreamTls, client_context
 
 if TYPE_CHECKING:
     from ._policy_loader import LoadedPolicy
@@ -72,6 +74,19 @@ def _connection_identity(policy: Policy, upstream: UpstreamPolicy) -> tuple[Any,
     """What, when changed, needs a new pool (limits alone are resized in place)."""
     header_limit = policy.server.limits.max_upstream_header_bytes if upstream.url else None
     return (upstream.url, upstream.pool, upstream.postgres, header_limit)
+
+
+def _upstream_tls(definition: UpstreamPolicy) -> UpstreamTls | None:
+    """The TLS context of an https:// upstream (the policy's files read once, here)."""
+    assert definition.url is not None
+    if not definition.url.startswith("https://"):
+        return None
+    tls = definition.tls
+    host = urlsplit(definition.url).hostname or ""
+    if tls is None:
+        return UpstreamTls(client_context(), host)
+    return UpstreamTls(client_context(ca_file=tls.ca_file, cert_file=tls.cert_file,
+                                      key_file=tls.key_file), tls.server_name or host)
 
 
 def _same_service(old: UpstreamPolicy, new: UpstreamPolicy) -> bool:
@@ -166,7 +181,8 @@ class Runtime:
                                                    on_transition=METRICS.breaker_transition)
             if definition.url is not None:
                 state.pool = HttpUpstreamPool(name, definition.url,
-                                              _pool_limits(policy, definition))
+                                              _pool_limits(policy, definition),
+                                              tls=_upstream_tls(definition))
             upstreams[name] = state
         routes = RouteTable(policy.routes)
         return Snapshot(loaded, routes, upstreams, pending=kept,

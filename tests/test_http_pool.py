@@ -23,6 +23,7 @@ from gateway._errors import (
     UpstreamResetError,
 )
 from gateway.upstreams import HttpUpstreamPool, PoolLimits, PoolStatistics, UpstreamResponse
+from gateway.upstreams._tls import UpstreamTls, client_context
 
 SAFETY_S = 10.0  # bounds a wait that should end at once; a hang fails instead of blocking CI
 
@@ -241,8 +242,8 @@ async def test_prefix_host_header_and_response_fields(nursery):
 
 
 def test_base_url_and_limits_are_validated():
-    with pytest.raises(ValueError, match="https is not supported"):
-        HttpUpstreamPool("u", "https://127.0.0.1:9001")
+    with pytest.raises(ValueError, match="TLS settings for an http:// URL"):
+        HttpUpstreamPool("u", "http://127.0.0.1:9001", tls=UpstreamTls(client_context(), "u"))
     with pytest.raises(ValueError, match="http://"):
         HttpUpstreamPool("u", "ftp://127.0.0.1")
     with pytest.raises(ValueError, match="no host"):

@@ -90,6 +90,7 @@ import json
 import random
 import re
 import socket
+import ssl
 import struct
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -184,9 +185,12 @@ Behaviour = Callable[[SeenRequest, "Responder"], Awaitable[None]]
 class Upstream:
     """The server's records and controls; build one with ``start_upstream``."""
 
-    def __init__(self, behaviour: Behaviour | None = None, *, host: str = "127.0.0.1") -> None:
+    def __init__(self, behaviour: Behaviour | None = None, *, host: str = "127.0.0.1",
+                 tls: ssl.SSLContext | None = None) -> None:
         self.behaviour = behaviour
         self.host = host
+        self.tls = tls
+        """A server context: the upstream speaks HTTPS (``url`` says so)."""
         self.port = 0
         self.requests: list[SeenRequest] = []
         self.cancelled: list[CancelledRequest] = []
@@ -194,6 +198,7 @@ class Upstream:
         self.connections_opened = 0
         self.connections_closed = 0
         self.open_connections = 0
+        self.tls_failures: list[BaseException] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self._changed = trio.Event()
@@ -203,7 +208,7 @@ class Upstream:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def __repr__(self) -> str:
         return (
@@ -304,6 +309,14 @@ class Upstream:
             await trio.serve_listeners(self._handle, listeners)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        if self.tls is not None:
+            stream = trio.SSLStream(stream, self.tls, server_side=True)  # type: ignore[assignment]
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as error:
+                self.tls_failures.append(error)
+                await trio.aclose_forcefully(stream)
+                return
         self._connection_ids += 1
         self.connections_opened += 1
         self.open_connections += 1
@@ -401,9 +414,11 @@ routes:
 """
 
 
-async def start_upstream(nursery: trio.Nursery, *, behaviour: Behaviour | None = None) -> Upstream:
-    """Listen on 127.0.0.1 on a free port and serve inside ``nursery`` until it ends."""
-    upstream = Upstream(behaviour)
+async def start_upstream(nursery: trio.Nursery, *, behaviour: Behaviour | None = None,
+                         tls: ssl.SSLContext | None = None) -> Upstream:
+    """Listen on 127.0.0.1 on a free port and serve inside ``nursery`` until it ends
+    (over TLS with ``tls``, a server context)."""
+    upstream = Upstream(behaviour, tls=tls)
     await nursery.start(upstream._serve)
     return upstream
 

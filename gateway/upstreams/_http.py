@@ -40,6 +40,7 @@ from .._errors import (
     UpstreamProtocolError,
     UpstreamResetError,
 )
+from ._tls import UpstreamTls, client_context
 
 __all__ = ["HttpUpstreamPool", "PoolLimits", "PoolStatistics", "UpstreamResponse"]
 
@@ -161,6 +162,12 @@ class _MapExceptions:
                 return UpstreamConnectError(
                     f"connect to upstream {upstream!r} timed out", upstream=upstream
                 )
+            if isinstance(exc, trio.BrokenResourceError):  # the TLS handshake failed
+                reason = exc.__cause__ if exc.__cause__ is not None else exc
+                return UpstreamConnectError(
+                    f"TLS handshake with upstream {upstream!r} failed: {reason}",
+                    upstream=upstream,
+                )
             if isinstance(exc, OSError):
                 return UpstreamConnectError(
                     f"cannot connect to upstream {upstream!r}: {exc}", upstream=upstream
@@ -177,9 +184,11 @@ class _Connection:
 
     __slots__ = ("eof", "errors", "h11", "idle_since", "received", "reused", "socket", "stream")
 
-    def __init__(self, upstream: str, stream: trio.SocketStream, max_header_bytes: int) -> None:
+    def __init__(self, upstream: str, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+                 max_header_bytes: int) -> None:
         self.stream = stream
-        self.socket = stream.socket
+        self.socket = (stream.transport_stream.socket if isinstance(stream, trio.SSLStream)
+                       else stream.socket)
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
         self.errors = _MapExceptions(upstream, self)
         self.idle_since = 0.0
@@ -202,7 +211,7 @@ class _Connection:
             self.received = True
         else:
             self.eof = True
-        self.h11.receive_data(data)
+        self.h11.receive_data(data)  # type: ignore[arg-type]  # TLS gives a bytearray
 
     def peer_gone(self) -> bool:
         """True when an idle socket is readable: EOF (or stray bytes) is pending on it.
@@ -355,16 +364,19 @@ class _Upload:
 class HttpUpstreamPool:
     """HTTP/1.1 keep-alive connections to one upstream, bounded and queued.
 
-    ``base_url`` is ``http://host:port`` with an optional path prefix that is prepended
-    to every target. Only ``http://`` is supported.
+    ``base_url`` is ``http://host:port`` or ``https://host:port`` with an optional path
+    prefix that is prepended to every target. ``https://`` connects with ``tls`` (a
+    verifying context for the URL's host unless given).
     """
 
-    def __init__(self, name: str, base_url: str, limits: PoolLimits = _DEFAULT_LIMITS) -> None:
+    def __init__(self, name: str, base_url: str, limits: PoolLimits = _DEFAULT_LIMITS,
+                 *, tls: UpstreamTls | None = None) -> None:
         parts = urlsplit(base_url)
-        if parts.scheme == "https":
-            raise ValueError(f"upstream {name!r}: https is not supported yet ({base_url!r})")
-        if parts.scheme != "http":
-            raise ValueError(f"upstream {name!r}: base_url must start with http:// ({base_url!r})")
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"upstream {name!r}: base_url must start with http:// or "
+                             f"https:// ({base_url!r})")
+        if tls is not None and parts.scheme != "https":
+            raise ValueError(f"upstream {name!r}: TLS settings for an http:// URL ({base_url!r})")
         if not parts.hostname:
             raise ValueError(f"upstream {name!r}: base_url has no host ({base_url!r})")
         if parts.query or parts.fragment or parts.username or parts.password:
@@ -376,7 +388,10 @@ class HttpUpstreamPool:
         self.base_url = base_url
         self.limits = limits
         self._host = parts.hostname
-        self._port = parts.port or 80
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        if parts.scheme == "https" and tls is None:
+            tls = UpstreamTls(client_context(), parts.hostname)
+        self._tls = tls
         self._host_header = parts.netloc.encode("ascii")
         self._prefix = parts.path.rstrip("/")
         self._max_connections = limits.max_connections
@@ -713,15 +728,28 @@ class HttpUpstreamPool:
 
     async def _open(self) -> _Connection:
         """Connect in a slot already counted in ``_total``; give it back on failure."""
+        tls = self._tls
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
         try:
+            # The TLS handshake is part of connecting: within the same bound, and a
+            # failure of it is a connect failure (nothing of the request was sent).
             with self._connect_errors, trio.fail_after(self.limits.connect_timeout_s):
-                stream = await trio.open_tcp_stream(self._host, self._port)
+                tcp = await trio.open_tcp_stream(self._host, self._port)
+                stream = tcp
+                if tls is not None:
+                    stream = trio.SSLStream(tcp, tls.context, server_hostname=tls.server_name,
+                                            https_compatible=True)
+                    try:
+                        await stream.do_handshake()
+                    except BaseException:
+                        tcp.socket.close()
+                        raise
         except BaseException:
             self._free_slot()
             raise
         # trio sets TCP_NODELAY on TCP streams already; this states the intent.
         with suppress(OSError):
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         self._opened_total += 1
         conn = _Connection(self.name, stream, self.limits.max_response_header_bytes)
         conn.begin(reused=False)

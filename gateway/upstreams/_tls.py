@@ -1,0 +1,52 @@
+"""TLS to an ``https://`` upstream: one client context per upstream, built when the
+policy is loaded (the files it names are read then, never per request).
+
+The server's certificate is always verified, against the system's trusted CAs or the
+policy's ``ca_file``, and its name checked against ``server_name`` (the URL's host by
+default, also sent as SNI). ``cert_file`` and ``key_file`` present a client certificate
+to upstreams that ask for one (mutual TLS).
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+__all__ = ["UpstreamTls", "client_context"]
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """How to reach one upstream over TLS."""
+
+    context: ssl.SSLContext
+    server_name: str
+
+
+def client_context(*, ca_file: str | None = None, cert_file: str | None = None,
+                   key_file: str | None = None) -> ssl.SSLContext:
+    """A verifying client context (TLS 1.2 and later, HTTP/1.1 by ALPN).
+
+    Raises ``ValueError`` naming the file that cannot be used.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"ca_file {ca_file!r}: {_reason(error)}") from None
+    if cert_file is not None:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"cert_file {cert_file!r} / key_file {key_file!r}: "
+                             f"{_reason(error)}") from None
+    return context
+
+
+def _reason(error: OSError | ssl.SSLError) -> str:
+    if isinstance(error, ssl.SSLError):
+        return f"not usable PEM ({error.reason or error})"
+    return error.strerror or str(error)
