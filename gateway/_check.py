@@ -143,11 +143,12 @@ def explain_route(loaded: LoadedPolicy, route_path: str) -> str:
         indent = "      " if name else "  "
         if name:
             lines.append(f"    {name}:")
-        lines.extend(indent + line for line in _explain_call(policy, call))
+        lines.extend(indent + line for line in _explain_call(policy, call, route.methods))
     return "\n".join(lines) + "\n"
 
 
-def _explain_call(policy: Policy, call: ProxyAction | FanoutCall) -> list[str]:
+def _explain_call(policy: Policy, call: ProxyAction | FanoutCall,
+                  route_methods: tuple[str, ...] | None = None) -> list[str]:
     upstream = policy.upstreams[call.upstream]
     target = upstream.url if upstream.url is not None else "postgres"
     lines = [f"upstream: {call.upstream}  # {target}"]
@@ -167,13 +168,24 @@ def _explain_call(policy: Policy, call: ProxyAction | FanoutCall) -> list[str]:
         lines.append(f"timeout: {format_duration(resolved.timeout)}  # {origin('timeout')}")
     # A call that may write runs as a POST: never hedged, retried only when nothing was
     # sent (a connect failure), unless its retries opt in with non_idempotent.
-    writes = (not sql_reads_only(call.query) if call.query is not None
-              else call.method not in IDEMPOTENT_METHODS) if isinstance(
-                  call, FanoutCall) else False
+    # A proxy call takes the request's method: it writes when the route takes only
+    # methods that may write, and is hedged for some methods only when it takes both.
+    writing_methods = (sorted(set(route_methods) - IDEMPOTENT_METHODS)
+                       if route_methods is not None else ["PATCH", "POST"])
+    if isinstance(call, FanoutCall):
+        writes = (not sql_reads_only(call.query) if call.query is not None
+                  else call.method not in IDEMPOTENT_METHODS)
+    else:
+        writes = route_methods is not None and not set(route_methods) & IDEMPOTENT_METHODS
+    only_some = isinstance(call, ProxyAction) and not writes and bool(writing_methods)
     retry_lines = _explain_retries(resolved.retries, origin("retries"))
     if writes and resolved.retries is not None and resolved.retries.attempts > 1 \
             and not resolved.retries.non_idempotent:
         retry_lines.append("  # may write: retried only after a connect failure")
+    elif only_some and resolved.retries is not None and resolved.retries.attempts > 1 \
+            and not resolved.retries.non_idempotent:
+        retry_lines.append(f"  # a {' or '.join(writing_methods)} may write: retried only "
+                           "after a connect failure")
     lines.extend(retry_lines)
     if writes and resolved.hedge_after is not None:
         what = "the statement" if isinstance(call, FanoutCall) and call.query else "the call"
@@ -182,7 +194,8 @@ def _explain_call(policy: Policy, call: ProxyAction | FanoutCall) -> list[str]:
         lines.append("hedge: off")
     else:
         lines.append(f"hedge: after {format_duration(resolved.hedge_after)}, "
-                     f"at most {resolved.max_hedges} extra  # {origin('hedge_after')}")
+                     f"at most {resolved.max_hedges} extra  # {origin('hedge_after')}"
+                     + (f"; never for a {' or '.join(writing_methods)}" if only_some else ""))
     limit = upstream.limit
     lines.append(f"limit: {{concurrency: {limit.concurrency}, queue: {limit.queue}, "
                  f"queue_timeout: {format_duration(limit.queue_timeout)}}}  "

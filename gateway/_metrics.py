@@ -66,6 +66,10 @@ class Metrics:
         self.connections_closed = Counter(
             "gateway_client_connections_closed_total",
             "Client connections the gateway closed for abuse, by reason", ["reason"])
+        #: Upstreams whose live gauges hold figures, and those with a breaker state
+        #: written: a reload that removes one (or its breaker) zeroes them.
+        self._upstreams_shown: set[str] = set()
+        self._breakers_shown: set[str] = set()
 
     def observe_request(self, trace: Trace, status: int, cancelled: list[Span]) -> None:
         route = trace.route or "(none)"
@@ -81,12 +85,16 @@ class Metrics:
     def breaker_transition(self, upstream: str, old: Any, new: Any) -> None:
         value = {"closed": 0, "half_open": 1, "open": 2}.get(new.value, 0)
         self.breaker_state.labels(upstream).set(value)
+        self._breakers_shown.add(upstream)
         self.breaker_transitions.labels(upstream, new.value).inc()
 
     def refresh(self, runtime: Runtime) -> None:
         """Copy point-in-time figures (limiter state) into gauges before a scrape."""
         self.loop_lag.set(runtime.loop_lag.lag_s)
-        for name, state in runtime.snapshot.upstreams.items():
+        upstreams = runtime.snapshot.upstreams
+        self._forget_removed(upstreams)
+        self._upstreams_shown.update(upstreams)
+        for name, state in upstreams.items():
             stats = state.limiter.statistics()
             self.in_flight.labels(name).set(stats.in_flight)
             self.queued.labels(name).set(stats.queued)
@@ -100,6 +108,23 @@ class Metrics:
                 self.pool_connections.labels(name, "active").set(pg.in_use)
                 self.pool_connections.labels(name, "idle").set(pg.idle)
                 self.pool_connections.labels(name, "waiting").set(pg.waiting)
+
+    def _forget_removed(self, upstreams: dict[str, Any]) -> None:
+        """Zero the gauges of upstreams a reload removed, and the circuit state of those
+        whose breaker it removed: left as they were, they would read as live for ever
+        (an open circuit alerting on an upstream with no breaker). Zeroed rather than
+        removed, since with several workers each one's figures live in its own file."""
+        for name in self._upstreams_shown - upstreams.keys():
+            self.in_flight.labels(name).set(0)
+            self.queued.labels(name).set(0)
+            for kind in ("active", "idle", "waiting"):
+                self.pool_connections.labels(name, kind).set(0)
+            self._upstreams_shown.discard(name)
+        for name in list(self._breakers_shown):
+            state = upstreams.get(name)
+            if state is None or state.breaker is None:
+                self.breaker_state.labels(name).set(0)
+                self._breakers_shown.discard(name)
 
 
 METRICS = Metrics()

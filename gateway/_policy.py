@@ -101,9 +101,10 @@ class LimitsPolicy(_Model):
         "they are also half of the streams it opened (rapid reset); 0: no limit.")
     max_upstream_header_bytes: ByteSize = Field(
         64 * 1024, ge=1, description="An upstream answering larger headers → 502.")
-    body_timeout: Duration = Field(60.0, description="A request body slower than this is cut.")
+    body_timeout: Duration = Field(60.0, gt=0,
+                                   description="A request body slower than this is cut.")
     response_timeout: Duration = Field(
-        3600.0, description="Longest an admin response may stream before it is cut "
+        3600.0, gt=0, description="Longest an admin response may stream before it is cut "
         "(public routes are bounded by their deadline).")
 
 
@@ -441,8 +442,10 @@ class Route(_Model):
     path: str = Field(description="Path template, e.g. /api/users/{id} or /static/{rest*}.")
     methods: tuple[str, ...] | None = Field(
         None, description="Default: all for proxy routes, GET and HEAD for the others.")
-    deadline: Duration | None = Field(None, gt=0,
-                                      description="Request deadline (a client may shorten).")
+    # The bound inside the union: on ``Duration | None`` pydantic writes it into the JSON
+    # Schema as a keyword ("gt") that is not JSON Schema.
+    deadline: Annotated[Duration, Field(gt=0)] | None = Field(
+        None, description="Request deadline (a client may shorten).")
     max_body: ByteSize | None = Field(None, description="Body cap (413); default server.limits.")
     max_response_body: ByteSize | None = Field(None, description="Upstream body cap (502).")
     proxy: ProxyAction | None = None

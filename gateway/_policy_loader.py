@@ -299,14 +299,18 @@ class _Document:
             message = problem
         self.add((), message, position)
 
-    def _convert(self, node: Node, path: PolicyPath, depth: int,
-                 active: tuple[int, ...]) -> Any:
+    def _count(self, depth: int) -> None:
+        """One more value (or merge) read: the file's expansion stays bounded."""
         self._nodes += 1
         if self._nodes > MAX_NODES:
             raise _TooBig(f"the file expands to more than {MAX_NODES} values "
-                          "(check the aliases)")
+                          "(check the aliases and merge keys)")
         if depth > MAX_DEPTH:
             raise _TooBig(f"nested deeper than {MAX_DEPTH} levels")
+
+    def _convert(self, node: Node, path: PolicyPath, depth: int,
+                 active: tuple[int, ...]) -> Any:
+        self._count(depth)
         if id(node) in active:
             self.add(path, "an alias refers to the value that contains it", _mark(node))
             self.voided.add(path)
@@ -378,7 +382,14 @@ class _Document:
                 if not isinstance(source, MappingNode):
                     self.add(path, "'<<' merges mappings only", _mark(source))
                     continue
-                merged = self._mapping(source, path, depth, (*active, id(source)))
+                # Each merge counts, even of an empty mapping: merges of merges multiply.
+                self._count(depth + 1)
+                if id(source) in active:
+                    self.add(path, "a merge key refers to the mapping that contains it",
+                             _mark(source))
+                    self.voided.add(path)
+                    continue
+                merged = self._mapping(source, path, depth + 1, (*active, id(source)))
                 for key, value in merged.items():
                     result.setdefault(key, value)
         return result

@@ -217,7 +217,9 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
     admin_ports = {port for host, port in admin_bound if host in _WILDCARD_HOSTS}
     admin_addresses = sorted({(host, port) for host, port in admin_bound
                               if host not in _WILDCARD_HOSTS})
-    os.environ["GATEWAY_POLICY"] = str(Path(policy_file).resolve())
+    # Absolute, but not resolved: a symlink repointed by a release (``ln -sfn``, a
+    # Kubernetes ConfigMap update) is followed at each reload, not pinned to its target.
+    os.environ["GATEWAY_POLICY"] = os.path.abspath(policy_file)
     os.environ["GATEWAY_ADMIN_PORTS"] = ",".join(str(p) for p in sorted(admin_ports))
     os.environ["GATEWAY_ADMIN_ADDRESSES"] = json.dumps(admin_addresses)
     if operator_metrics_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

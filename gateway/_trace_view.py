@@ -96,7 +96,9 @@ async def _follow(admin: str, cause: str | None, route: str | None, status: int 
         if value is not None:
             params[key] = value
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    seen: dict[str, None] = {}  # insertion-ordered: the oldest are dropped first
+    # Insertion-ordered: the oldest are dropped first. Keyed by the trace itself, not its
+    # request id alone: ids come from clients and repeat (a retry keeping its id).
+    seen: dict[tuple[str, object, object], None] = {}
     warned: list[int] = []
     async with httpx.AsyncClient(base_url=admin, timeout=5.0, headers=headers) as client:
         while True:
@@ -108,12 +110,17 @@ async def _follow(admin: str, cause: str | None, route: str | None, status: int 
                 Console(stderr=True).print(f"warning: workers {unreachable} did not "
                                            "answer; their traces are missing")
             warned = unreachable
-            fresh = [t for t in reversed(body["traces"]) if t["request_id"] not in seen]
+            fresh = [t for t in reversed(body["traces"]) if _identity(t) not in seen]
             for trace in fresh:
-                seen[trace["request_id"]] = None
+                seen[_identity(trace)] = None
                 console.print(render_trace(trace))
             while len(seen) > SEEN_LIMIT:
                 del seen[next(iter(seen))]
             if not follow:
                 return
             await trio.sleep(poll_interval_s)
+
+
+def _identity(trace: dict[str, Any]) -> tuple[str, object, object]:
+    """One request's trace: its id, the worker that served it and when it started."""
+    return trace["request_id"], trace.get("worker_pid"), trace.get("started_at")

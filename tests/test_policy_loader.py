@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -449,3 +450,106 @@ routes:
     proxy: {{upstream: a, path: /x}}
 """
     assert load_policy_text(text, "p.yaml").policy.upstreams["a"].limit.queue_timeout == 0.05
+
+
+MINIMAL = """\
+version: 1
+upstreams:
+  users: {url: "http://127.0.0.1:9001"}
+routes:
+  - path: /api/users/{id}
+    proxy: {upstream: users, path: "/users/{id}"}
+"""
+
+
+def test_a_mapping_that_merges_itself_is_a_policy_error_not_a_crash() -> None:
+    # README: anchors, aliases and merge keys are allowed; the loader promises that a
+    # recursive alias fails "with a message instead of eating the worker". A merge key
+    # naming its own mapping recursed until RecursionError: `gateway check` printed a
+    # 1,000-frame traceback, and a reload failed with "RecursionError".
+    text = MINIMAL + "server: &x {<<: *x}\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "p.yaml")
+    issues = [str(issue) for issue in caught.value.issues]
+    assert any(issue.startswith("p.yaml:7:") for issue in issues), issues
+
+
+def _merge_bomb(levels: int) -> str:
+    """A few hundred bytes: each level merges the one below ten times; the bottom is an
+    empty mapping, so no value is ever converted (and none is counted)."""
+    lines = [MINIMAL.rstrip("\n"), "defaults:", "  a0: &a0 {}"]
+    for level in range(1, levels + 1):
+        refs = ", ".join([f"*a{level - 1}"] * 10)
+        lines.append(f"  a{level}: &a{level} {{<<: [{refs}]}}")
+    return "\n".join(lines) + "\n"
+
+
+async def test_a_merge_key_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    # The file is capped at 100 000 values "aliases counted each time they are used",
+    # so alias bombs fail with a message. Merges of an empty mapping are not counted:
+    # a 700-byte file of 10 levels makes `gateway check` (and a reload, holding the
+    # reload lock in a thread) run for hours (10x longer per level; 6 levels: ~0.4 s).
+    path = tmp_path / "bomb.yaml"
+    text = _merge_bomb(10)
+    assert len(text) < 1000
+    path.write_text(text)
+    with trio.fail_after(20):
+        result = await trio.run_process(
+            [sys.executable, "-m", "gateway", "check", str(path)], cwd=ROOT,
+            capture_stdout=True, capture_stderr=True, check=False)
+    output = result.stdout.decode()
+    assert result.returncode == 1, output + result.stderr.decode()
+    assert "bomb.yaml:" in output
+
+
+def test_explain_does_not_promise_hedges_for_a_route_that_only_takes_post() -> None:
+    # `check --explain` prints "what a request meets". A proxy route whose methods are
+    # all non-idempotent (POST) is never hedged (_attempts: hedge only for idempotent
+    # methods) and retried only after a connect failure, as explain already says for a
+    # fan-out POST call ("hedge: off  # the call may write"). For the proxy route it
+    # prints "hedge: after 100ms, at most 1 extra" and plain retries, which never happen.
+    text = """\
+version: 1
+upstreams:
+  orders: {url: "http://127.0.0.1:9002"}
+routes:
+  - path: /api/orders
+    methods: [POST]
+    proxy: {upstream: orders, path: /orders, hedge_after: 100ms, retries: {attempts: 3}}
+"""
+    explained = explain_route(load_policy_text(text, "p.yaml"), "/api/orders")
+    hedge = next(line for line in explained.splitlines() if "hedge:" in line)
+    assert "after 100ms" not in hedge, explained
+
+
+def test_the_schema_uses_only_json_schema_keywords() -> None:
+    # policies/policy.schema.json (what `gateway schema` prints) gives routes[].deadline
+    # a pydantic constraint, "gt": 0, as if it were a JSON Schema keyword. There is no
+    # such keyword (exclusiveMinimum, and it is for numbers; the value is a string):
+    # strict validators (ajv, the default of ajv-cli) refuse to compile the schema, so a
+    # CI step validating policy files against it fails. defaults.deadline, with the same
+    # constraint, has none.
+    stray: list[str] = []
+
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in {"gt", "ge", "lt", "le"}:
+                    stray.append(f"{where}.{key}")
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{where}[{index}]")
+
+    walk(policy_json_schema(), "$")
+    walk(json.loads((ROOT / "policies" / "policy.schema.json").read_text()), "file")
+    assert stray == []
+
+
+@pytest.mark.parametrize("field", ["response_timeout", "body_timeout"])
+def test_a_zero_limit_that_would_cut_every_answer_is_refused(field: str) -> None:
+    # 0s passed check: every admin answer (the probes included) or every request body
+    # was then cut at once, and an orchestrator would kill a healthy gateway.
+    text = MINIMAL + f"server:\n  limits: {{{field}: 0s}}\n"
+    with pytest.raises(PolicyError, match=field):
+        load_policy_text(text, "p.yaml")

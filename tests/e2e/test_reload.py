@@ -4,12 +4,14 @@ request fails meanwhile (in one worker, and across two Hypercorn workers)."""
 import hashlib
 import os
 import signal
+import socket
 from pathlib import Path
 
 import httpx
 import trio
 
 from tests.gateway_harness import run_gateway
+from tests.metrics import metric_total
 from tests.process_harness import serve_process
 from tests.upstream import start_upstream
 
@@ -361,3 +363,153 @@ async def test_requests_of_a_replaced_policy_keep_their_pool_for_their_deadline(
             assert answer.status_code == 502, answer.text
             assert answer.json()["cause"] == "upstream_connect"
         nursery.cancel_scope.cancel()
+
+
+SYMLINKED = """\
+version: 1
+upstreams:
+  users: {url: "http://127.0.0.1:9001"}
+routes:
+  - path: /api/users/{id}
+    proxy: {upstream: users, path: "/users/{id}"}
+"""
+
+
+def _closed_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+async def test_circuit_state_gauge_follows_a_reload_that_removes_the_breaker(
+        tmp_path: Path) -> None:
+    # gateway_circuit_state is set only on a transition. A reload that drops the
+    # upstream's circuit (the breaker is gone, calls flow) leaves the gauge at 2
+    # ("open") for the life of the worker: an alert on it fires for ever. Once there is
+    # no breaker the series should go (or read closed).
+    name = "review_breaker_dropped"
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    with_circuit = f"""
+version: 1
+upstreams:
+  {name}:
+    url: "{dead}"
+    pool: {{connect_timeout: 200ms}}
+    circuit: {{consecutive_failures: 1, open_for: 60s}}
+routes:
+  - path: /x
+    proxy: {{upstream: {name}, path: /x}}
+"""
+    without = with_circuit.replace("    circuit: {consecutive_failures: 1, open_for: 60s}\n",
+                                   "")
+    path = tmp_path / "policy.yaml"
+    with trio.fail_after(20):
+        async with run_gateway(with_circuit, policy_path=path) as gw, \
+                gw.client() as client, gw.admin() as admin:
+            assert (await client.get("/x")).status_code == 502
+            assert (await client.get("/x")).status_code == 503  # the circuit is open
+            text = (await admin.get("/metrics")).text
+            assert metric_total(text, "gateway_circuit_state", upstream=name) == 2
+            path.write_text(without)
+            assert await gw.gateway.reload()
+            assert gw.gateway.runtime.snapshot.upstreams[name].breaker is None
+            assert (await client.get("/x")).status_code == 502  # no breaker: tried again
+            text = (await admin.get("/metrics")).text
+            assert metric_total(text, "gateway_circuit_state", upstream=name) == 0, (
+                "the gauge still says the circuit is open")
+
+
+async def test_gauges_of_an_upstream_removed_by_a_reload_leave_the_scrape(
+        tmp_path: Path) -> None:
+    # refresh() copies figures only for the upstreams of the active snapshot, so a
+    # removed upstream keeps its last figures for ever: /metrics still reports idle
+    # connections in a pool that was closed (and its in-flight/queued gauges).
+    name = "review_removed_upstream"
+    two = """
+version: 1
+upstreams:
+  users: {{url: "{url}"}}
+  {name}: {{url: "{url}"}}
+routes:
+  - path: /api/users/{{id}}
+    proxy: {{upstream: users, path: "/users/{{id}}"}}
+  - path: /legacy/{{rest*}}
+    proxy: {{upstream: {name}, path: "/{{rest}}"}}
+"""
+    one = """
+version: 1
+upstreams:
+  users: {{url: "{url}"}}
+routes:
+  - path: /api/users/{{id}}
+    proxy: {{upstream: users, path: "/users/{{id}}"}}
+"""
+    path = tmp_path / "policy.yaml"
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            upstream = await start_upstream(nursery)
+            async with run_gateway(two.format(url=upstream.url, name=name),
+                                   policy_path=path) as gw, \
+                    gw.client() as client, gw.admin() as admin:
+                assert (await client.get("/legacy/ok")).status_code == 200
+                runtime = gw.gateway.runtime
+                legacy = runtime.snapshot.upstreams[name]
+                text = (await admin.get("/metrics")).text
+                assert metric_total(text, "gateway_upstream_connections", upstream=name,
+                                    state="idle") == 1
+                path.write_text(one.format(url=upstream.url))
+                assert await gw.gateway.reload()
+                while not legacy.pool._closed:  # retired once the old snapshot drained
+                    await trio.sleep(0.01)
+                text = (await admin.get("/metrics")).text
+                stale = [line for line in text.splitlines()
+                         if f'upstream="{name}"' in line and not line.startswith("#")
+                         and not line.endswith(" 0.0")]
+                assert stale == [], stale
+            nursery.cancel_scope.cancel()
+
+
+def _version(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _swap_symlink(link: Path, target: Path) -> None:
+    """Point ``link`` at ``target`` atomically (``ln -sfn``, or Kubernetes' ConfigMap
+    update of its ``..data`` link)."""
+    temporary = link.with_name(link.name + ".new")
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(target)
+    os.replace(temporary, link)
+
+
+async def test_a_policy_file_that_is_a_symlink_is_reloaded_when_repointed(
+        tmp_path: Path) -> None:
+    # `serve` hands the workers GATEWAY_POLICY = Path(policy).resolve(): the symlink's
+    # target at start-up. A release (ln -sfn, a ConfigMap update) repoints the link;
+    # the gateway keeps watching, and reloading on SIGHUP, the old target, so the new
+    # policy never goes live. The file the operator named is the one to follow.
+    first, second = (SYMLINKED.replace("/api/users/{id}", f"/api/v{n}/users/{{id}}")
+                     for n in (1, 2))
+    releases = tmp_path / "releases"
+    releases.mkdir()
+    (releases / "one.yaml").write_text(first)
+    (releases / "two.yaml").write_text(second)
+    link = tmp_path / "policy.yaml"
+    link.symlink_to(releases / "one.yaml")
+    with serve_process(link, workers=1, env={"GATEWAY_POLICY_POLL_S": "0.05"}) as served:
+        async with httpx.AsyncClient(base_url=served.admin_url, timeout=5) as admin:
+            assert (await admin.get("/policy")).json()["version"] == _version(first)
+            _swap_symlink(link, releases / "two.yaml")
+            served.signal_master(signal.SIGHUP)
+            state: dict[str, object] = {}
+            try:
+                with trio.fail_after(5):
+                    while (state := (await admin.get("/policy")).json())["version"] \
+                            != _version(second):
+                        await trio.sleep(0.05)
+            except trio.TooSlowError:
+                raise AssertionError(
+                    f"the repointed policy never went live; the gateway serves "
+                    f"{state.get('file')} ({state.get('version')})") from None

@@ -6,9 +6,10 @@ import os
 import sys
 
 import httpx
+import pytest
 import trio
 
-from gateway._trace_view import render_traces_text
+from gateway._trace_view import _follow, render_traces_text
 from tests.gateway_harness import RunningGateway, run_gateway, trace_of, traces_with
 from tests.metrics import metric_total
 from tests.upstream import start_upstream
@@ -200,3 +201,39 @@ async def test_secrets_never_enter_traces_or_logs(caplog):
             async with gw.admin() as admin:
                 assert "s3cret" not in (await admin.get("/traces")).text
         nursery.cancel_scope.cancel()
+
+
+def _trace_json(request_id: str, path: str, started_at: float) -> dict[str, object]:
+    return {"request_id": request_id, "method": "GET", "path": path, "route": path,
+            "status": 504, "cause": "deadline", "deadline_source": "policy",
+            "started_at": started_at, "duration_ms": 300.0, "worker_pid": 1,
+            "spans": {"kind": "request", "name": path, "start_ms": 0.0, "end_ms": 300.0,
+                      "outcome": "error", "cause": "deadline", "scope": "request"}}
+
+
+async def test_traces_follow_prints_a_later_request_that_reuses_a_request_id(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The request id is the client's x-request-id when it is sane, so ids repeat (a
+    # client retrying with its id, a fixed id from a test rig). `gateway traces
+    # --follow` remembers printed traces by request id alone, so a later request with
+    # an id seen before is never shown: the retry that also hit its deadline is missing.
+    first = _trace_json("client-id-1", "/api/first", 1000.0)
+    second = _trace_json("client-id-1", "/api/second", 1010.0)
+    polls = [0]
+
+    async def admin(request, respond) -> None:  # type: ignore[no-untyped-def]
+        polls[0] += 1
+        await respond.json({"traces": [first] if polls[0] == 1 else [second, first],
+                            "unreachable_workers": [], "worker_pid": 1})
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            upstream = await start_upstream(nursery, behaviour=admin)
+            async with trio.open_nursery() as follower:
+                follower.start_soon(_follow, upstream.url, None, None, None, 20, True, 0.01)
+                await upstream.wait_for(lambda: polls[0] >= 3)
+                follower.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+    output = capsys.readouterr().out
+    assert "/api/first" in output
+    assert "/api/second" in output, output
