@@ -30,6 +30,7 @@ from ._errors import (
 )
 from ._headers import upstream_request_headers
 from ._policy import CallSettings, FanoutCall, sql_reads_only
+from ._routing import target_authority
 from ._trace import TracedScope, traced_scope
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def forward_headers(ctx: RequestContext, call: TracedScope,
             ctx.scope["headers"], peer=client[0] if client else None,
             scheme=ctx.scope.get("scheme", "http"), trusted=server.trusted_proxies,
             request_id=ctx.request_id, request_id_header=server.request_id_header.encode(),
-            drop=frozenset({deadline_header}))
+            drop=frozenset({deadline_header}), target_authority=_target_authority(ctx))
     budget = propagated_budget_ms(trio.current_time(), call.deadline, server.deadline_margin)
     return [*base, (deadline_header, str(budget).encode())]
 
@@ -163,12 +164,17 @@ def _fanout_base_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     client = ctx.scope.get("client")
     kept = [(n, v) for n, v in ctx.scope["headers"]
             if n in (b"authorization", b"user-agent", b"x-forwarded-for", b"x-forwarded-proto",
-                     b"x-forwarded-host", b"host")]
+                     b"x-forwarded-host", b"forwarded", b"host")]
     return upstream_request_headers(
         kept, peer=client[0] if client else None, scheme=ctx.scope.get("scheme", "http"),
         trusted=server.trusted_proxies, request_id=ctx.request_id,
         request_id_header=server.request_id_header.encode(),
-        drop=frozenset({server.deadline_header.encode()}))
+        drop=frozenset({server.deadline_header.encode()}), target_authority=_target_authority(ctx))
+
+
+def _target_authority(ctx: RequestContext) -> bytes | None:
+    raw_path = ctx.scope.get("raw_path")
+    return target_authority(raw_path) if raw_path else None
 
 
 # --------------------------------------------------------------------------- SQL

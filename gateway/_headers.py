@@ -24,6 +24,8 @@ _CLIENT_CLAIMS = frozenset({b"x-real-ip", b"x-client-ip", b"true-client-ip",
 #: Response headers the worker sets itself (as nginx does, the upstream's are not
 #: relayed): a second ``Date`` or ``Server`` would contradict the first.
 _SERVER_OWNED = frozenset({b"date", b"server"})
+#: Framing a response without a body must not carry (Transfer-Encoding is hop-by-hop).
+_BODILESS_FRAMING = frozenset({b"content-length"})
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -52,6 +54,11 @@ def is_trusted(peer: str | None, trusted: Sequence[IPv4Network | IPv6Network]) -
         address = ip_address(peer)
     except ValueError:
         return False
+    # A dual-stack listener ([::]) reports IPv4 peers as ::ffff:a.b.c.d: they are
+    # matched against IPv4 networks, as nginx's set_real_ip_from does.
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
     return any(address in network for network in trusted)
 
 
@@ -72,13 +79,15 @@ def upstream_request_headers(
     request_id: str,
     request_id_header: bytes,
     drop: frozenset[bytes] = frozenset(),
+    target_authority: bytes | None = None,
 ) -> Headers:
     """Headers to send upstream: hop-by-hop gone, forwarding chain appended.
 
-    An incoming ``X-Forwarded-*`` chain (and ``X-Real-IP`` and its kin) is kept only
-    from a trusted proxy; from anyone else it is dropped and the chain starts at the
-    peer. ``Host`` is passed through as
-    ``X-Forwarded-Host`` and the upstream gets its own host (set by the pool).
+    An incoming ``X-Forwarded-*`` chain (and ``Forwarded``, ``X-Real-IP`` and its kin)
+    is kept only from a trusted proxy; from anyone else it is dropped and the chain
+    starts at the peer. ``Host`` is passed through as ``X-Forwarded-Host`` and the
+    upstream gets its own host (set by the pool); for an absolute-form request target
+    its authority stands instead of ``Host`` (RFC 9112, 3.2.2).
     """
     trusted_peer = is_trusted(peer, trusted)
     out: Headers = []
@@ -102,9 +111,13 @@ def upstream_request_headers(
                     forwarded_proto = value
                 elif name == b"x-forwarded-host" and not forwarded_host:
                     forwarded_host = value
+                elif name == b"forwarded":
+                    out.append((name, value))  # passed on as the trusted proxy wrote it
             continue
         if name == b"host":
             host = value
+            continue
+        if name == b"expect":  # met by the gateway itself, which sends the body at once
             continue
         if name == request_id_header or name in drop:
             continue
@@ -113,6 +126,8 @@ def upstream_request_headers(
     out.append((b"x-forwarded-for",
                 forwarded_for + b", " + peer_bytes if forwarded_for else peer_bytes))
     out.append((b"x-forwarded-proto", forwarded_proto or scheme.encode("ascii")))
+    if target_authority:
+        host = target_authority
     if forwarded_host or host:
         out.append((b"x-forwarded-host", forwarded_host or host))
     out.append((request_id_header, request_id.encode("ascii")))
@@ -120,10 +135,16 @@ def upstream_request_headers(
 
 
 def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]],
-                                request_id_header: bytes, request_id: str) -> Headers:
-    """Upstream response headers as the client gets them, with the request id."""
+                                request_id_header: bytes, request_id: str,
+                                status: int = 200) -> Headers:
+    """Upstream response headers as the client gets them, with the request id.
+
+    A 204 (or 1xx) has no body whatever its head says, and RFC 9110 (8.6) forbids its
+    Content-Length: relayed, an HTTP/2 client refuses the stream (a length with no DATA)
+    and an HTTP/1.1 one in front may wait for bytes that never come."""
+    owned = _SERVER_OWNED | _BODILESS_FRAMING if status == 204 or status < 200 else _SERVER_OWNED
     out = [(n, v) for n, v in strip_hop_by_hop(headers)
-           if n != request_id_header and n not in _SERVER_OWNED]
+           if n != request_id_header and n not in owned]
     out.append((request_id_header, request_id.encode("ascii")))
     return out
 

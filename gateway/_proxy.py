@@ -70,7 +70,7 @@ async def proxy(ctx: RequestContext) -> None:
             if not claim.claim(attempt):
                 return AttemptResult(None, status)
             await ctx.start_response(status, downstream_response_headers(
-                response.headers, rid_header, ctx.request_id))
+                response.headers, rid_header, ctx.request_id, status))
             sent = 0
             finished = False
             async for chunk in response.aiter_body():

@@ -37,6 +37,16 @@ def origin_form(raw_path: bytes) -> bytes:
     return b"/" if slash < 0 else authority_and_path[slash:]
 
 
+def target_authority(raw_path: bytes) -> bytes | None:
+    """The host of an absolute-form request target (``http://host/path``), which a
+    server must take instead of ``Host`` (RFC 9112, 3.2.2); None for origin form."""
+    head = raw_path[:8].lower()
+    if not (head.startswith(b"http://") or head.startswith(b"https://")):
+        return None
+    authority = raw_path.partition(b"//")[2].partition(b"/")[0].partition(b"?")[0]
+    return authority.rpartition(b"@")[2] or None
+
+
 def normalize_path(raw_path: bytes) -> list[str]:
     """Split a raw path into decoded segments with dot segments removed.
 

@@ -3,15 +3,18 @@ starts at the real peer), the client's deadline header only ever shortens the de
 and ``Host`` plays no part in routing."""
 
 import json
+import socket
 import time
 from email.utils import parsedate_to_datetime
 from wsgiref.handlers import format_date_time
 
 import pytest
 
+import tests.gateway_harness as harness
 from gateway._hypercorn_fixes import http_date
+from gateway._server import listen_socket
 from tests.hostile import stage
-from tests.hostile.rawclient import exchange, request_bytes
+from tests.hostile.rawclient import connect, exchange, request_bytes
 
 SPOOFED = [("X-Forwarded-For", "6.6.6.6, 7.7.7.7"), ("X-Forwarded-Proto", "https"),
            ("X-Forwarded-Host", "evil.example"), ("Forwarded", "for=6.6.6.6;proto=https"),
@@ -146,3 +149,71 @@ def test_the_date_is_formatted_anew_each_second():
     # A fraction belongs to the second it is in, before 1970 too (wsgiref's rule).
     for timestamp in (1_000.0, 1_000.9, 1_001.0, 999.5, 1_700_000_000.25, 0.5, -0.5):
         assert http_date(timestamp) == format_date_time(timestamp)
+
+
+async def test_a_trusted_proxy_s_forwarded_header_reaches_the_upstream():
+    """From a trusted peer the RFC 7239 ``Forwarded`` header passes as written (it was
+    dropped with the untrusted ones, so an upstream reading it lost ``proto=https``)."""
+    async with stage(server="  trusted_proxies: [127.0.0.1/32]\n") as s:
+        response, _ = await exchange(s.port, request_bytes(
+            "GET", "/api/up/headers", [("Forwarded", "for=6.6.6.6;proto=https")]))
+        assert response is not None and response.status == 200
+        (seen,) = s.upstream.requests
+        assert seen.header_values("forwarded") == ["for=6.6.6.6;proto=https"], seen.headers
+    async with stage() as s:  # from anyone else it is dropped
+        await exchange(s.port, request_bytes(
+            "GET", "/api/up/headers", [("Forwarded", "for=6.6.6.6;proto=https")]))
+        (seen,) = s.upstream.requests
+        assert seen.header_values("forwarded") == [], seen.headers
+
+
+def _dual_stack_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # Linux's default
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("::", 0))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+async def test_a_trusted_ipv4_proxy_is_trusted_on_a_dual_stack_bind(monkeypatch):
+    """On ``[::]`` IPv4 peers arrive as ``::ffff:a.b.c.d``; they were compared with the
+    IPv4 networks of ``trusted_proxies`` as IPv6 addresses and never matched, so the
+    balancer's chain was dropped."""
+    sockets = iter([_dual_stack_socket()])
+    monkeypatch.setattr(harness, "listen_socket", lambda: next(sockets, None) or listen_socket())
+    async with stage(server="  trusted_proxies: [127.0.0.0/8]\n") as s:
+        response, _ = await exchange(s.port, request_bytes(
+            "GET", "/api/up/headers", [("X-Forwarded-For", "6.6.6.6"),
+                                       ("X-Forwarded-Proto", "https")]))
+        assert response is not None and response.status == 200
+        (seen,) = s.upstream.requests
+        (chain,) = seen.header_values("x-forwarded-for")
+        assert chain.startswith("6.6.6.6, ::ffff:127.0.0.1"), seen.headers
+        assert seen.header_values("x-forwarded-proto") == ["https"], seen.headers
+
+
+async def test_an_absolute_form_target_names_the_forwarded_host():
+    """RFC 9112 (3.2.2): with an absolute-form target the server ignores ``Host`` and
+    takes the target's authority; the upstream was told the ignored ``Host``."""
+    async with stage() as s:
+        response, _ = await exchange(s.port, b"GET http://real.example/api/up/headers HTTP/1.1\r\n"
+                                             b"Host: other.example\r\n\r\n")
+        assert response is not None and response.status == 200
+        (seen,) = s.upstream.requests
+        assert seen.header_values("x-forwarded-host") == ["real.example"], seen.headers
+
+
+async def test_the_expectation_is_met_by_the_gateway_not_passed_on():
+    """The gateway answers ``Expect: 100-continue`` itself and sends the body along at
+    once: an upstream told to expect it could answer 417 or wait for nothing."""
+    async with stage() as s, connect(s.port) as conn:
+        await conn.send(b"POST /api/up/upload HTTP/1.1\r\nHost: g\r\n"
+                        b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        assert (await conn.read_head()).status == 100
+        await conn.send(b"hi")
+        response = await conn.read_response()
+        assert response is not None and response.status == 200
+        (seen,) = s.upstream.requests
+        assert seen.header_values("expect") == [] and seen.body == b"hi", seen.headers

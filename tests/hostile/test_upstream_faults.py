@@ -9,6 +9,7 @@ import json
 import pytest
 import trio
 
+from tests.h2client import H2Client
 from tests.hostile import stage
 from tests.hostile.rawclient import connect, exchange, request_bytes
 from tests.upstream import Responder, SeenRequest
@@ -24,6 +25,9 @@ async def misbehave(request: SeenRequest, respond: Responder) -> None:
     elif request.path == "/bad-chunk":
         await respond.send_raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                                b"5\r\nhello\r\nzz\r\n")
+        await respond.close()
+    elif request.path == "/no-content-with-length":
+        await respond.send_raw(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n")
         await respond.close()
     elif request.path == "/smuggle-response":
         await respond.send_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
@@ -107,3 +111,21 @@ async def test_client_leaving_mid_stream_frees_the_pool():
         await s.settle()
         assert s.pool_statistics().active == 0
         await s.assert_serves()
+
+
+async def test_a_204_is_relayed_without_the_length_its_upstream_gave_it():
+    """RFC 9110 (8.6): no Content-Length on a 204. Relayed as the upstream wrote it, an
+    HTTP/2 client refused the stream (a length with no DATA) and never got the 204, and
+    an HTTP/1.1 client in front could wait for bytes that never come."""
+    async with stage() as s:
+        s.upstream.behaviour = misbehave
+        response, _ = await exchange(s.port, request_bytes("GET", "/api/up/no-content-with-length"))
+        assert response is not None and response.status == 204 and response.complete
+        assert response.header_values("content-length") == [], response.headers
+        client = H2Client(await trio.open_tcp_stream("127.0.0.1", s.port))
+        await client.start()
+        try:
+            stream_id = await client.get("/api/up/no-content-with-length")
+            assert await client.response(stream_id) == (204, b"")
+        finally:
+            await client.stream.aclose()
