@@ -21,6 +21,7 @@ from ._trace_peers import dumps, gather
 
 if TYPE_CHECKING:
     from ._app import Gateway
+    from ._policy import LimitsPolicy
 
 log = logging.getLogger("gateway.admin")
 
@@ -29,20 +30,25 @@ log = logging.getLogger("gateway.admin")
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 
 
-def create_admin_app(gateway: Gateway) -> QuartTrio:
-    app = QuartTrio("gateway.admin")
-    limits = gateway.runtime.snapshot.policy.server.limits
-    # Quart's own silent limits would cut admin streams and bodies; set them from policy.
+def apply_admin_limits(app: QuartTrio, limits: LimitsPolicy) -> None:
+    """Quart's own silent limits would cut admin streams and bodies: they follow the
+    policy, set again before an admin request whenever a reload changed them."""
     app.config["RESPONSE_TIMEOUT"] = limits.response_timeout
     app.config["BODY_TIMEOUT"] = limits.body_timeout
     app.config["MAX_CONTENT_LENGTH"] = limits.max_body
+
+
+def create_admin_app(gateway: Gateway) -> QuartTrio:
+    app = QuartTrio("gateway.admin")
+    apply_admin_limits(app, gateway.runtime.snapshot.policy.server.limits)
 
     def authorized() -> bool:
         """True when no token is configured, or the request carries it."""
         env = gateway.runtime.snapshot.policy.server.admin_token_env
         if env is None:
             return True
-        token = os.environ.get(env, "")
+        # A secret mounted from a file often ends in a newline, which no header carries.
+        token = os.environ.get(env, "").strip()
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(
             given.strip().encode(), token.encode())

@@ -82,7 +82,7 @@ class Gateway:
                  admin_addresses: set[tuple[str, int]] | None = None,
                  watch_policy: bool = True,
                  poll_interval_s: float = POLICY_POLL_INTERVAL_S) -> None:
-        from ._admin import create_admin_app
+        from ._admin import apply_admin_limits, create_admin_app
 
         self.runtime = Runtime(loaded)
         #: Local addresses of the admin listeners: ports on any host, or (host, port)
@@ -92,6 +92,8 @@ class Gateway:
         self.watch_policy = watch_policy
         self.poll_interval_s = poll_interval_s
         self.admin = create_admin_app(self)
+        self._admin_limits = self.runtime.snapshot.policy.server.limits
+        self._apply_admin_limits = apply_admin_limits
         self._nursery: trio.Nursery | None = None
         self._policy_stat: tuple[int, int, int] | None = None
         #: One reload at a time (the file watcher and SIGHUP may ask together).
@@ -104,6 +106,10 @@ class Gateway:
             server = scope.get("server")
             if server is not None and (server[1] in self.admin_ports or
                                        (server[0], server[1]) in self.admin_addresses):
+                limits = self.runtime.snapshot.policy.server.limits
+                if limits is not self._admin_limits:  # a reload changed the policy
+                    self._admin_limits = limits
+                    self._apply_admin_limits(self.admin, limits)
                 receive = continue_on_first_receive(cast(Any, scope), receive)
                 await self.admin(cast(Any, scope), cast(Any, receive), cast(Any, send))
                 return

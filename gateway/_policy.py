@@ -36,6 +36,10 @@ PolicyPath = tuple[str | int, ...]
 
 #: Methods a proxy route accepts when it names none.
 ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+#: A duration that must be above 0 (a zero timeout fails every call at once). The bound
+#: sits inside the type so that ``PositiveDuration | None`` keeps a valid JSON Schema.
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*?)\}")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -196,7 +200,7 @@ class RetryPolicy(_Model):
     on: tuple[RetryCondition, ...] = Field(
         ("connect", "reset", 502, 503, 504),
         description="What may be retried: connect, reset, timeout, or 5xx statuses.")
-    per_try_timeout: Duration | None = Field(None, description="Bound of each try.")
+    per_try_timeout: PositiveDuration | None = Field(None, description="Bound of each try.")
     backoff: DurationRange = Field(
         DurationSpan(0.02, 0.2), description="Exponential backoff with full jitter.")
     budget: Percent = Field(0.2, description="Retries on top of first tries, per upstream.")
@@ -207,9 +211,11 @@ class RetryPolicy(_Model):
 class CallSettings(_Model):
     """Settings every call resolves: defaults → upstream → route → call."""
 
-    timeout: Duration | None = Field(None, description="Bound of the whole call, retries included.")
+    timeout: PositiveDuration | None = Field(
+        None, description="Bound of the whole call, retries included.")
     retries: RetryPolicy | None = None
-    hedge_after: Duration | None = Field(None, description="Start another try if none answered.")
+    hedge_after: PositiveDuration | None = Field(
+        None, description="Start another try if none answered.")
     max_hedges: int = Field(1, ge=1, le=5, description="Extra concurrent tries at most.")
 
 
@@ -240,11 +246,18 @@ class CircuitPolicy(_Model):
     """Closed → open on failures, open for ``open_for``, then half-open with probes."""
 
     failure_ratio: Percent = Field(0.5, description="Failures over the window that open it.")
-    window: Duration = Field(10.0, description="Sliding window of outcomes.")
+    window: Duration = Field(10.0, gt=0, description="Sliding window of outcomes.")
     min_requests: int = Field(20, ge=1, description="Outcomes needed before the ratio counts.")
     consecutive_failures: int | None = Field(None, ge=1, description="Open after N in a row.")
-    open_for: Duration = Field(5.0, description="Time refused before probing.")
+    open_for: Duration = Field(5.0, gt=0, description="Time refused before probing.")
     half_open_probes: int = Field(3, ge=1, description="Probe calls allowed when half-open.")
+
+    @field_validator("failure_ratio")
+    @classmethod
+    def _a_share(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError(f"{value * 100:g}% must be above 0% and at most 100%")
+        return value
 
 
 class PostgresPoolPolicy(_Model):
@@ -358,9 +371,9 @@ class ProxyAction(_Model):
 
     upstream: str
     path: str = Field(description="Upstream path template; {params} come from the route.")
-    timeout: Duration | None = None
+    timeout: PositiveDuration | None = None
     retries: RetryPolicy | None = None
-    hedge_after: Duration | None = None
+    hedge_after: PositiveDuration | None = None
     max_hedges: int | None = Field(None, ge=1, le=5)
 
 
@@ -378,9 +391,9 @@ class FanoutCall(_Model):
     args: tuple[ArgSource, ...] = Field(
         (), description="Where $n comes from: path.NAME, query.NAME, body.NAME[:type].")
     one: bool = Field(False, description="SQL: answer one row (404 when none) instead of rows.")
-    timeout: Duration | None = None
+    timeout: PositiveDuration | None = None
     retries: RetryPolicy | None = None
-    hedge_after: Duration | None = None
+    hedge_after: PositiveDuration | None = None
     max_hedges: int | None = Field(None, ge=1, le=5)
 
     @model_validator(mode="after")
@@ -442,9 +455,7 @@ class Route(_Model):
     path: str = Field(description="Path template, e.g. /api/users/{id} or /static/{rest*}.")
     methods: tuple[str, ...] | None = Field(
         None, description="Default: all for proxy routes, GET and HEAD for the others.")
-    # The bound inside the union: on ``Duration | None`` pydantic writes it into the JSON
-    # Schema as a keyword ("gt") that is not JSON Schema.
-    deadline: Annotated[Duration, Field(gt=0)] | None = Field(
+    deadline: PositiveDuration | None = Field(
         None, description="Request deadline (a client may shorten).")
     max_body: ByteSize | None = Field(None, description="Body cap (413); default server.limits.")
     max_response_body: ByteSize | None = Field(None, description="Upstream body cap (502).")

@@ -518,6 +518,13 @@ def _union_issues(base: PolicyPath, branched: list[tuple[str, PolicyPath, dict[s
     return [document.issue(base, f"{_quote(value)} {words}")]
 
 
+#: pydantic's bound errors: the context key of the bound, and how the message reads.
+_BOUNDS = {"greater_than_equal": ("ge", "is below the minimum of"),
+           "greater_than": ("gt", "must be above"),
+           "less_than_equal": ("le", "is above the maximum of"),
+           "less_than": ("lt", "must be below")}
+
+
 def _error_issue(loc: PolicyPath, error: dict[str, Any],
                  document: _Document) -> PolicyIssue | None:
     kind = error["type"]
@@ -544,14 +551,12 @@ def _error_issue(loc: PolicyPath, error: dict[str, Any],
                               "this gateway reads version 1")
     if kind == "literal_error":
         return document.issue(loc, f"{_quote(value)} is not one of {_choices(ctx['expected'])}")
-    if kind == "greater_than_equal":
-        return document.issue(loc, f"{_quote(value)} is below the minimum of {ctx['ge']}")
-    if kind == "greater_than":
-        return document.issue(loc, f"{_quote(value)} must be above {ctx['gt']}")
-    if kind == "less_than_equal":
-        return document.issue(loc, f"{_quote(value)} is above the maximum of {ctx['le']}")
-    if kind == "less_than":
-        return document.issue(loc, f"{_quote(value)} must be below {ctx['lt']}")
+    if kind in _BOUNDS:
+        # As written ("0s"), not as parsed (0.0), when the value was text.
+        shown = document.strings.get(loc, value)
+        bound = ctx[_BOUNDS[kind][0]]
+        return document.issue(loc, f"{_quote(shown)} {_BOUNDS[kind][1]} "
+                                   f"{f'{bound:g}' if isinstance(bound, float) else bound}")
     if kind == "string_pattern_mismatch":
         if loc and "args" in loc:
             return document.issue(loc, f"{_quote(value)} {_ARG_SOURCE_HINT}")

@@ -4,8 +4,10 @@ policy names one (``server.admin_token_env``), all but the probes' two paths."""
 import pytest
 import trio
 
-from tests.hostile import stage
+from tests.gateway_harness import run_gateway
+from tests.hostile import policy_for, stage
 from tests.hostile.rawclient import exchange, request_bytes
+from tests.upstream import start_upstream
 
 ADMIN_PATHS = ["/healthz", "/readyz", "/metrics", "/traces", "/policy", "/traces/x"]
 TOKEN_ENV = "HOSTILE_TEST_ADMIN_TOKEN"
@@ -138,4 +140,31 @@ async def test_requests_an_upstream_limiter_sheds_are_counted_as_shed():
             after = metric_total((await admin.get("/metrics")).text,
                                  "gateway_shed_total", where="upstream")
             assert after == before + 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_token_read_from_a_file_with_its_newline_still_matches(monkeypatch):
+    # A secret mounted from a file (Kubernetes, Docker) ends in a newline, which no
+    # Authorization header carries: the admin could never be reached.
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-from-a-file\n")
+    async with stage(server=f"  admin_token_env: {TOKEN_ENV}\n") as s, \
+            s.gw.admin() as admin:
+        good = await admin.get("/policy", headers={"authorization": "Bearer s3cret-from-a-file"})
+        assert good.status_code == 200
+        assert (await admin.get("/policy")).status_code == 401
+
+
+async def test_the_admin_listener_s_limits_follow_a_reload(tmp_path):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        path = tmp_path / "policy.yaml"
+        text = policy_for(upstream.url)
+        async with run_gateway(text, policy_path=path) as gw, gw.admin() as admin:
+            assert gw.gateway.admin.config["RESPONSE_TIMEOUT"] == 3600
+            path.write_text(text.replace("body_timeout: 1s",
+                                         "body_timeout: 1s\n    response_timeout: 90s"))
+            assert await gw.gateway.reload()
+            assert (await admin.get("/healthz")).status_code == 200
+            # Quart's limit of admin responses was set once, at start-up.
+            assert gw.gateway.admin.config["RESPONSE_TIMEOUT"] == 90
         nursery.cancel_scope.cancel()
