@@ -292,8 +292,12 @@ class TraceBuffer:
         self._enabled = size > 0
 
     def resize(self, size: int) -> None:
-        if size != self._traces.maxlen:
-            self._traces = deque(self._traces, maxlen=max(size, 0) or None)
+        """Keep at most ``size`` traces (the newest); 0 turns tracing off and forgets
+        the traces kept, as an operator turning it off (for memory, for privacy) means."""
+        if size <= 0:
+            self._traces = deque()
+        elif size != self._traces.maxlen:
+            self._traces = deque(self._traces, maxlen=size)
         self._enabled = size > 0
 
     def add(self, trace: Trace) -> None:

@@ -80,6 +80,18 @@ async def test_buffer_is_bounded_and_filterable():
     assert [t.request_id for t in buffer.query(status=203)] == ["r3"]
 
 
+async def test_turning_tracing_off_forgets_the_traces_kept():
+    buffer = TraceBuffer(3)
+    buffer.add(Trace("r0", "GET", "/x", "/a"))
+    buffer.resize(0)  # a reload to tracing: false (or trace_buffer: 0)
+    buffer.add(Trace("r1", "GET", "/x", "/a"))
+    assert len(buffer) == 0 and buffer.get("r0") is None
+    buffer.resize(2)
+    for i in range(2, 5):
+        buffer.add(Trace(f"r{i}", "GET", "/x", "/a"))
+    assert [t.request_id for t in buffer.query()] == ["r4", "r3"]
+
+
 async def test_a_kept_trace_without_spans_keeps_its_duration(autojump_clock):
     # A request refused before any span (shed at the door, no route) has no root span
     # whose end fixes its duration: read later, it went on growing.
