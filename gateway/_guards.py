@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from ._errors import BadRequest, HeadersTooLarge, UriTooLong
+from ._hypercorn_fixes import H2_NO_BODY_EXTENSION
 from ._policy import LimitsPolicy
 
 __all__ = ["HEADER_LINE_OVERHEAD", "BodyFraming", "check_request_head"]
@@ -102,10 +103,16 @@ def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> BodyFr
             raise BadRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request")
         return BodyFraming(True, None)
     if not content_lengths:
-        # HTTP/2 frames a body by DATA frames that no header announces: a method that
-        # carries a body is taken to have one (an empty one is relayed as empty).
-        return BodyFraming(scope.get("http_version") not in ("1.0", "1.1")
-                           and scope.get("method") in _BODY_METHODS, None)
+        if scope.get("http_version") in ("1.0", "1.1"):
+            return BodyFraming(False, None)
+        # HTTP/2 frames a body by DATA frames that no header announces: there is one
+        # unless the HEADERS frame ended the stream (a DELETE or OPTIONS may carry one
+        # too). Where the server does not say, a method that carries a body is taken
+        # to have one (an empty one is relayed as empty).
+        no_body = scope.get("extensions", {}).get(H2_NO_BODY_EXTENSION)
+        if no_body is not None:
+            return BodyFraming(not no_body, None)
+        return BodyFraming(scope.get("method") in _BODY_METHODS, None)
     length = int(content_length) if content_length.isdigit() else None
     return BodyFraming(content_length.strip() != b"0", length)
 

@@ -135,6 +135,9 @@ from gateway._metrics import METRICS
 #: it, when the request's stream closes: after the response, or when the client leaves.
 #: ``extension["closed"]`` is true once the stream has closed, callback or not.
 DISCONNECT_EXTENSION = "gateway.stream_close_callback"
+#: Scope extension of an HTTP/2 request: true when its HEADERS frame ended the stream,
+#: so it has no body. HTTP/2 need not announce a body by any header.
+H2_NO_BODY_EXTENSION = "gateway.h2_headers_ended_stream"
 
 log = logging.getLogger("gateway.server")
 
@@ -587,6 +590,10 @@ def apply() -> None:
         # stream (REFUSED_STREAM: safe for the client to retry), not the worker.
         try:
             await original_create_stream(self, request)
+            stream = self.streams.get(request.stream_id)
+            scope = getattr(stream, "scope", None)
+            if scope is not None:  # the app task is only scheduled yet: it will see this
+                scope["extensions"][H2_NO_BODY_EXTENSION] = request.stream_ended is not None
         except TooManyStreamsError:
             self.streams.pop(request.stream_id, None)
             self.stream_buffers.pop(request.stream_id, None)

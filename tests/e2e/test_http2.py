@@ -89,6 +89,35 @@ async def test_an_http2_body_without_content_length_reaches_the_upstream():
         nursery.cancel_scope.cancel()
 
 
+
+async def test_any_method_s_http2_body_reaches_the_upstream_and_none_is_invented():
+    """HTTP/2 announces a body by leaving the stream open after HEADERS, not by a header:
+    a DELETE's or OPTIONS's body without Content-Length was dropped (only POST, PUT and
+    PATCH were read for one), and the upstream got the request without it."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            for method, body in [("DELETE", b'{"ids": [1, 2]}'), ("OPTIONS", b"x"),
+                                 ("POST", None)]:
+                stream_id = client.conn.get_next_available_stream_id()
+                client.conn.send_headers(
+                    stream_id, [(":method", method), (":path", "/api/ok"),
+                                (":scheme", "http"), (":authority", "gw")],
+                    end_stream=body is None)
+                if body is not None:
+                    client.conn.send_data(stream_id, body, end_stream=True)
+                await client.flush()
+                with trio.fail_after(5):
+                    assert await client.response_status(stream_id) == 200
+                seen = upstream.requests[-1]
+                assert (seen.method, seen.body) == (method, body or b""), seen
+                if body is None:  # ended with its HEADERS: no body, and none is framed
+                    assert seen.header_values("transfer-encoding") == [], seen.headers
+        nursery.cancel_scope.cancel()
+
+
 TWO_UPSTREAMS = """
 version: 1
 upstreams:
