@@ -19,7 +19,6 @@ import trio
 
 from . import _hypercorn_fixes
 from ._errors import NotFound
-from ._expect_continue import continue_on_first_receive
 from ._fanout import fanout
 from ._gc import run_full_collections
 from ._metrics import METRICS, refresh_gauges
@@ -110,7 +109,8 @@ class Gateway:
                 if limits is not self._admin_limits:  # a reload changed the policy
                     self._admin_limits = limits
                     self._apply_admin_limits(self.admin, limits)
-                receive = continue_on_first_receive(cast(Any, scope), receive)
+                # No admin endpoint reads a body, so none asks for one: a client that
+                # sent Expect: 100-continue gets the answer without sending it.
                 await self.admin(cast(Any, scope), cast(Any, receive), cast(Any, send))
                 return
             await handle_request(self.runtime, scope, receive, send, dispatch)
@@ -195,7 +195,8 @@ class Gateway:
             METRICS.reloads.labels("rejected").inc()
             log.error("policy reload rejected, the active policy keeps serving:\n%s", error)
             return False
-        if loaded.version == self.runtime.snapshot.loaded.version:
+        if loaded.version == self.runtime.snapshot.loaded.version and not (
+                await trio.to_thread.run_sync(self.runtime.files_changed)):
             self.runtime.last_reload_error = None  # the file is the active policy again
             return True
         try:

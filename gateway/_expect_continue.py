@@ -86,18 +86,3 @@ def _continue_once(stream: Any) -> SendContinue:
                                                 status_code=100))
 
     return send_continue
-
-
-def continue_on_first_receive(scope: dict[str, Any],
-                              receive: Callable[[], Awaitable[Any]]
-                              ) -> Callable[[], Awaitable[Any]]:
-    """``receive`` for an app that reads its body through ASGI alone (the admin app)."""
-    send_continue: SendContinue | None = scope.get("extensions", {}).get(CONTINUE_EXTENSION)
-    if send_continue is None:
-        return receive
-
-    async def receive_after_continue() -> Any:
-        await send_continue()
-        return await receive()
-
-    return receive_after_continue

@@ -233,6 +233,7 @@ class _Document:
         #: paths whose value could not be built (given to the models as null).
         self.voided: set[PolicyPath] = set()
         self._nodes = 0
+        self._issues_seen: set[tuple[int, int, str]] = set()
         self._loader: yaml.SafeLoader | None = None
 
     # -- parsing
@@ -360,6 +361,9 @@ class _Document:
             if key_node.tag == _MERGE_TAG:
                 merges.append(value_node)
                 continue
+            # A pair reported and skipped below is never converted (nor counted there);
+            # behind aliases, such pairs would multiply unbounded.
+            self._count(depth + 1)
             if not isinstance(key_node, ScalarNode):
                 self.add(path, "a key must be a plain name, not a list or mapping",
                          _mark(key_node))
@@ -379,11 +383,12 @@ class _Document:
         for merge in merges:
             sources = merge.value if isinstance(merge, SequenceNode) else [merge]
             for source in sources:
+                # Each merge counts, even of an empty mapping or a scalar: merges of
+                # merges multiply.
+                self._count(depth + 1)
                 if not isinstance(source, MappingNode):
                     self.add(path, "'<<' merges mappings only", _mark(source))
                     continue
-                # Each merge counts, even of an empty mapping: merges of merges multiply.
-                self._count(depth + 1)
                 if id(source) in active:
                     self.add(path, "a merge key refers to the mapping that contains it",
                              _mark(source))
@@ -414,7 +419,13 @@ class _Document:
         return PolicyIssue(self.file, line, column, format_path(path), message, severity)
 
     def add(self, path: PolicyPath, message: str, at: _Position | None = None) -> None:
-        self.issues.append(self.issue(path, message, at=at))
+        issue = self.issue(path, message, at=at)
+        # The same node reached again through an alias (under another path) says the
+        # same thing once, at its first path.
+        key = (issue.line, issue.column, issue.message)
+        if key not in self._issues_seen:
+            self._issues_seen.add(key)
+            self.issues.append(issue)
 
     def scan_secrets(self) -> Iterator[PolicyIssue]:
         """Strings holding ``scheme://user:password@``: secrets belong in the environment."""

@@ -11,6 +11,7 @@ upstreams that are gone or changed are closed once the old snapshot drains.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -73,7 +74,24 @@ def _pool_limits(policy: Policy, upstream: UpstreamPolicy) -> PoolLimits:
 def _connection_identity(policy: Policy, upstream: UpstreamPolicy) -> tuple[Any, ...]:
     """What, when changed, needs a new pool (limits alone are resized in place)."""
     header_limit = policy.server.limits.max_upstream_header_bytes if upstream.url else None
-    return (upstream.url, upstream.pool, upstream.postgres, header_limit)
+    return (upstream.url, upstream.pool, upstream.postgres, header_limit,
+            _tls_identity(upstream))
+
+
+def _tls_identity(upstream: UpstreamPolicy) -> tuple[Any, ...] | None:
+    """The TLS settings and the files they name as they are now: a certificate or CA
+    rotated in place (same path, new content) takes effect at the next reload."""
+    tls = upstream.tls
+    if tls is None:
+        return None
+    files = []
+    for path in (tls.ca_file, tls.cert_file, tls.key_file):
+        try:
+            stat = os.stat(path) if path is not None else None
+        except OSError:
+            stat = None
+        files.append(None if stat is None else (stat.st_ino, stat.st_mtime_ns, stat.st_size))
+    return (tls, *files)
 
 
 def _upstream_tls(definition: UpstreamPolicy) -> UpstreamTls | None:
@@ -142,6 +160,14 @@ class Runtime:
         self._take_up(self.snapshot)
         self.reloads = 0
         self.last_reload_error: str | None = None
+
+    def files_changed(self) -> bool:
+        """Whether a file the active policy names (a TLS certificate, key or CA) has
+        changed since its upstream was built: a reload of the same policy text must
+        then still rebuild that upstream's pool."""
+        policy = self.snapshot.policy
+        return any(state.identity != _connection_identity(policy, state.policy)
+                   for state in self.snapshot.upstreams.values())
 
     def _build(self, loaded: LoadedPolicy, previous: dict[str, UpstreamState]) -> Snapshot:
         """The snapshot of ``loaded``, reusing ``previous`` upstreams where it can.

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -553,3 +554,34 @@ def test_a_zero_limit_that_would_cut_every_answer_is_refused(field: str) -> None
     text = MINIMAL + f"server:\n  limits: {{{field}: 0s}}\n"
     with pytest.raises(PolicyError, match=field):
         load_policy_text(text, "p.yaml")
+
+
+def test_merges_of_non_mappings_count_against_the_expansion_cap():
+    # The loader bounds what a file expands to (MAX_NODES values, merges included) so
+    # that a small file cannot make ``check`` or a reload run for long. A merge whose
+    # source is not a mapping (``<<: [*scalar, ...]``) is reported ("'<<' merges
+    # mappings only") but never counted, and neither is the mapping it sits in beyond
+    # one value: a 1.5 KB file reusing such a mapping by aliases takes minutes (each
+    # further level of aliases multiplies it by 10). It should be refused (or read)
+    # within the cap, in well under a second of work.
+    sources = ", ".join(["*s"] * 300)
+    lines = ["x: &s v", f"x0: &m {{<<: [{sources}]}}"]
+    for level, (name, inner) in enumerate([("a", "m"), ("b", "a"), ("c", "b"), ("d", "c"),
+                                           ("e", "d")], start=1):
+        lines.append(f"x{level}: &{name} [" + ", ".join([f"*{inner}"] * 10) + "]")
+    text = "\n".join(lines) + "\nversion: 1\n"
+    assert len(text) < 2000
+    script = textwrap.dedent("""
+        import sys
+        from gateway._policy_loader import PolicyError, load_policy_text
+        try:
+            load_policy_text(sys.stdin.read(), "p.yaml")
+        except PolicyError:
+            pass
+    """)
+    try:
+        subprocess.run([sys.executable, "-c", script], input=text, text=True,
+                       cwd=ROOT, timeout=10, check=True,
+                       capture_output=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a 1.5 KB policy file was still being loaded after 10 s")

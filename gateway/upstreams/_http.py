@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -182,13 +183,21 @@ class _MapExceptions:
 class _Connection:
     """One socket and its h11 state machine, plus the flags of the current cycle."""
 
-    __slots__ = ("eof", "errors", "h11", "idle_since", "received", "reused", "socket", "stream")
+    __slots__ = ("eof", "errors", "h11", "idle_since", "received", "reused", "socket", "stream",
+                 "tls_buffers")
 
     def __init__(self, upstream: str, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
                  max_header_bytes: int) -> None:
         self.stream = stream
-        self.socket = (stream.transport_stream.socket if isinstance(stream, trio.SSLStream)
-                       else stream.socket)
+        if isinstance(stream, trio.SSLStream):
+            self.socket = stream.transport_stream.socket
+            # trio reads TLS a record at a time: bytes past a response can wait in these
+            # two buffers (encrypted, decrypted) while the socket itself is not readable.
+            self.tls_buffers: tuple[ssl.MemoryBIO, ssl.SSLObject] | None = (
+                stream._incoming, stream._ssl_object)  # trio's own, read only
+        else:
+            self.socket = stream.socket
+            self.tls_buffers = None
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
         self.errors = _MapExceptions(upstream, self)
         self.idle_since = 0.0
@@ -222,12 +231,19 @@ class _Connection:
         1,023, which a worker holding 1,000 client connections reaches, and every idle
         connection there would look gone.
         """
+        if self.tls_pending():
+            return True
         poller = select.poll()
         try:
             poller.register(self.socket.fileno(), select.POLLIN)
             return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
+
+    def tls_pending(self) -> bool:
+        """Bytes the TLS layer holds that no one has read (none over plain HTTP)."""
+        buffers = self.tls_buffers
+        return buffers is not None and bool(buffers[0].pending or buffers[1].pending())
 
     def close(self) -> None:
         """Close the socket now. Synchronous, so it cannot be cancelled or hang: the
@@ -333,7 +349,7 @@ class UpstreamResponse:
         if not (self._complete and h.our_state is h11.DONE and h.their_state is h11.DONE):
             return False
         extra, closed = h.trailing_data
-        return not extra and not closed
+        return not extra and not closed and not self._conn.tls_pending()
 
 
 class _Waiter:

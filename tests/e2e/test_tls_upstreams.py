@@ -2,7 +2,9 @@
 policy's ``ca_file``, its name checked (``server_name``), a client certificate for
 upstreams that ask for one, and a failed handshake reported as a connect failure."""
 
+import os
 import ssl
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,101 @@ def test_a_tls_setting_that_cannot_work_is_a_policy_error_at_its_line(tls: str, 
 def test_tls_settings_for_a_plain_http_url_are_refused():
     with pytest.raises(PolicyError, match="'tls' is for an https:// url"):
         load_policy_text(policy("http://127.0.0.1:8080", "server_name: x"), "p.yaml")
+
+
+async def test_a_reload_takes_new_tls_settings_and_files_rotated_in_place(ca, ca_file,
+                                                                          tmp_path: Path):
+    """A reload changing only ``tls`` kept the old pool (and its context), and a CA or
+    certificate rewritten at the same path was never read again."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, tls=server_context(ca, "users.internal"))
+        path = tmp_path / "policy.yaml"
+        wrong = policy(upstream.url, f"ca_file: {ca_file}, server_name: wrong.internal")
+        rotating = tmp_path / "rotating-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(rotating))  # not the upstream's CA
+        right = policy(upstream.url, f"ca_file: {rotating}, server_name: users.internal")
+        async with run_gateway(wrong, policy_path=path) as gw, gw.client() as client:
+            refused = await client.get("/api/users/1")
+            assert refused.status_code == 502 and refused.json()["cause"] == "upstream_connect"
+            write_atomically(path, right)
+            assert await gw.gateway.reload()
+            assert gw.gateway.runtime.last_reload_error is None
+            # The new settings are used: the name is right, the CA not yet.
+            untrusted = await client.get("/api/users/1")
+            assert untrusted.status_code == 502, untrusted.text
+            assert "certificate verify failed" in str(
+                (await trace_of(gw, untrusted.headers["x-request-id"])).to_json())
+            write_atomically(rotating, ca.cert_pem.bytes().decode())  # rotated in place
+            assert await gw.gateway.reload()  # the same policy text: reloaded all the same
+            assert (await client.get("/api/users/1")).status_code == 200
+        nursery.cancel_scope.cancel()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+async def _read_head(stream: trio.abc.Stream, buffer: bytearray) -> bytes | None:
+    while b"\r\n\r\n" not in buffer:
+        data = await stream.receive_some(65536)
+        if not data:
+            return None
+        buffer += data
+    end = buffer.index(b"\r\n\r\n") + 4
+    head = bytes(buffer[:end])
+    del buffer[:end]
+    return head
+
+
+#: What a broken upstream sends after a complete response (a body on a HEAD answer, a
+#: body longer than its Content-Length): it must never answer the next request.
+STRAY = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 5\r\n\r\nstale"
+
+
+async def test_bytes_after_a_response_never_answer_the_next_request_over_tls(ca, ca_file):
+    # Over plain HTTP the pool reads up to 64 KiB at a time, so bytes after a complete
+    # response are in h11's trailing_data, or the idle socket is readable: either way
+    # the connection is not reused (tests/test_http_pool.py). Over TLS one read gives
+    # one TLS record: bytes in the next record are left in the SSL object's buffer, the
+    # raw socket is not readable, and the next request reads them as its answer.
+    context = server_context(ca, "127.0.0.1")
+    connections = 0
+
+    async def handle(tcp: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        stream = trio.SSLStream(tcp, context, server_side=True)
+        buffer = bytearray()
+        try:
+            while (head := await _read_head(stream, buffer)) is not None:
+                target = head.split(b" ", 2)[1]
+                if target == b"/one":
+                    # A response that ends exactly at a TLS record's end (16 KiB),
+                    # then stray bytes: two records, written in one TCP send.
+                    prefix = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n"
+                    length = 16384 - len(prefix % 10000)
+                    response = (prefix % length) + b"x" * length
+                    assert len(response) == 16384
+                    await stream.send_all(response + STRAY)
+                else:
+                    body = b"fresh:" + target
+                    await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n"
+                                          % len(body) + body)
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        text = policy(f"https://127.0.0.1:{port}", f"ca_file: {ca_file}")
+        with trio.fail_after(20):
+            async with run_gateway(text) as gw, gw.client() as client:
+                first = await client.get("/api/one")
+                assert first.status_code == 200 and len(first.content) > 16000
+                second = await client.get("/api/two")
+                assert (second.status_code, second.text) == (200, "fresh:/two")
+        nursery.cancel_scope.cancel()

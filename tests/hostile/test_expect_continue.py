@@ -92,3 +92,22 @@ async def test_over_http2_the_client_is_asked_when_its_body_is_wanted():
         assert status == 200 and s.upstream.requests[-1].body == b"hello"
         assert not any(interim(refused)(event) for event in client.events)
         await client.stream.aclose()
+
+
+async def test_an_upload_refused_by_the_admin_listener_is_never_asked_for():
+    # README: "A client that uploads with Expect: 100-continue is asked for its body
+    # only when the gateway reads it, so an upload refused on its head (413, 404, 405,
+    # 503) is never sent." On the admin bind the 100 is tied to the admin app's first
+    # ``receive`` (continue_on_first_receive), but Quart starts reading the body as
+    # soon as the request arrives, before routing: a 100 MB upload (over max_body) to
+    # a path the admin does not serve is asked for, then refused with 404.
+    head = (b"POST /nowhere HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 100000000\r\n\r\n")
+    with trio.fail_after(20):
+        async with stage() as s:
+            for _ in range(3):
+                async with connect(s.gw.admin_port) as conn:
+                    await conn.send(head)
+                    response = await conn.read_response()
+                    assert response is not None and response.status in (404, 405, 413)
+                    assert response.interim == [], response.interim
