@@ -55,11 +55,10 @@ def is_trusted(peer: str | None, trusted: Sequence[IPv4Network | IPv6Network]) -
     except ValueError:
         return False
     # A dual-stack listener ([::]) reports IPv4 peers as ::ffff:a.b.c.d: they are
-    # matched against IPv4 networks, as nginx's set_real_ip_from does.
+    # matched against IPv4 networks too, as nginx's set_real_ip_from does.
     mapped = getattr(address, "ipv4_mapped", None)
-    if mapped is not None:
-        address = mapped
-    return any(address in network for network in trusted)
+    return any(address in network or (mapped is not None and mapped in network)
+               for network in trusted)
 
 
 def request_id_from(headers: Sequence[tuple[bytes, bytes]], header: bytes) -> str:
