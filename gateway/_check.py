@@ -197,9 +197,14 @@ def _explain_call(policy: Policy, call: ProxyAction | FanoutCall,
                      f"at most {resolved.max_hedges} extra  # {origin('hedge_after')}"
                      + (f"; never for a {' or '.join(writing_methods)}" if only_some else ""))
     limit = upstream.limit
+    adaptive = ("" if limit.adaptive is None else
+                f", adaptive: {{min_concurrency: {limit.adaptive.min_concurrency}, "
+                f"tolerance: {_percent(limit.adaptive.tolerance)}}}")
     lines.append(f"limit: {{concurrency: {limit.concurrency}, queue: {limit.queue}, "
-                 f"queue_timeout: {format_duration(limit.queue_timeout)}}}  "
-                 f"# upstreams.{call.upstream}.limit")
+                 f"queue_timeout: {format_duration(limit.queue_timeout)}{adaptive}}}  "
+                 f"# upstreams.{call.upstream}.limit"
+                 + ("; concurrency is the most, the slots follow the latency"
+                    if limit.adaptive is not None else ""))
     circuit = upstream.circuit
     if circuit is None:
         lines.append("circuit: off")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import trio
 
+from ._adaptive import GradientLimit
 from ._errors import Shed
 
 
@@ -31,9 +32,11 @@ class UpstreamLimiter:
     """``trio.CapacityLimiter`` plus a bounded, time-limited queue."""
 
     def __init__(self, name: str, *, concurrency: int, queue: int, queue_timeout_s: float,
-                 retry_after_s: float = 1.0) -> None:
+                 retry_after_s: float = 1.0, adaptive: GradientLimit | None = None) -> None:
         self.name = name
-        self._limiter = trio.CapacityLimiter(concurrency)
+        #: When set, ``concurrency`` is the most slots, and the slots follow the latency.
+        self.adaptive = adaptive
+        self._limiter = trio.CapacityLimiter(concurrency if adaptive is None else adaptive.slots)
         self._queue_limit = queue
         self._queue_timeout_s = queue_timeout_s
         self._retry_after_s = retry_after_s
@@ -41,9 +44,21 @@ class UpstreamLimiter:
         self.shed_total = 0
 
     def resize(self, *, concurrency: int, queue: int, queue_timeout_s: float,
-               retry_after_s: float | None = None) -> None:
-        """Apply new limits in place; holders keep their slots, waiters keep waiting."""
-        self._limiter.total_tokens = concurrency
+               retry_after_s: float | None = None,
+               adaptive: tuple[int, float] | None = None) -> None:
+        """Apply new limits in place; holders keep their slots, waiters keep waiting.
+        ``adaptive``: (minimum, tolerance) when the slots follow the latency."""
+        if adaptive is None:
+            self.adaptive = None
+        elif self.adaptive is None:
+            self.adaptive = GradientLimit(maximum=concurrency, minimum=adaptive[0],
+                                          tolerance=adaptive[1])
+            self._limiter.total_tokens = self.adaptive.slots
+        else:
+            self.adaptive.resize(maximum=concurrency, minimum=adaptive[0],
+                                 tolerance=adaptive[1])
+        self._limiter.total_tokens = (concurrency if self.adaptive is None
+                                      else self.adaptive.slots)
         self._queue_limit = queue
         self._queue_timeout_s = queue_timeout_s
         if retry_after_s is not None:
@@ -87,10 +102,26 @@ class UpstreamLimiter:
                            retry_after_s=self._retry_after_s, upstream=self.name,
                            reason="queue_timeout" if wait_s == self._queue_timeout_s
                            else "deadline") from None
+        adaptive = self.adaptive
+        if adaptive is None:
+            try:
+                yield
+            finally:
+                self._limiter.release_on_behalf_of(token)
+            return
+        started = trio.current_time()
+        in_flight = self._limiter.borrowed_tokens
+        finished = False
         try:
             yield
+            finished = True
         finally:
             self._limiter.release_on_behalf_of(token)
+            if finished:  # a call cut short says nothing of how fast the upstream is
+                now = trio.current_time()
+                slots = adaptive.sample(now - started, started, in_flight, now)
+                if slots != self._limiter.total_tokens:
+                    self._limiter.total_tokens = slots
 
     def try_hold(self) -> object | None:
         """A slot taken without waiting (a hedge's), or None when all are taken; give it

@@ -40,6 +40,10 @@ class Metrics:
                                ["upstream"], multiprocess_mode="livesum")
         self.queued = Gauge("gateway_upstream_queued", "Calls waiting for a slot, by upstream",
                             ["upstream"], multiprocess_mode="livesum")
+        self.concurrency_limit = Gauge(
+            "gateway_upstream_concurrency_limit",
+            "Slots an upstream has (they follow its latency when limit.adaptive is set)",
+            ["upstream"], multiprocess_mode="livesum")
         self.shed = Counter("gateway_shed_total", "Requests or calls shed, by where",
                             ["where"])
         self.breaker_state = Gauge(
@@ -98,6 +102,7 @@ class Metrics:
             stats = state.limiter.statistics()
             self.in_flight.labels(name).set(stats.in_flight)
             self.queued.labels(name).set(stats.queued)
+            self.concurrency_limit.labels(name).set(stats.concurrency)
             if state.pool is not None:
                 pool = state.pool.statistics()
                 self.pool_connections.labels(name, "active").set(pool.active)
@@ -117,6 +122,7 @@ class Metrics:
         for name in self._upstreams_shown - upstreams.keys():
             self.in_flight.labels(name).set(0)
             self.queued.labels(name).set(0)
+            self.concurrency_limit.labels(name).set(0)
             for kind in ("active", "idle", "waiting"):
                 self.pool_connections.labels(name, kind).set(0)
             self._upstreams_shown.discard(name)

@@ -228,12 +228,26 @@ class DefaultsPolicy(_Model):
 # --------------------------------------------------------------------------- upstreams
 
 
+class AdaptiveLimitPolicy(_Model):
+    """The upstream's slots follow its latency; ``concurrency`` is the most."""
+
+    min_concurrency: int = Field(
+        4, ge=1, description="Fewest slots; also the slots while the upstream's minimum "
+        "latency is measured (at start, then every 60 s).")
+    tolerance: Percent = Field(
+        0.25, description="How far above the upstream's minimum latency calls may run "
+        "before its slots fall.")
+
+
 class LimitPolicy(_Model):
     """Concurrency limit with a bounded queue; a full queue or a long wait is shed (503)."""
 
     concurrency: int = Field(100, ge=1, description="Calls in flight to the upstream at most.")
     queue: int = Field(200, ge=0, description="Calls waiting for a slot at most.")
     queue_timeout: Duration = Field(0.05, description="Longest wait for a slot.")
+    adaptive: AdaptiveLimitPolicy | None = Field(
+        None, description="Let the calls in flight follow the upstream's latency, up to "
+        "concurrency (Envoy's gradient controller).")
 
 
 class PoolPolicy(_Model):

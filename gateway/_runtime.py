@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from ._adaptive import GradientLimit
 from ._breaker import CircuitBreaker
 from ._hypercorn_fixes import (
     set_accept_batch,
@@ -193,10 +194,15 @@ class Runtime:
                                       identity=identity)
                 kept.append((state, definition))
             else:
-                limiter = UpstreamLimiter(name, concurrency=definition.limit.concurrency,
-                                          queue=definition.limit.queue,
-                                          queue_timeout_s=definition.limit.queue_timeout,
-                                          retry_after_s=policy.server.shed_retry_after)
+                adaptive = definition.limit.adaptive
+                limiter = UpstreamLimiter(
+                    name, concurrency=definition.limit.concurrency,
+                    queue=definition.limit.queue,
+                    queue_timeout_s=definition.limit.queue_timeout,
+                    retry_after_s=policy.server.shed_retry_after,
+                    adaptive=None if adaptive is None else GradientLimit(
+                        maximum=definition.limit.concurrency,
+                        minimum=adaptive.min_concurrency, tolerance=adaptive.tolerance))
                 retry = upstream_retry_policy(policy, definition)
                 state = UpstreamState(
                     name, definition, limiter,
@@ -217,10 +223,13 @@ class Runtime:
     @staticmethod
     def _reconfigure(policy: Policy, old: UpstreamState, definition: UpstreamPolicy) -> None:
         """Apply new limits, budget and breaker settings to a kept upstream in place."""
+        adaptive = definition.limit.adaptive
         old.limiter.resize(concurrency=definition.limit.concurrency,
                            queue=definition.limit.queue,
                            queue_timeout_s=definition.limit.queue_timeout,
-                           retry_after_s=policy.server.shed_retry_after)
+                           retry_after_s=policy.server.shed_retry_after,
+                           adaptive=None if adaptive is None else (
+                               adaptive.min_concurrency, adaptive.tolerance))
         old.policy = definition
         retry = upstream_retry_policy(policy, definition)
         old.retry_budget.reconfigure(retry.budget, retry.min_per_second)

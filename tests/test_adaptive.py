@@ -1,0 +1,120 @@
+"""The adaptive concurrency limit against a simulated upstream whose latency rises once
+it is given more calls than it can work on at once (MockClock: minutes in milliseconds)."""
+
+import statistics
+
+import trio
+
+from gateway._adaptive import GradientLimit
+from gateway._limits import UpstreamLimiter
+from gateway._policy_loader import load_policy_text
+from gateway._runtime import Runtime
+
+BASE_S = 0.010  # the upstream's latency while it has room
+
+
+class Upstream:
+    """Works on ``capacity`` calls at once; beyond that, calls wait inside it (latency
+    grows with the excess, as in a server's own queue)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_flight = 0
+        self.latencies: list[float] = []
+
+    async def call(self) -> None:
+        self.in_flight += 1
+        started = trio.current_time()
+        try:
+            await trio.sleep(BASE_S * max(1.0, self.in_flight / self.capacity))
+        finally:
+            self.in_flight -= 1
+        self.latencies.append(trio.current_time() - started)
+
+
+async def drive(limiter: UpstreamLimiter, upstream: Upstream, callers: int,
+                seconds: float) -> None:
+    async def caller() -> None:
+        while True:
+            async with limiter.slot():
+                await upstream.call()
+
+    with trio.move_on_after(seconds):
+        async with trio.open_nursery() as nursery:
+            for _ in range(callers):
+                nursery.start_soon(caller)
+
+
+def limiter(*, adaptive: bool, concurrency: int = 100) -> UpstreamLimiter:
+    return UpstreamLimiter(
+        "u", concurrency=concurrency, queue=10_000, queue_timeout_s=3600,
+        adaptive=GradientLimit(maximum=concurrency, minimum=4, tolerance=0.25)
+        if adaptive else None)
+
+
+async def test_an_upstream_slowing_under_load_is_given_fewer_calls(autojump_clock):
+    static, upstream_a = limiter(adaptive=False), Upstream(capacity=10)
+    await drive(static, upstream_a, callers=60, seconds=8)
+    adaptive, upstream_b = limiter(adaptive=True), Upstream(capacity=10)
+    await drive(adaptive, upstream_b, callers=60, seconds=8)
+    # A static 100 lets all 60 callers in: each call takes six times its base latency.
+    assert statistics.median(upstream_a.latencies[-500:]) > 5 * BASE_S
+    # The adaptive limit falls toward what the upstream works on at once, and the
+    # calls it lets in stay near the upstream's own latency; the rest wait at the
+    # gateway, where a deadline or the queue bounds can shed them.
+    slots = adaptive.statistics().concurrency
+    assert 4 <= slots <= 25, slots
+    assert statistics.median(upstream_b.latencies[-500:]) < 2.5 * BASE_S
+    # The upstream serves about as much either way: nothing is lost to the limit.
+    assert len(upstream_b.latencies) > 0.8 * len(upstream_a.latencies)
+
+
+async def test_the_limit_grows_back_when_the_upstream_can_take_more(autojump_clock):
+    adaptive, upstream = limiter(adaptive=True), Upstream(capacity=5)
+    await drive(adaptive, upstream, callers=80, seconds=8)
+    low = adaptive.statistics().concurrency
+    upstream.capacity = 60  # scaled out
+    await drive(adaptive, upstream, callers=80, seconds=8)
+    high = adaptive.statistics().concurrency
+    assert low <= 15 < 40 <= high, (low, high)
+
+
+async def test_an_idle_upstream_keeps_its_limit(autojump_clock):
+    # Two callers say nothing of what the upstream could take: no growth, no fall.
+    adaptive, upstream = limiter(adaptive=True, concurrency=50), Upstream(capacity=1)
+    await drive(adaptive, upstream, callers=2, seconds=10)
+    assert adaptive.statistics().concurrency == 50
+
+
+async def test_a_reload_keeps_the_limit_within_its_new_bounds(autojump_clock):
+    adaptive, upstream = limiter(adaptive=True), Upstream(capacity=5)
+    await drive(adaptive, upstream, callers=60, seconds=5)
+    adaptive.resize(concurrency=100, queue=10, queue_timeout_s=1, adaptive=(30, 0.25))
+    assert adaptive.statistics().concurrency == 30  # raised to the new minimum
+    adaptive.resize(concurrency=100, queue=10, queue_timeout_s=1, adaptive=None)
+    assert adaptive.statistics().concurrency == 100 and adaptive.adaptive is None
+
+
+async def test_the_policy_turns_it_on_and_a_reload_off():
+    text = """
+version: 1
+upstreams:
+  users:
+    url: "http://127.0.0.1:9001"
+    limit: {concurrency: 80, adaptive: {min_concurrency: 6, tolerance: 50%}}
+routes:
+  - path: /api/{rest*}
+    proxy: {upstream: users, path: "/{rest}"}
+"""
+    runtime = Runtime(load_policy_text(text, "p.yaml"))
+    limiter = runtime.snapshot.upstreams["users"].limiter
+    assert limiter.adaptive is not None
+    assert (limiter.adaptive.maximum, limiter.adaptive.minimum,
+            limiter.adaptive.tolerance) == (80, 6, 0.5)
+    # It starts by measuring the upstream's minimum latency, with the fewest slots.
+    assert limiter.statistics().concurrency == 6
+    plain = text.replace(", adaptive: {min_concurrency: 6, tolerance: 50%}", "")
+    new = runtime.prepare(load_policy_text(plain, "p.yaml"))
+    runtime.activate(new)
+    assert runtime.snapshot.upstreams["users"].limiter is limiter  # the same upstream
+    assert limiter.adaptive is None and limiter.statistics().concurrency == 80
