@@ -7,10 +7,12 @@ so a chain of services shares one deadline.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import math
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Container, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -25,6 +27,7 @@ from ._errors import (
     StatementWrites,
     UpstreamError,
     UpstreamProtocolError,
+    UpstreamQueryError,
     UpstreamStatusError,
     UpstreamTimeout,
 )
@@ -51,7 +54,10 @@ def call_span(ctx: RequestContext, parent: TracedScope, call_name: str,
               **attrs: Any) -> Iterator[TracedScope]:
     """The traced cancel scope of one call, its deadline nested in the request's: what
     the call does before it takes a slot (binding its arguments) is traced too."""
-    deadline = call_deadline(trio.current_time(), ctx.deadline.at, timeout_s)
+    # Within the parent's own deadline too: a partial fan-out stops waiting for its
+    # calls before the request's deadline, and each call announces that budget upstream.
+    deadline = call_deadline(trio.current_time(), min(ctx.deadline.at, parent.deadline),
+                             timeout_s)
     with traced_scope(ctx.trace, parent, "call", call_name, deadline=deadline,
                       upstream=state.name, **attrs) as call:
         yield call
@@ -145,7 +151,8 @@ async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
             body = await response.read(max_bytes=limit)
         if response.status >= 400:
             raise UpstreamStatusError(f"upstream {state.name!r} answered {response.status}",
-                                      upstream_status=response.status, upstream=state.name)
+                                      upstream_status=response.status, upstream=state.name,
+                                      retry_after_s=retry_after_s(response.headers))
         try:
             value = json.loads(body, parse_constant=_refuse_constant,
                                parse_float=_finite_float) if body else None
@@ -157,6 +164,23 @@ async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
     async with upstream_call(ctx, parent, name, state, settings.timeout) as scope:
         return await run_attempts(ctx, scope, state, settings, name=name, method=call.method,
                                   replayable=True, perform=perform)
+
+
+def retry_after_s(headers: list[tuple[bytes, bytes]]) -> float | None:
+    """An upstream's ``Retry-After`` (seconds or an HTTP date), passed on with its
+    status when the gateway answers it as its own error."""
+    for name, value in headers:
+        if name != b"retry-after":
+            continue
+        text = value.decode("latin-1").strip()
+        if text.isdigit():
+            return float(text)
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+    return None
 
 
 def _fanout_base_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
@@ -253,7 +277,21 @@ async def sql_call(ctx: RequestContext, parent: TracedScope, name: str, call: Fa
         # the call's failure in the trace, and holds no capacity.
         args = await bind_sql_args(ctx, call.args)
         async with capacity_slot(ctx, scope, name, state):
-            return await _run_sql(ctx, scope, name, call, state, settings, postgres, args)
+            result = await _run_sql(ctx, scope, name, call, state, settings, postgres, args)
+        _check_result_size(result, ctx.match.route.max_response_body
+                           or DEFAULT_PARSED_BODY_LIMIT, name)
+        return result
+
+
+def _check_result_size(result: Any, limit: int, name: str) -> None:
+    """A result past ``max_response_body`` (as JSON) is a 502, as an HTTP upstream's
+    body past it is: the cap holds for what the gateway answers, whatever the source."""
+    size = 0
+    for row in result if isinstance(result, list) else [result]:
+        size += len(json.dumps(row, separators=(",", ":"))) + 1
+        if size > limit:
+            raise UpstreamQueryError(f"{name}: the result is larger than {limit} bytes "
+                                     "as JSON (max_response_body)", max_bytes=limit)
 
 
 async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: FanoutCall,

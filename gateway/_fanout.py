@@ -35,6 +35,14 @@ def _needed(mode: Any, total: int) -> int:
     return 1 if mode == "first" else total
 
 
+def _left_out(stage: Any, name: str) -> None:
+    for span in reversed(stage.span.children):
+        if span.kind == "call" and span.name == name:
+            span.outcome, span.cause, span.fired_scope = "cancelled", "quorum_reached", \
+                stage.span.label
+            return
+
+
 async def _run_call(ctx: RequestContext, parent: Any, name: str, call: FanoutCall) -> Any:
     state = ctx.snapshot.upstreams[call.upstream]
     settings = ctx.snapshot.call_settings(call, resolve_call_settings)
@@ -72,6 +80,12 @@ async def fanout(ctx: RequestContext) -> None:
                                 and len(errors) > len(action.calls) - needed):
                             first_failure.append((name, error))
                             nursery.cancel_scope.cancel(reason=f"sibling_failed|call {name}")
+                        return
+                    if needed < len(action.calls) and len(results) >= needed:
+                        # Answered in the same pass as the answers that made the
+                        # quorum, before its cancellation reached this task: not one
+                        # of the first N, so left out, and traced as the others are.
+                        _left_out(stage, name)
                         return
                     results[name] = value
                     if needed < len(action.calls) and len(results) >= needed:

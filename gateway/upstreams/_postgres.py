@@ -10,10 +10,11 @@ Deadlines and cancellation
     A call runs inside the caller's cancel scopes and inside its own ``timeout_s``
     scope. When any of them fires, trio-asyncio cancels the asyncio task and asyncpg,
     seeing its query cancelled, sends a CancelRequest to the server: the backend stops
-    the statement within milliseconds. The connection is released before the call
-    returns, after asyncpg has seen the server acknowledge the cancel, so it goes back
-    to the pool usable (or is terminated if the server stays silent past
-    ``close_timeout_s``). A call whose own ``timeout_s`` fired raises
+    the statement within milliseconds. The call returns at once; its connection is
+    released in the background once asyncpg has seen the server acknowledge the cancel,
+    so it goes back to the pool usable (or is terminated if the server stays silent
+    past ``close_timeout_s``: a partitioned database does not hold the answer up by
+    that long). A call whose own ``timeout_s`` fired raises
     ``UpstreamTimeout``; a call cancelled by the caller's scope raises
     ``trio.Cancelled``.
 
@@ -68,7 +69,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
@@ -414,11 +415,24 @@ def _without_client_check(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**kwargs, "server_settings": server_settings}
 
 
+def _finite_float(text: str) -> float:
+    """A number a double cannot hold (``1e400`` in a json column) would be answered as
+    the string "Infinity": refused instead, as from an HTTP upstream."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"a json value holds {text[:32]}, beyond the range of a double")
+    return value
+
+
+def _decode_json(text: str) -> Any:
+    return json.loads(text, parse_float=_finite_float)
+
+
 async def _init_connection(con: asyncpg.Connection) -> None:
     """Decode json/jsonb into Python values (and encode Python values as JSON)."""
     for typename in ("json", "jsonb"):
         await con.set_type_codec(
-            typename, schema="pg_catalog", encoder=json.dumps, decoder=json.loads
+            typename, schema="pg_catalog", encoder=json.dumps, decoder=_decode_json
         )
 
 
@@ -490,9 +504,28 @@ async def _run_on_pool(
     try:
         if writes:
             await con.execute("SET default_transaction_read_only = off")
-        return await getattr(con, method)(query, *args)
-    finally:
+        result = await getattr(con, method)(query, *args)
+    except asyncio.CancelledError:
+        # Cut by a deadline or a client leaving: the caller is answered now. Releasing
+        # waits for the server to acknowledge asyncpg's cancel (or close_timeout_s, when
+        # the server cannot be reached), so it goes on without the caller.
+        _in_background(_release(pool, con, release_timeout_s))
+        raise
+    except BaseException:
         await _release(pool, con, release_timeout_s)
+        raise
+    await _release(pool, con, release_timeout_s)
+    return result
+
+
+#: Releases running after their callers were cancelled (a reference keeps each alive).
+_RELEASING: set[asyncio.Task[None]] = set()
+
+
+def _in_background(release: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(release)
+    _RELEASING.add(task)
+    task.add_done_callback(_RELEASING.discard)
 
 
 async def _touch(pool: asyncpg.Pool, count: int) -> None:

@@ -182,3 +182,125 @@ async def test_a_partial_fan_out_answers_what_arrived_when_a_call_runs_past_the_
             assert (history.outcome, history.cause, history.fired_scope) == \
                 ("cancelled", "deadline", "stage fanout")
         nursery.cancel_scope.cancel()
+
+
+FIRST = """
+version: 1
+upstreams:
+  u: {{url: "{url}"}}
+routes:
+  - path: /first/{{i}}
+    deadline: 2s
+    fanout:
+      mode: first
+      calls:
+        a: {{upstream: u, path: "/a/{{i}}"}}
+        b: {{upstream: u, path: "/b/{{i}}"}}
+  - path: /quorum/{{i}}
+    deadline: 2s
+    fanout:
+      mode: {{quorum: 2}}
+      calls:
+        a: {{upstream: u, path: "/a/{{i}}"}}
+        b: {{upstream: u, path: "/b/{{i}}"}}
+        c: {{upstream: u, path: "/c/{{i}}"}}
+"""
+
+
+async def test_mode_first_answers_one_call_even_when_two_answers_arrive_together():
+    # policies/README.md, "Fan-out responses": mode first answers {"<its name>": <json>}
+    # and cancels the others (quorum_reached); quorum N answers "the first N successes".
+    # When the answers arrive in the same scheduler batch, every call that finished is
+    # merged: {"a": ..., "b": ...} for `first`, three keys for a quorum of 2, and no span
+    # is cancelled with quorum_reached.
+    arrived: dict[str, list] = {}
+
+    async def together(request, respond):
+        key = request.path.rsplit("/", 1)[1]
+        seen = arrived.setdefault(key, [0, trio.Event()])
+        seen[0] += 1
+        if seen[0] == (3 if key.startswith("q") else 2):
+            seen[1].set()
+        await seen[1].wait()
+        await respond.json({"path": request.path})
+
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=together)
+        async with run_gateway(FIRST.format(url=upstream.url)) as gw, gw.client() as client:
+            with trio.fail_after(20):
+                first = await client.get("/first/1")
+                quorum = await client.get("/quorum/q1")
+            assert first.status_code == 200 and quorum.status_code == 200
+            trace = await trace_of(gw, first.headers["x-request-id"])
+            assert len(first.json()) == 1, (first.json(), [
+                (s.label, s.outcome, s.cause) for s in trace.root.walk()])
+            assert len(quorum.json()) == 2, quorum.json()
+        nursery.cancel_scope.cancel()
+
+
+RETRY_AFTER = """
+version: 1
+upstreams:
+  u: {{url: "{url}"}}
+routes:
+  - path: /f
+    deadline: 2s
+    fanout:
+      calls:
+        a:
+          upstream: u
+          path: "/status/503?retry_after=7"
+          retries: {{attempts: 1}}
+        b: {{upstream: u, path: "/users/1"}}
+"""
+
+
+async def test_a_fan_out_503_passed_on_keeps_the_upstream_s_retry_after():
+    # policies/README.md, Retries block: "otherwise the upstream's answer, its Retry-After
+    # with it, is the client's"; README: a fan-out call's 503 is answered as 503 "for the
+    # client's own retry logic" (_errors.py). The proxy route keeps Retry-After (see
+    # tests/e2e/test_resilience.py); the fan-out answers the 503 without it.
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(RETRY_AFTER.format(url=upstream.url)) as gw, gw.client() as client:
+            with trio.fail_after(10):
+                response = await client.get("/f")
+            assert response.status_code == 503, response.text
+            assert response.json()["call"] == "a"
+            assert response.headers.get("retry-after") == "7", dict(response.headers)
+        nursery.cancel_scope.cancel()
+
+
+PARTIAL_BUDGET = """
+version: 1
+upstreams:
+  u: {{url: "{url}"}}
+routes:
+  - path: /p
+    deadline: 400ms
+    fanout:
+      on_failure: partial
+      calls:
+        h: {{upstream: u, path: "/headers"}}
+"""
+
+
+async def test_a_partial_fan_out_announces_the_budget_it_will_actually_wait():
+    # A partial fan-out cuts its calls a tenth of the budget before the deadline (here
+    # 400 ms - 40 ms = 360 ms), but each call still announces the whole request deadline
+    # upstream (x-request-timeout-ms: 394): an upstream that uses its announced budget
+    # answers after the gateway stopped waiting, and its work is always lost. The header
+    # must carry the time the gateway will wait (as Envoy's
+    # x-envoy-expected-rq-timeout-ms carries the timeout Envoy applies); the call's
+    # deadline (and its queue wait and budget floor) should be the stage's.
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(PARTIAL_BUDGET.format(url=upstream.url)) as gw, \
+                gw.client() as client:
+            with trio.fail_after(10):
+                response = await client.get("/p")
+            assert response.status_code == 200, response.text
+            sent = dict((k.lower(), v) for k, v in response.json()["h"]["headers"])
+            announced = int(sent["x-request-timeout-ms"])
+            assert announced <= 360 - 5, f"announced {announced} ms; the gateway waits 360 ms"
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,162 @@
+"""SQL calls at their limits: results past max_response_body, json values a double
+cannot hold, and a database that stops answering (a partition) while a deadline runs."""
+
+import json
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import trio
+
+from tests.gateway_harness import run_gateway
+
+
+@pytest.fixture
+def database(pg_cluster, monkeypatch):
+    if not pg_cluster.running:
+        pg_cluster.start()
+    monkeypatch.setenv("GATEWAY_TEST_DSN", pg_cluster.dsn)
+    yield pg_cluster
+    if not pg_cluster.running:
+        pg_cluster.start()
+
+
+def strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+class FreezableProxy:
+    """A TCP relay in front of PostgreSQL that can stop relaying (a network partition:
+    bytes sent are held, new connections are accepted and never answered)."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.frozen = False
+        self.thawed = trio.Event()
+        self.port = 0
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _pump(self, source, sink) -> None:
+        try:
+            async for data in source:
+                if self.frozen:
+                    await self.thawed.wait()
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await sink.aclose()
+
+    async def _handle(self, client) -> None:
+        if self.frozen:
+            await self.thawed.wait()
+        async with client, await trio.open_tcp_stream(*self.target) as server:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, server)
+                nursery.start_soon(self._pump, server, client)
+
+
+SQL = """
+version: 1
+upstreams:
+  db:
+    postgres: {dsn_env: GATEWAY_TEST_DSN, pool: {min: 1, max: 2}}
+routes:
+  - path: /capped
+    deadline: 5s
+    max_response_body: 1KiB
+    sql:
+      upstream: db
+      query: "SELECT g AS n, repeat('x', 100) AS pad FROM generate_series(1, 2000) g"
+  - path: /default-cap
+    deadline: 10s
+    sql:
+      upstream: db
+      query: "SELECT g AS n, repeat('x', 1000) AS pad FROM generate_series(1, 6000) g"
+  - path: /fan-capped
+    deadline: 5s
+    max_response_body: 1KiB
+    fanout:
+      calls:
+        rows:
+          upstream: db
+          query: "SELECT g AS n, repeat('x', 100) AS pad FROM generate_series(1, 2000) g"
+  - path: /json-number
+    deadline: 2s
+    sql: {upstream: db, query: "SELECT '{\\"x\\": 1e400}'::json AS j", one: true}
+"""
+
+
+async def test_an_sql_result_above_max_response_body_is_a_502(database):
+    # policies/README.md, routes[].max_response_body: "4 MiB for JSON parsed by fanout
+    # and sql ... Upstream body cap (502)". SQL results are fetched and answered whole:
+    # 240 KB under a 1 KiB cap, 6 MB under the default 4 MiB cap, all held in memory.
+    async with run_gateway(SQL) as gw, gw.client() as client:
+        with trio.fail_after(30):
+            capped = await client.get("/capped")
+            fan = await client.get("/fan-capped")
+            default = await client.get("/default-cap")
+        assert capped.status_code == 502, (capped.status_code, len(capped.content))
+        assert fan.status_code == 502, (fan.status_code, len(fan.content))
+        assert default.status_code == 502, (default.status_code, len(default.content))
+
+
+async def test_a_json_column_number_beyond_a_double_is_not_turned_into_a_string(database):
+    # A json column holding 1e400 (valid JSON, RFC 8259 sets no range) is decoded with
+    # json.loads into float('inf') and answered as the *string* "Infinity": a number
+    # silently becomes a different value of another type. The HTTP fan-out refuses such
+    # a number (502, _finite_float); the SQL path should keep the number or refuse it.
+    async with run_gateway(SQL) as gw, gw.client() as client:
+        with trio.fail_after(10):
+            response = await client.get("/json-number")
+        if response.status_code == 200:
+            value = strict_json(response.text)["j"]["x"]
+            assert not isinstance(value, str), response.text
+        else:
+            assert response.status_code == 502, response.text
+
+
+FROZEN = """
+version: 1
+upstreams:
+  db:
+    postgres: {dsn_env: GATEWAY_PROXIED_DSN, pool: {min: 1, max: 2}}
+routes:
+  - path: /one
+    deadline: 300ms
+    sql: {upstream: db, query: "SELECT 1 AS one", one: true}
+"""
+
+
+async def test_a_query_cut_by_the_deadline_is_answered_then_when_the_database_is_unreachable(
+        database, monkeypatch):
+    # README: "504 | the request deadline (route, or shorter client header) ... fired".
+    # When the database stops answering (a partition), the deadline cancels the query,
+    # but the call waits for asyncpg to release the connection (cancel acknowledged, or
+    # close_timeout_s = 2 s) before the 504 goes out: a 300 ms deadline is answered
+    # after more than 2 s.
+    parts = urlsplit(database.dsn)
+    async with trio.open_nursery() as nursery:
+        proxy = FreezableProxy(parts.hostname, parts.port)
+        await nursery.start(proxy.serve)
+        netloc = parts.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
+        monkeypatch.setenv("GATEWAY_PROXIED_DSN", urlunsplit(parts._replace(netloc=netloc)))
+        async with run_gateway(FROZEN) as gw, gw.client() as client:
+            with trio.fail_after(20):
+                assert (await client.get("/one")).status_code == 200
+                proxy.frozen = True
+                started = trio.current_time()
+                response = await client.get("/one")
+                elapsed = trio.current_time() - started
+                proxy.frozen = False
+                proxy.thawed.set()
+            assert response.status_code == 504, response.text
+            assert elapsed < 1.0, f"504 after {elapsed:.2f}s for a 300ms deadline"
+        nursery.cancel_scope.cancel()
