@@ -208,6 +208,13 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
 
     retry_now = _DecidedOnArrival(discard_for_retry)
 
+    def discard_while_others_run(status: int) -> bool:
+        """The last try's retryable status: discarded only while another attempt may
+        still answer (a hedge's 503 must not beat the first try's coming 200)."""
+        return status in retry_statuses and (running > 1 or claim.winner is not None)
+
+    others_may_answer = _DecidedOnArrival(discard_while_others_run)
+
     async def attempt_task(number: int, slot: object | None,
                            task_status: trio.TaskStatus[TracedScope]) -> None:
         deadline = call.deadline if per_try is None else min(
@@ -227,7 +234,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                                       upstream=state.name)
                 last = number >= max_attempts and hedges >= max_hedges
                 result = await perform(attempt, claim,
-                                       frozenset() if last else retry_now)
+                                       others_may_answer if last else retry_now)
                 if result.status is not None:
                     attempt.note(status=result.status)
             if attempt.cancel_cause is not None:  # lost a hedge race: not an outcome

@@ -145,9 +145,11 @@ async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
 
     async def perform(attempt: TracedScope, claim: Claim,
                       retry_statuses: Container[int]) -> AttemptResult[Any]:
-        headers = forward_headers(ctx, attempt, base)
-        headers.append((b"accept", b"application/json"))
-        async with pool.request(call.method, target, headers, None) as response:
+        def headers_now() -> list[tuple[bytes, bytes]]:
+            return [*forward_headers(ctx, attempt, base), (b"accept", b"application/json")]
+
+        async with pool.request(call.method, target, headers_now(), None,
+                                refresh=headers_now) as response:
             body = await response.read(max_bytes=limit)
         if response.status >= 400:
             raise UpstreamStatusError(f"upstream {state.name!r} answered {response.status}",

@@ -9,6 +9,9 @@ Races:
   the gateway is refusing) while the app's response is being written, the response's
   ``send_all`` fails with ``BusyResourceError`` and the client gets nothing, not its
   400. Taking the lock (unless this task already holds it) serialises the two.
+* A client that left (or half-closed) while a request it had pipelined waited behind
+  the one being answered was not seen: the reader waits without reading then. The
+  socket's state is looked at while it waits (:class:`_PeerWatchingEvent`).
 * ``TCPServer.run`` keeps a connection's task group (and so its socket, in CLOSE_WAIT)
   alive after the client has closed, until the keep-alive idle timer expires
   (``keep_alive_timeout``, 75 s here): under connection churn, tasks and file
@@ -31,6 +34,9 @@ Races:
 * A client that resets most of the streams it opens, at once (HTTP/2 rapid reset), is
   sent GOAWAY (ENHANCE_YOUR_CALM) and closed after ``server.limits.h2_premature_resets``
   of them (:mod:`gateway._h2_resets`); Hypercorn let it run 1,000 streams a connection.
+* An HTTP/2 stream whose flow-control window the client keeps shut had its whole
+  answer buffered in the worker (Hypercorn woke the writer for every empty pop); the
+  buffer now pushes back on the upstream at its high-water mark.
 * PRIORITY frames are taken only for open streams and never raise: frames naming
   idle streams filled the priority tree, or built chains whose re-parenting or
   scheduling raised, and each ended the worker.
@@ -112,12 +118,13 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import Request, StreamClosed
-from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import EventWrapper
 from priority.priority import PriorityError, TooManyStreamsError
 
 from gateway import _expect_continue
@@ -353,6 +360,35 @@ async def _send_watching_peer(to_app: trio.MemorySendChannel[Any], message: Any)
         nursery.cancel_scope.cancel(reason="body put")
 
 
+class _PeerGone(Exception):
+    """The client left while its connection was not being read."""
+
+
+class _PeerWatchingEvent(EventWrapper):
+    """The event an HTTP/1.1 connection's reader waits on while a request the client
+    pipelined waits for the one before it to be answered. The reader reads nothing
+    then, so a client that leaves (closes, resets, or half-closes: taken as leaving)
+    was not seen, and the request being answered ran on to its end. While it waits,
+    the socket's state is looked at as in :func:`_send_watching_peer`."""
+
+    async def wait(self) -> None:
+        if self._event.is_set():
+            return
+        server = _connection.get(None)
+        sock = getattr(getattr(getattr(server, "stream", None), "socket", None), "_sock", None)
+        if sock is None:  # TLS, or not a connection of ours
+            await self._event.wait()
+            return
+        poller = select.poll()
+        poller.register(sock.fileno(), _PEER_GONE)
+        while True:
+            with trio.move_on_after(PEER_CHECK_S):
+                await self._event.wait()
+                return
+            if poller.poll(0):
+                raise _PeerGone
+
+
 def _direct_send(server: Any, data: bytes) -> int | None:
     """Bytes of ``data`` the kernel took at once, or None when the socket is gone."""
     sock = getattr(server.stream, "socket", None)
@@ -483,6 +519,8 @@ def apply() -> None:
     async def _read_data(self: Any) -> None:
         try:
             await original_read(self)
+        except _PeerGone:  # seen while a pipelined request waited its turn
+            await self.protocol.handle(Closed())
         finally:
             if isinstance(self.idle_task, IdleTimer):
                 self.idle_task.end()
@@ -491,6 +529,14 @@ def apply() -> None:
                     await self.idle_task.stop()
 
     TCPServer._read_data = _read_data  # type: ignore[method-assign]
+
+    original_h11_init: Callable[..., None] = H11Protocol.__init__
+
+    def h11_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_h11_init(self, *args, **kwargs)
+        self.can_read = _PeerWatchingEvent()
+
+    H11Protocol.__init__ = h11_init  # type: ignore[method-assign]
 
     original_run: Callable[[Any], Awaitable[None]] = TCPServer.run
 
@@ -685,6 +731,23 @@ def apply() -> None:
             await self._flush()
 
     H2Protocol._send_data = _send_data  # type: ignore[method-assign]
+
+    async def pop(self: Any, max_length: int) -> bytes:
+        # Hypercorn resumed the app's writes when a *pop* was small, and a stream whose
+        # flow-control window is shut pops nothing: the app (relaying its upstream) was
+        # woken for every write and buffered the whole answer. Writes now resume when
+        # what is *left* is below the low-water mark, so a shut window pushes back on
+        # the upstream as a full socket does over HTTP/1.1.
+        length = min(len(self.buffer), max_length)
+        data = bytes(self.buffer[:length])
+        del self.buffer[:length]
+        if len(self.buffer) < BUFFER_LOW_WATER:
+            await self._paused.set()
+        if not self.buffer:
+            await self._is_empty.set()
+        return data
+
+    StreamBuffer.pop = pop  # type: ignore[method-assign]
 
     previous_spawn: Callable[..., Awaitable[Any]] = TaskGroup.spawn_app
 

@@ -10,6 +10,7 @@ client connection (see ``_request``).
 from __future__ import annotations
 
 from collections.abc import Container
+from functools import partial
 from typing import Any
 
 from ._attempts import AttemptResult, Claim, run_attempts
@@ -55,7 +56,8 @@ async def proxy(ctx: RequestContext) -> None:
     async def perform(attempt: TracedScope, claim: Claim,
                       retry_statuses: Container[int]) -> AttemptResult[None]:
         headers = forward_headers(ctx, attempt)
-        async with pool.request(method, target, headers, body) as response:
+        async with pool.request(method, target, headers, body,
+                                refresh=partial(forward_headers, ctx, attempt)) as response:
             status = response.status
             if status in retry_statuses:
                 raise UpstreamStatusError(f"upstream {state.name!r} answered {status}",

@@ -615,3 +615,14 @@ async def test_a_hedge_takes_a_slot_of_the_concurrency_limit_or_is_not_sent(auto
     assert await call(ctx, state, settings(hedge_after="80ms"), upstream) == {"attempt": 2}
     assert upstream.starts == pytest.approx([0.0, 0.080])
     assert state.limiter.statistics().in_flight == 0  # the hedge's slot is given back
+
+
+async def test_a_hedges_retryable_503_does_not_beat_the_first_attempt_still_running(
+        autojump_clock):
+    # hedge_after 100ms; the first attempt answers 200 at 300 ms, the hedge answers 503
+    # (listed in retries.on) at 110 ms while the first attempt is still running.
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((300 * MS, 200), (10 * MS, 503))
+    value = await call(ctx, state, settings(
+        hedge_after="100ms", retries={"attempts": 2, "on": [503]}), upstream)
+    assert value == {"attempt": 1}, spans(ctx)

@@ -24,7 +24,7 @@ import select
 import socket
 import ssl
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from types import TracebackType
@@ -47,6 +47,10 @@ __all__ = ["HttpUpstreamPool", "PoolLimits", "PoolStatistics", "UpstreamResponse
 
 RECEIVE_BYTES = 64 * 1024
 """Most bytes asked of the socket per read; trio allocates at most this much per call."""
+
+#: A request head built this long before it could be sent (the pool's queue, a new
+#: connection) is built again, for the budget its headers announce.
+_STALE_HEAD_S = 0.001
 
 INLINE_BODY_BYTES = 64 * 1024
 """Bytes bodies up to this size are written together with the request head in one
@@ -425,20 +429,31 @@ class HttpUpstreamPool:
 
     @asynccontextmanager
     async def request(
-        self, method: str, target: str, headers: Headers, body: Body = None
+        self, method: str, target: str, headers: Headers, body: Body = None,
+        *, refresh: Callable[[], Headers] | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send one request and yield the response once its head has arrived.
 
         ``body`` as bytes is sent with Content-Length; an async iterable streams with
         ``Transfer-Encoding: chunked`` unless ``headers`` carry a content-length. Leaving
         the block before the body was read to the end closes the connection.
+        ``refresh`` gives the headers again when the request waited for a connection
+        (or opened one) before it could be sent: a budget announced in them is then
+        what is left when it goes out.
         """
         head = self._build_request(method, target, headers, body)
+        built_at = trio.current_time()
+
+        def current(head: h11.Request) -> h11.Request:
+            if refresh is None or trio.current_time() - built_at < _STALE_HEAD_S:
+                return head
+            return self._build_request(method, target, refresh(), body)
+
         if body is not None and (
             not isinstance(body, _BYTES_TYPES) or len(body) > INLINE_BODY_BYTES
         ):
             retry = isinstance(body, _BYTES_TYPES) and method in _IDEMPOTENT
-            async with self._request_with_upload(head, body, retry) as response:
+            async with self._request_with_upload(head, body, retry, current) as response:
                 yield response
             return
         retry = method in _IDEMPOTENT
@@ -448,6 +463,7 @@ class HttpUpstreamPool:
             while True:
                 assert conn is not None
                 try:
+                    head = current(head)
                     response = await self._exchange_inline(conn, head, body)
                     break
                 except UpstreamResetError:
@@ -539,7 +555,8 @@ class HttpUpstreamPool:
 
     @asynccontextmanager
     async def _request_with_upload(
-        self, head: h11.Request, body: Body, retry: bool
+        self, head: h11.Request, body: Body, retry: bool,
+        current: Callable[[h11.Request], h11.Request],
     ) -> AsyncIterator[UpstreamResponse]:
         """Stream the body from a task while this one reads the response.
 
@@ -561,6 +578,7 @@ class HttpUpstreamPool:
                         while True:
                             upload = _Upload()
                             try:
+                                head = current(head)
                                 with conn.errors:
                                     await conn.stream.send_all(conn.h11.send(head))
                                 nursery.start_soon(

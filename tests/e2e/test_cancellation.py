@@ -292,3 +292,42 @@ async def test_a_lagging_event_loop_sheds_at_the_door():
                     await trio.sleep(0.01)
             assert (await client.get("/long/users/2")).status_code == 200
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("leave", ["close", "half-close"])
+async def test_a_client_that_pipelined_a_request_then_left_cancels_the_one_in_flight(leave):
+    # README: a half-close is taken as leaving, "Requests it pipelined before the
+    # half-close and that are not yet answered are cancelled"; a full close all the more.
+    # With a second request pipelined behind the first, the departure is never seen:
+    # the first request's upstream work runs to its end and is logged 200.
+    policy = """
+version: 1
+upstreams:
+  users: {{url: "{url}"}}
+routes:
+  - path: /api/{{rest*}}
+    deadline: 10s
+    proxy: {{upstream: users, path: "/{{rest}}"}}
+"""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(policy.format(url=upstream.url)) as gw:
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            await stream.send_all(b"GET /api/slow?ms=3000 HTTP/1.1\r\nhost: t\r\n\r\n"
+                                  b"GET /api/ok HTTP/1.1\r\nhost: t\r\n\r\n")
+            await upstream.wait_for(lambda: upstream.in_flight >= 1)
+            left_at = trio.current_time()
+            if leave == "close":
+                await stream.aclose()
+            else:
+                await stream.send_eof()
+            with trio.fail_after(5):
+                await upstream.wait_for(lambda: upstream.requests[0].ended_at is not None)
+            assert upstream.cancelled, (
+                f"the upstream ran on for {upstream.requests[0].ended_at - left_at:.2f}s "
+                f"and answered {upstream.requests[0].status}")
+            assert upstream.cancelled[0].at - left_at < 0.5
+            (trace,) = await traces_with(gw, route="/api/{rest*}")
+            assert (trace.status, trace.cause) == (499, "client_disconnect")
+            await stream.aclose()
+        nursery.cancel_scope.cancel()

@@ -21,7 +21,7 @@ from hyperframe.frame import DataFrame, PriorityFrame
 from tests.gateway_harness import RunningGateway, run_gateway, traces_with
 from tests.h2client import H2Client
 from tests.metrics import metric_total
-from tests.upstream import Upstream, proxy_policy, start_upstream
+from tests.upstream import Responder, SeenRequest, Upstream, proxy_policy, start_upstream
 
 
 async def test_http2_stream_reset_cancels_the_upstream():
@@ -557,4 +557,62 @@ async def test_a_client_that_cancels_some_of_its_streams_is_served_on():
             assert not any(isinstance(e, h2.events.ConnectionTerminated)
                            for e in client.events)
             await client.stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_http2_answer_to_a_stream_with_a_shut_window_is_not_buffered_unbounded():
+    # The client never opens its stream window: what the gateway reads from the upstream
+    # for that stream must stay bounded (flow control back to the upstream), as it is
+    # over HTTP/1.1 and as "memory stays flat whatever the size" promises.
+    sent = [0]
+    chunk = b"x" * 65536
+
+    async def endless(request: SeenRequest, respond: Responder) -> None:
+        await respond.start(200, [("content-type", "application/octet-stream")])
+        while True:
+            await respond.send(chunk)
+            sent[0] += len(chunk)
+
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=endless)
+        policy = f"""
+version: 1
+upstreams:
+  up: {{url: "{upstream.url}"}}
+routes:
+  - path: /api/{{rest*}}
+    deadline: 30s
+    proxy: {{upstream: up, path: "/{{rest}}"}}
+"""
+        async with run_gateway(policy) as gw:
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.local_settings = h2.settings.Settings(
+                client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+            conn.initiate_connection()
+            conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "t"),
+                                  (":path", "/api/big")], end_stream=True)
+            await stream.send_all(conn.data_to_send())
+
+            async def keep_reading() -> None:
+                # The connection stays healthy (SETTINGS, PINGs answered); only the
+                # stream's window stays shut.
+                while data := await stream.receive_some(65536):
+                    conn.receive_data(data)
+                    out = conn.data_to_send()
+                    if out:
+                        await stream.send_all(out)
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(keep_reading)
+                # The upstream's sending comes to rest once the buffers between it and
+                # the shut window are full; before, the gateway read on for ever.
+                with trio.fail_after(10):
+                    before = -1
+                    while sent[0] != before:
+                        before = sent[0]
+                        await trio.sleep(0.2)
+                inner.cancel_scope.cancel()
+            await stream.aclose()
+            assert sent[0] < 64 * 1024 * 1024, f"{sent[0] / 2**20:.0f} MiB read from the upstream"
         nursery.cancel_scope.cancel()

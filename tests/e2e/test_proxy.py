@@ -187,3 +187,45 @@ async def test_closed_client_connections_end_at_once():
                 while live_tasks() > baseline or len(os.listdir("/proc/self/fd")) > fds:
                     await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
+
+
+async def test_the_budget_announced_upstream_is_what_is_left_when_the_request_is_sent():
+    # One pooled connection, two slots: the second request waits ~400 ms for the
+    # connection inside the attempt; the budget it announces must be what is left then.
+    policy = """
+version: 1
+upstreams:
+  up:
+    url: "{url}"
+    pool: {{max_connections: 1}}
+    limit: {{concurrency: 2}}
+routes:
+  - path: /api/{{rest*}}
+    deadline: 1s
+    proxy: {{upstream: up, path: "/{{rest}}"}}
+"""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(policy.format(url=upstream.url)) as gw, gw.client() as client:
+            assert (await client.get("/api/ok")).status_code == 200  # warm the connection
+            results: dict[str, float] = {}
+
+            async def slow() -> None:
+                await client.get("/api/slow?ms=400")
+
+            async def second() -> None:
+                await upstream.wait_for(lambda: upstream.in_flight >= 1)
+                results["sent"] = trio.current_time()
+                response = await client.get("/api/headers")
+                assert response.status_code == 200, response.text
+
+            with trio.fail_after(5):
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(slow)
+                    inner.start_soon(second)
+            seen = next(r for r in upstream.requests if r.path == "/headers")
+            announced = int(seen.header("x-request-timeout-ms"))
+            left_ms = (results["sent"] + 1.0 - seen.started_at) * 1000
+            assert seen.started_at - results["sent"] > 0.3  # it did wait for the connection
+            assert announced <= left_ms + 20, (announced, left_ms)
+        nursery.cancel_scope.cancel()
