@@ -37,8 +37,10 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import trio
 
 from ._errors import (
+    BadRequest,
     CircuitOpen,
     GatewayError,
+    NoRow,
     Shed,
     StatementWrites,
     UpstreamConnectError,
@@ -220,6 +222,10 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
         deadline = call.deadline if per_try is None else min(
             call.deadline, trio.current_time() + per_try)
         outcome: AttemptResult[T] | GatewayError
+        # The breaker hears of an attempt only once it has let it through: one that ended
+        # before asking (a hedge whose race was won as it started) must not free the
+        # probe slot another attempt holds.
+        breaker_asked = False
         try:
             with traced_scope(ctx.trace, call, "attempt", f"{name}#{number}", attempt=number,
                               deadline=deadline) as attempt:
@@ -232,13 +238,14 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                     raise CircuitOpen(f"circuit of upstream {state.name!r} is open",
                                       retry_after_s=breaker.retry_after(trio.current_time()),
                                       upstream=state.name)
+                breaker_asked = True
                 last = number >= max_attempts and hedges >= max_hedges
                 result = await perform(attempt, claim,
                                        others_may_answer if last else retry_now)
                 if result.status is not None:
                     attempt.note(status=result.status)
             if attempt.cancel_cause is not None:  # lost a hedge race: not an outcome
-                if breaker is not None:
+                if breaker is not None and breaker_asked:
                     breaker.record_ignored(trio.current_time())
                 events_send.send_nowait((attempt, None))  # ended: no longer running
                 return
@@ -249,11 +256,11 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                     breaker.record_success(trio.current_time())
             outcome = result
         except GatewayError as error:
-            if breaker is not None and not isinstance(error, CircuitOpen):
+            if breaker is not None and breaker_asked:
                 if _is_breaker_failure(error):
                     breaker.record_failure(trio.current_time())
-                elif isinstance(error, UpstreamStatusError):  # a 4xx: it answered
-                    breaker.record_success(trio.current_time())
+                elif isinstance(error, UpstreamStatusError | NoRow | BadRequest):
+                    breaker.record_success(trio.current_time())  # a 4xx: it answered
                 else:
                     breaker.record_ignored(trio.current_time())
             outcome = error
@@ -262,7 +269,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
             # a failure. Cancelled on purpose (client gone, hedge lost, sibling failed,
             # quorum reached), or by the client's own shorter deadline: says nothing
             # about the upstream's health.
-            if breaker is not None:
+            if breaker is not None and breaker_asked:
                 if cancelled.source == "deadline" and _deadline_says_upstream_slow(ctx):
                     breaker.record_failure(trio.current_time())
                 else:
@@ -271,7 +278,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
         except Exception:
             # Not an upstream outcome (a fault of the gateway's own): free the probe slot
             # so that a half-open breaker is not left waiting for it.
-            if breaker is not None:
+            if breaker is not None and breaker_asked:
                 breaker.record_ignored(trio.current_time())
             raise
         finally:

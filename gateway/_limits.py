@@ -111,13 +111,18 @@ class UpstreamLimiter:
             return
         started = trio.current_time()
         in_flight = self._limiter.borrowed_tokens
-        finished = False
+        measured = True  # an answer of any status, a timeout, a reset: all say how long
         try:
             yield
-            finished = True
+        except trio.Cancelled as cancelled:
+            # A deadline that fired shows the upstream took at least this long (the very
+            # case the limit is for); a call cut for another reason (the client left, a
+            # hedge won, a sibling failed) says nothing of its speed.
+            measured = cancelled.source == "deadline"
+            raise
         finally:
             self._limiter.release_on_behalf_of(token)
-            if finished:  # a call cut short says nothing of how fast the upstream is
+            if measured and self.adaptive is adaptive:  # not turned off or replaced since
                 now = trio.current_time()
                 slots = adaptive.sample(now - started, started, in_flight, now)
                 if slots != self._limiter.total_tokens:

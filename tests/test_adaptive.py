@@ -6,6 +6,7 @@ import statistics
 import trio
 
 from gateway._adaptive import GradientLimit
+from gateway._errors import Shed, UpstreamStatusError
 from gateway._limits import UpstreamLimiter
 from gateway._policy_loader import load_policy_text
 from gateway._runtime import Runtime
@@ -118,3 +119,93 @@ routes:
     runtime.activate(new)
     assert runtime.snapshot.upstreams["users"].limiter is limiter  # the same upstream
     assert limiter.adaptive is None and limiter.statistics().concurrency == 80
+
+
+def adaptive_limiter(concurrency: int = 100, minimum: int = 4) -> UpstreamLimiter:
+    return UpstreamLimiter(
+        "u", concurrency=concurrency, queue=10_000, queue_timeout_s=3600,
+        adaptive=GradientLimit(maximum=concurrency, minimum=minimum, tolerance=0.25))
+
+
+async def test_reload_turning_adaptation_off_is_undone_by_calls_in_flight(autojump_clock):
+    # Adaptive, still measuring the minimum latency: 4 slots.
+    limiter = adaptive_limiter(concurrency=100, minimum=4)
+    assert limiter.statistics().concurrency == 4
+    release = trio.Event()
+
+    async def hold() -> None:
+        async with limiter.slot():
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(hold)
+        await trio.sleep(0.1)
+        # A reload turns adaptation off: the static 100 slots apply.
+        limiter.resize(concurrency=100, queue=10_000, queue_timeout_s=3600, adaptive=None)
+        assert limiter.statistics().concurrency == 100
+        release.set()
+    # The calls let in before the reload finish: the static limit must stay 100.
+    assert limiter.adaptive is None
+    assert limiter.statistics().concurrency == 100
+
+
+async def test_limit_falls_when_the_upstream_slows_past_the_call_deadline(autojump_clock):
+    limiter = adaptive_limiter(concurrency=100, minimum=4)
+    latency = {"s": 0.010}
+
+    async def caller() -> None:
+        while True:
+            # The call's deadline (1 s) is outside the slot, as in call_span/capacity_slot.
+            with trio.move_on_after(1.0):
+                async with limiter.slot():
+                    await trio.sleep(latency["s"])
+
+    async def drive(seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            async with trio.open_nursery() as nursery:
+                for _ in range(60):
+                    nursery.start_soon(caller)
+
+    await drive(5)  # minimum latency measured (10 ms), the limit where it was
+    before = limiter.statistics().concurrency
+    assert before >= 60, before
+    # The upstream degrades: every call now takes 5 s, five times the deadline (504s).
+    latency["s"] = 5.0
+    await drive(60)
+    # An upstream that slows under load must be given fewer calls at once.
+    after = limiter.statistics().concurrency
+    assert after < before / 2, (before, after)
+
+
+async def test_an_upstream_answering_4xx_gets_its_minimum_latency_measured(autojump_clock):
+    # A healthy upstream that answers quickly, often "404 not found" (a fan-out call's
+    # non-2xx answer, or a `one:` SQL query finding no row, leaves the slot as an error).
+    limiter = UpstreamLimiter(
+        "u", concurrency=100, queue=100, queue_timeout_s=0.05,
+        adaptive=GradientLimit(maximum=100, minimum=4, tolerance=0.25))
+    answered = shed = 0
+
+    async def caller() -> None:
+        nonlocal answered, shed
+        while True:
+            try:
+                async with limiter.slot():
+                    await trio.sleep(0.010)
+                    answered += 1
+                    raise UpstreamStatusError("upstream 'u' answered 404",
+                                              upstream_status=404, upstream="u")
+            except UpstreamStatusError:
+                pass
+            except Shed:
+                shed += 1
+                await trio.sleep(0.01)
+
+    with trio.move_on_after(30):
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(caller)
+    # Thousands of answers within 10 ms each: the minimum latency is long measured, and
+    # the upstream (as fast under load as alone) gets more than min_concurrency slots.
+    assert answered > 1000
+    assert limiter.statistics().concurrency > 4, (limiter.statistics(), shed)

@@ -22,6 +22,7 @@ from gateway._deadlines import RequestDeadline
 from gateway._errors import (
     CircuitOpen,
     GatewayError,
+    NoRow,
     UpstreamConnectError,
     UpstreamResetError,
     UpstreamStatusError,
@@ -626,3 +627,61 @@ async def test_a_hedges_retryable_503_does_not_beat_the_first_attempt_still_runn
     value = await call(ctx, state, settings(
         hedge_after="100ms", retries={"attempts": 2, "on": [503]}), upstream)
     assert value == {"attempt": 1}, spans(ctx)
+
+
+async def test_a_no_row_answer_is_a_healthy_upstream_to_a_half_open_breaker(autojump_clock):
+    # A `one:` SQL query that finds no row raises NoRow (404) inside the attempt: the
+    # database answered, as an HTTP upstream's 404 does (a success to the breaker).
+    state = make_state(circuit={"consecutive_failures": 1, "open_for": "1s",
+                                "half_open_probes": 1})
+    breaker = state.breaker
+    assert breaker is not None
+    with pytest.raises(UpstreamConnectError):
+        await call(FakeContext(), state, settings(), Upstream((10 * MS, lambda: (
+            UpstreamConnectError("connection refused", upstream="orders")))))
+    assert breaker.state is BreakerState.OPEN
+    await trio.sleep(1.0)
+    no_row = Upstream((10 * MS, lambda: NoRow("orders: no row found", call="orders")))
+    for _ in range(5):
+        with pytest.raises(NoRow):
+            await call(FakeContext(), state, settings(), no_row)
+    # Five answers from a database that is up again: the circuit closes.
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_a_hedge_claimed_before_it_starts_does_not_free_anothers_probe(autojump_clock):
+    # The first try claims the answer (the proxy does at the response head) in the same
+    # scheduler pass as the hedge timer fires; the hedge task then starts, sees the
+    # winner and ends without asking the breaker, yet reports record_ignored, which frees
+    # the probe its own call holds: that probe's success is then dropped.
+    class ClaimingUpstream:
+        def __init__(self) -> None:
+            self.starts = 0
+
+        async def perform(self, attempt, claim, retry_statuses):
+            self.starts += 1
+            if self.starts == 1:
+                await trio.sleep(100 * MS)  # the head arrives as hedge_after passes
+                claim.claim(attempt)
+                await trio.sleep(50 * MS)  # the body
+                return AttemptResult({"ok": 1}, 200)
+            await trio.sleep(10)
+            return AttemptResult({"ok": 2}, 200)
+
+    failures = 0
+    for _ in range(24):
+        state = make_state(circuit={"consecutive_failures": 1, "open_for": "1s",
+                                    "half_open_probes": 2})
+        breaker = state.breaker
+        assert breaker is not None
+        with pytest.raises(UpstreamConnectError):
+            await call(FakeContext(), state, settings(), Upstream((10 * MS, lambda: (
+                UpstreamConnectError("connection refused", upstream="orders")))))
+        await trio.sleep(1.0)
+        assert breaker.state is BreakerState.HALF_OPEN
+        # Two successful probes, one after the other: half_open_probes is met.
+        await call(FakeContext(), state, settings(hedge_after="100ms"), ClaimingUpstream())
+        await call(FakeContext(), state, settings(), Upstream((10 * MS, 200)))
+        if breaker.state is not BreakerState.CLOSED:
+            failures += 1
+    assert failures == 0, f"{failures} of 24 runs left the breaker half-open"
