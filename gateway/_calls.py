@@ -38,6 +38,7 @@ from ._trace import TracedScope, traced_scope
 
 if TYPE_CHECKING:
     from ._attempts import Perform
+    from ._limits import HeldSlot
     from ._request import RequestContext
     from ._runtime import UpstreamState
     from .upstreams._postgres import PostgresUpstream
@@ -65,7 +66,7 @@ def call_span(ctx: RequestContext, parent: TracedScope, call_name: str,
 
 @asynccontextmanager
 async def capacity_slot(ctx: RequestContext, call: TracedScope, call_name: str,
-                        state: UpstreamState) -> AsyncIterator[None]:
+                        state: UpstreamState) -> AsyncIterator[HeldSlot]:
     """One of the upstream's capacity slots for ``call``, checked against its floor."""
     now = trio.current_time()
     _check_budget_floor(ctx, call, call_name, now)
@@ -73,9 +74,9 @@ async def capacity_slot(ctx: RequestContext, call: TracedScope, call_name: str,
     # call the floor it needs once it has a slot.
     server = ctx.policy.server
     max_wait = call.deadline - now - server.deadline_margin - server.min_call_budget
-    async with state.limiter.slot(max_wait):
+    async with state.limiter.slot(max_wait) as held:
         _check_budget_floor(ctx, call, call_name, trio.current_time())  # after a wait
-        yield
+        yield held
 
 
 @asynccontextmanager

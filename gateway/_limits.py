@@ -28,6 +28,21 @@ class LimiterStatistics:
     shed_total: int
 
 
+class HeldSlot:
+    """A slot being held: the holder marks when the upstream answered, so that the time
+    it then spends relaying the answer (to a slow client, say) is not counted as the
+    upstream's latency."""
+
+    __slots__ = ("answered_at",)
+
+    def __init__(self) -> None:
+        self.answered_at: float | None = None
+
+    def answered(self) -> None:
+        if self.answered_at is None:
+            self.answered_at = trio.current_time()
+
+
 class UpstreamLimiter:
     """``trio.CapacityLimiter`` plus a bounded, time-limited queue."""
 
@@ -65,7 +80,7 @@ class UpstreamLimiter:
             self._retry_after_s = retry_after_s
 
     @asynccontextmanager
-    async def slot(self, max_wait_s: float = math.inf) -> AsyncIterator[None]:
+    async def slot(self, max_wait_s: float = math.inf) -> AsyncIterator[HeldSlot]:
         """Hold one slot for the duration of the block, or raise :class:`Shed`.
 
         ``max_wait_s``: the most the caller can wait (its deadline, less what the call
@@ -102,10 +117,11 @@ class UpstreamLimiter:
                            retry_after_s=self._retry_after_s, upstream=self.name,
                            reason="queue_timeout" if wait_s == self._queue_timeout_s
                            else "deadline") from None
+        held = HeldSlot()
         adaptive = self.adaptive
         if adaptive is None:
             try:
-                yield
+                yield held
             finally:
                 self._limiter.release_on_behalf_of(token)
             return
@@ -113,7 +129,7 @@ class UpstreamLimiter:
         in_flight = self._limiter.borrowed_tokens
         measured = True  # an answer of any status, a timeout, a reset: all say how long
         try:
-            yield
+            yield held
         except trio.Cancelled as cancelled:
             # A deadline that fired shows the upstream took at least this long (the very
             # case the limit is for); a call cut for another reason (the client left, a
@@ -124,7 +140,8 @@ class UpstreamLimiter:
             self._limiter.release_on_behalf_of(token)
             if measured and self.adaptive is adaptive:  # not turned off or replaced since
                 now = trio.current_time()
-                slots = adaptive.sample(now - started, started, in_flight, now)
+                answered = held.answered_at if held.answered_at is not None else now
+                slots = adaptive.sample(answered - started, started, in_flight, now)
                 if slots != self._limiter.total_tokens:
                     self._limiter.total_tokens = slots
 

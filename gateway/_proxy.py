@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any
 
 from ._attempts import AttemptResult, Claim, run_attempts
-from ._calls import forward_headers, upstream_call
+from ._calls import call_span, capacity_slot, forward_headers
 from ._errors import UpstreamProtocolError, UpstreamStatusError
 from ._headers import downstream_response_headers
 from ._policy import resolve_call_settings
@@ -71,6 +71,7 @@ async def proxy(ctx: RequestContext) -> None:
                         upstream=state.name)
             if not claim.claim(attempt):
                 return AttemptResult(None, status)
+            held.answered()  # the upstream's part is done; relaying the body is not
             await ctx.start_response(status, downstream_response_headers(
                 response.headers, rid_header, ctx.request_id, status))
             sent = 0
@@ -89,10 +90,10 @@ async def proxy(ctx: RequestContext) -> None:
                 await ctx.send_body(b"", more=False)
         return AttemptResult(None, status)
 
-    async with upstream_call(ctx, ctx.request_scope, action.upstream, state,
-                             settings.timeout) as call:
-        await run_attempts(ctx, call, state, settings, name=action.upstream, method=method,
-                           replayable=replayable, perform=perform)
+    with call_span(ctx, ctx.request_scope, action.upstream, state, settings.timeout) as call:
+        async with capacity_slot(ctx, call, action.upstream, state) as held:
+            await run_attempts(ctx, call, state, settings, name=action.upstream,
+                               method=method, replayable=replayable, perform=perform)
 
 
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -209,3 +209,33 @@ async def test_an_upstream_answering_4xx_gets_its_minimum_latency_measured(autoj
     # the upstream (as fast under load as alone) gets more than min_concurrency slots.
     assert answered > 1000
     assert limiter.statistics().concurrency > 4, (limiter.statistics(), shed)
+
+
+async def test_relaying_an_answer_to_a_slow_client_is_not_the_upstream_s_latency(
+        autojump_clock):
+    # A proxied answer holds its slot while it streams to the client; once the head is
+    # in (marked), the upstream's part is done, and slow clients must not shrink its
+    # slots. Unmarked, the same slow clients would.
+    upstream = Upstream(capacity=100)
+    slots: dict[bool, int] = {}
+    for marked in (True, False):
+        adaptive = limiter(adaptive=True)
+        gradient = adaptive.adaptive
+        assert gradient is not None
+
+        async def caller(adaptive: UpstreamLimiter = adaptive, marked: bool = marked,
+                         gradient: GradientLimit = gradient) -> None:
+            while True:
+                async with adaptive.slot() as held:
+                    await upstream.call()
+                    if marked:
+                        held.answered()
+                    if gradient.min_latency_s is not None:  # clients slow from now on
+                        await trio.sleep(0.5)  # relaying the body
+
+        with trio.move_on_after(10):
+            async with trio.open_nursery() as nursery:
+                for _ in range(60):
+                    nursery.start_soon(caller)
+        slots[marked] = adaptive.statistics().concurrency
+    assert slots[True] == 100 and slots[False] < 50, slots
