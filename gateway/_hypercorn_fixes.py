@@ -58,6 +58,10 @@ Settings:
 
 * Connections are accepted one per scheduler pass; ``server.accept_batch`` lets a
   listener take more per wake-up (:class:`BatchAcceptListener`).
+* At the drain an HTTP/2 connection was closed without GOAWAY and a stream opened
+  then reset with NO_ERROR; it is now sent GOAWAY, new streams are refused
+  (REFUSED_STREAM, retryable), and an HTTP/1.1 answer given then says
+  ``Connection: close``.
 * A write to a client ran without any bound, shielded from cancellation: a client that
   stopped reading held its request, its upstream work and the worker's graceful
   shutdown forever. ``server.send_timeout`` bounds each write (:func:`send_bounded`);
@@ -117,7 +121,7 @@ import trio
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol.events import Request, StreamClosed
+from hypercorn.protocol.events import Request, Response, StreamClosed
 from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
@@ -125,6 +129,7 @@ from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import EventWrapper
+from hyperframe.frame import GoAwayFrame
 from priority.priority import PriorityError, TooManyStreamsError
 
 from gateway import _expect_continue
@@ -308,6 +313,7 @@ class IdleTimer:
         with scope:
             while True:
                 if terminated.is_set():
+                    await _goaway_on_drain(self._server)
                     if self._idle:
                         break
                     # Terminating with a request in flight: restart() cancels when it ends.
@@ -387,6 +393,34 @@ class _PeerWatchingEvent(EventWrapper):
                 return
             if poller.poll(0):
                 raise _PeerGone
+
+
+async def _goaway_on_drain(server: Any) -> None:
+    """An HTTP/2 connection is told of the drain before it is closed, as RFC 9113 (6.8)
+    asks of a graceful shutdown: the client opens no new stream there, and knows what
+    was not processed."""
+    protocol = getattr(getattr(server, "protocol", None), "protocol", None)
+    # Only once no stream is being answered: h2-based clients (httpx's HTTP/2, among
+    # them) take a GOAWAY as the end and fail the streams still running. A busy
+    # connection gets its GOAWAY from Hypercorn when its last stream ends, and the
+    # streams it opens meanwhile are refused (``_handle_h2_events``).
+    if isinstance(protocol, H2Protocol) and not protocol.streams:
+        await _send_goaway(protocol, protocol.connection.highest_inbound_stream_id)
+
+
+async def _send_goaway(protocol: Any, last_stream_id: int) -> None:
+    """GOAWAY (NO_ERROR) naming the last stream that will be answered, written as a raw
+    frame: h2's ``close_connection`` would also close its state machine, and the
+    streams still being answered could then send nothing."""
+    if protocol.closed or protocol.__dict__.get("goaway_sent"):
+        return
+    protocol.goaway_sent = True
+    frame = GoAwayFrame(stream_id=0)
+    frame.last_stream_id = max(last_stream_id, 0)
+    frame.error_code = h2.errors.ErrorCodes.NO_ERROR
+    with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await protocol._flush()  # what h2 has queued goes first, whole frames
+        await protocol.send(RawData(data=frame.serialize()))
 
 
 def _direct_send(server: Any, data: bytes) -> int | None:
@@ -555,6 +589,19 @@ def apply() -> None:
     TCPServer.run = run_contained  # type: ignore[method-assign]
     H11Protocol._send_error_response = _send_json_error_response  # type: ignore[method-assign]
 
+    stock_h11_stream_send: Callable[[Any, Any], Awaitable[None]] = H11Protocol.stream_send
+
+    async def h11_stream_send(self: Any, event: Any) -> None:
+        # An answer given while the worker drains is the connection's last: it says so,
+        # so that the client sends no next request on a connection about to close.
+        if type(event) is Response and event.status_code >= 200 \
+                and self.context.terminated.is_set():
+            event = Response(stream_id=event.stream_id, status_code=event.status_code,
+                             headers=[*event.headers, (b"connection", b"close")])
+        await stock_h11_stream_send(self, event)
+
+    H11Protocol.stream_send = h11_stream_send  # type: ignore[method-assign]
+
     original_h2_events: Callable[[Any, list[Any]], Awaitable[None]] = (
         H2Protocol._handle_events)
 
@@ -563,6 +610,18 @@ def apply() -> None:
         if resets is None:
             resets = self.premature_resets = PrematureResets(_premature_reset_limit)
         last_stream_id = None
+        refused = {event.stream_id for event in events
+                   if type(event) is h2.events.RequestReceived}
+        if refused and self.context.terminated.is_set():
+            # Draining: a stream opened now is refused as never processed, which a
+            # client may retry elsewhere (Hypercorn reset it with NO_ERROR).
+            for stream_id in sorted(refused):
+                with suppress(h2.exceptions.H2Error):
+                    self.connection.reset_stream(stream_id,
+                                                 h2.errors.ErrorCodes.REFUSED_STREAM)
+            events = [event for event in events
+                      if getattr(event, "stream_id", None) not in refused]
+            await self._flush()
         for index, event in enumerate(events):
             kind = type(event)
             if kind is h2.events.RequestReceived:

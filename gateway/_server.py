@@ -61,15 +61,49 @@ def known_hypercorn_keys() -> set[str]:
 def check_hypercorn_mapping(mapping: Mapping[str, Any], source: str) -> None:
     known = known_hypercorn_keys()
     problems = []
-    for key in mapping:
+    for key, value in mapping.items():
         if key in _MANAGED_KEYS:
             problems.append(f"{source}: {key}: set by the gateway, remove it")
         elif key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{source}: {key}: not a Hypercorn setting{hint}")
+        elif (wrong := _wrong_type(key, value)) is not None:
+            problems.append(f"{source}: {key}: {wrong}")
+        elif key in _TLS_KEYS:
+            problems.append(f"{source}: {key}: TLS is not served by the gateway (the "
+                            "reverse proxy in front terminates it); remove the setting")
     if problems:
         raise HypercornConfigError("\n".join(problems))
+
+
+#: Hypercorn settings that would serve TLS: its secure sockets would not be told apart
+#: from the admin bind, which then answered as a second public listener.
+_TLS_KEYS = frozenset({"certfile", "keyfile", "ca_certs", "ciphers", "verify_mode",
+                       "keyfile_password"})
+
+
+def _wrong_type(key: str, value: Any) -> str | None:
+    """What is wrong with a value whose type is not that of Hypercorn's default (a
+    ``workers = "two"`` ended in a traceback), or None."""
+    default = getattr(Config, key, None)
+    if default is None or isinstance(default, property):
+        return None
+    if isinstance(default, bool):
+        expected: tuple[type, ...] = (bool,)
+    elif isinstance(default, int | float):
+        expected = (int, float)
+    elif isinstance(default, str):
+        expected = (str,)
+    elif isinstance(default, list):
+        expected = (list, str)
+    else:
+        return None
+    if isinstance(value, bool) and bool not in expected:
+        return f"{value!r} is not a {type(default).__name__}"
+    if not isinstance(value, expected):
+        return f"{value!r} is not a {type(default).__name__}"
+    return None
 
 
 class GatewayConfig(Config):
@@ -79,7 +113,14 @@ class GatewayConfig(Config):
 
     def create_sockets(self) -> Sockets:
         if self._bound is None:
-            self._bound = super().create_sockets()
+            # The master binds once and the workers inherit its sockets, so Hypercorn's
+            # SO_REUSEPORT for several workers (each binding its own) would only let a
+            # second gateway, or an admin bind equal to a public one, share a port.
+            workers, self.workers = self.workers, min(self.workers, 1)
+            try:
+                self._bound = super().create_sockets()
+            finally:
+                self.workers = workers
         return self._bound
 
     def __getstate__(self) -> dict[str, Any]:
@@ -92,7 +133,10 @@ def load_hypercorn_config(path: str | os.PathLike[str] | None) -> GatewayConfig:
     mapping: dict[str, Any] = {}
     if path is not None:
         with open(path, "rb") as handle:
-            mapping = tomllib.load(handle)
+            try:
+                mapping = tomllib.load(handle)
+            except tomllib.TOMLDecodeError as error:
+                raise HypercornConfigError(f"{path}: not TOML: {error}") from None
         check_hypercorn_mapping(mapping, str(path))
     config = GatewayConfig.from_mapping(mapping)
     assert isinstance(config, GatewayConfig)
@@ -269,10 +313,20 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
             return serve_in_process(config, sockets)
         return supervisor.run()  # returns once every worker has ended
     finally:
+        if config.pid_path is not None:
+            _remove_pid_file(config.pid_path)
         for directory in (run_dir, policy_dir):
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
         close_listening(sockets)
+
+
+def _remove_pid_file(path: str) -> None:
+    """Remove the PID file at exit if it is still ours (as nginx does): a stale one
+    would name a dead, or an unrelated, process."""
+    with contextlib.suppress(OSError, ValueError):
+        if int(Path(path).read_text().strip()) == os.getpid():
+            os.unlink(path)
 
 
 def serve_in_process(config: Config, sockets: Sockets) -> int:
@@ -282,16 +336,22 @@ def serve_in_process(config: Config, sockets: Sockets) -> int:
     process with its requests in flight."""
     for sock in [*sockets.insecure_sockets, *sockets.secure_sockets]:
         sock.listen(config.backlog)
+    # A stop asked for while the app loads and starts (before the trigger below listens)
+    # is kept, and honoured as soon as it does: a clean stop, not a killed process.
+    early: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: early.append(number))
     app = load_application(config.application_path, config.wsgi_max_body_size)
     trio.run(functools.partial(worker_serve, app, config, sockets=sockets,
-                               shutdown_trigger=_stop_signal))
+                               shutdown_trigger=functools.partial(_stop_signal, early)))
     return 0
 
 
-async def _stop_signal() -> None:
+async def _stop_signal(early: list[int]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
-            break
+        if not early:
+            async for _ in signals:
+                break
     # From now on a second stop signal ends the process without draining.
     signal.signal(signal.SIGTERM, _exit_at_once)
     signal.signal(signal.SIGINT, _exit_at_once)
