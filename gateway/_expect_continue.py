@@ -16,14 +16,16 @@ never came (HTTP/1.1; an HTTP/2 stream is reset as for any body left unread).
 
 from __future__ import annotations
 
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
 from hypercorn.events import RawData
-from hypercorn.protocol.events import InformationalResponse, Request
+from hypercorn.protocol.events import InformationalResponse
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
+from hypercorn.trio.task_group import TaskGroup
 
 #: Scope extension: ``await extension()`` sends ``100 Continue`` when the client asked
 #: for it and still waits; a no-op otherwise. Present only on requests that asked.
@@ -33,48 +35,44 @@ SendContinue = Callable[[], Awaitable[None]]
 
 
 def _asks_to_continue(headers: list[tuple[bytes, bytes]]) -> bool:
-    return any(name.lower() == b"expect" and value.strip().lower() == b"100-continue"
-               for name, value in headers)
+    # Header names arrive lower-cased from both protocols.
+    for name, value in headers:
+        if name == b"expect":
+            return value.strip().lower() == b"100-continue"
+    return False
 
 
 def apply() -> None:
-    """Defer Hypercorn's ``100 Continue`` to the app's first read of the body."""
-    original_send_event: Callable[[Any, Any], Awaitable[None]] = H11Protocol._send_h11_event
+    """Defer Hypercorn's ``100 Continue`` to the app's first read of the body.
 
-    async def _send_h11_event(self: Any, event: Any) -> None:
-        if type(event) is h11.InformationalResponse and event.status_code == 100:
-            return  # sent by ``stream_send`` below when the app reads the body
-        await original_send_event(self, event)
+    Hooked where a request's app is spawned (once per request), and on the connections
+    of requests that asked only, so that others pay nothing per event."""
+    previous_spawn: Callable[..., Awaitable[Any]] = TaskGroup.spawn_app
 
-    H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
+    async def spawn_app(self: Any, app: Any, config: Any, scope: Any,
+                        send: Callable[[Any], Awaitable[None]]) -> Any:
+        if scope["type"] == "http" and _asks_to_continue(scope["headers"]):
+            stream = getattr(send, "__self__", None)  # HTTPStream.app_send
+            if isinstance(stream, HTTPStream):
+                protocol = getattr(stream.send, "__self__", None)
+                if isinstance(protocol, H11Protocol):
+                    # Hypercorn sends 100 as soon as the head is parsed; not on this
+                    # connection any more.
+                    protocol._send_h11_event = types.MethodType(  # type: ignore[method-assign]
+                        _send_h11_event_but_continue, protocol)
+                scope["extensions"][CONTINUE_EXTENSION] = _continue_once(stream, protocol)
+        return await previous_spawn(self, app, config, scope, send)
 
-    original_stream_send: Callable[[Any, Any], Awaitable[None]] = H11Protocol.stream_send
-
-    async def stream_send(self: Any, event: Any) -> None:
-        if type(event) is InformationalResponse and event.status_code == 100:
-            # HTTP/1.1 ignores interim answers from the stream (early hints); this one is
-            # sent only while h11 says the client waits for it.
-            if self.connection.they_are_waiting_for_100_continue:
-                data = self.connection.send(h11.InformationalResponse(
-                    status_code=100, headers=self.config.response_headers("h11")))
-                await self.send(RawData(data=data))
-            return
-        await original_stream_send(self, event)
-
-    H11Protocol.stream_send = stream_send  # type: ignore[method-assign]
-
-    original_handle: Callable[[Any, Any], Awaitable[None]] = HTTPStream.handle
-
-    async def handle(self: Any, event: Any) -> None:
-        await original_handle(self, event)
-        if type(event) is Request and getattr(self, "scope", None) is not None \
-                and _asks_to_continue(event.headers):
-            self.scope["extensions"][CONTINUE_EXTENSION] = _continue_once(self)
-
-    HTTPStream.handle = handle  # type: ignore[method-assign]
+    TaskGroup.spawn_app = spawn_app  # type: ignore[method-assign]
 
 
-def _continue_once(stream: Any) -> SendContinue:
+async def _send_h11_event_but_continue(self: Any, event: Any) -> None:
+    if type(event) is h11.InformationalResponse and event.status_code == 100:
+        return  # sent by the request's own ``send_continue`` when it reads the body
+    await H11Protocol._send_h11_event(self, event)
+
+
+def _continue_once(stream: Any, protocol: Any) -> SendContinue:
     sent = False
 
     async def send_continue() -> None:
@@ -82,6 +80,14 @@ def _continue_once(stream: Any) -> SendContinue:
         if sent or stream.closed or stream.state != ASGIHTTPState.REQUEST:
             return  # already sent, or the answer has started: too late to ask for more
         sent = True
+        if isinstance(protocol, H11Protocol):
+            # Hypercorn's HTTP/1.1 drops interim answers a stream sends (early hints);
+            # this one goes out only while h11 says the client waits for it.
+            if protocol.connection.they_are_waiting_for_100_continue:
+                data = protocol.connection.send(h11.InformationalResponse(
+                    status_code=100, headers=protocol.config.response_headers("h11")))
+                await protocol.send(RawData(data=data))
+            return
         await stream.send(InformationalResponse(stream_id=stream.stream_id, headers=[],
                                                 status_code=100))
 

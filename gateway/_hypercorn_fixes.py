@@ -103,6 +103,7 @@ import math
 import os
 import secrets
 import select
+import sys
 import time
 import types
 from collections import deque
@@ -121,7 +122,7 @@ import trio
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol.events import Request, Response, StreamClosed
+from hypercorn.protocol.events import Request, StreamClosed
 from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
@@ -400,6 +401,12 @@ async def _goaway_on_drain(server: Any) -> None:
     asks of a graceful shutdown: the client opens no new stream there, and knows what
     was not processed."""
     protocol = getattr(getattr(server, "protocol", None), "protocol", None)
+    if isinstance(protocol, H11Protocol):
+        # Its answer in flight is its last: Hypercorn then says ``Connection: close``
+        # (as at keep_alive_max_requests), so the client sends no next request on a
+        # connection about to close.
+        protocol.keep_alive_requests = sys.maxsize
+        return
     # Only once no stream is being answered: h2-based clients (httpx's HTTP/2, among
     # them) take a GOAWAY as the end and fail the streams still running. A busy
     # connection gets its GOAWAY from Hypercorn when its last stream ends, and the
@@ -534,7 +541,6 @@ def apply() -> None:
     TCPServer.protocol_send = protocol_send_bounded  # type: ignore[method-assign]
     if os.environ.get("GATEWAY_WORKER") != "stock":
         _apply_cost_changes()
-    _expect_continue.apply()
 
     original_close: Callable[[Any], Awaitable[None]] = TCPServer._close
 
@@ -589,18 +595,6 @@ def apply() -> None:
     TCPServer.run = run_contained  # type: ignore[method-assign]
     H11Protocol._send_error_response = _send_json_error_response  # type: ignore[method-assign]
 
-    stock_h11_stream_send: Callable[[Any, Any], Awaitable[None]] = H11Protocol.stream_send
-
-    async def h11_stream_send(self: Any, event: Any) -> None:
-        # An answer given while the worker drains is the connection's last: it says so,
-        # so that the client sends no next request on a connection about to close.
-        if type(event) is Response and event.status_code >= 200 \
-                and self.context.terminated.is_set():
-            event = Response(stream_id=event.stream_id, status_code=event.status_code,
-                             headers=[*event.headers, (b"connection", b"close")])
-        await stock_h11_stream_send(self, event)
-
-    H11Protocol.stream_send = h11_stream_send  # type: ignore[method-assign]
 
     original_h2_events: Callable[[Any, list[Any]], Awaitable[None]] = (
         H2Protocol._handle_events)
@@ -823,6 +817,7 @@ def apply() -> None:
 
     TaskGroup.spawn_app = spawn_app  # type: ignore[method-assign]
     hypercorn.trio.run.trio = _TrioWithBatchAccept("trio")  # type: ignore[attr-defined]
+    _expect_continue.apply()  # outermost spawn_app: it sees HTTP/1.1 and HTTP/2 alike
     _applied = True
 
 
