@@ -75,7 +75,11 @@ async def capacity_slot(ctx: RequestContext, call: TracedScope, call_name: str,
     server = ctx.policy.server
     max_wait = call.deadline - now - server.deadline_margin - server.min_call_budget
     async with state.limiter.slot(max_wait) as held:
-        _check_budget_floor(ctx, call, call_name, trio.current_time())  # after a wait
+        try:
+            _check_budget_floor(ctx, call, call_name, trio.current_time())  # after a wait
+        except UpstreamTimeout:
+            held.unsent = True
+            raise
         yield held
 
 

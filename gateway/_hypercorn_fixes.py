@@ -613,8 +613,11 @@ def apply() -> None:
                 with suppress(h2.exceptions.H2Error):
                     self.connection.reset_stream(stream_id,
                                                  h2.errors.ErrorCodes.REFUSED_STREAM)
+            # Its DATA is kept: finding no stream, it is dropped and its connection
+            # credit given back (else an upload on another stream stalls).
             events = [event for event in events
-                      if getattr(event, "stream_id", None) not in refused]
+                      if type(event) is h2.events.DataReceived
+                      or getattr(event, "stream_id", None) not in refused]
             await self._flush()
         for index, event in enumerate(events):
             kind = type(event)

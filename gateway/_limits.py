@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import trio
 
 from ._adaptive import GradientLimit
-from ._errors import Shed
+from ._errors import CircuitOpen, Shed
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,13 @@ class HeldSlot:
     it then spends relaying the answer (to a slow client, say) is not counted as the
     upstream's latency."""
 
-    __slots__ = ("answered_at",)
+    __slots__ = ("answered_at", "unsent")
 
     def __init__(self) -> None:
         self.answered_at: float | None = None
+        #: Nothing was sent with the slot (too little time left once it was had): the
+        #: time it was held says nothing of the upstream.
+        self.unsent = False
 
     def answered(self) -> None:
         if self.answered_at is None:
@@ -136,9 +139,12 @@ class UpstreamLimiter:
             # hedge won, a sibling failed) says nothing of its speed.
             measured = cancelled.source == "deadline"
             raise
+        except CircuitOpen:
+            measured = False  # refused before anything was sent: no latency to learn
+            raise
         finally:
             self._limiter.release_on_behalf_of(token)
-            if measured and self.adaptive is adaptive:  # not turned off or replaced since
+            if measured and not held.unsent and self.adaptive is adaptive:
                 now = trio.current_time()
                 answered = held.answered_at if held.answered_at is not None else now
                 slots = adaptive.sample(answered - started, started, in_flight, now)

@@ -300,8 +300,12 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
         supervisor.take_signals()
     if supervisor is None:
         # As in a worker: a reload asked for before the app listens for SIGHUP (its
-        # import, its start-up) must not end the process.
+        # import, its start-up) must not end the process. A stop asked for before the
+        # app listens is kept for it (a second one ends the process at once), from
+        # before the gateway announces itself.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _early_stop)
+        signal.signal(signal.SIGINT, _early_stop)
     public = ", ".join(f"http://{h}:{p}" for h, p in addresses[:public_count])
     admin_urls = ", ".join(f"http://{h}:{p}" for h, p in addresses[public_count:])
     print(f"gateway: policy {loaded.file} ({loaded.version}), {config.workers} worker(s)\n"
@@ -325,7 +329,7 @@ def _remove_pid_file(path: str) -> None:
     """Remove the PID file at exit if it is still ours (as nginx does): a stale one
     would name a dead, or an unrelated, process."""
     with contextlib.suppress(OSError, ValueError):
-        if int(Path(path).read_text().strip()) == os.getpid():
+        if os.path.isfile(path) and int(Path(path).read_text().strip()) == os.getpid():
             os.unlink(path)
 
 
@@ -336,25 +340,39 @@ def serve_in_process(config: Config, sockets: Sockets) -> int:
     process with its requests in flight."""
     for sock in [*sockets.insecure_sockets, *sockets.secure_sockets]:
         sock.listen(config.backlog)
-    # A stop asked for while the app loads and starts (before the trigger below listens)
-    # is kept, and honoured as soon as it does: a clean stop, not a killed process.
-    early: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda number, frame: early.append(number))
     app = load_application(config.application_path, config.wsgi_max_body_size)
     trio.run(functools.partial(worker_serve, app, config, sockets=sockets,
-                               shutdown_trigger=functools.partial(_stop_signal, early)))
+                               shutdown_trigger=_stop_signal))
     return 0
 
 
-async def _stop_signal(early: list[int]) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        if not early:
-            async for _ in signals:
-                break
-    # From now on a second stop signal ends the process without draining.
-    signal.signal(signal.SIGTERM, _exit_at_once)
-    signal.signal(signal.SIGINT, _exit_at_once)
+#: Stop signals received (``workers = 0``): the first drains, a second ends the process.
+_stops: list[int] = []
+#: How a stop signal reaches the running app: its trio token and the event it sets.
+_stop_wakeup: tuple[trio.lowlevel.TrioToken, trio.Event] | None = None
+
+
+def _early_stop(signum: int, frame: object) -> None:
+    """SIGTERM and SIGINT with ``workers = 0``, from before the gateway announces itself
+    to its end: one asked for while the app loads and starts is kept for it (a clean
+    stop, not a killed process); a second one ends the process at once."""
+    if _stops:
+        _exit_at_once(signum, frame)
+    _stops.append(signum)
+    os.write(2, b"gateway: stop signal: draining (a second one exits at once)\n")
+    if _stop_wakeup is not None:
+        token, event = _stop_wakeup
+        with contextlib.suppress(trio.RunFinishedError):  # the app has already ended
+            token.run_sync_soon(event.set)
+
+
+async def _stop_signal() -> None:
+    """Hypercorn's shutdown trigger: returns once a stop signal has come."""
+    global _stop_wakeup
+    event = trio.Event()
+    _stop_wakeup = (trio.lowlevel.current_trio_token(), event)
+    if not _stops:
+        await event.wait()
 
 
 def _exit_at_once(signum: int, frame: object) -> None:

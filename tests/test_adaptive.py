@@ -3,10 +3,11 @@ it is given more calls than it can work on at once (MockClock: minutes in millis
 
 import statistics
 
+import pytest
 import trio
 
 from gateway._adaptive import GradientLimit
-from gateway._errors import Shed, UpstreamStatusError
+from gateway._errors import CircuitOpen, Shed, UpstreamStatusError
 from gateway._limits import UpstreamLimiter
 from gateway._policy_loader import load_policy_text
 from gateway._runtime import Runtime
@@ -239,3 +240,20 @@ async def test_relaying_an_answer_to_a_slow_client_is_not_the_upstream_s_latency
                     nursery.start_soon(caller)
         slots[marked] = adaptive.statistics().concurrency
     assert slots[True] == 100 and slots[False] < 50, slots
+
+
+async def test_calls_refused_before_anything_is_sent_teach_it_nothing(autojump_clock):
+    # An open circuit refuses at once, inside the slot: a latency of ~0 taken as the
+    # upstream's minimum would pin the limit at min_concurrency until the next
+    # measurement.
+    adaptive = limiter(adaptive=True)
+
+    async def refused() -> None:
+        async with adaptive.slot():
+            raise CircuitOpen("open", retry_after_s=1.0)
+
+    for _ in range(50):
+        with pytest.raises(CircuitOpen):
+            await refused()
+    gradient = adaptive.adaptive
+    assert gradient is not None and gradient.min_latency_s is None

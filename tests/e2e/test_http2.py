@@ -616,3 +616,50 @@ routes:
             await stream.aclose()
             assert sent[0] < 64 * 1024 * 1024, f"{sent[0] / 2**20:.0f} MiB read from the upstream"
         nursery.cancel_scope.cancel()
+
+
+async def _drain_started(probe: H2Client) -> None:
+    """An idle HTTP/2 connection is sent GOAWAY once the worker is terminating."""
+    with trio.fail_after(5):
+        await probe.until(lambda e: isinstance(e, h2.events.ConnectionTerminated))
+
+
+async def test_a_stream_refused_at_the_drain_gives_back_its_body_credit():
+    """A stream refused at the drain (REFUSED_STREAM) whose first DATA came in the same
+    read as its HEADERS: those bytes used the connection's flow-control window, and the
+    refused stream's events are dropped before the credit is given back (before the
+    change, its DataReceived reached the 'no such stream' path that acknowledges it).
+    The in-flight upload on the same connection then cannot send the rest of its body."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url), graceful_timeout=8) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            probe = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await probe.start()
+            await probe.round_trip()
+            upload = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(upload, [(":method", "POST"), (":path", "/api/ok"),
+                                              (":scheme", "http"), (":authority", "gw")])
+            client.conn.send_data(upload, b"x" * 1000)
+            await client.flush()
+            with trio.fail_after(5):
+                await upstream.wait_requests(1)
+            gw.shutdown.set()
+            await _drain_started(probe)
+            late = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(late, [(":method", "POST"), (":path", "/api/ok"),
+                                            (":scheme", "http"), (":authority", "gw")])
+            for _ in range(3):  # HEADERS and 48 KiB of DATA in one write
+                client.conn.send_data(late, b"y" * 16384)
+            await client.flush()
+            with trio.fail_after(5):
+                event = await client.until(
+                    lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == late)
+            assert event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+            with trio.fail_after(6):
+                sent = await _send_body(client, upload, 100_000, end=True)
+                assert sent == 100_000, f"the upload stalled after {sent} bytes"
+                status, _ = await client.response(upload)
+            assert status == 200
+        nursery.cancel_scope.cancel()

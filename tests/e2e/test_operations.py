@@ -326,3 +326,88 @@ async def test_an_answer_given_during_the_drain_says_connection_close():
             assert responses[0].headers.get("connection", "").lower() == "close", \
                 responses[0].headers
         nursery.cancel_scope.cancel()
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler installed for ``signum`` (/proc, SigCgt)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+async def _stop_gateway(tmp_path, signals: int, *, after_handler: bool) -> tuple[int, str]:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(proxy_policy("http://127.0.0.1:9"))
+    config = tmp_path / "hypercorn.toml"
+    config.write_text('worker_class = "trio"\ngraceful_timeout = 5\n')
+    process = await trio.lowlevel.open_process(
+        _serve_command(policy, config, 0), cwd=str(ROOT), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    assert process.stdout is not None
+    seen = b""
+    try:
+        with trio.fail_after(20):
+            while b"gateway: admin" not in seen:
+                seen += await process.stdout.receive_some(4096)
+            if after_handler:
+                while not _catches(process.pid, signal.SIGTERM):
+                    await trio.sleep(0.001)
+            for number in range(signals):
+                process.send_signal(signal.SIGTERM)
+                if number + 1 < signals:  # the next once this one is taken (signals of
+                    # one kind sent together merge into one, in the kernel and Python)
+                    while b"stop signal: draining" not in seen:
+                        seen += await process.stdout.receive_some(4096)
+            while chunk := await process.stdout.receive_some(4096):
+                seen += chunk
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return code, seen.decode(errors="replace")
+
+
+async def test_a_stop_signal_right_after_the_announcement_with_workers_0_is_clean(tmp_path):
+    """With workers = 0 the start-up stop handler is installed in serve_in_process, after
+    serve() has printed the addresses and written the PID file: a SIGTERM sent once the
+    gateway says it serves still kills it (exit -15). tests/e2e/test_operations.py's own
+    test of the fix fails this way when the signal lands in that window (seen here under
+    load); the PID file here is a FIFO so that the window stays open until it is read."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(proxy_policy("http://127.0.0.1:9"))
+    pid_file = tmp_path / "gateway.pid"
+    os.mkfifo(pid_file)
+    config = tmp_path / "hypercorn.toml"
+    config.write_text(f'worker_class = "trio"\ngraceful_timeout = 5\npid_path = "{pid_file}"\n')
+    process = await trio.lowlevel.open_process(
+        _serve_command(policy, config, 0), cwd=str(ROOT), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    assert process.stdout is not None
+    seen = b""
+    try:
+        with trio.fail_after(20):
+            while b"gateway: admin" not in seen:
+                seen += await process.stdout.receive_some(4096)
+            process.send_signal(signal.SIGTERM)  # announced: a stop must now be clean
+            reader = os.open(pid_file, os.O_RDONLY | os.O_NONBLOCK)  # lets it go on
+            try:
+                while chunk := await process.stdout.receive_some(4096):
+                    seen += chunk
+                code = await process.wait()
+            finally:
+                os.close(reader)
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert code == 0, (code, seen.decode(errors="replace"))
+
+
+async def test_a_second_stop_signal_during_start_up_with_workers_0_exits_at_once(tmp_path):
+    """README: 'a second signal kills the workers at once (exit 1). This holds with
+    workers = 0 too'. With workers = 0 both signals of an early double stop (a second
+    Ctrl-C while the app still starts) are only recorded by the start-up handler: the
+    process starts, then drains gracefully and exits 0, as for a single signal."""
+    code, seen = await _stop_gateway(tmp_path, 2, after_handler=True)
+    assert code == 1, (code, seen)
