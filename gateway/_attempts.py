@@ -39,6 +39,7 @@ import trio
 from ._errors import (
     BadRequest,
     CircuitOpen,
+    Conflict,
     GatewayError,
     NoRow,
     Shed,
@@ -259,7 +260,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
             if breaker is not None and breaker_asked:
                 if _is_breaker_failure(error):
                     breaker.record_failure(trio.current_time())
-                elif isinstance(error, UpstreamStatusError | NoRow | BadRequest):
+                elif isinstance(error, UpstreamStatusError | NoRow | BadRequest | Conflict):
                     breaker.record_success(trio.current_time())  # a 4xx: it answered
                 else:
                     breaker.record_ignored(trio.current_time())

@@ -67,6 +67,14 @@ class HeadersTooLarge(BadRequest):
     status = 431
 
 
+class Conflict(GatewayError):
+    """The database refused a write for a constraint its input broke (a duplicate key, a
+    missing referenced row): the client's to resolve, as PostgREST answers it."""
+
+    status = 409
+    cause = "conflict"
+
+
 class NotFound(GatewayError):
     status = 404
     cause = "no_route"

@@ -82,6 +82,7 @@ import trio_asyncio
 
 from .._errors import (
     BadRequest,
+    Conflict,
     GatewayError,
     InternalError,
     StatementWrites,
@@ -303,6 +304,9 @@ class _ConnectFailed(Exception):
 _MESSAGE_KEPT = frozenset({"08", "0A", "23", "25", "40", "42", "53", "55", "57"})
 #: A syntax error in something the statement parses at run time from its input.
 _SYNTAX_ERROR = "42601"
+#: Integrity violations a client's input causes: unique (23505) and foreign key (23503)
+#: are conflicts with what the database holds; PostgREST answers them 409 too.
+_CONFLICTS = frozenset({"23505", "23503", "23P01"})
 
 
 def _query_error_message(exc: asyncpg.PostgresError, state: str) -> str:
@@ -344,6 +348,11 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False) -> G
         if input_bound and (state.startswith("22") or (
                 state == _SYNTAX_ERROR and not getattr(exc, "position", None))):
             return BadRequest(f"{where}: invalid query argument ({kind})", sqlstate=state)
+        if input_bound and state in _CONFLICTS:
+            # The client's input broke a constraint (a duplicate, a missing parent): a
+            # 409 it can act on, and no sign of a failing database (no breaker failure,
+            # no retry). Without arguments it is the statement's own doing: a 502.
+            return Conflict(f"{where}: {_query_error_message(exc, state)}", sqlstate=state)
         if state.startswith("40"):  # serialization failure, deadlock: try again
             return UpstreamError(f"{where}: {_query_error_message(exc, state)}",
                                  sqlstate=state)

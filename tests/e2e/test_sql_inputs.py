@@ -68,6 +68,14 @@ routes:
   - path: /api/long
     deadline: 10s
     sql: {upstream: db, query: "SELECT pg_sleep(5) AS slept"}
+  - path: /api/scores
+    methods: [POST]
+    deadline: 2s
+    sql:
+      upstream: db
+      query: "INSERT INTO gw_inputs VALUES ($1, $2) RETURNING user_id"
+      args: ["body.id:int", "body.score:int"]
+      one: true
   - path: /api/pairs
     deadline: 2s
     sql: {upstream: db, query: "SELECT 1 AS id, 2 AS id, 3 AS n"}
@@ -220,4 +228,22 @@ async def test_columns_of_one_name_are_refused_not_merged(database):
         assert body["cause"] == "internal" and "'id'" in body["error"], body
         trace = await trace_of(gw, response.headers["x-request-id"])
         assert trace.status == 500 and trace.cause == "internal"
+        assert (await client.get("/api/scores/7")).status_code == 200
+
+
+async def test_a_write_its_input_makes_conflict_is_a_409_that_opens_no_circuit(database):
+    async with run_gateway(POLICY) as gw, gw.client() as client:
+        created = await client.post("/api/scores", json={"id": 40, "score": 1})
+        assert created.status_code == 200 and created.json() == {"user_id": 40}
+        # A duplicate key is the client's to resolve (409, as PostgREST answers it), not
+        # a failing database: three of them (the circuit's consecutive_failures) used to
+        # be 502s that opened the circuit for every route on it.
+        for _ in range(3):
+            duplicate = await client.post("/api/scores", json={"id": 7, "score": 1})
+            assert duplicate.status_code == 409, duplicate.text
+            assert duplicate.json()["cause"] == "conflict"
+            assert "UniqueViolationError" in duplicate.json()["error"]
+            assert "(7)" not in duplicate.text  # the DETAIL line quotes the key: not sent
+        trace = await trace_of(gw, duplicate.headers["x-request-id"])
+        assert len([s for s in trace.root.walk() if s.kind == "attempt"]) == 1  # no retry
         assert (await client.get("/api/scores/7")).status_code == 200
