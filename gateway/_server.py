@@ -385,12 +385,15 @@ def drain_timeout(policy_file: str, graceful_timeout: float, send_timeout: float
 
     Past graceful_timeout a worker cancels what is left; a write to a client that
     stopped reading can take send_timeout more (from the policy file as it is now, which
-    the workers may have reloaded; ``send_timeout`` if it cannot be read), and closing
-    pools a few seconds."""
-    from ._policy_loader import PolicyError, load_policy_file
+    the workers may have reloaded; else from the last good policy they serve;
+    ``send_timeout`` if neither can be read), and closing pools a few seconds."""
+    from ._policy_loader import LAST_GOOD_ENV, PolicyError, load_policy_file
 
-    with contextlib.suppress(PolicyError, OSError):
-        send_timeout = load_policy_file(policy_file).policy.server.send_timeout
+    for path in (policy_file, os.environ.get(LAST_GOOD_ENV)):
+        if path:
+            with contextlib.suppress(PolicyError, OSError):
+                send_timeout = load_policy_file(path).policy.server.send_timeout
+                break
     return graceful_timeout + send_timeout + 15
 
 

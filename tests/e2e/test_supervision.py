@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from gateway import _supervisor
+from gateway._policy_loader import LAST_GOOD_ENV
 from gateway._server import drain_timeout
 from gateway._supervisor import Supervisor, describe_exit
 from tests.metrics import metric_total
@@ -283,3 +284,16 @@ def test_the_drain_bound_follows_the_policy_file_as_it_is_at_the_stop(tmp_path: 
     assert drain_timeout(str(policy), 10, 30) == 10 + 5 + 15
     policy.write_text("version: 1\nroutes: nonsense\n")  # unreadable: the start's value
     assert drain_timeout(str(policy), 10, 30) == 10 + 30 + 15
+
+
+def test_a_bad_policy_file_at_the_stop_leaves_the_drain_bound_to_the_policy_served(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # The workers serve the last good policy (its send_timeout) while the file on disk
+    # is bad: the bound follows what they serve, not the start's value.
+    good = tmp_path / "last-good.yaml"
+    good.write_text(proxy_policy("http://127.0.0.1:9").replace(
+        "version: 1\n", "version: 1\nserver: {send_timeout: 7s}\n"))
+    monkeypatch.setenv(LAST_GOOD_ENV, str(good))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nroutes: nonsense\n")
+    assert drain_timeout(str(policy), 10, 30) == 10 + 7 + 15
