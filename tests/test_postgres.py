@@ -18,6 +18,7 @@ import trio_asyncio
 
 from gateway._errors import (
     BadRequest,
+    Conflict,
     StatementWrites,
     UpstreamConnectError,
     UpstreamError,
@@ -359,9 +360,11 @@ async def test_constraint_errors_do_not_quote_row_values(upstream) -> None:
                            "CHECK (age >= 0))", [], timeout_s=5.0)
     secret = "carol@secret.example"
     await upstream.execute(f"INSERT INTO {table} VALUES ($1, 1)", [secret], timeout_s=5.0)
-    for query, args in ((f"INSERT INTO {table} VALUES ($1, 2)", [secret]),
-                        (f"INSERT INTO {table} VALUES ($1, -7)", ["bob@secret.example"])):
-        with pytest.raises(UpstreamError) as failed:
+    # A duplicate key is the client's conflict (409); a broken CHECK is the statement's.
+    for query, args, error in (
+            (f"INSERT INTO {table} VALUES ($1, 2)", [secret], Conflict),
+            (f"INSERT INTO {table} VALUES ($1, -7)", ["bob@secret.example"], UpstreamError)):
+        with pytest.raises(error) as failed:
             await upstream.execute(query, args, timeout_s=5.0)
         assert "secret.example" not in str(failed.value)  # the server's DETAIL quotes it
         assert "violates" in str(failed.value)  # the primary message stays
@@ -435,7 +438,7 @@ async def test_transactions(upstream, monitor) -> None:
             await tx.execute(f"INSERT INTO {table} VALUES ($1, $2)", [2, "b"])
             await tx.execute(f"INSERT INTO {table} VALUES ($1, $2)", [1, "duplicate"])
 
-    with pytest.raises(UpstreamError) as failed:
+    with pytest.raises(Conflict) as failed:
         await insert_then_duplicate()
     assert failed.value.detail["sqlstate"] == "23505"
     assert await ids() == [1]
