@@ -10,7 +10,6 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
-import math
 import re
 import time
 import uuid
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from . import _upstream_json as upstream_json
 from ._deadlines import call_deadline, propagated_budget_ms
 from ._errors import (
     BadRequest,
@@ -122,19 +122,6 @@ def forward_headers(ctx: RequestContext, call: TracedScope,
     return [*base, (deadline_header, str(budget).encode())]
 
 
-def _refuse_constant(name: str) -> Any:
-    """NaN and Infinity are not JSON (RFC 8259); passed on, they make the answer invalid."""
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    """A number a double cannot hold (``1e400``) would be re-encoded as ``Infinity``."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text[:32]} is beyond the range of a double")
-    return value
-
-
 async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
                          call: FanoutCall, state: UpstreamState,
                          settings: CallSettings) -> Any:
@@ -161,8 +148,7 @@ async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
                                       upstream_status=response.status, upstream=state.name,
                                       retry_after_s=retry_after_s(response.headers))
         try:
-            value = json.loads(body, parse_constant=_refuse_constant,
-                               parse_float=_finite_float) if body else None
+            value = upstream_json.loads(body) if body else None
         except (ValueError, RecursionError):  # nesting deeper than the parser's stack
             raise UpstreamProtocolError(f"upstream {state.name!r} answered invalid JSON",
                                         upstream=state.name) from None

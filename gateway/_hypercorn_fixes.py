@@ -339,6 +339,17 @@ PEER_CHECK_S = 0.25
 _PEER_GONE = select.POLLERR | select.POLLHUP | select.POLLRDHUP
 
 
+def _peer_poller(server: Any) -> select.poll | None:
+    """A poll of a connection's socket for the client's reset or end of sending (read
+    nothing), or None when the connection is not a plain TCP one of ours."""
+    sock = getattr(getattr(getattr(server, "stream", None), "socket", None), "_sock", None)
+    if sock is None:
+        return None
+    poller = select.poll()
+    poller.register(sock.fileno(), _PEER_GONE)
+    return poller
+
+
 async def _send_watching_peer(to_app: trio.MemorySendChannel[Any], message: Any) -> None:
     """Put a body message to an app whose queue is full, and meanwhile look for the
     client's reset: the connection is not read while its app is not reading the body
@@ -347,12 +358,10 @@ async def _send_watching_peer(to_app: trio.MemorySendChannel[Any], message: Any)
     The kernel reports the reset (or the end of the client's sending) without the
     socket being read; the connection is then closed, which cancels the request."""
     server = _connection.get(None)
-    sock = getattr(getattr(getattr(server, "stream", None), "socket", None), "_sock", None)
-    if sock is None:  # TLS, or not a connection of ours: wait as before
+    poller = _peer_poller(server)
+    if poller is None:  # TLS, or not a connection of ours: wait as before
         await to_app.send(message)
         return
-    poller = select.poll()
-    poller.register(sock.fileno(), _PEER_GONE)
     async with trio.open_nursery() as nursery:
 
         async def watch() -> None:
@@ -381,13 +390,10 @@ class _PeerWatchingEvent(EventWrapper):
     async def wait(self) -> None:
         if self._event.is_set():
             return
-        server = _connection.get(None)
-        sock = getattr(getattr(getattr(server, "stream", None), "socket", None), "_sock", None)
-        if sock is None:  # TLS, or not a connection of ours
+        poller = _peer_poller(_connection.get(None))
+        if poller is None:  # TLS, or not a connection of ours
             await self._event.wait()
             return
-        poller = select.poll()
-        poller.register(sock.fileno(), _PEER_GONE)
         while True:
             with trio.move_on_after(PEER_CHECK_S):
                 await self._event.wait()
@@ -605,8 +611,9 @@ def apply() -> None:
             resets = self.premature_resets = PrematureResets(_premature_reset_limit)
         last_stream_id = None
         refused = {event.stream_id for event in events
-                   if type(event) is h2.events.RequestReceived}
-        if refused and self.context.terminated.is_set():
+                   if type(event) is h2.events.RequestReceived
+                   } if self.context.terminated.is_set() else None
+        if refused:
             # Draining: a stream opened now is refused as never processed, which a
             # client may retry elsewhere (Hypercorn reset it with NO_ERROR).
             for stream_id in sorted(refused):

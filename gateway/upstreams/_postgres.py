@@ -80,6 +80,7 @@ import asyncpg.exceptions
 import trio
 import trio_asyncio
 
+from .. import _upstream_json as upstream_json
 from .._errors import (
     BadRequest,
     Conflict,
@@ -424,24 +425,11 @@ def _without_client_check(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**kwargs, "server_settings": server_settings}
 
 
-def _finite_float(text: str) -> float:
-    """A number a double cannot hold (``1e400`` in a json column) would be answered as
-    the string "Infinity": refused instead, as from an HTTP upstream."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"a json value holds {text[:32]}, beyond the range of a double")
-    return value
-
-
-def _decode_json(text: str) -> Any:
-    return json.loads(text, parse_float=_finite_float)
-
-
 async def _init_connection(con: asyncpg.Connection) -> None:
     """Decode json/jsonb into Python values (and encode Python values as JSON)."""
     for typename in ("json", "jsonb"):
         await con.set_type_codec(
-            typename, schema="pg_catalog", encoder=json.dumps, decoder=_decode_json
+            typename, schema="pg_catalog", encoder=json.dumps, decoder=upstream_json.loads
         )
 
 

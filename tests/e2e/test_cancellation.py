@@ -12,7 +12,7 @@ import trio
 import trio.lowlevel
 
 from tests.gateway_harness import fire, live_tasks, run_gateway, trace_of, traces_with
-from tests.upstream import start_upstream
+from tests.upstream import proxy_policy, start_upstream
 
 POLICY = """
 version: 1
@@ -300,18 +300,9 @@ async def test_a_client_that_pipelined_a_request_then_left_cancels_the_one_in_fl
     # half-close and that are not yet answered are cancelled"; a full close all the more.
     # With a second request pipelined behind the first, the departure is never seen:
     # the first request's upstream work runs to its end and is logged 200.
-    policy = """
-version: 1
-upstreams:
-  users: {{url: "{url}"}}
-routes:
-  - path: /api/{{rest*}}
-    deadline: 10s
-    proxy: {{upstream: users, path: "/{{rest}}"}}
-"""
     async with trio.open_nursery() as nursery:
         upstream = await start_upstream(nursery)
-        async with run_gateway(policy.format(url=upstream.url)) as gw:
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
             stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
             await stream.send_all(b"GET /api/slow?ms=3000 HTTP/1.1\r\nhost: t\r\n\r\n"
                                   b"GET /api/ok HTTP/1.1\r\nhost: t\r\n\r\n")

@@ -52,28 +52,9 @@ async def test_a_stop_signal_during_start_up_of_a_single_process_gateway_exits_0
     With two workers a SIGTERM right after the start is a clean stop (exit 0, see
     test_sigterm_just_after_start_leaves_no_process_behind); with workers = 0 the
     signal arrives while the app is imported and started and kills the process."""
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(proxy_policy("http://127.0.0.1:9"))
-    config = tmp_path / "hypercorn.toml"
-    config.write_text('worker_class = "trio"\ngraceful_timeout = 2\n')
-    process = await trio.lowlevel.open_process(
-        _serve_command(policy, config, 0), cwd=str(ROOT), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True)
-    assert process.stdout is not None
-    seen = b""
-    try:
-        with trio.fail_after(20):
-            while b"gateway: admin" not in seen:
-                seen += await process.stdout.receive_some(4096)
-            process.send_signal(signum)  # while the app is being loaded and started
-            while chunk := await process.stdout.receive_some(4096):
-                seen += chunk
-            code = await process.wait()
-    finally:
-        if process.returncode is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert code == 0, seen.decode(errors="replace")
-    assert b"Traceback" not in seen, seen.decode(errors="replace")
+    code, seen = await _stop_gateway(tmp_path, 1, signum=signum)
+    assert code == 0, seen
+    assert "Traceback" not in seen, seen
 
 
 async def test_a_syntax_error_in_hypercorn_toml_is_reported_without_a_traceback(
@@ -337,7 +318,11 @@ def _catches(pid: int, signum: int) -> bool:
     return False
 
 
-async def _stop_gateway(tmp_path, signals: int, *, after_handler: bool) -> tuple[int, str]:
+async def _stop_gateway(tmp_path: Path, signals: int, *, after_handler: bool = False,
+                        signum: int = signal.SIGTERM) -> tuple[int, str]:
+    """Start a ``workers = 0`` gateway; once it announces itself (and, with
+    ``after_handler``, once it handles SIGTERM) send ``signals`` stop signals; its exit
+    code and output."""
     policy = tmp_path / "policy.yaml"
     policy.write_text(proxy_policy("http://127.0.0.1:9"))
     config = tmp_path / "hypercorn.toml"
@@ -352,10 +337,10 @@ async def _stop_gateway(tmp_path, signals: int, *, after_handler: bool) -> tuple
             while b"gateway: admin" not in seen:
                 seen += await process.stdout.receive_some(4096)
             if after_handler:
-                while not _catches(process.pid, signal.SIGTERM):
+                while not _catches(process.pid, signum):
                     await trio.sleep(0.001)
             for number in range(signals):
-                process.send_signal(signal.SIGTERM)
+                process.send_signal(signum)
                 if number + 1 < signals:  # the next once this one is taken (signals of
                     # one kind sent together merge into one, in the kernel and Python)
                     while b"stop signal: draining" not in seen:

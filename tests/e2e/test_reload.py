@@ -13,6 +13,7 @@ import trio
 from tests.gateway_harness import run_gateway
 from tests.metrics import metric_total
 from tests.process_harness import serve_process
+from tests.test_policy_loader import MINIMAL
 from tests.upstream import start_upstream
 
 GOOD = """
@@ -365,14 +366,6 @@ async def test_requests_of_a_replaced_policy_keep_their_pool_for_their_deadline(
         nursery.cancel_scope.cancel()
 
 
-SYMLINKED = """\
-version: 1
-upstreams:
-  users: {url: "http://127.0.0.1:9001"}
-routes:
-  - path: /api/users/{id}
-    proxy: {upstream: users, path: "/users/{id}"}
-"""
 
 
 def _closed_port() -> int:
@@ -490,7 +483,7 @@ async def test_a_policy_file_that_is_a_symlink_is_reloaded_when_repointed(
     # target at start-up. A release (ln -sfn, a ConfigMap update) repoints the link;
     # the gateway keeps watching, and reloading on SIGHUP, the old target, so the new
     # policy never goes live. The file the operator named is the one to follow.
-    first, second = (SYMLINKED.replace("/api/users/{id}", f"/api/v{n}/users/{{id}}")
+    first, second = (MINIMAL.replace("/api/users/{id}", f"/api/v{n}/users/{{id}}")
                      for n in (1, 2))
     releases = tmp_path / "releases"
     releases.mkdir()

@@ -5,6 +5,8 @@ waits for an upstream slot), the client's messages queue up in the worker. Neith
 answer nor the client's departure may then wait behind that queue.
 """
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 
 import trio
@@ -12,10 +14,34 @@ import trio.testing
 
 from tests.gateway_harness import traces_with
 from tests.hostile import POLICY, closed_port, policy_for, stage
-from tests.hostile.rawclient import connect
+from tests.hostile.rawclient import RawConnection, connect
 from tests.upstream import start_upstream
 
 CHUNK = b"10000\r\n" + b"z" * 0x10000 + b"\r\n"  # 64 KiB, chunked
+
+
+def big_uploads(policy: str) -> str:
+    """The hostile policy with room for large bodies arriving slowly."""
+    return policy.replace("max_body: 256KiB", "max_body: 1GiB").replace(
+        "body_timeout: 1s", "body_timeout: 60s")
+
+
+@asynccontextmanager
+async def uploading(conn: RawConnection, target: bytes) -> AsyncIterator[None]:
+    """A chunked upload to ``target`` that never ends, sent until every buffer between
+    the client and the upstream is full; it stops when the block ends."""
+    await conn.send(b"POST " + target + b" HTTP/1.1\r\nHost: g\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n")
+
+    async def pump() -> None:
+        while await conn.try_send(CHUNK):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump)
+        await trio.testing.wait_all_tasks_blocked()
+        yield
+        nursery.cancel_scope.cancel()
 
 
 async def wait_until(predicate, timeout_s: float = 5.0) -> None:
@@ -40,24 +66,13 @@ async def test_an_early_answer_to_an_unread_upload_ends_the_request():
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, refuse_unread, 0, host="127.0.0.1"))
         url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-        policy = POLICY.format(url=url, dead_port=closed_port(), extra="").replace(
-            "max_body: 256KiB", "max_body: 1GiB").replace("body_timeout: 1s", "body_timeout: 60s")
+        policy = big_uploads(POLICY.format(url=url, dead_port=closed_port(), extra=""))
         async with stage(policy) as s, connect(s.port) as conn:
             runtime = s.gw.gateway.runtime
-            await conn.send(b"POST /api/long/upload HTTP/1.1\r\nHost: g\r\n"
-                            b"Transfer-Encoding: chunked\r\n\r\n")
-
-            async def pump() -> None:
-                while await conn.try_send(CHUNK):
-                    pass
-
-            async with trio.open_nursery() as uploading:
-                uploading.start_soon(pump)
+            async with uploading(conn, b"/api/long/upload"):
                 # Everything stalls: the upstream, the worker's queues, the client.
-                await trio.testing.wait_all_tasks_blocked()
                 answer.set()
                 response = await conn.read_response(timeout_s=10)
-                uploading.cancel_scope.cancel()
             assert response is not None and response.status == 401 and response.complete
             assert response.body == b"no way"
             assert await conn.wait_closed(timeout_s=5) is not None  # the body was unread
@@ -98,28 +113,17 @@ async def test_a_client_resetting_a_large_upload_that_waits_for_a_slot_is_cancel
     ``body_timeout`` (a minute here)."""
     async with trio.open_nursery() as nursery:
         upstream = await start_upstream(nursery)
-        policy = policy_for(upstream.url).replace(
+        policy = big_uploads(policy_for(upstream.url).replace(
             f'up: {{url: "{upstream.url}"}}',
-            f'up: {{url: "{upstream.url}", pool: {{max_connections: 1}}}}').replace(
-            "body_timeout: 1s", "body_timeout: 60s").replace("max_body: 256KiB", "max_body: 1GiB")
+            f'up: {{url: "{upstream.url}", pool: {{max_connections: 1}}}}'))
         async with stage(policy) as s:
             runtime = s.gw.gateway.runtime
             async with connect(s.port) as hold:
                 await hold.send(b"GET /api/long/stall HTTP/1.1\r\nHost: g\r\n\r\n")
                 await upstream.wait_requests(1)  # the pool's one connection is taken
                 async with connect(s.port) as conn:
-                    await conn.send(b"POST /api/long/echo HTTP/1.1\r\nHost: g\r\n"
-                                    b"Transfer-Encoding: chunked\r\n\r\n")
-
-                    async def pump() -> None:
-                        while await conn.try_send(CHUNK):
-                            pass
-
-                    async with trio.open_nursery() as uploading:
-                        uploading.start_soon(pump)
-                        # Every buffer is full: the client's, the kernel's, the worker's.
-                        await trio.testing.wait_all_tasks_blocked()
-                        uploading.cancel_scope.cancel()
+                    async with uploading(conn, b"/api/long/echo"):
+                        pass  # every buffer is full: the client's, the kernel's, the worker's
                     assert s.pool_statistics().waiting == 1
                     conn.abort()
                 await wait_until(lambda: runtime.gate.in_flight == 1)  # cancelled, queued
