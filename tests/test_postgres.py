@@ -22,6 +22,7 @@ from gateway._errors import (
     StatementWrites,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamQueryError,
     UpstreamTimeout,
 )
 from gateway.upstreams._postgres import (
@@ -360,10 +361,13 @@ async def test_constraint_errors_do_not_quote_row_values(upstream) -> None:
                            "CHECK (age >= 0))", [], timeout_s=5.0)
     secret = "carol@secret.example"
     await upstream.execute(f"INSERT INTO {table} VALUES ($1, 1)", [secret], timeout_s=5.0)
-    # A duplicate key is the client's conflict (409); a broken CHECK is the statement's.
+    # A duplicate key is the client's conflict (409); a CHECK or NOT NULL its arguments
+    # break is its bad input (400); the same broken by the statement alone is a 502.
     for query, args, error in (
             (f"INSERT INTO {table} VALUES ($1, 2)", [secret], Conflict),
-            (f"INSERT INTO {table} VALUES ($1, -7)", ["bob@secret.example"], UpstreamError)):
+            (f"INSERT INTO {table} VALUES ($1, -7)", ["bob@secret.example"], BadRequest),
+            (f"INSERT INTO {table} VALUES ($1, NULL)", [None], BadRequest),
+            (f"INSERT INTO {table} VALUES ('x@secret.example', -7)", [], UpstreamQueryError)):
         with pytest.raises(error) as failed:
             await upstream.execute(query, args, timeout_s=5.0)
         assert "secret.example" not in str(failed.value)  # the server's DETAIL quotes it

@@ -50,7 +50,10 @@ Errors, translated once, in ``_translate``::
       server starting or shutting down, too many connections)  UpstreamConnectError
     connection lost in the middle of a call                     UpstreamResetError
     ``timeout_s`` spent, or statement_timeout fired on server   UpstreamTimeout
-    bad argument value (SQLSTATE class 22, argument encoding)   BadRequest
+    bad argument value (SQLSTATE class 22, argument encoding,
+      a NOT NULL or CHECK constraint broken by the arguments)   BadRequest
+    unique, foreign-key, restrict or exclusion constraint
+      broken by the arguments                                    Conflict
     a write in a read-only session (SQLSTATE 25006)              StatementWrites
     any other failure                                           UpstreamError
 
@@ -305,9 +308,13 @@ class _ConnectFailed(Exception):
 _MESSAGE_KEPT = frozenset({"08", "0A", "23", "25", "40", "42", "53", "55", "57"})
 #: A syntax error in something the statement parses at run time from its input.
 _SYNTAX_ERROR = "42601"
-#: Integrity violations a client's input causes: unique (23505) and foreign key (23503)
-#: are conflicts with what the database holds; PostgREST answers them 409 too.
-_CONFLICTS = frozenset({"23505", "23503", "23P01"})
+#: Integrity violations a client's input causes: unique (23505), foreign key (23503),
+#: restrict (23001) and exclusion (23P01) are conflicts with what the database holds;
+#: PostgREST answers them 409 too.
+_CONFLICTS = frozenset({"23505", "23503", "23001", "23P01"})
+#: A value the table refuses whatever it holds: NOT NULL (23502) and CHECK (23514).
+#: With arguments it is the client's input that is invalid (400, as PostgREST answers).
+_REFUSED_VALUES = frozenset({"23502", "23514"})
 
 
 def _query_error_message(exc: asyncpg.PostgresError, state: str) -> str:
@@ -354,6 +361,8 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False) -> G
             # 409 it can act on, and no sign of a failing database (no breaker failure,
             # no retry). Without arguments it is the statement's own doing: a 502.
             return Conflict(f"{where}: {_query_error_message(exc, state)}", sqlstate=state)
+        if input_bound and state in _REFUSED_VALUES:
+            return BadRequest(f"{where}: {_query_error_message(exc, state)}", sqlstate=state)
         if state.startswith("40"):  # serialization failure, deadlock: try again
             return UpstreamError(f"{where}: {_query_error_message(exc, state)}",
                                  sqlstate=state)
