@@ -355,6 +355,19 @@ async def test_query_errors_are_translated(upstream) -> None:
     assert await upstream.ready()
 
 
+async def test_a_json_value_json_cannot_carry_is_a_query_error_not_a_reset(upstream) -> None:
+    """A json number beyond a double, a jsonb integer of 5,001 digits, and nesting deeper
+    than the parser's stack are the same on every call: a permanent ``upstream_query``
+    502 (not a retryable upstream failure), and the connection keeps serving."""
+    deep = "[" * 5000 + "]" * 5000
+    for query in ("SELECT '1e5000'::json AS j", "SELECT '{\"x\": 1e5000}'::jsonb AS j",
+                  f"SELECT '{deep}'::json AS j"):
+        with pytest.raises(UpstreamQueryError, match="cannot be answered as JSON"):
+            await upstream.fetch(query, [], timeout_s=5.0)
+    assert await upstream.fetch("SELECT '{\"x\": 1e400}'::jsonb AS j", [], timeout_s=5.0) == [
+        {"j": {"x": 10**400}}]
+
+
 async def test_constraint_errors_do_not_quote_row_values(upstream) -> None:
     table = f"t_{uuid.uuid4().hex[:12]}"
     await upstream.execute(f"CREATE TABLE {table} (email text PRIMARY KEY, age int "

@@ -55,6 +55,7 @@ Errors, translated once, in ``_translate``::
     unique, foreign-key, restrict or exclusion constraint
       broken by the arguments                                    Conflict
     a write in a read-only session (SQLSTATE 25006)              StatementWrites
+    a json value of the result that JSON cannot carry here      UpstreamQueryError
     any other failure                                           UpstreamError
 
 No row is not an error: ``fetchrow`` returns None and the caller decides (``NotFound``).
@@ -372,6 +373,12 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False) -> G
         # The argument could not be encoded for its parameter type; the message would
         # quote the value, which must not reach logs or traces.
         return BadRequest(f"{where}: invalid query argument")
+    if isinstance(exc, ValueError | RecursionError):
+        # A json/jsonb value the result holds cannot be answered as JSON (a number
+        # beyond a double, an integer of more digits than Python converts, nesting
+        # deeper than the parser's stack): the same every time, so not retried.
+        return UpstreamQueryError(
+            f"{where}: a value in the result cannot be answered as JSON ({type(exc).__name__})")
     if isinstance(exc, OSError):
         return UpstreamResetError(f"{where}: connection lost mid-call: {type(exc).__name__}")
     return UpstreamError(f"{where}: {type(exc).__name__}")
