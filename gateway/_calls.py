@@ -302,8 +302,8 @@ async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: Fan
             remaining = max(0.001, attempt.deadline - trio.current_time())
             try:
                 if call.one:
-                    row = await postgres.fetchrow(query, args, timeout_s=remaining,
-                                                  writes=writes)
+                    row = await postgres.fetch_one(query, args, timeout_s=remaining,
+                                                   writes=writes)
                     if row is None:
                         raise NoRow(f"{name}: no row found", call=name)
                     return AttemptResult(row)

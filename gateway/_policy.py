@@ -404,7 +404,8 @@ class FanoutCall(_Model):
     query: str | None = Field(None, description="SQL with $1..$n bound parameters.")
     args: tuple[ArgSource, ...] = Field(
         (), description="Where $n comes from: path.NAME, query.NAME, body.NAME[:type].")
-    one: bool = Field(False, description="SQL: answer one row (404 when none) instead of rows.")
+    one: bool = Field(False, description="SQL: answer the one row (404 when none, 502 when "
+                      "several) instead of rows.")
     timeout: PositiveDuration | None = None
     retries: RetryPolicy | None = None
     hedge_after: PositiveDuration | None = None

@@ -504,6 +504,10 @@ async def _release(pool: asyncpg.Pool, con: Any, timeout_s: float) -> None:
         logger.debug("postgres connection dropped on release", exc_info=True)
 
 
+#: The ``_run_on_pool`` method that reads at most two rows (``fetch_one``).
+_FETCH_TWO = "fetch_two"
+
+
 async def _run_on_pool(
     pool: asyncpg.Pool,
     waiting: _Waiting,
@@ -517,7 +521,12 @@ async def _run_on_pool(
     try:
         if writes:
             await con.execute("SET default_transaction_read_only = off")
-        result = await getattr(con, method)(query, *args)
+        if method == _FETCH_TWO:
+            # A row limit on the portal, as asyncpg's own fetchrow asks for one: the rows
+            # after the second are never produced or sent.
+            result = await con._execute(query, args, 2, None)
+        else:
+            result = await getattr(con, method)(query, *args)
     except asyncio.CancelledError:
         # Cut by a deadline or a client leaving: the caller is answered now. Releasing
         # waits for the server to acknowledge asyncpg's cancel (or close_timeout_s, when
@@ -878,6 +887,19 @@ class PostgresUpstream:
         """The first row, or None when there is none."""
         record = await self._query("fetchrow", query, args, timeout_s, writes)
         return None if record is None else _row(record)
+
+    async def fetch_one(
+        self, query: str, args: Sequence[object], *, timeout_s: float, writes: bool = False
+    ) -> dict[str, JSON] | None:
+        """The only row, or None when there is none. Several rows are an
+        ``UpstreamQueryError``: answering the first of them would hand a client a row
+        picked by chance (a statement missing a condition can pick another user's)."""
+        records = await self._query(_FETCH_TWO, query, args, timeout_s, writes)
+        if len(records) > 1:
+            raise UpstreamQueryError(
+                f"postgres upstream {self.name!r}: the statement returned more than one "
+                "row where one is expected (one: true)")
+        return _row(records[0]) if records else None
 
     async def execute(self, query: str, args: Sequence[object], *, timeout_s: float,
                       writes: bool = True) -> str:

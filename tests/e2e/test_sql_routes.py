@@ -74,6 +74,32 @@ async def test_sql_route_binds_parameters_and_answers_json(database):
         nursery.cancel_scope.cancel()
 
 
+async def test_one_row_route_refuses_a_statement_that_returns_several(database):
+    """``one: true`` answers the only row: a statement that finds several (a missing
+    condition) is a 502 naming why, never the first row picked by chance."""
+    policy = """
+version: 1
+upstreams:
+  db: {postgres: {dsn_env: GATEWAY_TEST_DSN, pool: {min: 1, max: 2}}}
+routes:
+  - path: /api/first/{n}
+    deadline: 2s
+    sql:
+      upstream: db
+      query: "SELECT g AS n FROM generate_series(1, $1) g"
+      args: ["path.n:int"]
+      one: true
+"""
+    async with run_gateway(policy) as gw, gw.client() as client:
+        assert (await client.get("/api/first/1")).json() == {"n": 1}
+        assert (await client.get("/api/first/0")).status_code == 404
+        several = await client.get("/api/first/3")
+        assert several.status_code == 502, several.text
+        assert several.json()["cause"] == "upstream_query"
+        assert "more than one row" in several.json()["error"]
+        assert (await client.get("/api/first/1")).json() == {"n": 1}
+
+
 async def test_deadline_cancels_the_query_on_the_server(database):
     async with trio.open_nursery() as nursery:
         upstream = await start_upstream(nursery)
