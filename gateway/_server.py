@@ -239,6 +239,12 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
         config.workers = workers
     if public_bind:
         config.bind = list(public_bind)
+    if config.workers == 0 and config.max_requests:
+        # Hypercorn ends a worker after max_requests for its master to start another;
+        # with no master the gateway would just stop serving, and exit 0.
+        raise HypercornConfigError("max_requests: needs workers >= 1 (with workers = 0 "
+                                   "the gateway would stop serving after that many "
+                                   "requests, with no worker started in its place)")
     admin = admin_bind or os.environ.get("GATEWAY_ADMIN_BIND") or loaded.policy.server.admin_bind
     if admin.startswith(("unix:", "fd://")):
         # Admin connections are told by the TCP address they arrive on.

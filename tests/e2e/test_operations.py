@@ -202,6 +202,23 @@ async def test_tls_settings_in_hypercorn_toml_are_refused_at_start_up(tmp_path: 
     assert "certfile: TLS is not served by the gateway" in err, err
 
 
+async def test_max_requests_without_workers_is_refused_at_start_up(tmp_path: Path):
+    """Hypercorn ends a worker after ``max_requests`` for the master to replace; with
+    ``workers = 0`` there is none, and the gateway stopped serving (exit 0) after that
+    many requests. It is refused at start-up instead."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(proxy_policy("http://127.0.0.1:9"))
+    config = tmp_path / "hypercorn.toml"
+    config.write_text('worker_class = "trio"\nmax_requests = 100\n')
+    with trio.fail_after(30):
+        result = await trio.run_process(_serve_command(policy, config, 0), cwd=str(ROOT),
+                                        capture_stdout=True, capture_stderr=True,
+                                        check=False)
+    err = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in err, err
+    assert "max_requests: needs workers >= 1" in err, err
+
+
 async def test_a_second_gateway_on_the_port_of_a_running_one_is_a_busy_port_error(
         tmp_path: Path):
     """Start-up on a busy port is an error naming the bind (README; test_lifecycle's
