@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from typing import Any, cast
 
 import trio
@@ -61,6 +62,13 @@ async def run_demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
                 await trio.to_thread.run_sync(cluster.destroy)
 
 
+def url_of(sock: socket.socket) -> str:
+    """The URL to try a bound socket at: its real port (a bind to port 0 picks one),
+    and the loopback address for a wildcard bind."""
+    host, port = sock.getsockname()[:2]
+    return f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}"
+
+
 async def _serve_demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
     loaded = load_policy_file(policy_file)
     admin = admin_bind or os.environ.get("GATEWAY_ADMIN_BIND") or loaded.policy.server.admin_bind
@@ -74,10 +82,10 @@ async def _serve_demo(policy_file: str, bind: str, admin_bind: str | None) -> No
         await nursery.start(lambda task_status: worker_serve(
             wrap_app(cast(Any, gateway), config.wsgi_max_body_size, "asgi"), config,
             sockets=Sockets([], [public_sock, admin_sock], []), task_status=task_status))
-        public = f"http://{bind}"
+        public, admin = url_of(public_sock), url_of(admin_sock)
         print("demo upstreams: " + ", ".join(f"{name} {url}" for name, url in upstreams))
         print(f"gateway: {public} (policy {loaded.file}, version {loaded.version})")
-        print(f"admin:   http://{admin}/healthz  /readyz  /metrics  /traces  /policy")
+        print(f"admin:   {admin}/healthz  /readyz  /metrics  /traces  /policy")
         print("try:")
         print(f"  curl -s {public}/api/users/42")
         print(f"  curl -s {public}/api/users/42/summary")
@@ -85,5 +93,5 @@ async def _serve_demo(policy_file: str, bind: str, admin_bind: str | None) -> No
         print(f"  curl -s {public}/api/users/42/score       # answered from PostgreSQL")
         print(f"  curl -s {public}/api/slow-query           # pg_sleep(5) cancelled at 300ms")
         print(f"  curl -s -H 'x-request-timeout-ms: 50' {public}/api/users/42/summary")
-        print(f"  curl -s http://{admin}/traces?cause=deadline")
+        print(f"  curl -s {admin}/traces?cause=deadline")
         print("Ctrl+C stops everything.", flush=True)
