@@ -37,12 +37,14 @@ def parse_deadline_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -
     Malformed, negative, repeated-and-different or absurdly large values are a 400:
     a client that tries to set a deadline must learn that it did not work.
     """
-    values = [value for header, value in headers if header == name]
+    # A proxy may join repeated lines into one (RFC 9110 5.3): "100, 100" is two.
+    values = {item.strip() for header, value in headers if header == name
+              for item in value.split(b",")}
     if not values:
         return None
-    if len(set(values)) > 1:
+    if len(values) > 1:
         raise BadRequest(f"{name.decode()} is given more than once with different values")
-    text = values[0].strip()
+    text = values.pop()
     if not text.isdigit():
         raise BadRequest(
             f"{name.decode()} must be a whole number of milliseconds, got {text[:32]!r}")

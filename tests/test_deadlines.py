@@ -26,6 +26,12 @@ def test_header_parsing():
             parse_deadline_header([(H, bad)], H)
     with pytest.raises(BadRequest):
         parse_deadline_header([(H, b"100"), (H, b"200")], H)
+    # Repeated lines a proxy joined into one (RFC 9110 5.3) read as the lines did.
+    assert parse_deadline_header([(H, b"100, 100")], H) == 0.1
+    assert parse_deadline_header([(H, b"100,100"), (H, b"100")], H) == 0.1
+    for joined in (b"100, 200", b"100,", b", 100"):
+        with pytest.raises(BadRequest):
+            parse_deadline_header([(H, joined)], H)
 
 
 def test_client_may_shorten_never_extend():
