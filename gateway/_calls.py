@@ -143,7 +143,7 @@ async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,
         async with pool.request(call.method, target, headers_now(), None,
                                 refresh=headers_now) as response:
             body = await response.read(max_bytes=limit)
-        if response.status >= 400:
+        if not 200 <= response.status < 300:  # a redirect's body is not the data asked for
             raise UpstreamStatusError(f"upstream {state.name!r} answered {response.status}",
                                       upstream_status=response.status, upstream=state.name,
                                       retry_after_s=retry_after_s(response.headers))

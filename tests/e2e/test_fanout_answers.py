@@ -135,10 +135,12 @@ routes:
 """
 
 
-@pytest.mark.parametrize(("code", "status"), [(404, 404), (403, 403), (500, 502), (503, 503)])
+@pytest.mark.parametrize(("code", "status"), [(404, 404), (403, 403), (500, 502), (503, 503),
+                                             (302, 502), (304, 502)])
 async def test_a_fail_fast_fan_out_answers_a_call_s_4xx_as_it_came(code, status):
     # A lookup of a record that does not exist is a 404 to the client, not a 502 "bad
-    # gateway", which would page whoever watches the gateway's 5xx.
+    # gateway", which would page whoever watches the gateway's 5xx. A redirect is not
+    # the call's data (its body, if any, is not what was asked for): the call failed.
     async with trio.open_nursery() as nursery:
         upstream = await start_upstream(nursery)
         async with run_gateway(MISSING.format(url=upstream.url)) as gw, gw.client() as client:
