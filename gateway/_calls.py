@@ -8,7 +8,6 @@ so a chain of services shares one deadline.
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import re
 import time
@@ -27,7 +26,6 @@ from ._errors import (
     StatementWrites,
     UpstreamError,
     UpstreamProtocolError,
-    UpstreamQueryError,
     UpstreamStatusError,
     UpstreamTimeout,
 )
@@ -271,20 +269,14 @@ async def sql_call(ctx: RequestContext, parent: TracedScope, name: str, call: Fa
         args = await bind_sql_args(ctx, call.args)
         async with capacity_slot(ctx, scope, name, state):
             result = await _run_sql(ctx, scope, name, call, state, settings, postgres, args)
-        _check_result_size(result, ctx.match.route.max_response_body
-                           or DEFAULT_PARSED_BODY_LIMIT, name)
+        upstream_json.check_size(result if isinstance(result, list) else [result],
+                                 _sql_result_limit(ctx), name)
         return result
 
 
-def _check_result_size(result: Any, limit: int, name: str) -> None:
-    """A result past ``max_response_body`` (as JSON) is a 502, as an HTTP upstream's
-    body past it is: the cap holds for what the gateway answers, whatever the source."""
-    size = 0
-    for row in result if isinstance(result, list) else [result]:
-        size += len(json.dumps(row, separators=(",", ":"))) + 1
-        if size > limit:
-            raise UpstreamQueryError(f"{name}: the result is larger than {limit} bytes "
-                                     "as JSON (max_response_body)", max_bytes=limit)
+def _sql_result_limit(ctx: RequestContext) -> int:
+    return ctx.match.route.max_response_body or DEFAULT_PARSED_BODY_LIMIT
+
 
 
 async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: FanoutCall,
@@ -307,8 +299,9 @@ async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: Fan
                     if row is None:
                         raise NoRow(f"{name}: no row found", call=name)
                     return AttemptResult(row)
-                return AttemptResult(await postgres.fetch(query, args, timeout_s=remaining,
-                                                          writes=writes))
+                return AttemptResult(await postgres.fetch(
+                    query, args, timeout_s=remaining, writes=writes,
+                    max_bytes=_sql_result_limit(ctx)))
             except StatementWrites:
                 # Nothing was written (the session was read-only). Claiming the call
                 # stops its hedges and retries; the caller runs it again as a write.

@@ -335,6 +335,8 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False) -> G
     none it is the statement's or the data's (502). The server's own words go to the
     debug log only: they may quote argument values or the server's address.
     """
+    if isinstance(exc, GatewayError):  # raised by the gateway's own code on the way
+        return exc
     where = f"postgres upstream {name!r}"
     logger.debug("%s: %s", where, exc)
     if isinstance(exc, _ConnectFailed):
@@ -504,15 +506,68 @@ async def _release(pool: asyncpg.Pool, con: Any, timeout_s: float) -> None:
         logger.debug("postgres connection dropped on release", exc_info=True)
 
 
-#: The ``_run_on_pool`` method that reads at most two rows (``fetch_one``).
-_FETCH_TWO = "fetch_two"
+#: What ``_run_on_pool`` does with the connection it holds: ``(con, query, args)``.
+Operation: TypeAlias = Callable[[Any, str, Sequence[object]], Awaitable[Any]]
+
+
+async def _fetch_all(con: Any, query: str, args: Sequence[object]) -> Any:
+    return await con.fetch(query, *args)
+
+
+async def _fetch_first(con: Any, query: str, args: Sequence[object]) -> Any:
+    return await con.fetchrow(query, *args)
+
+
+async def _execute(con: Any, query: str, args: Sequence[object]) -> Any:
+    return await con.execute(query, *args)
+
+
+async def _fetch_two(con: Any, query: str, args: Sequence[object]) -> Any:
+    # A row limit on the portal, as asyncpg's own fetchrow asks for one: the rows after
+    # the second are never produced or sent.
+    return await con._execute(query, args, 2, None)
+
+
+#: ``_fetch_two`` and ``_fetch_within`` reach ``Connection._execute`` (asyncpg's own
+#: ``fetch`` and ``fetchrow`` call it) for its row limit and its "completed" flag; the
+#: asyncpg range pinned in pyproject.toml is the one they are tested with.
+#: Rows a read takes in one go: all of a result this size or smaller, in one round
+#: trip; a larger one is read again in chunks of this many, its size counted as it comes.
+CHUNK_ROWS = 1000
+
+
+def _fetch_within(max_bytes: int, name: str) -> Operation:
+    """A read whose rows stop being read once past ``max_bytes`` as JSON, so a statement
+    that returns millions of rows costs a chunk of memory, not all of them."""
+
+    async def fetch(con: Any, query: str, args: Sequence[object]) -> Any:
+        records, _, completed = await con._execute(query, args, CHUNK_ROWS, None,
+                                                   return_status=True)
+        if completed:
+            return records
+        upstream_json.check_size(map(_row, records), max_bytes, name)
+        # More rows than one chunk: read them again through a cursor, which needs a
+        # transaction (the session's, read-only); a read can run twice.
+        records = []
+        counted = 0
+        async with con.transaction():
+            cursor = await con.cursor(query, *args)
+            while chunk := await cursor.fetch(CHUNK_ROWS):
+                records.extend(chunk)
+                counted = upstream_json.check_size(map(_row, chunk), max_bytes, name,
+                                                   counted=counted)
+                if len(chunk) < CHUNK_ROWS:
+                    break
+        return records
+
+    return fetch
 
 
 async def _run_on_pool(
     pool: asyncpg.Pool,
     waiting: _Waiting,
     release_timeout_s: float,
-    method: str,
+    operate: Operation,
     query: str,
     args: Sequence[object],
     writes: bool,
@@ -521,12 +576,7 @@ async def _run_on_pool(
     try:
         if writes:
             await con.execute("SET default_transaction_read_only = off")
-        if method == _FETCH_TWO:
-            # A row limit on the portal, as asyncpg's own fetchrow asks for one: the rows
-            # after the second are never produced or sent.
-            result = await con._execute(query, args, 2, None)
-        else:
-            result = await getattr(con, method)(query, *args)
+        result = await operate(con, query, args)
     except asyncio.CancelledError:
         # Cut by a deadline or a client leaving: the caller is answered now. Releasing
         # waits for the server to acknowledge asyncpg's cancel (or close_timeout_s, when
@@ -852,7 +902,8 @@ class PostgresUpstream:
         )
 
     async def _query(
-        self, method: str, query: str, args: Sequence[object], timeout_s: float, writes: bool
+        self, operate: Operation, query: str, args: Sequence[object], timeout_s: float,
+        writes: bool,
     ) -> Any:
         loop, pool = self._open()
         result = await self._bounded(
@@ -862,7 +913,7 @@ class PostgresUpstream:
             pool,
             self._waiting,
             self.settings.close_timeout_s,
-            method,
+            operate,
             query,
             tuple(args),
             writes,
@@ -874,18 +925,23 @@ class PostgresUpstream:
     # ---- queries
 
     async def fetch(
-        self, query: str, args: Sequence[object], *, timeout_s: float, writes: bool = False
+        self, query: str, args: Sequence[object], *, timeout_s: float, writes: bool = False,
+        max_bytes: int | None = None,
     ) -> list[dict[str, JSON]]:
         """All rows, as JSON-ready dicts. ``writes``: the statement may write (a read
-        that tries raises ``StatementWrites``)."""
-        records = await self._query("fetch", query, args, timeout_s, writes)
+        that tries raises ``StatementWrites``). ``max_bytes``: a read stops once its
+        rows are past that as JSON (``UpstreamQueryError``); a write is read whole, as
+        it ran whole."""
+        operate = (_fetch_all if max_bytes is None or writes
+                   else _fetch_within(max_bytes, f"postgres upstream {self.name!r}"))
+        records = await self._query(operate, query, args, timeout_s, writes)
         return [_row(record) for record in records]
 
     async def fetchrow(
         self, query: str, args: Sequence[object], *, timeout_s: float, writes: bool = False
     ) -> dict[str, JSON] | None:
         """The first row, or None when there is none."""
-        record = await self._query("fetchrow", query, args, timeout_s, writes)
+        record = await self._query(_fetch_first, query, args, timeout_s, writes)
         return None if record is None else _row(record)
 
     async def fetch_one(
@@ -894,7 +950,7 @@ class PostgresUpstream:
         """The only row, or None when there is none. Several rows are an
         ``UpstreamQueryError``: answering the first of them would hand a client a row
         picked by chance (a statement missing a condition can pick another user's)."""
-        records = await self._query(_FETCH_TWO, query, args, timeout_s, writes)
+        records = await self._query(_fetch_two, query, args, timeout_s, writes)
         if len(records) > 1:
             raise UpstreamQueryError(
                 f"postgres upstream {self.name!r}: the statement returned more than one "
@@ -904,7 +960,7 @@ class PostgresUpstream:
     async def execute(self, query: str, args: Sequence[object], *, timeout_s: float,
                       writes: bool = True) -> str:
         """Run a statement; returns its status tag (``"UPDATE 3"``)."""
-        status: str = await self._query("execute", query, args, timeout_s, writes)
+        status: str = await self._query(_execute, query, args, timeout_s, writes)
         return status
 
     @asynccontextmanager

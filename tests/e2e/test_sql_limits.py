@@ -88,6 +88,19 @@ routes:
         rows:
           upstream: db
           query: "SELECT g AS n, repeat('x', 100) AS pad FROM generate_series(1, 2000) g"
+  - path: /endless
+    deadline: 5s
+    max_response_body: 64KiB
+    sql:
+      upstream: db
+      # A set-returning function in the select list streams: rows come as they are made.
+      query: "SELECT generate_series(1, 100000000) AS n, repeat('x', 100) AS pad"
+  - path: /many/{n}
+    deadline: 5s
+    sql:
+      upstream: db
+      query: "SELECT generate_series(1, $1) AS n"
+      args: ["path.n:int"]
   - path: /json-number
     deadline: 2s
     sql: {upstream: db, query: "SELECT '{\\"x\\": 1e400}'::json AS j", one: true}
@@ -106,6 +119,21 @@ async def test_an_sql_result_above_max_response_body_is_a_502(database):
         assert capped.status_code == 502, (capped.status_code, len(capped.content))
         assert fan.status_code == 502, (fan.status_code, len(fan.content))
         assert default.status_code == 502, (default.status_code, len(default.content))
+
+
+async def test_a_result_past_the_cap_is_refused_without_reading_it_all(database):
+    """A statement that returns 100 million rows under a 64 KiB cap is refused once its
+    rows pass the cap: a 502 at once, not a worker reading gigabytes into memory until
+    the 5 s deadline (a 504). Results of several read chunks under the cap stay whole."""
+    async with run_gateway(SQL) as gw, gw.client() as client:
+        with trio.fail_after(20):
+            endless = await client.get("/endless")
+            assert endless.status_code == 502, endless.text
+            assert endless.json()["cause"] == "upstream_query"
+            assert "max_response_body" in endless.json()["error"]
+            for n in (999, 1000, 1001, 2500):
+                rows = await client.get(f"/many/{n}")
+                assert rows.json() == [{"n": i} for i in range(1, n + 1)], n
 
 
 async def test_a_json_column_number_beyond_a_double_is_not_turned_into_a_string(database):
