@@ -11,7 +11,8 @@ hedge or a call that ends early can never leave an attempt behind. The rules:
 * a retry or hedge is a new try sent upstream, so it must leave the budget a first try
   needs (``min_call_budget`` after ``deadline_margin``, or the per-try timeout);
 * a status listed in ``retries.on`` is a failure only when a retry can follow it
-  (attempts, time and budget left, decided when the answer arrives); otherwise the
+  (attempts, time and budget left, a circuit this failure leaves closed; decided when
+  the answer arrives, so two answers arriving together see each other); otherwise the
   upstream's answer, its ``Retry-After`` included, goes to the client;
 * ``hedge_after`` starts another concurrent attempt when none has answered yet (at
   most ``max_hedges``, each paid from the retry budget and holding a slot of the
@@ -122,12 +123,6 @@ def _is_breaker_failure(error: GatewayError) -> bool:
         error, StatementWrites)
 
 
-def _deadline_says_upstream_slow(ctx: RequestContext) -> bool:
-    """A deadline fired in an attempt: a policy's (call, per-try, route) says the upstream
-    was too slow; only the client's own, shorter one having passed says nothing."""
-    return not (ctx.deadline.source == "header" and trio.current_time() >= ctx.deadline.at)
-
-
 class _DecidedOnArrival:
     """A ``Container`` whose ``status in`` it asks ``decide(status)`` when the answer
     arrives (the protocol attempts speak: a set of statuses)."""
@@ -172,8 +167,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     min_budget = ctx.policy.server.min_call_budget
     margin = ctx.policy.server.deadline_margin
     per_try = retry.per_try_timeout if retry is not None else None
-    budget.record_request(trio.current_time())
     if max_attempts == 1 and hedge_after is None and breaker is None:
+        budget.record_request(trio.current_time())
         return await _single_attempt(ctx, call, name, perform)
 
     claim = Claim()
@@ -182,6 +177,14 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     started = 0
     hedges = 0
     running = 0
+    #: Attempts whose answer has arrived or that ended: told apart from those that may
+    #: still answer the moment each answer arrives (the coordinator's ``running`` lags
+    #: behind when two answers come in the same scheduler pass).
+    settled: set[int] = set()
+
+    def others_may_answer(number: int) -> bool:
+        settled.add(number)
+        return started > len(settled) or claim.winner is not None
     #: A retry decided (and paid) when an attempt's retryable status arrived.
     planned_delay: float | None = None
 
@@ -190,16 +193,19 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
         remaining = call.deadline - trio.current_time() - margin
         return may_retry_within(remaining, per_try, delay_s, min_budget)
 
-    def discard_for_retry(status: int) -> bool:
-        """Is an answer with ``status`` to be discarded for a retry? Decided when it
-        arrives, so that it is discarded only for a retry that will be sent."""
+    def discard_for_retry(number: int, status: int) -> bool:
+        """Is attempt ``number``'s answer with ``status`` to be discarded for a retry?
+        Decided when it arrives, so that it is discarded only for a retry that will be
+        sent."""
         nonlocal planned_delay
         if status not in retry_statuses:
             return False
-        if running > 1 or claim.winner is not None:
-            return True  # another attempt may yet answer
+        if others_may_answer(number):
+            return True
         if retry is None or started >= max_attempts:
             return False
+        if breaker is not None and breaker.failure_would_refuse(trio.current_time()):
+            return False  # this answer opens the circuit: no retry could be sent
         delay = backoff_delay(started, retry.backoff.low_s, retry.backoff.high_s, _rng)
         if not time_for_a_try(delay):
             return False
@@ -209,14 +215,10 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
         planned_delay = delay
         return True
 
-    retry_now = _DecidedOnArrival(discard_for_retry)
-
-    def discard_while_others_run(status: int) -> bool:
+    def discard_while_others_run(number: int, status: int) -> bool:
         """The last try's retryable status: discarded only while another attempt may
         still answer (a hedge's 503 must not beat the first try's coming 200)."""
-        return status in retry_statuses and (running > 1 or claim.winner is not None)
-
-    others_may_answer = _DecidedOnArrival(discard_while_others_run)
+        return status in retry_statuses and others_may_answer(number)
 
     async def attempt_task(number: int, slot: object | None,
                            task_status: trio.TaskStatus[TracedScope]) -> None:
@@ -240,9 +242,12 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                                       retry_after_s=breaker.retry_after(trio.current_time()),
                                       upstream=state.name)
                 breaker_asked = True
+                if number == 1:  # a first try sent: it earns the budget its retries
+                    budget.record_request(trio.current_time())
                 last = number >= max_attempts and hedges >= max_hedges
-                result = await perform(attempt, claim,
-                                       others_may_answer if last else retry_now)
+                decide = discard_while_others_run if last else discard_for_retry
+                result = await perform(attempt, claim, _DecidedOnArrival(
+                    lambda status: decide(number, status)))
                 if result.status is not None:
                     attempt.note(status=result.status)
             if attempt.cancel_cause is not None:  # lost a hedge race: not an outcome
@@ -271,7 +276,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
             # quorum reached), or by the client's own shorter deadline: says nothing
             # about the upstream's health.
             if breaker is not None and breaker_asked:
-                if cancelled.source == "deadline" and _deadline_says_upstream_slow(ctx):
+                if cancelled.source == "deadline" and not ctx.deadline.passed_by_client(
+                        trio.current_time()):
                     breaker.record_failure(trio.current_time())
                 else:
                     breaker.record_ignored(trio.current_time())
@@ -283,6 +289,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                 breaker.record_ignored(trio.current_time())
             raise
         finally:
+            settled.add(number)
             if slot is not None:
                 state.limiter.release(slot)
         events_send.send_nowait((attempt, outcome))

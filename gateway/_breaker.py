@@ -220,6 +220,16 @@ class CircuitBreaker:
             self._consecutive_failures += 1
             self._open(now)
 
+    def failure_would_refuse(self, now: float) -> bool:
+        """Would :meth:`allow` refuse the next call once a failure is recorded now (it
+        opens the circuit, or the circuit is not closed)? Asked before retrying."""
+        state = self._state_at(now)
+        if state is not BreakerState.CLOSED:
+            return True
+        self._window.advance(now)
+        return self._trips(self._consecutive_failures + 1, self._window.total + 1,
+                           self._window.failures + 1)
+
     def record_ignored(self, now: float) -> None:
         """A call that says nothing about health ended: not counted; frees its probe slot."""
         if self._state_at(now) is BreakerState.HALF_OPEN and self._probes_in_flight:
@@ -256,13 +266,14 @@ class CircuitBreaker:
         return self._state
 
     def _should_trip(self) -> bool:
+        return self._trips(self._consecutive_failures, self._window.total,
+                           self._window.failures)
+
+    def _trips(self, consecutive: int, total: int, failures: int) -> bool:
         policy = self._policy
-        if (policy.consecutive_failures is not None
-                and self._consecutive_failures >= policy.consecutive_failures):
+        if policy.consecutive_failures is not None and consecutive >= policy.consecutive_failures:
             return True
-        window = self._window
-        return (window.total >= policy.min_requests
-                and window.failures >= policy.failure_ratio * window.total)
+        return total >= policy.min_requests and failures >= policy.failure_ratio * total
 
     def _open(self, now: float) -> None:
         self._opened_at = now

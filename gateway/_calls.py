@@ -24,6 +24,7 @@ from ._errors import (
     BadRequest,
     NoRow,
     StatementWrites,
+    UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamStatusError,
@@ -76,9 +77,16 @@ async def capacity_slot(ctx: RequestContext, call: TracedScope, call_name: str,
         try:
             _check_budget_floor(ctx, call, call_name, trio.current_time())  # after a wait
         except UpstreamTimeout:
-            held.unsent = True
+            held.unmeasured = True
             raise
-        yield held
+        try:
+            yield held
+        except UpstreamConnectError:
+            held.unmeasured = True  # nothing was sent: no latency to learn
+            raise
+        except trio.Cancelled:
+            held.unmeasured = ctx.deadline.passed_by_client(trio.current_time())
+            raise
 
 
 @asynccontextmanager

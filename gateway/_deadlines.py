@@ -30,6 +30,11 @@ class RequestDeadline:
     def remaining(self, now: float) -> float:
         return max(0.0, self.at - now)
 
+    def passed_by_client(self, now: float) -> bool:
+        """The client's own, shorter deadline has passed: what fired says nothing of how
+        slow an upstream is (the policy's deadlines do)."""
+        return self.source == "header" and now >= self.at
+
 
 def parse_deadline_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> float | None:
     """The client's deadline in seconds, or None when absent.

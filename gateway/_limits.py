@@ -33,13 +33,14 @@ class HeldSlot:
     it then spends relaying the answer (to a slow client, say) is not counted as the
     upstream's latency."""
 
-    __slots__ = ("answered_at", "unsent")
+    __slots__ = ("answered_at", "unmeasured")
 
     def __init__(self) -> None:
         self.answered_at: float | None = None
-        #: Nothing was sent with the slot (too little time left once it was had): the
-        #: time it was held says nothing of the upstream.
-        self.unsent = False
+        #: The time the slot was held says nothing of the upstream's latency: nothing
+        #: was sent (too little time left once it was had, a connection refused), or the
+        #: client's own shorter deadline cut the call.
+        self.unmeasured = False
 
     def answered(self) -> None:
         if self.answered_at is None:
@@ -144,7 +145,7 @@ class UpstreamLimiter:
             raise
         finally:
             self._limiter.release_on_behalf_of(token)
-            if measured and not held.unsent and self.adaptive is adaptive:
+            if measured and not held.unmeasured and self.adaptive is adaptive:
                 now = trio.current_time()
                 answered = held.answered_at if held.answered_at is not None else now
                 slots = adaptive.sample(answered - started, started, in_flight, now)

@@ -685,3 +685,21 @@ async def test_a_hedge_claimed_before_it_starts_does_not_free_anothers_probe(aut
         if breaker.state is not BreakerState.CLOSED:
             failures += 1
     assert failures == 0, f"{failures} of 24 runs left the breaker half-open"
+
+
+async def test_two_503s_arriving_together_with_no_retry_left_pass_the_upstreams_answer_on(
+        autojump_clock):
+    """hedge_after 50 ms, attempts 2 (the hedge is the second): the first try and the
+    hedge both answer 503 at 100 ms. No retry can follow, so one of those answers
+    (its status, body and Retry-After) must be the client's.
+
+    What a user sees: both 503s are discarded "for a retry" (each sees the other still
+    running), and the client gets the gateway's own 503 error body without the
+    upstream's ``Retry-After`` instead of the upstream's answer.
+    """
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((100 * MS, 503), (50 * MS, 503))
+    value = await call(ctx, state, settings(
+        hedge_after="50ms", retries={"attempts": 2, "on": [503]}), upstream)
+    assert upstream.starts == [0.0, 0.05]
+    assert value in ({"attempt": 1}, {"attempt": 2})

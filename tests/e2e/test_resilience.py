@@ -271,3 +271,89 @@ async def test_a_queued_call_that_cannot_get_a_slot_within_its_deadline_is_shed(
             assert r.json()["cause"] == "shed"
             assert "retry-after" in r.headers
         nursery.cancel_scope.cancel()
+
+
+BUDGET_POLICY = """
+version: 1
+upstreams:
+  u:
+    url: "{url}"
+    call:
+      retries: {{attempts: 3, on: [503], backoff: 1ms..2ms, budget: 10%, min_per_second: 0}}
+    circuit: {{consecutive_failures: 2, min_requests: 1000, open_for: 300ms,
+              half_open_probes: 1}}
+routes:
+  - path: /api/{{rest*}}
+    deadline: 2s
+    proxy: {{upstream: u, path: "/{{rest}}"}}
+"""
+
+
+async def test_calls_refused_by_an_open_circuit_earn_no_retry_budget():
+    """Retries may add ``budget`` (10%) on top of the first tries *sent* upstream.
+
+    What a user sees: while the circuit is open, every refused call (nothing sent) is
+    still counted as a first try and earns 10% of a retry. After an outage the budget
+    is inflated exactly when the upstream is recovering: here 60 refused calls buy 6
+    retries for 4 first tries really sent, so a relapsing upstream is retried
+    although the budget allows no retry yet.
+    """
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(BUDGET_POLICY.format(url=upstream.url)) as gw, \
+                gw.client() as client:
+            # Two failures open the circuit (no retry: 10% of two tries is no retry).
+            for _ in range(2):
+                assert (await client.get("/api/status/503")).status_code == 503
+            assert upstream.attempts("/status/503") == 2
+            for _ in range(60):  # refused at once, nothing sent
+                refused = await client.get("/api/status/503")
+                assert refused.json()["cause"] == "circuit_open"
+            assert upstream.attempts("/status/503") == 2
+            await trio.sleep(0.35)  # half-open: one probe closes it again
+            assert (await client.get("/api/users/1")).status_code == 200
+            breaker = gw.gateway.runtime.snapshot.upstreams["u"].breaker
+            assert breaker is not None and breaker.state.value == "closed"
+            # The upstream relapses; one more call. First tries sent so far: 4, whose
+            # 10% is 0.4 of a retry: no retry may be sent.
+            upstream.reset_records()
+            await client.get("/api/status/503")
+            assert upstream.attempts("/status/503") == 1, upstream.requests
+        nursery.cancel_scope.cancel()
+
+
+BREAKER_POLICY = """
+version: 1
+upstreams:
+  u:
+    url: "{url}"
+    call:
+      retries: {{attempts: 2, on: [503], backoff: 1ms..2ms}}
+    circuit: {{consecutive_failures: 1, open_for: 5s}}
+routes:
+  - path: /api/{{rest*}}
+    deadline: 2s
+    proxy: {{upstream: u, path: "/{{rest}}"}}
+"""
+
+
+async def test_an_answer_that_opens_the_circuit_is_passed_on_not_replaced_by_circuit_open():
+    """A retryable 503 is discarded "only when a retry can follow"; here the retry cannot
+    follow, because this very 503 opens the circuit.
+
+    What a user sees: the upstream answered 503 with ``Retry-After: 120`` (and its own
+    body), yet the client gets the gateway's ``circuit_open`` 503 with ``Retry-After:
+    5``, for a request that did reach the upstream; the retry budget is charged for a
+    retry that is never sent.
+    """
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(BREAKER_POLICY.format(url=upstream.url)) as gw, \
+                gw.client() as client:
+            response = await client.get("/api/status/503?retry_after=120")
+            assert upstream.attempts("/status/503") == 1
+            assert response.status_code == 503
+            assert response.headers.get("retry-after") == "120", (
+                response.headers.get("retry-after"), response.text)
+            assert response.json() == {"status": 503}
+        nursery.cancel_scope.cancel()
