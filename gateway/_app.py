@@ -33,7 +33,7 @@ from ._policy_loader import (
 )
 from ._proxy import proxy
 from ._request import Receive, RequestContext, Scope, Send, handle_request
-from ._runtime import Runtime
+from ._runtime import Runtime, sweep_idle_connections
 from ._trace_peers import peer_dir, serve_peer_socket
 
 log = logging.getLogger("gateway")
@@ -129,6 +129,7 @@ class Gateway:
         nursery.start_soon(self.runtime.loop_lag.run)
         nursery.start_soon(run_full_collections)
         nursery.start_soon(refresh_gauges, self.runtime)
+        nursery.start_soon(sweep_idle_connections, self.runtime)
         if (directory := peer_dir()) is not None:
             await nursery.start(serve_peer_socket, lambda: self.runtime.traces, directory)
         if self.watch_policy:

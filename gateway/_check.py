@@ -27,6 +27,7 @@ from ._policy import (
     UpstreamPolicy,
     resolve_call_settings,
     sql_reads_only,
+    upstream_slots,
 )
 from ._policy_loader import LoadedPolicy, PolicyError, load_policy_file
 from ._units import format_duration
@@ -203,6 +204,8 @@ def _explain_call(policy: Policy, call: ProxyAction | FanoutCall,
     lines.append(f"limit: {{concurrency: {limit.concurrency}, queue: {limit.queue}, "
                  f"queue_timeout: {format_duration(limit.queue_timeout)}{adaptive}}}  "
                  f"# upstreams.{call.upstream}.limit"
+                 + (f"; {upstream_slots(upstream)} slots, as many as the pool's connections"
+                    if upstream_slots(upstream) < limit.concurrency else "")
                  + ("; concurrency is the most, the slots follow the latency"
                     if limit.adaptive is not None else ""))
     circuit = upstream.circuit

@@ -613,6 +613,15 @@ def cross_check(policy: Policy) -> list[Problem]:
                     "and will never fire", severity="warning"))
     problems.extend(_shadowed_routes(policy))
     for name, upstream in policy.upstreams.items():
+        if ("concurrency" in upstream.limit.model_fields_set
+                and upstream_slots(upstream) < upstream.limit.concurrency):
+            bound = ("postgres.pool.max" if upstream.postgres is not None
+                     else "pool.max_connections")
+            problems.append(Problem(
+                ("upstreams", name, "limit", "concurrency"),
+                f"{upstream.limit.concurrency} calls at once, but {bound} lets "
+                f"{upstream_slots(upstream)}: the slots are {upstream_slots(upstream)} "
+                "(raise the pool, or lower concurrency)", severity="warning"))
         if upstream.postgres is not None and "://" in upstream.postgres.dsn_env:
             problems.append(Problem(("upstreams", name, "postgres", "dsn_env"),
                                     "put the DSN in an environment variable and name the "
@@ -630,6 +639,15 @@ def routes_binding_path_values(policy: Policy) -> frozenset[str]:
                     arg.startswith("path.") for arg in call.args):
                 found.add(route.path)
     return frozenset(found)
+
+
+def upstream_slots(upstream: UpstreamPolicy) -> int:
+    """Calls in flight to an upstream at most: ``limit.concurrency``, but never more than
+    its pool's connections can carry at once. A call beyond them would wait in the pool,
+    unbounded and never shed, instead of in the limit's queue."""
+    connections = (upstream.postgres.pool.max if upstream.postgres is not None
+                   else upstream.pool.max_connections)
+    return min(upstream.limit.concurrency, connections)
 
 
 def upstream_retry_policy(policy: Policy, upstream: UpstreamPolicy) -> RetryPolicy:

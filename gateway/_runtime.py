@@ -35,6 +35,7 @@ from ._policy import (
     UpstreamPolicy,
     routes_binding_path_values,
     upstream_retry_policy,
+    upstream_slots,
 )
 from ._retries import RetryBudget
 from ._routing import RouteTable
@@ -196,12 +197,12 @@ class Runtime:
             else:
                 adaptive = definition.limit.adaptive
                 limiter = UpstreamLimiter(
-                    name, concurrency=definition.limit.concurrency,
+                    name, concurrency=upstream_slots(definition),
                     queue=definition.limit.queue,
                     queue_timeout_s=definition.limit.queue_timeout,
                     retry_after_s=policy.server.shed_retry_after,
                     adaptive=None if adaptive is None else GradientLimit(
-                        maximum=definition.limit.concurrency,
+                        maximum=upstream_slots(definition),
                         minimum=adaptive.min_concurrency, tolerance=adaptive.tolerance))
                 retry = upstream_retry_policy(policy, definition)
                 state = UpstreamState(
@@ -224,7 +225,7 @@ class Runtime:
     def _reconfigure(policy: Policy, old: UpstreamState, definition: UpstreamPolicy) -> None:
         """Apply new limits, budget and breaker settings to a kept upstream in place."""
         adaptive = definition.limit.adaptive
-        old.limiter.resize(concurrency=definition.limit.concurrency,
+        old.limiter.resize(concurrency=upstream_slots(definition),
                            queue=definition.limit.queue,
                            queue_timeout_s=definition.limit.queue_timeout,
                            retry_after_s=policy.server.shed_retry_after,
@@ -304,6 +305,26 @@ class Runtime:
     async def aclose(self) -> None:
         for state in self.snapshot.upstreams.values():
             await close_upstream(state)
+
+
+#: Longest wait between two looks at the pools' idle connections.
+IDLE_SWEEP_S = 1.0
+
+
+async def sweep_idle_connections(runtime: Runtime) -> None:
+    """Close pooled upstream connections once idle past their ``idle_timeout`` (within
+    half of it, or a second), and those their upstream closed, also while no request
+    reaches that upstream: sockets are not held open, or left in CLOSE_WAIT, for as
+    long as it gets no traffic."""
+    while True:
+        pools = [state.pool for state in runtime.snapshot.upstreams.values()
+                 if state.pool is not None]
+        await trio.sleep(min([IDLE_SWEEP_S, *(pool.limits.idle_timeout_s / 2
+                                              for pool in pools)]))
+        now = trio.current_time()
+        for pool in pools:
+            if not pool.closed:
+                pool.close_idle(now)
 
 
 async def close_upstream(state: UpstreamState) -> None:

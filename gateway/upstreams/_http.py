@@ -716,6 +716,17 @@ class HttpUpstreamPool:
                 )
         return response
 
+    def close_idle(self, now: float) -> None:
+        """Close idle connections past ``idle_timeout``, and those the upstream closed,
+        without waiting for the next request to this upstream to find them."""
+        idle = self._idle
+        cutoff = now - self._idle_timeout
+        while idle and idle[0].idle_since < cutoff:
+            self._discard(idle.popleft())
+        for conn in [conn for conn in idle if conn.peer_gone()]:
+            idle.remove(conn)
+            self._discard(conn)
+
     # -- connection accounting --------------------------------------------------------
 
     async def _checkout(self) -> _Connection:

@@ -190,15 +190,15 @@ async def test_closed_client_connections_end_at_once():
 
 
 async def test_the_budget_announced_upstream_is_what_is_left_when_the_request_is_sent():
-    # One pooled connection, two slots: the second request waits ~400 ms for the
-    # connection inside the attempt; the budget it announces must be what is left then.
+    # One pooled connection, so one slot: the second request waits ~400 ms for it in the
+    # limit's queue; the budget it announces must be what is left then.
     policy = """
 version: 1
 upstreams:
   up:
     url: "{url}"
     pool: {{max_connections: 1}}
-    limit: {{concurrency: 2}}
+    limit: {{concurrency: 1, queue_timeout: 1s}}
 routes:
   - path: /api/{{rest*}}
     deadline: 1s
@@ -228,4 +228,54 @@ routes:
             left_ms = (results["sent"] + 1.0 - seen.started_at) * 1000
             assert seen.started_at - results["sent"] > 0.3  # it did wait for the connection
             assert announced <= left_ms + 20, (announced, left_ms)
+        nursery.cancel_scope.cancel()
+
+
+POOL = """
+version: 1
+upstreams:
+  up:
+    url: "{url}"
+    pool: {{max_connections: 1, idle_timeout: 200ms}}
+    limit: {{concurrency: 10, queue: 10, queue_timeout: 50ms}}
+routes:
+  - path: /api/{{rest*}}
+    deadline: 2s
+    proxy: {{upstream: up, path: "/{{rest}}"}}
+"""
+
+
+async def test_a_call_beyond_the_pool_s_connections_is_shed_after_queue_timeout():
+    """With ``max_connections: 1`` under ``concurrency: 10``, a call beyond the busy
+    connection passed the limit and waited in the pool, unbounded and never shed, until
+    the route's deadline: a 504 after 2 s. The slots are the pool's connections, so it
+    waits in the limit's queue and is shed (503, Retry-After) after ``queue_timeout``."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(POOL.format(url=upstream.url)) as gw, gw.client() as client, \
+                gw.client() as holder, trio.open_nursery() as holding:
+            holding.start_soon(holder.get, "/api/stall")
+            await upstream.wait_requests(1)
+            started = trio.current_time()
+            response = await client.get("/api/ok")
+            waited = trio.current_time() - started
+            assert (response.status_code, response.json()["cause"]) == (503, "shed")
+            assert "retry-after" in response.headers
+            assert waited < 1.0, waited
+            holding.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_upstream_connection_is_closed_at_idle_timeout_without_traffic():
+    """``idle_timeout: 200ms``: an idle pooled connection was closed only when another
+    request to that upstream came, so after a burst its sockets stayed open (or in
+    CLOSE_WAIT once the upstream closed them) for as long as it got no traffic."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(POOL.format(url=upstream.url)) as gw, gw.client() as client:
+            assert (await client.get("/api/ok")).status_code == 200
+            assert upstream.connections_opened == 1
+            with trio.fail_after(1.0):  # 200 ms idle, then a sweep within 100 ms
+                await upstream.wait_connections_closed(1)
+            assert gw.gateway.runtime.snapshot.upstreams["up"].pool.statistics().idle == 0
         nursery.cancel_scope.cancel()

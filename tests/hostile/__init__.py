@@ -86,6 +86,10 @@ class Stage:
         assert pool is not None
         return pool.statistics()
 
+    def queued(self, name: str = "up") -> int:
+        """Calls waiting in the upstream's limit queue for a slot."""
+        return self.gw.gateway.runtime.snapshot.upstreams[name].limiter.statistics().queued
+
     async def settle(self, quiet_s: float = 0.05) -> None:
         """Wait until no request is in flight and no pooled connection is checked out,
         continuously for ``quiet_s`` (a request the server only just handed to the app

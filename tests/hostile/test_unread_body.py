@@ -84,23 +84,23 @@ async def test_an_early_answer_to_an_unread_upload_ends_the_request():
 async def test_a_client_leaving_while_its_request_waits_for_a_slot_is_cancelled():
     async with trio.open_nursery() as nursery:
         upstream = await start_upstream(nursery)
+        one_slot = f'up: {{url: "{upstream.url}", limit: {{concurrency: 1, queue_timeout: 60s}}}}'
         policy = policy_for(upstream.url).replace(
-            f'up: {{url: "{upstream.url}"}}',
-            f'up: {{url: "{upstream.url}", pool: {{max_connections: 1}}}}').replace(
+            f'up: {{url: "{upstream.url}"}}', one_slot).replace(
             "body_timeout: 1s", "body_timeout: 60s")
         async with stage(policy) as s:
             runtime = s.gw.gateway.runtime
             async with connect(s.port) as hold:
                 await hold.send(b"GET /api/long/stall HTTP/1.1\r\nHost: g\r\n\r\n")
-                await upstream.wait_requests(1)  # the pool's one connection is taken
+                await upstream.wait_requests(1)  # the one slot is taken
                 async with connect(s.port) as conn:
                     await conn.send(b"POST /api/long/echo HTTP/1.1\r\nHost: g\r\n"
                                     b"Transfer-Encoding: chunked\r\n\r\n"
                                     + b"5\r\nhello\r\n" * 3)
-                    await wait_until(lambda: s.pool_statistics().waiting == 1)
+                    await wait_until(lambda: s.queued() == 1)
                     conn.abort()
                 await wait_until(lambda: runtime.gate.in_flight == 1)  # cancelled, queued
-                assert s.pool_statistics().waiting == 0
+                assert s.queued() == 0
                 hold.abort()
             await wait_until(lambda: runtime.gate.in_flight == 0)
             assert [r.target for r in upstream.requests] == ["/stall"]  # never sent
@@ -115,19 +115,19 @@ async def test_a_client_resetting_a_large_upload_that_waits_for_a_slot_is_cancel
         upstream = await start_upstream(nursery)
         policy = big_uploads(policy_for(upstream.url).replace(
             f'up: {{url: "{upstream.url}"}}',
-            f'up: {{url: "{upstream.url}", pool: {{max_connections: 1}}}}'))
+            f'up: {{url: "{upstream.url}", limit: {{concurrency: 1, queue_timeout: 60s}}}}'))
         async with stage(policy) as s:
             runtime = s.gw.gateway.runtime
             async with connect(s.port) as hold:
                 await hold.send(b"GET /api/long/stall HTTP/1.1\r\nHost: g\r\n\r\n")
-                await upstream.wait_requests(1)  # the pool's one connection is taken
+                await upstream.wait_requests(1)  # the one slot is taken
                 async with connect(s.port) as conn:
                     async with uploading(conn, b"/api/long/echo"):
                         pass  # every buffer is full: the client's, the kernel's, the worker's
-                    assert s.pool_statistics().waiting == 1
+                    assert s.queued() == 1
                     conn.abort()
                 await wait_until(lambda: runtime.gate.in_flight == 1)  # cancelled, queued
-                assert s.pool_statistics().waiting == 0
+                assert s.queued() == 0
                 (trace,) = await traces_with(s.gw, route="/api/long/{rest*}")
                 assert (trace.method, trace.cause) == ("POST", "client_disconnect")
                 hold.abort()
