@@ -188,7 +188,7 @@ class _Connection:
     """One socket and its h11 state machine, plus the flags of the current cycle."""
 
     __slots__ = ("eof", "errors", "h11", "idle_since", "received", "reused", "socket", "stream",
-                 "tls_buffers")
+                 "tls_buffers", "unwritten")
 
     def __init__(self, upstream: str, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
                  max_header_bytes: int) -> None:
@@ -211,11 +211,24 @@ class _Connection:
         """Some response byte of the current cycle has arrived (no replay after this)."""
         self.eof = False
         """The upstream closed its side during the current cycle."""
+        self.unwritten = False
+        """Part of the current request was never written (the answer came first)."""
 
     def begin(self, *, reused: bool) -> None:
         self.reused = reused
         self.received = False
         self.eof = False
+        self.unwritten = False
+
+    def send_now(self, data: bytes) -> int:
+        """Bytes of ``data`` the kernel takes at once without waiting (none over TLS)."""
+        if self.tls_buffers is not None:
+            return 0
+        raw: socket.socket = self.socket._sock  # type: ignore[attr-defined]  # trio's, sync
+        try:
+            return raw.send(data)
+        except BlockingIOError:
+            return 0
 
     async def receive(self) -> None:
         """Feed h11 with what the socket has (at most RECEIVE_BYTES), or with EOF."""
@@ -353,7 +366,8 @@ class UpstreamResponse:
         if not (self._complete and h.our_state is h11.DONE and h.their_state is h11.DONE):
             return False
         extra, closed = h.trailing_data
-        return not extra and not closed and not self._conn.tls_pending()
+        return (not extra and not closed and not self._conn.unwritten
+                and not self._conn.tls_pending())
 
 
 class _Waiter:
@@ -543,15 +557,45 @@ class HttpUpstreamPool:
     async def _exchange_inline(
         self, conn: _Connection, head: h11.Request, body: bytes | bytearray | memoryview | None
     ) -> UpstreamResponse:
-        """Write head and (small) body in one send, then wait for the response head."""
+        """Write head and (small) body in one send, then wait for the response head.
+
+        A body the kernel does not take at once (an upstream that stopped reading, a
+        small receive window) is written from a task beside the reading: the upstream
+        may have answered on the head alone (413, 401), and that answer must be read
+        instead of waiting on the write until the deadline."""
         h = conn.h11
         with conn.errors:
             data = h.send(head)
-            if body:
+            if not body:
+                await conn.stream.send_all(data + h.send(h11.EndOfMessage()))
+                sent = -1
+            else:
                 data += h.send(h11.Data(data=body))  # type: ignore[arg-type]  # any buffer
-            data += h.send(h11.EndOfMessage())
-            await conn.stream.send_all(data)
+                data += h.send(h11.EndOfMessage())
+                sent = conn.send_now(data)
+        if 0 <= sent < len(data):
+            return await self._exchange_writing(conn, memoryview(data)[sent:])
         return await self._receive_head(conn)
+
+    async def _exchange_writing(self, conn: _Connection, rest: memoryview) -> UpstreamResponse:
+        """Write ``rest`` of a request from a task while this one waits for the answer;
+        the write stops once the answer's head has come (the connection is then not
+        reused)."""
+        conn.unwritten = True
+
+        async def write() -> None:
+            with suppress(UpstreamError), conn.errors:  # the reader reports a broken socket
+                await conn.stream.send_all(rest)
+                conn.unwritten = False
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                response = await self._receive_head(conn)
+                nursery.cancel_scope.cancel(reason="the upstream answered")
+        except BaseExceptionGroup as group:
+            raise _first_leaf(group) from None
+        return response
 
     @asynccontextmanager
     async def _request_with_upload(
