@@ -201,7 +201,10 @@ class Gateway:
             self.runtime.last_reload_error = None  # the file is the active policy again
             return True
         try:
-            new = self.runtime.prepare(loaded)
+            # In a thread: building TLS contexts reads CA bundles and certificates (tens
+            # of milliseconds each), which would hold every request of the worker up.
+            # Nothing active changes until ``activate``, back in this thread.
+            new = await trio.to_thread.run_sync(self.runtime.prepare, loaded)
         except Exception as error:  # valid on paper, but its parts cannot be built
             self.runtime.last_reload_error = f"{loaded.file}: {error}"
             METRICS.reloads.labels("rejected").inc()

@@ -52,6 +52,7 @@ from ._errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from ._metrics import METRICS
 from ._policy import IDEMPOTENT_METHODS, CallSettings, RetryPolicy
 from ._retries import backoff_delay, is_retryable, may_retry_within
 from ._trace import TracedScope, traced_scope
@@ -137,10 +138,10 @@ class _DecidedOnArrival:
 
 
 async def _single_attempt(ctx: RequestContext, call: TracedScope, name: str,
-                          perform: Perform[T]) -> T:
+                          perform: Perform[T], number: int) -> T:
     """The common case (no retry, hedge or breaker): one attempt in the caller's task,
     without the coordinator's nursery, task and channel."""
-    with traced_scope(ctx.trace, call, "attempt", f"{name}#1", attempt=1,
+    with traced_scope(ctx.trace, call, "attempt", f"{name}#{number}", attempt=number,
                       deadline=call.deadline) as attempt:
         result = await perform(attempt, Claim(), frozenset())
         if result.status is not None:
@@ -150,8 +151,11 @@ async def _single_attempt(ctx: RequestContext, call: TracedScope, name: str,
 
 async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamState,
                        settings: CallSettings, *, name: str, method: str, replayable: bool,
-                       perform: Perform[T]) -> T:
-    """Run ``perform`` under the call's resilience rules; return the winning value."""
+                       perform: Perform[T], first_number: int = 1) -> T:
+    """Run ``perform`` under the call's resilience rules; return the winning value.
+    ``first_number``: what the first attempt is numbered in the trace (a call run again
+    after attempts of its own goes on from them)."""
+    shown = first_number - 1  # added to an attempt's number where the trace shows it
     retry: RetryPolicy | None = settings.retries
     allowed_retry = retry is not None and replayable and (
         method in IDEMPOTENT_METHODS or retry.non_idempotent)
@@ -169,7 +173,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     per_try = retry.per_try_timeout if retry is not None else None
     if max_attempts == 1 and hedge_after is None and breaker is None:
         budget.record_request(trio.current_time())
-        return await _single_attempt(ctx, call, name, perform)
+        METRICS.attempt_sent(state.name, 1, hedge=False)
+        return await _single_attempt(ctx, call, name, perform, first_number)
 
     claim = Claim()
     events_send, events_receive = trio.open_memory_channel[
@@ -181,6 +186,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     #: still answer the moment each answer arrives (the coordinator's ``running`` lags
     #: behind when two answers come in the same scheduler pass).
     settled: set[int] = set()
+    hedge_attempts: set[TracedScope] = set()
 
     def others_may_answer(number: int) -> bool:
         settled.add(number)
@@ -230,7 +236,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
         # probe slot another attempt holds.
         breaker_asked = False
         try:
-            with traced_scope(ctx.trace, call, "attempt", f"{name}#{number}", attempt=number,
+            with traced_scope(ctx.trace, call, "attempt", f"{name}#{number + shown}",
+                              attempt=number + shown,
                               deadline=deadline) as attempt:
                 claim.attempts.append(attempt)
                 task_status.started(attempt)
@@ -242,6 +249,9 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                                       retry_after_s=breaker.retry_after(trio.current_time()),
                                       upstream=state.name)
                 breaker_asked = True
+                METRICS.attempt_sent(state.name, number, hedge=slot is not None)
+                if slot is not None:
+                    hedge_attempts.add(attempt)
                 if number == 1:  # a first try sent: it earns the budget its retries
                     budget.record_request(trio.current_time())
                 last = number >= max_attempts and hedges >= max_hedges
@@ -297,8 +307,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     def refuse_retry() -> None:
         """Record a retry (or hedge) the budget refused as its own cancelled span."""
         try:
-            with traced_scope(ctx.trace, call, "attempt", f"{name}#{started + 1}",
-                              attempt=started + 1):
+            with traced_scope(ctx.trace, call, "attempt", f"{name}#{started + 1 + shown}",
+                              attempt=started + 1 + shown):
                 raise RetryBudgetSpent(f"retry budget of upstream {state.name!r} is spent",
                                        upstream=state.name)
         except RetryBudgetSpent:
@@ -384,6 +394,10 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
             started += 1
             running += 1
             await nursery.start(attempt_task, started, None)
+    if hedges:
+        METRICS.hedge_race(state.name, "failed" if failure is not None
+                           else "hedge_won" if claim.winner in hedge_attempts
+                           else "hedge_lost")
     if failure is not None:
         raise failure
     return value  # type: ignore[return-value]

@@ -106,10 +106,16 @@ def _check_budget_floor(ctx: RequestContext, call: TracedScope, call_name: str,
     server = ctx.policy.server
     budget = call.deadline - now - server.deadline_margin
     if budget < server.min_call_budget:
+        # The scope whose deadline this is: the outermost with it (the request's, when
+        # the call has no shorter timeout of its own), as a deadline firing is named.
+        bounding = call
+        for node in call.chain():
+            if node.deadline == call.deadline:
+                bounding = node
         raise UpstreamTimeout(
             f"call {call_name}: {max(0.0, budget) * 1000:.0f}ms left after the "
             f"{server.deadline_margin * 1000:g}ms margin, below the floor; not sent",
-            scope=call.span.label, call=call_name)
+            scope=bounding.span.label, call=call_name)
 
 
 def forward_headers(ctx: RequestContext, call: TracedScope,
@@ -333,5 +339,7 @@ async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: Fan
                             "(a function with side effects?); it now runs as a write, "
                             "never hedged or retried after a timeout: %s",
                             state.name, query)
+    tried = sum(1 for span in scope.span.children if span.kind == "attempt")
     return await run_attempts(ctx, scope, state, settings, name=name, method="POST",
-                              replayable=True, perform=attempt_of(writes=True))
+                              replayable=True, perform=attempt_of(writes=True),
+                              first_number=tried + 1)

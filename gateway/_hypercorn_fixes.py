@@ -262,6 +262,7 @@ async def send_bounded(server: Any, data: bytes) -> None:
             if scope.cancelled_caught:
                 log.info("a client took no %d-byte piece of its answer within send_timeout "
                          "(%.3g s): closing its connection", SEND_PIECE, _send_timeout)
+                server.dropped_for_send_timeout = True  # the gateway's doing, not the client's
                 await trio.aclose_forcefully(server.stream)
                 await server.protocol.handle(Closed())
 
@@ -873,6 +874,8 @@ def _apply_cost_changes() -> None:
                 # Closed before the app has looked (it may not have started): it reads
                 # the flag when it installs its callback.
                 extension["closed"] = True
+                extension["send_timeout"] = getattr(_connection.get(None),
+                                                    "dropped_for_send_timeout", False)
                 on_close = extension.pop("on_close", None)
                 if on_close is not None:
                     on_close()

@@ -9,7 +9,7 @@ changes them, without dropping the calls that hold or wait for a slot.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -51,8 +51,11 @@ class UpstreamLimiter:
     """``trio.CapacityLimiter`` plus a bounded, time-limited queue."""
 
     def __init__(self, name: str, *, concurrency: int, queue: int, queue_timeout_s: float,
-                 retry_after_s: float = 1.0, adaptive: GradientLimit | None = None) -> None:
+                 retry_after_s: float = 1.0, adaptive: GradientLimit | None = None,
+                 on_shed: Callable[[], None] | None = None) -> None:
         self.name = name
+        #: Told of every call shed (the metrics count them).
+        self.on_shed = on_shed
         #: When set, ``concurrency`` is the most slots, and the slots follow the latency.
         self.adaptive = adaptive
         self._limiter = trio.CapacityLimiter(concurrency if adaptive is None else adaptive.slots)
@@ -97,12 +100,12 @@ class UpstreamLimiter:
             self._limiter.acquire_on_behalf_of_nowait(token)
         except trio.WouldBlock:
             if max_wait_s <= 0:
-                self.shed_total += 1
+                self._shed()
                 raise Shed(f"upstream {self.name!r}: no free slot and no time left to wait "
                            "for one", retry_after_s=self._retry_after_s, upstream=self.name,
                            reason="deadline") from None
             if self._queued >= self._queue_limit:
-                self.shed_total += 1
+                self._shed()
                 raise Shed(f"upstream {self.name!r}: queue full ({self._queue_limit} waiting)",
                            retry_after_s=self._retry_after_s, upstream=self.name,
                            reason="queue_full") from None
@@ -114,7 +117,7 @@ class UpstreamLimiter:
             finally:
                 self._queued -= 1
             if waited.cancelled_caught:
-                self.shed_total += 1
+                self._shed()
                 raise Shed(f"upstream {self.name!r}: no slot within {wait_s * 1000:g}ms"
                            + ("" if wait_s == self._queue_timeout_s else
                               " (the time the call's deadline left to wait)"),
@@ -151,6 +154,11 @@ class UpstreamLimiter:
                 slots = adaptive.sample(answered - started, started, in_flight, now)
                 if slots != self._limiter.total_tokens:
                     self._limiter.total_tokens = slots
+
+    def _shed(self) -> None:
+        self.shed_total += 1
+        if self.on_shed is not None:
+            self.on_shed()
 
     def try_hold(self) -> object | None:
         """A slot taken without waiting (a hedge's), or None when all are taken; give it

@@ -34,7 +34,8 @@ class Metrics:
                                   "Request duration, by route", ["route"], buckets=_BUCKETS)
         self.cancellations = Counter(
             "gateway_cancellations_total",
-            "Cancelled spans, by route, cause and the scope that fired",
+            "Cancellations, by route, cause and the scope that fired: one per request "
+            "and scope that fired, whatever number of spans it ended",
             ["route", "cause", "scope"])
         self.in_flight = Gauge("gateway_upstream_in_flight", "Calls holding a slot, by upstream",
                                ["upstream"], multiprocess_mode="livesum")
@@ -56,8 +57,10 @@ class Metrics:
             "gateway_upstream_attempts_total",
             "Upstream attempts, by upstream and kind (first, retry, hedge)",
             ["upstream", "kind"])
-        self.hedges = Counter("gateway_hedges_total", "Hedge races, by upstream and result",
-                              ["upstream", "result"])
+        self.hedges = Counter(
+            "gateway_hedges_total",
+            "Calls that sent hedges, by upstream and result (hedge_won, hedge_lost, failed)",
+            ["upstream", "result"])
         self.loop_lag = Gauge("gateway_event_loop_lag_seconds",
                               "How late the worker's event loop wakes tasks (smoothed)",
                               multiprocess_mode="livemax")
@@ -79,12 +82,29 @@ class Metrics:
         route = trace.route or "(none)"
         self.requests.labels(route, str(status)).inc()
         self.duration.labels(route).observe(trace.duration_ms / 1000)
-        for span in cancelled:
-            scope = (span.fired_scope or span.label).split("#")[0]
-            self.cancellations.labels(route, span.cause or "unknown", scope).inc()
-        if trace.cause == "shed":
-            # No span: refused at the door; with spans: by an upstream's limiter.
-            self.shed.labels("door" if trace.root is None else "upstream").inc()
+        fired = {(span.cause or "unknown", (span.fired_scope or span.label).split("#")[0])
+                 for span in cancelled}
+        if trace.root is None and trace.cause == "shed":
+            # Refused at the door, before any span; upstream sheds are counted where
+            # the limiter sheds (``upstream_shed``), partial fan-outs' calls included.
+            fired.add(("shed", "request"))
+            self.shed.labels("door").inc()
+        for cause, scope in fired:
+            self.cancellations.labels(route, cause, scope).inc()
+
+    def upstream_shed(self) -> None:
+        """An upstream's limiter shed a call (a full queue, a wait past its bound)."""
+        self.shed.labels("upstream").inc()
+
+    def attempt_sent(self, upstream: str, number: int, hedge: bool) -> None:
+        """An attempt was let through to the upstream: its first try, a retry, a hedge."""
+        kind = "hedge" if hedge else "first" if number == 1 else "retry"
+        self.attempts.labels(upstream, kind).inc()
+
+    def hedge_race(self, upstream: str, result: str) -> None:
+        """A call that sent hedges ended: a hedge's answer was taken (``hedge_won``),
+        another attempt's (``hedge_lost``), or none (``failed``)."""
+        self.hedges.labels(upstream, result).inc()
 
     def breaker_transition(self, upstream: str, old: Any, new: Any) -> None:
         value = {"closed": 0, "half_open": 1, "open": 2}.get(new.value, 0)
@@ -95,31 +115,38 @@ class Metrics:
     def refresh(self, runtime: Runtime) -> None:
         """Copy point-in-time figures (limiter state) into gauges before a scrape."""
         self.loop_lag.set(runtime.loop_lag.lag_s)
-        upstreams = runtime.snapshot.upstreams
-        self._forget_removed(upstreams)
-        self._upstreams_shown.update(upstreams)
-        for name, state in upstreams.items():
-            stats = state.limiter.statistics()
-            self.in_flight.labels(name).set(stats.in_flight)
-            self.queued.labels(name).set(stats.queued)
-            self.concurrency_limit.labels(name).set(stats.concurrency)
-            if state.pool is not None:
-                pool = state.pool.statistics()
-                self.pool_connections.labels(name, "active").set(pool.active)
-                self.pool_connections.labels(name, "idle").set(pool.idle)
-                self.pool_connections.labels(name, "waiting").set(pool.waiting)
-            if state.postgres is not None:
-                pg = state.postgres.statistics()
-                self.pool_connections.labels(name, "active").set(pg.in_use)
-                self.pool_connections.labels(name, "idle").set(pg.idle)
-                self.pool_connections.labels(name, "waiting").set(pg.waiting)
+        live = runtime.live_upstreams()
+        self._forget_removed(live, runtime.snapshot.upstreams)
+        self._upstreams_shown.update(live)
+        for name, states in live.items():
+            # A removed upstream (or a rebuilt pool) still serving the requests of a
+            # replaced policy is shown until they end: an operator waiting for it to
+            # reach 0 must not be told so early. Shared parts are counted once.
+            limiters = {id(state.limiter): state.limiter for state in states}.values()
+            figures = [limiter.statistics() for limiter in limiters]
+            self.in_flight.labels(name).set(sum(f.in_flight for f in figures))
+            self.queued.labels(name).set(sum(f.queued for f in figures))
+            self.concurrency_limit.labels(name).set(states[0].limiter.statistics().concurrency)
+            active = idle = waiting = 0
+            for state in states:
+                if state.pool is not None:
+                    pool = state.pool.statistics()
+                    active, idle = active + pool.active, idle + pool.idle
+                    waiting += pool.waiting
+                if state.postgres is not None:
+                    pg = state.postgres.statistics()
+                    active, idle, waiting = active + pg.in_use, idle + pg.idle, waiting + pg.waiting
+            if any(state.pool is not None or state.postgres is not None for state in states):
+                self.pool_connections.labels(name, "active").set(active)
+                self.pool_connections.labels(name, "idle").set(idle)
+                self.pool_connections.labels(name, "waiting").set(waiting)
 
-    def _forget_removed(self, upstreams: dict[str, Any]) -> None:
+    def _forget_removed(self, live: dict[str, Any], upstreams: dict[str, Any]) -> None:
         """Zero the gauges of upstreams a reload removed, and the circuit state of those
         whose breaker it removed: left as they were, they would read as live for ever
         (an open circuit alerting on an upstream with no breaker). Zeroed rather than
         removed, since with several workers each one's figures live in its own file."""
-        for name in self._upstreams_shown - upstreams.keys():
+        for name in self._upstreams_shown - live.keys():
             self.in_flight.labels(name).set(0)
             self.queued.labels(name).set(0)
             self.concurrency_limit.labels(name).set(0)

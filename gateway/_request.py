@@ -213,10 +213,16 @@ def _body_relayed(scope: Scope, framing: BodyFraming) -> bool:
     return framing.announced or scope.get("http_version") not in ("1.1", "1.0")
 
 
-def _stream_closed(context: RequestContext, request_scope: TracedScope) -> None:
+def _stream_closed(context: RequestContext, request_scope: TracedScope,
+                   extension: dict[str, Any]) -> None:
     """The server closed the request's stream: unless the response was complete, the
-    client left, and everything the request started is cancelled."""
-    if not context.response_complete:
+    client left (or, after ``send_timeout``, was dropped for not taking its answer),
+    and everything the request started is cancelled."""
+    if context.response_complete:
+        return
+    if extension.get("send_timeout"):
+        request_scope.cancel("deadline", scope="send_timeout")
+    else:
         request_scope.cancel("client_disconnect")
 
 
@@ -312,9 +318,10 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
             if on_close is not None:
                 # The server calls back when the stream closes: the client leaving is
                 # seen at once, even while a body waits unread behind the relay.
-                on_close["on_close"] = partial(_stream_closed, context, request_scope)
+                on_close["on_close"] = partial(_stream_closed, context, request_scope,
+                                               on_close)
                 if on_close.get("closed"):  # the client left before this task started
-                    _stream_closed(context, request_scope)
+                    _stream_closed(context, request_scope, on_close)
             try:
                 if not relayed:
                     await dispatch(context)
@@ -335,6 +342,7 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
             trace.status, trace.cause = 499, "client_disconnect"
         else:
             trace.status = context.status
+            trace.cause = request_scope.cancel_cause  # dropped after send_timeout
     except GatewayError as error:
         trace.cause = error.cause if error.status >= 500 or error.cause == "shed" else None
         if isinstance(error, Shed):
@@ -361,7 +369,9 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
         if trace.status is None:
             root = trace.root
             trace.cause = root.cause if root is not None and root.cause else "shutdown"
-            trace.status = 499 if trace.cause == "client_disconnect" else 503
+            trace.status = (499 if trace.cause == "client_disconnect"
+                            else context.status if context is not None
+                            and context.response_started else 503)
         raise exc
     finally:
         if entered:
@@ -372,20 +382,19 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
 
 def _hide_private_path(trace: Trace, snapshot: Snapshot) -> None:
     """A path whose values a route binds as SQL arguments is kept as its template."""
-    route = trace.route
-    if route is None:  # refused before routing (shed at the door, say): route it now
-        try:
-            route = snapshot.routes.match(trace.method, trace.path.encode("latin-1")).route.path
-        except GatewayError:
-            return
-    if route in snapshot.private_paths:
-        trace.path = route
+    if trace.route in snapshot.private_paths:
+        trace.path = trace.route
 
 
 def finish_trace(runtime: Runtime, trace: Trace, snapshot: Snapshot) -> None:
     """Count the request, keep its trace, log it when it is worth a line."""
     server = snapshot.policy.server
     trace.finish()
+    if trace.route is None:
+        # Refused before routing (shed at the door, say): found and counted by its route.
+        with contextlib.suppress(GatewayError):
+            trace.route = snapshot.routes.match(
+                trace.method, trace.path.encode("latin-1")).route.path
     if snapshot.private_paths:
         _hide_private_path(trace, snapshot)
     status = trace.status or 0

@@ -159,6 +159,8 @@ class Runtime:
         self.loop_lag = LoopLagMonitor()
         self.traces = TraceBuffer(policy.server.trace_buffer if policy.server.tracing else 0)
         self.snapshot = self._build(loaded, {})
+        #: Snapshots a reload replaced whose requests may still run (until retired).
+        self.retiring: list[Snapshot] = []
         self._take_up(self.snapshot)
         self.reloads = 0
         self.last_reload_error: str | None = None
@@ -201,6 +203,7 @@ class Runtime:
                     queue=definition.limit.queue,
                     queue_timeout_s=definition.limit.queue_timeout,
                     retry_after_s=policy.server.shed_retry_after,
+                    on_shed=METRICS.upstream_shed,
                     adaptive=None if adaptive is None else GradientLimit(
                         maximum=upstream_slots(definition),
                         minimum=adaptive.min_concurrency, tolerance=adaptive.tolerance))
@@ -287,6 +290,7 @@ class Runtime:
         set_premature_reset_limit(policy.server.limits.h2_premature_resets)
         set_request_id_header(policy.server.request_id_header)
         self.snapshot = new
+        self.retiring.append(old)
         self.reloads += 1
         self.last_reload_error = None
         if old.in_flight == 0:
@@ -297,10 +301,24 @@ class Runtime:
         """Wait for ``old`` to drain (bounded), then close the parts no snapshot uses."""
         with trio.move_on_after(grace_s):
             await old.drained.wait()
+        if old in self.retiring:
+            self.retiring.remove(old)
         for state in old.upstreams.values():
             state.users -= 1
             if state.users == 0:
                 await close_upstream(state)
+
+    def live_upstreams(self) -> dict[str, list[UpstreamState]]:
+        """Every upstream a request may still use, by name: the active snapshot's, and
+        those of replaced snapshots still draining (one name may have two, its pool
+        rebuilt by a reload)."""
+        live: dict[str, list[UpstreamState]] = {}
+        for snapshot in (self.snapshot, *self.retiring):
+            for name, state in snapshot.upstreams.items():
+                states = live.setdefault(name, [])
+                if all(seen is not state for seen in states):
+                    states.append(state)
+        return live
 
     async def aclose(self) -> None:
         for state in self.snapshot.upstreams.values():

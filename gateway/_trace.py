@@ -135,7 +135,7 @@ class Trace:
 class TracedScope:
     """A ``trio.CancelScope`` that is also a span; cancel it only with a cause."""
 
-    __slots__ = ("_cancel_cause", "cancel_scope", "parent", "span", "trace")
+    __slots__ = ("_cancel_cause", "_fired", "cancel_scope", "ended", "parent", "span", "trace")
 
     def __init__(self, trace: Trace | None, span: Span, cancel_scope: trio.CancelScope,
                  parent: TracedScope | None) -> None:
@@ -144,14 +144,22 @@ class TracedScope:
         self.cancel_scope = cancel_scope
         self.parent = parent
         self._cancel_cause: str | None = None
+        self._fired = span.label
+        #: The span has ended: a cancellation now (a retry that won claiming the answer
+        #: after this attempt failed) would record a cause that did not end it.
+        self.ended = False
 
-    def cancel(self, cause: str, detail: str | None = None) -> None:
-        """Cancel this scope, recording why (and, e.g., which sibling failed)."""
+    def cancel(self, cause: str, detail: str | None = None, *, scope: str | None = None) -> None:
+        """Cancel this scope, recording why (and, e.g., which sibling failed). ``scope``:
+        what fired, when it is not this scope (the connection's ``send_timeout``)."""
+        if self.ended:
+            return
         if self._cancel_cause is None:
             self._cancel_cause = cause
+            self._fired = scope or self.span.label
             if detail is not None:
                 self.span.attrs["cancelled_by"] = detail
-        self.cancel_scope.cancel(reason=f"{cause}|{self.span.label}")
+        self.cancel_scope.cancel(reason=f"{cause}|{scope or self.span.label}")
 
     @property
     def cancel_cause(self) -> str | None:
@@ -170,7 +178,8 @@ class TracedScope:
     def note(self, **attrs: Any) -> None:
         self.span.attrs.update(attrs)
 
-    def _chain(self) -> Iterator[TracedScope]:
+    def chain(self) -> Iterator[TracedScope]:
+        """This scope, then the scopes it is nested in, out to the request."""
         node: TracedScope | None = self
         while node is not None:
             yield node
@@ -210,7 +219,7 @@ def _attribute(ts: TracedScope, cancelled: trio.Cancelled, now: float) -> tuple[
     source = getattr(inherited, "source", None) or cancelled.source
     if source == "deadline":
         fired: TracedScope | None = None
-        for node in ts._chain():
+        for node in ts.chain():
             if node.cancel_scope.cancel_called and node.cancel_scope.deadline <= now:
                 fired = node
         if fired is None:
@@ -253,6 +262,7 @@ def traced_scope(
         with cancel_scope:
             yield scope
     except BaseException as exc:
+        scope.ended = True
         span.end_ms = None if trace is None else trace.offset_ms()
         cancelled = _only_cancelled(exc)
         if cancelled is not None:
@@ -260,8 +270,11 @@ def traced_scope(
             span.cause, span.fired_scope = _attribute(scope, cancelled, trio.current_time())
         elif isinstance(exc, GatewayError):
             if exc.cause in _REFUSAL_CAUSES:
+                # Refused where it was raised (a call's upstream, the door): the spans
+                # it passes through on the way out name that scope, not their own.
                 span.outcome = "cancelled"
-                span.cause, span.fired_scope = exc.cause, span.label
+                span.cause = exc.cause
+                span.fired_scope = exc.detail.setdefault("scope", span.label)
             else:
                 span.outcome = "error"
                 if isinstance(exc, UpstreamTimeout) and "scope" in exc.detail:
@@ -271,12 +284,13 @@ def traced_scope(
             span.outcome = "error"
             span.error = type(exc).__name__
         raise
+    scope.ended = True
     span.end_ms = None if trace is None else trace.offset_ms()
     if scope.cancel_cause is not None:
         # Cancelled on purpose (a lost hedge, say) even if the work ended before its next
         # checkpoint: its result is discarded, so the span is a cancellation.
         span.outcome = "cancelled"
-        span.cause, span.fired_scope = scope.cancel_cause, span.label
+        span.cause, span.fired_scope = scope.cancel_cause, scope._fired
         return
     if cancel_scope.cancelled_caught:
         span.outcome = "cancelled"
