@@ -112,9 +112,11 @@ from contextlib import suppress
 from typing import Any
 from wsgiref.handlers import format_date_time as _format_date_time
 
+import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.settings
 import h11
 import hypercorn.config
 import hypercorn.trio.run
@@ -122,7 +124,7 @@ import trio
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol.events import Request, StreamClosed
+from hypercorn.protocol.events import Body, EndBody, Request, StreamClosed
 from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
@@ -296,7 +298,8 @@ class IdleTimer:
         if self._scope is None:
             self._scope = trio.CancelScope()
             task_group._nursery.start_soon(self._watch, self._scope)
-        if self._server.context.terminated.is_set():
+        if (self._server.context.terminated.is_set()
+                or _closing_protocol(self._server) is not None):
             self._scope.cancel()
 
     async def stop(self) -> None:
@@ -330,6 +333,8 @@ class IdleTimer:
         if self._ended:
             return
         with trio.CancelScope(shield=True):
+            if (protocol := _closing_protocol(self._server)) is not None:
+                await _send_goaway(protocol, protocol.connection.highest_inbound_stream_id)
             await self._server._initiate_server_close()
 
 
@@ -435,6 +440,102 @@ async def _send_goaway(protocol: Any, last_stream_id: int) -> None:
     with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await protocol._flush()  # what h2 has queued goes first, whole frames
         await protocol.send(RawData(data=frame.serialize()))
+
+
+async def _drop_stalled_stream(protocol: Any, stream_id: int) -> None:
+    """A stream whose answer made no progress for ``send_timeout``: reset (CANCEL), and
+    its request cancelled as one whose client stopped taking its answer."""
+    log.info("an HTTP/2 client took no %d-byte piece of stream %d's answer within "
+             "send_timeout (%.3g s): resetting the stream", SEND_PIECE, stream_id,
+             _send_timeout)
+    stream = protocol.streams.get(stream_id)
+    scope = getattr(stream, "scope", None)
+    extension = scope["extensions"].get(DISCONNECT_EXTENSION) if scope else None
+    if extension is not None:
+        extension["send_timeout"] = True
+    with suppress(h2.exceptions.H2Error):
+        protocol.connection.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+    buffer = protocol.stream_buffers.get(stream_id)
+    if buffer is not None:
+        await buffer.close()
+    await protocol._close_stream(stream_id)
+    await protocol._window_updated(stream_id)
+    await protocol._flush()
+
+
+def _plain_connect(headers: list[tuple[bytes, bytes]]) -> bool:
+    """A CONNECT without ``:path`` (RFC 9113 8.5): Hypercorn reads ``:path`` into a
+    local a CONNECT never sets, and the ``UnboundLocalError`` ended the connection with
+    every stream on it."""
+    method = path = None
+    for name, value in headers:
+        if name == b":method":
+            method = value
+        elif name == b":path":
+            path = value
+    return method == b"CONNECT" and path is None
+
+
+async def _refuse_connect(protocol: Any, request: Any) -> None:
+    """Answer a CONNECT alone, 405 with a JSON body: the gateway opens no tunnels."""
+    body = json.dumps({"error": "CONNECT is not served: the gateway opens no tunnels",
+                       "cause": "method_not_allowed"}).encode()
+    connection = protocol.connection
+    with suppress(h2.exceptions.H2Error):
+        connection.send_headers(request.stream_id, [
+            (b":status", b"405"), (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")])
+        connection.send_data(request.stream_id, body, end_stream=True)
+        if request.stream_ended is None:  # it may go on sending: tell it to stop
+            connection.reset_stream(request.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+    await protocol._flush()
+
+
+#: Largest HPACK table the gateway keeps to compress one connection's answers (nghttp2's).
+HPACK_TABLE_BYTES = 4096
+
+
+def _close_gracefully_at_max_requests(protocol: Any) -> None:
+    """Hypercorn ends a connection at ``keep_alive_max_requests`` with h2's
+    ``close_connection``, which also closes h2's state machine: the streams it names
+    as processed could send nothing more, and their clients waited for answers that
+    never came. It now only notes it, and the connection ends as a draining one does:
+    later streams are refused (REFUSED_STREAM), the open ones answered, and GOAWAY is
+    sent once none is left (h2-based clients fail the streams still running on a
+    GOAWAY), then the connection closes."""
+    connection = protocol.connection
+    original = connection.close_connection
+
+    def close_connection(error_code: int = 0, additional_data: bytes | None = None,
+                         last_stream_id: int | None = None) -> None:
+        if error_code or protocol.context.terminated.is_set():
+            original(error_code, additional_data, last_stream_id)
+        else:
+            protocol.closing = True
+
+    connection.close_connection = close_connection
+
+
+def _keep_streams_after_client_goaway(protocol: Any, events: list[Any]) -> list[Any]:
+    """A client's GOAWAY(NO_ERROR) says it opens no new stream; the ones it opened may
+    finish (RFC 9113 6.8), as Node's ``session.close()`` expects. h2 closed its state
+    machine on receiving it, and Hypercorn then closed the connection: both are undone,
+    and the connection closes once its last stream is answered."""
+    for index, event in enumerate(events):
+        if (type(event) is h2.events.ConnectionTerminated and event.error_code == 0
+                and protocol.streams):
+            protocol.connection.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
+            protocol.closing = True  # new streams are refused
+            return events[:index] + events[index + 1:]
+    return events
+
+
+def _closing_protocol(server: Any) -> Any:
+    """The HTTP/2 protocol of a connection to close once no stream is left (it reached
+    ``keep_alive_max_requests``, or its client sent GOAWAY), or None."""
+    protocol = getattr(getattr(server, "protocol", None), "protocol", None)
+    return protocol if getattr(protocol, "__dict__", {}).get("closing") else None
 
 
 def _direct_send(server: Any, data: bytes) -> int | None:
@@ -610,10 +711,20 @@ def apply() -> None:
         resets: PrematureResets | None = self.__dict__.get("premature_resets")
         if resets is None:
             resets = self.premature_resets = PrematureResets(_premature_reset_limit)
+            _close_gracefully_at_max_requests(self)
+        for event in events:
+            if (type(event) is h2.events.RemoteSettingsChanged
+                    and h2.settings.SettingCodes.HEADER_TABLE_SIZE in event.changed_settings):
+                # The table that compresses this connection's answers is kept for its
+                # life: at most nghttp2's 4 KiB, whatever the client offers.
+                encoder = self.connection.encoder
+                encoder.header_table_size = min(encoder.header_table_size, HPACK_TABLE_BYTES)
+        events = _keep_streams_after_client_goaway(self, events)
         last_stream_id = None
         refused = {event.stream_id for event in events
                    if type(event) is h2.events.RequestReceived
-                   } if self.context.terminated.is_set() else None
+                   } if (self.context.terminated.is_set()
+                         or self.__dict__.get("closing")) else None
         if refused:
             # Draining: a stream opened now is refused as never processed, which a
             # client may retry elsewhere (Hypercorn reset it with NO_ERROR).
@@ -698,12 +809,19 @@ def apply() -> None:
     async def _create_stream(self: Any, request: Any) -> None:
         # Should per-stream state ever leak again, a full priority tree costs the new
         # stream (REFUSED_STREAM: safe for the client to retry), not the worker.
+        if _plain_connect(request.headers):
+            await _refuse_connect(self, request)
+            return
         try:
             await original_create_stream(self, request)
             stream = self.streams.get(request.stream_id)
             scope = getattr(stream, "scope", None)
             if scope is not None:  # the app task is only scheduled yet: it will see this
-                scope["extensions"][H2_NO_BODY_EXTENSION] = request.stream_ended is not None
+                # An h2c upgrade's stream 1 is the HTTP/1.1 request, which Hypercorn
+                # upgrades only without a body; its event is built with no END_STREAM.
+                scope["extensions"][H2_NO_BODY_EXTENSION] = (
+                    request.stream_ended is not None
+                    or (request.stream_id == 1 and self.__dict__.get("upgraded", False)))
         except TooManyStreamsError:
             self.streams.pop(request.stream_id, None)
             self.stream_buffers.pop(request.stream_id, None)
@@ -714,6 +832,14 @@ def apply() -> None:
                         request.stream_id)
 
     H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
+
+    original_initiate: Callable[..., Awaitable[None]] = H2Protocol.initiate
+
+    async def initiate(self: Any, headers: Any = None, settings: Any = None) -> None:
+        self.upgraded = headers is not None  # stream 1 is an upgraded HTTP/1.1 request
+        await original_initiate(self, headers, settings)
+
+    H2Protocol.initiate = initiate  # type: ignore[method-assign]
 
     async def _priority_updated(self: Any, event: Any) -> None:
         # Hypercorn inserted a node for any stream a PRIORITY frame named (never removed)
@@ -764,10 +890,20 @@ def apply() -> None:
     original_stream_send: Callable[[Any, Any], Awaitable[None]] = H2Protocol.stream_send
 
     async def _stream_send(self: Any, event: Any) -> None:
-        closed_websocket = (type(event) is StreamClosed
+        kind = type(event)
+        if kind is Body or kind is EndBody:
+            # Bounded as a socket write is over HTTP/1.1: a client that grants no
+            # flow-control window (while reading its socket, answering PINGs) would
+            # hold the stream, and its request's upstream slot, until the deadline.
+            with trio.move_on_after(_send_timeout) as waited:
+                await original_stream_send(self, event)
+            if waited.cancelled_caught:
+                await _drop_stalled_stream(self, event.stream_id)
+            return
+        closed_websocket = (kind is StreamClosed
                             and isinstance(self.streams.get(event.stream_id), WSStream))
         await original_stream_send(self, event)
-        if type(event) is not StreamClosed:
+        if kind is not StreamClosed:
             return
         if closed_websocket:
             # A WebSocket ends without an end-of-body event: what it queued (its close
@@ -874,8 +1010,8 @@ def _apply_cost_changes() -> None:
                 # Closed before the app has looked (it may not have started): it reads
                 # the flag when it installs its callback.
                 extension["closed"] = True
-                extension["send_timeout"] = getattr(_connection.get(None),
-                                                    "dropped_for_send_timeout", False)
+                extension["send_timeout"] = extension.get("send_timeout") or getattr(
+                    _connection.get(None), "dropped_for_send_timeout", False)
                 on_close = extension.pop("on_close", None)
                 if on_close is not None:
                     on_close()

@@ -1,0 +1,46 @@
+"""A plain HTTP/2 CONNECT (RFC 9113 8.5: ``:method CONNECT`` and ``:authority``, no
+``:path`` nor ``:scheme``) is a well-formed request h2 accepts. Hypercorn's
+``H2Protocol._create_stream`` reads ``:path`` into a local that a CONNECT never sets:
+``UnboundLocalError`` ended the whole connection, and every other stream on it was
+answered with Hypercorn's empty 500."""
+
+from __future__ import annotations
+
+import json
+
+import h2.events
+import trio
+
+from tests.gateway_harness import run_gateway
+from tests.h2client import H2Client
+from tests.upstream import proxy_policy, start_upstream
+
+
+async def test_a_plain_connect_is_refused_alone_and_the_other_streams_are_answered() -> None:
+    """Behind a front proxy that carries many clients on one HTTP/2 connection, one
+    client's CONNECT turned a healthy GET in flight on it into an empty 500 and cancelled
+    its upstream work. The CONNECT alone is refused (405, JSON); the GET gets its 200."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            in_flight = await client.get("/api/slow?ms=300")
+            await upstream.wait_for(lambda: upstream.in_flight >= 1)
+            connect = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(connect, [(":method", "CONNECT"),
+                                               (":authority", "example.com:443")],
+                                     end_stream=True)
+            await client.flush()
+            with trio.fail_after(5):
+                status, body = await client.response(connect)
+            assert status == 405 and json.loads(body)["cause"] == "method_not_allowed"
+            with trio.fail_after(5):
+                status, body = await client.response(in_flight)
+            assert status == 200, f"the GET in flight was answered {status}"
+            assert b'"path": "/slow"' in body, body
+            assert not any(isinstance(e, h2.events.ConnectionTerminated)
+                           for e in client.events)
+            with trio.fail_after(5):
+                assert await client.response_status(await client.get("/api/ok")) == 200
+        nursery.cancel_scope.cancel()
