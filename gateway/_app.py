@@ -27,6 +27,7 @@ from ._policy_loader import (
     LAST_GOOD_ENV,
     LoadedPolicy,
     PolicyError,
+    PolicyReadError,
     load_policy_file,
     load_policy_text,
     record_last_good,
@@ -41,6 +42,8 @@ _hypercorn_fixes.apply()
 
 #: How often the policy file is checked for changes (GATEWAY_POLICY_POLL_S overrides).
 POLICY_POLL_INTERVAL_S = float(os.environ.get("GATEWAY_POLICY_POLL_S", "1.0"))
+#: Wait before reading again a policy file that could not be read at all.
+UNREAD_RETRY_S = 1.0
 #: How long a retired snapshot may take to drain before its pools close, at least.
 RETIRE_GRACE_S = 30.0
 
@@ -95,6 +98,7 @@ class Gateway:
         self._apply_admin_limits = apply_admin_limits
         self._nursery: trio.Nursery | None = None
         self._policy_stat: tuple[int, int, int] | None = None
+        self._unread = False  # the last reload could not read the file at all
         #: One reload at a time (the file watcher and SIGHUP may ask together).
         self._reload_lock = trio.Lock()
 
@@ -192,6 +196,7 @@ class Gateway:
         try:
             loaded = await trio.to_thread.run_sync(load_policy_file, path)
         except PolicyError as error:
+            self._unread = isinstance(error, PolicyReadError)
             self.runtime.last_reload_error = str(error)
             METRICS.reloads.labels("rejected").inc()
             log.error("policy reload rejected, the active policy keeps serving:\n%s", error)
@@ -250,7 +255,13 @@ class Gateway:
             current = await self._policy_file_stat()
             if current is not None and current != self._policy_stat:
                 self._policy_stat = current
-                await self.reload()
+                self._unread = False
+                if not await self.reload() and self._unread:
+                    # Not read at all (out of descriptors, say): try the same file
+                    # again, a second from now, instead of keeping the old policy until
+                    # the file changes once more.
+                    self._policy_stat = None
+                    await trio.sleep(UNREAD_RETRY_S)
 
     async def _reload_on_sighup(self) -> None:
         try:

@@ -136,6 +136,7 @@ from hyperframe.frame import GoAwayFrame
 from priority.priority import PriorityError, TooManyStreamsError
 
 from gateway import _expect_continue
+from gateway._connections import CONNECTIONS, OUT_OF_DESCRIPTORS
 from gateway._h2_flow import (
     H2Inbox,
     H2Put,
@@ -305,6 +306,11 @@ class IdleTimer:
     async def stop(self) -> None:
         """A request is in flight: no deadline until the connection is idle again."""
         self._idle = False
+
+    @property
+    def idle(self) -> bool:
+        """No request in flight (a connection that has not sent one yet included)."""
+        return self._idle and not self._ended
 
     def end(self) -> None:
         """The read side ended: the task finishes without closing anything itself."""
@@ -571,9 +577,27 @@ class BatchAcceptListener(trio.abc.Listener[trio.SocketStream]):
         self._accepted: deque[trio.SocketStream] = deque()
 
     async def accept(self) -> trio.SocketStream:
+        """The next connection, taken only with a descriptor to spare for it
+        (``_connections``): an idle connection is closed to make room, or it is."""
+        while True:
+            stream = await self._next()
+            if CONNECTIONS.has_room(stream.socket.fileno()) or CONNECTIONS.make_room():
+                return stream
+            stream.socket.close()
+            CONNECTIONS.refuse()
+
+    async def _next(self) -> trio.SocketStream:
         if self._accepted:
             return self._accepted.popleft()
-        stream = await self._listener.accept()
+        while True:
+            try:
+                stream = await self._listener.accept()
+                break
+            except OSError as error:
+                # Out of descriptors: close an idle connection and try again at once;
+                # with none idle, trio's accept loop logs it and waits a moment.
+                if error.errno not in OUT_OF_DESCRIPTORS or not CONNECTIONS.make_room():
+                    raise
         raw = getattr(self.socket, "_sock", None)
         if raw is not None:
             for _ in range(_accept_batch - 1):
@@ -694,11 +718,14 @@ def apply() -> None:
         # serve_listeners and ended the worker, with every connection on it. It now
         # ends that connection (already closed by ``run``'s own ``finally``).
         _connection.set(self)  # for a read stalled behind an app not reading its body
+        CONNECTIONS.opened(self)
         try:
             await original_run(self)
         except Exception:
             log.exception("a connection ended with an unexpected error; the worker "
                           "serves on")
+        finally:
+            CONNECTIONS.closed(self)
 
     TCPServer.run = run_contained  # type: ignore[method-assign]
     H11Protocol._send_error_response = _send_json_error_response  # type: ignore[method-assign]

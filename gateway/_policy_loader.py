@@ -101,6 +101,11 @@ class PolicyError(Exception):
         return "\n".join(str(issue) for issue in self.issues)
 
 
+class PolicyReadError(PolicyError):
+    """The file could not be read (out of descriptors, say): nothing is known of its
+    content, so a watcher tries it again rather than taking it as rejected."""
+
+
 @dataclass(frozen=True)
 class LoadedPolicy:
     """A validated policy with where it came from; what a reload swaps in atomically."""
@@ -138,8 +143,8 @@ def load_policy_file(path: str | os.PathLike[str]) -> LoadedPolicy:
             data = stream.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__
-        raise PolicyError([PolicyIssue(file, 0, 0, "", f"cannot read the policy file: {reason}")]
-                          ) from None
+        raise PolicyReadError([PolicyIssue(file, 0, 0, "",
+                                           f"cannot read the policy file: {reason}")]) from None
     return load_policy_text(data, file)
 
 

@@ -21,6 +21,7 @@ import trio
 
 from ._adaptive import GradientLimit
 from ._breaker import CircuitBreaker
+from ._connections import set_connection_reserve
 from ._hypercorn_fixes import (
     set_accept_batch,
     set_premature_reset_limit,
@@ -71,6 +72,12 @@ def _pool_limits(policy: Policy, upstream: UpstreamPolicy) -> PoolLimits:
         connect_timeout_s=upstream.pool.connect_timeout,
         max_response_header_bytes=policy.server.limits.max_upstream_header_bytes,
     )
+
+
+def upstream_sockets(policy: Policy) -> int:
+    """The most sockets the policy's upstream pools may hold open at once."""
+    return sum(upstream.postgres.pool.max if upstream.postgres is not None
+               else upstream.pool.max_connections for upstream in policy.upstreams.values())
 
 
 def _connection_identity(policy: Policy, upstream: UpstreamPolicy) -> tuple[Any, ...]:
@@ -156,6 +163,7 @@ class Runtime:
         set_send_timeout(policy.server.send_timeout)
         set_premature_reset_limit(policy.server.limits.h2_premature_resets)
         set_request_id_header(policy.server.request_id_header)
+        set_connection_reserve(upstream_sockets(policy))
         self.loop_lag = LoopLagMonitor()
         self.traces = TraceBuffer(policy.server.trace_buffer if policy.server.tracing else 0)
         self.snapshot = self._build(loaded, {})
@@ -289,6 +297,7 @@ class Runtime:
         set_send_timeout(policy.server.send_timeout)
         set_premature_reset_limit(policy.server.limits.h2_premature_resets)
         set_request_id_header(policy.server.request_id_header)
+        set_connection_reserve(upstream_sockets(policy))
         self.snapshot = new
         self.retiring.append(old)
         self.reloads += 1

@@ -20,6 +20,7 @@ Shape of the pool:
 
 from __future__ import annotations
 
+import errno
 import select
 import socket
 import ssl
@@ -36,6 +37,7 @@ import trio
 from .._errors import (
     BadRequest,
     GatewayError,
+    Shed,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -174,6 +176,12 @@ class _MapExceptions:
                     upstream=upstream,
                 )
             if isinstance(exc, OSError):
+                if (shortage := _out_of_resources(exc)) is not None:
+                    # The worker's own shortage, not the upstream failing: shed (503,
+                    # Retry-After), and no failure for the upstream's circuit breaker.
+                    return Shed(f"no socket for upstream {upstream!r}: the worker is out "
+                                f"of {_RESOURCE_NAMES[shortage]}", upstream=upstream,
+                                reason="no_descriptors", retry_after_s=1.0)
                 return UpstreamConnectError(
                     f"cannot connect to upstream {upstream!r}: {exc}", upstream=upstream
                 )
@@ -182,6 +190,26 @@ class _MapExceptions:
                 f"connection to upstream {upstream!r} broke: {exc!r}", upstream=upstream
             )
         return None
+
+
+#: Errors that are the worker's own shortage when opening a socket.
+_RESOURCE_NAMES = {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors",
+                   errno.ENOBUFS: "buffer memory", errno.ENOMEM: "memory"}
+
+
+def _out_of_resources(exc: BaseException) -> int | None:
+    """The errno of a resource shortage behind ``exc`` (trio's "all attempts to connect
+    failed" holds each attempt's error in its cause), or None."""
+    seen: list[BaseException] = [exc]
+    while seen:
+        error = seen.pop()
+        if isinstance(error, OSError) and error.errno in _RESOURCE_NAMES:
+            return error.errno
+        if isinstance(error, BaseExceptionGroup):
+            seen.extend(error.exceptions)
+        if error.__cause__ is not None:
+            seen.append(error.__cause__)
+    return None
 
 
 class _Connection:

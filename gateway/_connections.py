@@ -1,0 +1,95 @@
+"""The worker's client connections, kept clear of its open-file limit.
+
+A worker's descriptors are shared by its client connections and the sockets it opens
+itself: upstream pools, PostgreSQL, files. Connections that send nothing (many idle
+clients, a slowloris) could take them all: upstream connects then failed for clients
+already admitted (a 502 from a healthy upstream), and new clients waited unanswered in
+the backlog while the accept loop logged ``EMFILE`` ten times a second.
+
+As nginx does when its connections run out, the worker keeps ``reserve`` descriptors
+for its own sockets (the most its pools may open, and a margin). A connection accepted
+above that line, or an accept that meets ``EMFILE``, makes room by closing an idle
+connection: one that has not sent a request yet first, oldest first, else the oldest
+idle keep-alive connection. With none idle, the new connection is closed at once, so
+its client can go elsewhere instead of waiting.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+from typing import Any
+
+log = logging.getLogger("gateway.connections")
+
+#: Descriptors kept besides what the pools may open (files, the event loop, logs).
+BASE_RESERVE = 64
+#: Accept errors that mean the worker is out of descriptors (or kernel memory).
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class ClientConnections:
+    """The live client connections of this worker (Hypercorn ``TCPServer`` objects),
+    oldest first, and the room kept for the worker's own sockets."""
+
+    def __init__(self) -> None:
+        self._live: dict[Any, None] = {}
+        self.reserve = BASE_RESERVE
+        self.closed_for_room = 0
+        self.refused = 0
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def opened(self, server: Any) -> None:
+        self._live[server] = None
+
+    def closed(self, server: Any) -> None:
+        self._live.pop(server, None)
+
+    def has_room(self, descriptor: int) -> bool:
+        """Is a new connection on ``descriptor`` below the reserve's line? Descriptors
+        are handed out lowest first, so every one below it is taken."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return soft == resource.RLIM_INFINITY or descriptor < soft - self.reserve
+
+    def make_room(self) -> bool:
+        """Close one idle connection (silent ones first, oldest first); False when
+        none is idle."""
+        chosen = fallback = None
+        for server in self._live:
+            timer = getattr(server, "idle_task", None)
+            if not getattr(timer, "idle", False):
+                continue
+            protocol = getattr(getattr(server, "protocol", None), "protocol", None)
+            if getattr(protocol, "keep_alive_requests", 1) == 0:
+                chosen = server
+                break
+            if fallback is None:
+                fallback = server
+        chosen = chosen or fallback
+        if chosen is None:
+            return False
+        self.closed(chosen)
+        self.closed_for_room += 1
+        # Closed now, so that its descriptor is free at once; its reader sees the close
+        # and the connection ends as one whose client left.
+        chosen.stream.socket.close()
+        return True
+
+    def refuse(self) -> None:
+        self.refused += 1
+        if self.refused == 1 or self.refused % 1000 == 0:
+            log.warning("no descriptor to spare for a new client connection and none idle "
+                        "to close (%d live; %d kept for upstream sockets): closed it at "
+                        "once (%d so far)", len(self._live), self.reserve, self.refused)
+
+
+CONNECTIONS = ClientConnections()
+
+
+def set_connection_reserve(upstream_sockets: int) -> None:
+    """Keep ``upstream_sockets`` (the most the pools may open) plus a margin free of
+    client connections (from now on)."""
+    CONNECTIONS.reserve = BASE_RESERVE + upstream_sockets

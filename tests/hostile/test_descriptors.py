@@ -1,0 +1,165 @@
+"""At the open-file limit: connections that send nothing must not stop the gateway
+serving the clients it has, nor keep new ones out, nor be blamed on the upstream.
+
+Each test lowers this process's soft RLIMIT_NOFILE to a little above what it holds
+(restored after). Silent connections come from a child process and the upstream runs
+in one, so only the gateway's descriptors count against the limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+
+import trio
+
+from gateway._connections import CONNECTIONS
+from tests.gateway_harness import run_gateway
+from tests.hostile.child_processes import (
+    idle_connections,
+    open_fds,
+    open_file_limit,
+    upstream_process,
+)
+from tests.hostile.rawclient import RawConnection, connect, request_bytes
+
+#: Descriptors left to the gateway above what the process holds at the start.
+HEADROOM = 100
+#: Silent connections opened: more than the headroom.
+SILENT = 300
+
+
+def policy(url: str, upstream_extra: str = "") -> str:
+    # A pool of 10 connections: 74 descriptors kept for the worker's own sockets.
+    return f"""
+version: 1
+upstreams:
+  up: {{url: "{url}", pool: {{max_connections: 10}}, limit: {{concurrency: 10}}{upstream_extra}}}
+routes:
+  - path: /api/{{rest*}}
+    deadline: 3s
+    proxy: {{upstream: up, path: "/{{rest}}"}}
+"""
+
+
+async def _made_room(before: int, count: int) -> None:
+    """Wait until the gateway has closed ``count`` connections to keep its reserve."""
+    with trio.fail_after(15):
+        while CONNECTIONS.closed_for_room + CONNECTIONS.refused - before < count:
+            await trio.sleep(0.02)
+
+
+@contextlib.contextmanager
+def _descriptors_used_up() -> Iterator[None]:
+    """Every descriptor this process may open taken (by /dev/null), for the block."""
+    with open_file_limit(open_fds() + 8):
+        held = []
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        try:
+            yield
+        finally:
+            for fd in held:
+                os.close(fd)
+
+
+async def test_silent_connections_do_not_make_an_admitted_client_s_request_fail():
+    """A client already connected (keep-alive) asks for a proxied route while 300 other
+    connections sit silent. They took every descriptor, its upstream socket's among
+    them: a 502 ``upstream_connect`` from a healthy upstream. The worker now keeps
+    descriptors for its own sockets and closes silent connections to do so."""
+    async with upstream_process() as url, run_gateway(policy(url)) as gw:
+        async with connect(gw.port) as admitted:
+            await admitted.send(request_bytes("GET", "/nothing-here"))
+            warm = await admitted.read_response()
+            assert warm is not None and warm.status == 404  # admitted, keep-alive
+            before = CONNECTIONS.closed_for_room + CONNECTIONS.refused
+            with open_file_limit(open_fds() + HEADROOM):
+                async with idle_connections(gw.port, SILENT) as opened:
+                    assert opened == SILENT
+                    await _made_room(before, SILENT - HEADROOM)
+                    await admitted.send(request_bytes("GET", "/api/ok"))
+                    response = await admitted.read_response(timeout_s=5)
+            assert response is not None, "no answer"
+            assert response.status == 200, (response.status, response.body)
+
+
+async def test_silent_connections_do_not_keep_a_new_client_out():
+    """While 300 connections that never send a byte held every descriptor, a new client
+    (completed by the kernel from the backlog) got no answer for as long as they stayed
+    (up to keep_alive_timeout, 75 s), the accept loop logging EMFILE ten times a
+    second. A silent connection is closed to make room for it."""
+    async with upstream_process() as url, run_gateway(policy(url)) as gw:
+        newcomer = trio.socket.socket()  # its descriptor, before the limit
+        before = CONNECTIONS.closed_for_room + CONNECTIONS.refused
+        with open_file_limit(open_fds() + HEADROOM):
+            async with idle_connections(gw.port, SILENT) as opened:
+                assert opened == SILENT
+                await _made_room(before, SILENT - HEADROOM)
+                await newcomer.connect(("127.0.0.1", gw.port))
+                conn = RawConnection(trio.SocketStream(newcomer))
+                await conn.send(request_bytes("GET", "/api/ok"))
+                response = await conn.read_response(timeout_s=5)
+                newcomer.close()
+        assert response is not None and response.status == 200, response
+
+
+async def test_running_out_of_descriptors_does_not_open_the_upstream_s_circuit():
+    """The worker's own descriptor shortage was counted as the upstream failing: three
+    requests during it opened the upstream's circuit (``consecutive_failures: 3``), and
+    once descriptors were free again the healthy upstream was refused (503
+    ``circuit_open``) for ``open_for``. It is a shed (503, Retry-After) that says
+    nothing of the upstream."""
+    extra = ", circuit: {consecutive_failures: 3, open_for: 30s}"
+    async with upstream_process() as url, run_gateway(policy(url, extra)) as gw:
+        async with connect(gw.port) as client:
+            during = []
+            with _descriptors_used_up():
+                for _ in range(3):
+                    await client.send(request_bytes("GET", "/api/ok"))
+                    response = await client.read_response(timeout_s=5)
+                    assert response is not None
+                    during.append((response.status, json.loads(response.body)["cause"],
+                                   response.header("retry-after") is not None))
+            assert during == [(503, "shed", True)] * 3, during
+            await client.send(request_bytes("GET", "/api/ok"))
+            after = await client.read_response(timeout_s=5)
+        assert after is not None and after.status == 200, (after.status, after.body)
+
+
+async def test_a_policy_change_that_cannot_be_read_yet_is_loaded_once_it_can(tmp_path):
+    """The policy file changed while the worker had no descriptor to read it with
+    ("Too many open files"): the reload was recorded as rejected and never tried again,
+    so the old policy kept serving (the new route a 404) until the file was edited
+    again. A file that could not be read is read again."""
+    path = tmp_path / "policy.yaml"
+    async with upstream_process() as url, run_gateway(
+            policy(url), policy_path=path, watch_policy=True) as gw:
+        runtime = gw.gateway.runtime
+        old_version = runtime.snapshot.loaded.version
+        new_text = policy(url) + """  - path: /new/{rest*}
+    proxy: {upstream: up, path: "/{rest}"}
+"""
+        writer = os.open(path, os.O_WRONLY)  # its descriptor, before the limit
+        try:
+            with _descriptors_used_up():
+                os.ftruncate(writer, 0)
+                os.pwrite(writer, new_text.encode(), 0)
+                with trio.fail_after(5):
+                    while runtime.last_reload_error is None:
+                        await trio.sleep(0.02)
+                assert "Too many open files" in runtime.last_reload_error
+        finally:
+            os.close(writer)
+        with trio.fail_after(5):  # read again within a second and a poll
+            while runtime.snapshot.loaded.version == old_version:
+                await trio.sleep(0.02)
+        async with connect(gw.port) as conn:
+            await conn.send(request_bytes("GET", "/new/ok"))
+            response = await conn.read_response(timeout_s=5)
+        assert response is not None and response.status == 200, response
