@@ -77,11 +77,21 @@ class Metrics:
         #: written: a reload that removes one (or its breaker) zeroes them.
         self._upstreams_shown: set[str] = set()
         self._breakers_shown: set[str] = set()
+        #: Labelled children of the per-request series, looked up once (``labels()``
+        #: costs a microsecond, a lock and a tuple, on every request otherwise).
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_request(self, trace: Trace, status: int, cancelled: list[Span]) -> None:
         route = trace.route or "(none)"
-        self.requests.labels(route, str(status)).inc()
-        self.duration.labels(route).observe(trace.duration_ms / 1000)
+        self._child(self.requests, route, str(status)).inc()
+        self._child(self.duration, route).observe(trace.duration_ms / 1000)
         fired = {(span.cause or "unknown", (span.fired_scope or span.label).split("#")[0])
                  for span in cancelled}
         if trace.root is None and trace.cause == "shed":
@@ -99,7 +109,7 @@ class Metrics:
     def attempt_sent(self, upstream: str, number: int, hedge: bool) -> None:
         """An attempt was let through to the upstream: its first try, a retry, a hedge."""
         kind = "hedge" if hedge else "first" if number == 1 else "retry"
-        self.attempts.labels(upstream, kind).inc()
+        self._child(self.attempts, upstream, kind).inc()
 
     def hedge_race(self, upstream: str, result: str) -> None:
         """A call that sent hedges ended: a hedge's answer was taken (``hedge_won``),
