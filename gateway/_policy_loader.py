@@ -240,6 +240,18 @@ class _Document:
         self._nodes = 0
         self._issues_seen: set[tuple[int, int, str]] = set()
         self._loader: yaml.SafeLoader | None = None
+        self._list_strings: dict[PolicyPath, list[tuple[PolicyPath, str]]] | None = None
+
+    def list_strings(self, loc: PolicyPath) -> list[tuple[PolicyPath, str]]:
+        """The string items of the list at ``loc`` (indexed once: a file with thousands
+        of errors looked through every string of the file for each)."""
+        if self._list_strings is None:
+            index: dict[PolicyPath, list[tuple[PolicyPath, str]]] = {}
+            for path, text in self.strings.items():
+                if path and isinstance(path[-1], int):
+                    index.setdefault(path[:-1], []).append((path, text))
+            self._list_strings = index
+        return self._list_strings.get(loc, [])
 
     # -- parsing
 
@@ -602,8 +614,7 @@ def _requote(message: str, value: Any) -> str:
 
 def _narrow_to_item(loc: PolicyPath, message: str, document: _Document) -> PolicyPath:
     """A list-level error that quotes one of the list's items points at that item."""
-    hits = [path for path, text in document.strings.items()
-            if path[:-1] == loc and isinstance(path[-1], int) and repr(text) in message]
+    hits = [path for path, text in document.list_strings(loc) if repr(text) in message]
     return hits[0] if len(hits) == 1 else loc
 
 
