@@ -102,6 +102,7 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
             "reloads": runtime.reloads,
             "last_reload_error": runtime.last_reload_error,
             "warnings": [str(w) for w in loaded.warnings],
+            "needs_restart": runtime.needs_restart(),
             "policy": loaded.policy.model_dump(mode="json"),
         }
 

@@ -232,6 +232,10 @@ class Gateway:
                 await self.runtime.discard(new)
             raise
         METRICS.reloads.labels("applied").inc()
+        if self.runtime.needs_restart():
+            log.warning("policy %s: server.admin_bind changed to %s, which takes effect at "
+                        "the next start; the admin endpoints stay on %s", loaded.version,
+                        loaded.policy.server.admin_bind, self.runtime.started_admin_bind)
         await trio.to_thread.run_sync(record_last_good, loaded)
         log.info("policy %s active (was %s)", loaded.version, old.loaded.version)
         assert self._nursery is not None

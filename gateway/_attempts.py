@@ -49,6 +49,7 @@ from ._errors import (
     UpstreamError,
     UpstreamQueryError,
     UpstreamResetError,
+    UpstreamResultRefused,
     UpstreamStatusError,
     UpstreamTimeout,
 )
@@ -121,7 +122,7 @@ def _is_breaker_failure(error: GatewayError) -> bool:
     if isinstance(error, UpstreamStatusError):
         return error.upstream_status >= 500
     return isinstance(error, UpstreamError | UpstreamTimeout) and not isinstance(
-        error, StatementWrites)
+        error, StatementWrites | UpstreamResultRefused)
 
 
 class _DecidedOnArrival:
@@ -275,7 +276,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
             if breaker is not None and breaker_asked:
                 if _is_breaker_failure(error):
                     breaker.record_failure(trio.current_time())
-                elif isinstance(error, UpstreamStatusError | NoRow | BadRequest | Conflict):
+                elif isinstance(error, UpstreamStatusError | NoRow | BadRequest | Conflict
+                                | UpstreamResultRefused):
                     breaker.record_success(trio.current_time())  # a 4xx: it answered
                 else:
                     breaker.record_ignored(trio.current_time())

@@ -7,11 +7,11 @@ already admitted (a 502 from a healthy upstream), and new clients waited unanswe
 the backlog while the accept loop logged ``EMFILE`` ten times a second.
 
 As nginx does when its connections run out, the worker keeps ``reserve`` descriptors
-for its own sockets (the most its pools may open, and a margin). A connection accepted
-above that line, or an accept that meets ``EMFILE``, makes room by closing an idle
-connection: one that has not sent a request yet first, oldest first, else the oldest
-idle keep-alive connection. With none idle, the new connection is closed at once, so
-its client can go elsewhere instead of waiting.
+for its own sockets (the most its pools may open and a margin, at most half its
+limit). A connection accepted above that line, or an accept that meets ``EMFILE``,
+makes room by closing an idle connection: one that has not sent a request yet first,
+oldest first, else the oldest idle keep-alive connection. With none idle, the new
+connection is closed at once, so its client can go elsewhere instead of waiting.
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ class ClientConnections:
         """Is a new connection on ``descriptor`` below the reserve's line? Descriptors
         are handed out lowest first, so every one below it is taken."""
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        return soft == resource.RLIM_INFINITY or descriptor < soft - self.reserve
+        # Never more than half the limit: the pools rarely hold all they may, and a
+        # reserve as large as the limit would leave no room for any client.
+        return (soft == resource.RLIM_INFINITY
+                or descriptor < soft - min(self.reserve, soft // 2))
 
     def make_room(self) -> bool:
         """Close one idle connection (silent ones first, oldest first); False when

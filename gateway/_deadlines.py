@@ -43,10 +43,12 @@ def parse_deadline_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -
     a client that tries to set a deadline must learn that it did not work.
     """
     # A proxy may join repeated lines into one (RFC 9110 5.3): "100, 100" is two.
-    values = {item.strip() for header, value in headers if header == name
-              for item in value.split(b",")}
-    if not values:
+    lines = [value for header, value in headers if header == name]
+    if not lines:
         return None
+    # Empty list elements are ignored (RFC 9110 5.6.1): "100," is 100; a header with
+    # nothing else is a malformed value, below.
+    values = {item.strip() for value in lines for item in value.split(b",")} - {b""} or {b""}
     if len(values) > 1:
         raise BadRequest(f"{name.decode()} is given more than once with different values")
     text = values.pop()

@@ -129,6 +129,12 @@ class UpstreamQueryError(UpstreamError):
     cause = "upstream_query"
 
 
+class UpstreamResultRefused(UpstreamQueryError):
+    """The database answered, with a result the gateway will not pass on (larger than
+    ``max_response_body``, several rows where ``one: true`` wants one): the same again
+    every time, and no sign of a failing database (no circuit breaker failure)."""
+
+
 class UpstreamStatusError(UpstreamError):
     """An upstream answered a status the call treats as failure (fan-out, retries)."""
 

@@ -123,9 +123,15 @@ import hypercorn.trio.run
 import trio
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.events import Body, EndBody, Request, StreamClosed
-from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
+from hypercorn.protocol.h2 import (
+    BUFFER_HIGH_WATER,
+    BUFFER_LOW_WATER,
+    BufferCompleteError,
+    H2Protocol,
+    StreamBuffer,
+)
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.protocol.ws_stream import WSStream
@@ -448,6 +454,23 @@ async def _send_goaway(protocol: Any, last_stream_id: int) -> None:
         await protocol.send(RawData(data=frame.serialize()))
 
 
+class _StalledStream(Exception):
+    """A stream's answer made no progress for ``send_timeout``."""
+
+
+async def _wait_while_progressing(buffer: Any, event: Any) -> None:
+    """Wait for ``event`` of a stream's send buffer while its answer goes out: each
+    piece sent (a pop) gives it another ``send_timeout``, as each 64 KiB piece written
+    does over HTTP/1.1; a whole ``send_timeout`` without one raises ``_StalledStream``."""
+    buffer.progressed_at = trio.current_time()
+    while True:
+        with trio.move_on_at(buffer.progressed_at + _send_timeout):
+            await event.wait()
+            return
+        if trio.current_time() >= buffer.progressed_at + _send_timeout:
+            raise _StalledStream
+
+
 async def _drop_stalled_stream(protocol: Any, stream_id: int) -> None:
     """A stream whose answer made no progress for ``send_timeout``: reset (CANCEL), and
     its request cancelled as one whose client stopped taking its answer."""
@@ -487,6 +510,13 @@ async def _refuse_connect(protocol: Any, request: Any) -> None:
     body = json.dumps({"error": "CONNECT is not served: the gateway opens no tunnels",
                        "cause": "method_not_allowed"}).encode()
     connection = protocol.connection
+    # Counted as a request, and closed as a stream, like any other.
+    protocol.keep_alive_requests += 1
+    if protocol.keep_alive_requests > protocol.config.keep_alive_max_requests:
+        _stop_taking_streams(protocol)
+    resets = protocol.__dict__.get("premature_resets")
+    if resets is not None:
+        resets.closed(request.stream_id)
     with suppress(h2.exceptions.H2Error):
         connection.send_headers(request.stream_id, [
             (b":status", b"405"), (b"content-type", b"application/json"),
@@ -496,6 +526,8 @@ async def _refuse_connect(protocol: Any, request: Any) -> None:
         if request.stream_ended is None:  # it may go on sending: tell it to stop
             connection.reset_stream(request.stream_id, h2.errors.ErrorCodes.NO_ERROR)
     await protocol._flush()
+    if protocol.__dict__.get("closing") and not protocol.streams:
+        await protocol.send(Updated(idle=True))  # nothing left to answer: close now
 
 
 #: Largest HPACK table the gateway keeps to compress one connection's answers (nghttp2's).
@@ -518,9 +550,22 @@ def _close_gracefully_at_max_requests(protocol: Any) -> None:
         if error_code or protocol.context.terminated.is_set():
             original(error_code, additional_data, last_stream_id)
         else:
-            protocol.closing = True
+            _stop_taking_streams(protocol)
 
     connection.close_connection = close_connection
+
+
+def _stop_taking_streams(protocol: Any) -> None:
+    """No new stream on this connection: those opened are refused (REFUSED_STREAM), and
+    SETTINGS_MAX_CONCURRENT_STREAMS 0 tells the client at once to open another
+    connection (a GOAWAY would, but h2-based clients then fail their open streams); it
+    closes once idle. Sent with the next write of the connection."""
+    if protocol.__dict__.get("closing"):
+        return
+    protocol.closing = True
+    with suppress(h2.exceptions.H2Error):
+        protocol.connection.update_settings(
+            {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
 
 
 def _keep_streams_after_client_goaway(protocol: Any, events: list[Any]) -> list[Any]:
@@ -865,6 +910,9 @@ def apply() -> None:
     async def initiate(self: Any, headers: Any = None, settings: Any = None) -> None:
         self.upgraded = headers is not None  # stream 1 is an upgraded HTTP/1.1 request
         await original_initiate(self, headers, settings)
+        # An h2c upgrade's HTTP2-Settings are applied without an event: cap here too.
+        encoder = self.connection.encoder
+        encoder.header_table_size = min(encoder.header_table_size, HPACK_TABLE_BYTES)
 
     H2Protocol.initiate = initiate  # type: ignore[method-assign]
 
@@ -922,9 +970,9 @@ def apply() -> None:
             # Bounded as a socket write is over HTTP/1.1: a client that grants no
             # flow-control window (while reading its socket, answering PINGs) would
             # hold the stream, and its request's upstream slot, until the deadline.
-            with trio.move_on_after(_send_timeout) as waited:
+            try:
                 await original_stream_send(self, event)
-            if waited.cancelled_caught:
+            except _StalledStream:
                 await _drop_stalled_stream(self, event.stream_id)
             return
         closed_websocket = (kind is StreamClosed
@@ -959,6 +1007,22 @@ def apply() -> None:
 
     H2Protocol._send_data = _send_data  # type: ignore[method-assign]
 
+    async def push(self: Any, data: bytes) -> None:
+        # Hypercorn's, with its waits bounded by the stream's progress (send_timeout).
+        if self._complete:
+            raise BufferCompleteError()
+        self.buffer.extend(data)
+        await self._is_empty.clear()
+        if len(self.buffer) >= BUFFER_HIGH_WATER:
+            await _wait_while_progressing(self, self._paused)
+            await self._paused.clear()
+
+    async def drain(self: Any) -> None:
+        await _wait_while_progressing(self, self._is_empty)
+
+    StreamBuffer.push = push  # type: ignore[method-assign]
+    StreamBuffer.drain = drain  # type: ignore[method-assign]
+
     async def pop(self: Any, max_length: int) -> bytes:
         # Hypercorn resumed the app's writes when a *pop* was small, and a stream whose
         # flow-control window is shut pops nothing: the app (relaying its upstream) was
@@ -968,6 +1032,8 @@ def apply() -> None:
         length = min(len(self.buffer), max_length)
         data = bytes(self.buffer[:length])
         del self.buffer[:length]
+        if length:
+            self.progressed_at = trio.current_time()
         if len(self.buffer) < BUFFER_LOW_WATER:
             await self._paused.set()
         if not self.buffer:

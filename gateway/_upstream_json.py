@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from ._errors import UpstreamQueryError
+from ._errors import UpstreamResultRefused
 
 
 def _refuse_constant(name: str) -> Any:
@@ -33,12 +33,12 @@ def loads(text: str | bytes) -> Any:
 
 def check_size(rows: Iterable[Any], limit: int, name: str, *, counted: int = 0) -> int:
     """Bytes of ``rows`` as JSON, plus ``counted`` from rows before them; past ``limit``
-    (``max_response_body``) an ``UpstreamQueryError`` (502), as an HTTP upstream's body
+    (``max_response_body``) an ``UpstreamResultRefused`` (502), as an HTTP upstream's body
     past it is: the cap holds for what the gateway answers, whatever the source."""
     size = counted
     for row in rows:
         size += len(json.dumps(row, separators=(",", ":"))) + 1
         if size > limit:
-            raise UpstreamQueryError(f"{name}: the result is larger than {limit} bytes "
+            raise UpstreamResultRefused(f"{name}: the result is larger than {limit} bytes "
                                      "as JSON (max_response_body)", max_bytes=limit)
     return size

@@ -74,7 +74,7 @@ import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeAlias, TypeVar
@@ -95,6 +95,7 @@ from .._errors import (
     UpstreamError,
     UpstreamQueryError,
     UpstreamResetError,
+    UpstreamResultRefused,
     UpstreamTimeout,
 )
 
@@ -532,8 +533,9 @@ async def _fetch_two(con: Any, query: str, args: Sequence[object]) -> Any:
 #: ``fetch`` and ``fetchrow`` call it) for its row limit and its "completed" flag; the
 #: asyncpg range pinned in pyproject.toml is the one they are tested with.
 #: Rows a read takes in one go: all of a result this size or smaller, in one round
-#: trip; a larger one is read again in chunks of this many, its size counted as it comes.
-CHUNK_ROWS = 1000
+#: trip; a larger one (rare for an API, and most often past the size cap) is read again
+#: in chunks of this many, its size counted as it comes.
+CHUNK_ROWS = 10_000
 
 
 def _fetch_within(max_bytes: int, name: str) -> Operation:
@@ -550,7 +552,9 @@ def _fetch_within(max_bytes: int, name: str) -> Operation:
         # transaction (the session's, read-only); a read can run twice.
         records = []
         counted = 0
-        async with con.transaction():
+        transaction = con.transaction()
+        await transaction.start()
+        try:
             cursor = await con.cursor(query, *args)
             while chunk := await cursor.fetch(CHUNK_ROWS):
                 records.extend(chunk)
@@ -558,6 +562,17 @@ def _fetch_within(max_bytes: int, name: str) -> Operation:
                                                    counted=counted)
                 if len(chunk) < CHUNK_ROWS:
                     break
+        except asyncio.CancelledError:
+            # A ROLLBACK here would wait for the server to acknowledge the cancel, with
+            # the caller's answer held up behind it (for ever while the database cannot
+            # be reached): the connection is closed instead, which ends the read.
+            con.terminate()
+            raise
+        except BaseException:
+            with suppress(Exception):  # a connection that broke is dropped on release
+                await transaction.rollback()
+            raise
+        await transaction.commit()
         return records
 
     return fetch
@@ -952,7 +967,7 @@ class PostgresUpstream:
         picked by chance (a statement missing a condition can pick another user's)."""
         records = await self._query(_fetch_two, query, args, timeout_s, writes)
         if len(records) > 1:
-            raise UpstreamQueryError(
+            raise UpstreamResultRefused(
                 f"postgres upstream {self.name!r}: the statement returned more than one "
                 "row where one is expected (one: true)")
         return _row(records[0]) if records else None

@@ -131,7 +131,7 @@ async def test_a_result_past_the_cap_is_refused_without_reading_it_all(database)
             assert endless.status_code == 502, endless.text
             assert endless.json()["cause"] == "upstream_query"
             assert "max_response_body" in endless.json()["error"]
-            for n in (999, 1000, 1001, 2500):
+            for n in (9_999, 10_000, 10_001, 25_000):
                 rows = await client.get(f"/many/{n}")
                 assert rows.json() == [{"n": i} for i in range(1, n + 1)], n
 
@@ -188,3 +188,146 @@ async def test_a_query_cut_by_the_deadline_is_answered_then_when_the_database_is
             assert response.status_code == 504, response.text
             assert elapsed < 1.0, f"504 after {elapsed:.2f}s for a 300ms deadline"
         nursery.cancel_scope.cancel()
+
+
+SLOW_AFTER_10000 = """
+version: 1
+upstreams:
+  db:
+    postgres: {dsn_env: GATEWAY_PROXIED_DSN, pool: {min: 1, max: 2}}
+routes:
+  - path: /rows
+    deadline: 1500ms
+    sql:
+      upstream: db
+      # Rows 1..10000 come at once; each row after them takes 300 ms.
+      query: "SELECT g AS n FROM generate_series(1, 10100) g
+              WHERE g <= 10000 OR (SELECT g > 0 FROM pg_sleep(0.3 + g * 0))"
+"""
+
+
+async def test_a_large_read_cut_by_its_deadline_is_answered_when_the_database_is_unreachable(
+        database, monkeypatch):
+    """The partition test above, for a result over 10,000 rows (read through a cursor,
+    in a transaction). The deadline cancelled the cursor's fetch, and the ROLLBACK that
+    followed waited for the server to acknowledge the cancel: with the database
+    unreachable the 504 never went out until the partition healed."""
+    parts = urlsplit(database.dsn)
+    async with trio.open_nursery() as nursery:
+        proxy = FreezableProxy(parts.hostname, parts.port)
+        await nursery.start(proxy.serve)
+        netloc = parts.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
+        monkeypatch.setenv("GATEWAY_PROXIED_DSN", urlunsplit(parts._replace(netloc=netloc)))
+        async with run_gateway(SLOW_AFTER_10000) as gw, gw.client() as client:
+
+            async def freeze_soon() -> None:
+                await trio.sleep(0.9)  # the cursor is then waiting on row 10,001
+                proxy.frozen = True
+
+            elapsed = None
+            status = None
+            with trio.move_on_after(6):
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(freeze_soon)
+                    started = trio.current_time()
+                    response = await client.get("/rows")
+                    elapsed = trio.current_time() - started
+                    status = response.status_code
+            proxy.frozen = False
+            proxy.thawed.set()
+            assert elapsed is not None, "no answer 6 s after a 1.5 s deadline"
+            assert status == 504 and elapsed < 2.5, (status, elapsed)
+        nursery.cancel_scope.cancel()
+
+
+DOUBLE_RUN = """
+version: 1
+upstreams:
+  db:
+    postgres: {dsn_env: GATEWAY_TEST_DSN, pool: {min: 1, max: 2}}
+routes:
+  - path: /report
+    deadline: 1800ms
+    sql:
+      upstream: db
+      # A report that takes 1 s to compute, then returns 1,500 small rows.
+      query: "SELECT g AS n FROM (SELECT pg_sleep(1)) s, generate_series(1, 1500) g"
+"""
+
+
+async def test_a_read_of_up_to_10000_rows_runs_its_statement_once(database, monkeypatch):
+    """A 1 s statement returning 1,500 rows under a 1.8 s deadline is run once (with a
+    1,000-row first read it ran twice: 2 s, a 504 for a query that finishes in 1 s)."""
+    monkeypatch.setenv("GATEWAY_PROXIED_DSN", database.dsn)
+    async with run_gateway(DOUBLE_RUN) as gw, gw.client() as client:
+        with trio.fail_after(10):
+            started = trio.current_time()
+            response = await client.get("/report")
+            elapsed = trio.current_time() - started
+        assert response.status_code == 200, (response.status_code, response.text[:200],
+                                             f"{elapsed:.2f}s")
+        assert len(response.json()) == 1500
+
+
+BREAKER = """
+version: 1
+upstreams:
+  db:
+    postgres: {dsn_env: GATEWAY_TEST_DSN, pool: {min: 1, max: 2}}
+    circuit: {consecutive_failures: 3, open_for: 30s}
+routes:
+  - path: /many/{n}
+    deadline: 5s
+    max_response_body: 8KiB
+    sql:
+      upstream: db
+      query: "SELECT generate_series(1, $1) AS n"
+      args: ["path.n:int"]
+  - path: /one
+    deadline: 5s
+    sql: {upstream: db, query: "SELECT 1 AS one", one: true}
+"""
+
+
+async def test_results_past_max_response_body_do_not_open_the_database_circuit(database):
+    """A client asking for a large result (``/many/20000`` under an 8 KiB cap) gets its
+    502, refused inside the attempt as its rows come: the database answered, so it is no
+    circuit-breaker failure (three of them opened the circuit for every client)."""
+    async with run_gateway(BREAKER) as gw, gw.client() as client:
+        with trio.fail_after(20):
+            for _ in range(3):
+                big = await client.get("/many/20000")
+                assert big.status_code == 502 and big.json()["cause"] == "upstream_query"
+            other = await client.get("/one")
+        assert other.status_code == 200, other.text
+
+
+ONE = """
+version: 1
+upstreams:
+  db:
+    postgres: {dsn_env: GATEWAY_TEST_DSN, pool: {min: 1, max: 2}}
+    circuit: {consecutive_failures: 3, open_for: 30s}
+routes:
+  - path: /tag/{n}
+    deadline: 5s
+    sql:
+      upstream: db
+      # tag 0 matches two rows (a duplicate in the data), every other tag one
+      query: "SELECT t FROM (VALUES (0), (0), (1), (2)) v(t) WHERE t = $1"
+      args: ["path.n:int"]
+      one: true
+"""
+
+
+async def test_one_true_rows_a_client_picks_do_not_open_the_database_circuit(database):
+    """``one: true`` refuses several rows (502 upstream_query): the database answered,
+    so it is no circuit-breaker failure (a client asking three times for the one key
+    that has a duplicate opened the circuit for every client)."""
+    async with run_gateway(ONE) as gw, gw.client() as client:
+        with trio.fail_after(20):
+            for _ in range(3):
+                dup = await client.get("/tag/0")
+                assert dup.status_code == 502 and dup.json()["cause"] == "upstream_query"
+            other = await client.get("/tag/1")
+        assert other.status_code == 200, other.text

@@ -10,6 +10,7 @@ the gateway writes raises inside h2 and is dropped silently by Hypercorn's
 from __future__ import annotations
 
 import h2.events
+import h2.settings
 import hypercorn.config
 import pytest
 import trio
@@ -102,4 +103,35 @@ async def test_a_client_s_graceful_goaway_lets_its_streams_in_flight_finish() ->
                 f"upstream saw {[(r.target, r.status) for r in upstream.requests]}")
             assert not upstream.cancelled
             assert closed  # and the connection ends once it is answered
+        nursery.cancel_scope.cancel()
+
+
+async def test_past_keep_alive_max_requests_a_client_with_a_long_stream_is_told_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``keep_alive_max_requests`` the connection refuses new streams; a client
+    holding one long stream open (a download, a long poll) was not told to move on, so
+    every request it sent meanwhile was refused for as long as that stream lasted. It is
+    told at once (SETTINGS_MAX_CONCURRENT_STREAMS 0: open no stream here, without the
+    GOAWAY that makes h2-based clients fail their open streams); its long stream is
+    answered, then the connection says GOAWAY and closes."""
+    monkeypatch.setattr(hypercorn.config.Config, "keep_alive_max_requests", 3)
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+            await client.start()
+            long_stream = await client.get("/api/slow?ms=1500")
+            for _ in range(3):  # the third of these crosses the limit
+                with trio.fail_after(5):
+                    assert await client.response_status(await client.get("/api/ok")) == 200
+            with trio.fail_after(1):  # well before the long stream ends
+                streams = h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS
+                await client.until(
+                    lambda e: isinstance(e, h2.events.RemoteSettingsChanged)
+                    and streams in e.changed_settings
+                    and e.changed_settings[streams].new_value == 0)
+            assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events)
+            closed = await _events_until_quiet(client, 3)
+            assert _answered(client, long_stream) and closed
+            assert any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events)
         nursery.cancel_scope.cancel()

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import h2.config
 import h2.connection
+import h2.events
 import h2.settings
 import trio
 
 from tests.gateway_harness import run_gateway
-from tests.upstream import start_upstream
+from tests.upstream import Responder, SeenRequest, start_upstream
 
 POLICY = """
 version: 1
@@ -81,4 +82,79 @@ async def test_an_http2_client_that_stops_taking_its_answer_is_dropped_after_sen
             for trace in dropped:
                 assert trace.cause == "deadline" and trace.root is not None
                 assert trace.root.fired_scope == "send_timeout"
+        nursery.cancel_scope.cancel()
+
+
+STEADY = """
+version: 1
+server:
+  send_timeout: 500ms
+upstreams:
+  up: {{url: "{url}"}}
+routes:
+  - path: /api/big
+    deadline: 20s
+    fanout:
+      calls:
+        data: {{upstream: up, path: /big}}
+"""
+
+#: The answer's size: about 512 KiB of JSON.
+ITEMS = 512
+
+
+async def _big(request: SeenRequest, respond: Responder) -> None:
+    await respond.json({"items": ["x" * 1000] * ITEMS})
+
+
+async def test_an_http2_client_granting_window_steadily_gets_a_large_answer_whole():
+    """A fan-out answer is one body message (512 KiB here): the client grants 32 KiB
+    every 100 ms, ten times 64 KiB per 500 ms send_timeout, yet its stream was reset
+    after 500 ms. Each piece that goes out gives the stream another send_timeout."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=_big)
+        async with run_gateway(STEADY.format(url=upstream.url)) as gw:
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(":method", "GET"), (":scheme", "http"),
+                                    (":authority", "gw"), (":path", "/api/big")],
+                              end_stream=True)
+            await stream.send_all(conn.data_to_send())
+            status = None
+            body = bytearray()
+            outcome = None
+
+            async def grant_steadily() -> None:
+                while True:
+                    await trio.sleep(0.1)
+                    conn.increment_flow_control_window(32768)
+                    if sid in conn.streams and not conn.streams[sid].closed:
+                        conn.increment_flow_control_window(32768, sid)
+                    await stream.send_all(conn.data_to_send())
+
+            with trio.fail_after(15):
+                async with trio.open_nursery() as granting:
+                    granting.start_soon(grant_steadily)
+                    while outcome is None:
+                        data = await stream.receive_some(65536)
+                        assert data, "connection closed"
+                        for event in conn.receive_data(data):
+                            if isinstance(event, h2.events.ResponseReceived):
+                                status = int(dict(event.headers)[b":status"])
+                            elif isinstance(event, h2.events.DataReceived):
+                                body += event.data  # window given back only by the granter
+                            elif isinstance(event, h2.events.StreamEnded):
+                                outcome = "ended"
+                            elif isinstance(event, h2.events.StreamReset):
+                                outcome = f"reset ({event.error_code!r})"
+                        if out := conn.data_to_send():
+                            await stream.send_all(out)
+                    granting.cancel_scope.cancel()
+            await stream.aclose()
+            assert status == 200
+            assert outcome == "ended", (
+                f"stream {outcome} after {len(body)} of ~{ITEMS} KiB although the client "
+                "granted 32 KiB every 100 ms")
         nursery.cancel_scope.cancel()
