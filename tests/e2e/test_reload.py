@@ -241,6 +241,29 @@ async def test_a_reload_changes_every_upstream_alike_and_a_reverted_file_clears_
         nursery.cancel_scope.cancel()
 
 
+async def test_a_reload_that_moves_the_admin_bind_says_it_needs_a_restart(
+        tmp_path: Path, caplog):
+    """The admin listener is bound once at start: a reload that changes
+    ``server.admin_bind`` was reported applied while the admin endpoints stayed where
+    they were. It still applies the rest, and says (log, /policy) what needs a restart."""
+    text = GOOD + "server: {{admin_bind: \"{bind}\"}}\n"
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        path = tmp_path / "policy.yaml"
+        first = text.format(url=upstream.url, concurrency=10, deadline=2000,
+                            bind="127.0.0.1:19931")
+        async with run_gateway(first, policy_path=path) as gw, gw.admin() as admin:
+            assert (await admin.get("/policy")).json()["needs_restart"] == []
+            write_atomically(path, text.format(url=upstream.url, concurrency=10,
+                                               deadline=2000, bind="127.0.0.1:19932"))
+            assert await gw.gateway.reload()
+            state = (await admin.get("/policy")).json()
+            assert state["needs_restart"] == ["server.admin_bind"], state
+            assert any("takes effect at the next start" in r.getMessage()
+                       for r in caplog.records)
+        nursery.cancel_scope.cancel()
+
+
 LIMITED = """
 version: 1
 upstreams:
