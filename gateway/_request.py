@@ -390,8 +390,9 @@ def finish_trace(runtime: Runtime, trace: Trace, snapshot: Snapshot) -> None:
     """Count the request, keep its trace, log it when it is worth a line."""
     server = snapshot.policy.server
     trace.finish()
-    if trace.route is None:
+    if trace.route is None and trace.status not in (404, 405):
         # Refused before routing (shed at the door, say): found and counted by its route.
+        # (A 404 or 405 was routed already, and found none.)
         with contextlib.suppress(GatewayError):
             trace.route = snapshot.routes.match(
                 trace.method, trace.path.encode("latin-1")).route.path

@@ -343,6 +343,9 @@ class Runtime:
 
 #: Longest wait between two looks at the pools' idle connections.
 IDLE_SWEEP_S = 1.0
+#: Shortest wait between them, whatever an idle_timeout asks (each look polls every
+#: idle socket once).
+IDLE_SWEEP_MIN_S = 0.05
 
 
 async def sweep_idle_connections(runtime: Runtime) -> None:
@@ -353,8 +356,8 @@ async def sweep_idle_connections(runtime: Runtime) -> None:
     while True:
         pools = [state.pool for state in runtime.snapshot.upstreams.values()
                  if state.pool is not None]
-        await trio.sleep(min([IDLE_SWEEP_S, *(pool.limits.idle_timeout_s / 2
-                                              for pool in pools)]))
+        await trio.sleep(max(IDLE_SWEEP_MIN_S, min([
+            IDLE_SWEEP_S, *(pool.limits.idle_timeout_s / 2 for pool in pools)])))
         now = trio.current_time()
         for pool in pools:
             if not pool.closed:

@@ -529,6 +529,28 @@ async def _fetch_two(con: Any, query: str, args: Sequence[object]) -> Any:
     return await con._execute(query, args, 2, None)
 
 
+async def _write_one(con: Any, query: str, args: Sequence[object]) -> Any:
+    """A write whose ``one: true`` asks for one row, in a transaction: it is rolled
+    back when it returns several (a statement missing a condition changed rows it was
+    not meant to), so that the 502 the client gets is the truth."""
+    transaction = con.transaction()
+    await transaction.start()
+    try:
+        records = await _fetch_two(con, query, args)
+    except asyncio.CancelledError:
+        con.terminate()  # a ROLLBACK would wait on an unreachable server (see below)
+        raise
+    except BaseException:
+        with suppress(Exception):
+            await transaction.rollback()
+        raise
+    if len(records) > 1:
+        await transaction.rollback()
+    else:
+        await transaction.commit()
+    return records
+
+
 #: ``_fetch_two`` and ``_fetch_within`` reach ``Connection._execute`` (asyncpg's own
 #: ``fetch`` and ``fetchrow`` call it) for its row limit and its "completed" flag; the
 #: asyncpg range pinned in pyproject.toml is the one they are tested with.
@@ -965,11 +987,13 @@ class PostgresUpstream:
         """The only row, or None when there is none. Several rows are an
         ``UpstreamQueryError``: answering the first of them would hand a client a row
         picked by chance (a statement missing a condition can pick another user's)."""
-        records = await self._query(_fetch_two, query, args, timeout_s, writes)
+        records = await self._query(_write_one if writes else _fetch_two, query, args,
+                                    timeout_s, writes)
         if len(records) > 1:
             raise UpstreamResultRefused(
                 f"postgres upstream {self.name!r}: the statement returned more than one "
-                "row where one is expected (one: true)")
+                "row where one is expected (one: true)"
+                + ("; what it wrote was rolled back" if writes else ""))
         return _row(records[0]) if records else None
 
     async def execute(self, query: str, args: Sequence[object], *, timeout_s: float,

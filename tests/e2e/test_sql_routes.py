@@ -100,6 +100,35 @@ routes:
         assert (await client.get("/api/first/1")).json() == {"n": 1}
 
 
+async def test_a_one_row_write_that_changes_several_is_rolled_back(database):
+    """``one: true`` on ``UPDATE … RETURNING``: a statement that changed several rows
+    was answered 502 after it had committed them, so the client was told it failed
+    while the rows were changed. It is rolled back; a one-row write is kept."""
+    database.psql("DROP TABLE IF EXISTS gw_tags; CREATE TABLE gw_tags (k int, v text); "
+                  "INSERT INTO gw_tags VALUES (1, 'a'), (1, 'b'), (2, 'c')")
+    policy = """
+version: 1
+upstreams:
+  db: {postgres: {dsn_env: GATEWAY_TEST_DSN, pool: {min: 1, max: 2}}}
+routes:
+  - path: /api/tags/{k}
+    methods: [PUT]
+    deadline: 2s
+    sql:
+      upstream: db
+      query: "UPDATE gw_tags SET v = 'x' WHERE k = $1 RETURNING v"
+      args: ["path.k:int"]
+      one: true
+"""
+    async with run_gateway(policy) as gw, gw.client() as client:
+        several = await client.put("/api/tags/1")
+        assert several.status_code == 502, several.text
+        assert "rolled back" in several.json()["error"]
+        assert (await client.put("/api/tags/2")).json() == {"v": "x"}
+    rows = database.psql("SELECT k, v FROM gw_tags ORDER BY k, v")
+    assert rows.split() == ["1|a", "1|b", "2|x"], rows
+
+
 async def test_deadline_cancels_the_query_on_the_server(database):
     async with trio.open_nursery() as nursery:
         upstream = await start_upstream(nursery)
