@@ -18,6 +18,7 @@ from typing import Any, cast
 import trio
 
 from . import _hypercorn_fixes
+from ._connections import CONNECTIONS
 from ._errors import NotFound
 from ._fanout import fanout
 from ._gc import run_full_collections
@@ -42,6 +43,8 @@ _hypercorn_fixes.apply()
 
 #: How often the policy file is checked for changes (GATEWAY_POLICY_POLL_S overrides).
 POLICY_POLL_INTERVAL_S = float(os.environ.get("GATEWAY_POLICY_POLL_S", "1.0"))
+#: Set by ``serve`` when --admin-bind or GATEWAY_ADMIN_BIND chose the admin bind.
+ADMIN_BIND_OVERRIDDEN_ENV = "GATEWAY_ADMIN_BIND_OVERRIDDEN"
 #: Wait before reading again a policy file that could not be read at all.
 UNREAD_RETRY_S = 1.0
 #: How long a retired snapshot may take to drain before its pools close, at least.
@@ -87,6 +90,8 @@ class Gateway:
         from ._admin import apply_admin_limits, create_admin_app
 
         self.runtime = Runtime(loaded)
+        CONNECTIONS.admin_ports = admin_ports if admin_ports is not None else set()
+        CONNECTIONS.admin_addresses = admin_addresses if admin_addresses is not None else set()
         #: Local addresses of the admin listeners: ports on any host, or (host, port)
         #: where a public bind may share the port number on another address.
         self.admin_ports = admin_ports if admin_ports is not None else set()
@@ -298,5 +303,8 @@ def create_gateway_from_env() -> Gateway:
     admin_ports = {int(p) for p in os.environ.get("GATEWAY_ADMIN_PORTS", "").split(",") if p}
     admin_addresses = {(str(host), int(port)) for host, port in
                        json.loads(os.environ.get("GATEWAY_ADMIN_ADDRESSES", "[]"))}
-    return Gateway(loaded, admin_ports=admin_ports, admin_addresses=admin_addresses)
+    gateway = Gateway(loaded, admin_ports=admin_ports, admin_addresses=admin_addresses)
+    if os.environ.get(ADMIN_BIND_OVERRIDDEN_ENV) == "1":
+        gateway.runtime.started_admin_bind = None  # the policy's admin_bind is not used
+    return gateway
 

@@ -36,6 +36,10 @@ class ClientConnections:
     def __init__(self) -> None:
         self._live: dict[Any, None] = {}
         self.reserve = BASE_RESERVE
+        #: Local addresses of the admin listeners (ports on any host, or (host, port)):
+        #: their connections are always taken, so that probes and scrapes get through.
+        self.admin_ports: set[int] = set()
+        self.admin_addresses: set[tuple[str, int]] = set()
         self.closed_for_room = 0
         self.refused = 0
 
@@ -47,6 +51,9 @@ class ClientConnections:
 
     def closed(self, server: Any) -> None:
         self._live.pop(server, None)
+
+    def is_admin(self, address: tuple[str, int]) -> bool:
+        return address[1] in self.admin_ports or tuple(address[:2]) in self.admin_addresses
 
     def has_room(self, descriptor: int) -> bool:
         """Is a new connection on ``descriptor`` below the reserve's line? Descriptors
@@ -90,6 +97,24 @@ class ClientConnections:
 
 
 CONNECTIONS = ClientConnections()
+
+
+def out_of_resources(exc: BaseException) -> int | None:
+    """The errno of a descriptor or memory shortage behind ``exc`` (trio's "all
+    attempts to connect failed" and asyncpg's connect hold it in a cause), or None."""
+    seen: list[BaseException] = [exc]
+    while seen:
+        error = seen.pop()
+        if isinstance(error, OSError) and error.errno in OUT_OF_DESCRIPTORS:
+            return error.errno
+        if isinstance(error, BaseExceptionGroup):
+            seen.extend(error.exceptions)
+        if error.__cause__ is not None:
+            seen.append(error.__cause__)
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, BaseException):
+            seen.append(cause)
+    return None
 
 
 def set_connection_reserve(upstream_sockets: int) -> None:

@@ -138,7 +138,7 @@ from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import EventWrapper
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, SettingsFrame
 from priority.priority import PriorityError, TooManyStreamsError
 
 from gateway import _expect_continue
@@ -563,9 +563,11 @@ def _stop_taking_streams(protocol: Any) -> None:
     if protocol.__dict__.get("closing"):
         return
     protocol.closing = True
-    with suppress(h2.exceptions.H2Error):
-        protocol.connection.update_settings(
-            {h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+    # Written raw: through h2, its own limit would drop to 0 once acknowledged, and a
+    # stream the client opened before seeing it would end the whole connection with a
+    # PROTOCOL_ERROR, where it is refused like the rest (REFUSED_STREAM).
+    frame = SettingsFrame(0, settings={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+    protocol.connection._data_to_send += frame.serialize()
 
 
 def _keep_streams_after_client_goaway(protocol: Any, events: list[Any]) -> list[Any]:
@@ -575,7 +577,8 @@ def _keep_streams_after_client_goaway(protocol: Any, events: list[Any]) -> list[
     and the connection closes once its last stream is answered."""
     for index, event in enumerate(events):
         if (type(event) is h2.events.ConnectionTerminated and event.error_code == 0
-                and protocol.streams):
+                and (protocol.streams or any(type(earlier) is h2.events.RequestReceived
+                                             for earlier in events[:index]))):
             protocol.connection.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
             protocol.closing = True  # new streams are refused
             return events[:index] + events[index + 1:]
@@ -620,13 +623,18 @@ class BatchAcceptListener(trio.abc.Listener[trio.SocketStream]):
         self._listener = trio.SocketListener(socket)
         self.socket = socket
         self._accepted: deque[trio.SocketStream] = deque()
+        self._admin: bool | None = None  # known at the first accept (the app is built)
 
     async def accept(self) -> trio.SocketStream:
         """The next connection, taken only with a descriptor to spare for it
-        (``_connections``): an idle connection is closed to make room, or it is."""
+        (``_connections``): an idle connection is closed to make room, or it is. The
+        admin listener's are always taken."""
+        if self._admin is None:
+            self._admin = CONNECTIONS.is_admin(self.socket.getsockname())
         while True:
             stream = await self._next()
-            if CONNECTIONS.has_room(stream.socket.fileno()) or CONNECTIONS.make_room():
+            if (self._admin or CONNECTIONS.has_room(stream.socket.fileno())
+                    or CONNECTIONS.make_room()):
                 return stream
             stream.socket.close()
             CONNECTIONS.refuse()
@@ -791,12 +799,12 @@ def apply() -> None:
                 # life: at most nghttp2's 4 KiB, whatever the client offers.
                 encoder = self.connection.encoder
                 encoder.header_table_size = min(encoder.header_table_size, HPACK_TABLE_BYTES)
+        closing = self.__dict__.get("closing")  # before this read's own GOAWAY, if any
         events = _keep_streams_after_client_goaway(self, events)
         last_stream_id = None
         refused = {event.stream_id for event in events
                    if type(event) is h2.events.RequestReceived
-                   } if (self.context.terminated.is_set()
-                         or self.__dict__.get("closing")) else None
+                   } if (self.context.terminated.is_set() or closing) else None
         if refused:
             # Draining: a stream opened now is refused as never processed, which a
             # client may retry elsewhere (Hypercorn reset it with NO_ERROR).
@@ -842,7 +850,14 @@ def apply() -> None:
         resets: PrematureResets | None = self.__dict__.get("premature_resets")
         if resets is not None:
             resets.closed(stream_id)
+        open_before = stream_id in self.streams
         await original_close_stream(self, stream_id)
+        if open_before and not self.closed and not self.streams:
+            # Hypercorn says a connection is idle only when an app closes its stream;
+            # one reset by its client or dropped at send_timeout would never be idle
+            # again (no keep-alive timeout, never closed to make room, never ending
+            # after keep_alive_max_requests).
+            await self.send(Updated(idle=True))
 
     H2Protocol._close_stream = _close_stream  # type: ignore[method-assign]
 

@@ -164,8 +164,10 @@ class Runtime:
         set_premature_reset_limit(policy.server.limits.h2_premature_resets)
         set_request_id_header(policy.server.request_id_header)
         set_connection_reserve(upstream_sockets(policy))
-        #: The admin bind the policy named at start: its listener is bound once.
-        self.started_admin_bind = policy.server.admin_bind
+        #: The admin bind the policy named at start: its listener is bound once. None
+        #: when the command line or the environment chose the bind (the policy's is
+        #: then not used at all).
+        self.started_admin_bind: str | None = policy.server.admin_bind
         self.loop_lag = LoopLagMonitor()
         self.traces = TraceBuffer(policy.server.trace_buffer if policy.server.tracing else 0)
         self.snapshot = self._build(loaded, {})
@@ -321,7 +323,8 @@ class Runtime:
 
     def needs_restart(self) -> list[str]:
         """Settings of the active policy that take effect only at the next start."""
-        changed = self.snapshot.policy.server.admin_bind != self.started_admin_bind
+        started = self.started_admin_bind
+        changed = started is not None and self.snapshot.policy.server.admin_bind != started
         return ["server.admin_bind"] if changed else []
 
     def live_upstreams(self) -> dict[str, list[UpstreamState]]:

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from .._connections import out_of_resources
 from .._errors import (
     BadRequest,
     GatewayError,
@@ -176,7 +177,7 @@ class _MapExceptions:
                     upstream=upstream,
                 )
             if isinstance(exc, OSError):
-                if (shortage := _out_of_resources(exc)) is not None:
+                if (shortage := out_of_resources(exc)) is not None:
                     # The worker's own shortage, not the upstream failing: shed (503,
                     # Retry-After), and no failure for the upstream's circuit breaker.
                     return Shed(f"no socket for upstream {upstream!r}: the worker is out "
@@ -192,24 +193,9 @@ class _MapExceptions:
         return None
 
 
-#: Errors that are the worker's own shortage when opening a socket.
+#: What the worker is short of, by errno, when it cannot open a socket.
 _RESOURCE_NAMES = {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors",
                    errno.ENOBUFS: "buffer memory", errno.ENOMEM: "memory"}
-
-
-def _out_of_resources(exc: BaseException) -> int | None:
-    """The errno of a resource shortage behind ``exc`` (trio's "all attempts to connect
-    failed" holds each attempt's error in its cause), or None."""
-    seen: list[BaseException] = [exc]
-    while seen:
-        error = seen.pop()
-        if isinstance(error, OSError) and error.errno in _RESOURCE_NAMES:
-            return error.errno
-        if isinstance(error, BaseExceptionGroup):
-            seen.extend(error.exceptions)
-        if error.__cause__ is not None:
-            seen.append(error.__cause__)
-    return None
 
 
 class _Connection:

@@ -85,11 +85,13 @@ import trio
 import trio_asyncio
 
 from .. import _upstream_json as upstream_json
+from .._connections import out_of_resources
 from .._errors import (
     BadRequest,
     Conflict,
     GatewayError,
     InternalError,
+    Shed,
     StatementWrites,
     UpstreamConnectError,
     UpstreamError,
@@ -301,6 +303,7 @@ class _ConnectFailed(Exception):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.kind = type(cause).__name__
+        self.cause = cause
 
 
 #: SQLSTATE classes whose primary message speaks of the schema or the statement, never
@@ -341,6 +344,11 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False) -> G
     where = f"postgres upstream {name!r}"
     logger.debug("%s: %s", where, exc)
     if isinstance(exc, _ConnectFailed):
+        if out_of_resources(exc) is not None:
+            # The worker's own shortage, not the database failing: shed, and no
+            # failure for the circuit breaker.
+            return Shed(f"{where}: no socket for a connection, the worker is out of "
+                        "descriptors", reason="no_descriptors", retry_after_s=1.0)
         return UpstreamConnectError(f"{where}: cannot connect ({exc.kind})")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"{where}: timed out")
