@@ -201,7 +201,7 @@ class Gateway:
         try:
             loaded = await trio.to_thread.run_sync(load_policy_file, path)
         except PolicyError as error:
-            self._unread = isinstance(error, PolicyReadError)
+            self._unread = isinstance(error, PolicyReadError) and error.transient
             self.runtime.last_reload_error = str(error)
             METRICS.reloads.labels("rejected").inc()
             log.error("policy reload rejected, the active policy keeps serving:\n%s", error)

@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from ._connections import OUT_OF_DESCRIPTORS
 from ._policy import Policy, PolicyPath, cross_check
 
 __all__ = [
@@ -102,8 +103,14 @@ class PolicyError(Exception):
 
 
 class PolicyReadError(PolicyError):
-    """The file could not be read (out of descriptors, say): nothing is known of its
-    content, so a watcher tries it again rather than taking it as rejected."""
+    """The file could not be read. ``transient``: for want of descriptors or memory,
+    so nothing is known of its content and a watcher tries it again, rather than
+    taking it as rejected (a file it may not read, or a directory, is rejected)."""
+
+    def __init__(self, issues: tuple[PolicyIssue, ...] | list[PolicyIssue], *,
+                 transient: bool) -> None:
+        super().__init__(issues)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -143,8 +150,9 @@ def load_policy_file(path: str | os.PathLike[str]) -> LoadedPolicy:
             data = stream.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__
-        raise PolicyReadError([PolicyIssue(file, 0, 0, "",
-                                           f"cannot read the policy file: {reason}")]) from None
+        raise PolicyReadError(
+            [PolicyIssue(file, 0, 0, "", f"cannot read the policy file: {reason}")],
+            transient=exc.errno in OUT_OF_DESCRIPTORS) from None
     return load_policy_text(data, file)
 
 

@@ -264,6 +264,32 @@ async def test_a_reload_that_moves_the_admin_bind_says_it_needs_a_restart(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_policy_path_that_cannot_be_read_for_good_is_rejected_once(
+        tmp_path: Path, caplog):
+    """A file that could not be read for want of descriptors is read again a second
+    later; one that cannot be read at all (a directory put in its place, a file the
+    gateway may not read) was read again every second too, an error logged each time.
+    It is rejected once, until the path changes again."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        path = tmp_path / "policy.yaml"
+        text = GOOD.format(url=upstream.url, concurrency=10, deadline=2000)
+        async with run_gateway(text, policy_path=path, watch_policy=True,
+                               poll_interval_s=0.02) as gw:
+            path.unlink()
+            path.mkdir()
+            with trio.fail_after(5):
+                while gw.gateway.runtime.last_reload_error is None:
+                    await trio.sleep(0.02)
+            await trio.sleep(2.5)  # past two retries, were it retried
+            rejected = [r for r in caplog.records
+                        if "policy reload rejected" in r.getMessage()]
+            assert len(rejected) == 1, [r.getMessage() for r in rejected]
+            async with gw.client() as client:  # the active policy serves on
+                assert (await client.get("/api/users/1")).status_code == 200
+        nursery.cancel_scope.cancel()
+
+
 LIMITED = """
 version: 1
 upstreams:
