@@ -22,6 +22,7 @@ from . import _upstream_json as upstream_json
 from ._deadlines import call_deadline, propagated_budget_ms
 from ._errors import (
     BadRequest,
+    GatewayError,
     NoRow,
     StatementWrites,
     UpstreamConnectError,
@@ -258,13 +259,19 @@ async def bind_sql_args(ctx: RequestContext, args: Sequence[str]) -> list[Any]:
             raw: Any = ctx.match.params.get(name)
         elif source == "query":
             if query is None:
-                query = parse_qs(ctx.scope.get("query_string", b"").decode("latin-1"),
-                                 keep_blank_values=True)
+                try:
+                    query = parse_qs(ctx.scope.get("query_string", b"").decode("latin-1"),
+                                     keep_blank_values=True, errors="strict")
+                except UnicodeDecodeError:  # not bound as U+FFFD, a value never sent
+                    raise BadRequest("the query string is not valid UTF-8") from None
             found = query.get(name)
             raw = found[0] if found else None
         else:
             if body is None:
                 body = await ctx.json_body()
+            if name in body and body[name] is None:
+                values.append(None)  # a JSON null binds SQL NULL; only an absent key is missing
+                continue
             raw = body.get(name)
         values.append(_convert(name, raw, kind))
     return values
@@ -281,8 +288,13 @@ async def sql_call(ctx: RequestContext, parent: TracedScope, name: str, call: Fa
         # Bound inside the call's span, before it takes a slot: a refused argument is
         # the call's failure in the trace, and holds no capacity.
         args = await bind_sql_args(ctx, call.args)
-        async with capacity_slot(ctx, scope, name, state):
-            result = await _run_sql(ctx, scope, name, call, state, settings, postgres, args)
+        try:
+            async with capacity_slot(ctx, scope, name, state):
+                result = await _run_sql(ctx, scope, name, call, state, settings, postgres,
+                                        args)
+        except GatewayError as error:  # named as an HTTP call's failure is
+            error.detail.setdefault("upstream", state.name)
+            raise
         upstream_json.check_size(result if isinstance(result, list) else [result],
                                  _sql_result_limit(ctx), name)
         return result

@@ -114,9 +114,10 @@ async def fanout(ctx: RequestContext) -> None:
     # In the policy's order, not the order the answers came in.
     payload: dict[str, Any] = {name: results[name] for name in action.calls if name in results}
     if errors and action.on_failure == "partial":
-        payload["errors"] = {
-            name: {**error_payload(error, ctx.request_id), "status": error.status}
-            for name, error in errors.items()}
+        payload["errors"] = {  # in the policy's order too
+            name: {**error_payload(errors[name], ctx.request_id),
+                   "status": errors[name].status}
+            for name in action.calls if name in errors}
         for entry in payload["errors"].values():
             entry.pop("request_id", None)
     await ctx.send_json(200, payload)

@@ -203,12 +203,15 @@ def to_json(value: object) -> JSON:
       ``numeric(p, 0)``) within ±(2**53 - 1) becomes an int; anything else a string
       in plain notation that keeps every digit and the scale (``"12.50"``,
       ``"NaN"``), because a float would lose digits.
-    - ``real``/``double``: floats; NaN and ±Infinity, which JSON cannot carry, become
-      the strings PostgreSQL prints (``"NaN"``, ``"Infinity"``, ``"-Infinity"``).
+    - ``real``/``double``: floats (``real`` with the digits PostgreSQL prints); NaN and
+      ±Infinity, which JSON cannot carry, become the strings PostgreSQL prints
+      (``"NaN"``, ``"Infinity"``, ``"-Infinity"``).
     - ``int2/4/8``, ``bool``, ``text``: unchanged (int8 is not clamped).
     - ``uuid``, ``inet``/``cidr`` and anything unknown: ``str()``.
-    - ``timestamp[tz]``, ``date``, ``time[tz]``: ISO 8601 (``isoformat()``);
-      PostgreSQL's ``infinity`` and ``-infinity`` as those words.
+    - ``timestamp[tz]``, ``date``: ISO 8601 text, decoded by the connection's codecs
+      (``_init_connection``); PostgreSQL's ``infinity`` and ``-infinity`` as those
+      words; a year before 1 or after 9999 cannot be answered (502). ``time[tz]``:
+      ISO 8601 (``isoformat()``).
     - ``bit``/``varbit``: the bits as a string of 0 and 1.
     - geometric types: points as ``[x, y]``, a box, segment, path or polygon as its
       points, a circle as ``[[x, y], r]``.
@@ -384,11 +387,12 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False) -> G
         # The argument could not be encoded for its parameter type; the message would
         # quote the value, which must not reach logs or traces.
         return BadRequest(f"{where}: invalid query argument")
-    if isinstance(exc, ValueError | RecursionError):
-        # A json/jsonb value the result holds cannot be answered as JSON (a number
-        # beyond a double, an integer of more digits than Python converts, nesting
-        # deeper than the parser's stack): the same every time, so not retried.
-        return UpstreamQueryError(
+    if isinstance(exc, ValueError | RecursionError | ArithmeticError):
+        # A value the result holds cannot be answered as JSON (a json number beyond a
+        # double, an integer of more digits than Python converts, nesting deeper than
+        # the parser's stack, a date before year 1 or after 9999): the same every time,
+        # so not retried, and no sign of a failing database.
+        return UpstreamResultRefused(
             f"{where}: a value in the result cannot be answered as JSON ({type(exc).__name__})")
     if isinstance(exc, OSError):
         return UpstreamResetError(f"{where}: connection lost mid-call: {type(exc).__name__}")
@@ -452,12 +456,68 @@ def _without_client_check(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**kwargs, "server_settings": server_settings}
 
 
+#: PostgreSQL's epoch (dates and timestamps on the wire count from it) and its
+#: infinities there: asyncpg's own codecs turn ``infinity`` into ``date.max``, which
+#: ``9999-12-31`` (the usual "valid until further notice") is too.
+_PG_EPOCH = datetime.datetime(2000, 1, 1)
+_PG_EPOCH_UTC = _PG_EPOCH.replace(tzinfo=datetime.UTC)
+_DAY_INFINITY, _US_INFINITY = 2**31 - 1, 2**63 - 1
+
+
+def _infinity(count: int, infinity: int) -> str | None:
+    if count == infinity:
+        return "infinity"
+    if count == -infinity - 1:
+        return "-infinity"
+    return None
+
+
+def _date_text(value: tuple[int]) -> str:
+    days = value[0]
+    return _infinity(days, _DAY_INFINITY) or (
+        _PG_EPOCH.date() + datetime.timedelta(days=days)).isoformat()
+
+
+def _timestamp_text(epoch: datetime.datetime) -> Callable[[tuple[int]], str]:
+    def decode(value: tuple[int]) -> str:
+        microseconds = value[0]
+        return _infinity(microseconds, _US_INFINITY) or (
+            epoch + datetime.timedelta(microseconds=microseconds)).isoformat()
+    return decode
+
+
+def _date_tuple(value: datetime.date) -> tuple[int]:
+    return ((value - _PG_EPOCH.date()).days,)
+
+
+def _timestamp_tuple(epoch: datetime.datetime) -> Callable[[datetime.datetime], tuple[int]]:
+    def encode(value: datetime.datetime) -> tuple[int]:
+        return ((value - epoch) // datetime.timedelta(microseconds=1),)
+    return encode
+
+
 async def _init_connection(con: asyncpg.Connection) -> None:
-    """Decode json/jsonb into Python values (and encode Python values as JSON)."""
+    """Codecs for what the gateway answers as JSON: json/jsonb parsed (and Python values
+    encoded as JSON); dates and timestamps as ISO 8601 text straight from the wire, so
+    that ``infinity`` and ``9999-12-31`` stay apart (a year past 9999 cannot be
+    answered); ``real`` as the digits PostgreSQL prints (``0.1``, not the double
+    ``0.10000000149011612``)."""
     for typename in ("json", "jsonb"):
         await con.set_type_codec(
             typename, schema="pg_catalog", encoder=json.dumps, decoder=upstream_json.loads
         )
+    await con.set_type_codec("date", schema="pg_catalog", format="tuple",
+                             encoder=_date_tuple, decoder=_date_text)
+    for typename, epoch in (("timestamp", _PG_EPOCH), ("timestamptz", _PG_EPOCH_UTC)):
+        await con.set_type_codec(typename, schema="pg_catalog", format="tuple",
+                                 encoder=_timestamp_tuple(epoch), decoder=_timestamp_text(epoch))
+    await con.set_type_codec("float4", schema="pg_catalog", format="text",
+                             encoder=str, decoder=_real)
+
+
+def _real(text: str) -> float | str:
+    value = float(text)
+    return value if math.isfinite(value) else text  # NaN, Infinity: as PostgreSQL prints
 
 
 async def _create_pool(settings: PostgresSettings, name: str) -> asyncpg.Pool:
@@ -537,26 +597,71 @@ async def _fetch_two(con: Any, query: str, args: Sequence[object]) -> Any:
     return await con._execute(query, args, 2, None)
 
 
-async def _write_one(con: Any, query: str, args: Sequence[object]) -> Any:
-    """A write whose ``one: true`` asks for one row, in a transaction: it is rolled
-    back when it returns several (a statement missing a condition changed rows it was
-    not meant to), so that the 502 the client gets is the truth."""
-    transaction = con.transaction()
-    await transaction.start()
-    try:
-        records = await _fetch_two(con, query, args)
-    except asyncio.CancelledError:
-        con.terminate()  # a ROLLBACK would wait on an unreachable server (see below)
-        raise
-    except BaseException:
-        with suppress(Exception):
+async def _write_in_transaction(con: Any, run: Callable[[], Awaitable[Any]],
+                                 keep: Callable[[Any], bool]) -> Any:
+    """Run a write in a transaction, committed when ``keep(result)``, else rolled back,
+    so that a write the gateway refuses to answer with leaves nothing behind. Run again
+    once when a schema change made its cached plan stale (asyncpg re-prepares it outside
+    a transaction only). Cancelled: the connection is closed rather than wait for a
+    ROLLBACK (see ``_fetch_within``)."""
+    for last in (False, True):
+        transaction = con.transaction()
+        await transaction.start()
+        try:
+            result = await run()
+        except asyncio.CancelledError:
+            con.terminate()
+            raise
+        except asyncpg.exceptions.InvalidCachedStatementError:
+            with suppress(Exception):
+                await transaction.rollback()
+            if last:
+                raise
+            continue
+        except BaseException:
+            with suppress(Exception):
+                await transaction.rollback()
+            raise
+        if keep(result):
+            await transaction.commit()
+        else:
             await transaction.rollback()
-        raise
-    if len(records) > 1:
-        await transaction.rollback()
-    else:
-        await transaction.commit()
-    return records
+        return result
+    raise AssertionError("unreachable")
+
+
+async def _write_one(con: Any, query: str, args: Sequence[object]) -> Any:
+    """A write whose ``one: true`` asks for one row: rolled back when it returns several
+    (a statement missing a condition changed rows it was not meant to), so that the 502
+    the client gets is the truth."""
+    return await _write_in_transaction(con, lambda: _fetch_two(con, query, args),
+                                       lambda records: len(records) <= 1)
+
+
+def _write_within(max_bytes: int, name: str) -> Operation:
+    """A write whose rows are held to ``max_bytes`` as JSON: rolled back when they are
+    past it, so that the 502 the client gets is the truth (a client told the write
+    failed may send it again)."""
+
+    async def write(con: Any, query: str, args: Sequence[object]) -> Any:
+        too_large = False
+
+        def small(records: Any) -> bool:
+            nonlocal too_large
+            try:
+                upstream_json.check_size(map(_row, records), max_bytes, name)
+            except UpstreamResultRefused:
+                too_large = True
+            return not too_large
+
+        records = await _write_in_transaction(con, lambda: con.fetch(query, *args), small)
+        if too_large:
+            raise UpstreamResultRefused(
+                f"{name}: the rows it returned are larger than {max_bytes} bytes as JSON "
+                "(max_response_body); what it wrote was rolled back", max_bytes=max_bytes)
+        return records
+
+    return write
 
 
 #: ``_fetch_two`` and ``_fetch_within`` reach ``Connection._execute`` (asyncpg's own
@@ -975,10 +1080,12 @@ class PostgresUpstream:
     ) -> list[dict[str, JSON]]:
         """All rows, as JSON-ready dicts. ``writes``: the statement may write (a read
         that tries raises ``StatementWrites``). ``max_bytes``: a read stops once its
-        rows are past that as JSON (``UpstreamQueryError``); a write is read whole, as
-        it ran whole."""
-        operate = (_fetch_all if max_bytes is None or writes
-                   else _fetch_within(max_bytes, f"postgres upstream {self.name!r}"))
+        rows are past that as JSON (``UpstreamResultRefused``); a write, read whole as
+        it ran whole, is rolled back when they are."""
+        where = f"postgres upstream {self.name!r}"
+        operate = (_fetch_all if max_bytes is None
+                   else _write_within(max_bytes, where) if writes
+                   else _fetch_within(max_bytes, where))
         records = await self._query(operate, query, args, timeout_s, writes)
         return [_row(record) for record in records]
 
