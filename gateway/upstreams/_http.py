@@ -492,7 +492,7 @@ class HttpUpstreamPool:
                 assert conn is not None
                 try:
                     head = current(head)
-                    response = await self._exchange_inline(conn, head, body)
+                    outcome = await self._exchange_inline(conn, head, body)
                     break
                 except UpstreamResetError:
                     if not (retry and conn.reused and not conn.received):
@@ -500,8 +500,13 @@ class HttpUpstreamPool:
                     retry = False
                     stale, conn = conn, None
                     conn = await self._reconnect(stale)
-            yield response
-            reusable = response._reusable()
+            if isinstance(outcome, UpstreamResponse):
+                yield outcome
+                reusable = outcome._reusable()
+            else:
+                async with self._answer_beside_writing(conn, outcome) as response:
+                    yield response
+                    reusable = response._reusable()
         finally:
             if conn is not None:
                 self._release(conn, reusable)
@@ -570,13 +575,14 @@ class HttpUpstreamPool:
 
     async def _exchange_inline(
         self, conn: _Connection, head: h11.Request, body: bytes | bytearray | memoryview | None
-    ) -> UpstreamResponse:
+    ) -> UpstreamResponse | memoryview:
         """Write head and (small) body in one send, then wait for the response head.
 
-        A body the kernel does not take at once (an upstream that stopped reading, a
-        small receive window) is written from a task beside the reading: the upstream
-        may have answered on the head alone (413, 401), and that answer must be read
-        instead of waiting on the write until the deadline."""
+        What of a body the kernel does not take at once (an upstream that stopped
+        reading, a small receive window) is returned unwritten, for
+        :meth:`_answer_beside_writing` to write beside the reading: the upstream may
+        answer on the head alone (413, 401), or while it reads (an echo), and that
+        answer must be read instead of waiting on the write until the deadline."""
         h = conn.h11
         with conn.errors:
             data = h.send(head)
@@ -588,13 +594,15 @@ class HttpUpstreamPool:
                 data += h.send(h11.EndOfMessage())
                 sent = conn.send_now(data)
         if 0 <= sent < len(data):
-            return await self._exchange_writing(conn, memoryview(data)[sent:])
+            return memoryview(data)[sent:]
         return await self._receive_head(conn)
 
-    async def _exchange_writing(self, conn: _Connection, rest: memoryview) -> UpstreamResponse:
-        """Write ``rest`` of a request from a task while this one waits for the answer;
-        the write stops once the answer's head has come (the connection is then not
-        reused)."""
+    @asynccontextmanager
+    async def _answer_beside_writing(self, conn: _Connection,
+                                     rest: memoryview) -> AsyncIterator[UpstreamResponse]:
+        """Write ``rest`` of a request from a task while this one reads the answer, head
+        and body; the write ends with the exchange (a connection whose request was not
+        written whole is not reused)."""
         conn.unwritten = True
 
         async def write() -> None:
@@ -605,11 +613,12 @@ class HttpUpstreamPool:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(write)
-                response = await self._receive_head(conn)
-                nursery.cancel_scope.cancel(reason="the upstream answered")
+                try:
+                    yield await self._receive_head(conn)
+                finally:
+                    nursery.cancel_scope.cancel(reason="upstream exchange ended")
         except BaseExceptionGroup as group:
             raise _first_leaf(group) from None
-        return response
 
     @asynccontextmanager
     async def _request_with_upload(
