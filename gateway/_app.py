@@ -43,8 +43,9 @@ _hypercorn_fixes.apply()
 
 #: How often the policy file is checked for changes (GATEWAY_POLICY_POLL_S overrides).
 POLICY_POLL_INTERVAL_S = float(os.environ.get("GATEWAY_POLICY_POLL_S", "1.0"))
-#: Set by ``serve`` when --admin-bind or GATEWAY_ADMIN_BIND chose the admin bind.
-ADMIN_BIND_OVERRIDDEN_ENV = "GATEWAY_ADMIN_BIND_OVERRIDDEN"
+#: Set by ``serve``: the policy's admin bind its listener was bound to, or "" when
+#: --admin-bind or GATEWAY_ADMIN_BIND chose it.
+ADMIN_BIND_STARTED_ENV = "GATEWAY_ADMIN_BIND_STARTED"
 #: Wait before reading again a policy file that could not be read at all.
 UNREAD_RETRY_S = 1.0
 #: How long a retired snapshot may take to drain before its pools close, at least.
@@ -304,7 +305,8 @@ def create_gateway_from_env() -> Gateway:
     admin_addresses = {(str(host), int(port)) for host, port in
                        json.loads(os.environ.get("GATEWAY_ADMIN_ADDRESSES", "[]"))}
     gateway = Gateway(loaded, admin_ports=admin_ports, admin_addresses=admin_addresses)
-    if os.environ.get(ADMIN_BIND_OVERRIDDEN_ENV) == "1":
-        gateway.runtime.started_admin_bind = None  # the policy's admin_bind is not used
+    started = os.environ.get(ADMIN_BIND_STARTED_ENV)
+    if started is not None:  # the master's, not this worker's first policy's
+        gateway.runtime.started_admin_bind = started or None
     return gateway
 

@@ -272,8 +272,10 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
     os.environ["GATEWAY_POLICY"] = os.path.abspath(policy_file)
     os.environ["GATEWAY_ADMIN_PORTS"] = ",".join(str(p) for p in sorted(admin_ports))
     os.environ["GATEWAY_ADMIN_ADDRESSES"] = json.dumps(admin_addresses)
-    os.environ["GATEWAY_ADMIN_BIND_OVERRIDDEN"] = "1" if (
-        admin_bind or os.environ.get("GATEWAY_ADMIN_BIND")) else "0"
+    # The policy's admin bind the listener was bound to ("" when the command line or the
+    # environment chose it): what a worker, a replacement one included, compares with.
+    os.environ["GATEWAY_ADMIN_BIND_STARTED"] = "" if (
+        admin_bind or os.environ.get("GATEWAY_ADMIN_BIND")) else loaded.policy.server.admin_bind
     if operator_metrics_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         clear_metrics_dir(operator_metrics_dir)
     run_dir = None

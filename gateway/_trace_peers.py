@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,7 +102,7 @@ async def serve_peer_socket(traces: Callable[[], TraceBuffer], directory: str,
     try:
         await trio.Path(path).unlink(missing_ok=True)  # left by an earlier process
         await sock.bind(path)
-        sock.listen(16)
+        sock.listen(socket.SOMAXCONN)  # a burst of admin queries asks every worker at once
     except OSError as error:
         # Serving matters more: this worker's traces are then only its own to show.
         log.error("cannot listen for sibling workers' trace queries on %s: %s", path, error)
