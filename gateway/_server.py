@@ -35,6 +35,7 @@ from hypercorn.trio.run import trio_worker, worker_serve
 from hypercorn.utils import load_application, write_pid_file
 
 from ._logging import configure_logging
+from ._runtime import upstream_sockets
 from ._supervisor import MASTER_SIGNALS, Supervisor
 from ._trace_peers import PEER_DIR_ENV, socket_dir_fits, socket_path, write_worker_list
 
@@ -176,7 +177,8 @@ def raise_open_file_limit(needed: int) -> int:
         except (ValueError, OSError) as error:
             log.warning("could not raise the open-file limit: %s", error)
     if soft < needed:
-        log.warning("open-file limit %d is below what max_inflight * workers needs (~%d)",
+        log.warning("open-file limit %d is below what a worker needs for max_inflight "
+                    "clients and its upstream pools (~%d)",
                     soft, needed)
     return soft
 
@@ -252,7 +254,10 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
                                    "host:port bind")
     public_count = len(config.bind)
     config.bind = [*config.bind, admin]
-    raise_open_file_limit(loaded.policy.server.max_inflight * max(config.workers, 1) * 2 + 256)
+    # Per process (each worker has its own descriptor table): its clients, twice over
+    # for the upstream socket each may hold, its pools' sockets, and a margin.
+    raise_open_file_limit(loaded.policy.server.max_inflight * 2
+                          + upstream_sockets(loaded.policy) + 256)
     check_somaxconn(config.backlog)
     try:
         sockets = config.create_sockets()
