@@ -650,6 +650,12 @@ def upstream_slots(upstream: UpstreamPolicy) -> int:
     return min(upstream.limit.concurrency, connections)
 
 
+def upstream_sockets(policy: Policy) -> int:
+    """The most sockets the policy's upstream pools may hold open at once."""
+    return sum(upstream.postgres.pool.max if upstream.postgres is not None
+               else upstream.pool.max_connections for upstream in policy.upstreams.values())
+
+
 def upstream_retry_policy(policy: Policy, upstream: UpstreamPolicy) -> RetryPolicy:
     """The retry budget of an upstream comes from its own call settings, else the defaults:
     it is shared by every call to the upstream."""

@@ -37,6 +37,7 @@ from ._policy import (
     routes_binding_path_values,
     upstream_retry_policy,
     upstream_slots,
+    upstream_sockets,
 )
 from ._retries import RetryBudget
 from ._routing import RouteTable
@@ -72,12 +73,6 @@ def _pool_limits(policy: Policy, upstream: UpstreamPolicy) -> PoolLimits:
         connect_timeout_s=upstream.pool.connect_timeout,
         max_response_header_bytes=policy.server.limits.max_upstream_header_bytes,
     )
-
-
-def upstream_sockets(policy: Policy) -> int:
-    """The most sockets the policy's upstream pools may hold open at once."""
-    return sum(upstream.postgres.pool.max if upstream.postgres is not None
-               else upstream.pool.max_connections for upstream in policy.upstreams.values())
 
 
 def _connection_identity(policy: Policy, upstream: UpstreamPolicy) -> tuple[Any, ...]:

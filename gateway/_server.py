@@ -35,7 +35,6 @@ from hypercorn.trio.run import trio_worker, worker_serve
 from hypercorn.utils import load_application, write_pid_file
 
 from ._logging import configure_logging
-from ._runtime import upstream_sockets
 from ._supervisor import MASTER_SIGNALS, Supervisor
 from ._trace_peers import PEER_DIR_ENV, socket_dir_fits, socket_path, write_worker_list
 
@@ -231,6 +230,7 @@ def bound_ports(sockets: Sockets) -> list[tuple[str, int]]:
 def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None = None,
           workers: int | None = None, public_bind: list[str] | None = None) -> int:
     """Run Hypercorn with the gateway app until stopped; returns the exit code."""
+    from ._policy import upstream_sockets
     from ._policy_loader import LAST_GOOD_ENV, load_policy_file, record_last_good
 
     configure_logging()
