@@ -428,6 +428,12 @@ _SQL_WRITES = re.compile(
     r"\b", re.I)
 
 
+#: A statement that returns rows although it may write: a ``RETURNING`` clause, or a
+#: read (``SELECT`` or ``WITH``) that calls or locks something.
+_SQL_RETURNS_ROWS = re.compile(r"\breturning\b|^\s*\(*\s*(select|with|values|table)\b",
+                               re.IGNORECASE)
+
+
 @functools.lru_cache(maxsize=1024)
 def sql_reads_only(query: str) -> bool:
     """Whether a statement only reads, as far as its text tells: it starts as a read and
@@ -598,6 +604,13 @@ def cross_check(policy: Policy) -> list[Problem]:
                         (*where, "hedge_after"),
                         "ignored: the statement may write, and only statements that only "
                         "read are hedged (a write would run twice)", severity="warning"))
+                if (call.query is not None and call.one and not sql_reads_only(call.query)
+                        and not _SQL_RETURNS_ROWS.search(_SQL_COMMENT.sub(" ", call.query))):
+                    problems.append(Problem(
+                        (*where, "one"),
+                        "the statement writes and returns no row (no RETURNING): with "
+                        "one: true every call answers 404 after its write",
+                        severity="warning"))
                 if call.query is not None:
                     used = {int(n) for n in re.findall(r"\$(\d+)", call.query)}
                     if used and max(used) > len(call.args):
