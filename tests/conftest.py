@@ -1,6 +1,9 @@
 import resource
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 # Make `tests.*` helpers importable as a package from any test module.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -12,3 +15,15 @@ from tests.pg import pg_cluster  # noqa: F401  (session-scoped throwaway Postgre
 _soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if _soft != _hard:
     resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+
+
+@pytest.fixture
+def database(pg_cluster, monkeypatch) -> Iterator:  # noqa: F811
+    """The session's PostgreSQL, running, its DSN in ``GATEWAY_TEST_DSN`` (the variable
+    the SQL tests' policies name); started again after a test that stopped it."""
+    if not pg_cluster.running:
+        pg_cluster.start()
+    monkeypatch.setenv("GATEWAY_TEST_DSN", pg_cluster.dsn)
+    yield pg_cluster
+    if not pg_cluster.running:
+        pg_cluster.start()

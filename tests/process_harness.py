@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,18 +58,23 @@ def stop_process(process: subprocess.Popen[str]) -> None:
 
 @contextmanager
 def serve_process(policy: Path, *, workers: int = 1, config: Path | None = None,
-                  env: dict[str, str] | None = None,
+                  env: dict[str, str] | None = None, admin_bind: str | None = "127.0.0.1:0",
                   start_timeout_s: float = 20.0) -> Iterator[ServedGateway]:
-    """Start the gateway; yield once its admin /healthz answers; stop it afterwards."""
+    """Start the gateway; yield once its admin /healthz answers; stop it afterwards.
+    ``admin_bind=None``: the policy's ``server.admin_bind`` is used."""
     if config is None:
         config = policy.parent / "hypercorn.toml"
         config.write_text('worker_class = "trio"\ngraceful_timeout = 5\n')
     command = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy),
-               "--config", str(config), "--bind", "127.0.0.1:0",
-               "--admin-bind", "127.0.0.1:0", "--workers", str(workers)]
+               "--config", str(config), "--bind", "127.0.0.1:0", "--workers", str(workers)]
+    environment = {**os.environ, **(env or {})}
+    if admin_bind is not None:
+        command += ["--admin-bind", admin_bind]
+    else:
+        environment.pop("GATEWAY_ADMIN_BIND", None)
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                               env={**os.environ, **(env or {})})
+                               env=environment)
     output: list[str] = []
     url = admin_url = ""
     deadline = time.monotonic() + start_timeout_s
@@ -108,3 +114,10 @@ def serve_process(policy: Path, *, workers: int = 1, config: Path | None = None,
         raise
     finally:
         stop_process(process)
+
+
+def free_port() -> int:
+    """A port free now on 127.0.0.1, for a bind a policy names."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -1,10 +1,8 @@
 """The answer of a partial fan-out mixing HTTP and SQL calls (real servers)."""
 
-import pytest
 import trio
 
 from tests.gateway_harness import run_gateway
-from tests.pg import pg_cluster  # noqa: F401
 from tests.upstream import start_upstream
 
 POLICY = """
@@ -23,14 +21,6 @@ routes:
         stats: {{upstream: db, query: "SELECT pg_sleep(0.3)::text AS s, 1/0 AS x"}}
         orders: {{upstream: web, path: "/status/503"}}
 """
-
-
-@pytest.fixture
-def database(pg_cluster, monkeypatch):  # noqa: F811
-    if not pg_cluster.running:
-        pg_cluster.start()
-    monkeypatch.setenv("GATEWAY_TEST_DSN", pg_cluster.dsn)
-    return pg_cluster
 
 
 async def test_the_errors_map_of_a_partial_answer_keeps_the_policy_order(database):

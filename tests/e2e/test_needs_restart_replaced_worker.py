@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from tests.e2e.policy_admin_bind import free_port, serve_policy_admin
+from tests.process_harness import free_port, serve_process
 from tests.upstream import start_upstream
 
 POLICY = """
@@ -42,7 +42,7 @@ async def test_a_replaced_worker_still_says_the_moved_admin_bind_needs_a_restart
         path = tmp_path / "policy.yaml"
         first_port = free_port()
         path.write_text(POLICY.format(port=first_port, url=upstream.url))
-        with serve_policy_admin(path, workers=1) as served:
+        with serve_process(path, workers=1, admin_bind=None) as served:
             assert served.admin_url.endswith(f":{first_port}")
             before = await _policy_state(served.admin_url)
             assert before["needs_restart"] == []

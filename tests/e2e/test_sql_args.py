@@ -3,7 +3,6 @@
 import pytest
 
 from tests.gateway_harness import run_gateway
-from tests.pg import pg_cluster  # noqa: F401
 
 POLICY = """
 version: 1
@@ -26,14 +25,11 @@ routes:
 
 
 @pytest.fixture
-def database(pg_cluster, monkeypatch):  # noqa: F811
-    if not pg_cluster.running:
-        pg_cluster.start()
-    pg_cluster.psql("DROP TABLE IF EXISTS rfs_profiles; "
+def database(database):  # the conftest one, with this file's table
+    database.psql("DROP TABLE IF EXISTS rfs_profiles; "
                     "CREATE TABLE rfs_profiles (id int PRIMARY KEY, nickname text); "
                     "INSERT INTO rfs_profiles VALUES (1, 'bob')")
-    monkeypatch.setenv("GATEWAY_TEST_DSN", pg_cluster.dsn)
-    return pg_cluster
+    return database
 
 
 async def test_a_query_argument_that_is_not_utf8_is_refused_as_a_path_one_is(database):

@@ -4,7 +4,6 @@ import pytest
 import trio
 
 from tests.gateway_harness import run_gateway
-from tests.pg import pg_cluster  # noqa: F401
 
 POLICY = """
 version: 1
@@ -24,16 +23,13 @@ routes:
 
 
 @pytest.fixture
-def database(pg_cluster, monkeypatch):  # noqa: F811
-    if not pg_cluster.running:
-        pg_cluster.start()
+def database(database):  # the conftest one, with this file's table
     # Valid PostgreSQL dates, one before year 1 and one after 9999.
-    pg_cluster.psql("DROP TABLE IF EXISTS rfs_events; "
+    database.psql("DROP TABLE IF EXISTS rfs_events; "
                     "CREATE TABLE rfs_events (id int PRIMARY KEY, happened timestamp); "
                     "INSERT INTO rfs_events VALUES (1, '2026-01-01'), "
                     "(2, '0044-03-15 BC'), (3, '12000-01-01')")
-    monkeypatch.setenv("GATEWAY_TEST_DSN", pg_cluster.dsn)
-    return pg_cluster
+    return database
 
 
 @pytest.mark.parametrize("bad", [2, 3])

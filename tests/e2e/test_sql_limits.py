@@ -4,20 +4,9 @@ cannot hold, and a database that stops answering (a partition) while a deadline 
 import json
 from urllib.parse import urlsplit, urlunsplit
 
-import pytest
 import trio
 
 from tests.gateway_harness import run_gateway
-
-
-@pytest.fixture
-def database(pg_cluster, monkeypatch):
-    if not pg_cluster.running:
-        pg_cluster.start()
-    monkeypatch.setenv("GATEWAY_TEST_DSN", pg_cluster.dsn)
-    yield pg_cluster
-    if not pg_cluster.running:
-        pg_cluster.start()
 
 
 def strict_json(text: str):

@@ -3,7 +3,6 @@
 import pytest
 
 from tests.gateway_harness import run_gateway
-from tests.pg import pg_cluster  # noqa: F401
 
 POLICY = """
 version: 1
@@ -25,12 +24,9 @@ routes:
 
 
 @pytest.fixture
-def database(pg_cluster, monkeypatch):  # noqa: F811
-    if not pg_cluster.running:
-        pg_cluster.start()
-    pg_cluster.psql("DROP TABLE IF EXISTS rfs_notes; CREATE TABLE rfs_notes (id int PRIMARY KEY)")
-    monkeypatch.setenv("GATEWAY_TEST_DSN", pg_cluster.dsn)
-    return pg_cluster
+def database(database):  # the conftest one, with this file's table
+    database.psql("DROP TABLE IF EXISTS rfs_notes; CREATE TABLE rfs_notes (id int PRIMARY KEY)")
+    return database
 
 
 async def test_a_one_row_write_keeps_working_after_a_column_is_added(database):

@@ -1,9 +1,7 @@
 """Values PostgreSQL returns, as an SQL route answers them (real PostgreSQL)."""
 
-import pytest
 
 from tests.gateway_harness import run_gateway, trace_of
-from tests.pg import pg_cluster  # noqa: F401
 
 POLICY = """
 version: 1
@@ -28,14 +26,6 @@ routes:
         extract(epoch FROM '1 year'::interval)::float8 AS pg
       one: true
 """
-
-
-@pytest.fixture
-def database(pg_cluster, monkeypatch):  # noqa: F811
-    if not pg_cluster.running:
-        pg_cluster.start()
-    monkeypatch.setenv("GATEWAY_TEST_DSN", pg_cluster.dsn)
-    return pg_cluster
 
 
 async def test_a_date_of_9999_12_31_is_answered_as_that_date_not_infinity(database):

@@ -3,7 +3,6 @@
 import pytest
 
 from tests.gateway_harness import run_gateway
-from tests.pg import pg_cluster  # noqa: F401
 
 POLICY = """
 version: 1
@@ -24,13 +23,10 @@ routes:
 
 
 @pytest.fixture
-def database(pg_cluster, monkeypatch):  # noqa: F811
-    if not pg_cluster.running:
-        pg_cluster.start()
-    pg_cluster.psql("DROP TABLE IF EXISTS rfs_items; "
+def database(database):  # the conftest one, with this file's table
+    database.psql("DROP TABLE IF EXISTS rfs_items; "
                     "CREATE TABLE rfs_items (id serial PRIMARY KEY, label text)")
-    monkeypatch.setenv("GATEWAY_TEST_DSN", pg_cluster.dsn)
-    return pg_cluster
+    return database
 
 
 async def test_a_write_answered_502_for_its_size_wrote_nothing(database):

@@ -116,3 +116,20 @@ async def idle_connections(port: int, count: int, head: bytes = b"") -> AsyncIte
     by default) and then nothing more, held until the block ends: how many it opened."""
     async with _helper(_IDLE_CLIENT, str(port), str(count), head.decode()) as (_proc, line):
         yield int(line)
+
+
+@contextlib.contextmanager
+def descriptors_used_up() -> Iterator[None]:
+    """Every descriptor this process may open taken (by /dev/null), for the block."""
+    with open_file_limit(open_fds() + 8):
+        held = []
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        try:
+            yield
+        finally:
+            for fd in held:
+                os.close(fd)

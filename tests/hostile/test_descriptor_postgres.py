@@ -7,15 +7,12 @@ descriptors are free again."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 
 import pytest
 
 from tests.gateway_harness import run_gateway
-from tests.hostile.child_processes import open_fds, open_file_limit
+from tests.hostile.child_processes import descriptors_used_up
 from tests.hostile.rawclient import connect, request_bytes
 
 pytestmark = pytest.mark.postgres
@@ -33,34 +30,10 @@ routes:
 """
 
 
-@pytest.fixture
-def database(pg_cluster, monkeypatch):
-    if not pg_cluster.running:
-        pg_cluster.start()
-    monkeypatch.setenv("GATEWAY_TEST_DSN", pg_cluster.dsn)
-    return pg_cluster
-
-
-@contextlib.contextmanager
-def _descriptors_used_up() -> Iterator[None]:
-    with open_file_limit(open_fds() + 8):
-        held = []
-        try:
-            while True:
-                held.append(os.open(os.devnull, os.O_RDONLY))
-        except OSError:
-            pass
-        try:
-            yield
-        finally:
-            for fd in held:
-                os.close(fd)
-
-
 async def test_postgres_connect_without_descriptors_is_shed_not_a_breaker_failure(database):
     async with run_gateway(SQL) as gw, connect(gw.port) as client:
         during = []
-        with _descriptors_used_up():
+        with descriptors_used_up():
             for _ in range(3):
                 await client.send(request_bytes("GET", "/one"))
                 response = await client.read_response(timeout_s=5)

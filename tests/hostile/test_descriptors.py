@@ -8,16 +8,15 @@ in one, so only the gateway's descriptors count against the limit.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 
 import trio
 
 from gateway._connections import CONNECTIONS
 from tests.gateway_harness import run_gateway
 from tests.hostile.child_processes import (
+    descriptors_used_up,
     idle_connections,
     open_fds,
     open_file_limit,
@@ -49,23 +48,6 @@ async def _made_room(before: int, count: int) -> None:
     with trio.fail_after(15):
         while CONNECTIONS.closed_for_room + CONNECTIONS.refused - before < count:
             await trio.sleep(0.02)
-
-
-@contextlib.contextmanager
-def _descriptors_used_up() -> Iterator[None]:
-    """Every descriptor this process may open taken (by /dev/null), for the block."""
-    with open_file_limit(open_fds() + 8):
-        held = []
-        try:
-            while True:
-                held.append(os.open(os.devnull, os.O_RDONLY))
-        except OSError:
-            pass
-        try:
-            yield
-        finally:
-            for fd in held:
-                os.close(fd)
 
 
 async def test_silent_connections_do_not_make_an_admitted_client_s_request_fail():
@@ -119,7 +101,7 @@ async def test_running_out_of_descriptors_does_not_open_the_upstream_s_circuit()
     async with upstream_process() as url, run_gateway(policy(url, extra)) as gw:
         async with connect(gw.port) as client:
             during = []
-            with _descriptors_used_up():
+            with descriptors_used_up():
                 for _ in range(3):
                     await client.send(request_bytes("GET", "/api/ok"))
                     response = await client.read_response(timeout_s=5)
@@ -147,7 +129,7 @@ async def test_a_policy_change_that_cannot_be_read_yet_is_loaded_once_it_can(tmp
 """
         writer = os.open(path, os.O_WRONLY)  # its descriptor, before the limit
         try:
-            with _descriptors_used_up():
+            with descriptors_used_up():
                 os.ftruncate(writer, 0)
                 os.pwrite(writer, new_text.encode(), 0)
                 with trio.fail_after(5):
