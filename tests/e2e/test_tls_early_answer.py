@@ -42,7 +42,8 @@ async def test_an_early_answer_of_a_tls_upstream_to_a_small_body_is_relayed_whol
     """A TLS upstream refuses a 60,000-byte upload on its head (413, its explanation
     in a second write). The client gets the 413 head and then a connection cut before
     its body: the gateway broke its own TLS stream by cancelling the body's write.
-    (The same upstream over plain HTTP passes.)"""
+    Over plain HTTP the answer waited unread behind the blocked write: a 504 after the
+    whole deadline."""
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -76,4 +77,6 @@ routes:
                 response = await client.read_response(timeout_s=6)
             assert response is not None
             assert (response.status, response.body) == (413, ERROR_BODY), response
+            pool = gw.gateway.runtime.snapshot.upstreams["up"].pool
+            assert pool.statistics().idle == 0  # half its request unwritten: not reused
         nursery.cancel_scope.cancel()
