@@ -597,13 +597,14 @@ async def _fetch_two(con: Any, query: str, args: Sequence[object]) -> Any:
     return await con._execute(query, args, 2, None)
 
 
-async def _write_in_transaction(con: Any, run: Callable[[], Awaitable[Any]],
-                                 keep: Callable[[Any], bool]) -> Any:
-    """Run a write in a transaction, committed when ``keep(result)``, else rolled back,
-    so that a write the gateway refuses to answer with leaves nothing behind. Run again
-    once when a schema change made its cached plan stale (asyncpg re-prepares it outside
-    a transaction only). Cancelled: the connection is closed rather than wait for a
-    ROLLBACK (see ``_fetch_within``)."""
+async def _in_transaction(con: Any, run: Callable[[], Awaitable[Any]],
+                          keep: Callable[[Any], bool]) -> Any:
+    """Run ``run`` in a transaction, committed when ``keep(result)``, else rolled back
+    (a write the gateway refuses to answer with leaves nothing behind). Run again once
+    when a schema change made its cached plan stale (asyncpg re-prepares it outside a
+    transaction only). Cancelled, the connection is closed: a ROLLBACK would wait for
+    the server to acknowledge the cancel, the caller's answer held up behind it (for
+    ever while the database cannot be reached)."""
     for last in (False, True):
         transaction = con.transaction()
         await transaction.start()
@@ -634,7 +635,7 @@ async def _write_one(con: Any, query: str, args: Sequence[object]) -> Any:
     """A write whose ``one: true`` asks for one row: rolled back when it returns several
     (a statement missing a condition changed rows it was not meant to), so that the 502
     the client gets is the truth."""
-    return await _write_in_transaction(con, lambda: _fetch_two(con, query, args),
+    return await _in_transaction(con, lambda: _fetch_two(con, query, args),
                                        lambda records: len(records) <= 1)
 
 
@@ -654,7 +655,7 @@ def _write_within(max_bytes: int, name: str) -> Operation:
                 too_large = True
             return not too_large
 
-        records = await _write_in_transaction(con, lambda: con.fetch(query, *args), small)
+        records = await _in_transaction(con, lambda: con.fetch(query, *args), small)
         if too_large:
             raise UpstreamResultRefused(
                 f"{name}: the rows it returned are larger than {max_bytes} bytes as JSON "
@@ -685,11 +686,10 @@ def _fetch_within(max_bytes: int, name: str) -> Operation:
         upstream_json.check_size(map(_row, records), max_bytes, name)
         # More rows than one chunk: read them again through a cursor, which needs a
         # transaction (the session's, read-only); a read can run twice.
-        records = []
-        counted = 0
-        transaction = con.transaction()
-        await transaction.start()
-        try:
+
+        async def read_in_chunks() -> list[Any]:
+            records: list[Any] = []
+            counted = 0
             cursor = await con.cursor(query, *args)
             while chunk := await cursor.fetch(CHUNK_ROWS):
                 records.extend(chunk)
@@ -697,18 +697,9 @@ def _fetch_within(max_bytes: int, name: str) -> Operation:
                                                    counted=counted)
                 if len(chunk) < CHUNK_ROWS:
                     break
-        except asyncio.CancelledError:
-            # A ROLLBACK here would wait for the server to acknowledge the cancel, with
-            # the caller's answer held up behind it (for ever while the database cannot
-            # be reached): the connection is closed instead, which ends the read.
-            con.terminate()
-            raise
-        except BaseException:
-            with suppress(Exception):  # a connection that broke is dropped on release
-                await transaction.rollback()
-            raise
-        await transaction.commit()
-        return records
+            return records
+
+        return await _in_transaction(con, read_in_chunks, lambda _: True)
 
     return fetch
 
