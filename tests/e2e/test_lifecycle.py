@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from tests.process_harness import ROOT, serve_process, stop_process
+from tests.process_harness import ROOT, free_port, serve_process, stop_process
 from tests.upstream import proxy_policy, start_upstream
 
 
@@ -24,12 +24,6 @@ async def _workers(served, count: int, gone: set[int], timeout_s: float = 30) ->
             if len(pids) == count and not gone & set(pids):
                 return pids
             await trio.sleep(0.05)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _launch(policy: Path, *args: str) -> subprocess.Popen[str]:
@@ -64,7 +58,7 @@ async def test_admin_endpoints_never_answer_on_the_public_bind_with_the_same_por
         upstream = await start_upstream(nursery)
         policy = tmp_path / "policy.yaml"
         policy.write_text(proxy_policy(upstream.url))
-        port = _free_port()
+        port = free_port()
         process = _launch(policy, "--bind", f"127.0.0.1:{port}",
                           "--admin-bind", f"127.0.0.2:{port}", "--workers", "1")
         try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ import trio
 
 from tests.gateway_harness import run_gateway
 from tests.h2client import H2Client
-from tests.process_harness import ROOT, serve_process
+from tests.process_harness import ROOT, free_port, serve_process
 from tests.upstream import proxy_policy, start_upstream
 
 
@@ -29,12 +28,6 @@ def _serve_command(policy: Path, config: Path, workers: int) -> list[str]:
     return [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--config",
             str(config), "--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0",
             "--workers", str(workers)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _group_gone(pgid: int) -> bool:
@@ -265,7 +258,7 @@ async def test_an_admin_bind_equal_to_the_public_bind_is_refused(tmp_path: Path)
     policy.write_text(proxy_policy("http://127.0.0.1:9"))
     config = tmp_path / "hypercorn.toml"
     config.write_text('worker_class = "trio"\ngraceful_timeout = 1\n')
-    port = _free_port()
+    port = free_port()
     command = _serve_command(policy, config, 2)
     command[command.index("--bind") + 1] = f"127.0.0.1:{port}"
     command[command.index("--admin-bind") + 1] = f"127.0.0.1:{port}"
