@@ -11,7 +11,7 @@ parameter can never add a segment, a query or a fragment upstream.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_plus, unquote_to_bytes
 
@@ -142,6 +142,8 @@ def compile_route(index: int, route: Route) -> CompiledRoute:
 class RouteMatch:
     compiled: CompiledRoute
     params: dict[str, str]
+    #: The request path's decoded segments, from which a tail's own segments come.
+    segments: Sequence[str] = ()
 
     @property
     def route(self) -> Route:
@@ -152,7 +154,12 @@ class RouteMatch:
         return self.compiled.tails
 
     def target(self, template: str, query_string: bytes = b"") -> str:
-        return build_target(template, self.params, query_string, self.tails)
+        tail_segments: dict[str, Sequence[str]] = {}
+        if self.compiled.tails and self.segments:
+            # A tail is always the template's last part.
+            (name,) = self.compiled.tails
+            tail_segments[name] = self.segments[len(self.compiled.parts) - 1:]
+        return build_target(template, self.params, query_string, self.tails, tail_segments)
 
 
 class RouteTable:
@@ -169,7 +176,7 @@ class RouteTable:
             if params is None:
                 continue
             if method in compiled.methods:
-                return RouteMatch(compiled, params)
+                return RouteMatch(compiled, params, segments)
             allowed |= compiled.methods
         if allowed:
             raise MethodNotAllowed(f"method {method} is not allowed here",
@@ -177,14 +184,22 @@ class RouteTable:
         raise NotFound("no route matches this path")
 
 
-def _encode_value(name: str, value: str, tail: bool) -> str:
+def _encode_value(name: str, value: str, tail: bool,
+                  segments: Sequence[str] | None = None) -> str:
     if tail:
-        # Empty pieces come from encoded slashes (%2F%2F, a leading %2F): dropped, as a
-        # literal "//" is, so "/static/%2Fetc" cannot become "//etc" upstream (which some
-        # servers read as a scheme-relative authority). A trailing slash is kept.
-        split = value.split("/")
-        pieces = [p for p in split[:-1] if p] + split[-1:]
-        if any(p in (".", "..") for p in pieces):
+        if segments is not None:
+            # The request's own segments: an encoded slash inside one (a%2Fb, as in
+            # GitLab's project paths) stays encoded, as the client sent it, and a
+            # leading %2F cannot make "//" (a scheme-relative authority to some servers).
+            pieces = list(segments)
+        else:
+            # Only a value to go by: empty pieces (from "//") are dropped, as a literal
+            # "//" is in a request path. A trailing slash is kept.
+            split = value.split("/")
+            pieces = [p for p in split[:-1] if p] + split[-1:]
+        # Nor inside an encoded slash (a%2F..%2Fb): an upstream that decodes it before
+        # resolving dot segments would climb out of the template's prefix.
+        if any(q in (".", "..") for p in pieces for q in p.split("/")):
             raise BadRequest(f"parameter {name!r} may not contain '.' or '..' segments")
         return "/".join(quote(p, safe=_SEGMENT_SAFE) for p in pieces)
     if value in (".", ".."):
@@ -193,14 +208,16 @@ def _encode_value(name: str, value: str, tail: bool) -> str:
 
 
 def build_target(template: str, params: dict[str, str], query_string: bytes = b"",
-                 tails: frozenset[str] = frozenset()) -> str:
+                 tails: frozenset[str] = frozenset(),
+                 tail_segments: Mapping[str, Sequence[str]] | None = None) -> str:
     """Fill an upstream path template; the client's query string is appended, less the
     parameters the template's own query sets.
 
     A value lands percent-encoded in its own segment (or, for a template's query part,
     as an encoded query value), so it cannot change the shape of the upstream path. A
     route's ``{name*}`` parameter (named in ``tails``) keeps its slashes, one encoded
-    segment each, and may not hold dot segments.
+    segment each (the request's own, from ``tail_segments``, when given), and may not
+    hold dot segments.
     """
     path_template, _, query_template = template.partition("?")
 
@@ -209,7 +226,9 @@ def build_target(template: str, params: dict[str, str], query_string: bytes = b"
             value = params[match[1]]
             if in_query:
                 return quote(value, safe="")
-            return _encode_value(match[1], value, bool(match[2]) or match[1] in tails)
+            name = match[1]
+            return _encode_value(name, value, bool(match[2]) or name in tails,
+                                 tail_segments.get(name) if tail_segments else None)
 
         return _PARAM_RE.sub(replace, text)
 

@@ -84,6 +84,26 @@ def test_encoded_slashes_in_a_tail_never_make_an_empty_segment(rest, target):
     assert build_target("/{rest*}", {"rest": rest}) == target.removeprefix("/files")
 
 
+@pytest.mark.parametrize(("raw", "target"), [
+    # GitLab's API names a project by its encoded path: /projects/group%2Fproject.
+    (b"/static/projects/group%2Fproject/files", "/files/projects/group%2Fproject/files"),
+    (b"/static/%2Fetc%2Fpasswd", "/files/%2Fetc%2Fpasswd"),
+    (b"/static/a/b/", "/files/a/b/"),
+    (b"/static/a%20b", "/files/a%20b"),
+])
+def test_a_tail_keeps_the_requests_encoded_slashes(raw, target):
+    match = table("/static/{rest*}").match("GET", raw)
+    assert match.target("/files/{rest}") == target
+    # The value itself (a SQL argument, say) is the decoded text.
+    assert match.params["rest"] == "/".join(normalize_path(raw)[1:])
+
+
+@pytest.mark.parametrize("raw", [b"/static/a%2F..%2Fb/c", b"/static/x/.%2F", b"/static/..%2F"])
+def test_a_tail_refuses_dot_segments_behind_encoded_slashes(raw):
+    with pytest.raises(BadRequest):
+        table("/static/{rest*}").match("GET", raw).target("/files/{rest}")
+
+
 def test_a_client_query_cannot_set_a_parameter_the_template_sets():
     # /api/users/1/orders?user=2 must not reach an upstream that reads the last value
     # (or a list) as /orders?user=1&user=2.

@@ -87,6 +87,10 @@ async def test_parameters_never_change_the_upstream_path():
                 response = await client.get(path)
                 assert response.status_code in (400, 404), path
                 assert response.json()["cause"] in ("no_route", "bad_request")
+            # In a tail too, an encoded slash stays inside its segment, as sent.
+            response = await client.get("/api/up/projects/group%2Fproject/raw")
+            assert response.status_code == 200
+            assert upstream.requests[-1].target == "/projects/group%2Fproject/raw"
             count = len(upstream.requests)
             response = await client.get("/api/up/a/%2e%2e/%2e%2e/x")
             assert response.status_code == 404
