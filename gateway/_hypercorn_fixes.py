@@ -137,7 +137,7 @@ from hypercorn.protocol.http_stream import HTTPStream
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import EventWrapper
+from hypercorn.trio.worker_context import EventWrapper, WorkerContext
 from hyperframe.frame import GoAwayFrame, SettingsFrame
 from priority.priority import PriorityError, TooManyStreamsError
 
@@ -166,6 +166,8 @@ log = logging.getLogger("gateway.server")
 _applied = False
 #: Most connections a listener takes per wake-up (``server.accept_batch`` of the policy).
 _accept_batch = 1
+#: Called once when the worker passes Hypercorn's ``max_requests`` (it then drains).
+_retire_hook: Callable[[], None] | None = None
 #: Longest one write to a client may wait (``server.send_timeout`` of the policy).
 _send_timeout = 30.0
 #: The request id header of the policy, sent with the answers Hypercorn gives itself.
@@ -195,6 +197,12 @@ def set_accept_batch(batch: int) -> None:
     """Set how many queued connections a listener takes per wake-up (from now on)."""
     global _accept_batch
     _accept_batch = batch
+
+
+def set_retire_hook(hook: Callable[[], None] | None) -> None:
+    """Call ``hook`` once when this worker starts to drain past ``max_requests``."""
+    global _retire_hook
+    _retire_hook = hook
 
 
 def set_premature_reset_limit(limit: int) -> None:
@@ -1071,6 +1079,16 @@ def apply() -> None:
         return H2Put(inbox)
 
     TaskGroup.spawn_app = spawn_app  # type: ignore[method-assign]
+    stock_mark_request: Callable[[Any], Awaitable[None]] = WorkerContext.mark_request
+
+    async def mark_request(self: Any) -> None:
+        global _retire_hook
+        await stock_mark_request(self)
+        if _retire_hook is not None and self.terminate.is_set():
+            hook, _retire_hook = _retire_hook, None
+            hook()
+
+    WorkerContext.mark_request = mark_request  # type: ignore[method-assign]
     hypercorn.trio.run.trio = _TrioWithBatchAccept("trio")  # type: ignore[attr-defined]
     _expect_continue.apply()  # outermost spawn_app: it sees HTTP/1.1 and HTTP/2 alike
     _applied = True

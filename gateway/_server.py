@@ -304,7 +304,7 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
         policy_dir = tempfile.mkdtemp(prefix="gateway-policy-")
         os.environ[LAST_GOOD_ENV] = os.path.join(policy_dir, "active.yaml")
         record_last_good(loaded)
-        supervisor = Supervisor(config.workers, trio_worker,
+        supervisor = Supervisor(config.workers, gateway_worker,
                                 {"config": config, "sockets": sockets},
                                 drain_timeout_s=functools.partial(
                                     drain_timeout, policy_file, config.graceful_timeout,
@@ -338,6 +338,18 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
         close_listening(sockets)
+
+
+def gateway_worker(config: Config, sockets: Sockets | None = None,
+                   shutdown_event: Any = None, retiring_event: Any = None) -> None:
+    """A worker process: Hypercorn's trio worker, which tells the master through
+    ``retiring_event`` when it starts to drain past ``max_requests``, so that its
+    replacement starts then, not once it has exited."""
+    if retiring_event is not None:
+        from ._hypercorn_fixes import set_retire_hook
+
+        set_retire_hook(retiring_event.set)
+    trio_worker(config, sockets, shutdown_event)
 
 
 def _remove_pid_file(path: str) -> None:

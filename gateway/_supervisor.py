@@ -52,7 +52,12 @@ def describe_exit(exitcode: int | None) -> str:
 
 
 class Supervisor:
-    """Keeps ``count`` worker processes running ``target(**kwargs, shutdown_event=…)``.
+    """Keeps ``count`` worker processes running ``target(**kwargs, shutdown_event=…,
+    retiring_event=…)``.
+
+    A worker that sets its ``retiring_event`` (past Hypercorn's ``max_requests``) is
+    draining and no longer counts: its replacement starts at once, while it finishes
+    its requests, so new clients are never left waiting for a drain in the backlog.
 
     SIGTERM or SIGINT sets the shared shutdown event, after which each worker drains
     its in-flight requests and exits; a worker still running ``drain_timeout_s`` later
@@ -77,6 +82,7 @@ class Supervisor:
         self._context = multiprocessing.get_context("spawn")
         self._shutdown_event = self._context.Event()
         self._workers: list[BaseProcess] = []
+        self._retiring: dict[BaseProcess, Any] = {}  # each worker's retiring event
         self._stop_signals = 0
         self._deaths: deque[float] = deque()
         self._restart_limit = max(RESTART_LIMIT, 2 * count)
@@ -114,10 +120,12 @@ class Supervisor:
 
     def _start_missing(self) -> bool:
         """Start workers up to the count; False when starts keep failing."""
-        while len(self._workers) < self._count and not self._stop_signals:
+        while self._serving_count() < self._count and not self._stop_signals:
+            retiring = self._context.Event()
             process = self._context.Process(
                 target=self._target,
-                kwargs={**self._kwargs, "shutdown_event": self._shutdown_event})
+                kwargs={**self._kwargs, "shutdown_event": self._shutdown_event,
+                        "retiring_event": retiring})
             blocked = signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
             try:
                 process.start()
@@ -127,8 +135,13 @@ class Supervisor:
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self._workers.append(process)
+            self._retiring[process] = retiring
             self._workers_changed()
         return True
+
+    def _serving_count(self) -> int:
+        """Workers not draining toward their exit."""
+        return sum(1 for p in self._workers if not self._retiring[p].is_set())
 
     def _workers_changed(self) -> None:
         if self._on_workers_changed is not None:
@@ -164,6 +177,7 @@ class Supervisor:
     def _reap(self, process: BaseProcess) -> None:
         process.join()
         self._workers.remove(process)
+        self._retiring.pop(process, None)
         self._workers_changed()
         if self._on_worker_exit is not None and process.pid is not None:
             self._on_worker_exit(process.pid)

@@ -212,6 +212,46 @@ async def test_max_requests_without_workers_is_refused_at_start_up(tmp_path: Pat
     assert "max_requests: needs workers >= 1" in err, err
 
 
+async def test_a_recycled_worker_is_replaced_while_it_drains(tmp_path: Path):
+    """A worker past ``max_requests`` closes its listeners and drains. Its replacement
+    used to start only once it had exited, so with one worker a new client waited in
+    the listen backlog for as long as the old worker's slowest request ran. The
+    replacement now starts when the drain begins and serves new clients meanwhile."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url).replace("deadline: 10s", "deadline: 60s"))
+        config = tmp_path / "hypercorn.toml"
+        config.write_text('worker_class = "trio"\ngraceful_timeout = 60\n'
+                          'max_requests = 1\nmax_requests_jitter = 0\n')
+        with serve_process(policy, workers=1, config=config) as served:
+            # The start-up health check was the first worker's first request; this is
+            # its second, which recycles it.
+            first_worker = served.worker_pids()
+            async with httpx.AsyncClient(timeout=30) as client:
+                assert (await client.get(served.url + "/api/users/1")).status_code == 200
+            with trio.fail_after(30):
+                while set(served.worker_pids()) <= set(first_worker):
+                    await trio.sleep(0.05)
+            async with trio.open_nursery() as clients:
+
+                async def slow() -> None:
+                    async with httpx.AsyncClient(timeout=60) as slow_client:
+                        await slow_client.get(served.url + "/api/slow?ms=50000")
+
+                clients.start_soon(slow)  # the second worker's first request
+                await upstream.wait_for(lambda: upstream.in_flight >= 1, timeout_s=30)
+                async with httpx.AsyncClient(timeout=30) as client:  # its second: it drains
+                    assert (await client.get(served.url + "/api/users/2")).status_code == 200
+                async with httpx.AsyncClient(timeout=30) as client:
+                    fresh = await client.get(served.url + "/api/users/3")
+                assert fresh.status_code == 200
+                # Served while the draining worker still has its slow request.
+                assert upstream.in_flight == 1
+                clients.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_second_gateway_on_the_port_of_a_running_one_is_a_busy_port_error(
         tmp_path: Path):
     """Start-up on a busy port is an error naming the bind (README; test_lifecycle's

@@ -131,7 +131,7 @@ async def test_sigterm_with_no_worker_processes_drains_in_flight_requests(tmp_pa
         assert code == 0, "".join(served.output)
 
 
-def _exit_with_3(shutdown_event: object) -> None:
+def _exit_with_3(shutdown_event: object, retiring_event: object) -> None:
     sys.exit(3)
 
 

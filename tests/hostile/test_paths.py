@@ -14,9 +14,9 @@ FORWARDED = {
     "/api/up/a/%2e%2e/b": "/b",
     "/api/up/a/.%2E/b": "/b",
     "//api//up//b": "/b",
-    # A {rest*} tail keeps its slashes by design, encoded ones included: one more
-    # segment upstream, never a dot segment (those are refused, below).
-    "/api/up/a%2Fb": "/a/b",
+    # A {rest*} tail keeps its slashes as sent: an encoded one stays inside its
+    # segment, and never hides a dot segment (those are refused, below).
+    "/api/up/a%2Fb": "/a%2Fb",
     "/api/item/a%2Fb": "/items/a%2Fb",
     "/api/item/a%2F..%2F..%2Fadmin": "/items/a%2F..%2F..%2Fadmin",
     "/api/item/%252e%252e": "/items/%252e%252e",
