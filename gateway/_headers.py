@@ -140,8 +140,12 @@ def downstream_response_headers(headers: Sequence[tuple[bytes, bytes]],
 
     A 204 (or 1xx) has no body whatever its head says, and RFC 9110 (8.6) forbids its
     Content-Length: relayed, an HTTP/2 client refuses the stream (a length with no DATA)
-    and an HTTP/1.1 one in front may wait for bytes that never come."""
-    owned = _SERVER_OWNED | _BODILESS_FRAMING if status == 204 or status < 200 else _SERVER_OWNED
+    and an HTTP/1.1 one in front may wait for bytes that never come. A 304 may carry
+    the length of the representation it stands for, but the server ends its HTTP/2
+    stream with an empty DATA frame, which h2-based clients (httpx) then count as a
+    short body; it is dropped there too, as nginx does."""
+    owned = (_SERVER_OWNED | _BODILESS_FRAMING if status in (204, 304) or status < 200
+             else _SERVER_OWNED)
     out = [(n, v) for n, v in strip_hop_by_hop(headers)
            if n != request_id_header and n not in owned]
     out.append((request_id_header, request_id.encode("ascii")))

@@ -21,6 +21,7 @@ Shape of the pool:
 from __future__ import annotations
 
 import errno
+import re
 import select
 import socket
 import ssl
@@ -51,6 +52,9 @@ __all__ = ["HttpUpstreamPool", "PoolLimits", "PoolStatistics", "UpstreamResponse
 RECEIVE_BYTES = 64 * 1024
 """Most bytes asked of the socket per read; trio allocates at most this much per call."""
 
+#: A byte no header field value may hold (RFC 9110 §5.5) that h11 lets through: the
+#: controls other than HTAB (NUL, CR and LF h11 refuses itself), and DEL.
+_CONTROL_BYTE = re.compile(rb"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]")
 #: A request head built this long before it could be sent (the pool's queue, a new
 #: connection) is built again, for the budget its headers announce.
 _STALE_HEAD_S = 0.001
@@ -743,6 +747,12 @@ class HttpUpstreamPool:
             framing = 0
             for name, value in response.headers:
                 size += len(name) + len(value) + 4
+                if _CONTROL_BYTE.search(value) is not None:
+                    # RFC 9110 §5.5 (h11 refuses only NUL, CR and LF): relayed, an
+                    # HTTP/2 client refuses the whole stream, an HTTP/1.1 one may too.
+                    raise UpstreamProtocolError(
+                        f"upstream {self.name!r} sent control bytes in its "
+                        f"{name.decode('latin-1')!r} header", upstream=self.name)
                 if name == b"content-length":
                     framing |= 1
                 elif name == b"transfer-encoding":

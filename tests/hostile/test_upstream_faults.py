@@ -29,6 +29,13 @@ async def misbehave(request: SeenRequest, respond: Responder) -> None:
     elif request.path == "/no-content-with-length":
         await respond.send_raw(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n")
         await respond.close()
+    elif request.path == "/not-modified-with-length":
+        # RFC 9110 8.6: a 304 may carry the length of the representation it stands for.
+        await respond.send_raw(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n"
+                               b"Content-Length: 5\r\n\r\n")
+    elif request.path == "/control-bytes":
+        await respond.send_raw(b"HTTP/1.1 200 OK\r\nX-Trace: a\x01b\x7fc\r\n"
+                               b"Content-Length: 2\r\n\r\nok")
     elif request.path == "/smuggle-response":
         await respond.send_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
                                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
@@ -46,6 +53,9 @@ BEFORE_STREAMING = {
     "/api/up/endless-headers": (502, "upstream_protocol"),
     "/api/up/head-stalls": (504, "deadline"),
     "/api/up/smuggle-response": (502, "upstream_protocol"),
+    # Field values are visible characters (RFC 9110 5.5): relayed, an HTTP/2 client
+    # (curl) failed the stream with PROTOCOL_ERROR and an HTTP/1.1 one got \x01 and DEL.
+    "/api/up/control-bytes": (502, "upstream_protocol"),
 }
 
 
@@ -113,19 +123,24 @@ async def test_client_leaving_mid_stream_frees_the_pool():
         await s.assert_serves()
 
 
-async def test_a_204_is_relayed_without_the_length_its_upstream_gave_it():
-    """RFC 9110 (8.6): no Content-Length on a 204. Relayed as the upstream wrote it, an
-    HTTP/2 client refused the stream (a length with no DATA) and never got the 204, and
-    an HTTP/1.1 client in front could wait for bytes that never come."""
+@pytest.mark.parametrize(("path", "status"), [("/api/up/no-content-with-length", 204),
+                                             ("/api/up/not-modified-with-length", 304)])
+async def test_a_bodiless_answer_is_relayed_without_the_length_its_upstream_gave_it(
+        path, status):
+    """RFC 9110 (8.6): no Content-Length on a 204; a 304 may carry the length of the
+    representation. Relayed as the upstream wrote them, an HTTP/2 client refused the
+    stream (a length, then an empty DATA frame) and never got its 204 or 304 (httpx
+    over HTTP/2 raised on a conditional GET), and an HTTP/1.1 client in front could
+    wait for bytes that never come."""
     async with stage() as s:
         s.upstream.behaviour = misbehave
-        response, _ = await exchange(s.port, request_bytes("GET", "/api/up/no-content-with-length"))
-        assert response is not None and response.status == 204 and response.complete
+        response, _ = await exchange(s.port, request_bytes("GET", path))
+        assert response is not None and response.status == status and response.complete
         assert response.header_values("content-length") == [], response.headers
         client = H2Client(await trio.open_tcp_stream("127.0.0.1", s.port))
         await client.start()
         try:
-            stream_id = await client.get("/api/up/no-content-with-length")
-            assert await client.response(stream_id) == (204, b"")
+            stream_id = await client.get(path)
+            assert await client.response(stream_id) == (status, b"")
         finally:
             await client.stream.aclose()
