@@ -8,7 +8,6 @@ to, each value with where it came from, so an operator can read what a request m
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -16,6 +15,7 @@ from typing import Any, TextIO
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import SchemaSerializer
 
+from ._errors import GatewayError
 from ._policy import (
     IDEMPOTENT_METHODS,
     FanoutCall,
@@ -30,6 +30,7 @@ from ._policy import (
     upstream_slots,
 )
 from ._policy_loader import LoadedPolicy, PolicyError, load_policy_file
+from ._routing import compile_route, normalize_path
 from ._units import format_duration
 
 __all__ = ["SCHEMA_ID", "explain_route", "find_route", "policy_json_schema", "run_check"]
@@ -75,27 +76,21 @@ def _count(n: int, noun: str) -> str:
 
 
 def find_route(policy: Policy, route_path: str) -> tuple[int, Route]:
-    """The route whose template is ``route_path``, else the first matching it as a path."""
+    """The route whose template is ``route_path``, else the first the gateway's own
+    matching picks for it as a request path (whatever the method)."""
     for index, route in enumerate(policy.routes):
         if route.path == route_path:
             return index, route
-    for index, route in enumerate(policy.routes):
-        if _template_regex(route.path).fullmatch(route_path):
-            return index, route
+    try:
+        segments = normalize_path(route_path.partition("?")[0].encode())
+    except GatewayError:
+        segments = None
+    if segments is not None:
+        for index, route in enumerate(policy.routes):
+            if compile_route(index, route).match(segments) is not None:
+                return index, route
     known = ", ".join(route.path for route in policy.routes)
     raise LookupError(f"no route matches {route_path!r} (routes: {known})")
-
-
-def _template_regex(template: str) -> re.Pattern[str]:
-    pattern = ""
-    for part in re.split(r"(\{[A-Za-z_][A-Za-z0-9_]*\*?\})", template):
-        if part.startswith("{") and part.endswith("*}"):
-            pattern += ".*"
-        elif part.startswith("{"):
-            pattern += "[^/]+"
-        else:
-            pattern += re.escape(part)
-    return re.compile(pattern)
 
 
 def explain_route(loaded: LoadedPolicy, route_path: str) -> str:

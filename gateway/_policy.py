@@ -759,9 +759,8 @@ def _covers(general: list[str], specific: list[str]) -> bool:
     """Whether a route of ``general`` segments matches every path ``specific`` does."""
     for position, piece in enumerate(general):
         match = _PARAM_RE.fullmatch(piece)
-        if match and match[2]:  # {name*}: one or more segments, to the end
-            return len(specific) > position and not any(
-                p == "" for p in specific[position:])
+        if match and match[2]:  # {name*}: the rest of the path, "" after a final "/"
+            return len(specific) > position
         if position >= len(specific):
             return False
         other = specific[position]

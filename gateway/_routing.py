@@ -83,6 +83,11 @@ def normalize_path(raw_path: bytes) -> list[str]:
     return segments
 
 
+def literal_segment(piece: str) -> str:
+    """A route template's literal segment as the decoded request segment it matches."""
+    return unquote_to_bytes(piece).decode("utf-8", "replace")
+
+
 @dataclass(frozen=True)
 class _Part:
     literal: str | None  # None for a parameter
@@ -106,7 +111,7 @@ class CompiledRoute:
         for position, part in enumerate(parts):
             if part.tail:
                 rest = segments[position:]
-                if not rest or rest == [""]:
+                if not rest:  # "/api/up" for /api/up/{rest*}; "/api/up/" has rest ""
                     return None
                 params[part.name] = "/".join(rest)
                 return params
@@ -130,7 +135,9 @@ def compile_route(index: int, route: Route) -> CompiledRoute:
         if match:
             parts.append(_Part(None, match[1], bool(match[2])))
         else:
-            parts.append(_Part(piece))
+            # Compared with decoded request segments: a route written as a target is
+            # (/files/my%20docs matches "my docs", and my%2520docs does not).
+            parts.append(_Part(literal_segment(piece)))
     methods = set(route.allowed_methods)
     if "GET" in methods:
         methods.add("HEAD")
@@ -237,8 +244,10 @@ def build_target(template: str, params: dict[str, str], query_string: bytes = b"
     if query_template and client_query:
         # The template's parameters are the policy's: a client's own ``user=2`` after
         # a templated ``user={id}`` would reach an upstream that reads the last value.
+        # Some upstreams split on ";" too (Rack 2, Django before 3.2, Go before 1.17):
+        # a ";" of the client's is sent encoded, so "page=1;user=2" cannot set it there.
         pinned = {_query_name(pair) for pair in query_template.split("&")}
-        client_query = "&".join(pair for pair in client_query.split("&")
+        client_query = "&".join(pair.replace(";", "%3B") for pair in client_query.split("&")
                                 if _query_name(pair) not in pinned)
     queries = [q for q in (fill(query_template, in_query=True), client_query) if q]
     if queries:

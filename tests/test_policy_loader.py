@@ -307,6 +307,44 @@ def test_explain_matches_a_concrete_path() -> None:
     assert explain_route(loaded, "/api/users/42").startswith("route: /api/users/{id}  #")
 
 
+def test_explain_picks_the_route_the_gateway_would() -> None:
+    # An encoded literal matches its decoded request segment, a tail the bare prefix
+    # ("/api/up/"): explain used to compare templates as text and name other routes.
+    loaded = load_policy_text("""\
+version: 1
+upstreams:
+  up: {url: "http://127.0.0.1:9"}
+routes:
+  - path: /api/files/my%20docs
+    proxy: {upstream: up, path: /docs}
+  - path: /api/up/{rest*}
+    proxy: {upstream: up, path: "/{rest}"}
+  - path: /{rest*}
+    proxy: {upstream: up, path: "/fallback/{rest}"}
+""", "p.yaml")
+    assert explain_route(loaded, "/api/files/my%20docs").startswith("route: /api/files/my%20docs")
+    assert explain_route(loaded, "/api/files/my%2520docs").startswith("route: /{rest*}")
+    assert explain_route(loaded, "/api/up/").startswith("route: /api/up/{rest*}")
+    assert explain_route(loaded, "/api/up/a?x=1").startswith("route: /api/up/{rest*}")
+    # Dot segments resolve before routing: this request is served by the catch-all.
+    assert explain_route(loaded, "/api/up/a/../../x").startswith("route: /{rest*}")
+
+
+def test_a_route_after_a_tail_that_covers_its_trailing_slash_is_never_reached() -> None:
+    loaded = load_policy_text("""\
+version: 1
+upstreams:
+  up: {url: "http://127.0.0.1:9"}
+routes:
+  - path: /api/up/{rest*}
+    proxy: {upstream: up, path: "/{rest}"}
+  - path: /api/up/
+    proxy: {upstream: up, path: /index}
+""", "p.yaml")
+    assert [w.message for w in loaded.warnings if "never reached" in w.message], \
+        loaded.warnings
+
+
 def test_explain_says_a_call_that_may_write_is_never_hedged() -> None:
     # The upstream's hedge_after and reset retries are inherited, but a statement that
     # may write runs once, like a POST: explain must not promise what never happens.

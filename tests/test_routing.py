@@ -104,6 +104,37 @@ def test_a_tail_refuses_dot_segments_behind_encoded_slashes(raw):
         table("/static/{rest*}").match("GET", raw).target("/files/{rest}")
 
 
+def test_a_route_written_percent_encoded_matches_the_target_as_sent():
+    routes = table("/api/files/my%20docs", "/api/projects/group%2Fproject/info", "/{rest*}")
+    assert routes.match("GET", b"/api/files/my%20docs").route.path == "/api/files/my%20docs"
+    assert routes.match("GET", b"/api/projects/group%2Fproject/info").route.path == \
+        "/api/projects/group%2Fproject/info"
+    # The double-encoded target is another path.
+    assert routes.match("GET", b"/api/files/my%2520docs").route.path == "/{rest*}"
+
+
+def test_a_tail_matches_its_bare_prefix_and_not_less():
+    routes = table("/api/up/{rest*}")
+    match = routes.match("GET", b"/api/up/")
+    assert match.params == {"rest": ""}
+    assert match.target("/{rest}") == "/"
+    assert match.target("/files/{rest}") == "/files/"
+    with pytest.raises(NotFound):
+        routes.match("GET", b"/api/up")
+    assert table("/{rest*}").match("GET", b"/").target("/fallback/{rest}") == "/fallback/"
+
+
+def test_a_client_query_cannot_set_a_pinned_parameter_behind_a_semicolon():
+    # Upstreams that split on ";" as well as "&" (Rack 2, Django before 3.2, Go before
+    # 1.17) would read user=2; for the others %3B decodes to the same ";".
+    assert build_target("/orders?user={id}", {"id": "7"}, b"page=1;user=2") == \
+        "/orders?user=7&page=1%3Buser=2"
+    assert build_target("/orders?user={id}", {"id": "7"}, b"user=2;page=1&a=b") == \
+        "/orders?user=7&a=b"
+    # Nothing pinned, nothing to protect: the client's query goes as sent.
+    assert build_target("/orders", {}, b"page=1;user=2") == "/orders?page=1;user=2"
+
+
 def test_a_client_query_cannot_set_a_parameter_the_template_sets():
     # /api/users/1/orders?user=2 must not reach an upstream that reads the last value
     # (or a list) as /orders?user=1&user=2.
