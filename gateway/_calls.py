@@ -116,7 +116,7 @@ def _check_budget_floor(ctx: RequestContext, call: TracedScope, call_name: str,
         raise UpstreamTimeout(
             f"call {call_name}: {max(0.0, budget) * 1000:.0f}ms left after the "
             f"{server.deadline_margin * 1000:g}ms margin, below the floor; not sent",
-            scope=bounding.span.label, call=call_name)
+            scope=bounding.span.label, call=call_name, refused=True)
 
 
 def forward_headers(ctx: RequestContext, call: TracedScope,

@@ -105,8 +105,9 @@ class LimitsPolicy(_Model):
         "they are also half of the streams it opened (rapid reset); 0: no limit.")
     max_upstream_header_bytes: ByteSize = Field(
         64 * 1024, ge=1, description="An upstream answering larger headers → 502.")
-    body_timeout: Duration = Field(60.0, gt=0,
-                                   description="A request body slower than this is cut.")
+    body_timeout: Duration = Field(
+        60.0, gt=0, description="The whole request body must arrive within this of the "
+        "request's start, whatever its pace (408); also bounded by the route's deadline.")
     response_timeout: Duration = Field(
         3600.0, gt=0, description="Longest an admin response may stream before it is cut "
         "(public routes are bounded by their deadline).")

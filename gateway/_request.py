@@ -365,13 +365,15 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
                                                  "it logged why"), request_id, rid_header)
     except BaseException as exc:
         # Cancelled from outside the request (Hypercorn's graceful deadline on shutdown):
-        # nothing can be sent any more; the trace keeps the cause.
+        # nothing can be sent any more; the trace keeps the cause, and the status the
+        # client was sent, if any: none (null, counted as "0") when the connection was
+        # closed before an answer started.
         if trace.status is None:
             root = trace.root
             trace.cause = root.cause if root is not None and root.cause else "shutdown"
             trace.status = (499 if trace.cause == "client_disconnect"
                             else context.status if context is not None
-                            and context.response_started else 503)
+                            and context.response_started else None)
         raise exc
     finally:
         if entered:

@@ -35,7 +35,8 @@ Outcome = Literal["ok", "error", "cancelled"]
 #: Causes of a cancelled span (see DESIGN.md, "Cancellation trace").
 CAUSES = ("deadline", "client_disconnect", "sibling_failed", "hedge_lost", "quorum_reached",
           "shed", "circuit_open", "retry_budget", "shutdown")
-#: Gateway errors that are refusals (a cancellation before work), not failures.
+#: Gateway errors that are refusals (a cancellation before work), not failures; so is
+#: an error raised with ``refused=True`` (a call whose budget is below the floor).
 _REFUSAL_CAUSES = frozenset({"shed", "circuit_open", "retry_budget"})
 
 
@@ -269,7 +270,7 @@ def traced_scope(
             span.outcome = "cancelled"
             span.cause, span.fired_scope = _attribute(scope, cancelled, trio.current_time())
         elif isinstance(exc, GatewayError):
-            if exc.cause in _REFUSAL_CAUSES:
+            if exc.cause in _REFUSAL_CAUSES or exc.detail.get("refused"):
                 # Refused where it was raised (a call's upstream, the door): the spans
                 # it passes through on the way out name that scope, not their own.
                 span.outcome = "cancelled"

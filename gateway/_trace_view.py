@@ -56,7 +56,9 @@ def render_trace(trace: dict[str, Any]) -> Tree:
     """One trace as a rich tree: header line, then the span tree with time bars."""
     head = Text()
     head.append(f"{trace['method']} {trace['path']}", style="bold")
-    head.append(f"  → {trace.get('status')}  {trace.get('duration_ms', 0):.1f}ms")
+    status = trace.get("status")
+    head.append(f"  → {'no answer' if status is None else status}  "
+                f"{trace.get('duration_ms', 0):.1f}ms")
     if trace.get("cause"):
         head.append(f"  cause={trace['cause']}", style="bold red")
     head.append(f"  id={trace['request_id']}", style="dim")

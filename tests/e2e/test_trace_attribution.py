@@ -10,8 +10,9 @@ import contextlib
 
 import trio
 
+from gateway._metrics import render_metrics
 from gateway._trace_view import render_traces_text
-from tests.gateway_harness import run_gateway, trace_of
+from tests.gateway_harness import RunningGateway, run_gateway, trace_of
 from tests.metrics import metric_total
 from tests.upstream import start_upstream
 
@@ -316,4 +317,84 @@ async def test_an_upstream_shed_names_the_call_that_was_refused_on_every_span():
             fired = {s.label: s.fired_scope for s in trace.root.walk() if s.cause == "shed"}
             assert fired.get("call a") == "call a"
             assert set(fired.values()) == {"call a"}, fired
+        nursery.cancel_scope.cancel()
+
+
+PLAIN = """
+version: 1
+upstreams:
+  users: {{url: "{url}"}}
+  one: {{url: "{url}", limit: {{concurrency: 1, queue: 5, queue_timeout: 5s}}}}
+routes:
+  - path: /api/{{rest*}}
+    deadline: 10s
+    proxy: {{upstream: users, path: "/{{rest}}"}}
+  - path: /one
+    deadline: 10s
+    proxy: {{upstream: one, path: "/stall"}}
+"""
+
+
+async def _metrics(gw: RunningGateway) -> str:
+    async with gw.admin() as admin:
+        return (await admin.get("/metrics")).text
+
+
+async def test_a_call_refused_below_the_budget_floor_is_counted_as_a_deadline_cancellation():
+    """A client sends ``x-request-timeout-ms: 1``: the call is not sent (below the
+    floor) and the client gets ``504 cause=deadline scope=request``; the trace says
+    ``cause=deadline scope=request`` and ``/traces?cause=deadline`` lists it. But
+    ``gateway_cancellations_total{cause="deadline"}`` did not move: the refusal was
+    recorded on its spans as an *error*, and only *cancelled* spans are counted, so a
+    dashboard of deadline cancellations per route missed every such 504 (while a
+    deadline firing one millisecond later, mid-call, is counted)."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(PLAIN.format(url=upstream.url)) as gw, gw.client() as client:
+            before = metric_total(await _metrics(gw), "gateway_cancellations_total",
+                                  route="/api/{rest*}", cause="deadline")
+            response = await client.get("/api/users/1", headers={"x-request-timeout-ms": "1"})
+            assert response.status_code == 504
+            assert response.json()["cause"] == "deadline"
+            assert response.json()["scope"] == "request"
+            trace = await trace_of(gw, response.headers["x-request-id"])
+            assert trace.cause == "deadline"
+            async with gw.admin() as admin:
+                listed = (await admin.get("/traces", params={"cause": "deadline"})).json()
+            assert trace.request_id in [t["request_id"] for t in listed["traces"]]
+            after = metric_total(await _metrics(gw), "gateway_cancellations_total",
+                                 route="/api/{rest*}", cause="deadline")
+            assert after - before == 1, trace.to_json()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_cut_by_shutdown_before_any_answer_is_recorded_without_a_status():
+    """At the end of ``graceful_timeout`` a request still waiting on its upstream is
+    cancelled and its connection closed: the client receives no response at all.
+    The trace, the access log and ``gateway_requests_total`` recorded it as ``503``,
+    a status nobody was sent, so an SRE read a burst of 503 answers during a deploy
+    that clients never saw (they saw dropped connections). The trace has no status
+    now (null), and the counter says ``0``."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(PLAIN.format(url=upstream.url), graceful_timeout=0.3) as gw:
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            await stream.send_all(b"GET /one HTTP/1.1\r\nhost: t\r\n"
+                                  b"x-request-id: cut-before-answer\r\n\r\n")
+            await upstream.wait_for(lambda: upstream.in_flight >= 1)
+            gw.shutdown.set()
+            received = b""
+            with trio.move_on_after(5):
+                while chunk := await stream.receive_some(65536):
+                    received += chunk
+            trace = await trace_of(gw, "cut-before-answer", timeout_s=5)
+            assert trace.cause == "shutdown"
+            assert received == b"", received[:200]  # no answer: the connection closed
+            assert trace.status is None, trace.to_json()
+            # The admin listener has closed too: the worker's own registry.
+            metrics = render_metrics(gw.gateway.runtime).decode()
+            assert metric_total(metrics, "gateway_requests_total", route="/one",
+                                status="503") == 0
+            assert metric_total(metrics, "gateway_requests_total", route="/one",
+                                status="0") == 1
         nursery.cancel_scope.cancel()
