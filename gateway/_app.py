@@ -23,7 +23,7 @@ from ._errors import NotFound
 from ._fanout import fanout
 from ._gc import run_full_collections
 from ._metrics import METRICS, refresh_gauges
-from ._policy import Policy, resolve_call_settings
+from ._policy import Policy, resolve_call_settings, statement_timeout
 from ._policy_loader import (
     LAST_GOOD_ENV,
     LoadedPolicy,
@@ -135,7 +135,8 @@ class Gateway:
     async def start(self, nursery: trio.Nursery) -> None:
         """Open what lives as long as the worker, inside the app nursery."""
         self._nursery = nursery
-        await self._start_postgres(self.runtime.snapshot.upstreams.values())
+        await self._start_postgres(self.runtime.snapshot.policy,
+                                   self.runtime.snapshot.upstreams.values())
         nursery.start_soon(self.runtime.loop_lag.run)
         nursery.start_soon(run_full_collections)
         nursery.start_soon(refresh_gauges, self.runtime)
@@ -151,7 +152,7 @@ class Gateway:
             bounded.shield = True
             await self.runtime.aclose()
 
-    async def _start_postgres(self, states: Any) -> None:
+    async def _start_postgres(self, policy: Policy, states: Any) -> None:
         for state in states:
             if state.policy.postgres is not None and state.postgres is None:
                 from .upstreams._postgres import PostgresSettings, PostgresUpstream
@@ -165,7 +166,8 @@ class Gateway:
                 upstream = PostgresUpstream(state.name, PostgresSettings(
                     dsn=dsn, min_size=pg.pool.min, max_size=pg.pool.max,
                     statement_cache_size=pg.statement_cache_size,
-                    client_check_interval_s=pg.client_check_interval))
+                    client_check_interval_s=pg.client_check_interval,
+                    statement_timeout_s=statement_timeout(policy, state.name)))
                 assert self._nursery is not None
                 await self._nursery.start(upstream.run)
                 state.postgres = upstream
@@ -226,7 +228,7 @@ class Gateway:
         # requests do not find them missing. Until then nothing active has changed: a
         # reload cut short (shutdown) closes what it built and leaves the policy as is.
         try:
-            await self._start_postgres(new.upstreams.values())
+            await self._start_postgres(new.policy, new.upstreams.values())
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.runtime.discard(new)

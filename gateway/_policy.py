@@ -670,6 +670,23 @@ def upstream_sockets(policy: Policy) -> int:
                else upstream.pool.max_connections for upstream in policy.upstreams.values())
 
 
+#: The PostgreSQL session's ``statement_timeout`` at least (the server's backstop for a
+#: statement whose gateway can no longer cancel it), and its margin over a deadline.
+MIN_STATEMENT_TIMEOUT_S = 30.0
+STATEMENT_TIMEOUT_MARGIN_S = 5.0
+
+
+def statement_timeout(policy: Policy, upstream_name: str) -> float:
+    """The session ``statement_timeout`` of a PostgreSQL upstream: past the longest
+    deadline of the routes that call it, so that the backstop never cuts a statement the
+    policy allows to run (a 45 s report route was cut at 30 s)."""
+    longest = 0.0
+    for route in policy.routes:
+        if any(call.upstream == upstream_name for _, call in _calls(route)):
+            longest = max(longest, route.deadline or policy.defaults.deadline)
+    return max(MIN_STATEMENT_TIMEOUT_S, longest + STATEMENT_TIMEOUT_MARGIN_S)
+
+
 def upstream_retry_policy(policy: Policy, upstream: UpstreamPolicy) -> RetryPolicy:
     """The retry budget of an upstream comes from its own call settings, else the defaults:
     it is shared by every call to the upstream."""

@@ -144,7 +144,8 @@ class PostgresSettings:
     ``close_timeout_s``: bound on every cleanup step (release after a cancel, commit,
     rollback, pool close); past it the connection is terminated (default 2 s).
     ``statement_timeout_s``: server-side ceiling on any single statement, the backstop
-    for a cancel request that never reaches the server (default 30 s; 0 disables).
+    for a cancel request that never reaches the server (default 30 s; 0 disables; the
+    gateway sets it past its routes' deadlines, ``_policy.statement_timeout``).
     ``client_check_interval_s``: how often a backend running a query checks that the
     gateway's end of its connection is still there, and stops the query if not
     (PostgreSQL 14+, default 1 s; 0 disables).
@@ -359,6 +360,12 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False) -> G
         state = exc.sqlstate or ""
         kind = type(exc).__name__
         if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
+            # 57014 is a statement_timeout and a cancel from elsewhere alike (an
+            # operator's pg_cancel_backend): only the server's text tells them apart, in
+            # English ("due to user request"); another language reads as the timeout.
+            if "user request" in (exc.message or ""):
+                return UpstreamError(f"{where}: statement cancelled on the server by "
+                                     "another session (pg_cancel_backend)", sqlstate=state)
             return UpstreamTimeout(f"{where}: statement cancelled on the server")
         if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
             return UpstreamResetError(f"{where}: connection lost mid-call", sqlstate=state)
@@ -602,16 +609,17 @@ async def _in_transaction(con: Any, run: Callable[[], Awaitable[Any]],
     """Run ``run`` in a transaction, committed when ``keep(result)``, else rolled back
     (a write the gateway refuses to answer with leaves nothing behind). Run again once
     when a schema change made its cached plan stale (asyncpg re-prepares it outside a
-    transaction only). Cancelled, the connection is closed: a ROLLBACK would wait for
-    the server to acknowledge the cancel, the caller's answer held up behind it (for
-    ever while the database cannot be reached)."""
+    transaction only). Cancelled, the caller is answered at once: the ROLLBACK is left
+    to :func:`_run_on_pool`'s release in the background, as it waits for the server to
+    acknowledge asyncpg's cancel (terminating the connection at once would drop the
+    cancel request, and the statement would run on, holding its locks)."""
     for last in (False, True):
         transaction = con.transaction()
         await transaction.start()
         try:
             result = await run()
         except asyncio.CancelledError:
-            con.terminate()
+            _CANCELLED_IN_TRANSACTION[con] = transaction
             raise
         except asyncpg.exceptions.InvalidCachedStatementError:
             with suppress(Exception):
@@ -722,7 +730,7 @@ async def _run_on_pool(
         # Cut by a deadline or a client leaving: the caller is answered now. Releasing
         # waits for the server to acknowledge asyncpg's cancel (or close_timeout_s, when
         # the server cannot be reached), so it goes on without the caller.
-        _in_background(_release(pool, con, release_timeout_s))
+        _in_background(_release_after_cancel(pool, con, release_timeout_s))
         raise
     except BaseException:
         await _release(pool, con, release_timeout_s)
@@ -733,6 +741,25 @@ async def _run_on_pool(
 
 #: Releases running after their callers were cancelled (a reference keeps each alive).
 _RELEASING: set[asyncio.Task[None]] = set()
+#: The transaction a cancelled statement was running in, by connection, to roll back
+#: before release (every ``_in_transaction`` runs inside ``_run_on_pool``, which pops it).
+_CANCELLED_IN_TRANSACTION: dict[Any, Any] = {}
+
+
+async def _release_after_cancel(pool: asyncpg.Pool, con: Any, timeout_s: float) -> None:
+    """Roll back the transaction a cancelled statement ran in, if any, then release.
+    asyncpg sends the ROLLBACK once the server has acknowledged its cancel, so the
+    statement is stopped on the server, not only abandoned; a server silent past
+    ``timeout_s`` gets the connection terminated instead."""
+    transaction = _CANCELLED_IN_TRANSACTION.pop(con, None)
+    if transaction is not None:
+        try:
+            await asyncio.wait_for(transaction.rollback(), timeout_s)
+        except BaseException:
+            con.terminate()
+            logger.debug("postgres connection dropped after a cancelled write",
+                         exc_info=True)
+    await _release(pool, con, timeout_s)
 
 
 def _in_background(release: Coroutine[Any, Any, None]) -> None:
