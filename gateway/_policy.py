@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -48,14 +48,25 @@ _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
                "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 
+#: Largest size a policy may write (8 EiB less one: beyond, a slip of the keyboard).
+MAX_SIZE = 2**63 - 1
+
+
 def parse_size(value: Any) -> int:
     """``"16MiB"`` → 16777216; plain integers are bytes."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if value > MAX_SIZE:
+            raise ValueError(f"{str(value)[:24]}… is too large (at most {MAX_SIZE} bytes)")
         return value
     if isinstance(value, str):
         match = _SIZE_RE.match(value.strip())
         if match:
-            return int(match["value"]) * _SIZE_UNITS[match["unit"]]
+            if len(match["value"]) > 19:
+                raise ValueError(f"{value[:24]!r}… is too large (at most {MAX_SIZE} bytes)")
+            size = int(match["value"]) * _SIZE_UNITS[match["unit"]]
+            if size > MAX_SIZE:
+                raise ValueError(f"{value!r} is too large (at most {MAX_SIZE} bytes)")
+            return size
     raise ValueError(f"{value!r} is not a size (e.g. 64KiB, 16MiB, 1000)")
 
 
@@ -503,6 +514,15 @@ class Route(_Model):
         tails = [m for m in _PARAM_RE.finditer(value) if m.group(2)]
         if tails and (len(tails) > 1 or tails[0].end() != len(value)):
             raise ValueError(f"{value!r}: a {{name*}} parameter may only end the path")
+        # Request paths are normalised before routing ("//" collapsed, dot segments
+        # resolved): a route with such a segment would never be matched.
+        segments = value[1:].split("/")
+        if "" in segments[:-1]:
+            raise ValueError(f"{value!r} has an empty segment ('//'), which no request "
+                             "path keeps")
+        if any(unquote(segment) in (".", "..") for segment in segments):
+            raise ValueError(f"{value!r} has a '.' or '..' segment, which requests resolve "
+                             "before routing")
         return value
 
     @field_validator("methods")

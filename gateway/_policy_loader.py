@@ -317,10 +317,20 @@ class _Document:
         context = exc.context
         if context and exc.context_mark is not None and mark is not exc.context_mark:
             context += f" started on line {exc.context_mark.line + 1}"
+        anchor = re.match(r"found duplicate anchor (\S+);", exc.context or "")
         if "'\\t'" in problem:
             message = "a tab character; YAML indents with spaces only"
+        elif anchor is not None:
+            first = ("" if exc.context_mark is None
+                     else f" (first on line {exc.context_mark.line + 1})")
+            message = f"duplicate anchor {anchor[1]}{first}"
+        elif problem == "but found another document":
+            message = ("a second YAML document: a policy file is one document (remove this "
+                       "'---' and what follows it)")
         elif context and problem.startswith(("expected", "found", "could not", "did not")):
             message = f"{problem} ({context})"
+        elif context:
+            message = f"{context}: {problem}"
         else:
             message = problem
         self.add((), message, position)
@@ -378,7 +388,11 @@ class _Document:
         return value
 
     def _mapping(self, node: MappingNode, path: PolicyPath, depth: int,
-                 active: tuple[int, ...]) -> dict[str, Any]:
+                 active: tuple[int, ...], given: frozenset[str] = frozenset(),
+                 ) -> dict[str, Any]:
+        """The mapping's keys and values; ``given``: keys a merging mapping has already
+        (its own, or an earlier merge's), which win, so they are not read here at all:
+        their positions and written values stay the ones errors must point at."""
         result: dict[str, Any] = {}
         seen: dict[str, _Position] = {}
         merges: list[Node] = []
@@ -397,6 +411,8 @@ class _Document:
             # "on" instead of YAML 1.1's boolean true.
             key = str(key_node.value)
             key_path = (*path, key)
+            if key in given:
+                continue
             if key in seen:
                 first_line = seen[key][0]
                 self.add(key_path, f"duplicate key '{key}' (first given on line {first_line})",
@@ -419,7 +435,8 @@ class _Document:
                              _mark(source))
                     self.voided.add(path)
                     continue
-                merged = self._mapping(source, path, depth + 1, (*active, id(source)))
+                merged = self._mapping(source, path, depth + 1, (*active, id(source)),
+                                       given | seen.keys() | result.keys())
                 for key, value in merged.items():
                     result.setdefault(key, value)
         return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import re
 from typing import Annotated, Any, NamedTuple
 
@@ -31,12 +32,20 @@ def _shown(value: Any) -> str:
         return str(value)
 
 
+#: Longest duration a policy may write: longer is a slip of the keyboard (and digits
+#: enough turn into infinity, which ``Retry-After`` or a deadline cannot carry).
+MAX_DURATION_S = 365 * 24 * 3600.0
+
+
 def parse_duration(value: Any) -> float:
     """``"250ms"`` → 0.25 seconds. Bare numbers are refused: a unit is always required."""
     if isinstance(value, str):
         match = _DURATION_RE.match(value.strip())
         if match:
-            return float(match["value"]) * _UNIT_SECONDS[match["unit"]]
+            seconds = float(match["value"]) * _UNIT_SECONDS[match["unit"]]
+            if not seconds <= MAX_DURATION_S:
+                raise ValueError(f"{_shown(value)} is too long (at most 365 days, 8760h)")
+            return seconds
     raise ValueError(f"{_shown(value)} is not a duration (e.g. 250ms, 2s, 1m)")
 
 
@@ -53,7 +62,10 @@ def parse_percent(value: Any) -> float:
     if isinstance(value, str):
         match = _PERCENT_RE.match(value.strip())
         if match:
-            return float(match["value"]) / 100
+            fraction = float(match["value"]) / 100
+            if not math.isfinite(fraction):
+                raise ValueError(f"{_shown(value)} is too large")
+            return fraction
     raise ValueError(f"{_shown(value)} is not a percentage (e.g. 20%)")
 
 

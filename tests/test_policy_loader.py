@@ -623,3 +623,131 @@ def test_merges_of_non_mappings_count_against_the_expansion_cap():
                        capture_output=True)
     except subprocess.TimeoutExpired:
         pytest.fail("a 1.5 KB policy file was still being loaded after 10 s")
+
+
+# --------------------------------------------------------------------------- edge values
+
+_HUGE = "1" + "0" * 309  # digits enough for float() to make infinity
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("shed_retry_after", _HUGE + "s", "too long"),
+    ("shed_retry_after", "9000h", "too long"),
+    ("max_loop_lag", _HUGE + "ms", "too long"),
+])
+def test_a_duration_past_a_year_is_refused(field, value, message) -> None:
+    # 310 digits passed check as float("inf"), and a shed request then failed with a
+    # 500 (OverflowError formatting Retry-After) instead of its 503.
+    text = f"version: 1\nserver:\n  {field}: {value}\nroutes: []\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "p.yaml")
+    (issue,) = [i for i in caught.value.issues if i.path.startswith("server")]
+    assert issue.line == 3 and issue.path == f"server.{field}" and message in issue.message
+
+
+def test_a_size_too_large_is_refused_plainly() -> None:
+    for value in ("9" * 5000 + "KiB", "9" * 30, "99999999999GiB"):
+        with pytest.raises(PolicyError) as caught:
+            load_policy_text(f"version: 1\nserver:\n  limits: {{max_body: {value}}}\n"
+                             "routes: []\n", "p.yaml")
+        (issue,) = [i for i in caught.value.issues if i.path.startswith("server")]
+        assert "too large" in issue.message and "sys.set_int" not in issue.message
+        assert len(str(issue)) < 200, str(issue)
+
+
+def _issue_texts(text: str) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "p.yaml")
+    return [str(issue) for issue in caught.value.issues]
+
+
+def test_an_error_in_an_overriding_mapping_points_at_the_override_not_the_anchor() -> None:
+    # routes[1] reuses routes[0] with `<<: *r` and overrides `proxy` on line 11; the
+    # error pointed at line 8, routes[0]'s valid proxy.
+    text = """\
+version: 1
+upstreams:
+  users: {url: "http://127.0.0.1:9001"}
+routes:
+  - &r
+    path: /a
+    deadline: 1s
+    proxy: {upstream: users, path: /a}
+  - <<: *r
+    path: /b
+    proxy: {path: /b}
+"""
+    assert _issue_texts(text) == [
+        "p.yaml:11:5: routes[1].proxy: missing required key 'upstream'"]
+
+
+def test_a_model_error_under_a_merge_points_at_the_line_that_holds_it() -> None:
+    text = """\
+version: 1
+upstreams:
+  db1: &pg
+    postgres: {dsn_env: A, pool: {min: 1, max: 5}}
+  db2:
+    <<: *pg
+    postgres: {dsn_env: B, pool: {min: 9, max: 5}}
+routes:
+  - path: /a
+    sql: {upstream: db2, query: "SELECT 1"}
+"""
+    (issue,) = _issue_texts(text)
+    assert issue.startswith("p.yaml:7:"), issue
+
+
+def test_a_bound_error_under_a_merge_quotes_the_value_written_there() -> None:
+    # It quoted "10s", the merged value the override replaced.
+    text = """\
+version: 1
+upstreams:
+  users: &base
+    url: http://127.0.0.1:9001
+    pool: {idle_timeout: 10s}
+  orders:
+    <<: *base
+    url: http://127.0.0.1:9002
+    pool: {idle_timeout: 0s}
+routes:
+  - path: /a
+    proxy: {upstream: orders, path: /a}
+"""
+    assert _issue_texts(text) == [
+        'p.yaml:9:26: upstreams.orders.pool.idle_timeout: "0s" must be above 0']
+
+
+@pytest.mark.parametrize("route_path", ["/api//users", "/api/./users", "/api/v1/../users",
+                                        "/api/%2e%2e/users"])
+def test_a_route_path_no_request_can_match_is_refused(route_path) -> None:
+    # Requests are normalised before routing, so such a route was a silent 404.
+    text = f"""\
+version: 1
+upstreams:
+  users: {{url: "http://127.0.0.1:9001"}}
+routes:
+  - path: {route_path}
+    proxy: {{upstream: users, path: /seen}}
+"""
+    (issue,) = _issue_texts(text)
+    assert issue.startswith("p.yaml:5:") and "routes[0].path" in issue, issue
+
+
+def test_a_duplicate_anchor_is_named_in_the_message() -> None:
+    # It said only "second occurrence".
+    text = """\
+version: 1
+upstreams:
+  users: &base {url: "http://127.0.0.1:9001"}
+  orders: &base {url: "http://127.0.0.1:9002"}
+"""
+    (issue,) = _issue_texts(text)
+    assert issue.startswith("p.yaml:4:")
+    assert "duplicate anchor 'base' (first on line 3)" in issue, issue
+
+
+def test_a_second_document_in_the_file_is_explained() -> None:
+    # It said only "but found another document".
+    (issue,) = _issue_texts("version: 1\n---\nversion: 1\n")
+    assert issue.startswith("p.yaml:2:1: ") and "one document" in issue, issue
