@@ -61,7 +61,7 @@ def parse_size(value: Any) -> int:
     if isinstance(value, str):
         match = _SIZE_RE.match(value.strip())
         if match:
-            if len(match["value"]) > 19:
+            if len(match["value"].lstrip("0")) > 19:
                 raise ValueError(f"{value[:24]!r}… is too large (at most {MAX_SIZE} bytes)")
             size = int(match["value"]) * _SIZE_UNITS[match["unit"]]
             if size > MAX_SIZE:
@@ -807,7 +807,7 @@ def _covers(general: list[str], specific: list[str]) -> bool:
             if (other_match and other_match[2]) or other == "":
                 return False  # a tail matches more segments; a {param} never an empty one
             continue
-        if other != piece:
+        if unquote(other) != unquote(piece):  # as routing compares them: decoded
             return False
     return len(general) == len(specific)
 

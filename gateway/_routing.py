@@ -24,6 +24,7 @@ _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*?)\}")
 # encoded because some frameworks give them meaning, ";" because Tomcat and Jetty read
 # "..;" as "..").
 _SEGMENT_SAFE = "-._~!$'()*,:@"
+_SLASHES = re.compile(r"//+")
 
 
 def origin_form(raw_path: bytes) -> bytes:
@@ -227,19 +228,27 @@ def build_target(template: str, params: dict[str, str], query_string: bytes = b"
     hold dot segments.
     """
     path_template, _, query_template = template.partition("?")
+    emptied = False
 
     def fill(text: str, in_query: bool) -> str:
         def replace(match: re.Match[str]) -> str:
+            nonlocal emptied
             value = params[match[1]]
             if in_query:
                 return quote(value, safe="")
             name = match[1]
-            return _encode_value(name, value, bool(match[2]) or name in tails,
-                                 tail_segments.get(name) if tail_segments else None)
+            encoded = _encode_value(name, value, bool(match[2]) or name in tails,
+                                    tail_segments.get(name) if tail_segments else None)
+            emptied = emptied or not encoded
+            return encoded
 
         return _PARAM_RE.sub(replace, text)
 
     target = fill(path_template, in_query=False)
+    if emptied:
+        # An empty tail (the request named its route's bare prefix, /docs/) inside a
+        # template (/site/{page}/index.html) leaves no empty segment: /site/index.html.
+        target = _SLASHES.sub("/", target)
     client_query = query_string.decode("latin-1")
     if query_template and client_query:
         # The template's parameters are the policy's: a client's own ``user=2`` after

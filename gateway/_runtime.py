@@ -35,6 +35,7 @@ from ._policy import (
     Policy,
     UpstreamPolicy,
     routes_binding_path_values,
+    statement_timeout,
     upstream_retry_policy,
     upstream_slots,
     upstream_sockets,
@@ -75,10 +76,14 @@ def _pool_limits(policy: Policy, upstream: UpstreamPolicy) -> PoolLimits:
     )
 
 
-def _connection_identity(policy: Policy, upstream: UpstreamPolicy) -> tuple[Any, ...]:
-    """What, when changed, needs a new pool (limits alone are resized in place)."""
+def _connection_identity(policy: Policy, name: str,
+                         upstream: UpstreamPolicy) -> tuple[Any, ...]:
+    """What, when changed, needs a new pool (limits alone are resized in place): for
+    PostgreSQL also the session's statement_timeout, which follows the route deadlines."""
     header_limit = policy.server.limits.max_upstream_header_bytes if upstream.url else None
-    return (upstream.url, upstream.pool, upstream.postgres, header_limit,
+    session_timeout = (statement_timeout(policy, name) if upstream.postgres is not None
+                       else None)
+    return (upstream.url, upstream.pool, upstream.postgres, header_limit, session_timeout,
             _tls_identity(upstream))
 
 
@@ -177,7 +182,7 @@ class Runtime:
         changed since its upstream was built: a reload of the same policy text must
         then still rebuild that upstream's pool."""
         policy = self.snapshot.policy
-        return any(state.identity != _connection_identity(policy, state.policy)
+        return any(state.identity != _connection_identity(policy, state.name, state.policy)
                    for state in self.snapshot.upstreams.values())
 
     def _build(self, loaded: LoadedPolicy, previous: dict[str, UpstreamState]) -> Snapshot:
@@ -192,7 +197,7 @@ class Runtime:
         kept: list[tuple[UpstreamState, UpstreamPolicy]] = []
         for name, definition in policy.upstreams.items():
             old = previous.get(name)
-            identity = _connection_identity(policy, definition)
+            identity = _connection_identity(policy, name, definition)
             if old is not None and old.identity == identity:
                 kept.append((old, definition))
                 upstreams[name] = old

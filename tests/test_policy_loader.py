@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway._check import explain_route, policy_json_schema, run_check
+from gateway._policy import parse_size
 from gateway._policy_loader import (
     MAX_FILE_BYTES,
     LoadedPolicy,
@@ -653,6 +654,25 @@ def test_a_size_too_large_is_refused_plainly() -> None:
         (issue,) = [i for i in caught.value.issues if i.path.startswith("server")]
         assert "too large" in issue.message and "sys.set_int" not in issue.message
         assert len(str(issue)) < 200, str(issue)
+
+
+def test_a_size_with_leading_zeros_is_its_value() -> None:
+    assert parse_size("00000000000000000001KiB") == 1024
+
+
+def test_routes_that_differ_only_in_encoding_shadow_each_other() -> None:
+    # Routing compares decoded segments: /a%2Db is /a-b, and was never reached unwarned.
+    loaded = load_policy_text("""\
+version: 1
+upstreams:
+  u: {url: "http://127.0.0.1:9"}
+routes:
+  - path: /a-b
+    proxy: {upstream: u, path: /x}
+  - path: /a%2Db
+    proxy: {upstream: u, path: /y}
+""", "p.yaml")
+    assert [w.path for w in loaded.warnings] == ["routes[1].path"], loaded.warnings
 
 
 def _issue_texts(text: str) -> list[str]:

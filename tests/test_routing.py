@@ -124,6 +124,14 @@ def test_a_tail_matches_its_bare_prefix_and_not_less():
     assert table("/{rest*}").match("GET", b"/").target("/fallback/{rest}") == "/fallback/"
 
 
+def test_an_empty_tail_inside_an_upstream_template_leaves_no_empty_segment():
+    # /docs/ for /docs/{page*} -> /site/{page}/index.html went upstream as //index.html.
+    match = table("/docs/{page*}").match("GET", b"/docs/")
+    assert match.target("/site/{page}/index.html") == "/site/index.html"
+    assert match.target("/site/{page}/index.html?x=1", b"a=%2F%2F") == \
+        "/site/index.html?x=1&a=%2F%2F"
+
+
 def test_a_client_query_cannot_set_a_pinned_parameter_behind_a_semicolon():
     # Upstreams that split on ";" as well as "&" (Rack 2, Django before 3.2, Go before
     # 1.17) would read user=2; for the others %3B decodes to the same ";".

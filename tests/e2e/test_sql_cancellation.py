@@ -150,3 +150,27 @@ async def test_a_statement_an_operator_cancels_is_not_reported_as_the_deadline(d
         assert response.status_code == 502, response.text
         assert response.json()["cause"] != "deadline", response.text
         assert "another session" in response.json()["error"]
+
+
+RELOADED = """
+version: 1
+upstreams:
+  db:
+    postgres: {{dsn_env: GATEWAY_TEST_DSN, pool: {{min: 1, max: 1}}}}
+routes:
+  - path: /timeout
+    deadline: {deadline}
+    sql: {{upstream: db, query: "SELECT current_setting('statement_timeout') AS t", one: true}}
+"""
+
+
+async def test_the_servers_statement_timeout_follows_a_reload(database, tmp_path):
+    """A reload raising a route's deadline from 10 s to 60 s kept the pool (its own
+    settings were unchanged) and with it the sessions' 30 s statement_timeout."""
+    path = tmp_path / "policy.yaml"
+    async with run_gateway(RELOADED.format(deadline="10s"), policy_path=path) as gw, \
+            gw.client() as client:
+        assert (await client.get("/timeout")).json() == {"t": "30s"}
+        await trio.Path(path).write_text(RELOADED.format(deadline="60s"))
+        assert await gw.gateway.reload()
+        assert (await client.get("/timeout")).json() == {"t": "65s"}
