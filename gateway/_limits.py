@@ -62,7 +62,6 @@ class UpstreamLimiter:
         self._queue_limit = queue
         self._queue_timeout_s = queue_timeout_s
         self._retry_after_s = retry_after_s
-        self._queued = 0
         self.shed_total = 0
 
     def resize(self, *, concurrency: int, queue: int, queue_timeout_s: float,
@@ -104,25 +103,22 @@ class UpstreamLimiter:
                 raise Shed(f"upstream {self.name!r}: no free slot and no time left to wait "
                            "for one", retry_after_s=self._retry_after_s, upstream=self.name,
                            reason="deadline") from None
-            if self._queued >= self._queue_limit:
+            if self.queued >= self._queue_limit:
                 self._shed()
                 raise Shed(f"upstream {self.name!r}: queue full ({self._queue_limit} waiting)",
                            retry_after_s=self._retry_after_s, upstream=self.name,
                            reason="queue_full") from None
-            wait_s = min(self._queue_timeout_s, max_wait_s)
-            self._queued += 1
-            try:
-                with trio.move_on_after(wait_s) as waited:
-                    await self._limiter.acquire_on_behalf_of(token)
-            finally:
-                self._queued -= 1
+            queue_timeout_s = self._queue_timeout_s  # as it was when the wait began
+            wait_s = min(queue_timeout_s, max_wait_s)
+            with trio.move_on_after(wait_s) as waited:
+                await self._limiter.acquire_on_behalf_of(token)
             if waited.cancelled_caught:
                 self._shed()
                 raise Shed(f"upstream {self.name!r}: no slot within {wait_s * 1000:g}ms"
-                           + ("" if wait_s == self._queue_timeout_s else
+                           + ("" if wait_s == queue_timeout_s else
                               " (the time the call's deadline left to wait)"),
                            retry_after_s=self._retry_after_s, upstream=self.name,
-                           reason="queue_timeout" if wait_s == self._queue_timeout_s
+                           reason="queue_timeout" if wait_s == queue_timeout_s
                            else "deadline") from None
         held = HeldSlot()
         adaptive = self.adaptive
@@ -155,6 +151,13 @@ class UpstreamLimiter:
                 if slots != self._limiter.total_tokens:
                     self._limiter.total_tokens = slots
 
+    @property
+    def queued(self) -> int:
+        """Calls waiting for a slot: parked in the limiter, so that one a released slot
+        was just handed to no longer counts before its task has even resumed (a call
+        arriving then was refused as if the queue were full)."""
+        return self._limiter.statistics().tasks_waiting
+
     def _shed(self) -> None:
         self.shed_total += 1
         if self.on_shed is not None:
@@ -177,7 +180,7 @@ class UpstreamLimiter:
         return LimiterStatistics(
             concurrency=int(self._limiter.total_tokens),
             in_flight=self._limiter.borrowed_tokens,
-            queued=self._queued,
+            queued=self.queued,
             queue_limit=self._queue_limit,
             shed_total=self.shed_total,
         )

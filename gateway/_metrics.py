@@ -146,6 +146,11 @@ class Metrics:
                 if state.postgres is not None:
                     pg = state.postgres.statistics()
                     active, idle, waiting = active + pg.in_use, idle + pg.idle, waiting + pg.waiting
+            serving = runtime.snapshot.upstreams.get(name)
+            if serving is not None and serving.breaker is not None:
+                # An open circuit turns half-open when read after ``open_for``: read it
+                # now, or an idle upstream's gauge stays "open" (and its alert firing).
+                _ = serving.breaker.state
             if any(state.pool is not None or state.postgres is not None for state in states):
                 self.pool_connections.labels(name, "active").set(active)
                 self.pool_connections.labels(name, "idle").set(idle)

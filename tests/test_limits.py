@@ -96,3 +96,39 @@ async def test_a_queued_call_waits_no_longer_than_its_deadline_allows(autojump_c
         assert trio.current_time() - start == pytest.approx(0.2)
         release.set()
     assert limiter.statistics().shed_total == 2
+
+
+async def test_a_call_arriving_as_a_slot_is_handed_to_the_queue_finds_the_queue_empty(
+        autojump_clock):
+    """concurrency 1, queue 1: A holds the slot, B waits in the queue. When A releases,
+    B is given the slot (it no longer waits); a call C arriving at that moment must take
+    the queue's one free place. It was shed with 503 "queue full (1 waiting)" while
+    nobody waited: a spurious 503 at the handoff of a freed slot."""
+    limiter = UpstreamLimiter("u", concurrency=1, queue=1, queue_timeout_s=10.0)
+    order: list[str] = []
+    release_a = trio.Event()
+
+    async def b() -> None:
+        async with limiter.slot():
+            order.append("B")
+            await trio.sleep(0.1)
+
+    async with trio.open_nursery() as nursery:
+        async def a_then_c() -> None:
+            async with limiter.slot():
+                await release_a.wait()
+            # No checkpoint between A's release and C's arrival: the same scheduler
+            # pass, as any request arriving while the slot changes hands.
+            try:
+                async with limiter.slot():
+                    order.append("C")
+            except Shed as error:
+                order.append(f"C shed: {error.message}")
+
+        nursery.start_soon(a_then_c)
+        await trio.sleep(0.01)
+        nursery.start_soon(b)
+        await trio.sleep(0.01)
+        assert limiter.statistics().queued == 1
+        release_a.set()
+    assert order == ["B", "C"], order

@@ -10,6 +10,7 @@ import trio
 
 from tests.gateway_harness import run_gateway
 from tests.metrics import metric_total
+from tests.process_harness import free_port
 from tests.upstream import start_upstream
 
 
@@ -163,3 +164,31 @@ async def test_an_upstream_removed_by_a_reload_shows_its_draining_requests_in_fl
                 assert statuses == [200]
                 assert (in_flight, active) == (1, 1)
             nursery.cancel_scope.cancel()
+
+
+async def test_circuit_state_gauge_leaves_open_when_open_for_has_passed():
+    """The circuit opens for 300 ms. A second later, with no request in between, the
+    breaker is half-open (the next call is a probe), and /metrics must say so: the
+    gauge changed only when a request happened to ask the breaker, so an idle
+    upstream's "circuit open" alert fired for as long as nothing called it."""
+    name = "breaker_idle"
+    policy = f"""
+version: 1
+upstreams:
+  {name}:
+    url: "http://127.0.0.1:{free_port()}"
+    pool: {{connect_timeout: 200ms}}
+    circuit: {{consecutive_failures: 1, open_for: 300ms}}
+routes:
+  - path: /x
+    proxy: {{upstream: {name}, path: /x}}
+"""
+    with trio.fail_after(20):
+        async with run_gateway(policy) as gw, gw.client() as client, gw.admin() as admin:
+            assert (await client.get("/x")).status_code == 502
+            text = (await admin.get("/metrics")).text
+            assert metric_total(text, "gateway_circuit_state", upstream=name) == 2
+            await trio.sleep(1.0)
+            text = (await admin.get("/metrics")).text
+            assert metric_total(text, "gateway_circuit_state", upstream=name) == 1, (
+                "the gauge still says the circuit is open")

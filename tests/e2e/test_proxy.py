@@ -1,11 +1,11 @@
 """Proxy routes end to end: Hypercorn-served gateway, real upstream servers on loopback."""
 
 import os
-import socket
 
 import trio
 
 from tests.gateway_harness import live_tasks, run_gateway
+from tests.process_harness import free_port as closed_port
 from tests.upstream import start_upstream
 
 POLICY = """
@@ -26,14 +26,6 @@ routes:
   - path: /api/dead
     proxy: {{upstream: dead, path: "/x"}}
 """
-
-
-def closed_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 def policy_for(url: str) -> str:

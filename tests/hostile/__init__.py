@@ -7,7 +7,6 @@ loopback sockets, with ``tests.hostile.rawclient`` for bytes no polite client se
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import trio
 
 from tests.gateway_harness import RunningGateway, run_gateway
 from tests.hostile.rawclient import connect, request_bytes
+from tests.process_harness import free_port as closed_port
 from tests.upstream import SeenRequest, Upstream, start_upstream
 
 #: Limits below Hypercorn's own (h11_max_incomplete_size is 16 KiB), so that the
@@ -55,14 +55,6 @@ routes:
 
 NORMAL = request_bytes("GET", "/api/up/ok")
 SETTLE_TIMEOUT_S = 5.0
-
-
-def closed_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 def policy_for(url: str, *, server: str = "", extra: str = "") -> str:
