@@ -27,6 +27,7 @@ from ._policy import (
     UpstreamPolicy,
     resolve_call_settings,
     sql_reads_only,
+    upstream_retry_policy,
     upstream_slots,
 )
 from ._policy_loader import LoadedPolicy, PolicyError, load_policy_file
@@ -174,7 +175,10 @@ def _explain_call(policy: Policy, call: ProxyAction | FanoutCall,
     else:
         writes = route_methods is not None and not set(route_methods) & IDEMPOTENT_METHODS
     only_some = isinstance(call, ProxyAction) and not writes and bool(writing_methods)
-    retry_lines = _explain_retries(resolved.retries, origin("retries"))
+    retry_lines = _explain_retries(resolved.retries, origin("retries"),
+                                   upstream_retry_policy(policy, upstream), call.upstream,
+                                   upstream.call is not None
+                                   and upstream.call.retries is not None)
     if writes and resolved.retries is not None and resolved.retries.attempts > 1 \
             and not resolved.retries.non_idempotent:
         retry_lines.append("  # may write: retried only after a connect failure")
@@ -225,16 +229,23 @@ def _explain_call(policy: Policy, call: ProxyAction | FanoutCall,
     return lines
 
 
-def _explain_retries(retries: RetryPolicy | None, origin: str) -> list[str]:
+def _explain_retries(retries: RetryPolicy | None, origin: str, shared: RetryPolicy,
+                     upstream_name: str, upstream_own: bool) -> list[str]:
+    """The call's retries; the budget shown is the one they draw on, which is the
+    upstream's, shared by all its calls (a call's own ``budget`` is not used)."""
     if retries is None or retries.attempts == 1:
         return [f"retries: off  # {origin}"]
     on = ", ".join(str(item) for item in retries.on)
     per_try = (f", per_try_timeout: {format_duration(retries.per_try_timeout)}"
                if retries.per_try_timeout is not None else "")
     low, high = retries.backoff
+    budget_origin = (f"upstreams.{upstream_name}.call.retries" if upstream_own
+                     else "defaults.call.retries, or the built-in default")
     return [f"retries: {{attempts: {retries.attempts}, on: [{on}], "
-            f"backoff: {format_duration(low)}..{format_duration(high)}, "
-            f"budget: {_percent(retries.budget)}{per_try}}}  # {origin}"]
+            f"backoff: {format_duration(low)}..{format_duration(high)}{per_try}}}  "
+            f"# {origin}; budget: {_percent(shared.budget)} of first tries, at least "
+            f"{shared.min_per_second:g}/s, shared by every call to {upstream_name} "
+            f"(from {budget_origin})"]
 
 
 def _size(value: int) -> str:

@@ -23,7 +23,8 @@ def main() -> None:
               "overrides hypercorn.toml.")
 @click.option("--admin-bind", default=None,
               help="Admin bind host:port; default from the policy or GATEWAY_ADMIN_BIND.")
-@click.option("--workers", type=int, default=None, help="Worker processes (overrides toml).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Worker processes (overrides toml; 0: serve in this process).")
 def serve(policy_file: str, config_path: str, binds: tuple[str, ...], admin_bind: str | None,
           workers: int | None) -> None:
     """Serve POLICY under Hypercorn's trio workers."""
@@ -52,12 +53,27 @@ def demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
     """Start the demo upstreams and the gateway on 127.0.0.1:8080."""
     import trio
 
-    from ._demo import run_demo
+    from ._demo import DemoError, run_demo
     from ._logging import configure_logging
+    from ._policy_loader import PolicyError
 
     configure_logging()
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run_demo, policy_file, bind, admin_bind)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            trio.run(run_demo, policy_file, bind, admin_bind)
+    except (DemoError, PolicyError) as error:
+        click.echo(str(error), err=True)
+        sys.exit(1)
+    except BaseExceptionGroup as group:
+        # A demo upstream's fixed port taken, inside the nursery that serves them.
+        taken, other = group.split(OSError)
+        if taken is None or other is not None:
+            raise
+        first: BaseException = taken
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        click.echo(f"cannot start the demo: {first}", err=True)
+        sys.exit(1)
 
 
 @main.command()

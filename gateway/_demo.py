@@ -15,7 +15,7 @@ from hypercorn.utils import wrap_app
 
 from ._app import Gateway
 from ._demo_upstreams import serve_demo_upstreams
-from ._policy_loader import load_policy_file
+from ._policy_loader import LoadedPolicy, load_policy_file
 from ._server import listen_socket
 from ._throwaway_postgres import PostgresCluster, PostgresUnavailable, start_cluster
 
@@ -43,7 +43,33 @@ def _start_demo_postgres() -> PostgresCluster | None:
     return cluster
 
 
+class DemoError(Exception):
+    """The demo cannot start (a bad policy, a port taken): its message says why."""
+
+
+def _listen(bind: str, what: str) -> socket.socket:
+    try:
+        return listen_socket(bind)
+    except OSError as error:
+        raise DemoError(f"cannot serve the {what} on {bind}: "
+                        f"{error.strerror or error}") from None
+
+
 async def run_demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
+    """Check the policy and bind the gateway's ports first, so that a mistake is told
+    before anything starts; then the throwaway PostgreSQL, the upstreams, the gateway."""
+    try:
+        loaded = load_policy_file(policy_file)
+    except OSError as error:
+        raise DemoError(f"cannot read the policy {policy_file}: "
+                        f"{error.strerror or error}") from None
+    admin = admin_bind or os.environ.get("GATEWAY_ADMIN_BIND") or loaded.policy.server.admin_bind
+    public_sock = _listen(bind, "gateway")
+    try:
+        admin_sock = _listen(admin, "admin endpoint")
+    except DemoError:
+        public_sock.close()
+        raise
     cluster = await trio.to_thread.run_sync(_start_demo_postgres)
     try:
         async with trio.open_nursery() as nursery:
@@ -55,7 +81,7 @@ async def run_demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
                         return
 
             nursery.start_soon(stop_on_sigterm)
-            await _serve_demo(policy_file, bind, admin_bind)
+            await _serve_demo(loaded, public_sock, admin_sock)
     finally:
         if cluster is not None:
             with trio.CancelScope(shield=True):
@@ -69,10 +95,8 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}"
 
 
-async def _serve_demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
-    loaded = load_policy_file(policy_file)
-    admin = admin_bind or os.environ.get("GATEWAY_ADMIN_BIND") or loaded.policy.server.admin_bind
-    public_sock, admin_sock = listen_socket(bind), listen_socket(admin)
+async def _serve_demo(loaded: LoadedPolicy, public_sock: socket.socket,
+                      admin_sock: socket.socket) -> None:
     gateway = Gateway(loaded, admin_ports={admin_sock.getsockname()[1]})
     config = Config()
     config.errorlog = logging.getLogger("hypercorn.error")

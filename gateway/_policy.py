@@ -138,7 +138,7 @@ class ServerPolicy(_Model):
         "not sent (504); checked again once the call has an upstream slot.")
     max_inflight: int = Field(4000, ge=1, description="Requests per worker before 503 at the door.")
     shed_retry_after: Duration = Field(1.0, description="Retry-After of a 503 from shedding.")
-    max_loop_lag: Duration | None = Field(
+    max_loop_lag: PositiveDuration | None = Field(
         None, description="Shed new requests (503) while the worker's event loop runs "
         "later than this (CPU overload); unset: never.")
     accept_batch: int = Field(
@@ -482,6 +482,13 @@ class FanoutAction(_Model):
 
 class SqlAction(FanoutCall):
     """A route answered by one SQL call."""
+
+    @model_validator(mode="after")
+    def _sql_only(self) -> SqlAction:
+        if self.query is None:
+            raise ValueError("an sql route runs a 'query'; an HTTP call ('path') is a "
+                             "proxy route, or a fanout call")
+        return self
 
 
 class Route(_Model):

@@ -103,6 +103,10 @@ def _wrong_type(key: str, value: Any) -> str | None:
         return f"{value!r} is not a {type(default).__name__}"
     if not isinstance(value, expected):
         return f"{value!r} is not a {type(default).__name__}"
+    if (isinstance(default, int | float) and not isinstance(default, bool)
+            and isinstance(value, int | float) and value < 0):
+        # A count or a duration; a negative worker count served in one process.
+        return f"{value!r} is negative"
     return None
 
 

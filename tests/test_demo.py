@@ -1,7 +1,15 @@
-"""What ``python -m gateway demo`` tells the user to try."""
+"""What ``python -m gateway demo`` tells the user to try, and how it says it cannot."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 from gateway._demo import url_of
 from gateway._server import listen_socket
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_demo_announces_the_port_it_bound_not_the_one_asked_for() -> None:
@@ -13,3 +21,36 @@ def test_the_demo_announces_the_port_it_bound_not_the_one_asked_for() -> None:
             port = sock.getsockname()[1]
             assert port != 0
             assert url_of(sock) == f"http://{host}:{port}"
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    # A DSN of its own: the demo starts no PostgreSQL (and connects to none, here).
+    env = {**os.environ, "GATEWAY_DEMO_DSN": "postgresql://nobody@127.0.0.1:1/none"}
+    return subprocess.run([sys.executable, "-m", "gateway", "demo", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_demo_on_a_taken_port_says_which_bind_without_a_traceback() -> None:
+    """`make demo` with 8080 taken dumped an ExceptionGroup traceback naming no address."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        bind = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = _demo("--bind", bind, "--admin-bind", "127.0.0.1:0")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-1500:]
+    assert f"cannot serve the gateway on {bind}" in result.stderr, result.stderr[-1500:]
+
+
+def test_the_demo_with_a_bad_policy_prints_its_errors_without_a_traceback(
+        tmp_path: Path) -> None:
+    policy = tmp_path / "mine.yaml"
+    policy.write_text("version: 1\nroutes:\n  - path: /x\n    proxy: {upstream: u, path: /,"
+                      " timout: 1s}\n")
+    result = _demo("--policy", str(policy), "--bind", "127.0.0.1:0",
+                   "--admin-bind", "127.0.0.1:0")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-1500:]
+    assert f"{policy}:4:" in result.stderr and "unknown key 'timout'" in result.stderr
+    result = _demo("--policy", str(tmp_path / "missing.yaml"), "--bind", "127.0.0.1:0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-1500:]

@@ -391,8 +391,9 @@ routes:
     out = explain_route(load_policy_text(text, "p.yaml"), "/x")
     assert "deadline: 3s  # from defaults.deadline" in out
     assert "timeout: 700ms  # from upstreams.a.call" in out
-    assert "retries: {attempts: 3, on: [connect, reset, 502, 503, 504], backoff: 20ms..200ms, "\
-        "budget: 20%}  # from upstreams.a.call" in out
+    assert "retries: {attempts: 3, on: [connect, reset, 502, 503, 504], backoff: 20ms..200ms}"\
+        "  # from upstreams.a.call; budget: 20% of first tries, at least 10/s, shared by " \
+        "every call to a (from upstreams.a.call.retries)" in out
     assert "hedge: after 20ms, at most 1 extra  # from the call" in out
     assert "circuit: {opens at 40% failures over 10s (min 20); open for 5s, 3 probes}" in out
 
@@ -771,3 +772,34 @@ def test_a_second_document_in_the_file_is_explained() -> None:
     # It said only "but found another document".
     (issue,) = _issue_texts("version: 1\n---\nversion: 1\n")
     assert issue.startswith("p.yaml:2:1: ") and "one document" in issue, issue
+
+
+def test_an_sql_route_runs_a_query_not_an_http_call() -> None:
+    # `sql: {upstream: users, path: ...}` passed check, then every request was a 502
+    # "postgres upstream 'users' is not running".
+    text = """\
+version: 1
+upstreams:
+  users: {url: "http://127.0.0.1:9001"}
+routes:
+  - path: /api/users/{id}
+    sql: {upstream: users, path: "/users/{id}"}
+"""
+    (issue,) = _issue_texts(text)
+    assert issue.startswith("p.yaml:6:") and "routes[0].sql" in issue and "proxy" in issue, issue
+
+
+def test_a_zero_max_loop_lag_is_refused() -> None:
+    # 0ms passed check, and then an idle worker shed every request.
+    text = "version: 1\nserver:\n  max_loop_lag: 0ms\nroutes: []\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "p.yaml")
+    (issue,) = [i for i in caught.value.issues if i.path.startswith("server")]
+    assert issue.line == 3 and "above 0" in issue.message, issue
+
+
+def test_the_readme_check_sample_names_the_demo_policys_counts() -> None:
+    out = io.StringIO()
+    assert run_check([str(ROOT / "policies" / "demo.yaml")], out=out) == 0
+    counts = out.getvalue().splitlines()[0].partition(", ")[2].rstrip(")")
+    assert counts in (ROOT / "policies" / "README.md").read_text(), counts

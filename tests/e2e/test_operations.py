@@ -212,6 +212,25 @@ async def test_max_requests_without_workers_is_refused_at_start_up(tmp_path: Pat
     assert "max_requests: needs workers >= 1" in err, err
 
 
+@pytest.mark.parametrize(("toml", "workers"), [("", -1), ("workers = -1\n", 1)])
+async def test_a_negative_worker_count_is_refused_at_start_up(tmp_path: Path, toml, workers):
+    """``--workers -1`` (or ``workers = -1``) printed "-1 worker(s)" and served in one
+    process, as 0 does."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(proxy_policy("http://127.0.0.1:9"))
+    config = tmp_path / "hypercorn.toml"
+    config.write_text('worker_class = "trio"\n' + toml)
+    command = _serve_command(policy, config, workers)
+    if toml:
+        del command[command.index("--workers"):command.index("--workers") + 2]
+    with trio.fail_after(30):
+        result = await trio.run_process(command, cwd=str(ROOT), capture_stdout=True,
+                                        capture_stderr=True, check=False)
+    err = result.stderr.decode()
+    assert result.returncode in (1, 2) and "Traceback" not in err, err
+    assert "-1" in err and ("negative" in err or "range" in err), err
+
+
 async def test_a_recycled_worker_is_replaced_while_it_drains(tmp_path: Path):
     """A worker past ``max_requests`` closes its listeners and drains. Its replacement
     used to start only once it had exited, so with one worker a new client waited in
