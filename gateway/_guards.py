@@ -38,6 +38,12 @@ HEADER_LINE_OVERHEAD = 4
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Control characters other than HTAB (CR, LF and NUL among them), RFC 9110 §5.5.
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: A request method: a token (RFC 9110 9.1), and short: the longest registered is 17.
+_METHOD_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+MAX_METHOD_LENGTH = 32
+#: No control character, space or DEL in a request target (RFC 9112 3.2; h2 lets them
+#: through in ``:path``).
+_CONTROL_BYTE_RE = re.compile(rb"[\x00-\x20\x7f]")
 
 
 #: Methods whose HTTP/2 requests are read for a body even without a Content-Length.
@@ -63,8 +69,15 @@ def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> BodyFr
     with Transfer-Encoding, or Transfer-Encoding in HTTP/1.0 → 400. Header syntax: a
     name that is not a token, a value holding a control character → 400.
     """
+    method: str = scope["method"]
+    if len(method) > MAX_METHOD_LENGTH or _METHOD_RE.fullmatch(method) is None:
+        # h11 checks HTTP/1.1's; HTTP/2's :method reaches here as the client wrote it.
+        raise BadRequest("the request method is not a token of at most "
+                         f"{MAX_METHOD_LENGTH} characters")
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
     query: bytes = scope.get("query_string", b"")
+    if _CONTROL_BYTE_RE.search(raw_path) or _CONTROL_BYTE_RE.search(query):
+        raise BadRequest("the request target holds a control character")
     uri_bytes = len(raw_path) + (len(query) + 1 if query else 0)
     if uri_bytes > limits.max_uri_bytes:
         raise UriTooLong(f"the request target ({uri_bytes} bytes) is longer than "

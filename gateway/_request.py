@@ -31,7 +31,7 @@ from ._errors import (
     collapse_group,
 )
 from ._expect_continue import CONTINUE_EXTENSION, SendContinue
-from ._guards import BodyFraming, check_request_head
+from ._guards import MAX_METHOD_LENGTH, BodyFraming, check_request_head
 from ._headers import request_id_from
 from ._hypercorn_fixes import DISCONNECT_EXTENSION
 from ._metrics import METRICS
@@ -272,7 +272,10 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
     method: str = scope["method"]
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
     raw_path = origin_form(raw_path.partition(b"?")[0])
-    trace = Trace(request_id, method, raw_path.decode("latin-1")[:512], None)
+    # Bounded as the path is: an HTTP/2 :method is the client's (refused below when
+    # it is no short token, but a trace is kept of that refusal too).
+    trace = Trace(request_id, method[:MAX_METHOD_LENGTH], raw_path.decode("latin-1")[:512],
+                  None)
     gate = runtime.gate
     entered = False
     request_scope: TracedScope | None = None
@@ -344,6 +347,8 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
             trace.status = context.status
             trace.cause = request_scope.cancel_cause  # dropped after send_timeout
     except GatewayError as error:
+        if trace.route is None and "route" in error.detail:
+            trace.route = error.detail["route"]  # a 405: the route the path is one of
         trace.cause = error.cause if error.status >= 500 or error.cause == "shed" else None
         if isinstance(error, Shed):
             trace.cause = "shed"
@@ -403,10 +408,12 @@ def finish_trace(runtime: Runtime, trace: Trace, snapshot: Snapshot) -> None:
     status = trace.status or 0
     cancelled = trace.cancelled_spans()
     METRICS.observe_request(trace, status, cancelled)
-    if not server.tracing:
-        return
-    runtime.traces.add(trace)
-    if (status >= 500 or status == 499 or cancelled
+    if server.tracing:
+        runtime.traces.add(trace)
+    # The access log is not the trace buffer: with tracing off, failures are still told.
+    # A cause with a 2xx is an answer cut mid-body (an upstream reset while streaming).
+    if (status >= 500 or status == 499 or status == 0 or cancelled
+            or trace.cause is not None
             or trace.duration_ms >= server.slow_request * 1000
             or (server.log_sample and random.random() < server.log_sample)):
         access_log.info(json.dumps(trace.to_json(), separators=(",", ":")))

@@ -179,6 +179,7 @@ class RouteTable:
     def match(self, method: str, raw_path: bytes) -> RouteMatch:
         segments = normalize_path(raw_path)
         allowed: set[str] = set()
+        first: CompiledRoute | None = None
         for compiled in self._routes:
             params = compiled.match(segments)
             if params is None:
@@ -186,9 +187,12 @@ class RouteTable:
             if method in compiled.methods:
                 return RouteMatch(compiled, params, segments)
             allowed |= compiled.methods
-        if allowed:
+            first = first or compiled
+        if first is not None:
+            # ``route``: the first template the path matched, so that a 405 is counted
+            # (and its path kept private) as that route's.
             raise MethodNotAllowed(f"method {method} is not allowed here",
-                                   allow=", ".join(sorted(allowed)))
+                                   allow=", ".join(sorted(allowed)), route=first.route.path)
         raise NotFound("no route matches this path")
 
 

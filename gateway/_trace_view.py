@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import httpx
@@ -13,6 +14,14 @@ from rich.tree import Tree
 
 _BAR_WIDTH = 30
 _OUTCOME_STYLE = {"ok": "green", "error": "red", "cancelled": "bold yellow"}
+#: Control characters (C0, DEL, C1): written by clients, they would reach the operator's
+#: terminal as escape sequences (a cleared screen, a retitled window, forged lines).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _shown(value: Any) -> str:
+    """A value from a trace as text with its control characters escaped (``\\x1b``)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", str(value))
 
 
 def _bar(start: float, end: float | None, total: float) -> str:
@@ -25,7 +34,7 @@ def _bar(start: float, end: float | None, total: float) -> str:
 
 def _span_label(span: dict[str, Any], total: float) -> Text:
     outcome = span.get("outcome", "ok")
-    name = span["kind"] if span["kind"] == "request" else f"{span['kind']} {span['name']}"
+    name = span["kind"] if span["kind"] == "request" else _shown(f"{span['kind']} {span['name']}")
     end = span.get("end_ms")
     label = Text()
     label.append(f"{name:<28}", style="bold" if span["kind"] == "request" else "")
@@ -34,13 +43,13 @@ def _span_label(span: dict[str, Any], total: float) -> Text:
     label.append(f"{duration:>9} ")
     label.append(outcome, style=_OUTCOME_STYLE.get(outcome, ""))
     if span.get("cause"):
-        label.append(f" cause={span['cause']}", style="bold red")
+        label.append(f" cause={_shown(span['cause'])}", style="bold red")
         if span.get("scope"):
-            label.append(f" scope={span['scope']}", style="red")
+            label.append(f" scope={_shown(span['scope'])}", style="red")
     extras = []
     for key in ("upstream", "status", "budget_ms", "deadline_source", "cancelled_by", "error"):
         if key in span and span[key] is not None:
-            extras.append(f"{key}={span[key]}")
+            extras.append(f"{key}={_shown(span[key])}")
     if extras:
         label.append("  " + " ".join(extras), style="dim")
     return label
@@ -55,13 +64,13 @@ def _add(tree: Tree, span: dict[str, Any], total: float) -> None:
 def render_trace(trace: dict[str, Any]) -> Tree:
     """One trace as a rich tree: header line, then the span tree with time bars."""
     head = Text()
-    head.append(f"{trace['method']} {trace['path']}", style="bold")
+    head.append(_shown(f"{trace['method']} {trace['path']}"), style="bold")
     status = trace.get("status")
     head.append(f"  → {'no answer' if status is None else status}  "
                 f"{trace.get('duration_ms', 0):.1f}ms")
     if trace.get("cause"):
-        head.append(f"  cause={trace['cause']}", style="bold red")
-    head.append(f"  id={trace['request_id']}", style="dim")
+        head.append(f"  cause={_shown(trace['cause'])}", style="bold red")
+    head.append(f"  id={_shown(trace['request_id'])}", style="dim")
     tree = Tree(head)
     spans = trace.get("spans")
     if spans:
