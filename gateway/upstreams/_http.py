@@ -191,8 +191,11 @@ class _MapExceptions:
                     f"cannot connect to upstream {upstream!r}: {exc}", upstream=upstream
                 )
         if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
+            # trio's BrokenResourceError says nothing itself: the TLS alert or the socket
+            # error that broke the stream is its cause.
+            reason = exc.__cause__ if exc.__cause__ is not None else exc
             return UpstreamResetError(
-                f"connection to upstream {upstream!r} broke: {exc!r}", upstream=upstream
+                f"connection to upstream {upstream!r} broke: {reason!r}", upstream=upstream
             )
         return None
 
@@ -855,17 +858,25 @@ class HttpUpstreamPool:
         try:
             # The TLS handshake is part of connecting: within the same bound, and a
             # failure of it is a connect failure (nothing of the request was sent).
-            with self._connect_errors, trio.fail_after(self.limits.connect_timeout_s):
+            deadline = trio.current_time() + self.limits.connect_timeout_s
+            with self._connect_errors, trio.fail_at(deadline):
                 tcp = await trio.open_tcp_stream(self._host, self._port)
                 stream = tcp
-                if tls is not None:
-                    stream = trio.SSLStream(tcp, tls.context, server_hostname=tls.server_name,
-                                            https_compatible=True)
-                    try:
+            if tls is not None:
+                # Not https_compatible: an EOF without close_notify is an error, so that
+                # a body delimited by the close and cut by a dropped connection is not
+                # taken for complete (RFC 9112 9.8).
+                stream = trio.SSLStream(tcp, tls.context, server_hostname=tls.server_name)
+                try:
+                    with self._connect_errors, trio.move_on_at(deadline) as handshake:
                         await stream.do_handshake()
-                    except BaseException:
-                        tcp.socket.close()
-                        raise
+                    if handshake.cancelled_caught:
+                        raise UpstreamConnectError(
+                            f"TLS handshake with upstream {self.name!r} timed out (the "
+                            "TCP connection was open)", upstream=self.name)
+                except BaseException:
+                    tcp.socket.close()
+                    raise
         except BaseException:
             self._free_slot()
             raise

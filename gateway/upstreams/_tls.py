@@ -39,14 +39,26 @@ def client_context(*, ca_file: str | None = None, cert_file: str | None = None,
             raise ValueError(f"ca_file {ca_file!r}: {_reason(error)}") from None
     if cert_file is not None:
         try:
-            context.load_cert_chain(cert_file, key_file)
-        except (OSError, ssl.SSLError) as error:
+            context.load_cert_chain(cert_file, key_file, password=_no_pass_phrase)
+        except (OSError, ssl.SSLError, _EncryptedKey) as error:
             raise ValueError(f"cert_file {cert_file!r} / key_file {key_file!r}: "
                              f"{_reason(error)}") from None
     return context
 
 
-def _reason(error: OSError | ssl.SSLError) -> str:
+class _EncryptedKey(Exception):
+    """The key file is encrypted: OpenSSL would ask for its pass phrase on the terminal
+    (``check``, start-up and reloads waited for ever)."""
+
+
+def _no_pass_phrase() -> str:
+    raise _EncryptedKey("the key is encrypted; give an unencrypted key (encrypted keys "
+                        "are not supported)")
+
+
+def _reason(error: OSError | ssl.SSLError | _EncryptedKey) -> str:
+    if isinstance(error, _EncryptedKey):
+        return str(error)
     if isinstance(error, ssl.SSLError):
         return f"not usable PEM ({error.reason or error})"
     return error.strerror or str(error)
