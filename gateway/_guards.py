@@ -38,6 +38,9 @@ HEADER_LINE_OVERHEAD = 4
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Control characters other than HTAB (CR, LF and NUL among them), RFC 9110 §5.5.
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+#: A Host value (RFC 3986 3.2.2): an IP literal in brackets, or a reg-name (IPv4
+#: included), then an optional port.
+_HOST_RE = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
 #: A request method: a token (RFC 9110 9.1), and short: the longest registered is 17.
 _METHOD_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 MAX_METHOD_LENGTH = 32
@@ -99,6 +102,10 @@ def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> BodyFr
             raise BadRequest("a request header name is not a valid token")
         if bad_value(value) is not None:
             raise BadRequest(f"request header {_printable(name)} holds a control character")
+        if name == b"host" and _HOST_RE.fullmatch(value) is None:
+            # RFC 9112 3.2: 400. Passed on as X-Forwarded-Host, an upstream would build
+            # its links from it (evil.example/login?next=...).
+            raise BadRequest("the Host header is not a host[:port]")
         if name == b"content-length":
             content_lengths += 1
             content_length = value

@@ -676,6 +676,31 @@ class BatchAcceptListener(trio.abc.Listener[trio.SocketStream]):
         await self._listener.aclose()
 
 
+class _LenientH11Connection(h11.Connection):
+    """h11's server side, with two of RFC 9112's leniencies it lacks (nginx and Envoy
+    have both):
+
+    * Empty lines before a request line are ignored (2.2): a CRLF after a POST body (old
+      clients add one) made h11 refuse the next request with a 400, which the client on
+      a keep-alive connection then read as the answer to its next request.
+    * Nothing a client sends after a request that closes the connection (``Connection:
+      close``, HTTP/1.0) is processed (9.6): a stray CRLF or a pipelined request there
+      turned that request's answer into a 400 and cancelled its upstream work.
+    """
+
+    def next_event(self) -> Any:
+        state = self.their_state
+        if state is h11.IDLE or state is h11.MUST_CLOSE:
+            buffer = self._receive_buffer
+            data = buffer._data  # h11 0.16's ReceiveBuffer (pinned in pyproject.toml)
+            if state is h11.MUST_CLOSE:
+                del data[:]
+            elif data and data[0] in (13, 10):  # CR, LF
+                stripped = data.lstrip(b"\r\n")
+                del data[:len(data) - len(stripped)]
+        return super().next_event()
+
+
 class _TrioWithBatchAccept(types.ModuleType):
     """What ``hypercorn.trio.run`` sees as ``trio``: trio, but for its listener."""
 
@@ -768,6 +793,8 @@ def apply() -> None:
     def h11_init(self: Any, *args: Any, **kwargs: Any) -> None:
         original_h11_init(self, *args, **kwargs)
         self.can_read = _PeerWatchingEvent()
+        self.connection = _LenientH11Connection(
+            h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size)
 
     H11Protocol.__init__ = h11_init  # type: ignore[method-assign]
 

@@ -85,6 +85,8 @@ class RequestBody:
         self.announced = framing.announced
         self.declared_length = framing.length
         self.received = 0
+        #: The whole body was read (or there is none).
+        self.complete = receiver is None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self._receiver is None:  # a request without a body
@@ -97,6 +99,7 @@ class RequestBody:
                 try:
                     chunk = await self._receiver.receive()
                 except trio.EndOfChannel:
+                    self.complete = True
                     return
             if waited.cancelled_caught:
                 raise RequestTimeout("the request body did not arrive in time")
@@ -188,7 +191,9 @@ def error_payload(error: GatewayError, request_id: str) -> dict[str, Any]:
 
 
 async def send_error(send: Send, error: GatewayError, request_id: str,
-                     request_id_header: bytes) -> None:
+                     request_id_header: bytes, *, close: bool = False) -> None:
+    """The error's JSON answer; ``close``: the connection will not carry another request
+    (its body is unread), and the answer says so."""
     body = json.dumps(error_payload(error, request_id), separators=(",", ":")).encode()
     headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()),
                (request_id_header, request_id.encode())]
@@ -197,7 +202,7 @@ async def send_error(send: Send, error: GatewayError, request_id: str,
         headers.append((b"retry-after", retry_after.encode()))
     if "allow" in error.detail:
         headers.append((b"allow", str(error.detail["allow"]).encode()))
-    if error.status in (400, 408, 413, 414, 431):
+    if close or error.status in (400, 408, 413, 414, 431):
         headers.append((b"connection", b"close"))
     await send_shielded(send, {"type": "http.response.start", "status": error.status,
                                "headers": headers})
@@ -280,6 +285,7 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
     entered = False
     request_scope: TracedScope | None = None
     context: RequestContext | None = None
+    framing: BodyFraming | None = None
     try:
         framing = check_request_head(scope, server.limits)
         if not gate.try_enter():
@@ -359,7 +365,12 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
             trace.cause = trace.cause or error.cause
             return
         trace.status = error.status
-        await send_error(send, error, request_id, rid_header)
+        # Answered before its body was read: the server closes the connection after the
+        # answer (the unread body would be taken for the next request), so it says so.
+        unread = (framing is not None and framing.announced
+                  and (context is None or not context.body.complete)
+                  and scope.get("http_version") in ("1.0", "1.1"))
+        await send_error(send, error, request_id, rid_header, close=unread)
     except Exception:
         # A fault of the gateway's own (a bug): a JSON 500 with the request id and the
         # traceback in the log, where Hypercorn would answer an empty 500.

@@ -1,0 +1,118 @@
+"""HTTP/1.x connection semantics of the public listener, with exact bytes.
+
+What a client of the gateway gets on one connection; nginx and Envoy are
+the bar (RFC 9112 sections are cited where they decide).
+"""
+
+import pytest
+import trio
+
+from tests.hostile import stage
+from tests.hostile.rawclient import connect, exchange, request_bytes
+
+OK = request_bytes("GET", "/api/up/ok")
+
+
+@pytest.mark.parametrize("request_head", [
+    request_bytes("GET", "/api/up/ok", [("Connection", "close")]),
+    request_bytes("GET", "/api/up/ok", version=b"HTTP/1.0"),
+    request_bytes("POST", "/api/up/ok", [("Content-Length", "2")], b"{}", version=b"HTTP/1.0"),
+], ids=["http11-connection-close", "http10-get", "http10-post"])
+async def test_a_last_request_is_answered_even_when_bytes_follow_it(request_head):
+    """A request that ends the connection (``Connection: close``, or HTTP/1.0) followed
+    by a stray CRLF -- legacy clients append one after a POST body -- gets a 400 "the
+    request is not valid HTTP/1.1" in place of its answer, and is never sent upstream.
+    RFC 9112 9.6: the server answers that request, then closes, and processes nothing
+    after it (nginx and Envoy do)."""
+    async with stage() as s:
+        response, closed = await exchange(s.port, request_head + b"\r\n")
+        assert response is not None
+        assert response.status == 200, (response.status, response.body)
+        assert closed == "eof"
+        assert len(s.upstream.requests) == 1
+
+
+async def test_bytes_after_a_connection_close_request_do_not_cancel_its_answer():
+    """A ``Connection: close`` request whose upstream is slow: a CRLF (or a pipelined
+    request, which RFC 9112 9.6 says the server must simply not process) arriving
+    while it waits makes the gateway answer 400 at once and cancel the upstream call."""
+    async with stage() as s:
+        async with connect(s.port) as conn:
+            await conn.send(request_bytes("GET", "/api/up/slow?ms=300",
+                                          [("Connection", "close")]))
+            with trio.fail_after(5):
+                await s.upstream.wait_requests(1)
+            await conn.send(request_bytes("GET", "/api/up/ok"))
+            response = await conn.read_response(timeout_s=5)
+            assert response is not None
+            assert response.status == 200, (response.status, response.body)
+            assert b"slept_ms" in response.body
+            assert await conn.wait_closed() == "eof"
+        assert s.upstream.cancelled == []
+
+
+async def test_an_empty_line_before_a_request_line_is_ignored():
+    """RFC 9112 2.2: a server SHOULD ignore at least one empty line received before the
+    request-line (nginx and Envoy skip them). The gateway answers 400 and closes."""
+    async with stage() as s:
+        response, closed = await exchange(s.port, b"\r\n" + OK)
+        assert response is not None
+        assert response.status == 200, (response.status, response.body)
+        assert closed is None
+
+
+async def test_a_crlf_after_a_keep_alive_post_body_does_not_poison_the_next_request():
+    """A client that ends its POST body with an extra CRLF (as old user agents do) gets
+    its 200, but the gateway then parses the CRLF as the next request, sends an
+    unsolicited 400 and closes: the client's next request on that keep-alive
+    connection reads that 400 (or finds the connection gone)."""
+    async with stage() as s:
+        async with connect(s.port) as conn:
+            await conn.send(request_bytes("POST", "/api/up/ok", [("Content-Length", "2")],
+                                          b"{}") + b"\r\n")
+            first = await conn.read_response()
+            assert first is not None and first.status == 200
+            await trio.sleep(0.1)  # a client's think time before its next request
+            sent = await conn.try_send(OK)
+            second = await conn.read_response()
+            assert sent and second is not None, "the keep-alive connection was dropped"
+            assert second.status == 200, (second.status, second.body)
+
+
+@pytest.mark.parametrize(("target", "status"), [("/nope", 404), ("/api/item/1", 405)])
+async def test_an_error_sent_before_the_body_arrived_keeps_the_connection_or_says_close(
+        target, status):
+    """A POST whose head and body go out in two writes (Node, Go and Java clients
+    stream bodies that way) to a path with no route gets its 404 (405) before the body
+    arrives. The gateway then closes the connection without having said
+    ``Connection: close``, so the client's next request on it fails. nginx reads and
+    discards the body and keeps the connection; Envoy says ``Connection: close``."""
+    async with stage() as s:
+        async with connect(s.port) as conn:
+            await conn.send(f"POST {target} HTTP/1.1\r\nHost: g\r\n"
+                            "Content-Length: 5\r\n\r\n".encode())
+            response = await conn.read_response()
+            assert response is not None and response.status == status
+            if response.closes:
+                return  # announced: the client opens a new connection
+            await trio.sleep(0.1)
+            assert await conn.try_send(b"hello"), "connection dropped without Connection: close"
+            assert await conn.try_send(OK), "connection dropped without Connection: close"
+            following = await conn.read_response()
+            assert following is not None, "connection dropped without Connection: close"
+            assert following.status == 200
+
+
+@pytest.mark.parametrize("host", [b"evil.example/login?next=x", b"a b.example", b"x<y>.example"])
+async def test_an_invalid_host_is_400_and_not_forwarded(host):
+    """RFC 9112 3.2: a request whose Host is not a valid uri-host[:port] MUST be
+    answered 400 (nginx refuses '/' and spaces; Envoy validates the authority). The
+    gateway serves it and hands the value to the upstream as X-Forwarded-Host, where
+    frameworks build absolute URLs (redirects, password-reset links) from it."""
+    async with stage() as s:
+        response, _ = await exchange(s.port, b"GET /api/up/headers HTTP/1.1\r\nHost: "
+                                     + host + b"\r\n\r\n")
+        assert response is not None
+        assert response.status == 400, (
+            response.status, [r.header_values("x-forwarded-host") for r in s.upstream.requests])
+        assert s.upstream.requests == []
