@@ -40,7 +40,8 @@ _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 #: A Host value (RFC 3986 3.2.2): an IP literal in brackets, or a reg-name (IPv4
 #: included), then an optional port.
-_HOST_RE = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
+_HOST_RE = re.compile(
+    rb"(\[[0-9A-Za-z:.%\-_~!$&'()*+,;=]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
 #: A request method: a token (RFC 9110 9.1), and short: the longest registered is 17.
 _METHOD_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 MAX_METHOD_LENGTH = 32
@@ -81,6 +82,12 @@ def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> BodyFr
     query: bytes = scope.get("query_string", b"")
     if _CONTROL_BYTE_RE.search(raw_path) or _CONTROL_BYTE_RE.search(query):
         raise BadRequest("the request target holds a control character")
+    if raw_path[:8].lower().startswith((b"http://", b"https://")):
+        # An absolute-form target's authority stands for Host (RFC 9112 3.2.2), and is
+        # passed on as X-Forwarded-Host: the same check, and no userinfo (RFC 9110 4.2.4).
+        authority = re.split(rb"[/?#]", raw_path.partition(b"//")[2], maxsplit=1)[0]
+        if b"@" in authority or _HOST_RE.fullmatch(authority) is None:
+            raise BadRequest("the request target's authority is not a host[:port]")
     uri_bytes = len(raw_path) + (len(query) + 1 if query else 0)
     if uri_bytes > limits.max_uri_bytes:
         raise UriTooLong(f"the request target ({uri_bytes} bytes) is longer than "

@@ -513,10 +513,27 @@ def _plain_connect(headers: list[tuple[bytes, bytes]]) -> bool:
     return method == b"CONNECT" and path is None
 
 
+def _non_ascii_head(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether ``:method`` or ``:path`` holds a byte above 0x7f. HTTP/2 allows them
+    (RFC 9113 8.2.1), but Hypercorn decodes both as ASCII: the ``UnicodeDecodeError``
+    ended the connection, and every request in flight on it (behind a front proxy, other
+    users' requests)."""
+    return any(name in (b":method", b":path") and not value.isascii()
+               for name, value in headers)
+
+
 async def _refuse_connect(protocol: Any, request: Any) -> None:
     """Answer a CONNECT alone, 405 with a JSON body: the gateway opens no tunnels."""
-    body = json.dumps({"error": "CONNECT is not served: the gateway opens no tunnels",
-                       "cause": "method_not_allowed"}).encode()
+    await _answer_alone(protocol, request, b"405", {
+        "error": "CONNECT is not served: the gateway opens no tunnels",
+        "cause": "method_not_allowed"},
+        [(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")])
+
+
+async def _answer_alone(protocol: Any, request: Any, status: bytes, payload: dict[str, str],
+                        headers: list[tuple[bytes, bytes]]) -> None:
+    """Answer one HTTP/2 stream with a JSON error, without Hypercorn or the app."""
+    body = json.dumps(payload).encode()
     connection = protocol.connection
     # Counted as a request, and closed as a stream, like any other.
     protocol.keep_alive_requests += 1
@@ -527,9 +544,8 @@ async def _refuse_connect(protocol: Any, request: Any) -> None:
         resets.closed(request.stream_id)
     with suppress(h2.exceptions.H2Error):
         connection.send_headers(request.stream_id, [
-            (b":status", b"405"), (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")])
+            (b":status", status), (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()), *headers])
         connection.send_data(request.stream_id, body, end_stream=True)
         if request.stream_ended is None:  # it may go on sending: tell it to stop
             connection.reset_stream(request.stream_id, h2.errors.ErrorCodes.NO_ERROR)
@@ -933,6 +949,11 @@ def apply() -> None:
         # stream (REFUSED_STREAM: safe for the client to retry), not the worker.
         if _plain_connect(request.headers):
             await _refuse_connect(self, request)
+            return
+        if _non_ascii_head(request.headers):
+            await _answer_alone(self, request, b"400", {
+                "error": "the request method or path holds bytes that are not ASCII "
+                         "(percent-encode them)", "cause": "bad_request"}, [])
             return
         try:
             await original_create_stream(self, request)

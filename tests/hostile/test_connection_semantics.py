@@ -116,3 +116,27 @@ async def test_an_invalid_host_is_400_and_not_forwarded(host):
         assert response.status == 400, (
             response.status, [r.header_values("x-forwarded-host") for r in s.upstream.requests])
         assert s.upstream.requests == []
+
+
+async def test_absolute_form_authority_that_is_no_host_is_refused():
+    """An absolute-form target's authority stands instead of Host (RFC 9112 3.2.2) and is
+    forwarded as X-Forwarded-Host: ``GET http://evil.example"><script>/api/up/ok`` got
+    a 200, and the upstream built its links from that."""
+    async with stage() as s:
+        before = len(s.upstream.requests)
+        raw = (b'GET http://evil.example"><script>/api/up/ok HTTP/1.1\r\n'
+               b"Host: gateway.test\r\n\r\n")
+        response, _ = await exchange(s.port, raw)
+        assert response is not None
+        forwarded = (dict(s.upstream.requests[-1].headers).get("x-forwarded-host")
+                     if len(s.upstream.requests) > before else None)
+        assert response.status == 400, (response.status, forwarded)
+        assert len(s.upstream.requests) == before
+
+
+async def test_host_with_an_ipv6_zone_id_is_served():
+    """RFC 6874 allows a zone id in an IPv6 literal (``[fe80::1%25eth0]``)."""
+    async with stage() as s:
+        response, _ = await exchange(
+            s.port, request_bytes("GET", "/api/up/ok", host=b"[fe80::1%25eth0]:8080"))
+        assert response is not None and response.status == 200, response
