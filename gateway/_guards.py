@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 from ._errors import BadRequest, HeadersTooLarge, UriTooLong
 from ._hypercorn_fixes import H2_NO_BODY_EXTENSION
 from ._policy import LimitsPolicy
+from ._routing import absolute_authority
 
 __all__ = ["HEADER_LINE_OVERHEAD", "BodyFraming", "check_request_head"]
 
@@ -82,11 +83,15 @@ def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> BodyFr
     query: bytes = scope.get("query_string", b"")
     if _CONTROL_BYTE_RE.search(raw_path) or _CONTROL_BYTE_RE.search(query):
         raise BadRequest("the request target holds a control character")
+    if b"#" in raw_path or b"#" in query:
+        raise BadRequest("a request target has no fragment ('#')")  # RFC 9112 3.2
     if raw_path[:8].lower().startswith((b"http://", b"https://")):
         # An absolute-form target's authority stands for Host (RFC 9112 3.2.2), and is
-        # passed on as X-Forwarded-Host: the same check, and no userinfo (RFC 9110 4.2.4).
-        authority = re.split(rb"[/?#]", raw_path.partition(b"//")[2], maxsplit=1)[0]
-        if b"@" in authority or _HOST_RE.fullmatch(authority) is None:
+        # passed on as X-Forwarded-Host: the same check, no userinfo (RFC 9110 4.2.4),
+        # and a host (4.2.1).
+        authority = absolute_authority(raw_path)
+        if (b"@" in authority or authority[:1] in (b"", b":")
+                or _HOST_RE.fullmatch(authority) is None):
             raise BadRequest("the request target's authority is not a host[:port]")
     uri_bytes = len(raw_path) + (len(query) + 1 if query else 0)
     if uri_bytes > limits.max_uri_bytes:

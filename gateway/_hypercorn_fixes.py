@@ -535,6 +535,7 @@ async def _answer_alone(protocol: Any, request: Any, status: bytes, payload: dic
     """Answer one HTTP/2 stream with a JSON error, without Hypercorn or the app."""
     body = json.dumps(payload).encode()
     connection = protocol.connection
+    protocol.answered_alone = True  # for the idle mark after this read's events
     # Counted as a request, and closed as a stream, like any other.
     protocol.keep_alive_requests += 1
     if protocol.keep_alive_requests > protocol.config.keep_alive_max_requests:
@@ -894,6 +895,11 @@ def apply() -> None:
                     await self._window_updated(event.stream_id)
         if last_stream_id is not None and not self.closed:
             await _close_for_resets(self, resets, last_stream_id)
+        if self.__dict__.pop("answered_alone", False) and not self.streams and not self.closed:
+            # A stream answered without Hypercorn (a CONNECT, a non-ASCII head) never
+            # closes through it, while Hypercorn marked the connection busy for it:
+            # the connection would never be idle again (no keep-alive timeout).
+            await self.send(Updated(idle=True))
 
     original_close_stream: Callable[[Any, int], Awaitable[None]] = H2Protocol._close_stream
 

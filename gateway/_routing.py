@@ -38,14 +38,20 @@ def origin_form(raw_path: bytes) -> bytes:
     return b"/" if slash < 0 else authority_and_path[slash:]
 
 
+def absolute_authority(raw_path: bytes) -> bytes:
+    """The authority of an absolute-form target (``http://host:port/path``): up to the
+    first ``/``, ``?`` or ``#``."""
+    return re.split(rb"[/?#]", raw_path.partition(b"//")[2], maxsplit=1)[0]
+
+
 def target_authority(raw_path: bytes) -> bytes | None:
     """The host of an absolute-form request target (``http://host/path``), which a
     server must take instead of ``Host`` (RFC 9112, 3.2.2); None for origin form."""
     head = raw_path[:8].lower()
     if not (head.startswith(b"http://") or head.startswith(b"https://")):
         return None
-    authority = raw_path.partition(b"//")[2].partition(b"/")[0].partition(b"?")[0]
-    return authority.rpartition(b"@")[2] or None
+    # Parsed as the guard checks it (gateway._guards), which refused any userinfo.
+    return absolute_authority(raw_path) or None
 
 
 def normalize_path(raw_path: bytes) -> list[str]:

@@ -140,3 +140,20 @@ async def test_host_with_an_ipv6_zone_id_is_served():
         response, _ = await exchange(
             s.port, request_bytes("GET", "/api/up/ok", host=b"[fe80::1%25eth0]:8080"))
         assert response is not None and response.status == 200, response
+
+
+@pytest.mark.parametrize("target", [
+    b"http://gateway.test#@evil.example/api/up/headers",
+    b"HTTP://gateway.test#@evil.example/api/up/headers",
+])
+async def test_an_absolute_form_target_cannot_smuggle_a_forwarded_host_past_the_check(target):
+    """The check cut the authority at '#' and saw 'gateway.test'; the forwarding cut it at
+    '/' and '?' and kept what followed the last '@': X-Forwarded-Host: evil.example."""
+    async with stage() as s:
+        before = len(s.upstream.requests)
+        raw = b"GET " + target + b" HTTP/1.1\r\nHost: gateway.test\r\n\r\n"
+        response, _ = await exchange(s.port, raw)
+        assert response is not None
+        forwarded = [r.header_values("x-forwarded-host") for r in s.upstream.requests[before:]]
+        assert response.status == 400, (response.status, forwarded)
+        assert forwarded == []
