@@ -133,7 +133,7 @@ from hypercorn.protocol.h2 import (
     StreamBuffer,
 )
 from hypercorn.protocol.h11 import H11Protocol
-from hypercorn.protocol.http_stream import HTTPStream
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
@@ -908,7 +908,12 @@ def apply() -> None:
         if resets is not None:
             resets.closed(stream_id)
         open_before = stream_id in self.streams
+        unanswered = getattr(self.streams.get(stream_id), "unanswered", False)
         await original_close_stream(self, stream_id)
+        if unanswered and not self.closed:
+            with suppress(h2.exceptions.H2Error):
+                self.connection.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            await self._flush()
         if open_before and not self.closed and not self.streams:
             # Hypercorn says a connection is idle only when an app closes its stream;
             # one reset by its client or dropped at send_timeout would never be idle
@@ -1133,6 +1138,21 @@ def apply() -> None:
         return H2Put(inbox)
 
     TaskGroup.spawn_app = spawn_app  # type: ignore[method-assign]
+    stock_app_send: Callable[[Any, Any], Awaitable[None]] = HTTPStream.app_send
+
+    async def app_send(self: Any, message: Any) -> None:
+        if (message is None and not self.closed and self.state == ASGIHTTPState.REQUEST
+                and trio.current_effective_deadline() == -math.inf):
+            # The app was cancelled (the graceful deadline) before it answered: no answer
+            # goes out, not Hypercorn's empty 500, which HTTP/2 clients got (its writes
+            # are shielded) while the trace and metrics said nothing was sent. Over
+            # HTTP/2 the stream is reset (CANCEL) as it closes.
+            self.unanswered = True
+            await self.send(StreamClosed(stream_id=self.stream_id))
+            return
+        await stock_app_send(self, message)
+
+    HTTPStream.app_send = app_send  # type: ignore[method-assign]
     stock_mark_request: Callable[[Any], Awaitable[None]] = WorkerContext.mark_request
 
     async def mark_request(self: Any) -> None:
