@@ -9,6 +9,7 @@ from gateway._metrics import render_metrics
 from tests.gateway_harness import run_gateway, trace_of
 from tests.h2client import H2Client
 from tests.metrics import metric_total
+from tests.pg import assert_stops, wait_running
 from tests.upstream import proxy_policy, start_upstream
 
 SQL = """
@@ -30,22 +31,12 @@ routes:
 """
 
 
-async def _running(database, marker: str) -> int:  # type: ignore[no-untyped-def]
-    out = await trio.to_thread.run_sync(
-        database.psql,
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-        f"AND pid <> pg_backend_pid() AND query LIKE '%{marker}%'")
-    return int(out.strip())
-
-
 async def _sql_cut_by_drain(database, path: str, method: str, marker: str):  # type: ignore[no-untyped-def]
     async with run_gateway(SQL, graceful_timeout=0.5) as gw:
         stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
         await stream.send_all(f"{method} {path} HTTP/1.1\r\nhost: t\r\ncontent-length: 0\r\n"
                               f"x-request-id: sql-cut\r\n\r\n".encode())
-        with trio.fail_after(5):
-            while not await _running(database, marker):
-                await trio.sleep(0.02)
+        await wait_running(database, marker)
         gw.shutdown.set()
         received = b""
         with trio.move_on_after(5):
@@ -53,12 +44,8 @@ async def _sql_cut_by_drain(database, path: str, method: str, marker: str):  # t
                 received += chunk
         trace = await trace_of(gw, "sql-cut", timeout_s=5)
     # The gateway has stopped: the statement must not run on to its 8 s end.
-    with trio.move_on_after(2.0):
-        while await _running(database, marker):
-            await trio.sleep(0.02)
-        return trace, received
-    raise AssertionError(f"{marker}: still running on the server 2 s after the gateway "
-                         "stopped")
+    await assert_stops(database, marker, within_s=2.0)
+    return trace, received
 
 
 async def test_a_sql_read_cut_by_the_graceful_deadline_stops_on_the_server(database):

@@ -13,6 +13,7 @@ import httpx
 import trio
 
 from tests.gateway_harness import run_gateway
+from tests.pg import assert_stops, wait_running
 
 #: Long enough to tell a stopped statement from one running to its end (5 s or more).
 STOPPED_WITHIN_S = 2.0
@@ -58,29 +59,6 @@ routes:
 """
 
 
-async def _running(database, marker: str) -> int:  # type: ignore[no-untyped-def]
-    out = await trio.to_thread.run_sync(
-        database.psql,
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-        f"AND pid <> pg_backend_pid() AND query LIKE '%{marker}%'")
-    return int(out.strip())
-
-
-async def _assert_stops(database, marker: str) -> None:  # type: ignore[no-untyped-def]
-    with trio.move_on_after(STOPPED_WITHIN_S):
-        while await _running(database, marker):
-            await trio.sleep(0.02)
-        return
-    raise AssertionError(f"{marker}: still running on the server {STOPPED_WITHIN_S} s after "
-                         "the gateway let go of it")
-
-
-async def _wait_running(database, marker: str) -> None:  # type: ignore[no-untyped-def]
-    with trio.fail_after(5):
-        while not await _running(database, marker):
-            await trio.sleep(0.02)
-
-
 def _table(database) -> None:  # type: ignore[no-untyped-def]
     database.psql("DROP TABLE IF EXISTS cancel_marks; CREATE TABLE cancel_marks (n int)")
 
@@ -94,7 +72,7 @@ async def test_a_write_cut_by_its_deadline_stops_on_the_server(database):
     async with run_gateway(STATEMENTS) as gw, gw.client() as client:
         response = await client.post("/slow-write")
         assert response.status_code == 504, response.text
-        await _assert_stops(database, "mark-write-deadline")
+        await assert_stops(database, "mark-write-deadline", STOPPED_WITHIN_S)
     assert database.psql("SELECT count(*) FROM cancel_marks").strip() == "0"
 
 
@@ -108,9 +86,9 @@ async def test_a_write_whose_client_left_stops_on_the_server(database):
                     await client.post("/slow-write-left")
 
             nursery.start_soon(write)
-            await _wait_running(database, "mark-write-left")
+            await wait_running(database, "mark-write-left")
             nursery.cancel_scope.cancel()  # the client leaves mid-write
-        await _assert_stops(database, "mark-write-left")
+        await assert_stops(database, "mark-write-left", STOPPED_WITHIN_S)
     assert database.psql("SELECT count(*) FROM cancel_marks").strip() == "0"
 
 
@@ -118,7 +96,7 @@ async def test_a_large_read_cut_by_its_deadline_stops_on_the_server(database):
     async with run_gateway(STATEMENTS) as gw, gw.client() as client:
         response = await client.get("/big-read")
         assert response.status_code == 504, response.text
-        await _assert_stops(database, "mark-big-read")
+        await assert_stops(database, "mark-big-read", STOPPED_WITHIN_S)
 
 
 async def test_the_servers_statement_timeout_leaves_a_route_its_deadline(database):
@@ -137,7 +115,7 @@ async def test_a_statement_an_operator_cancels_is_not_reported_as_the_deadline(d
     async with run_gateway(STATEMENTS) as gw, gw.client() as client:
 
         async def cancel_it() -> None:
-            await _wait_running(database, "mark-operator")
+            await wait_running(database, "mark-operator")
             await trio.to_thread.run_sync(
                 database.psql,
                 "SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
