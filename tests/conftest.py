@@ -4,6 +4,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trustme
 
 # Make `tests.*` helpers importable as a package from any test module.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,3 +28,16 @@ def database(pg_cluster, monkeypatch) -> Iterator:  # noqa: F811
     yield pg_cluster
     if not pg_cluster.running:
         pg_cluster.start()
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    """A test certificate authority, for HTTPS upstreams (``tests.tls``)."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)

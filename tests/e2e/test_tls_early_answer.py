@@ -4,16 +4,14 @@ arrived, and trio marks an SSLStream whose ``send_all`` was cancelled mid-write 
 the rest of an early answer could no longer be read from it."""
 
 import socket
-import ssl
 from functools import partial
-from pathlib import Path
 
 import pytest
 import trio
-import trustme
 
 from tests.gateway_harness import run_gateway
 from tests.hostile.rawclient import connect, request_bytes
+from tests.tls import server_context
 
 ERROR_BODY = b"request entity too large" * 40
 
@@ -31,23 +29,15 @@ async def _refuse_on_head_then_explain(stream: trio.abc.Stream) -> None:
     await trio.sleep_forever()
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
 @pytest.mark.parametrize("scheme", ["https", "http"])
 async def test_an_early_answer_of_a_tls_upstream_to_a_small_body_is_relayed_whole(
-        ca, tmp_path: Path, scheme: str):
+        ca, ca_file: str, scheme: str):
     """A TLS upstream refuses a 60,000-byte upload on its head (413, its explanation
     in a second write). The client gets the 413 head and then a connection cut before
     its body: the gateway broke its own TLS stream by cancelling the body's write.
     Over plain HTTP the answer waited unread behind the blocked write: a 504 after the
     whole deadline."""
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
+    context = server_context(ca, "127.0.0.1")
     size = 60_000
     async with trio.open_nursery() as nursery:
         sock = trio.socket.socket()

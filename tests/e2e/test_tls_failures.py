@@ -13,33 +13,15 @@ import time
 from functools import partial
 from pathlib import Path
 
-import pytest
 import trio
 import trustme
 from cryptography.hazmat.primitives import serialization
 
 from tests.gateway_harness import run_gateway, trace_of
 from tests.hostile.rawclient import connect, request_bytes
+from tests.tls import server_context
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
-def server_context(ca: trustme.CA, *names: str) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(*names).configure_cert(context)
-    return context
 
 
 def policy(url: str, tls: str, *, deadline: str = "5s", connect_timeout: str = "2s") -> str:
@@ -60,6 +42,21 @@ routes:
 async def serve(nursery: trio.Nursery, handler) -> int:
     listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     return listeners[0].socket.getsockname()[1]
+
+
+async def _bad_gateway(handle, ca_file: str, **settings: str) -> tuple[dict, str]:  # type: ignore[no-untyped-def]
+    """The 502 body a request gets from an HTTPS upstream served by ``handle``, and the
+    text of its trace."""
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, handle)
+        with trio.fail_after(20):
+            async with run_gateway(policy(f"https://127.0.0.1:{port}", f"ca_file: {ca_file}",
+                                          **settings)) as gw, gw.client() as client:
+                response = await client.get("/api/users/1")
+                assert response.status_code == 502, response.text
+                trace = str((await trace_of(gw, response.headers["x-request-id"])).to_json())
+        nursery.cancel_scope.cancel()
+    return response.json(), trace
 
 
 async def read_head(stream: trio.abc.Stream) -> bytes | None:
@@ -162,19 +159,9 @@ async def test_a_client_certificate_refused_under_tls_1_3_names_the_tls_alert(ca
         await trio.to_thread.run_sync(_stdlib_tls_server, context, fd, None,
                                       abandon_on_cancel=True)
 
-    async with trio.open_nursery() as nursery:
-        port = await serve(nursery, handle)
-        with trio.fail_after(20):
-            async with run_gateway(policy(f"https://127.0.0.1:{port}",
-                                          f"ca_file: {ca_file}")) as gw, \
-                    gw.client() as client:
-                response = await client.get("/api/users/1")
-                assert response.status_code == 502, response.text
-                error = response.json()["error"]
-                trace = str((await trace_of(gw, response.headers["x-request-id"])).to_json())
-                assert "certificate required" in error.lower(), error
-                assert "certificate required" in trace.lower(), trace
-        nursery.cancel_scope.cancel()
+    body, trace = await _bad_gateway(handle, ca_file)
+    assert "certificate required" in body["error"].lower(), body
+    assert "certificate required" in trace.lower(), trace
 
 
 async def test_a_corrupt_tls_record_from_an_upstream_names_the_tls_error(ca, ca_file):
@@ -190,18 +177,9 @@ async def test_a_corrupt_tls_record_from_an_upstream_names_the_tls_error(ca, ca_
         await trio.sleep(1)
         tcp.socket.close()
 
-    async with trio.open_nursery() as nursery:
-        port = await serve(nursery, handle)
-        with trio.fail_after(20):
-            async with run_gateway(policy(f"https://127.0.0.1:{port}",
-                                          f"ca_file: {ca_file}")) as gw, \
-                    gw.client() as client:
-                response = await client.get("/api/users/1")
-                assert response.status_code == 502, response.text
-                error = response.json()["error"]
-                assert "BrokenResourceError()" not in error, error
-                assert "ssl" in error.lower() or "tls" in error.lower(), error
-        nursery.cancel_scope.cancel()
+    body, _trace = await _bad_gateway(handle, ca_file)
+    assert "BrokenResourceError()" not in body["error"], body
+    assert "ssl" in body["error"].lower() or "tls" in body["error"].lower(), body
 
 
 # -- 3. a stalled handshake is reported as a TCP connect timeout ----------------------
@@ -216,17 +194,9 @@ async def test_a_stalled_tls_handshake_is_reported_as_a_handshake_timeout(ca_fil
     async def handle(tcp: trio.SocketStream) -> None:
         await trio.sleep_forever()
 
-    async with trio.open_nursery() as nursery:
-        port = await serve(nursery, handle)
-        with trio.fail_after(20):
-            async with run_gateway(policy(f"https://127.0.0.1:{port}", f"ca_file: {ca_file}",
-                                          connect_timeout="200ms")) as gw, \
-                    gw.client() as client:
-                response = await client.get("/api/users/1")
-                assert response.status_code == 502, response.text
-                assert response.json()["cause"] == "upstream_connect"
-                assert "handshake" in response.json()["error"].lower(), response.text
-        nursery.cancel_scope.cancel()
+    body, _trace = await _bad_gateway(handle, ca_file, connect_timeout="200ms")
+    assert body["cause"] == "upstream_connect"
+    assert "handshake" in body["error"].lower(), body
 
 
 # -- 4. an encrypted key_file prompts on the terminal ---------------------------------

@@ -13,29 +13,8 @@ import trustme
 
 from gateway._policy_loader import PolicyError, load_policy_text
 from tests.gateway_harness import run_gateway, trace_of
+from tests.tls import server_context
 from tests.upstream import start_upstream
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return str(path)
-
-
-def server_context(ca: trustme.CA, *names: str,
-                   client_ca: trustme.CA | None = None) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(*names).configure_cert(context)
-    if client_ca is not None:
-        client_ca.configure_trust(context)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 def policy(url: str, tls: str = "") -> str:
