@@ -47,8 +47,8 @@ _HOST_RE = re.compile(
 _METHOD_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 MAX_METHOD_LENGTH = 32
 #: No control character, space or DEL in a request target (RFC 9112 3.2; h2 lets them
-#: through in ``:path``).
-_CONTROL_BYTE_RE = re.compile(rb"[\x00-\x20\x7f]")
+#: through in ``:path``), and no fragment: one search finds either.
+_TARGET_BAD_RE = re.compile(rb"[\x00-\x20\x7f#]")
 
 
 #: Methods whose HTTP/2 requests are read for a body even without a Content-Length.
@@ -81,11 +81,12 @@ def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> BodyFr
                          f"{MAX_METHOD_LENGTH} characters")
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
     query: bytes = scope.get("query_string", b"")
-    if _CONTROL_BYTE_RE.search(raw_path) or _CONTROL_BYTE_RE.search(query):
+    bad = _TARGET_BAD_RE.search(raw_path) or _TARGET_BAD_RE.search(query)
+    if bad is not None:
+        if bad[0] == b"#":
+            raise BadRequest("a request target has no fragment ('#')")  # RFC 9112 3.2
         raise BadRequest("the request target holds a control character")
-    if b"#" in raw_path or b"#" in query:
-        raise BadRequest("a request target has no fragment ('#')")  # RFC 9112 3.2
-    if raw_path[:8].lower().startswith((b"http://", b"https://")):
+    if raw_path[:1] != b"/" and raw_path[:8].lower().startswith((b"http://", b"https://")):
         # An absolute-form target's authority stands for Host (RFC 9112 3.2.2), and is
         # passed on as X-Forwarded-Host: the same check, no userinfo (RFC 9110 4.2.4),
         # and a host (4.2.1).
