@@ -310,7 +310,8 @@ class TlsPolicy(_Model):
     """TLS to an ``https://`` upstream; the server's certificate is always verified."""
 
     ca_file: str | None = Field(None, description="PEM file of the CAs to trust instead of "
-                                "the system's (an absolute path).")
+                                "the system's (an absolute path); an intermediate CA alone "
+                                "is enough.")
     server_name: str | None = Field(None, description="Name sent as SNI and checked in the "
                                     "server's certificate; the URL's host by default.")
     cert_file: str | None = Field(None, description="PEM client certificate (chain) for "

@@ -3,8 +3,10 @@ policy is loaded (the files it names are read then, never per request).
 
 The server's certificate is always verified, against the system's trusted CAs or the
 policy's ``ca_file``, and its name checked against ``server_name`` (the URL's host by
-default, also sent as SNI). ``cert_file`` and ``key_file`` present a client certificate
-to upstreams that ask for one (mutual TLS).
+default, also sent as SNI). Any certificate in ``ca_file`` is a trust anchor, an
+intermediate CA included: the chain need not reach a self-signed root (OpenSSL's partial
+chains, as curl does and Python 3.13 by default). ``cert_file`` and ``key_file`` present
+a client certificate to upstreams that ask for one (mutual TLS).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def client_context(*, ca_file: str | None = None, cert_file: str | None = None,
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
+    # An operator pinning the intermediate CA that issued the upstream's certificate
+    # (not the root above it) means that CA: without this flag OpenSSL goes on looking
+    # for the root and refuses "unable to get issuer certificate".
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     if ca_file is not None:
         try:
             context.load_verify_locations(cafile=ca_file)

@@ -64,6 +64,26 @@ async def test_a_certificate_that_is_not_trusted_or_not_for_the_host_is_a_502(ca
         nursery.cancel_scope.cancel()
 
 
+async def test_a_ca_file_holding_only_an_intermediate_ca_is_a_trust_anchor(tmp_path: Path):
+    """An operator pins the intermediate CA that issued the upstream's certificate, not
+    the root above it (curl and OpenSSL do with partial chains, as Python 3.13 does by
+    default): OpenSSL kept looking for the root and refused "unable to get issuer
+    certificate"."""
+    root = trustme.CA()
+    intermediate = root.create_child_ca()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    intermediate.issue_cert("127.0.0.1").configure_cert(context)  # leaf + intermediate
+    pinned = tmp_path / "intermediate.pem"
+    intermediate.cert_pem.write_to_path(str(pinned))
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, tls=context)
+        async with run_gateway(policy(upstream.url, f"ca_file: {pinned}")) as gw, \
+                gw.client() as client:
+            response = await client.get("/api/users/1")
+            assert response.status_code == 200, response.text
+        nursery.cancel_scope.cancel()
+
+
 async def test_server_name_checks_the_certificate_for_another_name(ca, ca_file):
     async with trio.open_nursery() as nursery:
         upstream = await start_upstream(nursery, tls=server_context(ca, "users.internal"))
