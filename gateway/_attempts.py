@@ -45,6 +45,7 @@ from ._errors import (
     NoRow,
     Shed,
     StatementWrites,
+    UpstreamCertificateError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamQueryError,
@@ -103,6 +104,8 @@ Perform = Callable[[TracedScope, Claim, Container[int]], Awaitable[AttemptResult
 
 def outcome_of(error: GatewayError) -> str | int | None:
     """The retry condition an error matches (``connect``, ``reset``, ``timeout``, status)."""
+    if isinstance(error, UpstreamCertificateError):
+        return None  # the same handshake fails the same way again
     if isinstance(error, UpstreamConnectError):
         return "connect"
     if isinstance(error, UpstreamResetError):

@@ -14,6 +14,7 @@ caught them::
     ├── NotFound (404) / MethodNotAllowed (405)
     ├── UpstreamError (502)            the upstream failed or answered garbage
     │   ├── UpstreamConnectError       refused, unreachable, connect timeout
+    │   │   └── UpstreamCertificateError   a TLS handshake no retry can mend
     │   ├── UpstreamResetError         closed or reset mid-exchange
     │   └── UpstreamProtocolError      not HTTP/1.1, oversized or broken framing
     ├── UpstreamTimeout (504)          a call or request deadline fired
@@ -105,6 +106,13 @@ class UpstreamError(GatewayError):
 
 class UpstreamConnectError(UpstreamError):
     cause = "upstream_connect"
+
+
+class UpstreamCertificateError(UpstreamConnectError):
+    """The TLS handshake failed over a certificate: the upstream's did not verify
+    (another CA, another name, expired). A connect failure (nothing of the request was
+    sent), but never retried: every handshake with the same upstream ends the same way,
+    so a retry would only spend the retry budget and delay the 502."""
 
 
 class UpstreamResetError(UpstreamError):

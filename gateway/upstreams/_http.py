@@ -40,6 +40,7 @@ from .._errors import (
     BadRequest,
     GatewayError,
     Shed,
+    UpstreamCertificateError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -176,6 +177,11 @@ class _MapExceptions:
                 )
             if isinstance(exc, trio.BrokenResourceError):  # the TLS handshake failed
                 reason = exc.__cause__ if exc.__cause__ is not None else exc
+                if isinstance(reason, ssl.SSLCertVerificationError):
+                    why = (reason.verify_message or str(reason)).rstrip(".")
+                    return UpstreamCertificateError(
+                        f"the certificate of upstream {upstream!r} was not verified: {why}",
+                        upstream=upstream)
                 return UpstreamConnectError(
                     f"TLS handshake with upstream {upstream!r} failed: {reason}",
                     upstream=upstream,

@@ -10,9 +10,12 @@ import socket
 import ssl
 import sys
 import time
+from contextlib import suppress
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 import trustme
 from cryptography.hazmat.primitives import serialization
@@ -24,7 +27,8 @@ from tests.tls import server_context
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def policy(url: str, tls: str, *, deadline: str = "5s", connect_timeout: str = "2s") -> str:
+def policy(url: str, tls: str, *, deadline: str = "5s", connect_timeout: str = "2s",
+           retries: str = "{attempts: 1}") -> str:
     return f"""
 version: 1
 upstreams:
@@ -32,6 +36,7 @@ upstreams:
     url: "{url}"
     tls: {{{tls}}}
     pool: {{connect_timeout: {connect_timeout}}}
+    call: {{retries: {retries}}}
 routes:
   - path: /api/{{rest*}}
     deadline: {deadline}
@@ -182,7 +187,48 @@ async def test_a_corrupt_tls_record_from_an_upstream_names_the_tls_error(ca, ca_
     assert "ssl" in body["error"].lower() or "tls" in body["error"].lower(), body
 
 
-# -- 3. a stalled handshake is reported as a TCP connect timeout ----------------------
+# -- 3. a certificate that does not verify is told as such, and not retried -----------
+
+
+def _expired_certificate(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    now = datetime.now(UTC)
+    ca.issue_cert("127.0.0.1", not_before=now - timedelta(days=30),
+                  not_after=now - timedelta(days=1)).configure_cert(context)
+    return context
+
+
+@pytest.mark.parametrize(("certificate", "why"), [
+    (lambda ca: server_context(trustme.CA(), "127.0.0.1"), "unable to get local issuer"),
+    (lambda ca: server_context(ca, "other.test"), "not valid for '127.0.0.1'"),
+    (_expired_certificate, "certificate has expired"),
+], ids=["untrusted", "another name", "expired"])
+async def test_a_certificate_that_does_not_verify_is_named_and_not_retried(
+        ca, ca_file, certificate, why):
+    """An upstream whose certificate the gateway cannot verify (issued by another CA,
+    for another name, expired) fails the same way on every handshake with the same
+    address: each retry of ``on: [connect]`` made one more handshake, spent the retry
+    budget and delayed the 502, which said only "TLS handshake failed" in OpenSSL's
+    words. The 502 says the certificate was not verified and why, after one handshake."""
+    context = certificate(ca)
+    handshakes = 0
+
+    async def handle(tcp: trio.SocketStream) -> None:
+        nonlocal handshakes
+        handshakes += 1
+        with suppress(trio.BrokenResourceError):
+            await trio.SSLStream(tcp, context, server_side=True).do_handshake()
+
+    body, trace = await _bad_gateway(
+        handle, ca_file, retries="{attempts: 3, on: [connect], backoff: 1ms..2ms}")
+    assert body["cause"] == "upstream_connect", body
+    assert "certificate of upstream 'secure' was not verified" in body["error"], body
+    assert why in body["error"], body
+    assert "was not verified" in trace and "secure#2" not in trace, trace
+    assert handshakes == 1
+
+
+# -- 4. a stalled handshake is reported as a TCP connect timeout ----------------------
 
 
 async def test_a_stalled_tls_handshake_is_reported_as_a_handshake_timeout(ca_file):
@@ -199,7 +245,7 @@ async def test_a_stalled_tls_handshake_is_reported_as_a_handshake_timeout(ca_fil
     assert "handshake" in body["error"].lower(), body
 
 
-# -- 4. an encrypted key_file prompts on the terminal ---------------------------------
+# -- 5. an encrypted key_file prompts on the terminal ---------------------------------
 
 
 def test_an_encrypted_key_file_is_refused_without_prompting_for_a_pass_phrase(tmp_path):

@@ -160,7 +160,7 @@ async def test_a_reload_takes_new_tls_settings_and_files_rotated_in_place(ca, ca
             # The new settings are used: the name is right, the CA not yet.
             untrusted = await client.get("/api/users/1")
             assert untrusted.status_code == 502, untrusted.text
-            assert "certificate verify failed" in str(
+            assert "was not verified: unable to get local issuer certificate" in str(
                 (await trace_of(gw, untrusted.headers["x-request-id"])).to_json())
             write_atomically(rotating, ca.cert_pem.bytes().decode())  # rotated in place
             assert await gw.gateway.reload()  # the same policy text: reloaded all the same
