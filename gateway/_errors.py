@@ -110,9 +110,12 @@ class UpstreamConnectError(UpstreamError):
 
 class UpstreamCertificateError(UpstreamConnectError):
     """The TLS handshake failed over a certificate: the upstream's did not verify
-    (another CA, another name, expired). A connect failure (nothing of the request was
-    sent), but never retried: every handshake with the same upstream ends the same way,
-    so a retry would only spend the retry budget and delay the 502."""
+    (another CA, another name, expired), or the upstream refused the gateway's client
+    certificate, or its lack of one, with a TLS alert (under TLS 1.3 the alert comes
+    after the client's side of the handshake, on the first read). A connect failure
+    (nothing of the request reached the upstream's application), but never retried:
+    every handshake with the same upstream ends the same way, so a retry would only
+    spend the retry budget and delay the 502."""
 
 
 class UpstreamResetError(UpstreamError):

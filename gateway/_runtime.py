@@ -113,7 +113,8 @@ def _upstream_tls(definition: UpstreamPolicy) -> UpstreamTls | None:
     if tls is None:
         return UpstreamTls(client_context(), host)
     return UpstreamTls(client_context(ca_file=tls.ca_file, cert_file=tls.cert_file,
-                                      key_file=tls.key_file), tls.server_name or host)
+                                      key_file=tls.key_file), tls.server_name or host,
+                       client_certificate=tls.cert_file is not None)
 
 
 def _same_service(old: UpstreamPolicy, new: UpstreamPolicy) -> bool:

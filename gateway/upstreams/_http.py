@@ -132,14 +132,16 @@ class _MapExceptions:
     above all) and exceptions already in the gateway tree pass through untouched.
     """
 
-    __slots__ = ("_conn", "_connecting", "_upstream")
+    __slots__ = ("_conn", "_connecting", "_tls", "_upstream")
 
     def __init__(
-        self, upstream: str, conn: _Connection | None = None, *, connecting: bool = False
+        self, upstream: str, conn: _Connection | None = None, *, connecting: bool = False,
+        tls: UpstreamTls | None = None,
     ) -> None:
         self._upstream = upstream
         self._conn = conn
         self._connecting = connecting
+        self._tls = tls
 
     def __enter__(self) -> None:
         return None
@@ -182,6 +184,8 @@ class _MapExceptions:
                     return UpstreamCertificateError(
                         f"the certificate of upstream {upstream!r} was not verified: {why}",
                         upstream=upstream)
+                if (refused := self._client_certificate_refused(reason)) is not None:
+                    return refused
                 return UpstreamConnectError(
                     f"TLS handshake with upstream {upstream!r} failed: {reason}",
                     upstream=upstream,
@@ -200,11 +204,49 @@ class _MapExceptions:
             # trio's BrokenResourceError says nothing itself: the TLS alert or the socket
             # error that broke the stream is its cause.
             reason = exc.__cause__ if exc.__cause__ is not None else exc
+            # Under TLS 1.3 an upstream refuses the client certificate after the client's
+            # side of the handshake is done: its alert is read with the answer.
+            if (refused := self._client_certificate_refused(reason)) is not None:
+                return refused
             return UpstreamResetError(
                 f"connection to upstream {upstream!r} broke: {reason!r}", upstream=upstream
             )
         return None
 
+
+    def _client_certificate_refused(self, reason: BaseException) -> GatewayError | None:
+        """The upstream's refusal of the gateway's client certificate (or of its lack of
+        one), when ``reason`` is the TLS alert that says so; None otherwise."""
+        if self._tls is None or not isinstance(reason, ssl.SSLError) or not reason.reason:
+            return None
+        match = _ALERT.fullmatch(reason.reason)
+        if match is None:
+            return None
+        alert = match[1].lower().replace("_", " ")
+        upstream = self._upstream
+        if self._tls.client_certificate:
+            if alert not in _CERTIFICATE_ALERTS:
+                return None
+            message = f"upstream {upstream!r} refused the gateway's client certificate"
+        elif alert in _CERTIFICATE_ALERTS:
+            message = (f"upstream {upstream!r} refused the TLS handshake without a client "
+                       "certificate: it asks for one and tls.cert_file is not set")
+        elif alert == "handshake failure":  # how TLS 1.2 refuses a missing certificate
+            message = (f"upstream {upstream!r} refused the TLS handshake without a client "
+                       "certificate: it may ask for one and tls.cert_file is not set")
+        else:
+            return None
+        return UpstreamCertificateError(f"{message} (TLS alert {alert!r})", upstream=upstream)
+
+
+#: OpenSSL's reason for a TLS alert received from the peer, the alert in capitals.
+_ALERT = re.compile(r"(?:SSLV3|TLSV1|TLSV13)_ALERT_(\w+)")
+#: Alerts a server sends about the client's certificate (RFC 8446 6.2): every handshake
+#: with the same certificate gets the same.
+_CERTIFICATE_ALERTS = frozenset({
+    "bad certificate", "unsupported certificate", "certificate revoked",
+    "certificate expired", "certificate unknown", "unknown ca", "access denied",
+    "certificate required"})
 
 #: What the worker is short of, by errno, when it cannot open a socket.
 _RESOURCE_NAMES = {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors",
@@ -218,7 +260,7 @@ class _Connection:
                  "tls_buffers", "unwritten")
 
     def __init__(self, upstream: str, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream],
-                 max_header_bytes: int) -> None:
+                 max_header_bytes: int, tls: UpstreamTls | None = None) -> None:
         self.stream = stream
         if isinstance(stream, trio.SSLStream):
             self.socket = stream.transport_stream.socket
@@ -230,7 +272,7 @@ class _Connection:
             self.socket = stream.socket
             self.tls_buffers = None
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
-        self.errors = _MapExceptions(upstream, self)
+        self.errors = _MapExceptions(upstream, self, tls=tls)
         self.idle_since = 0.0
         self.reused = False
         """Served an earlier request: a failure before any byte may just be a stale socket."""
@@ -464,7 +506,7 @@ class HttpUpstreamPool:
         self._closed_total = 0
         self._closed = False
         self._build_errors = _MapExceptions(name)
-        self._connect_errors = _MapExceptions(name, connecting=True)
+        self._connect_errors = _MapExceptions(name, connecting=True, tls=tls)
 
     # -- public API -------------------------------------------------------------------
 
@@ -890,7 +932,7 @@ class HttpUpstreamPool:
         with suppress(OSError):
             tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         self._opened_total += 1
-        conn = _Connection(self.name, stream, self.limits.max_response_header_bytes)
+        conn = _Connection(self.name, stream, self.limits.max_response_header_bytes, tls)
         conn.begin(reused=False)
         return conn
 

@@ -23,6 +23,9 @@ class UpstreamTls:
 
     context: ssl.SSLContext
     server_name: str
+    client_certificate: bool = False
+    """The context presents a client certificate (``cert_file``): what an upstream's
+    refusal of the handshake is told as."""
 
 
 def client_context(*, ca_file: str | None = None, cert_file: str | None = None,

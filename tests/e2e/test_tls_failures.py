@@ -49,13 +49,16 @@ async def serve(nursery: trio.Nursery, handler) -> int:
     return listeners[0].socket.getsockname()[1]
 
 
-async def _bad_gateway(handle, ca_file: str, **settings: str) -> tuple[dict, str]:  # type: ignore[no-untyped-def]
-    """The 502 body a request gets from an HTTPS upstream served by ``handle``, and the
-    text of its trace."""
+async def _bad_gateway(handle, tls: str, **settings: str) -> tuple[dict, str]:  # type: ignore[no-untyped-def]
+    """The 502 body a request gets from an HTTPS upstream served by ``handle`` (``tls``:
+    the upstream's TLS settings, or a bare path for its ``ca_file``), and the text of its
+    trace."""
+    if ":" not in tls:
+        tls = f"ca_file: {tls}"
     async with trio.open_nursery() as nursery:
         port = await serve(nursery, handle)
         with trio.fail_after(20):
-            async with run_gateway(policy(f"https://127.0.0.1:{port}", f"ca_file: {ca_file}",
+            async with run_gateway(policy(f"https://127.0.0.1:{port}", tls,
                                           **settings)) as gw, gw.client() as client:
                 response = await client.get("/api/users/1")
                 assert response.status_code == 502, response.text
@@ -147,26 +150,47 @@ def _stdlib_tls_server(context: ssl.SSLContext, fd: int, answer: bytes | None) -
         (tls or raw).close()
 
 
-async def test_a_client_certificate_refused_under_tls_1_3_names_the_tls_alert(ca, ca_file):
-    """An mTLS upstream on TLS 1.3 refuses the gateway's missing (or wrong) client
-    certificate with a 'certificate required' alert, which arrives after the client's
-    handshake has completed. The 502's error and the trace say only "connection to
-    upstream 'secure' broke: BrokenResourceError()": nothing tells the operator that it
-    is TLS, let alone the client certificate. trio raises BrokenResourceError *from*
-    the SSLError, and the mapping prints the wrapper's empty repr."""
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
+                         ids=["TLS 1.2", "TLS 1.3"])
+@pytest.mark.parametrize("presented", [None, "another CA's"])
+async def test_a_refused_client_certificate_is_named_alike_under_tls_1_2_and_1_3(
+        ca, ca_file, tmp_path: Path, version: ssl.TLSVersion, presented: str | None):
+    """An mTLS upstream refuses the gateway's missing (or untrusted) client certificate
+    with a TLS alert. Under TLS 1.2 the alert ends the handshake: 502 upstream_connect.
+    Under TLS 1.3 it arrives after the client's handshake has completed, on the first
+    read: the same refusal was a 502 upstream_reset, "connection to upstream 'secure'
+    broke: BrokenResourceError()", and was retried as a reset. Both now say that the
+    upstream refused the client certificate, with the alert, as a connect failure that
+    is not retried (every handshake ends the same way)."""
     context = server_context(ca, "127.0.0.1")
     trustme.CA().configure_trust(context)
     context.verify_mode = ssl.CERT_REQUIRED
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.minimum_version = context.maximum_version = version
+    tls = f"ca_file: {ca_file}"
+    if presented is not None:
+        issued = trustme.CA().issue_cert("gateway.internal")
+        cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+        tls += f", cert_file: {cert}, key_file: {key}"
+    handshakes = 0
 
     async def handle(tcp: trio.SocketStream) -> None:
+        nonlocal handshakes
+        handshakes += 1
         fd = tcp.socket.detach()
         await trio.to_thread.run_sync(_stdlib_tls_server, context, fd, None,
                                       abandon_on_cancel=True)
 
-    body, trace = await _bad_gateway(handle, ca_file)
-    assert "certificate required" in body["error"].lower(), body
-    assert "certificate required" in trace.lower(), trace
+    body, trace = await _bad_gateway(
+        handle, tls, retries="{attempts: 3, on: [connect, reset], backoff: 1ms..2ms}")
+    alert = ("unknown ca" if presented is not None
+             else "certificate required" if version == ssl.TLSVersion.TLSv1_3
+             else "handshake failure")  # TLS 1.2 has no alert of its own for it
+    assert body["cause"] == "upstream_connect", body
+    assert "client certificate" in body["error"] and f"'{alert}'" in body["error"], body
+    assert "client certificate" in trace and alert in trace, trace
+    assert handshakes == 1
 
 
 async def test_a_corrupt_tls_record_from_an_upstream_names_the_tls_error(ca, ca_file):
