@@ -313,7 +313,8 @@ class TlsPolicy(_Model):
                                 "the system's (an absolute path); an intermediate CA alone "
                                 "is enough.")
     server_name: str | None = Field(None, description="Name sent as SNI and checked in the "
-                                    "server's certificate; the URL's host by default.")
+                                    "server's certificate; the URL's host by default. The "
+                                    "Host header stays the URL's.")
     cert_file: str | None = Field(None, description="PEM client certificate (chain) for "
                                   "upstreams that ask for one (mutual TLS).")
     key_file: str | None = Field(None, description="PEM private key of cert_file, unless "

@@ -3,7 +3,8 @@ policy is loaded (the files it names are read then, never per request).
 
 The server's certificate is always verified, against the system's trusted CAs or the
 policy's ``ca_file``, and its name checked against ``server_name`` (the URL's host by
-default, also sent as SNI). Any certificate in ``ca_file`` is a trust anchor, an
+default, also sent as SNI; the ``Host`` header stays the URL's, as Envoy keeps the
+route's under a configured SNI). Any certificate in ``ca_file`` is a trust anchor, an
 intermediate CA included: the chain need not reach a self-signed root (OpenSSL's partial
 chains, as curl does and Python 3.13 by default). ``cert_file`` and ``key_file`` present
 a client certificate to upstreams that ask for one (mutual TLS).

@@ -85,11 +85,26 @@ async def test_a_ca_file_holding_only_an_intermediate_ca_is_a_trust_anchor(tmp_p
 
 
 async def test_server_name_checks_the_certificate_for_another_name(ca, ca_file):
+    """``server_name`` is the SNI and the name checked in the certificate; the request's
+    ``Host`` stays the URL's authority, as Envoy keeps the route's Host under a
+    configured SNI (the client's own Host goes as ``X-Forwarded-Host``)."""
+    context = server_context(ca, "users.internal")
+    sni: list[str | None] = []
+
+    def record_sni(_socket: ssl.SSLObject, name: str | None, _context: ssl.SSLContext) -> None:
+        sni.append(name)
+
+    context.sni_callback = record_sni
     async with trio.open_nursery() as nursery:
-        upstream = await start_upstream(nursery, tls=server_context(ca, "users.internal"))
+        upstream = await start_upstream(nursery, tls=context)
         tls = f"ca_file: {ca_file}, server_name: users.internal"
         async with run_gateway(policy(upstream.url, tls)) as gw, gw.client() as client:
-            assert (await client.get("/api/users/7")).json()["id"] == "7"
+            response = await client.get("/api/users/7", headers={"host": "api.example"})
+            assert response.json()["id"] == "7"
+        assert sni == ["users.internal"]
+        [seen] = upstream.requests
+        assert seen.header("host") == f"127.0.0.1:{upstream.port}"
+        assert seen.header("x-forwarded-host") == "api.example"
         nursery.cancel_scope.cancel()
 
 
