@@ -213,7 +213,6 @@ class _MapExceptions:
             )
         return None
 
-
     def _client_certificate_refused(self, reason: BaseException) -> GatewayError | None:
         """The upstream's refusal of the gateway's client certificate (or of its lack of
         one), when ``reason`` is the TLS alert that says so; None otherwise."""
