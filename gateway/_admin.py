@@ -8,14 +8,17 @@ watcher and the PostgreSQL bridge live for the life of the worker.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import math
 import os
 from typing import TYPE_CHECKING, Any
 
-from quart import Response, jsonify, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from ._headers import request_id_from
 from ._metrics import render_metrics
 from ._trace_peers import dumps, gather
 
@@ -38,9 +41,35 @@ def apply_admin_limits(app: QuartTrio, limits: LimitsPolicy) -> None:
     app.config["MAX_CONTENT_LENGTH"] = limits.max_body
 
 
+#: The cause an admin error's status stands for, as the public listener names it.
+_HTTP_CAUSES = {404: "no_route", 405: "method_not_allowed", 408: "bad_request",
+                413: "bad_request", 500: "internal"}
+
+
 def create_admin_app(gateway: Gateway) -> QuartTrio:
     app = QuartTrio("gateway.admin")
+    # An OPTIONS got Quart's own empty text/html 200; it is a 405 with Allow, as on
+    # the public listener (no admin endpoint serves OPTIONS).
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     apply_admin_limits(app, gateway.runtime.snapshot.policy.server.limits)
+
+    def request_id_header() -> str:
+        return gateway.runtime.snapshot.policy.server.request_id_header
+
+    def admin_request_id() -> str:
+        """This admin request's id: the client's when sane, else a new one (kept for
+        the request, so that its body and its header say the same)."""
+        rid: str | None = g.get("request_id")
+        if rid is None:
+            header = request_id_header().encode()
+            rid = g.request_id = request_id_from(request.scope["headers"], header)
+        return rid
+
+    def error(status: int, message: str, cause: str, **extra: Any) -> Response:
+        """An admin error in the public listener's shape (``_request.error_payload``)."""
+        body = {"error": message, "cause": cause, "request_id": admin_request_id(), **extra}
+        return Response(json.dumps(body, separators=(",", ":")), status=status,
+                        content_type="application/json")
 
     def authorized() -> bool:
         """True when no token is configured, or the request carries it."""
@@ -59,10 +88,14 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
         # without the token; readiness names its checks only to those who have it.
         if request.path in PROBE_PATHS or authorized():
             return None
-        response = jsonify({"error": "a valid bearer token is required",
-                            "cause": "unauthorized"})
-        response.status_code = 401
+        response = error(401, "a valid bearer token is required", "unauthorized")
         response.headers["www-authenticate"] = "Bearer"
+        return response
+
+    @app.after_request
+    async def add_request_id(response: Response) -> Response:
+        # Every admin answer names its request id, as every public one does.
+        response.headers[request_id_header()] = admin_request_id()
         return response
 
     @app.before_serving
@@ -114,12 +147,11 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
             min_ms = float(args["min_ms"]) if "min_ms" in args else None
             limit = min(int(args.get("limit", 50)), 1000)
         except ValueError:
-            return {"error": "status, min_ms and limit must be numbers",
-                    "cause": "bad_request"}, 400
+            return error(400, "status, min_ms and limit must be numbers", "bad_request")
         if limit < 1:
-            return {"error": "limit must be at least 1", "cause": "bad_request"}, 400
+            return error(400, "limit must be at least 1", "bad_request")
         if min_ms is not None and not math.isfinite(min_ms):
-            return {"error": "min_ms must be a finite number", "cause": "bad_request"}, 400
+            return error(400, "min_ms must be a finite number", "bad_request")
         query = {"route": args.get("route"), "cause": args.get("cause"), "status": status,
                  "min_ms": min_ms, "limit": limit}
         found = await gather(gateway.runtime.traces, {"query": query})
@@ -131,28 +163,34 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
     async def trace(request_id: str) -> Any:
         found = await gather(gateway.runtime.traces, {"get": request_id})
         if not found.traces:
-            error = f"no trace for request {request_id!r}"
+            message = f"no trace for request {request_id!r}"
             if found.unreachable:
-                error += f" (workers {found.unreachable} did not answer)"
-            return {"error": error, "cause": "not_found",
-                    "unreachable_workers": found.unreachable}, 404
+                message += f" (workers {found.unreachable} did not answer)"
+            return error(404, message, "not_found", unreachable_workers=found.unreachable)
         return found.traces[0]
 
-    @app.errorhandler(404)
-    async def not_found(_: Exception) -> Any:
-        return {"error": "no such admin endpoint", "cause": "no_route"}, 404
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        # Quart's own answers (no such endpoint, a method not served, a body past
+        # its limits) were text/html; the shape is the public listener's.
+        status = exc.code or 500
+        if status == 404:
+            message = "no such admin endpoint"
+        elif status == 405:
+            message = f"{request.method} is not allowed here"
+        else:
+            message = exc.description or exc.name
+        cause = _HTTP_CAUSES.get(status, "bad_request" if status < 500 else "error")
+        response = error(status, message, cause)
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response.headers["allow"] = ", ".join(sorted(exc.valid_methods))
+        return response
 
     @app.errorhandler(500)
-    async def internal_error(error: Exception) -> Any:
-        original = getattr(error, "original_exception", None) or error
+    async def internal_error(exc: Exception) -> Response:
+        original = getattr(exc, "original_exception", None) or exc
         log.error("admin %s %s failed", request.method, request.path,
                   exc_info=(type(original), original, original.__traceback__))
-        return {"error": "the admin endpoint failed; the gateway logged why",
-                "cause": "internal"}, 500
-
-    @app.errorhandler(405)
-    async def method_not_allowed(_: Exception) -> Any:
-        return {"error": f"{request.method} is not allowed here",
-                "cause": "method_not_allowed"}, 405
+        return error(500, "the admin endpoint failed; the gateway logged why", "internal")
 
     return app

@@ -61,7 +61,7 @@ def is_trusted(peer: str | None, trusted: Sequence[IPv4Network | IPv6Network]) -
                for network in trusted)
 
 
-def request_id_from(headers: Sequence[tuple[bytes, bytes]], header: bytes) -> str:
+def request_id_from(headers: Iterable[tuple[bytes, bytes]], header: bytes) -> str:
     """The client's request id when it is sane (short, plain characters), else a new one."""
     for name, value in headers:
         if name == header and _REQUEST_ID_RE.match(value):

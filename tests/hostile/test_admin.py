@@ -93,6 +93,50 @@ async def test_bad_admin_requests_get_a_json_4xx():
             assert response.json()["cause"]
 
 
+async def test_admin_errors_have_the_public_listener_s_shape_and_request_id(admin_token):
+    """An admin error answered ``{"error", "cause"}`` without the request id every public
+    error carries (in its body and ``x-request-id``), so an operator could not match it
+    to a log line; an OPTIONS got Quart's empty ``text/html`` 200, and a 405 named no
+    allowed methods (RFC 9110 15.5.6)."""
+    async with stage(server=f"  admin_token_env: {TOKEN_ENV}\n") as s, \
+            s.gw.admin() as admin, s.gw.client() as public:
+        auth = {"authorization": f"Bearer {admin_token}"}
+        shape = {"error", "cause", "request_id"}
+        public_error = (await public.get("/nowhere")).json()
+        assert set(public_error) == shape
+        for method, path, headers, status in (
+                ("GET", "/nowhere", auth, 404),
+                ("HEAD", "/nowhere", auth, 404),
+                ("OPTIONS", "/healthz", {}, 405),
+                ("OPTIONS", "/traces", auth, 405),
+                ("POST", "/healthz", {}, 405),
+                ("DELETE", "/traces", auth, 405),
+                ("GET", "/traces?limit=0", auth, 400),
+                ("GET", "/traces?min_ms=nan", auth, 400),
+                ("GET", "/policy", {}, 401)):
+            response = await admin.request(method, path, headers=headers)
+            assert response.status_code == status, (method, path, response.text)
+            assert response.headers["content-type"].startswith("application/json"), (
+                method, path, response.headers)
+            request_id = response.headers.get("x-request-id")
+            assert request_id, (method, path, response.headers)
+            if method == "HEAD":
+                continue
+            body = response.json()
+            assert set(body) == shape, (method, path, body)
+            assert body["request_id"] == request_id, (method, path, body)
+            if status == 405:
+                assert response.headers["allow"] == ("GET, HEAD"), (method, path)
+        # A client's own request id is kept, as on the public listener.
+        response = await admin.get("/nowhere", headers={**auth, "x-request-id": "op-42"})
+        assert response.headers["x-request-id"] == "op-42"
+        assert response.json()["request_id"] == "op-42"
+        missing = await admin.get("/traces/nope", headers=auth)
+        assert missing.status_code == 404
+        assert missing.json()["request_id"] == missing.headers["x-request-id"]
+        assert missing.json()["cause"] == "not_found"
+
+
 async def test_an_admin_endpoint_that_fails_answers_json_and_the_gateway_serves_on(
         monkeypatch, caplog):
     async with stage() as s, s.gw.admin() as admin:
