@@ -37,6 +37,8 @@ Races:
 * An HTTP/2 stream whose flow-control window the client keeps shut had its whole
   answer buffered in the worker (Hypercorn woke the writer for every empty pop); the
   buffer now pushes back on the upstream at its high-water mark.
+* An HTTP/2 answer without a body (to a HEAD, a 204, a 304) ended with an empty DATA
+  frame carrying END_STREAM; its HEADERS frame now ends it (:func:`_end_on_headers`).
 * PRIORITY frames are taken only for open streams and never raise: frames naming
   idle streams filled the priority tree, or built chains whose re-parenting or
   scheduling raised, and each ended the worker.
@@ -124,7 +126,7 @@ import trio
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol.events import Body, EndBody, Request, StreamClosed
+from hypercorn.protocol.events import Body, EndBody, Request, Response, StreamClosed
 from hypercorn.protocol.h2 import (
     BUFFER_HIGH_WATER,
     BUFFER_LOW_WATER,
@@ -138,6 +140,7 @@ from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import EventWrapper, WorkerContext
+from hypercorn.utils import suppress_body
 from hyperframe.frame import GoAwayFrame, SettingsFrame
 from priority.priority import PriorityError, TooManyStreamsError
 
@@ -497,6 +500,33 @@ async def _drop_stalled_stream(protocol: Any, stream_id: int) -> None:
         await buffer.close()
     await protocol._close_stream(stream_id)
     await protocol._window_updated(stream_id)
+    await protocol._flush()
+
+
+def _bodiless(stream: Any, status: int) -> bool:
+    """Whether an HTTP/2 stream's answer has no body (to a HEAD, a 204, a 304: Hypercorn
+    drops any the app sends) and no trailers, so its HEADERS frame can end it."""
+    return (type(stream) is HTTPStream and suppress_body(stream.scope["method"], status)
+            and not stream.response.get("trailers", False))
+
+
+async def _end_on_headers(protocol: Any, head: Any) -> None:
+    """Send a bodiless answer's HEADERS with END_STREAM, once its app has ended it.
+
+    Hypercorn sent the HEADERS when the answer started and its end as an empty DATA
+    frame with END_STREAM: allowed (RFC 9113 8.1), but Envoy and nghttp2 end such an
+    answer on its HEADERS, and a strict client takes DATA after a HEAD's or a 304's
+    content-length for a protocol error. Held until the app's end, the client is told
+    the answer is whole only once it is (a cut answer is reset, no head sent)."""
+    stream_id = head.stream_id
+    with suppress(h2.exceptions.H2Error):
+        protocol.connection.send_headers(
+            stream_id, [(b":status", b"%d" % head.status_code), *head.headers,
+                        *protocol.config.response_headers("h2")], end_stream=True)
+    # What Hypercorn's send task does once a stream's answer has gone out.
+    protocol.stream_buffers.pop(stream_id, None)
+    with suppress(PriorityError):
+        protocol.priority.remove_stream(stream_id)
     await protocol._flush()
 
 
@@ -1048,6 +1078,16 @@ def apply() -> None:
 
     async def _stream_send(self: Any, event: Any) -> None:
         kind = type(event)
+        if kind is Response:
+            stream = self.streams.get(event.stream_id)
+            if _bodiless(stream, event.status_code):
+                stream.bodiless_head = event  # sent with END_STREAM when the answer ends
+                return
+        elif kind is EndBody:
+            head = getattr(self.streams.get(event.stream_id), "bodiless_head", None)
+            if head is not None:
+                await _end_on_headers(self, head)
+                return
         if kind is Body or kind is EndBody:
             # Bounded as a socket write is over HTTP/1.1: a client that grants no
             # flow-control window (while reading its socket, answering PINGs) would

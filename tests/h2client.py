@@ -28,8 +28,12 @@ class H2Client:
             await self.stream.send_all(data)
 
     async def get(self, path: str) -> int:
+        return await self.request("GET", path)
+
+    async def request(self, method: str, path: str) -> int:
+        """Open a stream asking ``method path``, without a body; its id."""
         stream_id = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(stream_id, [(":method", "GET"), (":path", path),
+        self.conn.send_headers(stream_id, [(":method", method), (":path", path),
                                            (":scheme", "http"), (":authority", "gw")],
                                end_stream=True)
         await self.flush()

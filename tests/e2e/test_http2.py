@@ -335,6 +335,48 @@ async def test_an_answer_cut_mid_body_resets_its_stream_and_the_connection_serve
         nursery.cancel_scope.cancel()
 
 
+async def test_an_answer_without_a_body_ends_on_its_headers_frame():
+    """An answer that has no body (to a HEAD, a 204, a 304) ended with an empty DATA
+    frame carrying END_STREAM after its HEADERS. RFC 9113 allows it, but Envoy and
+    nghttp2 end such an answer on its HEADERS frame, and a strict client takes DATA
+    after a HEAD's or a 304's content-length as a protocol error. An answer with a
+    body still ends as before."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url)) as gw:
+            for port, method, path, status in (
+                    (gw.port, "HEAD", "/api/ok", 200),
+                    (gw.port, "GET", "/api/status/204", 204),
+                    (gw.port, "GET", "/api/status/304", 304),
+                    (gw.port, "HEAD", "/nowhere", 404),  # the gateway's own answer
+                    (gw.admin_port, "HEAD", "/healthz", 200),
+                    (gw.port, "GET", "/api/ok", 200)):
+                client = H2Client(await trio.open_tcp_stream("127.0.0.1", port))
+                await client.start()
+                stream_id = await client.request(method, path)
+                with trio.fail_after(5):
+                    answered, body = await client.response(stream_id)
+                    await client.round_trip()
+                assert answered == status and bool(body) == (method == "GET"
+                                                            and status == 200), path
+                head = next(e for e in client.events
+                            if isinstance(e, h2.events.ResponseReceived))
+                data = [e for e in client.events if isinstance(e, h2.events.DataReceived)]
+                if method == "GET" and status == 200:
+                    assert head.stream_ended is None and data, path
+                else:
+                    assert head.stream_ended is not None, (method, path, "no END_STREAM "
+                                                           "on HEADERS", data)
+                    assert data == [], (method, path)
+                assert not any(isinstance(e, h2.events.StreamReset) for e in client.events)
+                with trio.fail_after(5):  # the connection serves on
+                    assert await client.response_status(await client.get("/healthz"
+                                                        if port == gw.admin_port
+                                                        else "/api/ok")) == 200
+                await client.stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def _worker_serves_another_client(gw: RunningGateway) -> None:
     with trio.fail_after(5):
         other = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
