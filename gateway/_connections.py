@@ -10,8 +10,10 @@ As nginx does when its connections run out, the worker keeps ``reserve`` descrip
 for its own sockets (the most its pools may open and a margin, at most half its
 limit). A connection accepted above that line, or an accept that meets ``EMFILE``,
 makes room by closing an idle connection: one that has not sent a request yet first,
-oldest first, else the oldest idle keep-alive connection. With none idle, the new
-connection is closed at once, so its client can go elsewhere instead of waiting.
+oldest first, else the oldest idle keep-alive connection. An HTTP/2 one is sent
+GOAWAY(NO_ERROR) first, as nginx does, so that a request its client sends meanwhile is
+known unprocessed and retried elsewhere. With none idle, the new connection is closed
+at once, so its client can go elsewhere instead of waiting.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import resource
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("gateway.connections")
@@ -42,6 +45,9 @@ class ClientConnections:
         self.admin_addresses: set[tuple[str, int]] = set()
         self.closed_for_room = 0
         self.refused = 0
+        #: Says goodbye on a connection about to be closed to make room, without
+        #: waiting (an HTTP/2 connection's GOAWAY; set by ``_hypercorn_fixes``).
+        self.farewell: Callable[[Any], None] | None = None
 
     def __len__(self) -> int:
         return len(self._live)
@@ -83,6 +89,8 @@ class ClientConnections:
             return False
         self.closed(chosen)
         self.closed_for_room += 1
+        if self.farewell is not None:
+            self.farewell(chosen)
         # Closed now, so that its descriptor is free at once; its reader sees the close
         # and the connection ends as one whose client left.
         chosen.stream.socket.close()

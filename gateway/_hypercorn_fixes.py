@@ -58,6 +58,8 @@ Races:
 
 Settings:
 
+* An idle HTTP/2 connection closed to make room for a new client was closed without
+  GOAWAY; it is now sent GOAWAY(NO_ERROR) first (:func:`_goaway_before_reclaim`).
 * Connections are accepted one per scheduler pass; ``server.accept_batch`` lets a
   listener take more per wake-up (:class:`BatchAcceptListener`).
 * At the drain an HTTP/2 connection was closed without GOAWAY and a stream opened
@@ -463,6 +465,27 @@ async def _send_goaway(protocol: Any, last_stream_id: int) -> None:
     with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await protocol._flush()  # what h2 has queued goes first, whole frames
         await protocol.send(RawData(data=frame.serialize()))
+
+
+def _goaway_before_reclaim(server: Any) -> None:
+    """GOAWAY (NO_ERROR) naming the last stream processed, written at once to an idle
+    HTTP/2 connection closed to make room for a new client (``_connections``).
+
+    It was closed without a word: a client that sent a request just then saw its
+    connection reset and could not tell whether the request was processed (RFC 9113
+    6.8), so a POST could not be retried. Written straight to the socket, as the close
+    follows at once: the send lock is free (no frame half written), and an idle
+    connection's socket buffer takes a few bytes whole."""
+    protocol = getattr(getattr(server, "protocol", None), "protocol", None)
+    if (not isinstance(protocol, H2Protocol) or protocol.closed
+            or protocol.__dict__.get("goaway_sent") or server.send_lock.locked()):
+        return
+    protocol.__dict__["goaway_sent"] = True  # as ``_send_goaway`` marks it
+    frame = GoAwayFrame(stream_id=0)
+    frame.last_stream_id = max(protocol.connection.highest_inbound_stream_id, 0)
+    frame.error_code = h2.errors.ErrorCodes.NO_ERROR
+    # What h2 has queued goes first, whole frames.
+    _direct_send(server, protocol.connection.data_to_send() + frame.serialize())
 
 
 class _StalledStream(Exception):
@@ -1204,6 +1227,7 @@ def apply() -> None:
 
     WorkerContext.mark_request = mark_request  # type: ignore[method-assign]
     hypercorn.trio.run.trio = _TrioWithBatchAccept("trio")  # type: ignore[attr-defined]
+    CONNECTIONS.farewell = _goaway_before_reclaim
     _expect_continue.apply()  # outermost spawn_app: it sees HTTP/1.1 and HTTP/2 alike
     _applied = True
 

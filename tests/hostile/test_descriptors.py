@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import os
 
+import h2.errors
+import h2.events
 import trio
 
 from gateway._connections import CONNECTIONS
 from tests.gateway_harness import run_gateway
+from tests.h2client import H2Client
 from tests.hostile.child_processes import (
     descriptors_used_up,
     idle_connections,
@@ -89,6 +92,43 @@ async def test_silent_connections_do_not_keep_a_new_client_out():
                 response = await conn.read_response(timeout_s=5)
                 newcomer.close()
         assert response is not None and response.status == 200, response
+
+
+async def test_an_idle_http2_connection_closed_to_make_room_is_told_with_goaway():
+    """An idle HTTP/2 connection closed to make room for a new client was closed without
+    a word: a client sending a request at that moment saw its connection reset, and
+    could not tell whether the request had been processed (a POST is not retried then).
+    It is now sent GOAWAY(NO_ERROR) naming the last stream processed, as nginx does
+    when it reclaims idle connections: anything it opens later was not processed and
+    can be retried on a new connection."""
+    async with upstream_process() as url, run_gateway(policy(url)) as gw:
+        client = H2Client(await trio.open_tcp_stream("127.0.0.1", gw.port))
+        await client.start()
+        with trio.fail_after(5):
+            assert await client.response_status(await client.get("/api/ok")) == 200
+            await client.round_trip()  # answered: the connection is idle
+        newcomer = trio.socket.socket()  # its descriptor, before the limit
+        before = CONNECTIONS.closed_for_room
+        with open_file_limit(open_fds() + 8):  # the next connection is past the reserve
+            await newcomer.connect(("127.0.0.1", gw.port))
+            with trio.fail_after(5):
+                while CONNECTIONS.closed_for_room == before:
+                    await trio.sleep(0.01)
+        newcomer.close()
+        closed = False
+        with trio.fail_after(5):
+            while not closed:
+                try:
+                    data = await client.stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    data = b""
+                closed = not data
+                client.events.extend(client.conn.receive_data(data) if data else [])
+        await client.stream.aclose()
+        goaway = [e for e in client.events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaway, "closed without GOAWAY"
+        assert goaway[0].error_code == h2.errors.ErrorCodes.NO_ERROR
+        assert goaway[0].last_stream_id == 1
 
 
 async def test_running_out_of_descriptors_does_not_open_the_upstream_s_circuit():
