@@ -289,9 +289,9 @@ async def sql_call(ctx: RequestContext, parent: TracedScope, name: str, call: Fa
         # the call's failure in the trace, and holds no capacity.
         args = await bind_sql_args(ctx, call.args)
         try:
-            async with capacity_slot(ctx, scope, name, state):
+            async with capacity_slot(ctx, scope, name, state) as held:
                 result = await _run_sql(ctx, scope, name, call, state, settings, postgres,
-                                        args)
+                                        args, held)
         except GatewayError as error:  # named as an HTTP call's failure is
             error.detail.setdefault("upstream", state.name)
             raise
@@ -307,8 +307,10 @@ def _sql_result_limit(ctx: RequestContext) -> int:
 
 async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: FanoutCall,
                    state: UpstreamState, settings: CallSettings, postgres: PostgresUpstream,
-                   args: list[Any]) -> Any:
-    """The call's attempts, as reads while PostgreSQL agrees the statement only reads."""
+                   args: list[Any], held: HeldSlot) -> Any:
+    """The call's attempts, as reads while PostgreSQL agrees the statement only reads.
+    ``held``: the call's slot, kept taken while a cancelled attempt's connection (a
+    hedge's too) is on its way back to the pool."""
     from ._attempts import AttemptResult, Claim, run_attempts
 
     query = call.query
@@ -321,13 +323,13 @@ async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: Fan
             try:
                 if call.one:
                     row = await postgres.fetch_one(query, args, timeout_s=remaining,
-                                                   writes=writes)
+                                                   writes=writes, slot=held)
                     if row is None:
                         raise NoRow(f"{name}: no row found", call=name)
                     return AttemptResult(row)
                 return AttemptResult(await postgres.fetch(
                     query, args, timeout_s=remaining, writes=writes,
-                    max_bytes=_sql_result_limit(ctx)))
+                    max_bytes=_sql_result_limit(ctx), slot=held))
             except StatementWrites:
                 # Nothing was written (the session was read-only). Claiming the call
                 # stops its hedges and retries; the caller runs it again as a write.

@@ -33,7 +33,7 @@ class HeldSlot:
     it then spends relaying the answer (to a slow client, say) is not counted as the
     upstream's latency."""
 
-    __slots__ = ("answered_at", "unmeasured")
+    __slots__ = ("_back", "_give_back", "_kept", "answered_at", "unmeasured")
 
     def __init__(self) -> None:
         self.answered_at: float | None = None
@@ -41,10 +41,53 @@ class HeldSlot:
         #: was sent (too little time left once it was had, a connection refused), or the
         #: client's own shorter deadline cut the call.
         self.unmeasured = False
+        self._kept = 0
+        self._back: trio.Event | None = None
+        self._give_back: Callable[[], None] | None = None
 
     def answered(self) -> None:
         if self.answered_at is None:
             self.answered_at = trio.current_time()
+
+    def keep(self) -> Callable[[], None]:
+        """Keep the slot taken, past the end of its block if need be, until the returned
+        function is called (once; calling it again does nothing). For what a cancelled
+        call leaves behind that still occupies the upstream (a PostgreSQL connection on
+        its way back to its pool): the next caller waits in the limit's queue, or is
+        shed, instead of waiting for it unseen behind the limit."""
+        self._kept += 1
+        if self._back is None:
+            self._back = trio.Event()
+        back = self._back
+        done = False
+
+        def returned() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            self._kept -= 1
+            if self._kept:
+                return
+            self._back = None
+            back.set()
+            give_back, self._give_back = self._give_back, None
+            if give_back is not None:
+                give_back()
+
+        return returned
+
+    async def returned(self) -> None:
+        """Until what the slot keeps (:meth:`keep`) is back: a retry under the same slot
+        does not take a second connection while the first is still out."""
+        if self._back is not None:
+            await self._back.wait()
+
+    def _release_when_returned(self, give_back: Callable[[], None]) -> None:
+        if self._kept:
+            self._give_back = give_back
+        else:
+            give_back()
 
 
 class UpstreamLimiter:
@@ -126,7 +169,7 @@ class UpstreamLimiter:
             try:
                 yield held
             finally:
-                self._limiter.release_on_behalf_of(token)
+                held._release_when_returned(lambda: self._limiter.release_on_behalf_of(token))
             return
         started = trio.current_time()
         in_flight = self._limiter.borrowed_tokens
@@ -143,7 +186,7 @@ class UpstreamLimiter:
             measured = False  # refused before anything was sent: no latency to learn
             raise
         finally:
-            self._limiter.release_on_behalf_of(token)
+            held._release_when_returned(lambda: self._limiter.release_on_behalf_of(token))
             if measured and not held.unmeasured and self.adaptive is adaptive:
                 now = trio.current_time()
                 answered = held.answered_at if held.answered_at is not None else now

@@ -132,3 +132,51 @@ async def test_a_call_arriving_as_a_slot_is_handed_to_the_queue_finds_the_queue_
         assert limiter.statistics().queued == 1
         release_a.set()
     assert order == ["B", "C"], order
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+async def test_a_kept_slot_stays_taken_past_its_block_until_returned(autojump_clock, adaptive):
+    """What a cancelled call leaves occupying the upstream (a PostgreSQL connection on
+    its way back to its pool) keeps its slot: a caller meanwhile queues or is shed."""
+    limiter = UpstreamLimiter("u", concurrency=1, queue=1, queue_timeout_s=1.0)
+    if adaptive:
+        limiter.resize(concurrency=1, queue=1, queue_timeout_s=1.0, adaptive=(1, 0.25))
+    async with limiter.slot() as held:
+        returned = held.keep()
+    assert limiter.statistics().in_flight == 1
+    got: list[float] = []
+
+    async def next_call() -> None:
+        async with limiter.slot():
+            got.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(next_call)
+        await trio.sleep(0.5)
+        assert limiter.statistics().queued == 1
+        with pytest.raises(Shed):  # the queue (1) is full
+            async with limiter.slot():
+                pass
+        returned()
+        returned()  # once only
+    assert got == [pytest.approx(0.5)]
+    assert limiter.statistics().in_flight == 0
+
+
+async def test_a_slot_returned_before_its_block_ends_is_released_with_it(autojump_clock):
+    limiter = UpstreamLimiter("u", concurrency=1, queue=0, queue_timeout_s=1.0)
+    async with limiter.slot() as held:
+        returned = held.keep()
+        waiter_done = trio.Event()
+
+        async def wait_for_it() -> None:
+            await held.returned()
+            waiter_done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_it)
+            await trio.sleep(0.1)
+            assert not waiter_done.is_set()
+            returned()
+        assert limiter.statistics().in_flight == 1
+    assert limiter.statistics().in_flight == 0

@@ -14,7 +14,10 @@ Deadlines and cancellation
     released in the background once asyncpg has seen the server acknowledge the cancel,
     so it goes back to the pool usable (or is terminated if the server stays silent
     past ``close_timeout_s``: a partitioned database does not hold the answer up by
-    that long). A call whose own ``timeout_s`` fired raises
+    that long). Until it is back, the caller's capacity slot (``slot``) stays taken:
+    the next caller waits in the gateway's queue, within its bound and timeout, or is
+    shed, instead of waiting in asyncpg's pool where nothing bounds or counts it (and
+    a retry under the same slot waits for it). A call whose own ``timeout_s`` fired raises
     ``UpstreamTimeout``; a call cancelled by the caller's scope raises
     ``trio.Cancelled``.
 
@@ -77,7 +80,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import asyncpg
 import asyncpg.exceptions
@@ -100,6 +103,9 @@ from .._errors import (
     UpstreamResultRefused,
     UpstreamTimeout,
 )
+
+if TYPE_CHECKING:
+    from .._limits import HeldSlot
 
 __all__ = [
     "JSON",
@@ -720,7 +726,10 @@ async def _run_on_pool(
     query: str,
     args: Sequence[object],
     writes: bool,
+    releasing: Callable[[asyncio.Task[None]], None] | None,
 ) -> Any:
+    """``releasing``: told of the background release of a cancelled call's connection
+    (while the call still holds its slot), so that the slot stays taken until it ends."""
     con = await _acquire(pool, waiting)
     try:
         if writes:
@@ -730,7 +739,9 @@ async def _run_on_pool(
         # Cut by a deadline or a client leaving: the caller is answered now. Releasing
         # waits for the server to acknowledge asyncpg's cancel (or close_timeout_s, when
         # the server cannot be reached), so it goes on without the caller.
-        _in_background(_release_after_cancel(pool, con, release_timeout_s))
+        task = _in_background(_release_after_cancel(pool, con, release_timeout_s))
+        if releasing is not None:
+            releasing(task)
         raise
     except BaseException:
         await _release(pool, con, release_timeout_s)
@@ -750,7 +761,17 @@ async def _release_after_cancel(pool: asyncpg.Pool, con: Any, timeout_s: float) 
     """Roll back the transaction a cancelled statement ran in, if any, then release.
     asyncpg sends the ROLLBACK once the server has acknowledged its cancel, so the
     statement is stopped on the server, not only abandoned; a server silent past
-    ``timeout_s`` gets the connection terminated instead."""
+    ``timeout_s`` gets the connection terminated instead. Done within twice
+    ``timeout_s`` in any case (the caller's slot waits for it)."""
+    try:
+        await asyncio.wait_for(_roll_back_and_release(pool, con, timeout_s), 2 * timeout_s)
+    except TimeoutError:
+        with suppress(Exception):
+            con.terminate()
+        logger.debug("postgres connection dropped: its release outlasted %g s", 2 * timeout_s)
+
+
+async def _roll_back_and_release(pool: asyncpg.Pool, con: Any, timeout_s: float) -> None:
     transaction = _CANCELLED_IN_TRANSACTION.pop(con, None)
     if transaction is not None:
         try:
@@ -762,10 +783,11 @@ async def _release_after_cancel(pool: asyncpg.Pool, con: Any, timeout_s: float) 
     await _release(pool, con, timeout_s)
 
 
-def _in_background(release: Coroutine[Any, Any, None]) -> None:
+def _in_background(release: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
     task = asyncio.get_running_loop().create_task(release)
     _RELEASING.add(task)
     task.add_done_callback(_RELEASING.discard)
+    return task
 
 
 async def _touch(pool: asyncpg.Pool, count: int) -> None:
@@ -899,6 +921,9 @@ class PostgresUpstream:
         #: (``StatementWrites``); callers run them as writes from then on.
         self.writing_statements: set[str] = set()
         self._last_ok: float | None = None
+        #: Slots kept for connections of cancelled calls on their way back to the pool,
+        #: each given back when its release ends (or when the pool is gone).
+        self._kept: set[Callable[[], None]] = set()
         self._started = False
         self._closing = trio.Event()
         self._stopped = trio.Event()
@@ -953,6 +978,10 @@ class PostgresUpstream:
                         await self._close_pool(loop, pool)
                     self._loop = None
         finally:
+            # The pool is closed or terminated: no connection of it is out any more.
+            for returned in list(self._kept):
+                returned()
+            self._kept.clear()
             self._stopped.set()
 
     def _report_asyncio_error(self, loop: Any, context: dict[str, Any]) -> None:
@@ -1071,9 +1100,13 @@ class PostgresUpstream:
 
     async def _query(
         self, operate: Operation, query: str, args: Sequence[object], timeout_s: float,
-        writes: bool,
+        writes: bool, slot: HeldSlot | None,
     ) -> Any:
         loop, pool = self._open()
+        if slot is not None and not await self._returned(slot, timeout_s):
+            raise UpstreamTimeout(
+                f"postgres upstream {self.name!r}: the connection of the call's cancelled "
+                f"try was not back within {timeout_s:g} s", timeout_s=timeout_s)
         result = await self._bounded(
             timeout_s,
             loop,
@@ -1085,43 +1118,74 @@ class PostgresUpstream:
             query,
             tuple(args),
             writes,
+            None if slot is None else self._keeper(slot),
             input_bound=bool(args),
         )
         self._last_ok = trio.current_time()
         return result
 
+    @staticmethod
+    async def _returned(slot: HeldSlot, timeout_s: float) -> bool:
+        """Wait (within ``timeout_s``) for the connection a cancelled try under the same
+        slot left: a retry does not take a second connection while the first is out."""
+        with trio.move_on_after(timeout_s):
+            await slot.returned()
+            return True
+        return False
+
+    def _keeper(self, slot: HeldSlot) -> Callable[[asyncio.Task[None]], None]:
+        """Keep ``slot`` taken while a cancelled call's connection is released in the
+        background: the next caller waits in the gateway's queue (or is shed) rather
+        than in asyncpg's, which no queue bound, timeout or gauge sees."""
+
+        def releasing(task: asyncio.Task[None]) -> None:
+            returned = slot.keep()
+            self._kept.add(returned)
+
+            def back(_: object) -> None:
+                self._kept.discard(returned)
+                returned()
+
+            task.add_done_callback(back)
+
+        return releasing
+
     # ---- queries
 
     async def fetch(
         self, query: str, args: Sequence[object], *, timeout_s: float, writes: bool = False,
-        max_bytes: int | None = None,
+        max_bytes: int | None = None, slot: HeldSlot | None = None,
     ) -> list[dict[str, JSON]]:
         """All rows, as JSON-ready dicts. ``writes``: the statement may write (a read
         that tries raises ``StatementWrites``). ``max_bytes``: a read stops once its
         rows are past that as JSON (``UpstreamResultRefused``); a write, read whole as
-        it ran whole, is rolled back when they are."""
+        it ran whole, is rolled back when they are. ``slot``: the caller's capacity
+        slot, kept taken while the connection of a cancelled call is on its way back to
+        the pool (module docstring)."""
         where = f"postgres upstream {self.name!r}"
         operate = (_fetch_all if max_bytes is None
                    else _write_within(max_bytes, where) if writes
                    else _fetch_within(max_bytes, where))
-        records = await self._query(operate, query, args, timeout_s, writes)
+        records = await self._query(operate, query, args, timeout_s, writes, slot)
         return [_row(record) for record in records]
 
     async def fetchrow(
-        self, query: str, args: Sequence[object], *, timeout_s: float, writes: bool = False
+        self, query: str, args: Sequence[object], *, timeout_s: float, writes: bool = False,
+        slot: HeldSlot | None = None,
     ) -> dict[str, JSON] | None:
         """The first row, or None when there is none."""
-        record = await self._query(_fetch_first, query, args, timeout_s, writes)
+        record = await self._query(_fetch_first, query, args, timeout_s, writes, slot)
         return None if record is None else _row(record)
 
     async def fetch_one(
-        self, query: str, args: Sequence[object], *, timeout_s: float, writes: bool = False
+        self, query: str, args: Sequence[object], *, timeout_s: float, writes: bool = False,
+        slot: HeldSlot | None = None,
     ) -> dict[str, JSON] | None:
         """The only row, or None when there is none. Several rows are an
         ``UpstreamQueryError``: answering the first of them would hand a client a row
         picked by chance (a statement missing a condition can pick another user's)."""
         records = await self._query(_write_one if writes else _fetch_two, query, args,
-                                    timeout_s, writes)
+                                    timeout_s, writes, slot)
         if len(records) > 1:
             raise UpstreamResultRefused(
                 f"postgres upstream {self.name!r}: the statement returned more than one "
@@ -1130,9 +1194,9 @@ class PostgresUpstream:
         return _row(records[0]) if records else None
 
     async def execute(self, query: str, args: Sequence[object], *, timeout_s: float,
-                      writes: bool = True) -> str:
+                      writes: bool = True, slot: HeldSlot | None = None) -> str:
         """Run a statement; returns its status tag (``"UPDATE 3"``)."""
-        status: str = await self._query(_execute, query, args, timeout_s, writes)
+        status: str = await self._query(_execute, query, args, timeout_s, writes, slot)
         return status
 
     @asynccontextmanager

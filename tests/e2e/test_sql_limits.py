@@ -320,3 +320,75 @@ async def test_one_true_rows_a_client_picks_do_not_open_the_database_circuit(dat
                 assert dup.status_code == 502 and dup.json()["cause"] == "upstream_query"
             other = await client.get("/tag/1")
         assert other.status_code == 200, other.text
+
+
+HELD_SLOT = """
+version: 1
+upstreams:
+  db:
+    postgres: {dsn_env: GATEWAY_PROXIED_DSN, pool: {min: 1, max: 1}, client_check_interval: 0s}
+    limit: {concurrency: 1, queue: 0}
+routes:
+  - path: /slow-write
+    methods: [POST]
+    deadline: 1s
+    sql:
+      upstream: db
+      query: "INSERT INTO held_marks (n) SELECT 1 FROM pg_sleep(5) /* mark-held-slot */
+              RETURNING n"
+  - path: /one
+    deadline: 1s
+    sql: {upstream: db, query: "SELECT 1 AS one", one: true}
+"""
+
+
+async def test_a_cancelled_statement_keeps_its_slot_until_its_connection_is_back(
+        database, monkeypatch):
+    """A statement cut by its deadline is answered at once, and its connection goes
+    back to the pool in the background (once the server acknowledges the cancel, or
+    terminated after close_timeout_s when it cannot be reached). Its capacity slot was
+    freed with the answer: the next call passed the limit (queue 0) and waited in
+    asyncpg's pool for the one connection, unseen by the queue gauge and never shed,
+    until its deadline. It is now shed (503) while the connection is on its way back,
+    and the slot frees once it is back, even with the database still unreachable."""
+    from tests.metrics import metric_total
+    from tests.pg import wait_running
+
+    database.psql("DROP TABLE IF EXISTS held_marks; CREATE TABLE held_marks (n int)")
+    parts = urlsplit(database.dsn)
+    async with trio.open_nursery() as nursery:
+        proxy = FreezableProxy(parts.hostname, parts.port)
+        await nursery.start(proxy.serve)
+        netloc = parts.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
+        monkeypatch.setenv("GATEWAY_PROXIED_DSN", urlunsplit(parts._replace(netloc=netloc)))
+        async with run_gateway(HELD_SLOT) as gw, gw.client() as client, \
+                gw.admin() as admin:
+
+            async def in_flight() -> float:
+                text = (await admin.get("/metrics")).text
+                return metric_total(text, "gateway_upstream_in_flight", upstream="db")
+
+            with trio.fail_after(20):
+                assert (await client.get("/one")).status_code == 200
+
+                async def partition_once_running() -> None:
+                    await wait_running(database, "mark-held-slot")
+                    proxy.frozen = True  # the cancel and the ROLLBACK go unanswered
+
+                nursery.start_soon(partition_once_running)
+                write = await client.post("/slow-write")
+                assert write.status_code == 504, write.text
+                after = await client.get("/one")
+                assert after.status_code == 503, after.text
+                assert after.json()["cause"] == "shed", after.text
+                assert "retry-after" in after.headers
+                assert await in_flight() == 1  # the connection still out holds its slot
+                # Bounded: the slot is free again once the connection is terminated,
+                # though the database is still unreachable.
+                while await in_flight():
+                    await trio.sleep(0.05)
+                proxy.frozen = False
+                proxy.thawed.set()
+                assert (await client.get("/one")).status_code == 200
+        nursery.cancel_scope.cancel()
+    assert database.psql("SELECT count(*) FROM held_marks").strip() == "0"
