@@ -9,7 +9,10 @@ import trustme
 # Make `tests.*` helpers importable as a package from any test module.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.pg import pg_cluster  # noqa: F401  (session-scoped throwaway PostgreSQL)
+from tests.pg import (  # noqa: F401  (session-scoped throwaway PostgreSQL clusters)
+    pg_cluster,
+    pg_cluster_translated,
+)
 
 # As `serve` does at start-up: the open-file limit raised to the hard limit, so that the
 # gateways these tests run in-process keep their room for the sockets they open.

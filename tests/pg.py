@@ -6,8 +6,13 @@ them (``.ci/install-system-deps.sh``), so there a missing PostgreSQL fails loudl
 
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -18,7 +23,7 @@ from gateway._throwaway_postgres import (
     start_cluster,
 )
 
-__all__ = ["PostgresCluster", "pg_cluster"]
+__all__ = ["TRANSLATED", "PostgresCluster", "pg_cluster", "pg_cluster_translated"]
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +39,42 @@ def pg_cluster() -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         cluster.destroy()
+
+
+#: The locale of ``pg_cluster_translated``'s messages: the server's words in German.
+TRANSLATED = "de_DE.UTF-8"
+
+
+@pytest.fixture(scope="session")
+def pg_cluster_translated() -> Iterator[PostgresCluster]:
+    """A second throwaway PostgreSQL whose sessions can set ``lc_messages`` to
+    :data:`TRANSLATED` (a DSN ending ``?lc_messages=de_DE.UTF-8``): the locale is
+    compiled with ``localedef`` into a directory the server finds through ``LOCPATH``,
+    as the machine may have no locale but C. Skips where it cannot be had."""
+    if shutil.which("localedef") is None or not glob.glob(
+            "/usr/share/locale/de/LC_MESSAGES/postgres-*.mo"):
+        pytest.skip("no localedef, or no German message catalog for PostgreSQL")
+    locales = Path(tempfile.mkdtemp(prefix="gateway-locales-"))
+    try:
+        done = subprocess.run(["localedef", "-i", "de_DE", "-f", "UTF-8",
+                               str(locales / TRANSLATED)],
+                              capture_output=True, text=True, check=False, timeout=60)
+        if done.returncode != 0 or not (locales / TRANSLATED).is_dir():
+            pytest.skip(f"localedef could not compile {TRANSLATED}: {done.stderr[-300:]}")
+        for path in (locales, *locales.rglob("*")):  # readable by the server's user
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("LOCPATH", str(locales))
+            try:
+                cluster = start_cluster()
+            except PostgresUnavailable as exc:
+                pytest.skip(str(exc))
+        try:
+            yield cluster
+        finally:
+            cluster.destroy()
+    finally:
+        shutil.rmtree(locales, ignore_errors=True)
 
 
 async def statements_running(database: PostgresCluster, marker: str) -> int:

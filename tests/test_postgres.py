@@ -31,8 +31,10 @@ from gateway.upstreams._postgres import (
     PostgresStatistics,
     PostgresUpstream,
     _Connector,
+    cancelled_elsewhere,
     to_json,
 )
+from tests.pg import TRANSLATED
 
 pytestmark = pytest.mark.postgres
 
@@ -151,6 +153,58 @@ async def test_own_timeout_raises_upstream_timeout_and_cancels_on_the_server(
 
     await poll_until(gone, within_s=0.2)
     assert await upstream.fetchrow("SELECT 2 AS two", [], timeout_s=1.0) == {"two": 2}
+
+
+def test_a_server_cancel_is_told_from_statement_timeout_by_the_time_it_ran() -> None:
+    """SQLSTATE 57014: another session's cancel, or statement_timeout. Before the
+    statement can have run statement_timeout, it is not the timeout, whatever the
+    words; past it (or with the time unknown) only English words say otherwise."""
+    german_cancel = "Anweisung wegen Benutzeranforderung abgebrochen"
+    german_timeout = "Anfrage wurde wegen Zeitüberschreitung abgebrochen"
+    assert cancelled_elsewhere(0.5, 30.0, german_cancel)
+    assert cancelled_elsewhere(0.5, 30.0, german_timeout)  # cannot be the timeout yet
+    assert cancelled_elsewhere(50.0, 0.0, german_timeout)  # no statement_timeout at all
+    assert not cancelled_elsewhere(30.0, 30.0, german_timeout)
+    assert not cancelled_elsewhere(29.8, 30.0, german_cancel)  # within clock drift: words
+    assert cancelled_elsewhere(30.0, 30.0, "canceling statement due to user request")
+    assert not cancelled_elsewhere(None, 30.0, german_cancel)
+    assert cancelled_elsewhere(None, 30.0, "canceling statement due to user request")
+    assert not cancelled_elsewhere(30.0, 30.0, "canceling statement due to statement timeout")
+
+
+async def test_server_cancels_are_told_apart_in_another_language(
+        pg_cluster_translated, nursery) -> None:
+    """With ``lc_messages`` in German an operator's ``pg_cancel_backend`` read as a
+    statement_timeout (only the English words were looked at)."""
+    dsn = f"{pg_cluster_translated.dsn}?lc_messages={TRANSLATED}"
+    up = PostgresUpstream("db", settings(dsn, min_size=1, statement_timeout_s=0.3))
+    await nursery.start(up.run)
+    assert await up.fetchrow("SHOW lc_messages", [], timeout_s=1.0) == {
+        "lc_messages": TRANSLATED}
+    with trio.fail_after(3), pytest.raises(UpstreamTimeout):  # the server's timeout
+        await up.fetch("SELECT pg_sleep(5)", [], timeout_s=2.0)
+
+    marker = f"operator-{uuid.uuid4().hex}"
+
+    async def cancel_it() -> None:
+        cancelled = "0"
+        while cancelled != "1":
+            await trio.sleep(0.02)
+            cancelled = await trio.to_thread.run_sync(
+                pg_cluster_translated.psql,
+                "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity "
+                f"WHERE query LIKE '%{marker}%' AND pid <> pg_backend_pid()")
+
+    long = PostgresUpstream("long", settings(dsn, min_size=1, statement_timeout_s=30.0))
+    await nursery.start(long.run)
+    async with trio.open_nursery() as inner:
+        inner.start_soon(cancel_it)
+        with trio.fail_after(4), pytest.raises(UpstreamError) as failed:
+            await long.fetch(f"SELECT pg_sleep(5) /* {marker} */", [], timeout_s=4.0)
+    assert not isinstance(failed.value, UpstreamTimeout)
+    assert "another session" in str(failed.value)
+    await up.aclose()
+    await long.aclose()
 
 
 async def test_500_concurrent_fetches_through_10_connections(upstream) -> None:

@@ -53,6 +53,7 @@ Errors, translated once, in ``_translate``::
       server starting or shutting down, too many connections)  UpstreamConnectError
     connection lost in the middle of a call                     UpstreamResetError
     ``timeout_s`` spent, or statement_timeout fired on server   UpstreamTimeout
+    statement cancelled by another session (pg_cancel_backend) UpstreamError
     bad argument value (SQLSTATE class 22, argument encoding,
       a NOT NULL or CHECK constraint broken by the arguments)   BadRequest
     unique, foreign-key, restrict or exclusion constraint
@@ -75,6 +76,7 @@ import datetime
 import json
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -341,13 +343,59 @@ def _query_error_message(exc: asyncpg.PostgresError, state: str) -> str:
     return f"{kind} (SQLSTATE {state})"
 
 
-def _translate(name: str, exc: BaseException, *, input_bound: bool = False) -> GatewayError:
+class _CancelledOnServer(Exception):
+    """A statement the server cancelled (SQLSTATE 57014), and how long it had run at
+    most: the time since the gateway sent it, which the server's run cannot exceed."""
+
+    def __init__(self, cause: asyncpg.exceptions.QueryCanceledError, ran_s: float) -> None:
+        super().__init__(f"{type(cause).__name__} after {ran_s:.3f} s: {cause}")
+        self.message = getattr(cause, "message", None) or ""
+        self.sqlstate = cause.sqlstate
+        self.ran_s = ran_s
+
+
+async def _timed(run: Awaitable[_T]) -> _T:
+    """``await run``, a statement the server cancels raising :class:`_CancelledOnServer`."""
+    started = time.monotonic()
+    try:
+        return await run
+    except asyncpg.exceptions.QueryCanceledError as exc:
+        raise _CancelledOnServer(exc, time.monotonic() - started) from exc
+
+
+#: The gateway's clock and the server's may run apart a little (NTP slews one by up to
+#: 0.05 %): a cancel in the last 1 % of statement_timeout is not told from it by time.
+_CLOCKS_AGREE = 0.99
+
+
+def cancelled_elsewhere(ran_s: float | None, statement_timeout_s: float, message: str) -> bool:
+    """Did another session (an operator's ``pg_cancel_backend``) stop a statement the
+    server cancelled (SQLSTATE 57014), rather than its ``statement_timeout``?
+
+    PostgreSQL tells the two apart only in words, in the session's ``lc_messages``.
+    What holds in any language: the statement had run ``ran_s`` at most, and
+    ``statement_timeout`` (the session's, or ``transaction()``'s ``SET LOCAL``; 0 is
+    none) fires only once it has run that long, so a cancel before then is not it. The
+    gateway's own deadlines never end in a 57014: they cancel the call (asyncpg's cancel
+    request is its own). Past the timeout, or with ``ran_s`` unknown, the English words
+    decide and any other reads as the timeout.
+    """
+    if ran_s is not None and (
+            not statement_timeout_s or ran_s < statement_timeout_s * _CLOCKS_AGREE):
+        return True
+    return "user request" in message
+
+
+def _translate(name: str, exc: BaseException, *, input_bound: bool = False,
+               statement_timeout_s: float = 0.0) -> GatewayError:
     """Map an asyncio/asyncpg failure to the gateway's error tree (module docstring).
 
     ``input_bound``: the statement had arguments, so a data error or a syntax error in
     something parsed at run time (``to_tsquery($1)``) is the client's input (400); with
-    none it is the statement's or the data's (502). The server's own words go to the
-    debug log only: they may quote argument values or the server's address.
+    none it is the statement's or the data's (502). ``statement_timeout_s``: the
+    server's statement_timeout for it (0: none), see :func:`cancelled_elsewhere`. The
+    server's own words go to the debug log only: they may quote argument values or the
+    server's address.
     """
     if isinstance(exc, GatewayError):  # raised by the gateway's own code on the way
         return exc
@@ -362,17 +410,17 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False) -> G
         return UpstreamConnectError(f"{where}: cannot connect ({exc.kind})")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"{where}: timed out")
+    if isinstance(exc, _CancelledOnServer | asyncpg.exceptions.QueryCanceledError):
+        # 57014 is a statement_timeout and a cancel from elsewhere alike.
+        ran_s = exc.ran_s if isinstance(exc, _CancelledOnServer) else None
+        if cancelled_elsewhere(ran_s, statement_timeout_s, getattr(exc, "message", "") or ""):
+            return UpstreamError(f"{where}: statement cancelled on the server by another "
+                                 "session (pg_cancel_backend)", sqlstate=exc.sqlstate)
+        return UpstreamTimeout(f"{where}: statement cancelled on the server "
+                               "(statement_timeout)")
     if isinstance(exc, asyncpg.PostgresError):
         state = exc.sqlstate or ""
         kind = type(exc).__name__
-        if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
-            # 57014 is a statement_timeout and a cancel from elsewhere alike (an
-            # operator's pg_cancel_backend): only the server's text tells them apart, in
-            # English ("due to user request"); another language reads as the timeout.
-            if "user request" in (exc.message or ""):
-                return UpstreamError(f"{where}: statement cancelled on the server by "
-                                     "another session (pg_cancel_backend)", sqlstate=state)
-            return UpstreamTimeout(f"{where}: statement cancelled on the server")
         if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
             return UpstreamResetError(f"{where}: connection lost mid-call", sqlstate=state)
         if state[:2] in {"08", "53", "57"}:
@@ -734,7 +782,7 @@ async def _run_on_pool(
     try:
         if writes:
             await con.execute("SET default_transaction_read_only = off")
-        result = await operate(con, query, args)
+        result = await _timed(operate(con, query, args))
     except asyncio.CancelledError:
         # Cut by a deadline or a client leaving: the caller is answered now. Releasing
         # waits for the server to acknowledge asyncpg's cancel (or close_timeout_s, when
@@ -817,7 +865,7 @@ async def _begin(
 
 
 async def _con_call(con: Any, method: str, query: str, args: Sequence[object]) -> Any:
-    return await getattr(con, method)(query, *args)
+    return await _timed(getattr(con, method)(query, *args))
 
 
 async def _finish(pool: asyncpg.Pool, con: Any, statement: str, timeout_s: float) -> None:
@@ -863,11 +911,14 @@ class Transaction:
     one connection runs one statement at a time.
     """
 
-    def __init__(self, upstream: PostgresUpstream, loop: Any, con: Any) -> None:
+    def __init__(self, upstream: PostgresUpstream, loop: Any, con: Any,
+                 statement_timeout_s: float) -> None:
         self._upstream = upstream
         self._loop = loop
         self._con = con
         self._lock = trio.Lock()
+        #: The transaction's ``SET LOCAL statement_timeout``.
+        self._statement_timeout_s = statement_timeout_s
 
     async def fetch(
         self, query: str, args: Sequence[object] = (), *, timeout_s: float | None = None
@@ -896,11 +947,11 @@ class Transaction:
             if timeout_s is None:
                 return await self._upstream._bridge(
                     self._loop, _con_call, self._con, method, query, args,
-                    input_bound=bool(args),
+                    input_bound=bool(args), statement_timeout_s=self._statement_timeout_s,
                 )
             return await self._upstream._bounded(
                 timeout_s, self._loop, _con_call, self._con, method, query, args,
-                input_bound=bool(args),
+                input_bound=bool(args), statement_timeout_s=self._statement_timeout_s,
             )
 
 
@@ -1071,9 +1122,11 @@ class PostgresUpstream:
         return loop, pool
 
     async def _bridge(self, loop: Any, fn: Callable[..., Awaitable[_T]], *args: object,
-                      input_bound: bool = False) -> _T:
+                      input_bound: bool = False, statement_timeout_s: float | None = None,
+                      ) -> _T:
         """Run ``fn(*args)`` as an asyncio task; Trio cancellation cancels it.
-        ``input_bound``: the statement has arguments (see :func:`_translate`)."""
+        ``input_bound``: the statement has arguments; ``statement_timeout_s``: the
+        server's for it, the session's unless given (see :func:`_translate`)."""
         try:
             result: _T = await trio_asyncio.aio_as_trio(fn, loop=loop)(*args)
         except asyncio.CancelledError as exc:
@@ -1082,17 +1135,21 @@ class PostgresUpstream:
             raise UpstreamConnectError(f"postgres upstream {self.name!r} is closing") from exc
         except Exception as exc:
             # Not chained: the driver's exception can quote argument values.
-            raise _translate(self.name, exc, input_bound=input_bound) from None
+            raise _translate(self.name, exc, input_bound=input_bound,
+                             statement_timeout_s=self.settings.statement_timeout_s
+                             if statement_timeout_s is None else statement_timeout_s,
+                             ) from None
         return result
 
     async def _bounded(
         self, timeout_s: float, loop: Any, fn: Callable[..., Awaitable[_T]], *args: object,
-        input_bound: bool = False,
+        input_bound: bool = False, statement_timeout_s: float | None = None,
     ) -> _T:
         """``_bridge`` inside a ``timeout_s`` scope of its own → ``UpstreamTimeout``."""
         _check_timeout(timeout_s)
         with trio.move_on_after(timeout_s):
-            return await self._bridge(loop, fn, *args, input_bound=input_bound)
+            return await self._bridge(loop, fn, *args, input_bound=input_bound,
+                                      statement_timeout_s=statement_timeout_s)
         raise UpstreamTimeout(
             f"postgres upstream {self.name!r}: no answer within {timeout_s:g} s",
             timeout_s=timeout_s,
@@ -1211,11 +1268,12 @@ class PostgresUpstream:
         _check_timeout(timeout_s)
         loop, pool = self._open()
         bound = self.settings.close_timeout_s
+        statement_timeout_ms = math.ceil(timeout_s * 1000)
         with trio.move_on_after(timeout_s) as scope:
             con = await self._bridge(
-                loop, _begin, pool, self._waiting, bound, math.ceil(timeout_s * 1000)
+                loop, _begin, pool, self._waiting, bound, statement_timeout_ms
             )
-            tx = Transaction(self, loop, con)
+            tx = Transaction(self, loop, con, statement_timeout_ms / 1000)
             try:
                 yield tx
             except BaseException:

@@ -10,10 +10,11 @@ Each test watches the server's own view (``pg_stat_activity``) through ``psql``,
 from __future__ import annotations
 
 import httpx
+import pytest
 import trio
 
 from tests.gateway_harness import run_gateway
-from tests.pg import assert_stops, wait_running
+from tests.pg import TRANSLATED, assert_stops, wait_running
 
 #: Long enough to tell a stopped statement from one running to its end (5 s or more).
 STOPPED_WITHIN_S = 2.0
@@ -108,10 +109,17 @@ async def test_the_servers_statement_timeout_leaves_a_route_its_deadline(databas
         assert (await client.get("/db-timeout")).json() == {"v": "30s"}
 
 
-async def test_a_statement_an_operator_cancels_is_not_reported_as_the_deadline(database):
+@pytest.mark.parametrize("messages", ["english", "german"])
+async def test_a_statement_an_operator_cancels_is_not_reported_as_the_deadline(
+        request, database, monkeypatch, messages):
     """A DBA's ``pg_cancel_backend`` early in a 10 s deadline was answered 504 ``cause:
     deadline`` although no deadline fired: every SQLSTATE 57014 was taken for a
-    statement timeout."""
+    statement timeout. Then only the server's English words told them apart: with
+    ``lc_messages`` in another language the operator's cancel was a 504 again. The
+    statement had run far less than the session's statement_timeout: it cannot be it."""
+    if messages == "german":
+        database = request.getfixturevalue("pg_cluster_translated")
+        monkeypatch.setenv("GATEWAY_TEST_DSN", f"{database.dsn}?lc_messages={TRANSLATED}")
     async with run_gateway(STATEMENTS) as gw, gw.client() as client:
 
         async def cancel_it() -> None:
