@@ -357,3 +357,85 @@ async def test_an_answer_that_opens_the_circuit_is_passed_on_not_replaced_by_cir
                 response.headers.get("retry-after"), response.text)
             assert response.json() == {"status": 503}
         nursery.cancel_scope.cancel()
+
+
+NARROW_POOL = """
+version: 1
+upstreams:
+  narrow:
+    url: "{url}"
+    pool: {{max_connections: 2}}
+    limit: {{concurrency: 8, queue: 10, queue_timeout: 2s}}
+    call:
+      hedge_after: 100ms
+      max_hedges: 2
+      retries: {{attempts: 1, budget: 100%, min_per_second: 100}}
+routes:
+  - path: /narrow/{{n}}
+    deadline: 3s
+    proxy: {{upstream: narrow, path: "/work"}}
+"""
+
+
+async def test_a_hedge_never_waits_in_the_upstream_pool_for_a_connection():
+    """A hedge is sent on a connection of its own at hedge_after, or not at all: the
+    concurrency limit is never above the pool's connections (``concurrency: 8`` over
+    ``max_connections: 2`` gives 2 slots), and a hedge takes a slot without waiting. A
+    hedge parked in the pool's queue would answer no sooner than the try it hedges,
+    while holding a slot and the retry budget."""
+    async def slow(request, respond) -> None:
+        await trio.sleep(0.5)
+        await respond.json({"ok": True})
+
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=slow)
+        async with run_gateway(NARROW_POOL.format(url=upstream.url)) as gw, \
+                gw.client() as client:
+            state = gw.gateway.runtime.snapshot.upstreams["narrow"]
+            assert state.limiter.statistics().concurrency == 2
+            pool = state.pool
+            most_waiting = 0
+
+            async def watch_pool() -> None:
+                nonlocal most_waiting
+                while True:
+                    most_waiting = max(most_waiting, pool.statistics().waiting)
+                    await trio.sleep(0.002)
+
+            async with trio.open_nursery() as watcher:
+                watcher.start_soon(watch_pool)
+                # One request: its first hedge takes the second connection at once; the
+                # second hedge finds no slot (both connections carry this call's tries).
+                response = await client.get("/narrow/1")
+                assert response.status_code == 200
+                assert len(upstream.requests) == 2, upstream.requests
+                first, hedge = upstream.requests
+                assert hedge.started_at - first.started_at == pytest.approx(0.1, abs=0.05)
+                trace = await trace_of(gw, response.headers["x-request-id"])
+                spans = {s.label: s for s in trace.root.walk()}
+                assert spans["call narrow"].attrs["hedge_not_sent"] == \
+                    "the upstream's concurrency limit is reached"
+                assert [s.name for s in spans.values() if s.kind == "attempt"] == \
+                    ["narrow#1", "narrow#2"]
+
+                # Two requests at once hold both connections: neither hedges.
+                upstream.reset_records()
+                answers: list[httpx.Response] = []
+
+                async def get(path: str) -> None:
+                    answers.append(await client.get(path))
+
+                async with trio.open_nursery() as both:
+                    both.start_soon(get, "/narrow/2")
+                    both.start_soon(get, "/narrow/3")
+                assert [r.status_code for r in answers] == [200, 200]
+                assert len(upstream.requests) == 2
+                for answer in answers:
+                    trace = await trace_of(gw, answer.headers["x-request-id"])
+                    call = next(s for s in trace.root.walk() if s.kind == "call")
+                    assert call.attrs["hedge_not_sent"] == \
+                        "the upstream's concurrency limit is reached"
+                watcher.cancel_scope.cancel()
+            assert most_waiting == 0
+            assert state.limiter.statistics().in_flight == 0
+        nursery.cancel_scope.cancel()
