@@ -246,6 +246,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                 claim.attempts.append(attempt)
                 task_status.started(attempt)
                 if claim.winner is not None:  # claimed while this hedge was starting
+                    attempt.note(hedge_not_sent="an answer was claimed as it started")
                     attempt.cancel("hedge_lost", detail=claim.winner.span.name)
                     await trio.lowlevel.checkpoint()
                 if breaker is not None and not breaker.allow(trio.current_time()):
@@ -399,7 +400,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
             started += 1
             running += 1
             await nursery.start(attempt_task, started, None)
-    if hedges:
+    if hedge_attempts:  # a race only when a hedge was sent (not one claimed as it started)
         METRICS.hedge_race(state.name, "failed" if failure is not None
                            else "hedge_won" if claim.winner in hedge_attempts
                            else "hedge_lost")

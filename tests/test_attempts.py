@@ -703,3 +703,77 @@ async def test_two_503s_arriving_together_with_no_retry_left_pass_the_upstreams_
         hedge_after="50ms", retries={"attempts": 2, "on": [503]}), upstream)
     assert upstream.starts == [0.0, 0.05]
     assert value in ({"attempt": 1}, {"attempt": 2})
+
+
+class ClaimsAsTheHedgeStarts(RetryBudget):
+    """A budget that lets the first try's head arrive in the one window the coordinator
+    cannot see: after it decided to hedge (and paid for it) and before the hedge's task
+    ran its first step, as when the head arrives in the scheduler pass the hedge timer
+    fires in."""
+
+    def __init__(self, arrive: Callable[[], None]) -> None:
+        super().__init__(1.0, 10.0)
+        self.arrive = arrive
+
+    def try_spend(self, now: float) -> bool:
+        granted = super().try_spend(now)
+        self.arrive()
+        return granted
+
+
+def counter(metric: Any, *labels: str) -> float:
+    return metric.labels(*labels)._value.get()
+
+
+async def test_a_hedge_started_as_the_first_answer_is_claimed_is_never_sent(autojump_clock):
+    from gateway._metrics import METRICS
+
+    first: list[tuple[TracedScope, Claim]] = []
+    head = trio.Event()
+    sent: list[str] = []
+
+    async def perform(attempt: TracedScope, claim: Claim,
+                      retry_statuses: Container[int]) -> AttemptResult[Any]:
+        sent.append(attempt.span.name)
+        if attempt.span.name != "orders#1":
+            await trio.sleep(10)  # a hedge that got this far would be upstream work
+            return AttemptResult({"attempt": 2}, 200)
+        first.append((attempt, claim))
+        await head.wait()
+        await trio.sleep(50 * MS)  # the body
+        return AttemptResult({"attempt": 1}, 200)
+
+    def arrive() -> None:  # the first try's head: it claims the answer
+        attempt, claim = first[0]
+        assert claim.claim(attempt)
+        head.set()
+
+    ctx = FakeContext()
+    state = make_state(budget=ClaimsAsTheHedgeStarts(arrive),
+                       circuit={"consecutive_failures": 1, "open_for": "1s"})
+    hedges_sent = counter(METRICS.attempts, "orders", "hedge")
+    races = {result: counter(METRICS.hedges, "orders", result)
+             for result in ("hedge_won", "hedge_lost", "failed")}
+    start = trio.current_time()
+
+    value = await call(ctx, state, settings(hedge_after="100ms"),
+                       SimpleNamespace(perform=perform))  # type: ignore[arg-type]
+
+    assert value == {"attempt": 1}  # one answer, the first try's
+    assert trio.current_time() - start == pytest.approx(0.150)
+    assert sent == ["orders#1"]  # the hedge never reached the upstream
+    found = spans(ctx)
+    assert found["attempt orders#1"].outcome == "ok"
+    hedge = found["attempt orders#2"]
+    assert where(hedge) == ("cancelled", "hedge_lost", "attempt orders#2")
+    assert hedge.attrs["cancelled_by"] == "orders#1"
+    assert hedge.attrs["hedge_not_sent"] == "an answer was claimed as it started"
+    assert hedge.start_ms == pytest.approx(100) and hedge.end_ms == pytest.approx(100)
+    assert found["call orders"].outcome == "ok"
+    # Paid once, when the hedge was decided; its slot given back; nothing runs on.
+    assert state.retry_budget.statistics(trio.current_time()).retries == 1
+    assert state.limiter.statistics().in_flight == 0
+    assert state.breaker is not None and state.breaker.state is BreakerState.CLOSED
+    # No hedge was sent: none is counted, nor a race a hedge lost.
+    assert counter(METRICS.attempts, "orders", "hedge") == hedges_sent
+    assert {result: counter(METRICS.hedges, "orders", result) for result in races} == races
