@@ -81,7 +81,13 @@ class AttemptResult(Generic[T]):
 
 
 class Claim:
-    """The first attempt to claim the answer wins; the others are cancelled."""
+    """The first attempt to claim the answer wins; the others are cancelled.
+
+    The winner's ``per_try_timeout`` is lifted as it claims: it bounds a try until its
+    answer starts (the proxy claims at the response head), and the body then streams
+    within the call's deadline, as Envoy ignores its per-try timeout once the response
+    has started downstream. A download longer than a try is not cut mid-body.
+    """
 
     def __init__(self) -> None:
         self.winner: TracedScope | None = None
@@ -90,6 +96,8 @@ class Claim:
     def claim(self, attempt: TracedScope) -> bool:
         if self.winner is None:
             self.winner = attempt
+            # The call's scope, which this attempt's is nested in, still bounds it.
+            attempt.cancel_scope.deadline = math.inf
             for other in self.attempts:
                 if other is not attempt:
                     other.cancel("hedge_lost", detail=attempt.span.name)
@@ -142,11 +150,13 @@ class _DecidedOnArrival:
 
 
 async def _single_attempt(ctx: RequestContext, call: TracedScope, name: str,
-                          perform: Perform[T], number: int) -> T:
+                          perform: Perform[T], number: int, per_try: float | None) -> T:
     """The common case (no retry, hedge or breaker): one attempt in the caller's task,
     without the coordinator's nursery, task and channel."""
+    deadline = call.deadline if per_try is None else min(
+        call.deadline, trio.current_time() + per_try)
     with traced_scope(ctx.trace, call, "attempt", f"{name}#{number}", attempt=number,
-                      deadline=call.deadline) as attempt:
+                      deadline=deadline) as attempt:
         result = await perform(attempt, Claim(), frozenset())
         if result.status is not None:
             attempt.note(status=result.status)
@@ -178,7 +188,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     if max_attempts == 1 and hedge_after is None and breaker is None:
         budget.record_request(trio.current_time())
         METRICS.attempt_sent(state.name, 1, hedge=False)
-        return await _single_attempt(ctx, call, name, perform, first_number)
+        return await _single_attempt(ctx, call, name, perform, first_number, per_try)
 
     claim = Claim()
     events_send, events_receive = trio.open_memory_channel[

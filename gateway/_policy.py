@@ -212,7 +212,9 @@ class RetryPolicy(_Model):
     on: tuple[RetryCondition, ...] = Field(
         ("connect", "reset", 502, 503, 504),
         description="What may be retried: connect, reset, timeout, or 5xx statuses.")
-    per_try_timeout: PositiveDuration | None = Field(None, description="Bound of each try.")
+    per_try_timeout: PositiveDuration | None = Field(
+        None, description="Bound of each try until its answer starts; a body then streams "
+        "within the call's deadline.")
     backoff: DurationRange = Field(
         DurationSpan(0.02, 0.2), description="Exponential backoff with full jitter.")
     budget: Percent = Field(0.2, description="Retries on top of first tries, per upstream.")

@@ -777,3 +777,30 @@ async def test_a_hedge_started_as_the_first_answer_is_claimed_is_never_sent(auto
     # No hedge was sent: none is counted, nor a race a hedge lost.
     assert counter(METRICS.attempts, "orders", "hedge") == hedges_sent
     assert {result: counter(METRICS.hedges, "orders", result) for result in races} == races
+
+
+async def test_per_try_timeout_bounds_a_try_until_its_answer_is_claimed(autojump_clock):
+    # As Envoy's per_try_timeout: once the answer has started to reach the client, the
+    # body streams within the call's deadline, not the try's.
+    ctx, state = FakeContext(deadline_s=2.0), make_state()
+    upstream = Streaming(10 * MS, 500 * MS)  # head at 10 ms, body until 510 ms
+    policy = settings(retries={"attempts": 2, "on": ["timeout"], "per_try_timeout": "50ms"})
+    start = trio.current_time()
+
+    value = await call(ctx, state, policy, upstream)  # type: ignore[arg-type]
+
+    assert value == "body"
+    assert trio.current_time() - start == pytest.approx(0.510)
+    assert upstream.starts == [0.0]
+    assert [where(s) for s in attempt_spans(ctx)] == [("ok", None, None)]
+
+
+async def test_per_try_timeout_bounds_a_single_try_too(autojump_clock):
+    # One attempt, no hedge, no breaker: the try is still bounded as the policy says.
+    ctx, state = FakeContext(deadline_s=2.0), make_state()
+    start = trio.current_time()
+    with pytest.raises(UpstreamTimeout) as info:
+        await call(ctx, state, settings(retries={"attempts": 1, "per_try_timeout": "50ms"}),
+                   Upstream((1.0, 200)))
+    assert trio.current_time() - start == pytest.approx(0.050)
+    assert info.value.detail["scope"] == "attempt orders#1"

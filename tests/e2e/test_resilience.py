@@ -439,3 +439,53 @@ async def test_a_hedge_never_waits_in_the_upstream_pool_for_a_connection():
             assert most_waiting == 0
             assert state.limiter.statistics().in_flight == 0
         nursery.cancel_scope.cancel()
+
+
+PER_TRY = """
+version: 1
+upstreams:
+  u:
+    url: "{url}"
+    call:
+      retries: {{attempts: 2, on: [timeout], backoff: 1ms..1ms, per_try_timeout: 200ms}}
+routes:
+  - path: /download
+    deadline: 3s
+    proxy: {{upstream: u, path: /slow-body}}
+  - path: /late
+    deadline: 3s
+    proxy: {{upstream: u, path: /slow-head}}
+"""
+
+
+async def test_per_try_timeout_bounds_the_time_to_the_answer_not_its_download():
+    """per_try_timeout is meant for an upstream slow to answer (as Envoy's): a body that
+    streams longer than it, after a prompt head, is relayed whole within the route's
+    deadline, not cut mid-download into a broken response."""
+    async def behaviour(request, respond) -> None:
+        if request.path == "/slow-head":
+            await trio.sleep(1.0)
+            await respond.json({"late": True})
+            return
+        await respond.start(200, [(b"content-type", b"text/plain")], content_length=30)
+        for piece in (b"0123456789", b"abcdefghij", b"ABCDEFGHIJ"):
+            await respond.send(piece)
+            await trio.sleep(0.25)  # 750 ms of body, per-try 200 ms
+        await respond.end()
+
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=behaviour)
+        async with run_gateway(PER_TRY.format(url=upstream.url)) as gw, gw.client() as client:
+            response = await client.get("/download")
+            assert response.status_code == 200
+            assert response.content == b"0123456789abcdefghijABCDEFGHIJ"
+            assert upstream.attempts("/slow-body") == 1
+            trace = await trace_of(gw, response.headers["x-request-id"])
+            assert [s.outcome for s in trace.root.walk() if s.kind == "attempt"] == ["ok"]
+
+            # A head later than per_try_timeout is still a timed-out try, retried.
+            late = await client.get("/late")
+            assert late.status_code == 504
+            assert late.json()["cause"] == "deadline"
+            assert upstream.attempts("/slow-head") == 2
+        nursery.cancel_scope.cancel()
