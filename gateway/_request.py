@@ -28,6 +28,7 @@ from ._errors import (
     PayloadTooLarge,
     RequestTimeout,
     Shed,
+    UpstreamTimeout,
     collapse_group,
 )
 from ._expect_continue import CONTINUE_EXTENSION, SendContinue
@@ -181,12 +182,35 @@ class RequestContext:
         await self.send_body(body, more=False)
 
 
+#: A deadline as a client is told of it, by the kind of span whose deadline fired: which
+#: bound it was (``scope``) and why, without the gateway's span names (the trace has them).
+_DEADLINE_SCOPES = {
+    "request": ("request", "the request's deadline passed"),
+    "stage": ("request", "no answer before the request's deadline"),
+    "call": ("call", "the call's timeout passed"),
+    "attempt": ("try", "the try's per_try_timeout passed"),
+}
+
+
 def error_payload(error: GatewayError, request_id: str) -> dict[str, Any]:
+    """The error's JSON body: its cause, a short reason, and the call and upstream it is
+    about. The cancel scope that fired is the trace's: a deadline says only whether it
+    was the request's, a call's or a try's, and a refusal (shed, circuit open) names
+    none, its cause says it all."""
     payload: dict[str, Any] = {"error": error.message, "cause": error.cause,
                                "request_id": request_id}
-    for key in ("call", "upstream", "scope"):
+    for key in ("call", "upstream"):
         if key in error.detail:
             payload[key] = error.detail[key]
+    fired = error.detail.get("scope")
+    if isinstance(error, UpstreamTimeout) and isinstance(fired, str):
+        scope, reason = _DEADLINE_SCOPES.get(fired.partition(" ")[0],
+                                             (None, "a deadline passed"))
+        if error.detail.get("refused"):
+            reason = "too little time left to call the upstream; not sent"
+        payload["error"] = reason
+        if scope is not None:
+            payload["scope"] = scope
     return payload
 
 

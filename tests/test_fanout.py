@@ -315,7 +315,7 @@ async def test_a_call_timeout_fires_in_its_own_scope(autojump_clock, monkeypatch
     status, payload, _ = ctx.sent[0]
     assert status == 200
     assert payload == {"fast": {"n": 1}, "mid": {"n": 2}, "errors": {"slow": {
-        "error": "call slow: deadline exceeded", "cause": "deadline", "scope": "call slow",
+        "error": "the call's timeout passed", "cause": "deadline", "scope": "call",
         "status": 504}}}
     found = spans(ctx)
     assert where(found["call slow"]) == ("cancelled", "deadline", "call slow")

@@ -489,3 +489,78 @@ async def test_per_try_timeout_bounds_the_time_to_the_answer_not_its_download():
             assert late.json()["cause"] == "deadline"
             assert upstream.attempts("/slow-head") == 2
         nursery.cancel_scope.cancel()
+
+
+REFUSALS = """
+version: 1
+upstreams:
+  one:
+    url: "{url}"
+    limit: {{concurrency: 1, queue: 0, queue_timeout: 1s}}
+  tries:
+    url: "{url}"
+    call: {{retries: {{attempts: 1, per_try_timeout: 100ms}}}}
+  calls:
+    url: "{url}"
+    call: {{timeout: 100ms}}
+routes:
+  - path: /hold
+    deadline: 3s
+    proxy: {{upstream: one, path: /stall}}
+  - path: /shed
+    deadline: 3s
+    proxy: {{upstream: one, path: /ok}}
+  - path: /try
+    deadline: 3s
+    proxy: {{upstream: tries, path: /stall}}
+  - path: /call
+    deadline: 3s
+    proxy: {{upstream: calls, path: /stall}}
+  - path: /request
+    deadline: 100ms
+    proxy: {{upstream: one, path: /stall}}
+"""
+
+
+async def test_refusal_bodies_give_the_cause_and_a_reason_not_the_gateways_span_names():
+    """A 503 shed or a 504 tells the client what happened (cause, a short reason, and
+    for a deadline whether the request's, a call's or a try's fired); the names of the
+    gateway's cancel scopes and spans are for its trace, which keeps them."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(REFUSALS.format(url=upstream.url)) as gw, gw.client() as client:
+            async def hold() -> None:
+                async with gw.client() as other:
+                    await other.get("/hold")
+
+            async with trio.open_nursery() as holder:
+                holder.start_soon(hold)
+                await upstream.wait_requests(1)  # the only slot is taken
+                shed = await client.get("/shed")
+                holder.cancel_scope.cancel()
+            tried = await client.get("/try")
+            called = await client.get("/call")
+            late = await client.get("/request")
+            assert [r.status_code for r in (shed, tried, called, late)] == [503, 504, 504, 504]
+
+            bodies = {r.json()["request_id"]: r.json() for r in (shed, tried, called, late)}
+            for body in bodies.values():
+                assert set(body) <= {"error", "cause", "request_id", "upstream", "scope"}, body
+                for internal in ("attempt", "call ", "#1", "span", "stage"):
+                    assert internal not in body["error"] and \
+                        internal not in body.get("scope", ""), body
+            assert shed.json()["cause"] == "shed" and "scope" not in shed.json()
+            assert "queue full" in shed.json()["error"]
+            assert [(r.json()["cause"], r.json()["scope"]) for r in (tried, called, late)] == \
+                [("deadline", "try"), ("deadline", "call"), ("deadline", "request")]
+
+            # The trace still names the scope that fired.
+            fired = {}
+            for request_id in bodies:
+                trace = await trace_of(gw, request_id)
+                fired[request_id] = {s.fired_scope for s in trace.root.walk() if s.cause}
+            assert fired[tried.json()["request_id"]] == {"attempt tries#1"}
+            assert fired[called.json()["request_id"]] == {"call calls"}
+            assert fired[shed.json()["request_id"]] == {"call one"}
+            assert fired[late.json()["request_id"]] == {"request"}
+        nursery.cancel_scope.cancel()
