@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from ._trace import TRACE_CAUSES
+
 
 @click.group()
 def main() -> None:
@@ -94,11 +96,26 @@ def schema() -> None:
     click.echo(json.dumps(policy_json_schema(), indent=2))
 
 
+def _route_template(_ctx: click.Context, _param: click.Parameter,
+                    value: str | None) -> str | None:
+    """A route filter is a route's path template: one without its '/' matches nothing."""
+    if value is not None and not value.startswith("/"):
+        raise click.BadParameter(f"{value!r} is no route path template; those start "
+                                 "with '/' (e.g. /api/users/{id})")
+    return value
+
+
 @main.command()
 @click.option("--admin", default="http://127.0.0.1:9901", show_default=True)
-@click.option("--cause", default=None)
-@click.option("--route", default=None)
-@click.option("--status", type=int, default=None)
+# Filters that could never match are usage errors (exit 2), not an empty answer that
+# reads as "no such trace".
+@click.option("--cause", type=click.Choice(TRACE_CAUSES), default=None, metavar="CAUSE",
+              help="Traces with this cause, of the request or of any cancelled span: "
+              + ", ".join(TRACE_CAUSES) + ".")
+@click.option("--route", default=None, callback=_route_template,
+              help="Traces of the route with this path template.")
+@click.option("--status", type=click.IntRange(100, 599), default=None,
+              help="Traces answered with this status.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--follow", is_flag=True, help="Keep polling for new traces.")
 @click.option("--token", envvar="GATEWAY_ADMIN_TOKEN", default=None,

@@ -35,6 +35,13 @@ Outcome = Literal["ok", "error", "cancelled"]
 #: Causes of a cancelled span (see DESIGN.md, "Cancellation trace").
 CAUSES = ("deadline", "client_disconnect", "sibling_failed", "hedge_lost", "quorum_reached",
           "shed", "circuit_open", "retry_budget", "shutdown")
+#: Every cause a trace or one of its spans may carry, and so every value a ``cause``
+#: filter can match: the cancellation causes, then the causes of the errors a request
+#: may fail with (a 5xx, or any error once its answer had started).
+TRACE_CAUSES = (*CAUSES, "upstream_error", "upstream_connect", "upstream_reset",
+                "upstream_protocol", "upstream_status", "upstream_query", "statement_writes",
+                "internal", "bad_request", "no_route", "not_found", "method_not_allowed",
+                "conflict")
 #: Gateway errors that are refusals (a cancellation before work), not failures; so is
 #: an error raised with ``refused=True`` (a call whose budget is below the floor).
 _REFUSAL_CAUSES = frozenset({"shed", "circuit_open", "retry_budget"})

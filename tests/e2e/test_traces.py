@@ -237,3 +237,40 @@ async def test_traces_follow_prints_a_later_request_that_reuses_a_request_id(
     output = capsys.readouterr().out
     assert "/api/first" in output
     assert "/api/second" in output, output
+
+
+@pytest.mark.parametrize(("option", "value", "named"), [
+    ("--cause", "bogus", "deadline"),
+    ("--cause", "Deadline", "client_disconnect"),
+    ("--status", "0", "100<=x<=599"),
+    ("--status", "1000", "100<=x<=599"),
+    ("--route", "api/users/{id}", "'/'"),
+])
+def test_a_traces_filter_that_can_never_match_is_a_usage_error(
+        option: str, value: str, named: str) -> None:
+    # `gateway traces --cause bogus` asked the admin endpoint, found nothing and
+    # exited 0: a typo read as "no such trace". It is refused before any request,
+    # naming what the option takes.
+    from click.testing import CliRunner
+
+    from gateway._cli import main
+
+    result = CliRunner().invoke(main, ["traces", "--admin", "http://127.0.0.1:1",
+                                       option, value])
+    assert result.exit_code == 2, result.output
+    assert named in result.output, result.output
+    assert "cannot reach" not in result.output  # refused before asking the admin
+
+
+def test_every_cause_a_trace_can_carry_is_a_choice_of_gateway_traces() -> None:
+    # A cause the CLI does not list could never be asked for: every cancellation cause
+    # and every error's cause (an upstream's 502, the gateway's own 500) is a choice.
+    import gateway._app  # noqa: F401  (defines the errors of every module)
+    from gateway._errors import GatewayError
+    from gateway._trace import CAUSES, TRACE_CAUSES
+
+    def subclasses(cls: type) -> list[type]:
+        return [cls, *(sub for child in cls.__subclasses__() for sub in subclasses(child))]
+
+    causes = {error.cause for error in subclasses(GatewayError)} - {"error"}
+    assert causes | set(CAUSES) <= set(TRACE_CAUSES)
