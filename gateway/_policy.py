@@ -103,11 +103,19 @@ class _Model(BaseModel):
 # --------------------------------------------------------------------------- server
 
 
+#: The smallest ``max_header_bytes`` (Envoy's floor too): below it a Host header and
+#: the few headers every client sends (User-Agent, Accept) no longer fit, and the
+#: gateway answers every request 431.
+MIN_HEADER_BYTES = 1024
+
+
 class LimitsPolicy(_Model):
     """Limits on what a client may send; each answers with its own status."""
 
     max_header_count: int = Field(100, ge=1, description="More headers → 431.")
-    max_header_bytes: ByteSize = Field(16 * 1024, description="Total request header size → 431.")
+    max_header_bytes: ByteSize = Field(
+        16 * 1024, ge=MIN_HEADER_BYTES, description="Total request header size → 431; at "
+        "least 1KiB, so that a Host and the headers every client sends fit.")
     max_uri_bytes: int = Field(8192, ge=64, description="Longer request target → 414.")
     max_body: ByteSize = Field(16 * 1024**2, description="Default body cap per route → 413.")
     h2_premature_resets: int = Field(
@@ -163,8 +171,17 @@ class ServerPolicy(_Model):
     trace_buffer: int = Field(1000, ge=0, le=1_000_000,
                               description="Traces kept per worker (ring buffer).")
     slow_request: Duration = Field(1.0, description="A request slower than this is logged.")
-    log_sample: Percent = Field(0.0, description="Share of ordinary requests also logged.")
+    log_sample: Percent = Field(0.0, description="Share of ordinary requests also logged "
+                                "(0% to 100%).")
     limits: LimitsPolicy = LimitsPolicy()
+
+    @field_validator("log_sample")
+    @classmethod
+    def _a_share_of_requests(cls, value: float) -> float:
+        if value > 1:
+            raise ValueError(f"{value * 100:g}% is above 100%: it is a share of requests "
+                             "(0% to 100%)")
+        return value
 
     @field_validator("deadline_header", "request_id_header")
     @classmethod

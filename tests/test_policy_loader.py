@@ -803,3 +803,27 @@ def test_the_readme_check_sample_names_the_demo_policys_counts() -> None:
     assert run_check([str(ROOT / "policies" / "demo.yaml")], out=out) == 0
     counts = out.getvalue().splitlines()[0].partition(", ")[2].rstrip(")")
     assert counts in (ROOT / "policies" / "README.md").read_text(), counts
+
+
+def test_a_log_sample_above_all_requests_is_refused() -> None:
+    # 150% was accepted: a share of requests is at most all of them (a slip of the
+    # keyboard for 1.5%, say, would log every request).
+    issues = _issues(MINIMAL.replace("version: 1", "version: 1\nserver: {log_sample: 150%}"))
+    assert issues == ["p.yaml:2:22: server.log_sample: 150% is above 100%: it is a share "
+                      "of requests (0% to 100%)"]
+    every = load_policy_text(
+        MINIMAL.replace("version: 1", "version: 1\nserver: {log_sample: 100%}"), "p.yaml")
+    assert every.policy.server.log_sample == 1.0
+
+
+@pytest.mark.parametrize("size", ["0", "1023", "1000B"])
+def test_a_header_limit_no_request_could_meet_is_refused(size: str) -> None:
+    # max_header_bytes: 0 was accepted, and every request (its Host header at least)
+    # was a 431. The floor is 1KiB: a Host and the headers every client sends fit.
+    text = MINIMAL.replace("version: 1",
+                           f"version: 1\nserver: {{limits: {{max_header_bytes: {size}}}}}")
+    shown = size if size.isdigit() else f'"{size}"'
+    assert _issues(text) == [f"p.yaml:2:37: server.limits.max_header_bytes: {shown} is "
+                             "below the minimum of 1024"]
+    loaded = load_policy_text(text.replace(f"bytes: {size}", "bytes: 1KiB"), "p.yaml")
+    assert loaded.policy.server.limits.max_header_bytes == 1024
