@@ -673,6 +673,7 @@ def cross_check(policy: Policy) -> list[Problem]:
                     (*where, "timeout"),
                     f"timeout {call.timeout:g}s exceeds the route deadline {deadline:g}s "
                     "and will never fire", severity="warning"))
+    problems.extend(_inherited_timeouts_never_firing(policy))
     problems.extend(_shadowed_routes(policy))
     for name, upstream in policy.upstreams.items():
         if ("concurrency" in upstream.limit.model_fields_set
@@ -741,6 +742,41 @@ def upstream_retry_policy(policy: Policy, upstream: UpstreamPolicy) -> RetryPoli
     if upstream.call is not None and upstream.call.retries is not None:
         return upstream.call.retries
     return policy.defaults.call.retries or RetryPolicy()
+
+
+def _inherited_timeouts_never_firing(policy: Policy) -> list[Problem]:
+    """A ``defaults.call`` or upstream ``call`` timeout longer than the deadline of every
+    route whose calls take it: the deadline always fires first, so the timeout never
+    does, and the operator meant something by it. One that some route's longer deadline
+    leaves room for is a cap for that route, and the shorter deadlines of the others
+    simply come first (no warning: that is what a default is for)."""
+    # The timeout's path → its value and the (deadline, route index) of its users.
+    users: dict[PolicyPath, tuple[float, list[tuple[float, int]]]] = {}
+    for index, route in enumerate(policy.routes):
+        deadline = route.deadline or policy.defaults.deadline
+        for _, call in _calls(route):
+            upstream = policy.upstreams.get(call.upstream)
+            if call.timeout is not None or upstream is None:
+                continue  # its own timeout is checked against the deadline per call
+            if upstream.call is not None and upstream.call.timeout is not None:
+                where: PolicyPath = ("upstreams", call.upstream, "call", "timeout")
+                timeout = upstream.call.timeout
+            elif policy.defaults.call.timeout is not None:
+                where, timeout = ("defaults", "call", "timeout"), policy.defaults.call.timeout
+            else:
+                continue
+            users.setdefault(where, (timeout, []))[1].append((deadline, index))
+    problems: list[Problem] = []
+    for where, (timeout, deadlines) in users.items():
+        longest, index = max(deadlines, key=lambda item: (item[0], -item[1]))
+        if timeout > longest:
+            named = f"routes[{index}] {policy.routes[index].path!r}"
+            whose = (f"{longest:g}s of {named}, the one route that takes it,"
+                     if len(deadlines) == 1 else
+                     f"of every route that takes it (the longest: {longest:g}s of {named})")
+            problems.append(Problem(where, f"timeout {timeout:g}s exceeds the deadline "
+                                    f"{whose} and will never fire", severity="warning"))
+    return problems
 
 
 def _budget_problems(policy: Policy, where: PolicyPath,
