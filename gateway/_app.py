@@ -105,6 +105,10 @@ class Gateway:
         self._nursery: trio.Nursery | None = None
         self._policy_stat: tuple[int, int, int] | None = None
         self._unread = False  # the last reload could not read the file at all
+        #: The read failure (or failure to look at the file) last logged: the watcher
+        #: logs one once, however often it meets it again, and says when it is over.
+        self._read_error: str | None = None
+        self._stat_error: str | None = None
         #: One reload at a time (the file watcher and SIGHUP may ask together).
         self._reload_lock = trio.Lock()
 
@@ -204,11 +208,18 @@ class Gateway:
         try:
             loaded = await trio.to_thread.run_sync(load_policy_file, path)
         except PolicyError as error:
+            unreadable = isinstance(error, PolicyReadError)
             self._unread = isinstance(error, PolicyReadError) and error.transient
             self.runtime.last_reload_error = str(error)
             METRICS.reloads.labels("rejected").inc()
+            if unreadable and str(error) == self._read_error:
+                return False  # read again (out of descriptors, say): already said
+            self._read_error = str(error) if unreadable else None
             log.error("policy reload rejected, the active policy keeps serving:\n%s", error)
             return False
+        if self._read_error is not None:
+            self._read_error = None
+            log.info("policy file %s can be read again", path)
         if loaded.version == self.runtime.snapshot.loaded.version and not (
                 await trio.to_thread.run_sync(self.runtime.files_changed)):
             self.runtime.last_reload_error = None  # the file is the active policy again
@@ -252,10 +263,21 @@ class Gateway:
         return True
 
     async def _policy_file_stat(self) -> tuple[int, int, int] | None:
+        """The file's identity, or None (logged once) while it cannot be looked at: it
+        was removed, or its directory closed to the gateway."""
+        path = self.runtime.snapshot.loaded.file
         try:
-            stat = await trio.Path(self.runtime.snapshot.loaded.file).stat()
-        except OSError:
+            stat = await trio.Path(path).stat()
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            if reason != self._stat_error:
+                self._stat_error = reason
+                log.error("cannot look at the policy file %s: %s; the active policy keeps "
+                          "serving, and the file is read again once it is there", path, reason)
             return None
+        if self._stat_error is not None:
+            self._stat_error = None
+            log.info("policy file %s can be seen again", path)
         return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
     async def _watch_policy_file(self) -> None:
@@ -279,6 +301,7 @@ class Gateway:
         try:
             with trio.open_signal_receiver(signal.SIGHUP) as signals:
                 async for _ in signals:
+                    self._read_error = None  # asked for: said again, even if the same
                     await self.reload()
         except RuntimeError:
             return  # not the main thread (e.g. embedded in a test): file watching remains

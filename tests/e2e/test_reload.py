@@ -285,6 +285,24 @@ async def test_a_policy_path_that_cannot_be_read_for_good_is_rejected_once(
             rejected = [r for r in caplog.records
                         if "policy reload rejected" in r.getMessage()]
             assert len(rejected) == 1, [r.getMessage() for r in rejected]
+            # The directory changes: it is read again, and fails the same way, which
+            # was logged again; said once is enough.
+            reloads = [0]
+            reload = gw.gateway.reload
+
+            async def counted() -> bool:
+                done = await reload()
+                reloads[0] += 1
+                return done
+
+            gw.gateway.reload = counted  # type: ignore[method-assign]
+            (path / "other.yaml").write_text("")
+            with trio.fail_after(5):
+                while reloads[0] == 0:
+                    await trio.sleep(0.02)
+            rejected = [r for r in caplog.records
+                        if "policy reload rejected" in r.getMessage()]
+            assert len(rejected) == 1, [r.getMessage() for r in rejected]
             async with gw.client() as client:  # the active policy serves on
                 assert (await client.get("/api/users/1")).status_code == 200
         nursery.cancel_scope.cancel()
@@ -595,3 +613,85 @@ async def test_a_reload_does_not_stall_the_event_loop_while_it_rebuilds_tls_pool
             done.set()
         assert gw.gateway.runtime.last_reload_error is None
         assert worst < 0.25, f"the event loop stalled {worst * 1000:.0f} ms during the reload"
+
+
+async def test_a_policy_file_that_stays_unreadable_is_logged_once_per_error(
+        tmp_path: Path, monkeypatch, caplog) -> None:
+    # The watcher reads the file again every second while it could not be read for
+    # want of descriptors, and logged the same error each time: an hour of it is 3,600
+    # lines. A read failure is logged once until it changes (and once when the file
+    # can be read again); the active policy serves throughout. So is a path that can
+    # no longer be looked at (removed, or its directory closed to the gateway), which
+    # was not logged at all: nothing said the policy file was no longer watched.
+    # (The watcher reads in a thread, which the autojump clock would not wait for: the
+    # test polls fast instead, and counts reads and log lines.)
+    import errno
+    import logging
+
+    import gateway._app
+    from gateway._app import Gateway
+    from gateway._policy_loader import PolicyIssue, PolicyReadError, load_policy_text
+
+    caplog.set_level(logging.INFO, logger="gateway")
+    monkeypatch.setattr(gateway._app, "UNREAD_RETRY_S", 0.001)
+    path = tmp_path / "policy.yaml"
+    path.write_text(MINIMAL)
+    gw = Gateway(load_policy_text(MINIMAL, str(path)), poll_interval_s=0.001)
+    failing: list[OSError] = []
+    reads = [0]
+
+    def load(file):  # type: ignore[no-untyped-def]
+        reads[0] += 1
+        if failing:
+            error = failing[0]
+            raise PolicyReadError([PolicyIssue(str(file), 0, 0, "", "cannot read the policy "
+                                               f"file: {error.strerror}")],
+                                  transient=error.errno in (errno.EMFILE, errno.ENFILE))
+        return load_policy_text(path.read_bytes(), str(file))
+
+    monkeypatch.setattr(gateway._app, "load_policy_file", load)
+
+    def logged(words: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+    async def served(route: str) -> None:
+        while gw.runtime.snapshot.policy.routes[0].path != route:
+            await trio.sleep(0.001)
+
+    async def polls(count: int) -> None:
+        stats = [0]
+        stat = gw._policy_file_stat
+
+        async def counted():  # type: ignore[no-untyped-def]
+            stats[0] += 1
+            return await stat()
+
+        monkeypatch.setattr(gw, "_policy_file_stat", counted)
+        while stats[0] < count:
+            await trio.sleep(0.001)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gw._watch_policy_file)
+            await polls(2)  # the first poll read the file as it is
+            failing.append(OSError(errno.EMFILE, "Too many open files"))
+            path.write_text(MINIMAL.replace("/api/users/{id}", "/api/v2/users/{id}"))
+            while reads[0] < 30:  # read again and again ...
+                await trio.sleep(0.001)
+            assert len(logged("Too many open files")) == 1, logged("rejected")  # ... once
+            failing[0] = OSError(errno.ENFILE, "Too many open files in system")
+            reads[0] = 0
+            while reads[0] < 30:
+                await trio.sleep(0.001)
+            assert len(logged("Too many open files in system")) == 1, logged("rejected")
+            failing.clear()  # readable again: the new file goes live, and it is said
+            await served("/api/v2/users/{id}")
+            assert len(logged("can be read again")) == 1, logged("again")
+
+            path.unlink()  # gone: said once, not every poll
+            await polls(30)
+            assert len(logged("cannot look at the policy file")) == 1, logged("policy file")
+            path.write_text(MINIMAL.replace("/api/users/{id}", "/api/v3/users/{id}"))
+            await served("/api/v3/users/{id}")
+            assert len(logged("can be seen again")) == 1, logged("again")
+            nursery.cancel_scope.cancel()
