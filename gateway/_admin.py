@@ -18,6 +18,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from ._drain import DRAIN
 from ._headers import request_id_from
 from ._metrics import render_metrics
 from ._trace_peers import dumps, gather
@@ -106,17 +107,26 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
     async def stop() -> None:
         await gateway.stop()
 
+    # During a drain the admin listener stays open until the public connections have
+    # ended, and both probes say the gateway is going away: a load balancer (or a
+    # Kubernetes readiness probe) takes the instance out, as Envoy's /ready's 503
+    # DRAINING has it do, instead of meeting a refused connection it cannot tell from
+    # a crash.
     @app.get("/healthz")
     async def healthz() -> Any:
+        if DRAIN.draining:
+            return {"status": "draining"}, 503
         return {"status": "ok"}
 
     @app.get("/readyz")
     async def readyz() -> Any:
         ready, detail = await gateway.readiness()
-        body: dict[str, Any] = {"ready": ready}
+        body: dict[str, Any] = {"ready": ready and not DRAIN.draining}
+        if DRAIN.draining:
+            body["draining"] = True
         if authorized():
             body["checks"] = detail
-        return body, 200 if ready else 503
+        return body, 200 if body["ready"] else 503
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -66,6 +66,9 @@ Settings:
   then reset with NO_ERROR; it is now sent GOAWAY, new streams are refused
   (REFUSED_STREAM, retryable), and an HTTP/1.1 answer given then says
   ``Connection: close``.
+* At the drain the admin listener closed with the public ones; it now stays open
+  until the public connections have ended, and answers that the worker is draining
+  (:mod:`gateway._drain`).
 * A write to a client ran without any bound, shielded from cancellation: a client that
   stopped reading held its request, its upstream work and the worker's graceful
   shutdown forever. ``server.send_timeout`` bounds each write (:func:`send_bounded`);
@@ -146,7 +149,7 @@ from hypercorn.utils import suppress_body
 from hyperframe.frame import GoAwayFrame, SettingsFrame
 from priority.priority import PriorityError, TooManyStreamsError
 
-from gateway import _expect_continue
+from gateway import _drain, _expect_continue
 from gateway._connections import CONNECTIONS, OUT_OF_DESCRIPTORS
 from gateway._h2_flow import (
     H2Inbox,
@@ -772,9 +775,11 @@ class _LenientH11Connection(h11.Connection):
 
 
 class _TrioWithBatchAccept(types.ModuleType):
-    """What ``hypercorn.trio.run`` sees as ``trio``: trio, but for its listener."""
+    """What ``hypercorn.trio.run`` sees as ``trio``: trio, but for its listener and
+    for the accept loops, whose admin listeners outlive the public ones at the drain."""
 
     SocketListener = BatchAcceptListener
+    serve_listeners = staticmethod(_drain.serve_listeners)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio, name)

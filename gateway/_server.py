@@ -219,10 +219,12 @@ def _failing_bind(binds: list[str], public_count: int) -> str:
 
 
 def close_listening(sockets: Sockets) -> None:
-    """Close the master's copies of the listening sockets. A worker closes its own as
-    it begins to drain (trio's ``serve_listeners`` does); once the master has too, new
-    connections are refused at once (a proxy in front tries another instance) instead
-    of waiting in the backlog until the drain ends and being reset then."""
+    """Close the master's copies of the listening sockets. A worker closes its own
+    public ones as it begins to drain (trio's ``serve_listeners`` does); once the master
+    has too, new connections are refused at once (a proxy in front tries another
+    instance) instead of waiting in the backlog until the drain ends and being reset
+    then. The workers keep their admin listeners until their drain ends
+    (:mod:`gateway._drain`), which keeps the admin bind open until then."""
     for sock in [*sockets.insecure_sockets, *sockets.secure_sockets]:
         sock.close()
 

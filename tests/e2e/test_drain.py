@@ -124,3 +124,44 @@ async def test_an_http11_request_cut_by_the_graceful_deadline_counts_a_shutdown_
                 while upstream.in_flight:
                     await trio.sleep(0.02)
         nursery.cancel_scope.cancel()
+
+
+async def test_the_admin_listener_closes_when_the_public_drain_ends_not_at_its_deadline():
+    """The admin bind answers through the drain (503 draining) over a kept-alive
+    connection and new ones alike, and closes as soon as the last public request has
+    finished: neither it nor an idle admin connection holds the worker to the
+    graceful deadline."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(proxy_policy(upstream.url), graceful_timeout=30) as gw:
+            async with gw.admin() as admin, gw.client() as client:
+                assert (await admin.get("/healthz")).json() == {"status": "ok"}
+                done = trio.Event()
+
+                async def slow() -> None:
+                    assert (await client.get("/api/slow?ms=600")).status_code == 200
+                    done.set()
+
+                nursery.start_soon(slow)
+                await upstream.wait_for(lambda: upstream.in_flight >= 1)
+                started = trio.current_time()
+                gw.shutdown.set()
+                with trio.fail_after(2):
+                    while (await admin.get("/healthz")).status_code != 503:
+                        await trio.sleep(0.01)
+                async with gw.admin() as fresh:
+                    ready = await fresh.get("/readyz")
+                assert (ready.status_code, ready.json()["draining"]) == (503, True)
+                assert not done.is_set()
+                await done.wait()
+                with trio.fail_after(2):
+                    while True:
+                        try:
+                            stream = await trio.open_tcp_stream("127.0.0.1", gw.admin_port)
+                        except OSError:
+                            break
+                        await stream.aclose()
+                        await trio.sleep(0.01)
+        # The worker ended with its drain (the kept-alive admin connection included).
+        assert trio.current_time() - started < 5
+        nursery.cancel_scope.cancel()

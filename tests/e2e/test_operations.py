@@ -265,6 +265,12 @@ async def test_a_recycled_worker_is_replaced_while_it_drains(tmp_path: Path):
                 async with httpx.AsyncClient(timeout=30) as client:
                     fresh = await client.get(served.url + "/api/users/3")
                 assert fresh.status_code == 200
+                # The gateway is not draining: the recycled worker's admin listener
+                # closed with its public one, so no probe is told it is.
+                for _ in range(4):
+                    async with httpx.AsyncClient(timeout=30) as client:
+                        health = await client.get(served.admin_url + "/healthz")
+                    assert (health.status_code, health.json()) == (200, {"status": "ok"})
                 # Served while the draining worker still has its slow request.
                 assert upstream.in_flight == 1
                 clients.cancel_scope.cancel()

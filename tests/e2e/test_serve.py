@@ -110,3 +110,60 @@ async def test_a_draining_gateway_refuses_new_connections_at_once(tmp_path: Path
             assert results == [200]
             assert code == 0, "".join(served.output)
         nursery.cancel_scope.cancel()
+
+
+async def _refused(url: str) -> bool:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    try:
+        stream = await trio.open_tcp_stream(host, int(port))
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_the_admin_listener_reports_the_drain_until_it_has_ended(tmp_path: Path,
+                                                                      workers: int):
+    """While in-flight requests drain, load balancers and probes still read the admin
+    bind (as Envoy's admin says DRAINING): /healthz and /readyz answer 503 'draining',
+    /metrics answers; the admin listener closes once the public drain has ended. It
+    closed with the public one, so a probe could not tell a drain from a dead process
+    and the drain's last metrics were never scraped."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url))
+        with serve_process(policy, workers=workers) as served:
+            async with httpx.AsyncClient(base_url=served.url, timeout=20) as client:
+                assert (await client.get("/api/users/1")).status_code == 200
+                results: list[int] = []
+
+                async def slow() -> None:
+                    results.append((await client.get("/api/slow?ms=4000")).status_code)
+
+                async with trio.open_nursery() as clients:
+                    clients.start_soon(slow)
+                    await upstream.wait_requests(2)
+                    served.signal_master(signal.SIGTERM)
+                    with trio.fail_after(2.5):
+                        while not await _refused(served.url):
+                            await trio.sleep(0.05)
+                    # A new connection for each, as a probe makes.
+                    async with httpx.AsyncClient(base_url=served.admin_url, timeout=5,
+                                                 headers={"connection": "close"}) as admin:
+                        health = await admin.get("/healthz")
+                        ready = await admin.get("/readyz")
+                        metrics = await admin.get("/metrics")
+                    assert results == [], "the drain ended before the admin was read"
+                    assert (health.status_code, health.json()) == (
+                        503, {"status": "draining"}), health.text
+                    assert ready.status_code == 503, ready.text
+                    assert ready.json()["ready"] is False and ready.json()["draining"] is True
+                    assert metrics.status_code == 200
+                    assert "gateway_requests_total" in metrics.text
+                code = await trio.to_thread.run_sync(served.process.wait, 20)
+            assert results == [200]
+            assert code == 0, "".join(served.output)
+            assert await _refused(served.admin_url)
+        nursery.cancel_scope.cancel()
