@@ -37,6 +37,11 @@ Races:
 * An HTTP/2 stream whose flow-control window the client keeps shut had its whole
   answer buffered in the worker (Hypercorn woke the writer for every empty pop); the
   buffer now pushes back on the upstream at its high-water mark.
+* Hypercorn's waits for a client to take a stream's answer were unbounded; they are
+  now bounded as a socket write is over HTTP/1.1: each 64 KiB of the answer (or the
+  rest of what is buffered) must be taken within ``server.send_timeout``, else the
+  stream is reset (CANCEL) and its request cancelled (:func:`_wait_while_progressing`),
+  whether the client grants no window or a byte of it at a time.
 * An HTTP/2 answer without a body (to a HEAD, a 204, a 304) ended with an empty DATA
   frame carrying END_STREAM; its HEADERS frame now ends it (:func:`_end_on_headers`).
 * PRIORITY frames are taken only for open streams and never raise: frames naming
@@ -497,9 +502,18 @@ class _StalledStream(Exception):
 
 async def _wait_while_progressing(buffer: Any, event: Any) -> None:
     """Wait for ``event`` of a stream's send buffer while its answer goes out: each
-    piece sent (a pop) gives it another ``send_timeout``, as each 64 KiB piece written
-    does over HTTP/1.1; a whole ``send_timeout`` without one raises ``_StalledStream``."""
-    buffer.progressed_at = trio.current_time()
+    ``SEND_PIECE`` bytes its client takes (or all the buffer holds, when less) give it
+    another ``send_timeout``, as each 64 KiB piece written does over HTTP/1.1; a whole
+    ``send_timeout`` without one raises ``_StalledStream``.
+
+    Any byte taken counted as progress: a client granting one byte of window per
+    ``send_timeout`` held its stream, and its request's upstream slot, for ever. The
+    piece's clock runs from the first wait until the client has taken everything
+    buffered (:func:`_piece_taken`), across the waits of one answer, so that the few
+    KiB a wait needs before the app may write again do not each restart it."""
+    if getattr(buffer, "piece_sent", None) is None:  # caught up until now: a piece starts
+        buffer.progressed_at = trio.current_time()
+        buffer.piece_sent = 0
     while True:
         with trio.move_on_at(buffer.progressed_at + _send_timeout):
             await event.wait()
@@ -508,12 +522,26 @@ async def _wait_while_progressing(buffer: Any, event: Any) -> None:
             raise _StalledStream
 
 
+def _piece_taken(buffer: Any, length: int) -> None:
+    """Count ``length`` bytes of a stream's answer taken by its client: a whole
+    ``SEND_PIECE``, or the last of what the buffer held, is progress."""
+    sent = getattr(buffer, "piece_sent", None)
+    if not buffer.buffer:
+        buffer.piece_sent = None  # the client has caught up: no piece is owed
+    elif sent is not None:
+        sent += length
+        if sent >= SEND_PIECE:
+            buffer.progressed_at = trio.current_time()
+            sent = 0
+        buffer.piece_sent = sent
+
+
 async def _drop_stalled_stream(protocol: Any, stream_id: int) -> None:
     """A stream whose answer made no progress for ``send_timeout``: reset (CANCEL), and
     its request cancelled as one whose client stopped taking its answer."""
-    log.info("an HTTP/2 client took no %d-byte piece of stream %d's answer within "
-             "send_timeout (%.3g s): resetting the stream", SEND_PIECE, stream_id,
-             _send_timeout)
+    log.info("an HTTP/2 client took no %d-byte piece of stream %d's answer (nor the "
+             "rest of it) within send_timeout (%.3g s): resetting the stream", SEND_PIECE,
+             stream_id, _send_timeout)
     stream = protocol.streams.get(stream_id)
     scope = getattr(stream, "scope", None)
     extension = scope["extensions"].get(DISCONNECT_EXTENSION) if scope else None
@@ -1183,7 +1211,7 @@ def apply() -> None:
         data = bytes(self.buffer[:length])
         del self.buffer[:length]
         if length:
-            self.progressed_at = trio.current_time()
+            _piece_taken(self, length)
         if len(self.buffer) < BUFFER_LOW_WATER:
             await self._paused.set()
         if not self.buffer:

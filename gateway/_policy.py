@@ -156,9 +156,10 @@ class ServerPolicy(_Model):
         "backlog holds the excess (which keeps goodput under overload); more: bursts are "
         "taken in at once, but a saturated worker then admits more than it can finish.")
     send_timeout: Duration = Field(
-        30.0, gt=0, description="Longest a client may take no 64 KiB piece of its answer; "
-        "past it the connection is dropped and the request's work cancelled. Also bounds "
-        "how long such a client holds up a graceful shutdown.")
+        30.0, gt=0, description="Longest a client may take no 64 KiB piece of its answer "
+        "(nor the rest of it); past it the connection (over HTTP/2, the stream) is dropped "
+        "and the request's work cancelled. Also bounds how long such a client holds up a "
+        "graceful shutdown.")
     request_id_header: str = Field("x-request-id", description="Kept when sane, else generated.")
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = Field(
         (), description="Peers whose X-Forwarded-* chain is trusted (CIDR).")

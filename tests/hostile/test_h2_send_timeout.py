@@ -85,6 +85,58 @@ async def test_an_http2_client_that_stops_taking_its_answer_is_dropped_after_sen
         nursery.cancel_scope.cancel()
 
 
+async def test_an_http2_client_trickling_its_window_is_dropped_after_send_timeout():
+    """A client that grants a byte of window every 150 ms (send_timeout is 500 ms) took
+    a byte of its answer each time, which counted as progress: the stream held its
+    upstream slot for the whole 30 s deadline (or for ever, on a route streaming an
+    endless body). As over HTTP/1.1, each 64 KiB piece of an answer must be taken
+    within send_timeout: the streams are reset and their upstream work cancelled."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw:
+            stream, conn = await _shut_window_client(
+                gw.port, ["/api/endless-body", "/api/endless-body"])
+            resets: list[int] = []
+
+            async def keep_reading() -> None:
+                while data := await stream.receive_some(65536):
+                    for event in conn.receive_data(data):
+                        if isinstance(event, h2.events.StreamReset):
+                            resets.append(event.stream_id)
+                    if out := conn.data_to_send():
+                        await stream.send_all(out)
+
+            async def trickle() -> None:
+                while True:
+                    await trio.sleep(0.15)
+                    for sid in (1, 3):
+                        if sid in conn.streams and not conn.streams[sid].closed:
+                            conn.increment_flow_control_window(1, sid)
+                    await stream.send_all(conn.data_to_send())
+
+            async with trio.open_nursery() as reading:
+                reading.start_soon(keep_reading)
+                reading.start_soon(trickle)
+                await upstream.wait_for(lambda: upstream.in_flight >= 2)
+                with trio.fail_after(3):  # send_timeout is 500 ms
+                    await upstream.wait_cancelled(2)
+                assert sorted(resets) == [1, 3]
+                async with gw.client() as client:
+                    response = await client.get("/api/users/1")
+                assert response.status_code == 200, response.text
+                reading.cancel_scope.cancel()
+            await stream.aclose()
+            traces = gw.gateway.runtime.traces
+            with trio.fail_after(2):
+                while len(dropped := [t for t in traces.query(route="/api/{rest*}")
+                                      if t.path == "/api/endless-body"]) < 2:
+                    await trio.sleep(0.01)
+            for trace in dropped:
+                assert (trace.cause, trace.status) == ("deadline", 200)
+                assert trace.root is not None and trace.root.fired_scope == "send_timeout"
+        nursery.cancel_scope.cancel()
+
+
 STEADY = """
 version: 1
 server:
