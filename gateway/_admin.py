@@ -108,15 +108,14 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
         await gateway.stop()
 
     # During a drain the admin listener stays open until the public connections have
-    # ended, and both probes say the gateway is going away: a load balancer (or a
-    # Kubernetes readiness probe) takes the instance out, as Envoy's /ready's 503
-    # DRAINING has it do, instead of meeting a refused connection it cannot tell from
-    # a crash.
+    # ended. Readiness fails (503): a load balancer or a Kubernetes readiness probe
+    # takes the instance out, as Envoy's /ready's 503 DRAINING has it do, instead of
+    # meeting a refused connection it cannot tell from a crash. Liveness holds (200,
+    # saying "draining"): the process is alive and finishing its work, and a failed
+    # liveness probe would have it killed in the middle of the drain.
     @app.get("/healthz")
     async def healthz() -> Any:
-        if DRAIN.draining:
-            return {"status": "draining"}, 503
-        return {"status": "ok"}
+        return {"status": "draining" if DRAIN.draining else "ok"}
 
     @app.get("/readyz")
     async def readyz() -> Any:

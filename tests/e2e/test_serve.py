@@ -126,8 +126,9 @@ async def _refused(url: str) -> bool:
 async def test_the_admin_listener_reports_the_drain_until_it_has_ended(tmp_path: Path,
                                                                       workers: int):
     """While in-flight requests drain, load balancers and probes still read the admin
-    bind (as Envoy's admin says DRAINING): /healthz and /readyz answer 503 'draining',
-    /metrics answers; the admin listener closes once the public drain has ended. It
+    bind (as Envoy's admin says DRAINING): /readyz answers 503 'draining', the liveness
+    probe's /healthz 200 'draining' (the process must not be killed mid-drain), /metrics
+    answers; the admin listener closes once the public drain has ended. It
     closed with the public one, so a probe could not tell a drain from a dead process
     and the drain's last metrics were never scraped."""
     async with trio.open_nursery() as nursery:
@@ -157,7 +158,7 @@ async def test_the_admin_listener_reports_the_drain_until_it_has_ended(tmp_path:
                         metrics = await admin.get("/metrics")
                     assert results == [], "the drain ended before the admin was read"
                     assert (health.status_code, health.json()) == (
-                        503, {"status": "draining"}), health.text
+                        200, {"status": "draining"}), health.text
                     assert ready.status_code == 503, ready.text
                     assert ready.json()["ready"] is False and ready.json()["draining"] is True
                     assert metrics.status_code == 200
