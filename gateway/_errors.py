@@ -29,14 +29,23 @@ from typing import Any, ClassVar
 
 
 class GatewayError(Exception):
-    """Base of every error the gateway answers with; carries status and cause."""
+    """Base of every error the gateway answers with; carries status and cause.
+
+    ``message`` is the whole story, for the trace and the log: an upstream's address,
+    the host that did not resolve, the words of the OS, the TLS library or the
+    database. ``public`` is what the client is told, when that differs: a short reason
+    in the gateway's own words, naming the upstream only by its name in the policy (a
+    client has no use for the internal address, and should not learn it).
+    """
 
     status: int = 500  # an instance may refine it (an upstream's own 5xx, say)
     cause: ClassVar[str] = "error"
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None, **detail: Any) -> None:
+    def __init__(self, message: str, *, retry_after_s: float | None = None,
+                 public: str | None = None, **detail: Any) -> None:
         super().__init__(message)
         self.message = message
+        self.public = message if public is None else public
         self.retry_after_s = retry_after_s
         self.detail = detail
 

@@ -196,8 +196,9 @@ def error_payload(error: GatewayError, request_id: str) -> dict[str, Any]:
     """The error's JSON body: its cause, a short reason, and the call and upstream it is
     about. The cancel scope that fired is the trace's: a deadline says only whether it
     was the request's, a call's or a try's, and a refusal (shed, circuit open) names
-    none, its cause says it all."""
-    payload: dict[str, Any] = {"error": error.message, "cause": error.cause,
+    none, its cause says it all. The reason is the error's public one: an upstream's
+    address and the words of the OS, TLS or database are the trace's too."""
+    payload: dict[str, Any] = {"error": error.public, "cause": error.cause,
                                "request_id": request_id}
     for key in ("call", "upstream"):
         if key in error.detail:

@@ -132,16 +132,18 @@ class _MapExceptions:
     above all) and exceptions already in the gateway tree pass through untouched.
     """
 
-    __slots__ = ("_conn", "_connecting", "_tls", "_upstream")
+    __slots__ = ("_address", "_conn", "_connecting", "_tls", "_upstream")
 
     def __init__(
         self, upstream: str, conn: _Connection | None = None, *, connecting: bool = False,
-        tls: UpstreamTls | None = None,
+        tls: UpstreamTls | None = None, address: str = "",
     ) -> None:
         self._upstream = upstream
         self._conn = conn
         self._connecting = connecting
         self._tls = tls
+        #: ``host:port`` of a connect, for the trace and the log: never the client's.
+        self._address = address
 
     def __enter__(self) -> None:
         return None
@@ -159,35 +161,41 @@ class _MapExceptions:
             raise mapped from exc
 
     def _translate(self, exc: Exception) -> GatewayError | None:
+        # Each error's message (the trace's, the log's) says what failed in the words of
+        # h11, the OS or OpenSSL, and a connect's the address it tried; its public
+        # reason (the client's) is the gateway's own, naming the upstream by its name.
         upstream = self._upstream
         if isinstance(exc, h11.RemoteProtocolError):
             if self._conn is not None and self._conn.eof:
                 # h11 complains about a message cut short by EOF: a reset, not garbage.
-                return UpstreamResetError(
-                    f"upstream {upstream!r} closed the connection mid-response: {exc}",
-                    upstream=upstream,
-                )
-            return UpstreamProtocolError(
-                f"upstream {upstream!r} sent invalid HTTP/1.1: {exc}", upstream=upstream
-            )
+                public = f"upstream {upstream!r} closed the connection mid-response"
+                return UpstreamResetError(f"{public}: {exc}", public=public,
+                                          upstream=upstream)
+            public = f"upstream {upstream!r} sent invalid HTTP/1.1"
+            return UpstreamProtocolError(f"{public}: {exc}", public=public, upstream=upstream)
         if isinstance(exc, h11.LocalProtocolError | UnicodeError):
             return BadRequest(f"request cannot be sent to upstream {upstream!r}: {exc}")
         if self._connecting:
+            at = f" at {self._address}" if self._address else ""
             if isinstance(exc, trio.TooSlowError):
-                return UpstreamConnectError(
-                    f"connect to upstream {upstream!r} timed out", upstream=upstream
-                )
+                public = f"connect to upstream {upstream!r} timed out"
+                return UpstreamConnectError(f"connect to upstream {upstream!r}{at} timed out",
+                                            public=public, upstream=upstream)
             if isinstance(exc, trio.BrokenResourceError):  # the TLS handshake failed
                 reason = exc.__cause__ if exc.__cause__ is not None else exc
                 if isinstance(reason, ssl.SSLCertVerificationError):
+                    # Its reason names the upstream's host or address ("not valid for
+                    # '10.0.0.5'"): the trace's only.
                     why = (reason.verify_message or str(reason)).rstrip(".")
+                    public = f"the certificate of upstream {upstream!r} was not verified"
                     return UpstreamCertificateError(
-                        f"the certificate of upstream {upstream!r} was not verified: {why}",
-                        upstream=upstream)
+                        f"the certificate of upstream {upstream!r}{at} was not verified: "
+                        f"{why}", public=public, upstream=upstream)
                 if (refused := self._client_certificate_refused(reason)) is not None:
                     return refused
                 return UpstreamConnectError(
-                    f"TLS handshake with upstream {upstream!r} failed: {reason}",
+                    f"TLS handshake with upstream {upstream!r}{at} failed: {reason}",
+                    public=f"TLS handshake with upstream {upstream!r} failed",
                     upstream=upstream,
                 )
             if isinstance(exc, OSError):
@@ -198,7 +206,8 @@ class _MapExceptions:
                                 f"of {_RESOURCE_NAMES[shortage]}", upstream=upstream,
                                 reason="no_descriptors", retry_after_s=1.0)
                 return UpstreamConnectError(
-                    f"cannot connect to upstream {upstream!r}: {exc}", upstream=upstream
+                    f"cannot connect to upstream {upstream!r}{at}: {_connect_reasons(exc)}",
+                    public=f"cannot connect to upstream {upstream!r}", upstream=upstream,
                 )
         if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | OSError):
             # trio's BrokenResourceError says nothing itself: the TLS alert or the socket
@@ -208,9 +217,10 @@ class _MapExceptions:
             # side of the handshake is done: its alert is read with the answer.
             if (refused := self._client_certificate_refused(reason)) is not None:
                 return refused
-            return UpstreamResetError(
-                f"connection to upstream {upstream!r} broke: {reason!r}", upstream=upstream
-            )
+            over = "TLS connection" if isinstance(reason, ssl.SSLError) else "connection"
+            public = f"{over} to upstream {upstream!r} broke"
+            return UpstreamResetError(f"{public}: {reason!r}", public=public,
+                                      upstream=upstream)
         return None
 
     def _client_certificate_refused(self, reason: BaseException) -> GatewayError | None:
@@ -235,7 +245,20 @@ class _MapExceptions:
                        "certificate: it may ask for one and tls.cert_file is not set")
         else:
             return None
-        return UpstreamCertificateError(f"{message} (TLS alert {alert!r})", upstream=upstream)
+        # Whether the gateway has a client certificate, and the alert, are the trace's.
+        return UpstreamCertificateError(
+            f"{message} (TLS alert {alert!r})", upstream=upstream,
+            public=f"upstream {upstream!r} refused the TLS handshake over the client "
+                   "certificate")
+
+
+def _connect_reasons(exc: OSError) -> str:
+    """Why a connect failed: trio's "all attempts to connect to HOST:PORT failed" keeps
+    each address's reason (refused, unreachable) in the group it was raised from."""
+    group = exc.__cause__
+    if isinstance(group, BaseExceptionGroup):
+        return "; ".join(dict.fromkeys(str(one) for one in group.exceptions))
+    return str(exc)
 
 
 #: OpenSSL's reason for a TLS alert received from the peer, the alert in capitals.
@@ -505,7 +528,8 @@ class HttpUpstreamPool:
         self._closed_total = 0
         self._closed = False
         self._build_errors = _MapExceptions(name)
-        self._connect_errors = _MapExceptions(name, connecting=True, tls=tls)
+        self._connect_errors = _MapExceptions(name, connecting=True, tls=tls,
+                                              address=f"{self._host}:{self._port}")
 
     # -- public API -------------------------------------------------------------------
 
@@ -919,8 +943,10 @@ class HttpUpstreamPool:
                         await stream.do_handshake()
                     if handshake.cancelled_caught:
                         raise UpstreamConnectError(
-                            f"TLS handshake with upstream {self.name!r} timed out (the "
-                            "TCP connection was open)", upstream=self.name)
+                            f"TLS handshake with upstream {self.name!r} at {self._host}:"
+                            f"{self._port} timed out (the TCP connection was open)",
+                            public=f"TLS handshake with upstream {self.name!r} timed out",
+                            upstream=self.name)
                 except BaseException:
                     tcp.socket.close()
                     raise

@@ -343,6 +343,28 @@ def _query_error_message(exc: asyncpg.PostgresError, state: str) -> str:
     return f"{kind} (SQLSTATE {state})"
 
 
+def _failed(error: type[GatewayError], where: str, exc: asyncpg.PostgresError, state: str,
+            ) -> GatewayError:
+    """A 5xx for a statement the database refused: the trace and the log get the
+    server's primary message (it names tables, roles, constraints), the client only the
+    error's kind and SQLSTATE; a client cannot act on the database's schema, and
+    should not learn it."""
+    return error(f"{where}: {_query_error_message(exc, state)}",
+                 public=f"{where}: {type(exc).__name__} (SQLSTATE {state})", sqlstate=state)
+
+
+def _connect_reason(failed: _ConnectFailed) -> str:
+    """Why a connect failed, for the trace and the log: the OS's words (the address
+    refused, the host that did not resolve), a refusal's kept message; never told to
+    the client, which gets the kind of failure alone."""
+    cause = failed.cause
+    if isinstance(cause, asyncpg.PostgresError):
+        return _query_error_message(cause, cause.sqlstate or "")
+    if isinstance(cause, OSError):
+        return f"{failed.kind}: {cause}"
+    return failed.kind
+
+
 class _CancelledOnServer(Exception):
     """A statement the server cancelled (SQLSTATE 57014), and how long it had run at
     most: the time since the gateway sent it, which the server's run cannot exceed."""
@@ -394,8 +416,10 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False,
     something parsed at run time (``to_tsquery($1)``) is the client's input (400); with
     none it is the statement's or the data's (502). ``statement_timeout_s``: the
     server's statement_timeout for it (0: none), see :func:`cancelled_elsewhere`. The
-    server's own words go to the debug log only: they may quote argument values or the
-    server's address.
+    server's own words go to the debug log only (they may quote argument values), but
+    for a primary message that speaks of the schema alone (``_MESSAGE_KEPT``) and a
+    connect's reason (the address refused): those are the trace's and the log's, and
+    the client gets the error's kind and SQLSTATE.
     """
     if isinstance(exc, GatewayError):  # raised by the gateway's own code on the way
         return exc
@@ -407,7 +431,8 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False,
             # failure for the circuit breaker.
             return Shed(f"{where}: no socket for a connection, the worker is out of "
                         "descriptors", reason="no_descriptors", retry_after_s=1.0)
-        return UpstreamConnectError(f"{where}: cannot connect ({exc.kind})")
+        return UpstreamConnectError(f"{where}: cannot connect ({_connect_reason(exc)})",
+                                    public=f"{where}: cannot connect ({exc.kind})")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"{where}: timed out")
     if isinstance(exc, _CancelledOnServer | asyncpg.exceptions.QueryCanceledError):
@@ -424,8 +449,7 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False,
         if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
             return UpstreamResetError(f"{where}: connection lost mid-call", sqlstate=state)
         if state[:2] in {"08", "53", "57"}:
-            return UpstreamConnectError(f"{where}: {_query_error_message(exc, state)}",
-                                        sqlstate=state)
+            return _failed(UpstreamConnectError, where, exc, state)
         if state == READ_ONLY_SQL_TRANSACTION:
             return StatementWrites(f"{where}: the statement writes, and ran as a read",
                                    sqlstate=state)
@@ -440,10 +464,8 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False,
         if input_bound and state in _REFUSED_VALUES:
             return BadRequest(f"{where}: {_query_error_message(exc, state)}", sqlstate=state)
         if state.startswith("40"):  # serialization failure, deadlock: try again
-            return UpstreamError(f"{where}: {_query_error_message(exc, state)}",
-                                 sqlstate=state)
-        return UpstreamQueryError(f"{where}: {_query_error_message(exc, state)}",
-                                  sqlstate=state)
+            return _failed(UpstreamError, where, exc, state)
+        return _failed(UpstreamQueryError, where, exc, state)
     if isinstance(exc, asyncpg.exceptions._base.DataError):
         # The argument could not be encoded for its parameter type; the message would
         # quote the value, which must not reach logs or traces.

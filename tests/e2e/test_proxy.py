@@ -275,3 +275,70 @@ async def test_an_idle_upstream_connection_is_closed_at_idle_timeout_without_tra
                 await upstream.wait_connections_closed(1)
             assert gw.gateway.runtime.snapshot.upstreams["up"].pool.statistics().idle == 0
         nursery.cancel_scope.cancel()
+
+
+LEAKS = """
+version: 1
+upstreams:
+  users: {{url: "{url}"}}
+  dead: {{url: "http://127.0.0.1:{dead_port}", pool: {{connect_timeout: 500ms}}}}
+  unnamed: {{url: "http://nonexistent.invalid:{dead_port}", pool: {{connect_timeout: 2s}}}}
+routes:
+  - path: /refused
+    proxy: {{upstream: dead, path: "/x"}}
+  - path: /unresolved
+    proxy: {{upstream: unnamed, path: "/x"}}
+  - path: /garbage
+    proxy: {{upstream: users, path: "/garbage"}}
+  - path: /reset
+    proxy: {{upstream: users, path: "/reset"}}
+  - path: /partial
+    fanout:
+      on_failure: partial
+      calls:
+        user: {{upstream: users, path: "/users/1"}}
+        refused: {{upstream: dead, path: "/x"}}
+        unresolved: {{upstream: unnamed, path: "/x"}}
+"""
+
+
+async def test_an_upstream_failure_tells_the_client_its_cause_not_the_upstream_s_address():
+    """A 502 said "cannot connect to upstream 'dead': all attempts to connect to
+    127.0.0.1:PORT failed": the OS's words, with the upstream's internal address, reached
+    every client. The client is told the cause, a short reason and the upstream's name in
+    the policy; the address, the host that did not resolve and the OS's words stay in the
+    trace (admin ``/traces/{id}``) and the access log, for whoever runs the gateway."""
+    dead_port = closed_port()
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(LEAKS.format(url=upstream.url, dead_port=dead_port)) as gw, \
+                gw.client() as client, gw.admin() as admin:
+            internal = ("127.0.0.1", str(dead_port), str(upstream.port), "nonexistent",
+                        ".invalid", "Errno", "attempts to connect", "service not known",
+                        "NOT HTTP", "Error(")
+            traced = {"/refused": f"127.0.0.1:{dead_port}",
+                      "/unresolved": f"nonexistent.invalid:{dead_port}"}
+            for path, cause, status in (("/refused", "upstream_connect", 502),
+                                        ("/unresolved", "upstream_connect", 502),
+                                        ("/garbage", "upstream_protocol", 502),
+                                        ("/reset", "upstream_reset", 502),
+                                        ("/partial", None, 200)):
+                response = await client.get(path)
+                assert response.status_code == status, (path, response.text)
+                for word in internal:
+                    assert word not in response.text, (path, word, response.text)
+                body = response.json()
+                if cause is not None:
+                    assert body["cause"] == cause and body["error"], body
+                    assert set(body) <= {"error", "cause", "request_id", "upstream"}, body
+                else:
+                    assert {name: error["cause"] for name, error in body["errors"].items()} \
+                        == {"refused": "upstream_connect", "unresolved": "upstream_connect"}
+                trace = await admin.get(f"/traces/{response.headers['x-request-id']}")
+                assert trace.status_code == 200
+                if path in traced:
+                    assert traced[path] in trace.text, trace.text
+                if path == "/partial":
+                    for where in traced.values():
+                        assert where in trace.text, trace.text
+        nursery.cancel_scope.cancel()

@@ -205,6 +205,26 @@ async def test_a_down_database_is_not_described_to_clients(database):
             await trio.to_thread.run_sync(database.start)
         assert down.status_code == 502 and down.json()["cause"] == "upstream_connect"
         assert port not in down.text and "127.0.0.1" not in down.text, down.text
+        # The operator's trace says which address refused (it said only the
+        # exception's name): the OS's words, which the client never gets.
+        async with gw.admin() as admin:
+            trace = await admin.get(f"/traces/{down.headers['x-request-id']}")
+        assert port in trace.text and "Connect call failed" in trace.text, trace.text
+
+
+async def test_a_statement_the_database_refuses_is_told_without_the_database_s_words(
+        database):
+    """A 502 quoted the server's message ("relation \"gw_no_such_table\" does not
+    exist"): the database's schema, told to any client. The client learns the cause and
+    the error's kind and SQLSTATE; the server's words are in the trace."""
+    async with run_gateway(POLICY) as gw, gw.client() as client:
+        failing = await client.get("/api/missing")
+        assert failing.status_code == 502 and failing.json()["cause"] == "upstream_query"
+        assert failing.json()["error"] == (
+            "postgres upstream 'db': UndefinedTableError (SQLSTATE 42P01)"), failing.text
+        async with gw.admin() as admin:
+            trace = await admin.get(f"/traces/{failing.headers['x-request-id']}")
+        assert "gw_no_such_table" in trace.text, trace.text
 
 
 async def test_a_call_refused_for_its_arguments_is_in_the_trace(database):
