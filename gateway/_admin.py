@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from ._drain import DRAIN
 from ._headers import request_id_from
 from ._metrics import render_metrics
+from ._trace import TRACE_CAUSES
 from ._trace_peers import dumps, gather
 
 if TYPE_CHECKING:
@@ -161,8 +162,19 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
             return error(400, "limit must be at least 1", "bad_request")
         if min_ms is not None and not math.isfinite(min_ms):
             return error(400, "min_ms must be a finite number", "bad_request")
-        query = {"route": args.get("route"), "cause": args.get("cause"), "status": status,
-                 "min_ms": min_ms, "limit": limit}
+        # A filter that could never match is refused, naming what it takes (as `gateway
+        # traces` refuses it): an empty list would read as "no such trace".
+        cause, route = args.get("cause"), args.get("route")
+        if cause is not None and cause not in TRACE_CAUSES:
+            return error(400, "cause must be one of " + ", ".join(TRACE_CAUSES),
+                         "bad_request", causes=list(TRACE_CAUSES))
+        if status is not None and not 100 <= status <= 599:
+            return error(400, "status must be an HTTP status, 100 to 599", "bad_request")
+        if route is not None and not route.startswith("/"):
+            return error(400, "route must be a route's path template, which starts with "
+                         "'/' (e.g. /api/users/{id})", "bad_request")
+        query = {"route": route, "cause": cause, "status": status, "min_ms": min_ms,
+                 "limit": limit}
         found = await gather(gateway.runtime.traces, {"query": query})
         body = {"traces": found.traces[:limit], "unreachable_workers": found.unreachable,
                 "worker_pid": os.getpid()}

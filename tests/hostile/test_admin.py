@@ -4,7 +4,7 @@ policy names one (``server.admin_token_env``), all but the probes' two paths."""
 import pytest
 import trio
 
-from tests.gateway_harness import run_gateway
+from tests.gateway_harness import run_gateway, traces_with
 from tests.hostile import policy_for, stage
 from tests.hostile.rawclient import exchange, request_bytes
 from tests.upstream import start_upstream
@@ -91,6 +91,39 @@ async def test_bad_admin_requests_get_a_json_4xx():
             assert response.status_code == status, (method, path, response.text)
             assert response.headers["content-type"].startswith("application/json")
             assert response.json()["cause"]
+
+
+async def test_a_traces_filter_that_can_never_match_is_a_400_naming_what_it_takes():
+    """``/traces?cause=bogus`` (a typo, a cause in the wrong case, a status no answer
+    has) answered 200 with no traces, which reads as "no such trace"; ``gateway traces``
+    refuses the same filters. The admin endpoint answers 400, naming the values the
+    filter takes, in its JSON error shape."""
+    from gateway._trace import TRACE_CAUSES
+
+    async with stage() as s, s.gw.admin() as admin:
+        await s.assert_serves()  # one trace to find
+        for query, named in (("cause=bogus", "client_disconnect"),
+                             ("cause=Deadline", "upstream_connect"),
+                             ("cause=", "deadline"),
+                             ("status=0", "100 to 599"),
+                             ("status=99", "100 to 599"),
+                             ("status=600", "100 to 599"),
+                             ("route=api/users", "'/'")):
+            response = await admin.get(f"/traces?{query}")
+            assert response.status_code == 400, (query, response.text)
+            assert response.headers["content-type"].startswith("application/json")
+            body = response.json()
+            assert body["cause"] == "bad_request", body
+            assert body["request_id"] == response.headers["x-request-id"], body
+            assert named in body["error"], (query, body)
+            if query.startswith("cause="):
+                assert body["causes"] == list(TRACE_CAUSES), body
+        for query in ("cause=deadline", "status=200", "status=599", "route=/api/x"):
+            response = await admin.get(f"/traces?{query}")
+            assert response.status_code == 200, (query, response.text)
+        await traces_with(s.gw, status=200)  # recorded once its answer was sent
+        found = (await admin.get("/traces?status=200")).json()["traces"]
+        assert found and all(trace["status"] == 200 for trace in found)
 
 
 async def test_admin_errors_have_the_public_listener_s_shape_and_request_id(admin_token):
