@@ -60,6 +60,9 @@ def apply() -> None:
                     # connection any more.
                     protocol._send_h11_event = types.MethodType(  # type: ignore[method-assign]
                         _send_h11_event_but_continue, protocol)
+                    # This request (the one about to be counted) has not been asked for
+                    # its body: answered first, it sent none to read (``_h1_unread``).
+                    protocol.__dict__["continue_withheld"] = protocol.keep_alive_requests + 1
                 scope["extensions"][CONTINUE_EXTENSION] = _continue_once(stream, protocol)
         return await previous_spawn(self, app, config, scope, send)
 
@@ -81,6 +84,7 @@ def _continue_once(stream: Any, protocol: Any) -> SendContinue:
             return  # already sent, or the answer has started: too late to ask for more
         sent = True
         if isinstance(protocol, H11Protocol):
+            protocol.__dict__["continue_withheld"] = None
             # Hypercorn's HTTP/1.1 drops interim answers a stream sends (early hints);
             # this one goes out only while h11 says the client waits for it.
             if protocol.connection.they_are_waiting_for_100_continue:

@@ -55,6 +55,10 @@ Races:
 * ``100 Continue`` went out as soon as a request's head was parsed, so a client
   uploading to a request the gateway refuses on its head (413, 404, 503) sent its body
   anyway; it is now sent when the app first reads the body (:mod:`gateway._expect_continue`).
+* An HTTP/1.1 answer given with its request's body unread closed the connection at
+  once: a shed POST cost its client a new connection, and a client still sending its
+  body was reset before it read the answer. The rest is now read and dropped, and the
+  connection kept (a small rest) or closed in stages (:mod:`gateway._h1_unread`).
 * Anything but ``OSError`` a connection raised ended the worker (``TCPServer.run``);
   it now ends that connection only, and is logged.
 * A cancelled task's write was dropped once it had left the protocol's state machine:
@@ -156,6 +160,7 @@ from priority.priority import PriorityError, TooManyStreamsError
 
 from gateway import _drain, _expect_continue
 from gateway._connections import CONNECTIONS, OUT_OF_DESCRIPTORS
+from gateway._h1_unread import UnreadBody
 from gateway._h2_flow import (
     H2Inbox,
     H2Put,
@@ -802,6 +807,34 @@ class _LenientH11Connection(h11.Connection):
         return super().next_event()
 
 
+async def _maybe_recycle(self: Any) -> None:
+    """Hypercorn's end of an HTTP/1.1 exchange, word for word on its common path (the
+    request read whole, the answer done: the connection waits for the next request). An
+    answer given with the request's body unread closed the connection at once; the rest
+    of the body is now read and dropped, and the connection kept or closed in stages
+    (:mod:`gateway._h1_unread`)."""
+    await self._close_stream()
+    connection = self.connection
+    if (not self.context.terminated.is_set() and connection.our_state is h11.DONE
+            and connection.their_state is h11.DONE):
+        try:
+            connection.start_next_cycle()
+        except h11.LocalProtocolError:
+            await self.send(Closed())
+        else:
+            self.response = None
+            self.scope = None
+            await self.can_read.set()
+            await self.send(Updated(idle=True))
+    elif (connection.their_state is h11.SEND_BODY
+          and (connection.our_state is h11.DONE or connection.our_state is h11.MUST_CLOSE)
+          and type(connection) is _LenientH11Connection):  # not a WebSocket
+        await UnreadBody.take(self)
+    else:
+        await self.can_read.set()
+        await self.send(Closed())
+
+
 class _TrioWithBatchAccept(types.ModuleType):
     """What ``hypercorn.trio.run`` sees as ``trio``: trio, but for its listener and
     for the accept loops, whose admin listeners outlive the public ones at the drain."""
@@ -920,6 +953,7 @@ def apply() -> None:
 
     TCPServer.run = run_contained  # type: ignore[method-assign]
     H11Protocol._send_error_response = _send_json_error_response  # type: ignore[method-assign]
+    H11Protocol._maybe_recycle = _maybe_recycle  # type: ignore[method-assign]
 
 
     original_h2_events: Callable[[Any, list[Any]], Awaitable[None]] = (

@@ -33,6 +33,7 @@ from ._errors import (
 )
 from ._expect_continue import CONTINUE_EXTENSION, SendContinue
 from ._guards import MAX_METHOD_LENGTH, BodyFraming, check_request_head
+from ._h1_unread import discards
 from ._headers import request_id_from
 from ._hypercorn_fixes import DISCONNECT_EXTENSION
 from ._metrics import METRICS
@@ -111,6 +112,11 @@ class RequestBody:
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self])
+
+    @property
+    def waits_to_be_asked(self) -> bool:
+        """The client sent ``Expect: 100-continue`` and was never asked for its body."""
+        return self._send_continue is not None
 
 
 class RequestContext:
@@ -241,6 +247,22 @@ def _body_relayed(scope: Scope, framing: BodyFraming) -> bool:
     if DISCONNECT_EXTENSION not in scope.get("extensions", {}):
         return True
     return framing.announced or scope.get("http_version") not in ("1.1", "1.0")
+
+
+def _rest_discarded(scope: Scope, framing: BodyFraming | None,
+                    context: RequestContext | None) -> bool:
+    """Whether the server reads and drops the unread rest of this HTTP/1.1 request's
+    body and keeps the connection (``_h1_unread``): a small rest, unless its client
+    still waits to be asked for it (``Expect: 100-continue``: it sent none)."""
+    if framing is None or scope.get("http_version") != "1.1":
+        return False
+    if context is None:
+        if CONTINUE_EXTENSION in scope.get("extensions", {}):
+            return False
+        return discards(framing.length, 0)
+    if context.body.waits_to_be_asked:
+        return False
+    return discards(framing.length, context.body.received)
 
 
 def _stream_closed(context: RequestContext, request_scope: TracedScope,
@@ -390,12 +412,14 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
             trace.cause = trace.cause or error.cause
             return
         trace.status = error.status
-        # Answered before its body was read: the server closes the connection after the
-        # answer (the unread body would be taken for the next request), so it says so.
+        # Answered before its body was read: unless the server reads and drops the
+        # rest to keep the connection (a small one), it closes the connection after
+        # the answer (the unread body would be taken for the next request): say so.
         unread = (framing is not None and framing.announced
                   and (context is None or not context.body.complete)
                   and scope.get("http_version") in ("1.0", "1.1"))
-        await send_error(send, error, request_id, rid_header, close=unread)
+        close = unread and not _rest_discarded(scope, framing, context)
+        await send_error(send, error, request_id, rid_header, close=close)
     except Exception:
         # A fault of the gateway's own (a bug): a JSON 500 with the request id and the
         # traceback in the log, where Hypercorn would answer an empty 500.

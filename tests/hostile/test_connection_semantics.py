@@ -157,3 +157,107 @@ async def test_an_absolute_form_target_cannot_smuggle_a_forwarded_host_past_the_
         forwarded = [r.header_values("x-forwarded-host") for r in s.upstream.requests[before:]]
         assert response.status == 400, (response.status, forwarded)
         assert forwarded == []
+
+
+SHED = "  max_inflight: 1\n"
+
+
+async def _shed_while(s, conn_action):
+    """Run ``conn_action`` while the worker's one request slot is held, so that what it
+    sends is shed at the door (503)."""
+    async with connect(s.port) as hold:
+        await hold.send(request_bytes("GET", "/api/long/stall"))
+        with trio.fail_after(5):
+            await s.upstream.wait_requests(1)
+        await conn_action()
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("refusal", ["no_route", "shed"])
+async def test_a_small_body_left_unread_by_an_early_answer_is_discarded(refusal, framing):
+    """A small POST answered before its body arrived (a 404, a 503 shed at the door) kept
+    the connection only to close it after the answer, saying ``Connection: close``:
+    under overload every shed POST cost its client a new connection, and the worker an
+    accept. As nginx does (it discards a request body it does not read), the rest of a
+    small body is read and dropped and the connection carries the next request."""
+    server = SHED if refusal == "shed" else ""
+    target = "/nope" if refusal == "no_route" else "/api/up/ok"
+    status = 404 if refusal == "no_route" else 503
+    if framing == "length":
+        head, rest = [("Content-Length", "5")], b"hello"
+    else:
+        head, rest = [("Transfer-Encoding", "chunked")], b"5\r\nhello\r\n0\r\n\r\n"
+    async with stage(server=server) as s, connect(s.port) as conn:
+        answers = []
+
+        async def refused_then_next() -> None:
+            await conn.send(request_bytes("POST", target, head))
+            answers.append(await conn.read_response())
+            await trio.sleep(0.05)  # the body follows the answer, as a streaming client's
+            await conn.send(rest + request_bytes("GET", "/nope/either"))
+            answers.append(await conn.read_response())
+
+        if refusal == "shed":
+            await _shed_while(s, refused_then_next)
+        else:
+            await refused_then_next()
+        first, following = answers
+        assert first is not None and first.status == status and first.complete
+        assert not first.closes, first.raw_head
+        assert following is not None, "the connection was closed after the early answer"
+        assert following.status == status and following.complete  # shed too, or no route
+
+
+async def test_a_large_body_left_unread_by_an_early_answer_still_closes():
+    """More than a small rest unread (here 10 MB announced): the answer says
+    ``Connection: close`` and the connection closes after it."""
+    async with stage() as s, connect(s.port) as conn:
+        await conn.send(request_bytes("POST", "/nope", [("Content-Length", "10000000")]))
+        response = await conn.read_response()
+        assert response is not None and response.status == 404 and response.complete
+        assert response.closes
+        assert await conn.wait_closed(timeout_s=5) in ("eof", "reset")
+
+
+async def test_an_upload_refused_on_its_head_is_not_reset_while_it_is_sent():
+    """A 413 answered on a declared length while the client sends its 768 KB body at a
+    steady pace, reading only once it has sent it all (as simple synchronous clients
+    do): the gateway closed at once with the body unread, the kernel reset the
+    connection, and the client's send failed before it could read the answer (RFC 9112
+    9.6: a server closes in stages, reading on for a while, as nginx's lingering_close
+    does)."""
+    size, piece = 768 * 1024, 16 * 1024
+    async with stage() as s, connect(s.port) as conn:
+        await conn.send(request_bytes("POST", "/api/small/ok", [("Content-Length", str(size))]))
+        sent = 0
+        while sent < size:
+            if not await conn.try_send(b"x" * piece):
+                break
+            sent += piece
+            await trio.sleep(0.005)
+        assert sent == size, f"the upload was cut after {sent} bytes"
+        response = await conn.read_response()
+        assert response is not None and response.status == 413 and response.complete
+        assert b'"cause":"bad_request"' in response.body
+        assert await conn.wait_closed(timeout_s=5) == "eof"
+
+
+async def test_a_client_uploading_on_after_an_early_answer_is_closed_soon():
+    """The lingering read is bounded: a client that goes on sending an endless body
+    after its 413 is closed within seconds, not held open for as long as it sends."""
+    async with stage() as s, connect(s.port) as conn:
+        await conn.send(request_bytes("POST", "/api/small/ok",
+                                      [("Transfer-Encoding", "chunked")]))
+
+        async def pump() -> None:
+            while await conn.try_send(b"4000\r\n" + b"z" * 0x4000 + b"\r\n"):
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            response = await conn.read_response()
+            assert response is not None and response.status == 413 and response.complete
+            with trio.fail_after(5):
+                while not conn.eof:
+                    await conn.wait_closed(timeout_s=5)
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,145 @@
+"""An HTTP/1.1 request body left unread by an early answer: read and dropped, so that the
+connection carries the next request, or is closed in stages.
+
+An answer given before the body was read (a 503 shed at the door, a 404, a 413, an
+upstream refusing an upload on its head) left the rest of the body on the connection,
+and Hypercorn closed the connection at once. Under overload every shed POST then cost
+its client a new connection, and the worker an accept. And closing a socket with
+unread bytes makes the kernel reset the connection: a client still sending its body
+had its send fail, and could lose the answer before it read it (RFC 9112 9.6).
+
+As nginx does (its discarding of an unread body, and ``lingering_close``):
+
+* A rest of at most :data:`DISCARD_BYTES` (a Content-Length no further than that past
+  what was read, or a chunked body that ends within it) is read and dropped, and the
+  connection is kept, its answer saying nothing of a close.
+* Otherwise, or when the answer said ``Connection: close`` (a 400, 408, 413; a request
+  closing its connection), the gateway shuts its sending side down after the answer and
+  reads and drops what the client still sends, then closes.
+
+Either way at most :data:`UNREAD_BYTES` are read, for at most :data:`UNREAD_S` after
+the answer; past either the connection is closed. It is counted against the worker's
+connections all along. Only requests answered with their body unread come here; a
+request read whole is recycled as before.
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress
+from typing import Any
+
+import h11
+import trio
+from hypercorn.events import Closed, Updated
+from hypercorn.protocol.events import Body, EndBody, StreamClosed
+
+#: Largest unread rest of a body that is read and dropped to keep its connection.
+DISCARD_BYTES = 64 * 1024
+#: Most bytes read and dropped after an early answer before the connection closes.
+UNREAD_BYTES = 1024 * 1024
+#: Longest time after an early answer that the rest of its body is read for.
+UNREAD_S = 2.0
+
+
+def discards(declared_length: int | None, received: int) -> bool:
+    """Whether the rest of a body of ``declared_length`` (None: chunked) of which
+    ``received`` bytes were read is small enough to be read and dropped, so the answer
+    need not close the connection. A chunked body is tried: closed if it runs past."""
+    return declared_length is None or declared_length - received <= DISCARD_BYTES
+
+
+class UnreadBody:
+    """Stands as an HTTP/1.1 connection's stream once its request was answered with its
+    body unread: it takes the rest of the body from Hypercorn's parser and drops it,
+    then recycles the connection (``keep``) or closes it."""
+
+    def __init__(self, protocol: Any, keep: bool) -> None:
+        self._protocol = protocol
+        self.keep = keep
+        self.received = 0
+        self._done = False
+        self._timer = trio.CancelScope(deadline=trio.current_time() + UNREAD_S)
+
+    @classmethod
+    async def take(cls, protocol: Any) -> None:
+        """Answered, its body unread: keep the connection when the rest is small and the
+        answer allows it, else close it in stages. A client that still waits to be asked
+        for its body (``Expect: 100-continue``) sent none: closed at once, as before."""
+        connection = protocol.connection
+        if protocol.__dict__.get("continue_withheld") == protocol.keep_alive_requests:
+            await protocol.can_read.set()
+            await protocol.send(Closed())
+            return
+        reader = connection._reader  # h11 0.16 (pinned in pyproject.toml)
+        remaining = getattr(reader, "_remaining", None)
+        keep = (connection.our_state is h11.DONE
+                and not protocol.context.terminated.is_set()
+                and (remaining is None or remaining <= DISCARD_BYTES))
+        sink = protocol.stream = cls(protocol, keep)  # before any await: the reader may run
+        if not keep:
+            await sink._shut_sending()
+        protocol.task_group.spawn(sink._expire)
+
+    @property
+    def lingering(self) -> bool:
+        """The connection closes once the rest is dropped (its sending side is shut)."""
+        return not self.keep
+
+    async def handle(self, event: Any) -> None:
+        kind = type(event)
+        if kind is Body:
+            self.received += len(event.data)
+            if self.keep and self.received > DISCARD_BYTES:
+                self.keep = False
+                await self._shut_sending()
+            elif self.received > UNREAD_BYTES:
+                await self._close()
+        elif kind is EndBody:
+            if self.keep:
+                await self._recycle()
+            else:
+                await self._close()  # nothing is left unread: a clean close, no reset
+        elif kind is StreamClosed:  # the connection closed
+            self._done = True
+            self._timer.cancel()
+
+    async def _recycle(self) -> None:
+        """The body is read whole: the connection waits for its next request (what
+        Hypercorn does when an answered request's body was read)."""
+        protocol = self._protocol
+        self._done = True
+        self._timer.cancel()
+        protocol.stream = None
+        if protocol.context.terminated.is_set():
+            await protocol.send(Closed())
+            return
+        try:
+            protocol.connection.start_next_cycle()
+        except h11.LocalProtocolError:
+            await protocol.send(Closed())
+            return
+        await protocol.can_read.set()
+        await protocol.send(Updated(idle=True))
+
+    async def _shut_sending(self) -> None:
+        """The answer is out: shut the sending side down, so the client reads the end of
+        it (and of the connection) while the gateway goes on reading (TLS: not shut)."""
+        server: Any = getattr(self._protocol.send, "__self__", None)  # TCPServer.protocol_send
+        stream = getattr(server, "stream", None)
+        if server is None or not isinstance(stream, trio.SocketStream):
+            return
+        async with server.send_lock:
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                          trio.BusyResourceError, OSError):
+                await stream.send_eof()
+
+    async def _close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._timer.cancel()
+            await self._protocol.send(Closed())
+
+    async def _expire(self) -> None:
+        with self._timer:
+            await trio.sleep_forever()
+        await self._close()  # UNREAD_S passed (a no-op once the body was dealt with)
