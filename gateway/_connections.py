@@ -9,8 +9,12 @@ the backlog while the accept loop logged ``EMFILE`` ten times a second.
 As nginx does when its connections run out, the worker keeps ``reserve`` descriptors
 for its own sockets (the most its pools may open and a margin, at most half its
 limit). A connection accepted above that line, or an accept that meets ``EMFILE``,
-makes room by closing an idle connection: one that has not sent a request yet first,
-oldest first, else the oldest idle keep-alive connection. An HTTP/2 one is sent
+makes room by closing an idle connection: one that has not sent a request yet (or one
+only reading the unread rest of an answered request's body before it closes) first,
+oldest first, else the oldest idle keep-alive connection. One whose next request has
+arrived (in the kernel, or read and not yet parsed) is not idle: closed, the request
+was served with no way to answer it. A request read just as its connection is closed
+is not served. An HTTP/2 one is sent
 GOAWAY(NO_ERROR) first, as nginx does, so that a request its client sends meanwhile is
 known unprocessed and retried elsewhere. With none idle, the new connection is closed
 at once, so its client can go elsewhere instead of waiting.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import resource
+import select
 from collections.abc import Callable
 from typing import Any
 
@@ -76,9 +81,19 @@ class ClientConnections:
         chosen = fallback = None
         for server in self._live:
             timer = getattr(server, "idle_task", None)
-            if not getattr(timer, "idle", False):
-                continue
             protocol = getattr(getattr(server, "protocol", None), "protocol", None)
+            if not getattr(timer, "idle", False):
+                # Answered, its unread body being dropped (``_h1_unread``): one closing
+                # anyway goes with the silent ones, one kept with the idle ones.
+                lingering = getattr(getattr(protocol, "stream", None), "lingering", None)
+                if lingering:
+                    chosen = server
+                    break
+                if lingering is not None and fallback is None:
+                    fallback = server
+                continue
+            if _request_pending(server, protocol):
+                continue
             if getattr(protocol, "keep_alive_requests", 1) == 0:
                 chosen = server
                 break
@@ -91,6 +106,11 @@ class ClientConnections:
         self.closed_for_room += 1
         if self.farewell is not None:
             self.farewell(chosen)
+        # A request read from its socket at this moment (the reader had taken it, but
+        # not yet parsed it) is not served: its client is told nothing but the close.
+        reclaimed = getattr(getattr(chosen, "idle_task", None), "reclaimed", None)
+        if reclaimed is not None:
+            reclaimed()
         # Closed now, so that its descriptor is free at once; its reader sees the close
         # and the connection ends as one whose client left.
         chosen.stream.socket.close()
@@ -105,6 +125,27 @@ class ClientConnections:
 
 
 CONNECTIONS = ClientConnections()
+
+
+def _request_pending(server: Any, protocol: Any) -> bool:
+    """Whether an idle connection has request bytes that are not handled yet: read
+    into its HTTP/1.1 parser's buffer after the last answer (a pipelined request; a
+    first request's partial head is not counted: a slowloris sends nothing else), or
+    waiting in the kernel to be read. It is not idle then, only about to be busy."""
+    receive_buffer = getattr(getattr(protocol, "connection", None), "_receive_buffer", None)
+    if receive_buffer and getattr(protocol, "keep_alive_requests", 0):
+        return True
+    sock = getattr(getattr(getattr(server, "stream", None), "socket", None), "_sock", None)
+    if sock is None or sock.fileno() < 0:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    ready = poller.poll(0)
+    # Readable for a client that closed too: that one is gone, not sending a request.
+    return bool(ready) and ready[0][1] & _GONE == 0
+
+
+_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
 def out_of_resources(exc: BaseException) -> int | None:

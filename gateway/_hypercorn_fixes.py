@@ -68,7 +68,9 @@ Races:
 Settings:
 
 * An idle HTTP/2 connection closed to make room for a new client was closed without
-  GOAWAY; it is now sent GOAWAY(NO_ERROR) first (:func:`_goaway_before_reclaim`).
+  GOAWAY; it is now sent GOAWAY(NO_ERROR) first (:func:`_goaway_before_reclaim`). A
+  request read from a connection as it is closed to make room is not served
+  (:meth:`IdleTimer.reclaimed`).
 * Connections are accepted one per scheduler pass; ``server.accept_batch`` lets a
   listener take more per wake-up (:class:`BatchAcceptListener`).
 * At the drain an HTTP/2 connection was closed without GOAWAY and a stream opened
@@ -344,6 +346,15 @@ class IdleTimer:
         """No request in flight (a connection that has not sent one yet included)."""
         return self._idle and not self._ended
 
+    def reclaimed(self) -> None:
+        """The connection is closed to make room for a new client (``_connections``):
+        a request its reader took from the socket just before is not served (its client
+        sees only the close, as for any idle connection closed), nor sent upstream."""
+        self.stop = self._refuse_request  # type: ignore[method-assign]
+
+    async def _refuse_request(self) -> None:
+        raise _Reclaimed
+
     def end(self) -> None:
         """The read side ended: the task finishes without closing anything itself."""
         self._ended = True
@@ -422,6 +433,10 @@ async def _send_watching_peer(to_app: trio.MemorySendChannel[Any], message: Any)
 
 class _PeerGone(Exception):
     """The client left while its connection was not being read."""
+
+
+class _Reclaimed(_PeerGone):
+    """A request arrived on a connection already closed to make room."""
 
 
 class _PeerWatchingEvent(EventWrapper):
@@ -913,7 +928,7 @@ def apply() -> None:
     async def _read_data(self: Any) -> None:
         try:
             await original_read(self)
-        except _PeerGone:  # seen while a pipelined request waited its turn
+        except _PeerGone:  # seen while a pipelined request waited its turn, or reclaimed
             await self.protocol.handle(Closed())
         finally:
             if isinstance(self.idle_task, IdleTimer):

@@ -13,11 +13,13 @@ import os
 
 import h2.errors
 import h2.events
+import pytest
 import trio
 
 from gateway._connections import CONNECTIONS
 from tests.gateway_harness import run_gateway
 from tests.h2client import H2Client
+from tests.hostile import stage
 from tests.hostile.child_processes import (
     descriptors_used_up,
     idle_connections,
@@ -185,3 +187,48 @@ async def test_a_policy_change_that_cannot_be_read_yet_is_loaded_once_it_can(tmp
             await conn.send(request_bytes("GET", "/new/ok"))
             response = await conn.read_response(timeout_s=5)
         assert response is not None and response.status == 200, response
+
+
+@pytest.mark.parametrize("seen", [True, False], ids=["kept", "closed-unserved"])
+async def test_a_connection_holding_a_pipelined_request_is_not_closed_as_idle(
+        monkeypatch, seen):
+    """A client pipelines two requests; the worker reads both at once and answers the
+    first. At that moment the connection counts as idle again, the second request still
+    unparsed in the worker's buffer: an accept that needs a descriptor then closed it to
+    make room, and the second request went on to the upstream while its client got a
+    closed connection and no answer (it cannot tell that request was processed). Such a
+    connection is now passed over; and one closed all the same (a request the reader
+    had just taken from the socket, which nothing shows: ``seen`` off) serves nothing
+    more."""
+    import gateway._connections
+    from gateway._hypercorn_fixes import IdleTimer
+
+    if not seen:
+        monkeypatch.setattr(gateway._connections, "_request_pending", lambda *_: False)
+
+    made_room: list[bool] = []
+    restart = IdleTimer.restart
+
+    async def restart_then_make_room(self, task_group, action) -> None:
+        await restart(self, task_group, action)
+        protocol = getattr(self._server.protocol, "protocol", None)
+        if getattr(protocol, "keep_alive_requests", 0) == 1 and not made_room:
+            made_room.append(CONNECTIONS.make_room())  # an accept needing room, just then
+
+    monkeypatch.setattr(IdleTimer, "restart", restart_then_make_room)
+    async with stage() as s, connect(s.port) as conn:
+        await conn.send(request_bytes("GET", "/api/up/slow?ms=50")
+                        + request_bytes("GET", "/api/up/ok"))
+        first = await conn.read_response()
+        second = await conn.read_response()
+        await s.settle()
+    assert first is not None and first.status == 200
+    assert made_room, "the connection never went idle"
+    targets = [request.target for request in s.upstream.requests]
+    assert second is not None or targets == ["/slow?ms=50"], (
+        f"the upstream got {targets}, the client no answer to the second request")
+    if seen:
+        assert made_room == [False]  # the only connection, and not idle
+        assert second is not None and second.status == 200
+    else:
+        assert made_room == [True] and second is None
