@@ -87,11 +87,26 @@ class Claim:
     answer starts (the proxy claims at the response head), and the body then streams
     within the call's deadline, as Envoy ignores its per-try timeout once the response
     has started downstream. A download longer than a try is not cut mid-body.
+
+    A try whose request body streams from the client as it goes (``per_try_after_sent``)
+    starts its ``per_try_timeout`` only once that body is sent whole (:meth:`sent`), as
+    Envoy starts its per-try timer once the downstream request is complete: a slow
+    client's upload is bounded by the call's deadline, not cut by a timeout meant for
+    the upstream's answer.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, per_try_after_sent: float | None = None) -> None:
         self.winner: TracedScope | None = None
         self.attempts: list[TracedScope] = []
+        self.per_try_after_sent = per_try_after_sent
+
+    def sent(self, attempt: TracedScope) -> None:
+        """``attempt``'s request is sent whole: its ``per_try_timeout`` starts now, unless
+        its answer has already started (an upstream answering before the body's end)."""
+        if self.per_try_after_sent is None or self.winner is not None:
+            return
+        scope = attempt.cancel_scope
+        scope.deadline = min(scope.deadline, trio.current_time() + self.per_try_after_sent)
 
     def claim(self, attempt: TracedScope) -> bool:
         if self.winner is None:
@@ -149,15 +164,22 @@ class _DecidedOnArrival:
         return isinstance(status, int) and self.decide(status)
 
 
+def _try_deadline(call: TracedScope, per_try: float | None, streamed: bool) -> float:
+    """A try's deadline as it starts: its ``per_try_timeout`` from now, unless its body
+    streams as it goes (the timeout then starts once the body is sent, see Claim)."""
+    if per_try is None or streamed:
+        return call.deadline
+    return min(call.deadline, trio.current_time() + per_try)
+
+
 async def _single_attempt(ctx: RequestContext, call: TracedScope, name: str,
-                          perform: Perform[T], number: int, per_try: float | None) -> T:
+                          perform: Perform[T], number: int, per_try: float | None,
+                          streamed: bool) -> T:
     """The common case (no retry, hedge or breaker): one attempt in the caller's task,
     without the coordinator's nursery, task and channel."""
-    deadline = call.deadline if per_try is None else min(
-        call.deadline, trio.current_time() + per_try)
     with traced_scope(ctx.trace, call, "attempt", f"{name}#{number}", attempt=number,
-                      deadline=deadline) as attempt:
-        result = await perform(attempt, Claim(), frozenset())
+                      deadline=_try_deadline(call, per_try, streamed)) as attempt:
+        result = await perform(attempt, Claim(per_try if streamed else None), frozenset())
         if result.status is not None:
             attempt.note(status=result.status)
     return result.value
@@ -167,8 +189,10 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                        settings: CallSettings, *, name: str, method: str, replayable: bool,
                        perform: Perform[T], first_number: int = 1) -> T:
     """Run ``perform`` under the call's resilience rules; return the winning value.
-    ``first_number``: what the first attempt is numbered in the trace (a call run again
-    after attempts of its own goes on from them)."""
+    ``replayable``: the request can be sent again; one that cannot streams its body from
+    the client as its only try runs (``perform`` then tells ``claim.sent`` when it is
+    sent). ``first_number``: what the first attempt is numbered in the trace (a call run
+    again after attempts of its own goes on from them)."""
     shown = first_number - 1  # added to an attempt's number where the trace shows it
     retry: RetryPolicy | None = settings.retries
     allowed_retry = retry is not None and replayable and (
@@ -188,9 +212,11 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     if max_attempts == 1 and hedge_after is None and breaker is None:
         budget.record_request(trio.current_time())
         METRICS.attempt_sent(state.name, 1, hedge=False)
-        return await _single_attempt(ctx, call, name, perform, first_number, per_try)
+        return await _single_attempt(ctx, call, name, perform, first_number, per_try,
+                                     streamed=not replayable)
 
-    claim = Claim()
+    # A body that cannot be sent again streams from the client as the (only) try runs.
+    claim = Claim(per_try if not replayable else None)
     events_send, events_receive = trio.open_memory_channel[
         tuple[TracedScope, AttemptResult[T] | GatewayError | None]](math.inf)
     started = 0
@@ -242,8 +268,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
 
     async def attempt_task(number: int, slot: object | None,
                            task_status: trio.TaskStatus[TracedScope]) -> None:
-        deadline = call.deadline if per_try is None else min(
-            call.deadline, trio.current_time() + per_try)
+        deadline = _try_deadline(call, per_try, streamed=not replayable)
         outcome: AttemptResult[T] | GatewayError
         # The breaker hears of an attempt only once it has let it through: one that ended
         # before asking (a hedge whose race was won as it started) must not free the

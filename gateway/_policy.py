@@ -232,7 +232,8 @@ class RetryPolicy(_Model):
         description="What may be retried: connect, reset, timeout, or 5xx statuses.")
     per_try_timeout: PositiveDuration | None = Field(
         None, description="Bound of each try until its answer starts; a body then streams "
-        "within the call's deadline.")
+        "within the call's deadline. A request body streamed from the client (never "
+        "replayed) is sent first: the bound starts once it is sent whole.")
     backoff: DurationRange = Field(
         DurationSpan(0.02, 0.2), description="Exponential backoff with full jitter.")
     budget: Percent = Field(0.2, description="Retries on top of first tries, per upstream.")

@@ -57,7 +57,8 @@ async def proxy(ctx: RequestContext) -> None:
                       retry_statuses: Container[int]) -> AttemptResult[None]:
         headers = forward_headers(ctx, attempt)
         async with pool.request(method, target, headers, body,
-                                refresh=partial(forward_headers, ctx, attempt)) as response:
+                                refresh=partial(forward_headers, ctx, attempt),
+                                sent=partial(claim.sent, attempt)) as response:
             status = response.status
             if status in retry_statuses:
                 raise UpstreamStatusError(f"upstream {state.name!r} answered {status}",

@@ -804,3 +804,45 @@ async def test_per_try_timeout_bounds_a_single_try_too(autojump_clock):
                    Upstream((1.0, 200)))
     assert trio.current_time() - start == pytest.approx(0.050)
     assert info.value.detail["scope"] == "attempt orders#1"
+
+
+class Uploading:
+    """A try whose body streams from the client: sent whole after ``upload_s``, then
+    answered ``answer_s`` later (the proxy tells ``claim.sent`` as the pool does)."""
+
+    def __init__(self, upload_s: float, answer_s: float) -> None:
+        self.upload_s, self.answer_s = upload_s, answer_s
+
+    async def perform(self, attempt: TracedScope, claim: Claim,
+                      retry_statuses: Container[int]) -> AttemptResult[Any]:
+        await trio.sleep(self.upload_s)
+        claim.sent(attempt)
+        await trio.sleep(self.answer_s)
+        return AttemptResult("uploaded", 200)
+
+
+@pytest.mark.parametrize("circuit", [None, {"consecutive_failures": 5, "open_for": "1s"}],
+                         ids=["single try", "with a breaker"])
+async def test_per_try_timeout_starts_once_a_streamed_body_is_sent(autojump_clock, circuit):
+    # As Envoy's per-try timer, which starts once the downstream request is complete: a
+    # client's upload is not cut by a timeout meant for the upstream's answer.
+    policy = settings(retries={"attempts": 3, "per_try_timeout": "50ms"})
+
+    async def upload(upstream: Uploading) -> Any:
+        ctx, state = FakeContext(deadline_s=2.0), make_state(circuit=circuit)
+        with traced_scope(ctx.trace, None, "request", "/orders",
+                          deadline=ctx.deadline.at) as request:
+            async with upstream_call(ctx, request, "orders", state, None) as scope:
+                return await run_attempts(ctx, scope, state, policy,
+                                          name="orders", method="PUT", replayable=False,
+                                          perform=upstream.perform)
+
+    start = trio.current_time()
+    assert await upload(Uploading(upload_s=1.0, answer_s=40 * MS)) == "uploaded"
+    assert trio.current_time() - start == pytest.approx(1.040)
+
+    start = trio.current_time()
+    with pytest.raises(UpstreamTimeout) as info:
+        await upload(Uploading(upload_s=1.0, answer_s=1.0))
+    assert trio.current_time() - start == pytest.approx(1.050)
+    assert info.value.detail["scope"] == "attempt orders#1"

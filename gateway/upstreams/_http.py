@@ -537,6 +537,7 @@ class HttpUpstreamPool:
     async def request(
         self, method: str, target: str, headers: Headers, body: Body = None,
         *, refresh: Callable[[], Headers] | None = None,
+        sent: Callable[[], None] | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
         """Send one request and yield the response once its head has arrived.
 
@@ -545,7 +546,8 @@ class HttpUpstreamPool:
         the block before the body was read to the end closes the connection.
         ``refresh`` gives the headers again when the request waited for a connection
         (or opened one) before it could be sent: a budget announced in them is then
-        what is left when it goes out.
+        what is left when it goes out. ``sent`` is called once the request, its body
+        whole, is in the socket (an upload may end after the answer has started).
         """
         head = self._build_request(method, target, headers, body)
         built_at = trio.current_time()
@@ -559,7 +561,8 @@ class HttpUpstreamPool:
             not isinstance(body, _BYTES_TYPES) or len(body) > INLINE_BODY_BYTES
         ):
             retry = isinstance(body, _BYTES_TYPES) and method in _IDEMPOTENT
-            async with self._request_with_upload(head, body, retry, current) as response:
+            async with self._request_with_upload(head, body, retry, current,
+                                                 sent) as response:
                 yield response
             return
         retry = method in _IDEMPOTENT
@@ -570,7 +573,7 @@ class HttpUpstreamPool:
                 assert conn is not None
                 try:
                     head = current(head)
-                    outcome = await self._exchange_inline(conn, head, body)
+                    outcome = await self._exchange_inline(conn, head, body, sent)
                     break
                 except UpstreamResetError:
                     if not (retry and conn.reused and not conn.received):
@@ -582,7 +585,7 @@ class HttpUpstreamPool:
                 yield outcome
                 reusable = outcome._reusable()
             else:
-                async with self._answer_beside_writing(conn, outcome) as response:
+                async with self._answer_beside_writing(conn, outcome, sent) as response:
                     yield response
                     reusable = response._reusable()
         finally:
@@ -652,7 +655,8 @@ class HttpUpstreamPool:
     # -- exchanges --------------------------------------------------------------------
 
     async def _exchange_inline(
-        self, conn: _Connection, head: h11.Request, body: bytes | bytearray | memoryview | None
+        self, conn: _Connection, head: h11.Request, body: bytes | bytearray | memoryview | None,
+        sent: Callable[[], None] | None = None,
     ) -> UpstreamResponse | memoryview:
         """Write head and (small) body in one send, then wait for the response head.
 
@@ -666,18 +670,21 @@ class HttpUpstreamPool:
             data = h.send(head)
             if not body:
                 await conn.stream.send_all(data + h.send(h11.EndOfMessage()))
-                sent = -1
+                written = -1
             else:
                 data += h.send(h11.Data(data=body))  # type: ignore[arg-type]  # any buffer
                 data += h.send(h11.EndOfMessage())
-                sent = conn.send_now(data)
-        if 0 <= sent < len(data):
-            return memoryview(data)[sent:]
+                written = conn.send_now(data)
+        if 0 <= written < len(data):
+            return memoryview(data)[written:]
+        if sent is not None:
+            sent()
         return await self._receive_head(conn)
 
     @asynccontextmanager
-    async def _answer_beside_writing(self, conn: _Connection,
-                                     rest: memoryview) -> AsyncIterator[UpstreamResponse]:
+    async def _answer_beside_writing(
+        self, conn: _Connection, rest: memoryview, sent: Callable[[], None] | None = None,
+    ) -> AsyncIterator[UpstreamResponse]:
         """Write ``rest`` of a request from a task while this one reads the answer, head
         and body; the write ends with the exchange (a connection whose request was not
         written whole is not reused)."""
@@ -687,6 +694,8 @@ class HttpUpstreamPool:
             with suppress(UpstreamError), conn.errors:  # the reader reports a broken socket
                 await conn.stream.send_all(rest)
                 conn.unwritten = False
+            if not conn.unwritten and sent is not None:
+                sent()
 
         try:
             async with trio.open_nursery() as nursery:
@@ -701,7 +710,7 @@ class HttpUpstreamPool:
     @asynccontextmanager
     async def _request_with_upload(
         self, head: h11.Request, body: Body, retry: bool,
-        current: Callable[[h11.Request], h11.Request],
+        current: Callable[[h11.Request], h11.Request], sent: Callable[[], None] | None = None,
     ) -> AsyncIterator[UpstreamResponse]:
         """Stream the body from a task while this one reads the response.
 
@@ -727,7 +736,8 @@ class HttpUpstreamPool:
                                 with conn.errors:
                                     await conn.stream.send_all(conn.h11.send(head))
                                 nursery.start_soon(
-                                    self._upload, conn, body, upload, nursery.cancel_scope
+                                    self._upload, conn, body, upload, nursery.cancel_scope,
+                                    sent,
                                 )
                                 response = await self._receive_head(conn)
                                 break
@@ -773,6 +783,7 @@ class HttpUpstreamPool:
         body: Body,
         upload: _Upload,
         exchange: trio.CancelScope,
+        sent: Callable[[], None] | None = None,
     ) -> None:
         h = conn.h11
         send_all = conn.stream.send_all
@@ -793,6 +804,8 @@ class HttpUpstreamPool:
                 with conn.errors:
                     await send_all(h.send(h11.EndOfMessage()))
                 upload.written = True
+                if sent is not None:
+                    sent()
             except UpstreamError:
                 # The socket broke: the reader reports it (or reads an early answer).
                 return

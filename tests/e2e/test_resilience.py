@@ -491,6 +491,60 @@ async def test_per_try_timeout_bounds_the_time_to_the_answer_not_its_download():
         nursery.cancel_scope.cancel()
 
 
+UPLOAD = """
+version: 1
+defaults:
+  call:
+    retries: {{attempts: 3, per_try_timeout: 300ms}}
+upstreams:
+  files: {{url: "{url}"}}
+routes:
+  - path: /upload
+    methods: [PUT]
+    deadline: 10s
+    proxy: {{upstream: files, path: /ok}}
+  - path: /upload-late
+    methods: [PUT]
+    deadline: 10s
+    proxy: {{upstream: files, path: /late}}
+"""
+
+
+async def test_per_try_timeout_starts_once_a_streamed_upload_is_sent_whole():
+    """As Envoy's, the per-try timer starts once the request is complete: a 2 MiB PUT
+    (too large to replay, so one try) that its client sends over about 1 s is not cut
+    by a 300 ms per_try_timeout meant for quick calls; an upstream slow to answer once
+    it has the body whole is still bounded by it."""
+    chunk, chunks = 64 * 1024, 32  # past the 1 MiB a body is buffered to be replayed
+
+    async def body():
+        for _ in range(chunks):
+            yield b"x" * chunk
+            await trio.sleep(0.03)
+
+    async def behaviour(request, respond) -> None:
+        if request.path == "/late":
+            await trio.sleep(1.0)  # the body read whole, then slow to answer
+        await respond.json({"size": request.body_size})
+
+    headers = {"content-length": str(chunk * chunks)}
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=behaviour)
+        async with run_gateway(UPLOAD.format(url=upstream.url)) as gw, gw.client() as client:
+            with trio.fail_after(15):
+                response = await client.put("/upload", content=body(), headers=headers)
+                assert response.status_code == 200, response.text
+                assert response.json() == {"size": chunk * chunks}
+
+                started = trio.current_time()
+                late = await client.put("/upload-late", content=body(), headers=headers)
+                took = trio.current_time() - started
+            assert late.status_code == 504, late.text
+            assert (late.json()["cause"], late.json()["scope"]) == ("deadline", "try")
+            assert 1.0 <= took < 1.9  # the upload's ~1 s, then the try's 300 ms
+        nursery.cancel_scope.cancel()
+
+
 REFUSALS = """
 version: 1
 upstreams:
