@@ -60,6 +60,7 @@ from ._retries import backoff_delay, is_retryable, may_retry_within
 from ._trace import TracedScope, traced_scope
 
 if TYPE_CHECKING:
+    from ._limits import HeldSlot
     from ._request import RequestContext
     from ._runtime import UpstreamState
 
@@ -99,6 +100,14 @@ class Claim:
         self.winner: TracedScope | None = None
         self.attempts: list[TracedScope] = []
         self.per_try_after_sent = per_try_after_sent
+        #: The limiter slot each hedge holds of its own (the other tries run under the
+        #: call's).
+        self.hedge_slots: dict[TracedScope, HeldSlot] = {}
+
+    def slot_of(self, attempt: TracedScope) -> HeldSlot | None:
+        """The slot ``attempt`` holds of its own (a hedge's), or None: what its try
+        leaves out (a PostgreSQL connection on its way back) keeps that one taken."""
+        return self.hedge_slots.get(attempt)
 
     def sent(self, attempt: TracedScope) -> None:
         """``attempt``'s request is sent whole: its ``per_try_timeout`` starts now, unless
@@ -266,7 +275,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
         still answer (a hedge's 503 must not beat the first try's coming 200)."""
         return status in retry_statuses and others_may_answer(number)
 
-    async def attempt_task(number: int, slot: object | None,
+    async def attempt_task(number: int, slot: HeldSlot | None,
                            task_status: trio.TaskStatus[TracedScope]) -> None:
         deadline = _try_deadline(call, per_try, streamed=not replayable)
         outcome: AttemptResult[T] | GatewayError
@@ -279,6 +288,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                               attempt=number + shown,
                               deadline=deadline) as attempt:
                 claim.attempts.append(attempt)
+                if slot is not None:
+                    claim.hedge_slots[attempt] = slot
                 task_status.started(attempt)
                 if claim.winner is not None:  # claimed while this hedge was starting
                     attempt.note(hedge_not_sent="an answer was claimed as it started")
@@ -341,7 +352,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
             raise
         finally:
             settled.add(number)
-            if slot is not None:
+            if slot is not None:  # once the connection its try left out is back
                 state.limiter.release(slot)
         events_send.send_nowait((attempt, outcome))
 

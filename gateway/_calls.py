@@ -309,8 +309,9 @@ async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: Fan
                    state: UpstreamState, settings: CallSettings, postgres: PostgresUpstream,
                    args: list[Any], held: HeldSlot) -> Any:
     """The call's attempts, as reads while PostgreSQL agrees the statement only reads.
-    ``held``: the call's slot, kept taken while a cancelled attempt's connection (a
-    hedge's too) is on its way back to the pool."""
+    ``held``: the call's slot, kept taken while a cancelled try's connection is on its
+    way back to the pool; a hedge's connection keeps the hedge's own slot, so that each
+    connection out holds one."""
     from ._attempts import AttemptResult, Claim, run_attempts
 
     query = call.query
@@ -320,16 +321,17 @@ async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: Fan
         async def perform(attempt: TracedScope, claim: Claim,
                           retry_statuses: Container[int]) -> AttemptResult[Any]:
             remaining = max(0.001, attempt.deadline - trio.current_time())
+            slot = claim.slot_of(attempt) or held
             try:
                 if call.one:
                     row = await postgres.fetch_one(query, args, timeout_s=remaining,
-                                                   writes=writes, slot=held)
+                                                   writes=writes, slot=slot)
                     if row is None:
                         raise NoRow(f"{name}: no row found", call=name)
                     return AttemptResult(row)
                 return AttemptResult(await postgres.fetch(
                     query, args, timeout_s=remaining, writes=writes,
-                    max_bytes=_sql_result_limit(ctx), slot=held))
+                    max_bytes=_sql_result_limit(ctx), slot=slot))
             except StatementWrites:
                 # Nothing was written (the session was read-only). Claiming the call
                 # stops its hedges and retries; the caller runs it again as a write.

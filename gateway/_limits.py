@@ -33,7 +33,7 @@ class HeldSlot:
     it then spends relaying the answer (to a slow client, say) is not counted as the
     upstream's latency."""
 
-    __slots__ = ("_back", "_give_back", "_kept", "answered_at", "unmeasured")
+    __slots__ = ("_back", "_give_back", "_kept", "_token", "answered_at", "unmeasured")
 
     def __init__(self) -> None:
         self.answered_at: float | None = None
@@ -44,6 +44,8 @@ class HeldSlot:
         self._kept = 0
         self._back: trio.Event | None = None
         self._give_back: Callable[[], None] | None = None
+        #: The limiter's token, for a slot taken with :meth:`UpstreamLimiter.try_hold`.
+        self._token: object | None = None
 
     def answered(self) -> None:
         if self.answered_at is None:
@@ -206,7 +208,7 @@ class UpstreamLimiter:
         if self.on_shed is not None:
             self.on_shed()
 
-    def try_hold(self) -> object | None:
+    def try_hold(self) -> HeldSlot | None:
         """A slot taken without waiting (a hedge's), or None when all are taken; give it
         back with :meth:`release`."""
         token = object()
@@ -214,10 +216,16 @@ class UpstreamLimiter:
             self._limiter.acquire_on_behalf_of_nowait(token)
         except trio.WouldBlock:
             return None
-        return token
+        held = HeldSlot()
+        held._token = token
+        return held
 
-    def release(self, token: object) -> None:
-        self._limiter.release_on_behalf_of(token)
+    def release(self, held: HeldSlot) -> None:
+        """Give back a slot :meth:`try_hold` took, once what it keeps is back (a hedge's
+        PostgreSQL connection still on its way back to its pool keeps it taken)."""
+        token, held._token = held._token, None
+        if token is not None:
+            held._release_when_returned(lambda: self._limiter.release_on_behalf_of(token))
 
     def statistics(self) -> LimiterStatistics:
         return LimiterStatistics(

@@ -180,3 +180,23 @@ async def test_a_slot_returned_before_its_block_ends_is_released_with_it(autojum
             returned()
         assert limiter.statistics().in_flight == 1
     assert limiter.statistics().in_flight == 0
+
+
+async def test_a_hedges_slot_kept_by_its_connection_is_released_once_it_is_back():
+    """A hedge holds a slot of its own (try_hold): what its try leaves out keeps that
+    slot, so each connection on its way back holds one."""
+    limiter = UpstreamLimiter("u", concurrency=2, queue=0, queue_timeout_s=1.0)
+    async with limiter.slot():
+        hedge = limiter.try_hold()
+        assert hedge is not None and limiter.try_hold() is None
+        returned = hedge.keep()
+        limiter.release(hedge)
+        limiter.release(hedge)  # once only
+        assert limiter.statistics().in_flight == 2
+        returned()
+        assert limiter.statistics().in_flight == 1
+    assert limiter.statistics().in_flight == 0
+    hedge = limiter.try_hold()
+    assert hedge is not None
+    limiter.release(hedge)  # nothing kept: given back at once
+    assert limiter.statistics().in_flight == 0

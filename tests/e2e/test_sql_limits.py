@@ -397,3 +397,74 @@ async def test_a_cancelled_statement_keeps_its_slot_until_its_connection_is_back
                   "WHERE query LIKE '%mark-held-slot%' AND pid <> pg_backend_pid()")
     await assert_stops(database, "mark-held-slot", within_s=5)
     assert database.psql("SELECT count(*) FROM held_marks").strip() == "0"
+
+
+HEDGED_HELD = """
+version: 1
+upstreams:
+  db:
+    postgres: {dsn_env: GATEWAY_PROXIED_DSN, pool: {min: 2, max: 2}, client_check_interval: 0s}
+    limit: {concurrency: 2, queue: 0}
+routes:
+  - path: /slow
+    deadline: 1s
+    sql:
+      upstream: db
+      query: "SELECT pg_sleep(5) AS s /* mark-hedged-held */"
+      hedge_after: 200ms
+  - path: /one
+    deadline: 1s
+    sql: {upstream: db, query: "SELECT 1 AS one", one: true}
+"""
+
+
+async def test_a_hedged_call_cut_by_its_deadline_keeps_a_slot_per_connection_out(
+        database, monkeypatch):
+    """A hedged read (the first try and its hedge, each on a connection of a pool of 2)
+    cut by its deadline while the database is unreachable leaves both connections on
+    their way back to the pool. The hedge's own slot was freed at once, so the next call
+    passed the limit (concurrency 2, queue 0) and waited unseen in asyncpg's pool until
+    its deadline (504) instead of being shed; each connection out now keeps a slot, and
+    both slots free once the connections are back (or terminated)."""
+    from tests.metrics import metric_total
+    from tests.pg import statements_running
+
+    parts = urlsplit(database.dsn)
+    async with trio.open_nursery() as nursery:
+        proxy = FreezableProxy(parts.hostname, parts.port)
+        await nursery.start(proxy.serve)
+        netloc = parts.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
+        monkeypatch.setenv("GATEWAY_PROXIED_DSN", urlunsplit(parts._replace(netloc=netloc)))
+        async with run_gateway(HEDGED_HELD) as gw, gw.client() as client, \
+                gw.admin() as admin:
+
+            async def in_flight() -> float:
+                text = (await admin.get("/metrics")).text
+                return metric_total(text, "gateway_upstream_in_flight", upstream="db")
+
+            with trio.fail_after(30):
+                assert (await client.get("/one")).status_code == 200
+
+                async def partition_once_both_run() -> None:
+                    while await statements_running(database, "mark-hedged-held") < 2:
+                        await trio.sleep(0.02)
+                    proxy.frozen = True  # the cancels and releases go unanswered
+
+                nursery.start_soon(partition_once_both_run)
+                slow = await client.get("/slow")
+                assert slow.status_code == 504, slow.text
+                assert proxy.frozen, "the hedge was not sent"
+                assert await in_flight() == 2  # both connections still out
+                after = await client.get("/one")
+                assert after.status_code == 503, after.text
+                assert after.json()["cause"] == "shed", after.text
+                # Bounded: both slots free once the connections are terminated, though
+                # the database is still unreachable.
+                while await in_flight():
+                    await trio.sleep(0.05)
+                proxy.frozen = False
+                proxy.thawed.set()
+                assert (await client.get("/one")).status_code == 200
+        nursery.cancel_scope.cancel()
+    database.psql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+                  "WHERE query LIKE '%mark-hedged-held%' AND pid <> pg_backend_pid()")
