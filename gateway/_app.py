@@ -103,7 +103,7 @@ class Gateway:
         self._admin_limits = self.runtime.snapshot.policy.server.limits
         self._apply_admin_limits = apply_admin_limits
         self._nursery: trio.Nursery | None = None
-        self._policy_stat: tuple[int, int, int] | None = None
+        self._policy_stat: tuple[int, ...] | None = None
         self._unread = False  # the last reload could not read the file at all
         #: The read failure (or failure to look at the file) last logged: the watcher
         #: logs one once, however often it meets it again, and says when it is over.
@@ -262,9 +262,13 @@ class Gateway:
                                          grace_s=retire_grace(old.policy)))
         return True
 
-    async def _policy_file_stat(self) -> tuple[int, int, int] | None:
+    async def _policy_file_stat(self) -> tuple[int, ...] | None:
         """The file's identity, or None (logged once) while it cannot be looked at: it
-        was removed, or its directory closed to the gateway."""
+        was removed, or its directory closed to the gateway.
+
+        Its ctime, mode and owner are part of it: a file the gateway could not read is
+        fixed with chmod or chown, which changes nothing else (the mode and owner too,
+        as a ctime may not tick between a write and a chmod right after it)."""
         path = self.runtime.snapshot.loaded.file
         try:
             stat = await trio.Path(path).stat()
@@ -278,7 +282,8 @@ class Gateway:
         if self._stat_error is not None:
             self._stat_error = None
             log.info("policy file %s can be seen again", path)
-        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        return (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino,
+                stat.st_mode, stat.st_uid, stat.st_gid)
 
     async def _watch_policy_file(self) -> None:
         # No baseline: the first poll reloads (a no-op when the content is unchanged), so

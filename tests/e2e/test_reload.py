@@ -695,3 +695,76 @@ async def test_a_policy_file_that_stays_unreadable_is_logged_once_per_error(
             await served("/api/v3/users/{id}")
             assert len(logged("can be seen again")) == 1, logged("again")
             nursery.cancel_scope.cancel()
+
+
+async def test_a_policy_file_made_readable_by_chmod_is_read_again(
+        tmp_path: Path, monkeypatch, caplog) -> None:
+    # A new policy file the gateway's user may not read (written by root with a 0600
+    # umask, `install -m 600`) is logged once; the operator fixes it with `chmod 644`.
+    # chmod changes the file's ctime only: the watch, looking at mtime, size and inode,
+    # never read the file again, and the old policy served on until the next content
+    # change or SIGHUP, silently. (Run as root here: the EACCES is simulated at the
+    # open from the file's real mode; the chmod and the stat are real.)
+    import errno
+    import logging
+
+    import gateway._app
+    from gateway._app import Gateway
+    from gateway._policy_loader import (
+        PolicyIssue,
+        PolicyReadError,
+        load_policy_file,
+        load_policy_text,
+    )
+
+    caplog.set_level(logging.INFO, logger="gateway")
+    path = tmp_path / "policy.yaml"
+    path.write_text(MINIMAL)
+    gw = Gateway(load_policy_text(MINIMAL, str(path)), poll_interval_s=0.005)
+
+    reads = [0]
+
+    def load(file):  # type: ignore[no-untyped-def]
+        reads[0] += 1
+        if os.stat(file).st_mode & 0o044 == 0:  # not the owner, and not for others
+            raise PolicyReadError([PolicyIssue(str(file), 0, 0, "", "cannot read the policy "
+                                               f"file: {os.strerror(errno.EACCES)}")],
+                                  transient=False)
+        return load_policy_file(file)
+
+    monkeypatch.setattr(gateway._app, "load_policy_file", load)
+
+    def logged(words: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if words in r.getMessage()]
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gw._watch_policy_file)
+            await trio.sleep(0.05)
+            staged = tmp_path / "policy.yaml.new"  # replaced whole, as editors do
+            staged.write_text(MINIMAL.replace("/api/users/{id}", "/api/v2/users/{id}"))
+            staged.chmod(0o600)
+            staged.replace(path)
+            while not logged("Permission denied"):
+                await trio.sleep(0.005)
+            path.chmod(0o644)
+            with trio.move_on_after(2):
+                while gw.runtime.snapshot.policy.routes[0].path != "/api/v2/users/{id}":
+                    await trio.sleep(0.005)
+            assert gw.runtime.snapshot.policy.routes[0].path == "/api/v2/users/{id}", (
+                logged("policy"))
+            assert len(logged("can be read again")) == 1, logged("policy")
+            # An unchanged file is still not read again at every poll.
+            reads[0] = 0
+            stats = [0]
+            stat = gw._policy_file_stat
+
+            async def counted():  # type: ignore[no-untyped-def]
+                stats[0] += 1
+                return await stat()
+
+            monkeypatch.setattr(gw, "_policy_file_stat", counted)
+            while stats[0] < 30:
+                await trio.sleep(0.005)
+            assert reads[0] == 0, reads
+            nursery.cancel_scope.cancel()
