@@ -29,17 +29,21 @@ from pydantic import (
     model_validator,
 )
 
-from ._units import Duration, DurationRange, DurationSpan, Percent
+from ._units import (
+    Duration,
+    DurationRange,
+    DurationSpan,
+    Percent,
+    PositiveDuration,
+    PositiveShare,
+    Share,
+)
 from .upstreams._tls import client_context
 
 PolicyPath = tuple[str | int, ...]
 
 #: Methods a proxy route accepts when it names none.
 ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-#: A duration that must be above 0 (a zero timeout fails every call at once). The bound
-#: sits inside the type so that ``PositiveDuration | None`` keeps a valid JSON Schema.
-PositiveDuration = Annotated[Duration, Field(gt=0)]
-
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*?)\}")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -70,12 +74,42 @@ def parse_size(value: Any) -> int:
     raise ValueError(f"{value!r} is not a size (e.g. 64KiB, 16MiB, 1000)")
 
 
-ByteSize = Annotated[
-    int,
-    BeforeValidator(parse_size),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0},
-                              {"type": "string", "examples": ["64KiB", "16MiB"]}]}),
-]
+def _digits_at_least(count: int) -> str:
+    """A regular expression of the decimal numbers (leading zeros allowed) that are at
+    least ``count``: longer ones, ``count`` itself, and those of its length that are
+    larger at their first differing digit."""
+    if count <= 0:
+        return r"\d+"
+    digits = str(count)
+    larger = [rf"[1-9]\d{{{len(digits)},}}", digits]
+    for index, digit in enumerate(digits):
+        if digit != "9":
+            rest = len(digits) - index - 1
+            larger.append(f"{digits[:index]}[{int(digit) + 1}-9]"
+                          + {0: "", 1: r"\d"}.get(rest, rf"\d{{{rest}}}"))
+    return "0*(" + "|".join(larger) + ")"
+
+
+def size_json_schema(minimum: int) -> dict[str, Any]:
+    """The JSON Schema of a size of at least ``minimum`` bytes, as a number or as text
+    with its unit: a field's ``ge`` is lost under ``WithJsonSchema``, so an editor would
+    show a size the loader refuses as fine."""
+    units_by_count: dict[int, list[str]] = {}
+    for unit, factor in _SIZE_UNITS.items():
+        units_by_count.setdefault(-(-minimum // factor), []).append(unit or "")
+    texts = []
+    for count, units in units_by_count.items():
+        named = "|".join(unit for unit in units if unit)
+        suffix = f"({named})" + ("?" if "" in units else "")
+        texts.append(_digits_at_least(count) + suffix)
+    return {"anyOf": [{"type": "integer", "minimum": minimum},
+                      {"type": "string", "pattern": "^(" + "|".join(texts) + ")$",
+                       "examples": ["64KiB", "16MiB"]}]}
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(size_json_schema(0))]
+#: A size of at least one byte (0 would refuse everything).
+PositiveByteSize = Annotated[ByteSize, Field(ge=1), WithJsonSchema(size_json_schema(1))]
 
 
 def template_params(template: str) -> list[str]:
@@ -107,14 +141,17 @@ class _Model(BaseModel):
 #: the few headers every client sends (User-Agent, Accept) no longer fit, and the
 #: gateway answers every request 431.
 MIN_HEADER_BYTES = 1024
+#: A request header size: at least ``MIN_HEADER_BYTES``, for the loader and the schema.
+HeaderBytes = Annotated[ByteSize, Field(ge=MIN_HEADER_BYTES),
+                        WithJsonSchema(size_json_schema(MIN_HEADER_BYTES))]
 
 
 class LimitsPolicy(_Model):
     """Limits on what a client may send; each answers with its own status."""
 
     max_header_count: int = Field(100, ge=1, description="More headers → 431.")
-    max_header_bytes: ByteSize = Field(
-        16 * 1024, ge=MIN_HEADER_BYTES, description="Total request header size → 431; at "
+    max_header_bytes: HeaderBytes = Field(
+        16 * 1024, description="Total request header size → 431; at "
         "least 1KiB, so that a Host and the headers every client sends fit.")
     max_uri_bytes: int = Field(8192, ge=64, description="Longer request target → 414.")
     max_body: ByteSize = Field(16 * 1024**2, description="Default body cap per route → 413.")
@@ -122,13 +159,13 @@ class LimitsPolicy(_Model):
         100, ge=0, description="HTTP/2: streams a client may reset within 1 s of opening "
         "them before its connection is sent GOAWAY (ENHANCE_YOUR_CALM) and closed, once "
         "they are also half of the streams it opened (rapid reset); 0: no limit.")
-    max_upstream_header_bytes: ByteSize = Field(
-        64 * 1024, ge=1, description="An upstream answering larger headers → 502.")
-    body_timeout: Duration = Field(
-        60.0, gt=0, description="The whole request body must arrive within this of the "
+    max_upstream_header_bytes: PositiveByteSize = Field(
+        64 * 1024, description="An upstream answering larger headers → 502.")
+    body_timeout: PositiveDuration = Field(
+        60.0, description="The whole request body must arrive within this of the "
         "request's start, whatever its pace (408); also bounded by the route's deadline.")
-    response_timeout: Duration = Field(
-        3600.0, gt=0, description="Longest an admin response may stream before it is cut "
+    response_timeout: PositiveDuration = Field(
+        3600.0, description="Longest an admin response may stream before it is cut "
         "(public routes are bounded by their deadline).")
 
 
@@ -155,8 +192,8 @@ class ServerPolicy(_Model):
         "per scheduler pass, so a saturated worker takes new connections in slowly and the "
         "backlog holds the excess (which keeps goodput under overload); more: bursts are "
         "taken in at once, but a saturated worker then admits more than it can finish.")
-    send_timeout: Duration = Field(
-        30.0, gt=0, description="Longest a client may take no 64 KiB piece of its answer "
+    send_timeout: PositiveDuration = Field(
+        30.0, description="Longest a client may take no 64 KiB piece of its answer "
         "(nor the rest of it); past it the connection (over HTTP/2, the stream) is dropped "
         "and the request's work cancelled. Also bounds how long such a client holds up a "
         "graceful shutdown.")
@@ -172,7 +209,7 @@ class ServerPolicy(_Model):
     trace_buffer: int = Field(1000, ge=0, le=1_000_000,
                               description="Traces kept per worker (ring buffer).")
     slow_request: Duration = Field(1.0, description="A request slower than this is logged.")
-    log_sample: Percent = Field(0.0, description="Share of ordinary requests also logged "
+    log_sample: Share = Field(0.0, description="Share of ordinary requests also logged "
                                 "(0% to 100%).")
     limits: LimitsPolicy = LimitsPolicy()
 
@@ -253,8 +290,8 @@ class CallSettings(_Model):
 
 
 class DefaultsPolicy(_Model):
-    deadline: Duration = Field(2.0, gt=0,
-                               description="Request deadline when a route sets none.")
+    deadline: PositiveDuration = Field(
+        2.0, description="Request deadline when a route sets none.")
     call: CallSettings = CallSettings()
 
 
@@ -285,18 +322,18 @@ class LimitPolicy(_Model):
 
 class PoolPolicy(_Model):
     max_connections: int = Field(100, ge=1, description="Open connections at most.")
-    idle_timeout: Duration = Field(30.0, gt=0, description="Idle connections older are closed.")
-    connect_timeout: Duration = Field(1.0, gt=0, description="Bound of opening a connection.")
+    idle_timeout: PositiveDuration = Field(30.0, description="Idle connections older are closed.")
+    connect_timeout: PositiveDuration = Field(1.0, description="Bound of opening a connection.")
 
 
 class CircuitPolicy(_Model):
     """Closed → open on failures, open for ``open_for``, then half-open with probes."""
 
-    failure_ratio: Percent = Field(0.5, description="Failures over the window that open it.")
-    window: Duration = Field(10.0, gt=0, description="Sliding window of outcomes.")
+    failure_ratio: PositiveShare = Field(0.5, description="Failures over the window that open it.")
+    window: PositiveDuration = Field(10.0, description="Sliding window of outcomes.")
     min_requests: int = Field(20, ge=1, description="Outcomes needed before the ratio counts.")
     consecutive_failures: int | None = Field(None, ge=1, description="Open after N in a row.")
-    open_for: Duration = Field(5.0, gt=0, description="Time refused before probing.")
+    open_for: PositiveDuration = Field(5.0, description="Time refused before probing.")
     half_open_probes: int = Field(3, ge=1, description="Probe calls allowed when half-open.")
 
     @field_validator("failure_ratio")

@@ -12,7 +12,7 @@ import math
 import re
 from typing import Annotated, Any, NamedTuple
 
-from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema
 
 _DURATION_RE = re.compile(r"^(?P<value>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -91,18 +91,41 @@ def parse_duration_range(value: Any) -> DurationSpan:
     raise ValueError(f"{_shown(value)} is not a duration range (e.g. 20ms..500ms)")
 
 
+_DURATION_SCHEMA = {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)$",
+                    "examples": ["250ms", "2s"]}
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)$",
-                    "examples": ["250ms", "2s"]}),
+    WithJsonSchema(_DURATION_SCHEMA),
 ]
+#: A duration that must be above 0 (a zero timeout fails every call at once). The bound
+#: sits inside the type so that ``PositiveDuration | None`` keeps a valid JSON Schema,
+#: whose pattern says it too (a digit other than 0): an editor flags ``0s`` as ``check``
+#: does.
+PositiveDuration = Annotated[
+    Duration,
+    Field(gt=0),
+    WithJsonSchema({**_DURATION_SCHEMA,
+                    "pattern": r"^(\d*[1-9]\d*(\.\d+)?|\d+\.\d*[1-9]\d*)(ms|s|m|h)$"}),
+]
+_PERCENT_SCHEMA = {"type": "string", "pattern": r"^\d+(\.\d+)?%$", "examples": ["20%"]}
 Percent = Annotated[
     float,
     BeforeValidator(parse_percent),
     PlainSerializer(lambda v: f"{v * 100:g}%", return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?%$", "examples": ["20%"]}),
+    WithJsonSchema(_PERCENT_SCHEMA),
+]
+#: A percentage that is a share (0% to 100%), in the JSON Schema; the field's own
+#: validator refuses more, with words for what the share is of.
+Share = Annotated[
+    Percent, WithJsonSchema({**_PERCENT_SCHEMA, "pattern": r"^0*(\d{1,2}(\.\d+)?|100(\.0+)?)%$"}),
+]
+#: A share above 0% (and at most 100%), in the JSON Schema; as for ``Share``.
+PositiveShare = Annotated[
+    Percent,
+    WithJsonSchema({**_PERCENT_SCHEMA, "pattern": r"^(0*[1-9]\d?(\.\d+)?|0+\.\d*[1-9]\d*"
+                    r"|0*100(\.0+)?)%$"}),
 ]
 DurationRange = Annotated[
     DurationSpan,

@@ -587,6 +587,121 @@ def test_the_schema_uses_only_json_schema_keywords() -> None:
     assert stray == []
 
 
+def _schema_accepts(node: dict, value: object) -> bool:
+    """Whether a field's schema (its keywords the policy schema uses for values with a
+    unit: ``anyOf``, ``type``, ``minimum``, ``pattern``) takes ``value``."""
+    for branch in node.get("anyOf", [node]):
+        if branch.get("type") == "integer" and type(value) is int:
+            if value >= branch.get("minimum", value):
+                return True
+        elif (branch.get("type") == "string" and isinstance(value, str)
+              and re.search(branch.get("pattern", ""), value)):
+            return True
+    return False
+
+
+def _loads(text: str) -> bool:
+    try:
+        load_policy_text(text, "p.yaml")
+    except PolicyError:
+        return False
+    return True
+
+
+_UPSTREAM = """\
+version: 1
+upstreams:
+  users: {url: "http://127.0.0.1:9001", SETTING}
+routes:
+  - path: /api/users/{id}
+    ROUTEproxy: {upstream: users, path: "/users/{id}"PROXY}
+"""
+
+
+def _upstream(setting: str = "", route: str = "", proxy: str = "") -> str:
+    return (_UPSTREAM.replace("SETTING", setting).replace("ROUTE", route)
+            .replace("PROXY", proxy))
+
+
+#: Where each bounded field with a unit is written: (its model in the schema, the field,
+#: a policy writing it as VALUE).
+_BOUNDED_FIELDS = [
+    ("LimitsPolicy", "max_header_bytes", MINIMAL + "server: {limits: {max_header_bytes: VALUE}}\n"),
+    ("LimitsPolicy", "max_upstream_header_bytes",
+     MINIMAL + "server: {limits: {max_upstream_header_bytes: VALUE}}\n"),
+    ("LimitsPolicy", "max_body", MINIMAL + "server: {limits: {max_body: VALUE}}\n"),
+    ("LimitsPolicy", "body_timeout", MINIMAL + "server: {limits: {body_timeout: VALUE}}\n"),
+    ("LimitsPolicy", "response_timeout",
+     MINIMAL + "server: {limits: {response_timeout: VALUE}}\n"),
+    ("ServerPolicy", "send_timeout", MINIMAL + "server: {send_timeout: VALUE}\n"),
+    ("ServerPolicy", "log_sample", MINIMAL + "server: {log_sample: VALUE}\n"),
+    ("ServerPolicy", "max_loop_lag", MINIMAL + "server: {max_loop_lag: VALUE}\n"),
+    ("DefaultsPolicy", "deadline", MINIMAL + "defaults: {deadline: VALUE}\n"),
+    ("PoolPolicy", "connect_timeout", _upstream("pool: {connect_timeout: VALUE}")),
+    ("PoolPolicy", "idle_timeout", _upstream("pool: {idle_timeout: VALUE}")),
+    ("CircuitPolicy", "failure_ratio", _upstream("circuit: {failure_ratio: VALUE}")),
+    ("CircuitPolicy", "window", _upstream("circuit: {window: VALUE}")),
+    ("CircuitPolicy", "open_for", _upstream("circuit: {open_for: VALUE}")),
+    ("Route", "deadline", _upstream(route="deadline: VALUE\n    ")),
+    ("Route", "max_body", _upstream(route="max_body: VALUE\n    ")),
+    ("ProxyAction", "timeout", _upstream(proxy=", timeout: VALUE")),
+]
+_SIZES = [0, 1, 1023, 1024, "0", "0B", "1", "1023", "1024", "01024B", "1023B", "0KiB",
+          "1KiB", "1KB", "2KB", "16KiB", "1MB", "1GiB", "00KiB", "10 KiB", "-1", "1kib"]
+_DURATIONS = ["0s", "0ms", "00s", "0.0s", "0.000h", "0.5ms", "1s", "10ms", "1.0s", "05m",
+              "0.01s", "250ms", "1", "1 s", ".5s"]
+_PERCENTS = ["0%", "0.0%", "000%", "0.5%", "1%", "50%", "99.99%", "100%", "100.0%",
+             "0100%", "100.5%", "101%", "150%", "1000%", ".5%", "50"]
+
+
+@pytest.mark.parametrize(("model", "field", "policy"), _BOUNDED_FIELDS,
+                         ids=[f"{m}.{f}" for m, f, _ in _BOUNDED_FIELDS])
+def test_the_schema_takes_the_values_the_loader_takes(model: str, field: str,
+                                                      policy: str) -> None:
+    # policies/policy.schema.json is what editors check a policy file against. A
+    # field's bound on a value with a unit was lost in it (its type's schema replaces
+    # the field's): it said `minimum: 0` for max_header_bytes, which the loader refuses
+    # below 1KiB, and any `\d+%` for log_sample, refused above 100%; so `0s` timeouts and
+    # a 0% failure_ratio. The editor showed clean what `check` refuses.
+    node = policy_json_schema()["$defs"][model]["properties"][field]
+    values = [*_SIZES, *_DURATIONS, *_PERCENTS]
+    differ = [f"{value!r}: loader {'takes' if loads else 'refuses'} it, schema "
+              f"{'takes' if accepts else 'refuses'} it"
+              for value in values
+              if (loads := _loads(policy.replace("VALUE", json.dumps(value))))
+              != (accepts := _schema_accepts(node, value))]
+    assert not differ, differ
+    assert any(_schema_accepts(node, value) for value in values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(count=st.integers(0, 5000) | st.integers(0, 2**30), zeros=st.integers(0, 2),
+       unit=st.sampled_from(["", "B", "KB", "MB", "GB", "KiB", "MiB", "GiB"]))
+def test_the_schema_of_a_size_with_a_floor_is_the_loader_s(count: int, zeros: int,
+                                                           unit: str) -> None:
+    value = "0" * zeros + f"{count}{unit}"
+    for field in ("max_header_bytes", "max_upstream_header_bytes", "max_body"):
+        node = policy_json_schema()["$defs"]["LimitsPolicy"]["properties"][field]
+        policy = MINIMAL + f"server: {{limits: {{{field}: \"{value}\"}}}}\n"
+        assert _loads(policy) == _schema_accepts(node, value), (field, value)
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ("server:\n  limits: {max_header_bytes: 0}\n", ["LimitsPolicy", "max_header_bytes"]),
+    ("server:\n  limits: {max_header_bytes: 512B}\n", ["LimitsPolicy", "max_header_bytes"]),
+    ("server:\n  log_sample: 150%\n", ["ServerPolicy", "log_sample"]),
+], ids=["max_header_bytes: 0", "max_header_bytes: 512B", "log_sample: 150%"])
+def test_the_committed_schema_refuses_what_the_loader_refuses(text: str,
+                                                               field: list[str]) -> None:
+    with pytest.raises(PolicyError):
+        load_policy_text(MINIMAL + text, "p.yaml")
+    committed = json.loads((ROOT / "policies" / "policy.schema.json").read_text())
+    node = committed["$defs"][field[0]]["properties"][field[1]]
+    value = yaml.safe_load(text)["server"]
+    value = value.get("limits", value)
+    assert not _schema_accepts(node, value[field[1]]), node
+
+
 @pytest.mark.parametrize("field", ["response_timeout", "body_timeout"])
 def test_a_zero_limit_that_would_cut_every_answer_is_refused(field: str) -> None:
     # 0s passed check: every admin answer (the probes included) or every request body
