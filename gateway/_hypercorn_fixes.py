@@ -544,7 +544,9 @@ async def _wait_while_progressing(buffer: Any, event: Any) -> None:
 
 def _piece_taken(buffer: Any, length: int) -> None:
     """Count ``length`` bytes of a stream's answer taken by its client: a whole
-    ``SEND_PIECE``, or the last of what the buffer held, is progress."""
+    ``SEND_PIECE``, or the last of what the buffer held, is progress. Bytes past a
+    piece count toward the next: a client keeping RFC 9113's default window (one byte
+    short of a piece) completes a piece with every grant, not every other one."""
     sent = getattr(buffer, "piece_sent", None)
     if not buffer.buffer:
         buffer.piece_sent = None  # the client has caught up: no piece is owed
@@ -552,7 +554,7 @@ def _piece_taken(buffer: Any, length: int) -> None:
         sent += length
         if sent >= SEND_PIECE:
             buffer.progressed_at = trio.current_time()
-            sent = 0
+            sent %= SEND_PIECE
         buffer.piece_sent = sent
 
 

@@ -210,3 +210,55 @@ async def test_an_http2_client_granting_window_steadily_gets_a_large_answer_whol
                 f"stream {outcome} after {len(body)} of ~{ITEMS} KiB although the client "
                 "granted 32 KiB every 100 ms")
         nursery.cancel_scope.cancel()
+
+
+async def test_an_http2_client_keeping_the_default_window_steadily_gets_its_answer_whole():
+    """A client on a slow link that keeps RFC 9113's default 65,535-byte window (one
+    byte short of the 64 KiB piece send_timeout asks for) and grants it again every
+    0.3 s takes about 213 KiB/s, steadily above the bar of 64 KiB per 500 ms. The bytes
+    past a finished piece were thrown away, so every piece took two grants (0.6 s) and
+    the stream was reset partway through its download."""
+    size, window, every_s = 512 * 1024, 65535, 0.3
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(POLICY.format(url=upstream.url)) as gw:
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            assert conn.local_settings.initial_window_size == window
+            conn.initiate_connection()
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(":method", "GET"), (":scheme", "http"),
+                                    (":authority", "t"),
+                                    (":path", f"/api/download?bytes={size}")],
+                              end_stream=True)
+            await stream.send_all(conn.data_to_send())
+            received = unacked = 0
+            reset = None
+            ended = False
+            next_grant = trio.current_time() + every_s
+            with trio.fail_after(20):
+                while not ended and reset is None:
+                    with trio.move_on_at(next_grant):
+                        data = await stream.receive_some(65536)
+                        assert data, "connection closed"
+                        for event in conn.receive_data(data):
+                            if isinstance(event, h2.events.DataReceived):
+                                received += len(event.data)
+                                unacked += event.flow_controlled_length
+                            elif isinstance(event, h2.events.StreamReset):
+                                reset = event.error_code
+                            elif isinstance(event, h2.events.StreamEnded):
+                                ended = True
+                        if out := conn.data_to_send():
+                            await stream.send_all(out)
+                        continue
+                    # The link delivers one window's worth each every_s: grant it back.
+                    if unacked:
+                        conn.acknowledge_received_data(unacked, sid)
+                        unacked = 0
+                        await stream.send_all(conn.data_to_send())
+                    next_grant += every_s
+            await stream.aclose()
+            assert reset is None, f"stream reset ({reset!r}) after {received} of {size} bytes"
+            assert received == size
+        nursery.cancel_scope.cancel()
