@@ -84,13 +84,11 @@ class ClientConnections:
             protocol = getattr(getattr(server, "protocol", None), "protocol", None)
             if not getattr(timer, "idle", False):
                 # Answered, its unread body being dropped (``_h1_unread``): one closing
-                # anyway goes with the silent ones, one kept with the idle ones.
-                lingering = getattr(getattr(protocol, "stream", None), "lingering", None)
-                if lingering:
+                # anyway goes with the silent ones. One kept open is busy: its client
+                # was not told of a close and may have sent its next request already.
+                if getattr(getattr(protocol, "stream", None), "lingering", None):
                     chosen = server
                     break
-                if lingering is not None and fallback is None:
-                    fallback = server
                 continue
             if _request_pending(server, protocol):
                 continue

@@ -19,8 +19,9 @@ As nginx does (its discarding of an unread body, and ``lingering_close``):
 
 Either way at most :data:`UNREAD_BYTES` are read, for at most :data:`UNREAD_S` after
 the answer; past either the connection is closed. It is counted against the worker's
-connections all along, and may be closed when a new client needs its descriptor
-(``_connections``; first among idle ones when it closes anyway). Only requests
+connections all along. One that closes anyway is closed first when a new client needs
+its descriptor (``_connections``); one kept is busy, as its client may have sent its
+next request already, and is not closed for room. Only requests
 answered with their body unread come here; a request read whole is recycled as before.
 """
 

@@ -232,3 +232,19 @@ async def test_a_connection_holding_a_pipelined_request_is_not_closed_as_idle(
         assert second is not None and second.status == 200
     else:
         assert made_room == [True] and second is None
+
+
+async def test_a_connection_dropping_a_small_unread_body_is_not_closed_for_room():
+    """A POST answered on its head (a 404) keeps its connection while the rest of its
+    small body is read and dropped; its client was told of no close and may send its
+    next request right behind the body. Such a connection was the fallback an accept
+    needing a descriptor closed, and that next request was lost; it is busy, not idle."""
+    async with stage() as s, connect(s.port) as conn:
+        await conn.send(request_bytes("POST", "/nowhere", [("Content-Length", "10000")]))
+        early = await conn.read_response()
+        assert early is not None and early.status == 404
+        assert early.header("connection") != b"close"
+        assert CONNECTIONS.make_room() is False  # the only connection, and busy
+        await conn.send(b"x" * 10000 + request_bytes("GET", "/api/up/ok"))
+        after = await conn.read_response()
+    assert after is not None and after.status == 200, after
