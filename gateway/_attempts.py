@@ -5,7 +5,9 @@ hedge or a call that ends early can never leave an attempt behind. The rules:
 
 * the circuit breaker is asked before every attempt; refused → ``circuit_open``;
 * a failed attempt is retried only when the outcome is listed in ``retries.on``, the
-  method is idempotent (or the route opted in), the body can be sent again, attempts
+  method is idempotent (or the route opted in, or the upstream cannot have acted on
+  it: a connect failure, a SQL transaction rolled back by the database for a
+  serialization failure or a deadlock), the body can be sent again, attempts
   are left, the retry budget allows it (else a span with cause ``retry_budget``), and
   the remaining deadline covers the backoff plus one more try;
 * a retry or hedge is a new try sent upstream, so it must leave the budget a first try
@@ -45,6 +47,7 @@ from ._errors import (
     NoRow,
     Shed,
     StatementWrites,
+    TransactionRolledBack,
     UpstreamCertificateError,
     UpstreamConnectError,
     UpstreamError,
@@ -148,7 +151,7 @@ def outcome_of(error: GatewayError) -> str | int | None:
         return error.upstream_status
     if isinstance(error, UpstreamQueryError):
         return None  # it would fail the same way again
-    if isinstance(error, UpstreamError):
+    if isinstance(error, UpstreamError):  # a SQL rollback (40001, 40P01) included
         return "reset"
     return None
 
@@ -429,7 +432,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
             reason = outcome_of(outcome)
             if (started >= max_attempts or retry is None or reason is None
                     or not is_retryable(method=method, outcome=reason, policy=retry,
-                                        body_replayable=replayable)):
+                                        body_replayable=replayable,
+                                        undone=isinstance(outcome, TransactionRolledBack))):
                 break
             if planned_delay is not None:  # decided, and paid, when the status arrived
                 delay, planned_delay = planned_delay, None

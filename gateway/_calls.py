@@ -342,7 +342,8 @@ async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: Fan
 
     # Retried and hedged like a GET only when the statement only reads, as its text
     # tells and PostgreSQL confirms (reads run in read-only sessions); one that may
-    # write follows a POST's rules (retried only when nothing was sent).
+    # write follows a POST's rules (retried only when nothing was sent, or when the
+    # database rolled it back for a serialization failure or a deadlock).
     if sql_reads_only(query) and query not in postgres.writing_statements:
         try:
             return await run_attempts(ctx, scope, state, settings, name=name,

@@ -16,6 +16,7 @@ caught them::
     │   ├── UpstreamConnectError       refused, unreachable, connect timeout
     │   │   └── UpstreamCertificateError   a TLS handshake no retry can mend
     │   ├── UpstreamResetError         closed or reset mid-exchange
+    │   ├── TransactionRolledBack      SQL serialization failure or deadlock, undone
     │   └── UpstreamProtocolError      not HTTP/1.1, oversized or broken framing
     ├── UpstreamTimeout (504)          a call or request deadline fired
     ├── Shed (503 + Retry-After)       refused by a full queue, queue timeout, max_inflight
@@ -140,6 +141,12 @@ class StatementWrites(UpstreamError):
     nothing was written."""
 
     cause = "statement_writes"
+
+
+class TransactionRolledBack(UpstreamError):
+    """The database rolled back a SQL call's transaction for a serialization failure or
+    a deadlock (SQLSTATE 40001, 40P01) and said so: nothing of it was committed, and
+    PostgreSQL's advice is to run it again. A write may then be retried too."""
 
 
 class UpstreamQueryError(UpstreamError):

@@ -23,6 +23,7 @@ from gateway._errors import (
     CircuitOpen,
     GatewayError,
     NoRow,
+    TransactionRolledBack,
     UpstreamConnectError,
     UpstreamResetError,
     UpstreamStatusError,
@@ -381,6 +382,42 @@ async def test_post_connect_failure_is_retried(autojump_clock):
 
     assert await call(ctx, state, policy, upstream, method="POST") == {"attempt": 2}
     assert len(upstream.starts) == 2
+
+
+def rolled_back() -> GatewayError:
+    return TransactionRolledBack("DeadlockDetectedError (SQLSTATE 40P01)", upstream="orders")
+
+
+async def test_post_the_database_rolled_back_is_retried(autojump_clock):
+    # A SQL write whose transaction the database rolled back for a deadlock or a
+    # serialization failure committed nothing: it may run again, as PostgreSQL advises.
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((5 * MS, rolled_back), (5 * MS, rolled_back), (5 * MS, 200))
+    policy = settings(retries={"attempts": 3, "backoff": "20ms..20ms"})
+
+    assert await call(ctx, state, policy, upstream, method="POST") == {"attempt": 3}
+    assert len(upstream.starts) == 3
+
+
+async def test_post_rolled_back_is_retried_only_when_on_lists_reset(autojump_clock):
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((5 * MS, rolled_back), (5 * MS, 200))
+    policy = settings(retries={"attempts": 3, "on": ["connect", 503]})
+
+    with pytest.raises(TransactionRolledBack):
+        await call(ctx, state, policy, upstream, method="POST")
+    assert len(upstream.starts) == 1
+
+
+async def test_post_reset_is_not_retried(autojump_clock):
+    # A connection lost mid-write (a COMMIT unanswered included) may have committed.
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream((5 * MS, reset_error), (5 * MS, 200))
+    policy = settings(retries={"attempts": 3, "backoff": "20ms..20ms"})
+
+    with pytest.raises(UpstreamResetError):
+        await call(ctx, state, policy, upstream, method="POST")
+    assert len(upstream.starts) == 1
 
 
 async def test_per_try_timeout_cuts_one_attempt_and_is_retried(autojump_clock, monkeypatch):

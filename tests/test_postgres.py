@@ -20,6 +20,7 @@ from gateway._errors import (
     BadRequest,
     Conflict,
     StatementWrites,
+    TransactionRolledBack,
     UpstreamConnectError,
     UpstreamError,
     UpstreamQueryError,
@@ -439,6 +440,31 @@ async def test_constraint_errors_do_not_quote_row_values(upstream) -> None:
             await upstream.execute(query, args, timeout_s=5.0)
         assert "secret.example" not in str(failed.value)  # the server's DETAIL quotes it
         assert "violates" in str(failed.value)  # the primary message stays
+
+
+async def test_a_write_rolled_back_for_a_serialization_failure_says_so(upstream) -> None:
+    """A write fails with SQLSTATE 40001 after it inserted: the transaction the gateway
+    opened for it was rolled back whole, which ``TransactionRolledBack`` promises (a
+    write may be retried on it). A statement run on its own (``execute``, in
+    autocommit) promises nothing of the kind: a procedure it calls may have committed."""
+    table = f"t_{uuid.uuid4().hex[:12]}"
+    await upstream.execute(
+        f"CREATE TABLE {table} (v int); CREATE FUNCTION {table}_fail() RETURNS int "
+        "LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'could not serialize access' "
+        "USING ERRCODE = '40001'; END$$", [], timeout_s=5.0)
+    query = (f"WITH w AS (INSERT INTO {table} VALUES (1) RETURNING v) "
+             f"SELECT v, {table}_fail() AS f FROM w")
+    for run in (lambda: upstream.fetch(query, [], timeout_s=5.0, writes=True, max_bytes=1024),
+                lambda: upstream.fetch_one(query, [], timeout_s=5.0, writes=True)):
+        with pytest.raises(TransactionRolledBack) as failed:
+            await run()
+        assert failed.value.detail["sqlstate"] == "40001"
+        assert failed.value.status == 502 and failed.value.cause == "upstream_error"
+    with pytest.raises(UpstreamError) as failed:
+        await upstream.execute(query, [], timeout_s=5.0)
+    assert not isinstance(failed.value, TransactionRolledBack)
+    assert await upstream.fetch(f"SELECT count(*) AS n FROM {table}", [], timeout_s=5.0) \
+        == [{"n": 0}]
 
 
 async def test_a_read_that_writes_is_refused_and_writes_nothing(cluster, nursery) -> None:

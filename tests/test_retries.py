@@ -226,6 +226,16 @@ def test_is_retryable(method, outcome, policy, replayable, expected):
                         body_replayable=replayable) is expected
 
 
+def test_a_try_the_upstream_undid_is_retried_whatever_the_method():
+    # A SQL transaction rolled back for a deadlock or a serialization failure.
+    assert is_retryable(method="POST", outcome="reset", policy=_DEFAULT,
+                        body_replayable=True, undone=True)
+    assert not is_retryable(method="POST", outcome="reset", policy=RetryPolicy(on=(503,)),
+                            body_replayable=True, undone=True)
+    assert not is_retryable(method="POST", outcome="reset", policy=_DEFAULT,
+                            body_replayable=False, undone=True)
+
+
 def test_connect_not_listed_is_not_retried_even_for_get():
     policy = RetryPolicy(on=(503,))
     assert not is_retryable(method="GET", outcome="connect", policy=policy,

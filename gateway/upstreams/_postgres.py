@@ -59,6 +59,9 @@ Errors, translated once, in ``_translate``::
     unique, foreign-key, restrict or exclusion constraint
       broken by the arguments                                    Conflict
     a write in a read-only session (SQLSTATE 25006)              StatementWrites
+    serialization failure or deadlock (40001, 40P01) in a
+      transaction the gateway opened (every write's), so that
+      nothing of it was committed                                TransactionRolledBack
     a json value of the result that JSON cannot carry here      UpstreamQueryError
     any other failure                                           UpstreamError
 
@@ -98,6 +101,7 @@ from .._errors import (
     InternalError,
     Shed,
     StatementWrites,
+    TransactionRolledBack,
     UpstreamConnectError,
     UpstreamError,
     UpstreamQueryError,
@@ -365,6 +369,21 @@ def _connect_reason(failed: _ConnectFailed) -> str:
     return failed.kind
 
 
+#: SQLSTATEs after which PostgreSQL's advice is to run the transaction again: the server
+#: rolled it back whole to let another go on (serialization failure, deadlock).
+_TRY_AGAIN = frozenset({"40001", "40P01"})
+
+
+class _RolledBack(Exception):
+    """A :data:`_TRY_AGAIN` failure of a transaction ``_in_transaction`` opened, its
+    statement's or its COMMIT's: the server answered that it rolled the transaction back,
+    so nothing of it was committed (a COMMIT whose answer never came is not this)."""
+
+    def __init__(self, cause: asyncpg.PostgresError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class _CancelledOnServer(Exception):
     """A statement the server cancelled (SQLSTATE 57014), and how long it had run at
     most: the time since the gateway sent it, which the server's run cannot exceed."""
@@ -435,6 +454,8 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False,
                                     public=f"{where}: cannot connect ({exc.kind})")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"{where}: timed out")
+    if isinstance(exc, _RolledBack):
+        return _failed(TransactionRolledBack, where, exc.cause, exc.cause.sqlstate or "")
     if isinstance(exc, _CancelledOnServer | asyncpg.exceptions.QueryCanceledError):
         # 57014 is a statement_timeout and a cancel from elsewhere alike.
         ran_s = exc.ran_s if isinstance(exc, _CancelledOnServer) else None
@@ -463,7 +484,7 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False,
             return Conflict(f"{where}: {_query_error_message(exc, state)}", sqlstate=state)
         if input_bound and state in _REFUSED_VALUES:
             return BadRequest(f"{where}: {_query_error_message(exc, state)}", sqlstate=state)
-        if state.startswith("40"):  # serialization failure, deadlock: try again
+        if state.startswith("40"):  # serialization failure, deadlock: a read tries again
             return _failed(UpstreamError, where, exc, state)
         return _failed(UpstreamQueryError, where, exc, state)
     if isinstance(exc, asyncpg.exceptions._base.DataError):
@@ -688,7 +709,19 @@ async def _in_transaction(con: Any, run: Callable[[], Awaitable[Any]],
     transaction only). Cancelled, the caller is answered at once: the ROLLBACK is left
     to :func:`_run_on_pool`'s release in the background, as it waits for the server to
     acknowledge asyncpg's cancel (terminating the connection at once would drop the
-    cancel request, and the statement would run on, holding its locks)."""
+    cancel request, and the statement would run on, holding its locks). A serialization
+    failure or a deadlock, of a statement or of the COMMIT, raises :class:`_RolledBack`:
+    the server undid the transaction, and it may be run again."""
+    try:
+        return await _transaction_of(con, run, keep)
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate in _TRY_AGAIN:
+            raise _RolledBack(exc) from exc
+        raise
+
+
+async def _transaction_of(con: Any, run: Callable[[], Awaitable[Any]],
+                               keep: Callable[[Any], bool]) -> Any:
     for last in (False, True):
         transaction = con.transaction()
         await transaction.start()
