@@ -203,15 +203,17 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     """Run ``perform`` under the call's resilience rules; return the winning value.
     ``replayable``: the request can be sent again; one that cannot streams its body from
     the client as its only try runs (``perform`` then tells ``claim.sent`` when it is
-    sent). ``first_number``: what the first attempt is numbered in the trace (a call run
-    again after attempts of its own goes on from them)."""
+    sent). ``first_number``: what the first attempt is numbered (a call run again after
+    attempts of its own goes on from them: its first attempt is not the call's first
+    try, in the metrics and the retry budget, and its tries in all stay within
+    ``attempts``, though one is always sent)."""
     shown = first_number - 1  # added to an attempt's number where the trace shows it
     retry: RetryPolicy | None = settings.retries
     allowed_retry = retry is not None and replayable and (
         method in IDEMPOTENT_METHODS or retry.non_idempotent)
     # A non-idempotent request may still be retried after a connect failure (nothing was
     # sent); is_retryable decides per outcome, so only a streamed body caps attempts here.
-    max_attempts = retry.attempts if (retry is not None and replayable) else 1
+    max_attempts = max(1, retry.attempts - shown) if (retry is not None and replayable) else 1
     hedge_after = settings.hedge_after if replayable and method in IDEMPOTENT_METHODS else None
     max_hedges = settings.max_hedges if hedge_after is not None else 0
     retry_statuses = frozenset(s for s in retry.on if isinstance(s, int)) if (
@@ -222,8 +224,9 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     margin = ctx.policy.server.deadline_margin
     per_try = retry.per_try_timeout if retry is not None else None
     if max_attempts == 1 and hedge_after is None and breaker is None:
-        budget.record_request(trio.current_time())
-        METRICS.attempt_sent(state.name, 1, hedge=False)
+        if first_number == 1:  # a first try sent: it earns the budget its retries
+            budget.record_request(trio.current_time())
+        METRICS.attempt_sent(state.name, first_number, hedge=False)
         return await _single_attempt(ctx, call, name, perform, first_number, per_try,
                                      streamed=not replayable)
 
@@ -303,10 +306,10 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                                       retry_after_s=breaker.retry_after(trio.current_time()),
                                       upstream=state.name)
                 breaker_asked = True
-                METRICS.attempt_sent(state.name, number, hedge=slot is not None)
+                METRICS.attempt_sent(state.name, number + shown, hedge=slot is not None)
                 if slot is not None:
                     hedge_attempts.add(attempt)
-                if number == 1:  # a first try sent: it earns the budget its retries
+                if number + shown == 1:  # a first try sent: it earns the budget its retries
                     budget.record_request(trio.current_time())
                 last = number >= max_attempts and hedges >= max_hedges
                 decide = discard_while_others_run if last else discard_for_retry

@@ -120,14 +120,14 @@ def settings(**fields: Any) -> CallSettings:
 
 async def call(ctx: FakeContext, state: UpstreamState, call_settings: CallSettings,
                upstream: Upstream, *, method: str = "GET", timeout_s: float | None = None,
-               ) -> Any:
+               first_number: int = 1) -> Any:
     """One call as the gateway makes it: request scope → call scope → attempts."""
     with traced_scope(ctx.trace, None, "request", "/orders",
                       deadline=ctx.deadline.at) as request:
         async with upstream_call(ctx, request, "orders", state, timeout_s) as scope:
             return await run_attempts(ctx, scope, state, call_settings, name="orders",
                                       method=method, replayable=True,
-                                      perform=upstream.perform)
+                                      perform=upstream.perform, first_number=first_number)
 
 
 def spans(ctx: FakeContext) -> dict[str, Span]:
@@ -418,6 +418,24 @@ async def test_post_reset_is_not_retried(autojump_clock):
     with pytest.raises(UpstreamResetError):
         await call(ctx, state, policy, upstream, method="POST")
     assert len(upstream.starts) == 1
+
+
+async def test_a_call_run_again_goes_on_from_its_tries(autojump_clock):
+    # A SQL read refused as a write (try #1) runs again as a write from #2: no first
+    # try earning the budget, and its tries in all stay within attempts.
+    ctx, state = FakeContext(), make_state()
+    upstream = Upstream(*[(5 * MS, rolled_back)] * 3)
+    policy = settings(retries={"attempts": 3, "backoff": "20ms..20ms"})
+
+    with pytest.raises(TransactionRolledBack):
+        await call(ctx, state, policy, upstream, method="POST", first_number=2)
+    assert len(upstream.starts) == 2
+    assert {"attempt orders#2", "attempt orders#3"} <= set(spans(ctx))
+    assert state.retry_budget.statistics(trio.current_time()).requests == 0
+
+    once = make_state()
+    await call(FakeContext(), once, settings(), Upstream((5 * MS, 200)), first_number=2)
+    assert once.retry_budget.statistics(trio.current_time()).requests == 0
 
 
 async def test_per_try_timeout_cuts_one_attempt_and_is_retried(autojump_clock, monkeypatch):

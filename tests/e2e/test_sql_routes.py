@@ -8,6 +8,7 @@ import trio
 from gateway._trace import Span, Trace
 from gateway.upstreams._postgres import PostgresSettings, PostgresUpstream
 from tests.gateway_harness import run_gateway, trace_of
+from tests.metrics import metric_total
 from tests.pg import assert_stops
 from tests.upstream import start_upstream
 
@@ -309,3 +310,51 @@ async def test_a_read_whose_function_writes_is_run_once_and_never_hedged_again(d
         trace = await trace_of(gw, read.headers["x-request-id"])
         assert len(attempts_of(trace)) == 2, trace.to_json()
         await holder.aclose()
+
+
+REWRITTEN = """
+version: 1
+upstreams:
+  rw_once:
+    postgres: {dsn_env: GATEWAY_TEST_DSN, pool: {min: 1, max: 2}}
+  rw_retried:
+    postgres: {dsn_env: GATEWAY_TEST_DSN, pool: {min: 1, max: 2}}
+    call: {retries: {attempts: 3}}
+routes:
+  - path: /api/once/{id}
+    sql:
+      upstream: rw_once
+      query: "SELECT gw_log_add($1) AS v"
+      args: ["path.id:int"]
+      one: true
+  - path: /api/retried/{id}
+    sql:
+      upstream: rw_retried
+      query: "SELECT gw_log_add($1) AS v"
+      args: ["path.id:int"]
+      one: true
+"""
+
+
+async def test_a_read_run_again_as_a_write_is_one_first_try(database):
+    """A read whose function writes is refused by its read-only session and run again
+    as a write: that second try was counted as a second first try, in
+    gateway_upstream_attempts_total{kind="first"} and in the retry budget (which it
+    earned retries for). It is the call's retry: one call, one first try."""
+    database.psql("DROP TABLE IF EXISTS gw_log; CREATE TABLE gw_log (v int); "
+                  "CREATE OR REPLACE FUNCTION gw_log_add(x int) RETURNS int "
+                  "LANGUAGE sql AS 'INSERT INTO gw_log VALUES (x) RETURNING v'")
+    async with run_gateway(REWRITTEN) as gw, gw.client() as client:
+        for upstream, path in (("rw_once", "/api/once"), ("rw_retried", "/api/retried")):
+            for n in (1, 2):  # refused as a read then written; then written at once
+                response = await client.get(f"{path}/{n}")
+                assert response.status_code == 200 and response.json() == {"v": n}
+            async with gw.admin() as admin:
+                text = (await admin.get("/metrics")).text
+            assert metric_total(text, "gateway_upstream_attempts_total",
+                                upstream=upstream, kind="first") == 2, (upstream, text)
+            assert metric_total(text, "gateway_upstream_attempts_total",
+                                upstream=upstream, kind="retry") == 1, (upstream, text)
+            budget = gw.gateway.runtime.snapshot.upstreams[upstream].retry_budget
+            assert budget.statistics(trio.current_time()).requests == 2, upstream
+    assert database.psql("SELECT v FROM gw_log ORDER BY v").split() == ["1", "1", "2", "2"]
