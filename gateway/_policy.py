@@ -697,7 +697,8 @@ def cross_check(policy: Policy) -> list[Problem]:
                     problems.append(Problem(
                         (*where, "one"),
                         "the statement writes and returns no row (no RETURNING): with "
-                        "one: true every call answers 404 after its write",
+                        "one: true a call that changes rows is rolled back and answered "
+                        "502, one that changes none 404",
                         severity="warning"))
                 if call.query is not None:
                     used = {int(n) for n in re.findall(r"\$(\d+)", call.query)}

@@ -748,12 +748,48 @@ async def _transaction_of(con: Any, run: Callable[[], Awaitable[Any]],
     raise AssertionError("unreachable")
 
 
-async def _write_one(con: Any, query: str, args: Sequence[object]) -> Any:
+#: The command tags that end with the count of rows a statement changed.
+_CHANGES_ROWS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})
+
+
+def _rows_changed(status: bytes) -> int:
+    """Rows an ``INSERT``, ``UPDATE``, ``DELETE`` or ``MERGE`` changed, by its command
+    tag (``b"UPDATE 3"``, ``b"INSERT 0 3"``); 0 for any other."""
+    words = status.split()
+    if len(words) >= 2 and words[0].decode("ascii", "replace") in _CHANGES_ROWS:
+        with suppress(ValueError):
+            return int(words[-1])
+    return 0
+
+
+def _write_one(name: str) -> Operation:
     """A write whose ``one: true`` asks for one row: rolled back when it returns several
-    (a statement missing a condition changed rows it was not meant to), so that the 502
-    the client gets is the truth."""
-    return await _in_transaction(con, lambda: _fetch_two(con, query, args),
-                                       lambda records: len(records) <= 1)
+    (a statement missing a condition changed rows it was not meant to), or when it
+    changed rows and returned none (no ``RETURNING``: every call would be answered 404,
+    no row found, after its write), so that the 502 the client gets is the truth. One
+    that changed nothing wrote nothing, and is answered 404."""
+
+    async def write(con: Any, query: str, args: Sequence[object]) -> Any:
+        unanswerable = 0
+
+        def answerable(result: tuple[Any, bytes, bool]) -> bool:
+            nonlocal unanswerable
+            records, status, _ = result
+            if not records:
+                unanswerable = _rows_changed(status)
+            return len(records) <= 1 and not unanswerable
+
+        records, _, _ = await _in_transaction(
+            con, lambda: con._execute(query, args, 2, None, return_status=True), answerable)
+        if unanswerable:
+            raise UpstreamResultRefused(
+                f"{name}: the statement changed {unanswerable} row"
+                f"{'' if unanswerable == 1 else 's'} and returned none where one is "
+                "expected (one: true; give it a RETURNING clause); what it wrote was "
+                "rolled back")
+        return records
+
+    return write
 
 
 def _write_within(max_bytes: int, name: str) -> Operation:
@@ -1296,7 +1332,8 @@ class PostgresUpstream:
         """The only row, or None when there is none. Several rows are an
         ``UpstreamQueryError``: answering the first of them would hand a client a row
         picked by chance (a statement missing a condition can pick another user's)."""
-        records = await self._query(_write_one if writes else _fetch_two, query, args,
+        where = f"postgres upstream {self.name!r}"
+        records = await self._query(_write_one(where) if writes else _fetch_two, query, args,
                                     timeout_s, writes, slot)
         if len(records) > 1:
             raise UpstreamResultRefused(

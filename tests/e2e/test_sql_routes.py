@@ -130,6 +130,39 @@ routes:
     assert rows.split() == ["1|a", "1|b", "2|x"], rows
 
 
+async def test_a_one_row_write_without_returning_is_not_answered_404_once_written(database):
+    """``one: true`` on a write without ``RETURNING`` (``check`` warns): it returns no
+    row whatever it changed, so every call was answered 404, "no row found", after its
+    write had committed. One that changed rows is rolled back and answered 502 naming
+    why; one that changed none wrote nothing, and its 404 is true."""
+    database.psql("DROP TABLE IF EXISTS gw_tags; CREATE TABLE gw_tags (k int, v text); "
+                  "INSERT INTO gw_tags VALUES (1, 'a'), (2, 'b')")
+    policy = """
+version: 1
+upstreams:
+  db: {postgres: {dsn_env: GATEWAY_TEST_DSN, pool: {min: 1, max: 2}}}
+routes:
+  - path: /api/tags/{k}
+    methods: [PUT]
+    deadline: 2s
+    sql:
+      upstream: db
+      query: "UPDATE gw_tags SET v = 'x' WHERE k = $1"
+      args: ["path.k:int"]
+      one: true
+"""
+    async with run_gateway(policy) as gw, gw.client() as client:
+        written = await client.put("/api/tags/1")
+        assert written.status_code == 502, written.text
+        assert written.json()["cause"] == "upstream_query"
+        assert "RETURNING" in written.json()["error"]
+        assert "rolled back" in written.json()["error"]
+        missing = await client.put("/api/tags/9")
+        assert missing.status_code == 404, missing.text
+    rows = database.psql("SELECT k, v FROM gw_tags ORDER BY k, v")
+    assert rows.split() == ["1|a", "2|b"], rows
+
+
 async def test_deadline_cancels_the_query_on_the_server(database):
     async with trio.open_nursery() as nursery:
         upstream = await start_upstream(nursery)
