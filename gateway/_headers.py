@@ -26,7 +26,7 @@ _CLIENT_CLAIMS = frozenset({b"x-real-ip", b"x-client-ip", b"true-client-ip",
 _SERVER_OWNED = frozenset({b"date", b"server"})
 #: Framing a response without a body must not carry (Transfer-Encoding is hop-by-hop).
 _BODILESS_FRAMING = frozenset({b"content-length"})
-_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+_REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 
 def _claims_client(name: bytes) -> bool:
@@ -64,7 +64,7 @@ def is_trusted(peer: str | None, trusted: Sequence[IPv4Network | IPv6Network]) -
 def request_id_from(headers: Iterable[tuple[bytes, bytes]], header: bytes) -> str:
     """The client's request id when it is sane (short, plain characters), else a new one."""
     for name, value in headers:
-        if name == header and _REQUEST_ID_RE.match(value):
+        if name == header and _REQUEST_ID_RE.fullmatch(value):
             return value.decode("ascii")
     return secrets.token_hex(12)
 

@@ -1,10 +1,11 @@
-"""Who counts as a trusted proxy, whichever way the listener reports the peer."""
+"""Who counts as a trusted proxy, whichever way the listener reports the peer; which
+request ids a client may choose."""
 
 from ipaddress import ip_network
 
 import pytest
 
-from gateway._headers import is_trusted
+from gateway._headers import is_trusted, request_id_from
 
 TRUSTED = [ip_network("10.0.0.0/8"), ip_network("fd00::/8")]
 
@@ -24,3 +25,19 @@ TRUSTED = [ip_network("10.0.0.0/8"), ip_network("fd00::/8")]
 ])
 def test_trusted_peers(peer, trusted, expected):
     assert is_trusted(peer, trusted) is expected
+
+
+@pytest.mark.parametrize(("value", "kept"), [
+    (b"order-42.retry:1", True),
+    (b"a" * 128, True),
+    (b"a" * 129, False),
+    (b"", False),
+    (b"abc def", False),
+    # A trailing newline would be logged and forwarded as a line break of its own.
+    (b"abc\n", False),
+    (b"\nabc", False),
+])
+def test_a_client_request_id_is_kept_only_when_plain(value, kept):
+    rid = request_id_from([(b"x-request-id", value)], b"x-request-id")
+    assert (rid == value.decode()) is kept
+    assert rid.isascii() and rid.isprintable() and 0 < len(rid) <= 128
