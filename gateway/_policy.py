@@ -46,7 +46,7 @@ PolicyPath = tuple[str | int, ...]
 ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*?)\}")
-_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SIZE_RE = re.compile(r"^(?P<value>\d+)(?P<unit>B|KiB|MiB|GiB|KB|MB|GB)?$")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
                "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
@@ -224,7 +224,7 @@ class ServerPolicy(_Model):
     @field_validator("deadline_header", "request_id_header")
     @classmethod
     def _header_name(cls, value: str) -> str:
-        if not _HEADER_NAME_RE.match(value):
+        if not _HEADER_NAME_RE.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid header name")
         return value.lower()
 
@@ -410,7 +410,7 @@ class UpstreamPolicy(_Model):
     def _url(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        if not re.match(r"^https?://[^/\s:@?#]+(:\d{1,5})?(/[^\s?#]*)?$", value):
+        if not re.fullmatch(r"https?://[^/\s:@?#]+(:\d{1,5})?(/[^\s?#]*)?", value):
             raise ValueError(f"{value!r} is not an http:// or https:// URL with "
                              "host[:port][/prefix]")
         prefix = urlsplit(value).path

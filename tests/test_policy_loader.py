@@ -762,6 +762,19 @@ def test_a_duration_past_a_year_is_refused(field, value, message) -> None:
     assert issue.line == 3 and issue.path == f"server.{field}" and message in issue.message
 
 
+@pytest.mark.parametrize(("line", "path"), [
+    ('server: {request_id_header: "x-id\\n"}', "server.request_id_header"),
+    ('server: {deadline_header: "x-deadline\\n"}', "server.deadline_header"),
+    ('upstreams: {users: {url: "http://127.0.0.1:9001\\n"}}', "upstreams.users.url"),
+])
+def test_a_header_name_or_url_ending_in_a_newline_is_refused(line, path) -> None:
+    # A pattern ending in $ matches before a final newline: the name and the URL were
+    # taken with the newline in them.
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(f"version: 1\n{line}\nroutes: []\n", "p.yaml")
+    assert path in [issue.path for issue in caught.value.issues]
+
+
 def test_a_size_too_large_is_refused_plainly() -> None:
     for value in ("9" * 5000 + "KiB", "9" * 30, "99999999999GiB"):
         with pytest.raises(PolicyError) as caught:
