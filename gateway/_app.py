@@ -35,7 +35,7 @@ from ._policy_loader import (
 )
 from ._proxy import proxy
 from ._request import Receive, RequestContext, Scope, Send, handle_request
-from ._runtime import Runtime, sweep_idle_connections
+from ._runtime import Runtime, file_identity, sweep_idle_connections
 from ._trace_peers import peer_dir, serve_peer_socket
 
 log = logging.getLogger("gateway")
@@ -264,11 +264,7 @@ class Gateway:
 
     async def _policy_file_stat(self) -> tuple[int, ...] | None:
         """The file's identity, or None (logged once) while it cannot be looked at: it
-        was removed, or its directory closed to the gateway.
-
-        Its ctime, mode and owner are part of it: a file the gateway could not read is
-        fixed with chmod or chown, which changes nothing else (the mode and owner too,
-        as a ctime may not tick between a write and a chmod right after it)."""
+        was removed, or its directory closed to the gateway (see ``file_identity``)."""
         path = self.runtime.snapshot.loaded.file
         try:
             stat = await trio.Path(path).stat()
@@ -282,8 +278,7 @@ class Gateway:
         if self._stat_error is not None:
             self._stat_error = None
             log.info("policy file %s can be seen again", path)
-        return (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino,
-                stat.st_mode, stat.st_uid, stat.st_gid)
+        return file_identity(stat)
 
     async def _watch_policy_file(self) -> None:
         # No baseline: the first poll reloads (a no-op when the content is unchanged), so

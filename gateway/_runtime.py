@@ -99,8 +99,20 @@ def _tls_identity(upstream: UpstreamPolicy) -> tuple[Any, ...] | None:
             stat = os.stat(path) if path is not None else None
         except OSError:
             stat = None
-        files.append(None if stat is None else (stat.st_ino, stat.st_mtime_ns, stat.st_size))
+        files.append(None if stat is None else file_identity(stat))
     return (tls, *files)
+
+
+def file_identity(stat: os.stat_result) -> tuple[int, ...]:
+    """What tells a file the gateway reads (the policy, a CA or certificate) changed.
+
+    Its ctime, mode and owner are part of it: a file rewritten in place with its mtime
+    kept (``cp -p``, ``rsync -t``) and the same size changes its ctime only, and one the
+    gateway could not read is fixed with chmod or chown, which changes nothing else (the
+    mode and owner too, as a ctime may not tick between a write and a chmod right after
+    it)."""
+    return (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino,
+            stat.st_mode, stat.st_uid, stat.st_gid)
 
 
 def _upstream_tls(definition: UpstreamPolicy) -> UpstreamTls | None:
