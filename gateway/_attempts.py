@@ -7,7 +7,8 @@ hedge or a call that ends early can never leave an attempt behind. The rules:
 * a failed attempt is retried only when the outcome is listed in ``retries.on``, the
   method is idempotent (or the route opted in, or the upstream cannot have acted on
   it: a connect failure, a SQL transaction rolled back by the database for a
-  serialization failure or a deadlock), the body can be sent again, attempts
+  serialization failure or a deadlock), the body can be sent again (a body streaming
+  from the client only after a connect failure, none of it read), attempts
   are left, the retry budget allows it (else a span with cause ``retry_budget``), and
   the remaining deadline covers the backoff plus one more try;
 * a retry or hedge is a new try sent upstream, so it must leave the budget a first try
@@ -199,21 +200,25 @@ async def _single_attempt(ctx: RequestContext, call: TracedScope, name: str,
 
 async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamState,
                        settings: CallSettings, *, name: str, method: str, replayable: bool,
-                       perform: Perform[T], first_number: int = 1) -> T:
+                       perform: Perform[T], first_number: int = 1,
+                       body_unread: Callable[[], bool] | None = None) -> T:
     """Run ``perform`` under the call's resilience rules; return the winning value.
     ``replayable``: the request can be sent again; one that cannot streams its body from
-    the client as its only try runs (``perform`` then tells ``claim.sent`` when it is
-    sent). ``first_number``: what the first attempt is numbered (a call run again after
-    attempts of its own goes on from them: its first attempt is not the call's first
-    try, in the metrics and the retry budget, and its tries in all stay within
-    ``attempts``, though one is always sent)."""
+    the client as its try runs (``perform`` then tells ``claim.sent`` when it is sent),
+    and is tried again only after a connect failure while ``body_unread()`` says none
+    of that body was read yet. ``first_number``: what the first attempt is numbered (a
+    call run again after attempts of its own goes on from them: its first attempt is
+    not the call's first try, in the metrics and the retry budget, and its tries in all
+    stay within ``attempts``, though one is always sent)."""
     shown = first_number - 1  # added to an attempt's number where the trace shows it
     retry: RetryPolicy | None = settings.retries
     allowed_retry = retry is not None and replayable and (
         method in IDEMPOTENT_METHODS or retry.non_idempotent)
     # A non-idempotent request may still be retried after a connect failure (nothing was
-    # sent); is_retryable decides per outcome, so only a streamed body caps attempts here.
-    max_attempts = max(1, retry.attempts - shown) if (retry is not None and replayable) else 1
+    # sent), and so may a streamed body none of which was read: is_retryable decides per
+    # outcome, so only a streamed body that cannot tell caps attempts here.
+    max_attempts = max(1, retry.attempts - shown) if (
+        retry is not None and (replayable or body_unread is not None)) else 1
     hedge_after = settings.hedge_after if replayable and method in IDEMPOTENT_METHODS else None
     max_hedges = settings.max_hedges if hedge_after is not None else 0
     retry_statuses = frozenset(s for s in retry.on if isinstance(s, int)) if (
@@ -436,6 +441,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
             if (started >= max_attempts or retry is None or reason is None
                     or not is_retryable(method=method, outcome=reason, policy=retry,
                                         body_replayable=replayable,
+                                        body_unread=body_unread is not None
+                                        and body_unread(),
                                         undone=isinstance(outcome, TransactionRolledBack))):
                 break
             if planned_delay is not None:  # decided, and paid, when the status arrived

@@ -9,7 +9,7 @@ client connection (see ``_request``).
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Callable, Container
 from functools import partial
 from typing import Any
 
@@ -94,7 +94,14 @@ async def proxy(ctx: RequestContext) -> None:
     with call_span(ctx, ctx.request_scope, action.upstream, state, settings.timeout) as call:
         async with capacity_slot(ctx, call, action.upstream, state) as held:
             await run_attempts(ctx, call, state, settings, name=action.upstream,
-                               method=method, replayable=replayable, perform=perform)
+                               method=method, replayable=replayable, perform=perform,
+                               body_unread=None if replayable else _unread(ctx))
+
+
+def _unread(ctx: RequestContext) -> Callable[[], bool]:
+    """Whether none of a streamed body was read: the pool opens its connection before
+    it reads the body, so a try that failed to connect leaves it whole for the next."""
+    return lambda: ctx.body.unread
 
 
 def _declared_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -114,6 +114,12 @@ class RequestBody:
         return b"".join([chunk async for chunk in self])
 
     @property
+    def unread(self) -> bool:
+        """No byte of the body has been taken yet: a try that failed before reading any
+        (its connect) leaves it whole for the next (a chunk is counted as it is taken)."""
+        return self.received == 0
+
+    @property
     def waits_to_be_asked(self) -> bool:
         """The client sent ``Expect: 100-continue`` and was never asked for its body."""
         return self._send_continue is not None

@@ -189,24 +189,29 @@ class RetryBudget:
 
 
 def is_retryable(*, method: str, outcome: str | int, policy: RetryPolicy,
-                 body_replayable: bool, undone: bool = False) -> bool:
+                 body_replayable: bool, body_unread: bool = False,
+                 undone: bool = False) -> bool:
     """May a try that ended in ``outcome`` be tried again, policy and method allowing?
 
     ``outcome`` is ``"connect"``, ``"reset"``, ``"timeout"`` or an HTTP status; it must
-    be listed in ``policy.on``. A body that was streamed cannot be sent twice, so it is
-    never retried. Only idempotent methods are retried, unless ``policy.non_idempotent``:
-    a POST that reached the upstream may have taken effect. The exceptions are a
-    ``connect`` failure, where no byte of the request left the gateway (nginx's
-    ``proxy_next_upstream`` makes the same distinction), and a try the upstream says it
-    ``undone`` (a SQL transaction the database rolled back for a serialization failure
-    or a deadlock, whose answer says nothing was committed): sending either again
-    cannot repeat an effect. Attempt counts and time are checked elsewhere.
+    be listed in ``policy.on``. Only idempotent methods are retried, unless
+    ``policy.non_idempotent``: a POST that reached the upstream may have taken effect.
+    The exceptions are a ``connect`` failure, where no byte of the request left the
+    gateway (nginx's ``proxy_next_upstream`` makes the same distinction), and a try the
+    upstream says it ``undone`` (a SQL transaction the database rolled back for a
+    serialization failure or a deadlock, whose answer says nothing was committed):
+    sending either again cannot repeat an effect. A body that streams from the client
+    cannot be sent twice, so it is not retried, but after a ``connect`` failure while
+    none of it was read yet (``body_unread``): it then goes whole to the next try, as
+    Envoy retries a connect failure. Attempt counts and time are checked elsewhere.
     """
-    if not body_replayable:
-        return False
     if isinstance(outcome, bool) or outcome not in policy.on:
         return False
-    if outcome == "connect" or undone:
+    if outcome == "connect":
+        return body_replayable or body_unread
+    if not body_replayable:
+        return False
+    if undone:
         return True
     return policy.non_idempotent or method.upper() in IDEMPOTENT_METHODS
 

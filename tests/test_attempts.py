@@ -861,6 +861,51 @@ async def test_per_try_timeout_bounds_a_single_try_too(autojump_clock):
     assert info.value.detail["scope"] == "attempt orders#1"
 
 
+class Streamed(Upstream):
+    """A try whose body streams from the client: it reads the body (``reads``) before
+    its outcome, as the pool reads it only on an open connection."""
+
+    def __init__(self, *script: tuple[float, Outcome], reads: list[bool]) -> None:
+        super().__init__(*script)
+        self.reads = reads
+        self.read = False
+
+    async def perform(self, attempt: TracedScope, claim: Claim,
+                      retry_statuses: Container[int]) -> AttemptResult[Any]:
+        self.read = self.read or self.reads[len(self.starts)]
+        return await super().perform(attempt, claim, retry_statuses)
+
+
+@pytest.mark.parametrize(("reads", "outcome", "tries"), [
+    ([False, False], connect_error, 2),  # nothing read: the body goes whole to try 2
+    ([True, False], connect_error, 1),  # (a body read, then a connect failure)
+    ([True, False], reset_error, 1),  # sent: a streamed body cannot go again
+    ([False, False], reset_error, 1),
+], ids=["connect, unread", "connect, read", "reset, read", "reset, unread"])
+async def test_a_streamed_body_is_tried_again_only_after_a_connect_failure_unread(
+        autojump_clock, reads, outcome, tries):
+    ctx, state = FakeContext(), make_state()
+    upstream = Streamed((10 * MS, outcome), (10 * MS, 200), reads=reads)
+    policy = settings(retries={"attempts": 3, "on": ["connect", "reset"],
+                               "backoff": "1ms..1ms"})
+
+    async def post() -> Any:
+        with traced_scope(ctx.trace, None, "request", "/orders",
+                          deadline=ctx.deadline.at) as request:
+            async with upstream_call(ctx, request, "orders", state, None) as scope:
+                return await run_attempts(ctx, scope, state, policy, name="orders",
+                                          method="POST", replayable=False,
+                                          perform=upstream.perform,
+                                          body_unread=lambda: not upstream.read)
+
+    if tries == 2:
+        assert await post() == {"attempt": 2}
+    else:
+        with pytest.raises(GatewayError):
+            await post()
+    assert len(upstream.starts) == tries
+
+
 class Uploading:
     """A try whose body streams from the client: sent whole after ``upload_s``, then
     answered ``answer_s`` later (the proxy tells ``claim.sent`` as the pool does)."""

@@ -236,6 +236,20 @@ def test_a_try_the_upstream_undid_is_retried_whatever_the_method():
                             body_replayable=False, undone=True)
 
 
+@pytest.mark.parametrize(("method", "outcome", "policy", "expected"), [
+    ("POST", "connect", _DEFAULT, True),
+    ("PUT", "connect", _DEFAULT, True),
+    ("PUT", "reset", _DEFAULT, False),
+    ("GET", 503, _DEFAULT, False),
+    ("POST", 503, _NON_IDEMPOTENT, False),
+    ("PUT", "connect", RetryPolicy(on=(503,)), False),
+])
+def test_a_streamed_body_none_of_which_was_read_is_retried_after_a_connect_failure_only(
+        method, outcome, policy, expected):
+    assert is_retryable(method=method, outcome=outcome, policy=policy,
+                        body_replayable=False, body_unread=True) is expected
+
+
 def test_connect_not_listed_is_not_retried_even_for_get():
     policy = RetryPolicy(on=(503,))
     assert not is_retryable(method="GET", outcome="connect", policy=policy,

@@ -303,7 +303,7 @@ class Upstream:
     ) -> None:
         with trio.CancelScope() as scope:
             self._scope = scope
-            listeners = await trio.open_tcp_listeners(0, host=self.host)
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
             self.port = listeners[0].socket.getsockname()[1]
             task_status.started()
             await trio.serve_listeners(self._handle, listeners)
@@ -415,10 +415,11 @@ routes:
 
 
 async def start_upstream(nursery: trio.Nursery, *, behaviour: Behaviour | None = None,
-                         tls: ssl.SSLContext | None = None) -> Upstream:
-    """Listen on 127.0.0.1 on a free port and serve inside ``nursery`` until it ends
-    (over TLS with ``tls``, a server context)."""
+                         tls: ssl.SSLContext | None = None, port: int = 0) -> Upstream:
+    """Listen on 127.0.0.1 on ``port`` (a free one by default) and serve inside
+    ``nursery`` until it ends (over TLS with ``tls``, a server context)."""
     upstream = Upstream(behaviour, tls=tls)
+    upstream.port = port
     await nursery.start(upstream._serve)
     return upstream
 

@@ -6,7 +6,10 @@ import httpx
 import pytest
 import trio
 
+from gateway._errors import UpstreamConnectError
+from gateway.upstreams._http import HttpUpstreamPool
 from tests.gateway_harness import fire, run_gateway, trace_of
+from tests.process_harness import free_port
 from tests.upstream import start_upstream
 
 POLICY = """
@@ -542,6 +545,59 @@ async def test_per_try_timeout_starts_once_a_streamed_upload_is_sent_whole():
             assert late.status_code == 504, late.text
             assert (late.json()["cause"], late.json()["scope"]) == ("deadline", "try")
             assert 1.0 <= took < 1.9  # the upload's ~1 s, then the try's 300 ms
+        nursery.cancel_scope.cancel()
+
+
+CONNECT_RETRY = """
+version: 1
+upstreams:
+  late:
+    url: "http://127.0.0.1:{port}"
+    call: {{retries: {{attempts: 2, on: [connect], backoff: 1ms..5ms}}}}
+routes:
+  - path: /upload
+    methods: [POST]
+    deadline: 5s
+    proxy: {{upstream: late, path: /ok}}
+"""
+
+
+async def test_a_streamed_upload_is_tried_again_after_a_connect_failure(monkeypatch):
+    """A connect failure means nothing of the request left the gateway and none of its
+    body was read from the client: a chunked upload (never buffered, so never replayed)
+    goes whole to the next try, as Envoy retries a connect failure. It was a 502."""
+    port = free_port()
+    opened = HttpUpstreamPool._open
+    chunks = [b"%06d" % n * 1000 for n in range(100)]  # 600 KB in 6 KB chunks
+    async with trio.open_nursery() as nursery:
+        listening = []
+
+        async def refused_then_listening(pool: HttpUpstreamPool):
+            try:
+                return await opened(pool)
+            except UpstreamConnectError:
+                if not listening:  # the first connect was refused: the upstream comes up
+                    listening.append(await start_upstream(nursery, port=port))
+                raise
+
+        monkeypatch.setattr(HttpUpstreamPool, "_open", refused_then_listening)
+
+        async def body():
+            for chunk in chunks:
+                yield chunk
+
+        async with run_gateway(CONNECT_RETRY.format(port=port)) as gw, gw.client() as client:
+            with trio.fail_after(10):
+                response = await client.post("/upload", content=body())
+            assert response.status_code == 200, response.text
+            (upstream,) = listening
+            (seen,) = upstream.requests
+            assert seen.header("transfer-encoding") == "chunked"
+            assert seen.body == b"".join(chunks)
+            trace = await trace_of(gw, response.headers["x-request-id"])
+            attempts = [s for s in trace.root.walk() if s.kind == "attempt"]
+            assert [a.outcome for a in attempts] == ["error", "ok"]
+            assert "cannot connect" in (attempts[0].error or "")
         nursery.cancel_scope.cancel()
 
 
