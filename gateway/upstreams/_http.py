@@ -65,6 +65,11 @@ INLINE_BODY_BYTES = 64 * 1024
 ``send_all``: they fit the socket buffer, so an upstream that answers early cannot block
 the write. Larger and streamed bodies are written by a task running beside the reader."""
 
+MAX_INFORMATIONAL_HEADS = 100
+"""Informational (1xx) heads passed over before an answer: a 100 Continue, a few 103
+Early Hints, a 102 Processing now and then. An upstream sending more is looping: its
+request fails (upstream_protocol) instead of holding its slot until the deadline."""
+
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 """Methods that may be replayed once on a fresh connection after a stale keep-alive."""
 
@@ -815,6 +820,7 @@ class HttpUpstreamPool:
 
     async def _receive_head(self, conn: _Connection) -> UpstreamResponse:
         h = conn.h11
+        informational = 0
         with conn.errors:
             while True:
                 event = h.next_event()
@@ -825,6 +831,12 @@ class HttpUpstreamPool:
                     response = UpstreamResponse(conn, event)
                     break
                 if type(event) is h11.InformationalResponse:
+                    informational += 1
+                    if informational > MAX_INFORMATIONAL_HEADS:
+                        raise UpstreamProtocolError(
+                            f"upstream {self.name!r} sent more than "
+                            f"{MAX_INFORMATIONAL_HEADS} informational (1xx) heads "
+                            "before its answer", upstream=self.name)
                     continue
                 raise UpstreamResetError(
                     f"upstream {self.name!r} closed the connection before answering",

@@ -40,6 +40,14 @@ async def misbehave(request: SeenRequest, respond: Responder) -> None:
         await respond.send_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
                                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
         await respond.close()
+    elif request.path == "/endless-informational":
+        # 102 Processing (or 100 Continue) for ever: no final answer ever comes.
+        while True:
+            await respond.send_raw(b"HTTP/1.1 102 Processing\r\n\r\n" * 10)
+    elif request.path == "/hints-then-ok":
+        await respond.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n" + b"".join(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </%d.css>; rel=preload\r\n\r\n" % n
+            for n in range(20)) + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     else:
         await respond.fallback()
 
@@ -56,6 +64,8 @@ BEFORE_STREAMING = {
     # Field values are visible characters (RFC 9110 5.5): relayed, an HTTP/2 client
     # (curl) failed the stream with PROTOCOL_ERROR and an HTTP/1.1 one got \x01 and DEL.
     "/api/up/control-bytes": (502, "upstream_protocol"),
+    # Informational heads without end: bounded by their count, not by the deadline.
+    "/api/up/endless-informational": (502, "upstream_protocol"),
 }
 
 
@@ -121,6 +131,14 @@ async def test_client_leaving_mid_stream_frees_the_pool():
         await s.settle()
         assert s.pool_statistics().active == 0
         await s.assert_serves()
+
+
+async def test_informational_heads_before_the_answer_are_passed_over():
+    async with stage() as s:
+        s.upstream.behaviour = misbehave
+        response, _ = await exchange(s.port, request_bytes("GET", "/api/up/hints-then-ok"))
+        assert response is not None and response.status == 200 and response.complete
+        assert response.body == b"ok"
 
 
 @pytest.mark.parametrize(("path", "status"), [("/api/up/no-content-with-length", 204),
