@@ -197,13 +197,15 @@ def is_retryable(*, method: str, outcome: str | int, policy: RetryPolicy,
     be listed in ``policy.on``. Only idempotent methods are retried, unless
     ``policy.non_idempotent``: a POST that reached the upstream may have taken effect.
     The exceptions are a ``connect`` failure, where no byte of the request left the
-    gateway (nginx's ``proxy_next_upstream`` makes the same distinction), and a try the
-    upstream says it ``undone`` (a SQL transaction the database rolled back for a
-    serialization failure or a deadlock, whose answer says nothing was committed):
-    sending either again cannot repeat an effect. A body that streams from the client
-    cannot be sent twice, so it is not retried, but after a ``connect`` failure while
-    none of it was read yet (``body_unread``): it then goes whole to the next try, as
-    Envoy retries a connect failure. Attempt counts and time are checked elsewhere.
+    gateway (nginx's ``proxy_next_upstream`` makes the same distinction; for SQL, the
+    statement was not sent, while a session the database ended once it was is a
+    ``reset``), and a try the upstream says it ``undone`` (a SQL transaction the
+    database rolled back for a serialization failure or a deadlock, whose answer says
+    nothing was committed): sending either again cannot repeat an effect. A body that
+    streams from the client cannot be sent twice, so it is not retried, but after a
+    ``connect`` failure while none of it was read yet (``body_unread``): it then goes
+    whole to the next try, as Envoy retries a connect failure. Attempt counts and time
+    are checked elsewhere.
     """
     if isinstance(outcome, bool) or outcome not in policy.on:
         return False

@@ -12,6 +12,8 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import asyncpg
+import asyncpg.exceptions
 import pytest
 import trio
 import trio_asyncio
@@ -24,6 +26,7 @@ from gateway._errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamQueryError,
+    UpstreamResetError,
     UpstreamTimeout,
 )
 from gateway.upstreams._postgres import (
@@ -31,7 +34,10 @@ from gateway.upstreams._postgres import (
     PostgresSettings,
     PostgresStatistics,
     PostgresUpstream,
+    _ConnectFailed,
     _Connector,
+    _LostBeforeSent,
+    _translate,
     cancelled_elsewhere,
     to_json,
 )
@@ -721,3 +727,33 @@ def test_a_bad_int_argument_is_a_400_that_does_not_quote_it(raw: object) -> None
         _convert("n", raw, "int")
     assert str(raw) not in str(refused.value)  # argument values stay out of traces
     assert _convert("n", 7.0, "int") == 7 and _convert("n", "7", "int") == 7
+
+
+def test_only_a_failure_before_the_statement_is_a_connect_failure() -> None:
+    """SQLSTATE classes 08, 53 and 57 are a connect failure (``connect``, which a write
+    is retried after: nothing was sent) only while connecting. Past it the statement or
+    its COMMIT was sent and may have been applied: a session the server ends is a
+    reset, and a statement out of resources a database failure."""
+    exceptions = asyncpg.exceptions
+    terminated = exceptions.AdminShutdownError(
+        "terminating connection due to administrator command")
+    for refusal in (exceptions.CannotConnectNowError("the database system is starting up"),
+                    exceptions.TooManyConnectionsError("sorry, too many clients already"),
+                    terminated, ConnectionRefusedError(111, "Connection refused")):
+        assert type(_translate("db", _ConnectFailed(refusal))) is UpstreamConnectError
+    lost = exceptions.ConnectionDoesNotExistError(
+        "connection was closed in the middle of operation")
+    lost.__cause__ = terminated
+    assert type(_translate("db", _LostBeforeSent(lost))) is UpstreamConnectError
+    for mid_call in (terminated, exceptions.CrashShutdownError("crash of another process"),
+                     exceptions.ConnectionFailureError("connection failure"), lost):
+        error = _translate("db", mid_call)
+        assert type(error) is UpstreamResetError, (mid_call, error)
+    for ended in (terminated, lost):  # the server's reason is in the trace, not the answer
+        error = _translate("db", ended)
+        assert "57P01" in error.message and "administrator" not in error.public, error
+    for exhausted in (exceptions.OutOfMemoryError("out of memory"),
+                      exceptions.ConfigurationLimitExceededError("temp_file_limit")):
+        error = _translate("db", exhausted)
+        assert type(error) is UpstreamError, (exhausted, error)
+        assert error.detail["sqlstate"] == exhausted.sqlstate

@@ -50,8 +50,13 @@ Reads that cannot write
 Errors, translated once, in ``_translate``::
 
     cannot connect (refused, unreachable, connect timeout,
-      server starting or shutting down, too many connections)  UpstreamConnectError
-    connection lost in the middle of a call                     UpstreamResetError
+      server starting or shutting down, too many connections),
+      or a pooled connection found lost before a write's
+      statement was sent                                        UpstreamConnectError
+    connection lost in the middle of a call, or the session
+      ended by the server once connected (SQLSTATE class 08,
+      57: admin or crash shutdown) while a statement or its
+      COMMIT ran, which may have been applied                   UpstreamResetError
     ``timeout_s`` spent, or statement_timeout fired on server   UpstreamTimeout
     statement cancelled by another session (pg_cancel_backend) UpstreamError
     bad argument value (SQLSTATE class 22, argument encoding,
@@ -62,6 +67,8 @@ Errors, translated once, in ``_translate``::
     serialization failure or deadlock (40001, 40P01) in a
       transaction the gateway opened (every write's), so that
       nothing of it was committed                                TransactionRolledBack
+    a statement out of resources (class 53: memory, disk,
+      temp_file_limit)                                          UpstreamError
     a json value of the result that JSON cannot carry here      UpstreamQueryError
     any other failure                                           UpstreamError
 
@@ -322,6 +329,13 @@ class _ConnectFailed(Exception):
         self.cause = cause
 
 
+class _LostBeforeSent(_ConnectFailed):
+    """A pooled connection was found lost (closed by the server, a proxy or a firewall
+    while idle) by the round trip that switches a write's session to read-write: the
+    write itself was never sent, so it is as safe to send again as after a connect
+    failure."""
+
+
 #: SQLSTATE classes whose primary message speaks of the schema or the statement, never
 #: of data (``relation "x" does not exist``, a constraint's name): it is kept. Others
 #: can quote values (``invalid input syntax for type integer: "..."``, a PL/pgSQL
@@ -367,6 +381,21 @@ def _connect_reason(failed: _ConnectFailed) -> str:
     if isinstance(cause, OSError):
         return f"{failed.kind}: {cause}"
     return failed.kind
+
+
+#: SQLSTATE classes of a session the server ends (connection exception, operator
+#: intervention: admin or crash shutdown). At connect they are a refusal; past it the
+#: statement or COMMIT running may have been applied.
+_SESSION_ENDED = frozenset({"08", "57"})
+
+
+def _lost_reason(exc: BaseException) -> str:
+    """What the server said as it ended the session (asyncpg keeps its FATAL, 57P01 say,
+    as the cause of a connection lost mid-operation), or the error's kind."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, asyncpg.PostgresError) else exc
+    if isinstance(cause, asyncpg.PostgresError):
+        return _query_error_message(cause, cause.sqlstate or "")
+    return type(cause).__name__
 
 
 #: SQLSTATEs after which PostgreSQL's advice is to run the transaction again: the server
@@ -444,6 +473,11 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False,
         return exc
     where = f"postgres upstream {name!r}"
     logger.debug("%s: %s", where, exc)
+    if isinstance(exc, _LostBeforeSent):
+        return UpstreamConnectError(
+            f"{where}: connection lost before the statement was sent "
+            f"({_lost_reason(exc.cause)})",
+            public=f"{where}: connection lost before the statement was sent")
     if isinstance(exc, _ConnectFailed):
         if out_of_resources(exc) is not None:
             # The worker's own shortage, not the database failing: shed, and no
@@ -468,9 +502,16 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False,
         state = exc.sqlstate or ""
         kind = type(exc).__name__
         if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
-            return UpstreamResetError(f"{where}: connection lost mid-call", sqlstate=state)
-        if state[:2] in {"08", "53", "57"}:
-            return _failed(UpstreamConnectError, where, exc, state)
+            # The statement (or its COMMIT) was sent: it may have been applied.
+            return UpstreamResetError(f"{where}: connection lost mid-call"
+                                      f" ({_lost_reason(exc)})",
+                                      public=f"{where}: connection lost mid-call",
+                                      sqlstate=state)
+        if state[:2] in _SESSION_ENDED:
+            # Once connected, these end the session while a statement or its COMMIT
+            # runs: its outcome is unknown, as for any connection lost mid-call. Only a
+            # refusal while connecting (``_ConnectFailed``) is a connect failure.
+            return _failed(UpstreamResetError, where, exc, state)
         if state == READ_ONLY_SQL_TRANSACTION:
             return StatementWrites(f"{where}: the statement writes, and ran as a read",
                                    sqlstate=state)
@@ -484,7 +525,10 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False,
             return Conflict(f"{where}: {_query_error_message(exc, state)}", sqlstate=state)
         if input_bound and state in _REFUSED_VALUES:
             return BadRequest(f"{where}: {_query_error_message(exc, state)}", sqlstate=state)
-        if state.startswith("40"):  # serialization failure, deadlock: a read tries again
+        if state.startswith("40") or state.startswith("53"):
+            # A serialization failure or a deadlock, a statement out of memory, disk or
+            # temp_file_limit: the database failed it (a read tries again, a write only
+            # as _RolledBack says); past connecting, so no connect failure.
             return _failed(UpstreamError, where, exc, state)
         return _failed(UpstreamQueryError, where, exc, state)
     if isinstance(exc, asyncpg.exceptions._base.DataError):
@@ -857,6 +901,22 @@ def _fetch_within(max_bytes: int, name: str) -> Operation:
     return fetch
 
 
+async def _read_write(con: Any) -> None:
+    """Switch a write's session to read-write, before its statement is sent: a pooled
+    connection found lost here (its loss not yet seen while it was idle) raises
+    :class:`_LostBeforeSent`, which a write may be retried after."""
+    try:
+        await con.execute("SET default_transaction_read_only = off")
+    except (asyncpg.exceptions.PostgresConnectionError, asyncpg.InterfaceError,
+            OSError) as exc:
+        raise _LostBeforeSent(exc) from exc
+    except asyncpg.PostgresError as exc:
+        if (exc.sqlstate or "")[:2] in _SESSION_ENDED and not isinstance(
+                exc, asyncpg.exceptions.QueryCanceledError):
+            raise _LostBeforeSent(exc) from exc
+        raise
+
+
 async def _run_on_pool(
     pool: asyncpg.Pool,
     waiting: _Waiting,
@@ -872,7 +932,7 @@ async def _run_on_pool(
     con = await _acquire(pool, waiting)
     try:
         if writes:
-            await con.execute("SET default_transaction_read_only = off")
+            await _read_write(con)
         result = await _timed(operate(con, query, args))
     except asyncio.CancelledError:
         # Cut by a deadline or a client leaving: the caller is answered now. Releasing

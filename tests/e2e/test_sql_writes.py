@@ -6,6 +6,7 @@ import trio
 
 from gateway.upstreams._postgres import PostgresSettings, PostgresUpstream
 from tests.gateway_harness import run_gateway, trace_of
+from tests.pg import wait_running
 
 POLICY = """
 version: 1
@@ -115,3 +116,202 @@ async def test_two_writes_that_deadlock_are_both_written_once(database):
         first, second = retried[0]
         assert first.outcome == "error" and "40P01" in (first.error or ""), first
         assert second.outcome == "ok", second
+
+
+TERMINATED = """
+version: 1
+upstreams:
+  db:
+    postgres: {dsn_env: GATEWAY_TEST_DSN, pool: {min: 0, max: 4}}
+routes:
+  - path: /slow-write
+    methods: [POST]
+    deadline: 10s
+    sql:
+      upstream: db
+      retries: {attempts: 3, on: [connect, reset], backoff: 1ms..5ms}
+      query: >-
+        /* rfs-terminated */ INSERT INTO rfs_items (label)
+        SELECT 'once' FROM pg_sleep(1.5) RETURNING id
+      one: true
+  - path: /slow-read
+    deadline: 10s
+    sql:
+      upstream: db
+      retries: {attempts: 3, on: [connect, reset], backoff: 1ms..5ms}
+      query: "/* rfs-terminated */ SELECT 1 AS one FROM pg_sleep(1.5)"
+      one: true
+"""
+
+
+async def terminate_running(database, marker: str) -> None:
+    """Terminate the backends running a statement holding ``marker`` (57P01, as a
+    database shutting down or an operator does), once one runs."""
+    await wait_running(database, marker)
+    await trio.to_thread.run_sync(
+        database.psql,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        f"WHERE pid <> pg_backend_pid() AND query LIKE '%{marker}%'")
+
+
+async def test_a_write_whose_backend_is_terminated_mid_statement_is_not_retried(database):
+    """A write's backend terminated while its statement runs (SQLSTATE 57P01) leaves its
+    outcome unknown to the gateway: the same FATAL ends a session whose COMMIT was
+    applied. It is a reset, never a connect failure: one 502 ``upstream_reset``, one try,
+    at most one row, and the trace names the server's reason (it said only "connection
+    lost mid-call"). A read hit the same way is still retried."""
+    async with run_gateway(TERMINATED) as gw, gw.client() as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(terminate_running, database, "rfs-terminated")
+            with trio.fail_after(8):
+                write = await client.post("/slow-write")
+        assert write.status_code == 502, (write.status_code, write.text)
+        assert write.json()["cause"] == "upstream_reset", write.text
+        assert int(database.psql("SELECT count(*) FROM rfs_items")) <= 1
+        trace = await trace_of(gw, write.headers["x-request-id"])
+        tries = [s for s in trace.root.walk() if s.kind == "attempt"]
+        assert len(tries) == 1 and "57P01" in (tries[0].error or ""), trace.to_json()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(terminate_running, database, "rfs-terminated")
+            with trio.fail_after(8):
+                read = await client.get("/slow-read")
+        assert read.status_code == 200 and read.json() == {"one": 1}, read.text
+        trace = await trace_of(gw, read.headers["x-request-id"])
+        tries = [s for s in trace.root.walk() if s.kind == "attempt"]
+        assert len(tries) == 2 and "57P01" in (tries[0].error or ""), trace.to_json()
+
+
+async def test_a_write_out_of_resources_is_not_taken_for_a_connect_failure(database,
+                                                                          monkeypatch):
+    """A write the database failed for want of resources once it ran (SQLSTATE 53400,
+    temp_file_limit) was taken for a connect failure: sent again twice as if nothing had
+    reached the database, then answered 502 ``upstream_connect``. It is one try, and a
+    502 ``upstream_error`` naming the SQLSTATE."""
+    monkeypatch.setenv("GATEWAY_TEST_DSN", database.dsn + "?temp_file_limit=64kB")
+    policy = TERMINATED.replace(
+        "SELECT 'once' FROM pg_sleep(1.5)",
+        "SELECT max(g)::text FROM (SELECT g FROM generate_series(1, 300000) g"
+        " ORDER BY g DESC OFFSET 0) AS s")
+    async with run_gateway(policy) as gw, gw.client() as client:
+        with trio.fail_after(8):
+            write = await client.post("/slow-write")
+        assert write.status_code == 502, (write.status_code, write.text)
+        assert write.json()["cause"] == "upstream_error", write.text
+        assert "53400" in write.json()["error"], write.text
+        trace = await trace_of(gw, write.headers["x-request-id"])
+    tries = [s for s in trace.root.walk() if s.kind == "attempt"]
+    assert len(tries) == 1, trace.to_json()
+    assert int(database.psql("SELECT count(*) FROM rfs_items")) == 0
+
+
+class PostgresRelay:
+    """A TCP relay in front of PostgreSQL. ``refuse_next``: the next connection is
+    answered as a server still starting up answers (SQLSTATE 57P03, before any
+    statement). ``drop_open()``: the connections open now are dropped at the next bytes
+    their client sends (a firewall or proxy that forgot an idle connection), which
+    their client sees only as it uses them."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.refuse_next = False
+        self.refused = 0
+        self.connections = 0
+        self.port = 0
+        self._stale: set[object] = set()
+        self._open: set[object] = set()
+
+    def drop_open(self) -> None:
+        self._stale |= self._open
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    @staticmethod
+    async def _read(stream, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = await stream.receive_some(size - len(data))
+            if not chunk:
+                raise trio.BrokenResourceError
+            data += chunk
+        return data
+
+    async def _refuse(self, client) -> None:
+        length = int.from_bytes(await self._read(client, 4), "big")
+        body = await self._read(client, length - 4)
+        if body == (80877103).to_bytes(4, "big"):  # SSLRequest: no TLS here
+            await client.send_all(b"N")
+            length = int.from_bytes(await self._read(client, 4), "big")
+            await self._read(client, length - 4)  # the startup message
+        fields = b"SFATAL\0VFATAL\0C57P03\0Mthe database system is starting up\0\0"
+        await client.send_all(b"E" + (len(fields) + 4).to_bytes(4, "big") + fields)
+
+    async def _handle(self, client) -> None:
+        async with client:
+            if self.refuse_next:
+                self.refuse_next = False
+                self.refused += 1
+                await self._refuse(client)
+                return
+            self.connections += 1
+            self._open.add(client)
+            try:
+                async with await trio.open_tcp_stream("127.0.0.1", self.target_port) as server:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._pump, client, server, client)
+                        nursery.start_soon(self._pump, server, client, None)
+            finally:
+                self._open.discard(client)
+
+    async def _pump(self, source, sink, client) -> None:
+        try:
+            async for data in source:
+                if client is not None and client in self._stale:
+                    return  # dropped: the client's bytes go nowhere, its socket closes
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await sink.aclose()
+                await source.aclose()
+
+
+async def test_a_write_whose_connection_is_lost_before_it_was_sent_is_retried(
+        database, monkeypatch):
+    """Failures before the write's statement was sent are retried for a write, and it
+    is written once: a connection the database refuses as it starts up (57P03), and a
+    pooled connection dropped while idle (by a proxy or a firewall) that is found lost
+    by the round trip switching the session to read-write. That second one was a 502
+    ``upstream_reset`` and nothing written."""
+    relay = PostgresRelay(database.port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.serve)
+        monkeypatch.setenv("GATEWAY_TEST_DSN", database.dsn.replace(
+            f":{database.port}/", f":{relay.port}/"))
+        policy = TERMINATED.replace("pg_sleep(1.5)", "pg_sleep(0)")
+        async with run_gateway(policy) as gw, gw.client() as client:
+            relay.refuse_next = True
+            with trio.fail_after(8):
+                refused = await client.post("/slow-write")
+            assert refused.status_code == 200, (refused.status_code, refused.text)
+            assert relay.refused == 1
+            refused_trace = await trace_of(gw, refused.headers["x-request-id"])
+
+            relay.drop_open()
+            with trio.fail_after(8):
+                dropped = await client.post("/slow-write")
+            assert dropped.status_code == 200, (dropped.status_code, dropped.text)
+            dropped_trace = await trace_of(gw, dropped.headers["x-request-id"])
+        nursery.cancel_scope.cancel()
+    assert relay.connections >= 2
+    assert int(database.psql("SELECT count(*) FROM rfs_items")) == 2
+    tries = [s for s in refused_trace.root.walk() if s.kind == "attempt"]
+    assert len(tries) == 2 and "57P03" in (tries[0].error or ""), refused_trace.to_json()
+    tries = [s for s in dropped_trace.root.walk() if s.kind == "attempt"]
+    assert len(tries) == 2, dropped_trace.to_json()
+    assert "before the statement was sent" in (tries[0].error or ""), dropped_trace.to_json()
