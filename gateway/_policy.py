@@ -37,6 +37,8 @@ from ._units import (
     PositiveDuration,
     PositiveShare,
     Share,
+    above,
+    digits_at_least,
 )
 from .upstreams._tls import client_context
 
@@ -47,7 +49,7 @@ ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _PARAM_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(\*?)\}")
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_SIZE_RE = re.compile(r"^(?P<value>\d+)(?P<unit>B|KiB|MiB|GiB|KB|MB|GB)?$")
+_SIZE_RE = re.compile(r"^(?P<value>\d+)(?P<unit>B|KiB|MiB|GiB|KB|MB|GB)?$", re.ASCII)
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
                "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
@@ -74,22 +76,6 @@ def parse_size(value: Any) -> int:
     raise ValueError(f"{value!r} is not a size (e.g. 64KiB, 16MiB, 1000)")
 
 
-def _digits_at_least(count: int) -> str:
-    """A regular expression of the decimal numbers (leading zeros allowed) that are at
-    least ``count``: longer ones, ``count`` itself, and those of its length that are
-    larger at their first differing digit."""
-    if count <= 0:
-        return r"\d+"
-    digits = str(count)
-    larger = [rf"[1-9]\d{{{len(digits)},}}", digits]
-    for index, digit in enumerate(digits):
-        if digit != "9":
-            rest = len(digits) - index - 1
-            larger.append(f"{digits[:index]}[{int(digit) + 1}-9]"
-                          + {0: "", 1: r"\d"}.get(rest, rf"\d{{{rest}}}"))
-    return "0*(" + "|".join(larger) + ")"
-
-
 def size_json_schema(minimum: int) -> dict[str, Any]:
     """The JSON Schema of a size of at least ``minimum`` bytes, as a number or as text
     with its unit: a field's ``ge`` is lost under ``WithJsonSchema``, so an editor would
@@ -101,10 +87,11 @@ def size_json_schema(minimum: int) -> dict[str, Any]:
     for count, units in units_by_count.items():
         named = "|".join(unit for unit in units if unit)
         suffix = f"({named})" + ("?" if "" in units else "")
-        texts.append(_digits_at_least(count) + suffix)
-    return {"anyOf": [{"type": "integer", "minimum": minimum},
+        texts.append(digits_at_least(count) + suffix)
+    too_large = above({unit or "": MAX_SIZE // factor for unit, factor in _SIZE_UNITS.items()})
+    return {"anyOf": [{"type": "integer", "minimum": minimum, "maximum": MAX_SIZE},
                       {"type": "string", "pattern": "^(" + "|".join(texts) + ")$",
-                       "examples": ["64KiB", "16MiB"]}]}
+                       "not": {"pattern": too_large}, "examples": ["64KiB", "16MiB"]}]}
 
 
 ByteSize = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(size_json_schema(0))]

@@ -14,9 +14,11 @@ from typing import Annotated, Any, NamedTuple
 
 from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema
 
-_DURATION_RE = re.compile(r"^(?P<value>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)$")
+# ASCII digits only, as the JSON Schema's patterns say: Python's \d and float() would
+# also take fullwidth or Arabic-Indic ones, which an editor flags.
+_DURATION_RE = re.compile(r"^(?P<value>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)$", re.ASCII)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PERCENT_RE = re.compile(r"^(?P<value>\d+(?:\.\d+)?)%$")
+_PERCENT_RE = re.compile(r"^(?P<value>\d+(?:\.\d+)?)%$", re.ASCII)
 
 
 def _shown(value: Any) -> str:
@@ -91,7 +93,37 @@ def parse_duration_range(value: Any) -> DurationSpan:
     raise ValueError(f"{_shown(value)} is not a duration range (e.g. 20ms..500ms)")
 
 
-_DURATION_SCHEMA = {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)$",
+def digits_at_least(count: int) -> str:
+    """A regular expression of the decimal numbers (leading zeros allowed) that are at
+    least ``count``: longer ones, ``count`` itself, and those of its length that are
+    larger at their first differing digit."""
+    if count <= 0:
+        return r"\d+"
+    digits = str(count)
+    larger = [rf"[1-9]\d{{{len(digits)},}}", digits]
+    for index, digit in enumerate(digits):
+        if digit != "9":
+            rest = len(digits) - index - 1
+            larger.append(f"{digits[:index]}[{int(digit) + 1}-9]"
+                          + {0: "", 1: r"\d"}.get(rest, rf"\d{{{rest}}}"))
+    return "0*(" + "|".join(larger) + ")"
+
+
+def above(limits: dict[str, int], *, fraction: bool = False) -> str:
+    """A regular expression of the values above their unit's limit (``limits``: unit to
+    the largest count the loader takes), for a schema's ``not``: what is too large."""
+    def one(limit: int) -> str:
+        if not fraction:
+            return digits_at_least(limit + 1)
+        return rf"{digits_at_least(limit + 1)}(\.\d+)?|0*{limit}\.\d*[1-9]\d*"
+    return "^(" + "|".join(f"({one(limit)}){unit}" for unit, limit in limits.items()) + ")$"
+
+
+#: The durations longer than a year, in each unit (``parse_duration`` refuses them).
+_TOO_LONG = {"not": {"pattern": above(
+    {unit: round(MAX_DURATION_S / seconds) for unit, seconds in _UNIT_SECONDS.items()},
+    fraction=True)}}
+_DURATION_SCHEMA = {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h)$", **_TOO_LONG,
                     "examples": ["250ms", "2s"]}
 Duration = Annotated[
     float,

@@ -589,13 +589,17 @@ def test_the_schema_uses_only_json_schema_keywords() -> None:
 
 def _schema_accepts(node: dict, value: object) -> bool:
     """Whether a field's schema (its keywords the policy schema uses for values with a
-    unit: ``anyOf``, ``type``, ``minimum``, ``pattern``) takes ``value``."""
+    unit: ``anyOf``, ``type``, ``minimum``, ``maximum``, ``pattern``, ``not``) takes
+    ``value``."""
     for branch in node.get("anyOf", [node]):
         if branch.get("type") == "integer" and type(value) is int:
-            if value >= branch.get("minimum", value):
+            if branch.get("minimum", value) <= value <= branch.get("maximum", value):
                 return True
         elif (branch.get("type") == "string" and isinstance(value, str)
-              and re.search(branch.get("pattern", ""), value)):
+              # ECMA-262's \d, as editors read the schema, is ASCII only
+              and re.search(branch.get("pattern", ""), value, re.ASCII)
+              and not re.search(branch.get("not", {}).get("pattern", "(?!)"), value,
+                                re.ASCII)):
             return True
     return False
 
@@ -647,11 +651,19 @@ _BOUNDED_FIELDS = [
     ("ProxyAction", "timeout", _upstream(proxy=", timeout: VALUE")),
 ]
 _SIZES = [0, 1, 1023, 1024, "0", "0B", "1", "1023", "1024", "01024B", "1023B", "0KiB",
-          "1KiB", "1KB", "2KB", "16KiB", "1MB", "1GiB", "00KiB", "10 KiB", "-1", "1kib"]
+          "1KiB", "1KB", "2KB", "16KiB", "1MB", "1GiB", "00KiB", "10 KiB", "-1", "1kib",
+          # the loader's ceiling, 2**63 - 1 bytes, in each unit; fullwidth and Arabic-Indic digits
+          2**63 - 1, 2**63, 10**19, str(2**63 - 1), str(2**63), "9007199254740991KiB",
+          "9007199254740992KiB", "8589934591GiB", "8589934592GiB", "9223372036GB",
+          "9223372037GB", "99999999999GiB", "0009223372036854775807B", "\uff11KiB", "\u0663MB"]
 _DURATIONS = ["0s", "0ms", "00s", "0.0s", "0.000h", "0.5ms", "1s", "10ms", "1.0s", "05m",
-              "0.01s", "250ms", "1", "1 s", ".5s"]
+              "0.01s", "250ms", "1", "1 s", ".5s",
+              # the loader's ceiling, a year, in each unit; fullwidth and Arabic-Indic digits
+              "8760h", "8760.0h", "8760.000h", "8760.5h", "8760.0001h", "8761h", "9000h",
+              "525600m", "525601m", "31536000s", "31536000.5s", "31536001s",
+              "31536000000ms", "31536000001ms", "008760h", "\uff12s", "\u0663s", "\uff11\uff10ms"]
 _PERCENTS = ["0%", "0.0%", "000%", "0.5%", "1%", "50%", "99.99%", "100%", "100.0%",
-             "0100%", "100.5%", "101%", "150%", "1000%", ".5%", "50"]
+             "0100%", "100.5%", "101%", "150%", "1000%", ".5%", "50", "\uff15\uff10%"]
 
 
 @pytest.mark.parametrize(("model", "field", "policy"), _BOUNDED_FIELDS,
