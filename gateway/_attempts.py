@@ -201,7 +201,8 @@ async def _single_attempt(ctx: RequestContext, call: TracedScope, name: str,
 async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamState,
                        settings: CallSettings, *, name: str, method: str, replayable: bool,
                        perform: Perform[T], first_number: int = 1,
-                       body_unread: Callable[[], bool] | None = None) -> T:
+                       body_unread: Callable[[], bool] | None = None,
+                       tries_sent: int | None = None) -> T:
     """Run ``perform`` under the call's resilience rules; return the winning value.
     ``replayable``: the request can be sent again; one that cannot streams its body from
     the client as its try runs (``perform`` then tells ``claim.sent`` when it is sent),
@@ -209,15 +210,19 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     of that body was read yet. ``first_number``: what the first attempt is numbered (a
     call run again after attempts of its own goes on from them: its first attempt is
     not the call's first try, in the metrics and the retry budget, and its tries in all
-    stay within ``attempts``, though one is always sent)."""
+    stay within ``attempts``, though one is always sent). ``tries_sent``: how many of
+    those earlier attempts were sent (a refused retry or hedge has a span and sent
+    nothing); ``first_number - 1`` unless given."""
     shown = first_number - 1  # added to an attempt's number where the trace shows it
+    # Tries the call sent before (a call run again): what its attempts count from.
+    before = shown if tries_sent is None else tries_sent
     retry: RetryPolicy | None = settings.retries
     allowed_retry = retry is not None and replayable and (
         method in IDEMPOTENT_METHODS or retry.non_idempotent)
     # A non-idempotent request may still be retried after a connect failure (nothing was
     # sent), and so may a streamed body none of which was read: is_retryable decides per
     # outcome, so only a streamed body that cannot tell caps attempts here.
-    max_attempts = max(1, retry.attempts - shown) if (
+    max_attempts = max(1, retry.attempts - before) if (
         retry is not None and (replayable or body_unread is not None)) else 1
     hedge_after = settings.hedge_after if replayable and method in IDEMPOTENT_METHODS else None
     max_hedges = settings.max_hedges if hedge_after is not None else 0
@@ -311,10 +316,10 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                                       retry_after_s=breaker.retry_after(trio.current_time()),
                                       upstream=state.name)
                 breaker_asked = True
-                METRICS.attempt_sent(state.name, number + shown, hedge=slot is not None)
+                METRICS.attempt_sent(state.name, number + before, hedge=slot is not None)
                 if slot is not None:
                     hedge_attempts.add(attempt)
-                if number + shown == 1:  # a first try sent: it earns the budget its retries
+                if number + before == 1:  # a first try sent: it earns the budget its retries
                     budget.record_request(trio.current_time())
                 last = number >= max_attempts and hedges >= max_hedges
                 decide = discard_while_others_run if last else discard_for_retry

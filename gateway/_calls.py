@@ -356,7 +356,11 @@ async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: Fan
                             "(a function with side effects?); it now runs as a write, "
                             "never hedged or retried after a timeout: %s",
                             state.name, query)
-    tried = sum(1 for span in scope.span.children if span.kind == "attempt")
+    attempts = [span for span in scope.span.children if span.kind == "attempt"]
+    # Tries sent, not spans: a retry or hedge the budget refused, and a hedge whose race
+    # was won as it started, have spans and sent nothing.
+    sent = sum(1 for span in attempts if span.cause != "retry_budget"
+               and "hedge_not_sent" not in span.attrs)
     return await run_attempts(ctx, scope, state, settings, name=name, method="POST",
                               replayable=True, perform=attempt_of(writes=True),
-                              first_number=tried + 1)
+                              first_number=len(attempts) + 1, tries_sent=sent)

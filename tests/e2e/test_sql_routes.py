@@ -391,3 +391,64 @@ async def test_a_read_run_again_as_a_write_is_one_first_try(database):
             budget = gw.gateway.runtime.snapshot.upstreams[upstream].retry_budget
             assert budget.statistics(trio.current_time()).requests == 2, upstream
     assert database.psql("SELECT v FROM gw_log ORDER BY v").split() == ["1", "1", "2", "2"]
+
+
+FLAKY = """
+version: 1
+upstreams:
+  db:
+    postgres: {dsn_env: GATEWAY_TEST_DSN, pool: {min: 2, max: 6}}
+    call:
+      retries: {attempts: 3, on: [connect, reset], backoff: 1ms..5ms,
+                budget: 50%, min_per_second: 0}
+routes:
+  - path: /flaky
+    deadline: 10s
+    sql:
+      upstream: db
+      hedge_after: 50ms
+      query: "SELECT gw_flaky() AS n"
+      one: true
+  - path: /plain
+    deadline: 10s
+    sql: {upstream: db, query: "SELECT 1 AS one", one: true}
+"""
+
+
+async def test_a_hedge_the_budget_refused_is_not_one_of_the_tries_of_a_write_run_again(
+        database):
+    """``attempts: 3``: a read whose function writes is tried once as a read (its hedge
+    refused by the retry budget: never sent), then run again as a write, which the
+    database rolls back for a serialization failure (40001). One try was sent, so the
+    write has two left, and its retry writes the row once the budget has room. The
+    refused hedge's span was counted as a try: the write got one, no retry, and its
+    client a 502 for a transaction PostgreSQL asks to be run again."""
+    database.psql(
+        "DROP TABLE IF EXISTS gw_flaky_log; DROP SEQUENCE IF EXISTS gw_flaky_seq; "
+        "CREATE TABLE gw_flaky_log (n bigint); CREATE SEQUENCE gw_flaky_seq; "
+        "CREATE OR REPLACE FUNCTION gw_flaky() RETURNS bigint LANGUAGE plpgsql AS $$ "
+        "DECLARE n bigint; BEGIN PERFORM pg_sleep(1); "
+        # nextval is refused in a read-only session (25006) before it counts
+        "n := nextval('gw_flaky_seq'); IF n = 1 THEN "
+        "RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001'; END IF; "
+        "INSERT INTO gw_flaky_log VALUES (n); RETURN n; END $$")
+    async with run_gateway(FLAKY) as gw, gw.client() as client:
+        budget = gw.gateway.runtime.snapshot.upstreams["db"].retry_budget
+        answers = {}
+
+        async def flaky() -> None:
+            answers["flaky"] = await client.get("/flaky")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flaky)
+            with trio.fail_after(5):  # the hedge refused: 50 % of one first try < 1
+                while budget.denied_total == 0:
+                    await trio.sleep(0.01)
+            for _ in range(3):  # other calls' first tries give the budget room again
+                assert (await client.get("/plain")).status_code == 200
+        response = answers["flaky"]
+        trace = await trace_of(gw, response.headers["x-request-id"])
+    attempts = [(a.name, a.cause, a.error) for a in trace.root.walk() if a.kind == "attempt"]
+    assert any(cause == "retry_budget" for _, cause, _ in attempts), attempts
+    assert response.status_code == 200, (response.text, attempts)
+    assert database.psql("SELECT n FROM gw_flaky_log").split() == ["2"]
