@@ -147,7 +147,8 @@ class LimitsPolicy(_Model):
         "them before its connection is sent GOAWAY (ENHANCE_YOUR_CALM) and closed, once "
         "they are also half of the streams it opened (rapid reset); 0: no limit.")
     max_upstream_header_bytes: PositiveByteSize = Field(
-        64 * 1024, description="An upstream answering larger headers → 502.")
+        64 * 1024, description="An upstream answering larger headers → 502; so are its "
+        "informational (1xx) heads before an answer, taken together.")
     body_timeout: PositiveDuration = Field(
         60.0, description="The whole request body must arrive within this of the "
         "request's start, whatever its pace (408); also bounded by the route's deadline.")

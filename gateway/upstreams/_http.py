@@ -65,11 +65,6 @@ INLINE_BODY_BYTES = 64 * 1024
 ``send_all``: they fit the socket buffer, so an upstream that answers early cannot block
 the write. Larger and streamed bodies are written by a task running beside the reader."""
 
-MAX_INFORMATIONAL_HEADS = 100
-"""Informational (1xx) heads passed over before an answer: a 100 Continue, a few 103
-Early Hints, a 102 Processing now and then. An upstream sending more is looping: its
-request fails (upstream_protocol) instead of holding its slot until the deadline."""
-
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 """Methods that may be replayed once on a fresh connection after a stale keep-alive."""
 
@@ -278,6 +273,12 @@ _CERTIFICATE_ALERTS = frozenset({
 #: What the worker is short of, by errno, when it cannot open a socket.
 _RESOURCE_NAMES = {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors",
                    errno.ENOBUFS: "buffer memory", errno.ENOMEM: "memory"}
+
+
+def _head_size(head: h11.Response | h11.InformationalResponse | UpstreamResponse) -> int:
+    """A response head's bytes on the wire, near enough: status line and header lines."""
+    return len(head.reason) + 16 + sum(len(name) + len(value) + 4
+                                       for name, value in head.headers)
 
 
 class _Connection:
@@ -820,6 +821,11 @@ class HttpUpstreamPool:
 
     async def _receive_head(self, conn: _Connection) -> UpstreamResponse:
         h = conn.h11
+        # Informational (1xx) heads passed over before the answer (a 100 Continue, 103
+        # Early Hints, a long job's 102 Processing every second) are bounded by their
+        # bytes together, as Go's net/http bounds them: max_response_header_bytes. A
+        # steady trickle passes for as long as the deadline allows, while an upstream
+        # flooding them fails at once (upstream_protocol) instead of holding its slot.
         informational = 0
         with conn.errors:
             while True:
@@ -831,21 +837,20 @@ class HttpUpstreamPool:
                     response = UpstreamResponse(conn, event)
                     break
                 if type(event) is h11.InformationalResponse:
-                    informational += 1
-                    if informational > MAX_INFORMATIONAL_HEADS:
+                    informational += _head_size(event)
+                    if informational > self.limits.max_response_header_bytes:
                         raise UpstreamProtocolError(
-                            f"upstream {self.name!r} sent more than "
-                            f"{MAX_INFORMATIONAL_HEADS} informational (1xx) heads "
-                            "before its answer", upstream=self.name)
+                            f"upstream {self.name!r} sent informational (1xx) heads over "
+                            f"{self.limits.max_response_header_bytes} bytes before its "
+                            "answer", upstream=self.name)
                     continue
                 raise UpstreamResetError(
                     f"upstream {self.name!r} closed the connection before answering",
                     upstream=self.name,
                 )
-            size = len(response.reason) + 16
+            size = _head_size(response)
             framing = 0
             for name, value in response.headers:
-                size += len(name) + len(value) + 4
                 if _CONTROL_BYTE.search(value) is not None:
                     # RFC 9110 §5.5 (h11 refuses only NUL, CR and LF): relayed, an
                     # HTTP/2 client refuses the whole stream, an HTTP/1.1 one may too.

@@ -44,6 +44,15 @@ async def misbehave(request: SeenRequest, respond: Responder) -> None:
         # 102 Processing (or 100 Continue) for ever: no final answer ever comes.
         while True:
             await respond.send_raw(b"HTTP/1.1 102 Processing\r\n\r\n" * 10)
+    elif request.path == "/large-informational":
+        # Ten heads, each 2 KiB: together past the upstream's header limit (16 KiB).
+        await respond.send_raw(b"HTTP/1.1 103 Early Hints\r\nLink: </%s.css>\r\n\r\n"
+                               % (b"a" * 2000) * 10
+                               + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    elif request.path == "/processing-then-ok":
+        # A long job's 102 Processing every second, 150 of them (2.5 minutes' worth).
+        await respond.send_raw(b"HTTP/1.1 102 Processing\r\n\r\n" * 150
+                               + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ndone")
     elif request.path == "/hints-then-ok":
         await respond.send_raw(b"HTTP/1.1 100 Continue\r\n\r\n" + b"".join(
             b"HTTP/1.1 103 Early Hints\r\nLink: </%d.css>; rel=preload\r\n\r\n" % n
@@ -64,8 +73,9 @@ BEFORE_STREAMING = {
     # Field values are visible characters (RFC 9110 5.5): relayed, an HTTP/2 client
     # (curl) failed the stream with PROTOCOL_ERROR and an HTTP/1.1 one got \x01 and DEL.
     "/api/up/control-bytes": (502, "upstream_protocol"),
-    # Informational heads without end: bounded by their count, not by the deadline.
+    # Informational heads without end: bounded by their bytes, not by the deadline.
     "/api/up/endless-informational": (502, "upstream_protocol"),
+    "/api/up/large-informational": (502, "upstream_protocol"),
 }
 
 
@@ -139,6 +149,17 @@ async def test_informational_heads_before_the_answer_are_passed_over():
         response, _ = await exchange(s.port, request_bytes("GET", "/api/up/hints-then-ok"))
         assert response is not None and response.status == 200 and response.complete
         assert response.body == b"ok"
+
+
+async def test_a_long_jobs_steady_processing_heads_are_passed_over():
+    # Bounded by their count (100), a job sending 102 Processing every second was cut
+    # 502 after 100 s, well inside its deadline; 150 small heads are 4 KiB of 16.
+    async with stage() as s:
+        s.upstream.behaviour = misbehave
+        response, _ = await exchange(s.port, request_bytes(
+            "GET", "/api/up/processing-then-ok"))
+        assert response is not None and response.status == 200 and response.complete
+        assert response.body == b"done"
 
 
 @pytest.mark.parametrize(("path", "status"), [("/api/up/no-content-with-length", 204),
