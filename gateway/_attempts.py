@@ -22,7 +22,8 @@ hedge or a call that ends early can never leave an attempt behind. The rules:
   upstream's concurrency limit of its own, or not sent); the first attempt to
   *claim* the answer wins and the others are cancelled with cause ``hedge_lost``;
 * the circuit breaker counts what says something about the upstream: a 5xx, a failed
-  exchange, a deadline set by policy. A 4xx answer is a healthy upstream, and a
+  exchange, a deadline set by policy. A 4xx answer is a healthy upstream (so is a SQL
+  transaction the database rolled back for a serialization failure or a deadlock), and a
   request whose client-shortened deadline ran out says nothing (one impatient client
   must not open the circuit for everyone);
 * once an attempt has claimed the answer (the proxy claims at the response head, before
@@ -161,7 +162,7 @@ def _is_breaker_failure(error: GatewayError) -> bool:
     if isinstance(error, UpstreamStatusError):
         return error.upstream_status >= 500
     return isinstance(error, UpstreamError | UpstreamTimeout) and not isinstance(
-        error, StatementWrites | UpstreamResultRefused)
+        error, StatementWrites | UpstreamResultRefused | TransactionRolledBack)
 
 
 class _DecidedOnArrival:
@@ -343,8 +344,10 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                 if _is_breaker_failure(error):
                     breaker.record_failure(trio.current_time())
                 elif isinstance(error, UpstreamStatusError | NoRow | BadRequest | Conflict
-                                | UpstreamResultRefused):
-                    breaker.record_success(trio.current_time())  # a 4xx: it answered
+                                | UpstreamResultRefused | TransactionRolledBack):
+                    # A 4xx, or a transaction the database rolled back under lock
+                    # contention (40001, 40P01): it answered, and is healthy.
+                    breaker.record_success(trio.current_time())
                 else:
                     breaker.record_ignored(trio.current_time())
             outcome = error

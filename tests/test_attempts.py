@@ -704,6 +704,23 @@ async def test_a_no_row_answer_is_a_healthy_upstream_to_a_half_open_breaker(auto
     assert breaker.state is BreakerState.CLOSED
 
 
+@pytest.mark.parametrize(("failure", "opened"), [(rolled_back, False), (connect_error, True)])
+async def test_a_rolled_back_transaction_is_an_answering_database_to_the_breaker(
+        autojump_clock, failure, opened):
+    # Serialization failures and deadlocks (40001, 40P01) come from a database that is
+    # up and answering under lock contention: counted as failures, five of them opened
+    # the circuit for every route on it. Five connect failures do.
+    state = make_state(circuit={"consecutive_failures": 3, "open_for": "30s"})
+    upstream = Upstream(*[(5 * MS, failure)] * 5)
+    for _ in range(5):
+        with pytest.raises(GatewayError) as info:
+            await call(FakeContext(), state, settings(), upstream, method="POST")
+        assert not isinstance(info.value, CircuitOpen) or opened
+    assert state.breaker is not None
+    assert (state.breaker.state is BreakerState.OPEN) is opened
+    assert (len(upstream.starts) == 5) is not opened
+
+
 async def test_a_hedge_claimed_before_it_starts_does_not_free_anothers_probe(autojump_clock):
     # The first try claims the answer (the proxy does at the response head) in the same
     # scheduler pass as the hedge timer fires; the hedge task then starts, sees the
