@@ -35,11 +35,14 @@ SendContinue = Callable[[], Awaitable[None]]
 
 
 def _asks_to_continue(headers: list[tuple[bytes, bytes]]) -> bool:
+    """h11's rule (``has_expect_100_continue``), so that Hypercorn's HTTP/1.1 and the
+    gateway agree on who waits: ``100-continue`` among the comma-separated elements of
+    any ``Expect`` line, in any case. Taken as 100-continue by h11 but not here,
+    Hypercorn sent 100 at once and a refused upload was sent in full."""
     # Header names arrive lower-cased from both protocols.
-    for name, value in headers:
-        if name == b"expect":
-            return value.strip().lower() == b"100-continue"
-    return False
+    return any(element.strip() == b"100-continue"
+               for name, value in headers if name == b"expect"
+               for element in value.lower().split(b","))
 
 
 def apply() -> None:

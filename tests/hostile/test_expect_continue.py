@@ -2,6 +2,7 @@
 going to read it, so an upload refused on its head is never sent."""
 
 import h2.events
+import pytest
 import trio
 
 from tests.h2client import H2Client
@@ -9,8 +10,9 @@ from tests.hostile import stage
 from tests.hostile.rawclient import connect
 
 
-def expecting(method: str, target: str, length: int) -> bytes:
-    return (f"{method} {target} HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\n"
+def expecting(method: str, target: str, length: int,
+              expect: str = "Expect: 100-continue") -> bytes:
+    return (f"{method} {target} HTTP/1.1\r\nHost: g\r\n{expect}\r\n"
             f"Content-Length: {length}\r\n\r\n").encode()
 
 
@@ -49,6 +51,34 @@ async def test_an_accepted_upload_is_asked_for_once_and_arrives_whole():
         response = await conn.read_response()
         assert response is not None and response.status == 200
         assert s.upstream.requests[-1].body == b"abc"
+
+
+#: Expectations h11 (so Hypercorn) takes as 100-continue: it splits every Expect line on
+#: commas and looks for the element, in any case.
+LISTED = ["Expect: 100-continue, foo", "Expect: foo, 100-Continue",
+          "Expect: foo\r\nExpect: 100-continue"]
+
+
+@pytest.mark.parametrize("expect", LISTED)
+async def test_a_listed_100_continue_is_asked_for_only_when_wanted(expect):
+    # Taken by h11 but not by the gateway, Hypercorn sent 100 at once: a refused
+    # upload was sent in full.
+    body = b"0123456789" * 500
+    async with stage() as s:
+        async with connect(s.port) as conn:
+            await conn.send(expecting("POST", "/api/up/upload", 10_000_000, expect))
+            response = await conn.read_response()
+            assert response is not None and response.status == 413, response
+            assert response.interim == [], response.interim
+        async with connect(s.port) as conn:
+            await conn.send(expecting("POST", "/api/up/upload", len(body), expect))
+            interim = await conn.read_head(timeout_s=5)
+            assert interim is not None and interim.status == 100, interim
+            await conn.send(body)
+            response = await conn.read_response()
+            assert response is not None and response.status == 200
+            assert response.interim == [], response.interim
+            assert s.upstream.requests[-1].body == body
 
 
 async def test_a_client_that_sends_without_waiting_is_served():
