@@ -275,7 +275,7 @@ _RESOURCE_NAMES = {errno.EMFILE: "file descriptors", errno.ENFILE: "file descrip
                    errno.ENOBUFS: "buffer memory", errno.ENOMEM: "memory"}
 
 
-def _head_size(head: h11.Response | h11.InformationalResponse | UpstreamResponse) -> int:
+def _head_size(head: h11.InformationalResponse) -> int:
     """A response head's bytes on the wire, near enough: status line and header lines."""
     return len(head.reason) + 16 + sum(len(name) + len(value) + 4
                                        for name, value in head.headers)
@@ -848,9 +848,10 @@ class HttpUpstreamPool:
                     f"upstream {self.name!r} closed the connection before answering",
                     upstream=self.name,
                 )
-            size = _head_size(response)
+            size = len(response.reason) + 16  # as _head_size counts, in the one pass
             framing = 0
             for name, value in response.headers:
+                size += len(name) + len(value) + 4
                 if _CONTROL_BYTE.search(value) is not None:
                     # RFC 9110 §5.5 (h11 refuses only NUL, CR and LF): relayed, an
                     # HTTP/2 client refuses the whole stream, an HTTP/1.1 one may too.
