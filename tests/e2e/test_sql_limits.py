@@ -52,6 +52,26 @@ class FreezableProxy:
                 nursery.start_soon(self._pump, server, client)
 
 
+async def _partitionable(database, monkeypatch,  # type: ignore[no-untyped-def]
+                         nursery: trio.Nursery) -> FreezableProxy:
+    """A proxy in front of the test database, serving in ``nursery``, that the policy's
+    ``GATEWAY_PROXIED_DSN`` goes through: freezing it partitions the database."""
+    parts = urlsplit(database.dsn)
+    proxy = FreezableProxy(parts.hostname, parts.port)
+    await nursery.start(proxy.serve)
+    netloc = parts.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
+    monkeypatch.setenv("GATEWAY_PROXIED_DSN", urlunsplit(parts._replace(netloc=netloc)))
+    return proxy
+
+
+async def _in_flight(admin) -> float:  # type: ignore[no-untyped-def]
+    """The ``db`` upstream's slots taken, from the admin port's /metrics."""
+    from tests.metrics import metric_total
+
+    return metric_total((await admin.get("/metrics")).text, "gateway_upstream_in_flight",
+                        upstream="db")
+
+
 SQL = """
 version: 1
 upstreams:
@@ -159,12 +179,8 @@ async def test_a_query_cut_by_the_deadline_is_answered_then_when_the_database_is
     # but the call waits for asyncpg to release the connection (cancel acknowledged, or
     # close_timeout_s = 2 s) before the 504 goes out: a 300 ms deadline is answered
     # after more than 2 s.
-    parts = urlsplit(database.dsn)
     async with trio.open_nursery() as nursery:
-        proxy = FreezableProxy(parts.hostname, parts.port)
-        await nursery.start(proxy.serve)
-        netloc = parts.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
-        monkeypatch.setenv("GATEWAY_PROXIED_DSN", urlunsplit(parts._replace(netloc=netloc)))
+        proxy = await _partitionable(database, monkeypatch, nursery)
         async with run_gateway(FROZEN) as gw, gw.client() as client:
             with trio.fail_after(20):
                 assert (await client.get("/one")).status_code == 200
@@ -201,12 +217,8 @@ async def test_a_large_read_cut_by_its_deadline_is_answered_when_the_database_is
     in a transaction). The deadline cancelled the cursor's fetch, and the ROLLBACK that
     followed waited for the server to acknowledge the cancel: with the database
     unreachable the 504 never went out until the partition healed."""
-    parts = urlsplit(database.dsn)
     async with trio.open_nursery() as nursery:
-        proxy = FreezableProxy(parts.hostname, parts.port)
-        await nursery.start(proxy.serve)
-        netloc = parts.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
-        monkeypatch.setenv("GATEWAY_PROXIED_DSN", urlunsplit(parts._replace(netloc=netloc)))
+        proxy = await _partitionable(database, monkeypatch, nursery)
         async with run_gateway(SLOW_AFTER_10000) as gw, gw.client() as client:
 
             async def freeze_soon() -> None:
@@ -351,22 +363,13 @@ async def test_a_cancelled_statement_keeps_its_slot_until_its_connection_is_back
     asyncpg's pool for the one connection, unseen by the queue gauge and never shed,
     until its deadline. It is now shed (503) while the connection is on its way back,
     and the slot frees once it is back, even with the database still unreachable."""
-    from tests.metrics import metric_total
     from tests.pg import assert_stops, wait_running
 
     database.psql("DROP TABLE IF EXISTS held_marks; CREATE TABLE held_marks (n int)")
-    parts = urlsplit(database.dsn)
     async with trio.open_nursery() as nursery:
-        proxy = FreezableProxy(parts.hostname, parts.port)
-        await nursery.start(proxy.serve)
-        netloc = parts.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
-        monkeypatch.setenv("GATEWAY_PROXIED_DSN", urlunsplit(parts._replace(netloc=netloc)))
+        proxy = await _partitionable(database, monkeypatch, nursery)
         async with run_gateway(HELD_SLOT) as gw, gw.client() as client, \
                 gw.admin() as admin:
-
-            async def in_flight() -> float:
-                text = (await admin.get("/metrics")).text
-                return metric_total(text, "gateway_upstream_in_flight", upstream="db")
 
             with trio.fail_after(20):
                 assert (await client.get("/one")).status_code == 200
@@ -382,10 +385,10 @@ async def test_a_cancelled_statement_keeps_its_slot_until_its_connection_is_back
                 assert after.status_code == 503, after.text
                 assert after.json()["cause"] == "shed", after.text
                 assert "retry-after" in after.headers
-                assert await in_flight() == 1  # the connection still out holds its slot
+                assert await _in_flight(admin) == 1  # the connection still out holds its slot
                 # Bounded: the slot is free again once the connection is terminated,
                 # though the database is still unreachable.
-                while await in_flight():
+                while await _in_flight(admin):
                     await trio.sleep(0.05)
                 proxy.frozen = False
                 proxy.thawed.set()
@@ -426,21 +429,12 @@ async def test_a_hedged_call_cut_by_its_deadline_keeps_a_slot_per_connection_out
     passed the limit (concurrency 2, queue 0) and waited unseen in asyncpg's pool until
     its deadline (504) instead of being shed; each connection out now keeps a slot, and
     both slots free once the connections are back (or terminated)."""
-    from tests.metrics import metric_total
     from tests.pg import statements_running
 
-    parts = urlsplit(database.dsn)
     async with trio.open_nursery() as nursery:
-        proxy = FreezableProxy(parts.hostname, parts.port)
-        await nursery.start(proxy.serve)
-        netloc = parts.netloc.rsplit(":", 1)[0] + f":{proxy.port}"
-        monkeypatch.setenv("GATEWAY_PROXIED_DSN", urlunsplit(parts._replace(netloc=netloc)))
+        proxy = await _partitionable(database, monkeypatch, nursery)
         async with run_gateway(HEDGED_HELD) as gw, gw.client() as client, \
                 gw.admin() as admin:
-
-            async def in_flight() -> float:
-                text = (await admin.get("/metrics")).text
-                return metric_total(text, "gateway_upstream_in_flight", upstream="db")
 
             with trio.fail_after(30):
                 assert (await client.get("/one")).status_code == 200
@@ -454,13 +448,13 @@ async def test_a_hedged_call_cut_by_its_deadline_keeps_a_slot_per_connection_out
                 slow = await client.get("/slow")
                 assert slow.status_code == 504, slow.text
                 assert proxy.frozen, "the hedge was not sent"
-                assert await in_flight() == 2  # both connections still out
+                assert await _in_flight(admin) == 2  # both connections still out
                 after = await client.get("/one")
                 assert after.status_code == 503, after.text
                 assert after.json()["cause"] == "shed", after.text
                 # Bounded: both slots free once the connections are terminated, though
                 # the database is still unreachable.
-                while await in_flight():
+                while await _in_flight(admin):
                     await trio.sleep(0.05)
                 proxy.frozen = False
                 proxy.thawed.set()
