@@ -8,9 +8,11 @@ the upstream could have served. This is the gradient controller of Envoy's adapt
 concurrency filter:
 
 * The upstream's *minimum latency* is measured with the limit held at its minimum
-  (at start, then every ``MIN_LATENCY_EVERY_S``): the median latency of
-  ``MIN_LATENCY_SAMPLES`` calls that started during the measurement, when the upstream
-  had next to nothing else to do.
+  (at start, then every ``MIN_LATENCY_EVERY_S`` plus a random part of it, up to
+  ``MIN_LATENCY_JITTER``, so that workers and gateways started together do not all
+  hold their calls to the upstream at the minimum at the same moment): the median
+  latency of ``MIN_LATENCY_SAMPLES`` calls that started during the measurement, when
+  the upstream had next to nothing else to do.
 * Every ``INTERVAL_S`` with at least ``MIN_SAMPLES`` calls finished, their median
   latency is compared with it: ``gradient = clamp((1 + tolerance) * minimum latency /
   latency, 0.5, 2)``, and ``limit = limit * gradient + sqrt(limit * gradient)`` (the
@@ -24,9 +26,12 @@ shows that it could take more.
 from __future__ import annotations
 
 import math
+import random
 import statistics
 
 __all__ = ["GradientLimit"]
+
+_rng = random.Random()
 
 
 class GradientLimit:
@@ -38,6 +43,9 @@ class GradientLimit:
     MIN_SAMPLES = 10
     #: Seconds between measurements of the minimum latency.
     MIN_LATENCY_EVERY_S = 60.0
+    #: The most a measurement is put off past ``MIN_LATENCY_EVERY_S``, as a share of it
+    #: (Envoy's ``jitter``, 15% by default there too).
+    MIN_LATENCY_JITTER = 0.15
     #: Calls a measurement of the minimum latency takes.
     MIN_LATENCY_SAMPLES = 20
 
@@ -78,7 +86,8 @@ class GradientLimit:
                     self.min_latency_s = statistics.median(self._measured)
                     self._measuring_since = None
                     self._measured = []
-                    self._next_measurement = now + self.MIN_LATENCY_EVERY_S
+                    self._next_measurement = now + self.MIN_LATENCY_EVERY_S * (
+                        1 + _rng.uniform(0, self.MIN_LATENCY_JITTER))
                     self._window, self._window_start = [], now
             return self.slots
         if self._window_start is None:

@@ -257,3 +257,23 @@ async def test_calls_refused_before_anything_is_sent_teach_it_nothing(autojump_c
             await refused()
     gradient = adaptive.adaptive
     assert gradient is not None and gradient.min_latency_s is None
+
+
+def test_workers_do_not_all_measure_the_minimum_latency_at_once():
+    # Workers (and gateways) started together and given the same traffic must not all
+    # hold their slots at min_concurrency at the same moment every minute (the whole
+    # fleet's capacity to the upstream falling at once): as Envoy's ``jitter``, each
+    # measurement is put off by a random part of the period.
+    started_measuring: list[float] = []
+    for _ in range(20):
+        gradient = GradientLimit(maximum=100, minimum=4, tolerance=0.25)
+        now = 0.0
+        for _ in range(GradientLimit.MIN_LATENCY_SAMPLES):
+            gradient.sample(0.010, now, 1, now)
+        assert gradient.slots == 100  # measured
+        while gradient.slots != 4 and now < 200:
+            now = round(now + 0.010, 3)
+            gradient.sample(0.010, now - 0.010, 60, now)
+        started_measuring.append(now)
+    assert all(60 <= at < 60 * 1.2 for at in started_measuring), started_measuring
+    assert len(set(started_measuring)) > 5, started_measuring
