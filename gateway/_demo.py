@@ -50,9 +50,9 @@ class DemoError(Exception):
 def _listen(bind: str, what: str) -> socket.socket:
     try:
         return listen_socket(bind)
-    except OSError as error:
-        raise DemoError(f"cannot serve the {what} on {bind}: "
-                        f"{error.strerror or error}") from None
+    except (OSError, ValueError) as error:  # a port taken, a bind that is no host:port
+        reason = error.strerror if isinstance(error, OSError) else None
+        raise DemoError(f"cannot serve the {what} on {bind}: {reason or error}") from None
 
 
 async def run_demo(policy_file: str, bind: str, admin_bind: str | None) -> None:

@@ -260,6 +260,9 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
                                    "host:port bind")
     public_count = len(config.bind)
     config.bind = [*config.bind, admin]
+    for bind in config.bind:
+        if problem := bind_port_problem(bind):
+            raise HypercornConfigError(f"bind {bind!r}: {problem}")
     # Per process (each worker has its own descriptor table): its clients, twice over
     # for the upstream socket each may hold, its pools' sockets, and a margin.
     raise_open_file_limit(loaded.policy.server.max_inflight * 2
@@ -493,10 +496,29 @@ def _end_with(master_pid: int | None) -> None:
         os._exit(1)
 
 
+def bind_port_problem(bind: str) -> str | None:
+    """Why the port of a ``host:port`` bind is none, or None. Hypercorn raises an
+    OverflowError from deep in its start-up for a port above 65535, and takes a port
+    that is no number (``host:http``) as part of the host name."""
+    if bind.startswith(("unix:", "fd://")):
+        return None
+    host, sep, port = bind.rpartition(":")
+    if not sep or (":" in host and not host.startswith("[")):
+        return None  # no port (Hypercorn's default), or an IPv6 address without brackets
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        return f"port {port} is not a port number (0..65535)"
+    return None
+
+
 def listen_socket(bind: str = "127.0.0.1:0", backlog: int = 4096) -> socket.socket:
     """A non-blocking listening socket for ``host:port`` (port 0: an ephemeral one).
 
-    Bound before serving, so the caller knows the real port (tests, the demo)."""
+    Bound before serving, so the caller knows the real port (tests, the demo). Raises
+    ValueError, saying why, for a bind that is no ``host:port``."""
+    if ":" not in bind:
+        raise ValueError("no port (a bind is host:port)")
+    if problem := bind_port_problem(bind):
+        raise ValueError(problem)
     host, _, port = bind.rpartition(":")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

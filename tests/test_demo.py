@@ -54,3 +54,13 @@ def test_the_demo_with_a_bad_policy_prints_its_errors_without_a_traceback(
     assert f"{policy}:4:" in result.stderr and "unknown key 'timout'" in result.stderr
     result = _demo("--policy", str(tmp_path / "missing.yaml"), "--bind", "127.0.0.1:0")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-1500:]
+
+
+def test_the_demo_with_a_bind_that_is_no_host_and_port_says_so_without_a_traceback() -> None:
+    """`demo --bind foo` was a ValueError traceback, `--bind 127.0.0.1:99999` an
+    OverflowError one."""
+    for bind in ("foo", "127.0.0.1:99999", "127.0.0.1:http"):
+        result = _demo("--bind", bind, "--admin-bind", "127.0.0.1:0")
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr, result.stderr[-1500:]
+        assert f"cannot serve the gateway on {bind}: " in result.stderr, result.stderr[-1500:]

@@ -201,3 +201,26 @@ async def test_an_admin_bind_on_a_unix_socket_is_refused_up_front(tmp_path: Path
     assert process.returncode == 1
     assert "the admin endpoints need a host:port bind" in output, output
     assert "gateway: serving" not in output
+
+
+@pytest.mark.parametrize("role", ["public", "admin", "toml"])
+async def test_a_bind_whose_port_is_no_port_is_refused_in_one_line(tmp_path: Path, role: str):
+    # --bind 127.0.0.1:99999 (or the admin's, or hypercorn.toml's) was an OverflowError
+    # traceback from deep in Hypercorn, naming no bind.
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(proxy_policy("http://127.0.0.1:9"))
+    config = tmp_path / "hypercorn.toml"
+    bad = "127.0.0.1:99999"
+    public = bad if role == "toml" else "127.0.0.1:0"
+    config.write_text(f'worker_class = "trio"\nbind = ["{public}"]\n')
+    args = {"public": ["--bind", bad], "admin": ["--admin-bind", bad], "toml": []}[role]
+    if role != "admin":
+        args += ["--admin-bind", "127.0.0.1:0"]
+    result = await trio.to_thread.run_sync(lambda: subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--config",
+         str(config), *args, "--workers", "0"], cwd=ROOT, capture_output=True, text=True,
+        timeout=60))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-1500:]
+    assert f"bind {bad!r}: port 99999 is not a port number (0..65535)" in result.stderr, \
+        result.stderr
