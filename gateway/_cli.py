@@ -67,8 +67,12 @@ def demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
         click.echo(str(error), err=True)
         sys.exit(1)
     except BaseExceptionGroup as group:
+        # Ctrl+C, met inside the nurseries, reaches here in their exception groups.
+        _, rest = group.split(KeyboardInterrupt)
+        if rest is None:
+            return
         # A demo upstream's fixed port taken, inside the nursery that serves them.
-        taken, other = group.split(OSError)
+        taken, other = rest.split(OSError)
         if taken is None or other is not None:
             raise
         first: BaseException = taken

@@ -1,6 +1,7 @@
 """What ``python -m gateway demo`` tells the user to try, and how it says it cannot."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,3 +65,36 @@ def test_the_demo_with_a_bind_that_is_no_host_and_port_says_so_without_a_traceba
         assert result.returncode == 1
         assert "Traceback" not in result.stderr, result.stderr[-1500:]
         assert f"cannot serve the gateway on {bind}: " in result.stderr, result.stderr[-1500:]
+
+
+_DEMO_ON_EPHEMERAL_PORTS = """
+import functools, signal
+import gateway._demo as demo
+from gateway._cli import main
+demo.serve_demo_upstreams = functools.partial(demo.serve_demo_upstreams, users_port=0,
+                                              orders_port=0)
+# As at a terminal, where Ctrl+C is not ignored as it is for a background job.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+main(["demo", "--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0"])
+"""
+
+
+def test_ctrl_c_stops_the_demo_without_a_traceback() -> None:
+    """The demo says "Ctrl+C stops everything."; it did, with a traceback of the
+    KeyboardInterrupt in its nurseries' exception groups."""
+    env = {**os.environ, "GATEWAY_DEMO_DSN": "postgresql://nobody@127.0.0.1:1/none"}
+    with subprocess.Popen([sys.executable, "-c", _DEMO_ON_EPHEMERAL_PORTS], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("Ctrl+C stops everything."):
+                break
+        process.send_signal(signal.SIGINT)
+        try:
+            _, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert "Traceback" not in stderr, stderr[-1500:]
+    assert process.returncode == 0
