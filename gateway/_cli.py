@@ -129,11 +129,14 @@ def traces(admin: str, cause: str | None, route: str | None, status: int | None,
     """Render recent cancellation traces as trees."""
     import httpx
 
-    from ._trace_view import follow_traces
+    from ._trace_view import NoTraces, follow_traces
 
     try:
         follow_traces(admin, cause=cause, route=route, status=status, limit=limit,
                       follow=follow, token=token)
+    except NoTraces:
+        raise click.ClickException(f"{admin} answered no traces; is it the gateway's "
+                                   "admin bind?") from None
     except httpx.HTTPStatusError as error:
         raise click.ClickException(
             f"{admin} answered {error.response.status_code}"

@@ -91,6 +91,10 @@ def render_traces_text(traces: list[dict[str, Any]], width: int = 140) -> str:
 SEEN_LIMIT = 10_000
 
 
+class NoTraces(Exception):
+    """The admin address answered something that is no list of traces."""
+
+
 def follow_traces(admin: str, *, cause: str | None, route: str | None, status: int | None,
                   limit: int, follow: bool, poll_interval_s: float = 1.0,
                   token: str | None = None) -> None:
@@ -115,13 +119,17 @@ async def _follow(admin: str, cause: str | None, route: str | None, status: int 
         while True:
             response = await client.get("/traces", params=params)
             response.raise_for_status()
-            body = response.json()
-            unreachable = body.get("unreachable_workers") or []
+            try:
+                body = response.json()
+                traces = body["traces"]
+                unreachable = body.get("unreachable_workers") or []
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise NoTraces(admin) from None  # another service at that address
             if unreachable and unreachable != warned:  # once per change, not every poll
                 Console(stderr=True).print(f"warning: workers {unreachable} did not "
                                            "answer; their traces are missing")
             warned = unreachable
-            fresh = [t for t in reversed(body["traces"]) if _identity(t) not in seen]
+            fresh = [t for t in reversed(traces) if _identity(t) not in seen]
             for trace in fresh:
                 seen[_identity(trace)] = None
                 console.print(render_trace(trace))

@@ -3,6 +3,7 @@ the scope that fired, and the Prometheus counter on the admin bind counts it."""
 
 import contextlib
 import os
+import subprocess
 import sys
 
 import httpx
@@ -274,3 +275,22 @@ def test_every_cause_a_trace_can_carry_is_a_choice_of_gateway_traces() -> None:
 
     causes = {error.cause for error in subclasses(GatewayError)} - {"error"}
     assert causes | set(CAUSES) <= set(TRACE_CAUSES)
+
+
+@pytest.mark.parametrize("answer", [b"<html>an nginx page</html>", b'{"status": "ok"}'])
+async def test_traces_from_an_address_that_is_no_admin_endpoint_is_one_line(
+        answer: bytes) -> None:
+    # `gateway traces --admin` pointed at another service (a typo in the port) that
+    # answers 200 printed a JSONDecodeError or KeyError traceback.
+    async def other(request, respond) -> None:  # type: ignore[no-untyped-def]
+        await respond.respond(200, answer)
+
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, behaviour=other)
+        result = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "gateway", "traces", "--admin", upstream.url],
+            capture_output=True, text=True, timeout=60))
+        nursery.cancel_scope.cancel()
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-1500:]
+    assert f"{upstream.url} answered no traces" in result.stderr, result.stderr
