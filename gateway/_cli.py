@@ -48,11 +48,15 @@ def serve(policy_file: str, config_path: str, binds: tuple[str, ...], admin_bind
 
 
 @main.command()
-@click.option("--policy", "policy_file", default="policies/demo.yaml", show_default=True)
-@click.option("--bind", default="127.0.0.1:8080", show_default=True)
-@click.option("--admin-bind", default=None)
+@click.option("--policy", "policy_file", default="policies/demo.yaml", show_default=True,
+              help="Policy file (YAML); its upstreams are the demo's users (127.0.0.1:9001) "
+              "and orders (127.0.0.1:9002).")
+@click.option("--bind", default="127.0.0.1:8080", show_default=True,
+              help="Public bind host:port (port 0: a free one).")
+@click.option("--admin-bind", default=None,
+              help="Admin bind host:port; default from the policy or GATEWAY_ADMIN_BIND.")
 def demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
-    """Start the demo upstreams and the gateway on 127.0.0.1:8080."""
+    """Start the demo upstreams and the gateway (on 127.0.0.1:8080 by default)."""
     import trio
 
     from ._demo import DemoError, run_demo
@@ -110,7 +114,8 @@ def _route_template(_ctx: click.Context, _param: click.Parameter,
 
 
 @main.command()
-@click.option("--admin", default="http://127.0.0.1:9901", show_default=True)
+@click.option("--admin", default="http://127.0.0.1:9901", show_default=True,
+              help="URL of the gateway's admin bind.")
 # Filters that could never match are usage errors (exit 2), not an empty answer that
 # reads as "no such trace".
 @click.option("--cause", type=click.Choice(TRACE_CAUSES), default=None, metavar="CAUSE",
@@ -120,7 +125,8 @@ def _route_template(_ctx: click.Context, _param: click.Parameter,
               help="Traces of the route with this path template.")
 @click.option("--status", type=click.IntRange(100, 599), default=None,
               help="Traces answered with this status.")
-@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="At most this many traces, the most recent.")
 @click.option("--follow", is_flag=True, help="Keep polling for new traces.")
 @click.option("--token", envvar="GATEWAY_ADMIN_TOKEN", default=None,
               help="Admin bearer token (or GATEWAY_ADMIN_TOKEN).")

@@ -98,3 +98,16 @@ def test_ctrl_c_stops_the_demo_without_a_traceback() -> None:
             raise
     assert "Traceback" not in stderr, stderr[-1500:]
     assert process.returncode == 0
+
+
+def test_every_option_of_every_command_says_what_it_takes() -> None:
+    """`demo --help` listed --policy, --bind and --admin-bind with no word on them, and
+    `traces --help` its --admin and --limit."""
+    import click
+
+    from gateway._cli import main
+
+    bare = [f"{name} {param.opts[0]}" for name, command in main.commands.items()
+            for param in command.params
+            if isinstance(param, click.Option) and not param.help]
+    assert bare == []
