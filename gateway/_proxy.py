@@ -58,7 +58,10 @@ async def proxy(ctx: RequestContext) -> None:
         headers = forward_headers(ctx, attempt)
         async with pool.request(method, target, headers, body,
                                 refresh=partial(forward_headers, ctx, attempt),
-                                sent=partial(claim.sent, attempt)) as response:
+                                # Only a streamed upload's try waits for it to start
+                                # its per_try_timeout: no callback on every request.
+                                sent=None if claim.per_try_after_sent is None
+                                else partial(claim.sent, attempt)) as response:
             status = response.status
             if status in retry_statuses:
                 raise UpstreamStatusError(f"upstream {state.name!r} answered {status}",
