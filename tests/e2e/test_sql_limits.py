@@ -72,6 +72,23 @@ async def _in_flight(admin) -> float:  # type: ignore[no-untyped-def]
                         upstream="db")
 
 
+async def _shed_until_back(client, admin, proxy: FreezableProxy, *, out: int) -> None:  # type: ignore[no-untyped-def]
+    """With ``out`` connections of cut calls still on their way back to the pool (the
+    database unreachable), each keeps its slot: the next call is shed (503 with
+    Retry-After). Bounded: the slots free once the connections are terminated, though
+    the database is still unreachable; once it is reachable again a call is served."""
+    assert await _in_flight(admin) == out
+    after = await client.get("/one")
+    assert after.status_code == 503, after.text
+    assert after.json()["cause"] == "shed", after.text
+    assert "retry-after" in after.headers
+    while await _in_flight(admin):
+        await trio.sleep(0.05)
+    proxy.frozen = False
+    proxy.thawed.set()
+    assert (await client.get("/one")).status_code == 200
+
+
 SQL = """
 version: 1
 upstreams:
@@ -381,18 +398,7 @@ async def test_a_cancelled_statement_keeps_its_slot_until_its_connection_is_back
                 nursery.start_soon(partition_once_running)
                 write = await client.post("/slow-write")
                 assert write.status_code == 504, write.text
-                after = await client.get("/one")
-                assert after.status_code == 503, after.text
-                assert after.json()["cause"] == "shed", after.text
-                assert "retry-after" in after.headers
-                assert await _in_flight(admin) == 1  # the connection still out holds its slot
-                # Bounded: the slot is free again once the connection is terminated,
-                # though the database is still unreachable.
-                while await _in_flight(admin):
-                    await trio.sleep(0.05)
-                proxy.frozen = False
-                proxy.thawed.set()
-                assert (await client.get("/one")).status_code == 200
+                await _shed_until_back(client, admin, proxy, out=1)
         nursery.cancel_scope.cancel()
     # The partition left the statement running on the server, where nothing could reach
     # it; it is stopped here so that it neither commits later nor counts in other tests.
@@ -448,17 +454,7 @@ async def test_a_hedged_call_cut_by_its_deadline_keeps_a_slot_per_connection_out
                 slow = await client.get("/slow")
                 assert slow.status_code == 504, slow.text
                 assert proxy.frozen, "the hedge was not sent"
-                assert await _in_flight(admin) == 2  # both connections still out
-                after = await client.get("/one")
-                assert after.status_code == 503, after.text
-                assert after.json()["cause"] == "shed", after.text
-                # Bounded: both slots free once the connections are terminated, though
-                # the database is still unreachable.
-                while await _in_flight(admin):
-                    await trio.sleep(0.05)
-                proxy.frozen = False
-                proxy.thawed.set()
-                assert (await client.get("/one")).status_code == 200
+                await _shed_until_back(client, admin, proxy, out=2)
         nursery.cancel_scope.cancel()
     database.psql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
                   "WHERE query LIKE '%mark-hedged-held%' AND pid <> pg_backend_pid()")
