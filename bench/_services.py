@@ -57,6 +57,7 @@ class Service:
     start_timeout_s: float = 30.0
     stop_signal: signal.Signals = signal.SIGTERM
     log_name: str = ""  # default: the service's name
+    cwd: Path = ROOT
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -85,7 +86,7 @@ class Service:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.argv,
-            cwd=ROOT,
+            cwd=self.cwd,
             env={**os.environ, **self.env},
             stdin=subprocess.DEVNULL,
             stdout=log,

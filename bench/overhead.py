@@ -11,12 +11,18 @@ is accepted and warmed up); the figures are req/s and the worker's CPU per reque
     .venv/bin/python -m bench.overhead --feature gc    # tuned GC vs CPython's default
     .venv/bin/python -m bench.overhead --feature worker  # Hypercorn's worker as tuned vs stock
     .venv/bin/python -m bench.overhead --rounds 5 --seconds 10 --connections 1000
+    .venv/bin/python -m bench.overhead --revision 22401f2  # this tree vs an older commit
+
+With ``--revision``, "off" is the gateway of that commit (exported with ``git archive``
+into ``bench/work/``, served with its own ``bench/gateway.yaml``) and "on" is this
+tree's, both run by this tree's Python environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,18 +51,31 @@ def _policy(text: str, name: str) -> Path:
     return path
 
 
-def _gateway(policy: Path, name: str, env: dict[str, str]) -> Service:
+def _revision_tree(revision: str) -> Path:
+    """The commit's files under ``bench/work/rev-<sha>`` (exported once)."""
+    sha = subprocess.run(["git", "rev-parse", "--short", revision], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    tree = WORK / f"rev-{sha}"
+    if not (tree / "gateway").is_dir():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", sha], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def _gateway(policy: Path, name: str, env: dict[str, str], tree: Path) -> Service:
     argv = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy),
-            "--config", str(ROOT / "bench" / "hypercorn-1.toml"),
+            "--config", str(tree / "bench" / "hypercorn-1.toml"),
             "--bind", f"127.0.0.1:{PORT}", "--admin-bind", f"127.0.0.1:{ADMIN_PORT}"]
-    return Service(f"overhead-{name}", argv, PORT, "/api/fast", env=env)
+    return Service(f"overhead-{name}", argv, PORT, "/api/fast", env=env, cwd=tree)
 
 
 def measure(policy: Path, name: str, seconds: float,
-            env: dict[str, str]) -> tuple[float, float]:
+            env: dict[str, str], tree: Path = ROOT) -> tuple[float, float]:
     """(req/s, worker CPU ms per request) of one gateway run, measured as S1 measures:
     a window once every connection is accepted and warmed up."""
-    service = _gateway(policy, name, env)
+    service = _gateway(policy, name, env, tree)
     service.start()
     system = System(f"overhead-{name}", f"gateway ({name})", PORT, "/api", True)
     try:
@@ -73,21 +92,34 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--revision", default=None,
+                        help="compare this tree (on) with a commit's gateway (off) "
+                             "instead of a feature")
     args = parser.parse_args()
     global CONNECTIONS
     CONNECTIONS = args.connections
-    on_text, off_text, on_env, off_env = VARIANTS[args.feature]
-    envs = {"on": on_env, "off": off_env}
-    assert on_text in BASE_POLICY, f"bench/gateway.yaml must contain {on_text!r}"
-    policies = {"on": _policy(BASE_POLICY, "on"),
-                "off": _policy(BASE_POLICY.replace(on_text, off_text), "off")}
+    trees = {"on": ROOT, "off": ROOT}
+    if args.revision:
+        args.feature = f"revision {args.revision}"
+        trees["off"] = _revision_tree(args.revision)
+        envs: dict[str, dict[str, str]] = {"on": {}, "off": {}}
+        policies = {"on": _policy(BASE_POLICY, "on"),
+                    "off": _policy((trees["off"] / "bench" / "gateway.yaml").read_text(),
+                                   "off")}
+    else:
+        on_text, off_text, on_env, off_env = VARIANTS[args.feature]
+        envs = {"on": on_env, "off": off_env}
+        assert on_text in BASE_POLICY, f"bench/gateway.yaml must contain {on_text!r}"
+        policies = {"on": _policy(BASE_POLICY, "on"),
+                    "off": _policy(BASE_POLICY.replace(on_text, off_text), "off")}
     upstream = nginx_upstream()
     upstream.start()
     figures: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
     try:
         for round_ in range(args.rounds):
             for name in ("off", "on") if round_ % 2 else ("on", "off"):
-                figures[name].append(measure(policies[name], name, args.seconds, envs[name]))
+                figures[name].append(measure(policies[name], name, args.seconds, envs[name],
+                                             trees[name]))
                 rps, cpu = figures[name][-1]
                 print(f"round {round_ + 1} {args.feature} {name:>3}: {rps:8.0f} req/s "
                       f"{cpu:.3f} ms CPU/request", flush=True)
