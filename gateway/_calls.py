@@ -12,8 +12,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Container, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Container, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -49,45 +49,60 @@ log = logging.getLogger("gateway.calls")
 DEFAULT_PARSED_BODY_LIMIT = 4 * 1024 * 1024
 
 
-@contextmanager
 def call_span(ctx: RequestContext, parent: TracedScope, call_name: str,
               state: UpstreamState, timeout_s: float | None,
-              **attrs: Any) -> Iterator[TracedScope]:
+              **attrs: Any) -> traced_scope:
     """The traced cancel scope of one call, its deadline nested in the request's: what
     the call does before it takes a slot (binding its arguments) is traced too."""
     # Within the parent's own deadline too: a partial fan-out stops waiting for its
     # calls before the request's deadline, and each call announces that budget upstream.
     deadline = call_deadline(trio.current_time(), min(ctx.deadline.at, parent.deadline),
                              timeout_s)
-    with traced_scope(ctx.trace, parent, "call", call_name, deadline=deadline,
-                      upstream=state.name, **attrs) as call:
-        yield call
+    return traced_scope(ctx.trace, parent, "call", call_name, deadline=deadline,
+                        upstream=state.name, **attrs)
 
 
-@asynccontextmanager
-async def capacity_slot(ctx: RequestContext, call: TracedScope, call_name: str,
-                        state: UpstreamState) -> AsyncIterator[HeldSlot]:
-    """One of the upstream's capacity slots for ``call``, checked against its floor."""
-    now = trio.current_time()
-    _check_budget_floor(ctx, call, call_name, now)
-    # Queue wait counts against the deadline: wait no longer than would leave the
-    # call the floor it needs once it has a slot.
-    server = ctx.policy.server
-    max_wait = call.deadline - now - server.deadline_margin - server.min_call_budget
-    async with state.limiter.slot(max_wait) as held:
+class capacity_slot:  # named as the function it replaces: ``async with capacity_slot(...)``
+    """One of the upstream's capacity slots for ``call``, checked against its floor.
+
+    A class, not a generator: one is entered on every proxied request."""
+
+    __slots__ = ("_call", "_call_name", "_ctx", "_held", "_slot")
+
+    def __init__(self, ctx: RequestContext, call: TracedScope, call_name: str,
+                 state: UpstreamState) -> None:
+        self._ctx = ctx
+        self._call = call
+        self._call_name = call_name
+        now = trio.current_time()
+        _check_budget_floor(ctx, call, call_name, now)
+        # Queue wait counts against the deadline: wait no longer than would leave the
+        # call the floor it needs once it has a slot.
+        server = ctx.policy.server
+        max_wait = call.deadline - now - server.deadline_margin - server.min_call_budget
+        self._slot = state.limiter.slot(max_wait)
+        self._held: HeldSlot | None = None
+
+    async def __aenter__(self) -> HeldSlot:
+        held = self._held = await self._slot.__aenter__()
         try:
-            _check_budget_floor(ctx, call, call_name, trio.current_time())  # after a wait
-        except UpstreamTimeout:
+            _check_budget_floor(self._ctx, self._call, self._call_name,
+                                trio.current_time())  # after a wait
+        except UpstreamTimeout as refused:
             held.unmeasured = True
+            await self._slot.__aexit__(type(refused), refused, refused.__traceback__)
             raise
-        try:
-            yield held
-        except UpstreamConnectError:
+        return held
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: object) -> bool:
+        held = self._held
+        assert held is not None
+        if isinstance(exc, UpstreamConnectError):
             held.unmeasured = True  # nothing was sent: no latency to learn
-            raise
-        except trio.Cancelled:
-            held.unmeasured = ctx.deadline.passed_by_client(trio.current_time())
-            raise
+        elif isinstance(exc, trio.Cancelled):
+            held.unmeasured = self._ctx.deadline.passed_by_client(trio.current_time())
+        return await self._slot.__aexit__(exc_type, exc, tb)
 
 
 @asynccontextmanager

@@ -154,6 +154,7 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.protocol.ws_stream import WSStream
 from hypercorn.trio.task_group import TaskGroup, _handle
+from hypercorn.trio.tcp_server import MAX_RECV as _MAX_RECV
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import EventWrapper, WorkerContext
 from hypercorn.utils import suppress_body
@@ -723,6 +724,22 @@ def _closing_protocol(server: Any) -> Any:
     return protocol if getattr(protocol, "__dict__", {}).get("closing") else None
 
 
+async def _read_until_closed(server: TCPServer) -> None:
+    """Hypercorn's read loop without the ``fail_after(read_timeout or inf)`` it enters
+    around every read: with no ``read_timeout`` (the gateway refuses one) that is a
+    cancel scope made and left on every request for nothing."""
+    receive, handle = server.stream.receive_some, server.protocol.handle
+    while True:
+        try:
+            data = await receive(_MAX_RECV)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            break
+        await handle(RawData(bytes(data)))
+        if not data:
+            break
+    await handle(Closed())
+
+
 def _direct_send(server: Any, data: bytes) -> int | None:
     """Bytes of ``data`` the kernel took at once, or None when the socket is gone."""
     sock = getattr(server.stream, "socket", None)
@@ -929,7 +946,10 @@ def apply() -> None:
 
     async def _read_data(self: Any) -> None:
         try:
-            await original_read(self)
+            if self.config.read_timeout is None:
+                await _read_until_closed(self)
+            else:
+                await original_read(self)
         except _PeerGone:  # seen while a pipelined request waited its turn, or reclaimed
             await self.protocol.handle(Closed())
         finally:

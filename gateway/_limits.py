@@ -9,9 +9,9 @@ changes them, without dropping the calls that hold or wait for a slot.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -85,12 +85,6 @@ class HeldSlot:
         if self._back is not None:
             await self._back.wait()
 
-    def _release_when_returned(self, give_back: Callable[[], None]) -> None:
-        if self._kept:
-            self._give_back = give_back
-        else:
-            give_back()
-
 
 class UpstreamLimiter:
     """``trio.CapacityLimiter`` plus a bounded, time-limited queue."""
@@ -130,15 +124,19 @@ class UpstreamLimiter:
         if retry_after_s is not None:
             self._retry_after_s = retry_after_s
 
-    @asynccontextmanager
-    async def slot(self, max_wait_s: float = math.inf) -> AsyncIterator[HeldSlot]:
-        """Hold one slot for the duration of the block, or raise :class:`Shed`.
+    def slot(self, max_wait_s: float = math.inf) -> _Slot:
+        """``async with limiter.slot(max_wait_s) as held``: hold one slot for the
+        duration of the block, or raise :class:`Shed`.
 
         ``max_wait_s``: the most the caller can wait (its deadline, less what the call
         itself needs). A call that would wait longer than its deadline allows is shed
         (503, ``Retry-After``) when that time is spent, or at once if there is none,
         rather than queued to fail with a 504 later.
         """
+        return _Slot(self, max_wait_s)
+
+    async def _acquire(self, max_wait_s: float) -> object:
+        """Take a slot (waiting in the queue if need be) and return its token."""
         token = object()
         try:
             self._limiter.acquire_on_behalf_of_nowait(token)
@@ -165,36 +163,7 @@ class UpstreamLimiter:
                            retry_after_s=self._retry_after_s, upstream=self.name,
                            reason="queue_timeout" if wait_s == queue_timeout_s
                            else "deadline") from None
-        held = HeldSlot()
-        adaptive = self.adaptive
-        if adaptive is None:
-            try:
-                yield held
-            finally:
-                held._release_when_returned(lambda: self._limiter.release_on_behalf_of(token))
-            return
-        started = trio.current_time()
-        in_flight = self._limiter.borrowed_tokens
-        measured = True  # an answer of any status, a timeout, a reset: all say how long
-        try:
-            yield held
-        except trio.Cancelled as cancelled:
-            # A deadline that fired shows the upstream took at least this long (the very
-            # case the limit is for); a call cut for another reason (the client left, a
-            # hedge won, a sibling failed) says nothing of its speed.
-            measured = cancelled.source == "deadline"
-            raise
-        except CircuitOpen:
-            measured = False  # refused before anything was sent: no latency to learn
-            raise
-        finally:
-            held._release_when_returned(lambda: self._limiter.release_on_behalf_of(token))
-            if measured and not held.unmeasured and self.adaptive is adaptive:
-                now = trio.current_time()
-                answered = held.answered_at if held.answered_at is not None else now
-                slots = adaptive.sample(answered - started, started, in_flight, now)
-                if slots != self._limiter.total_tokens:
-                    self._limiter.total_tokens = slots
+        return token
 
     @property
     def queued(self) -> int:
@@ -224,8 +193,12 @@ class UpstreamLimiter:
         """Give back a slot :meth:`try_hold` took, once what it keeps is back (a hedge's
         PostgreSQL connection still on its way back to its pool keeps it taken)."""
         token, held._token = held._token, None
-        if token is not None:
-            held._release_when_returned(lambda: self._limiter.release_on_behalf_of(token))
+        if token is None:
+            return
+        if held._kept:
+            held._give_back = partial(self._limiter.release_on_behalf_of, token)
+        else:
+            self._limiter.release_on_behalf_of(token)
 
     def statistics(self) -> LimiterStatistics:
         return LimiterStatistics(
@@ -240,6 +213,57 @@ class UpstreamLimiter:
         s = self.statistics()
         return (f"<UpstreamLimiter {self.name} [{s.in_flight}/{s.concurrency} in flight, "
                 f"{s.queued}/{s.queue_limit} queued, {s.shed_total} shed]>")
+
+
+class _Slot:
+    """The block of :meth:`UpstreamLimiter.slot`. A class, not a generator: one is
+    entered on every proxied request."""
+
+    __slots__ = ("_adaptive", "_held", "_in_flight", "_limiter", "_max_wait_s", "_started")
+
+    def __init__(self, limiter: UpstreamLimiter, max_wait_s: float) -> None:
+        self._limiter = limiter
+        self._max_wait_s = max_wait_s
+        self._held: HeldSlot | None = None
+        self._adaptive: GradientLimit | None = None
+        self._started = 0.0
+        self._in_flight = 0
+
+    async def __aenter__(self) -> HeldSlot:
+        limiter = self._limiter
+        token = await limiter._acquire(self._max_wait_s)
+        held = self._held = HeldSlot()
+        held._token = token
+        adaptive = self._adaptive = limiter.adaptive
+        if adaptive is not None:
+            self._started = trio.current_time()
+            self._in_flight = limiter._limiter.borrowed_tokens
+        return held
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: object) -> bool:
+        limiter, held, adaptive = self._limiter, self._held, self._adaptive
+        assert held is not None
+        limiter.release(held)  # or once what the slot keeps is back
+        if adaptive is None:
+            return False
+        if isinstance(exc, trio.Cancelled):
+            # A deadline that fired shows the upstream took at least this long (the
+            # very case the limit is for); a call cut for another reason (the client
+            # left, a hedge won, a sibling failed) says nothing of its speed.
+            measured = exc.source == "deadline"
+        else:
+            # An answer of any status, a timeout, a reset: all say how long. Refused
+            # by the breaker: nothing was sent, no latency to learn.
+            measured = not isinstance(exc, CircuitOpen)
+        if measured and not held.unmeasured and limiter.adaptive is adaptive:
+            now = trio.current_time()
+            answered = held.answered_at if held.answered_at is not None else now
+            slots = adaptive.sample(answered - self._started, self._started,
+                                    self._in_flight, now)
+            if slots != limiter._limiter.total_tokens:
+                limiter._limiter.total_tokens = slots
+        return False
 
 
 class InflightGate:

@@ -27,7 +27,7 @@ import socket
 import ssl
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -492,6 +492,62 @@ class _Upload:
         would leave the upstream reading the next request as this body."""
 
 
+class _Exchange:
+    """The block of :meth:`HttpUpstreamPool.request`: the connection is released (to
+    the pool, or closed) when it ends. A class, not a generator: one is entered on every
+    proxied request."""
+
+    __slots__ = ("body", "conn", "headers", "inner", "method", "pool", "refresh",
+                 "response", "sent", "target")
+
+    def __init__(self, pool: HttpUpstreamPool, method: str, target: str, headers: Headers,
+                 body: Body, refresh: Callable[[], Headers] | None,
+                 sent: Callable[[], None] | None) -> None:
+        self.pool = pool
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.body = body
+        self.refresh = refresh
+        self.sent = sent
+        self.conn: _Connection | None = None
+        #: The exchange's own block, when it is not a plain inline one: a streamed
+        #: upload, or the rest of a body written beside the reading.
+        self.inner: AbstractAsyncContextManager[UpstreamResponse] | None = None
+        self.response: UpstreamResponse | None = None
+
+    async def __aenter__(self) -> UpstreamResponse:
+        body = self.body
+        if body is not None and (
+            not isinstance(body, _BYTES_TYPES) or len(body) > INLINE_BODY_BYTES
+        ):
+            inner = self.inner = self.pool._request_streamed(self)
+            self.response = await inner.__aenter__()
+            return self.response
+        try:
+            self.response = await self.pool._send_inline(self)
+        except BaseException:
+            if self.conn is not None:
+                self.pool._release(self.conn, False)
+                self.conn = None
+            raise
+        return self.response
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: object) -> bool | None:
+        conn, inner, response = self.conn, self.inner, self.response
+        reusable = (conn is not None and exc is None and response is not None
+                    and response._reusable())
+        try:
+            if inner is not None:
+                return await inner.__aexit__(exc_type, exc, tb)  # type: ignore[arg-type]
+            return False
+        finally:
+            if conn is not None:
+                self.conn = None
+                self.pool._release(conn, reusable)
+
+
 class HttpUpstreamPool:
     """HTTP/1.1 keep-alive connections to one upstream, bounded and queued.
 
@@ -539,13 +595,13 @@ class HttpUpstreamPool:
 
     # -- public API -------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def request(
+    def request(
         self, method: str, target: str, headers: Headers, body: Body = None,
         *, refresh: Callable[[], Headers] | None = None,
         sent: Callable[[], None] | None = None,
-    ) -> AsyncIterator[UpstreamResponse]:
-        """Send one request and yield the response once its head has arrived.
+    ) -> _Exchange:
+        """``async with pool.request(...) as response``: send one request and yield the
+        response once its head has arrived.
 
         ``body`` as bytes is sent with Content-Length; an async iterable streams with
         ``Transfer-Encoding: chunked`` unless ``headers`` carry a content-length. Leaving
@@ -555,48 +611,49 @@ class HttpUpstreamPool:
         what is left when it goes out. ``sent`` is called once the request, its body
         whole, is in the socket (an upload may end after the answer has started).
         """
-        head = self._build_request(method, target, headers, body)
+        return _Exchange(self, method, target, headers, body, refresh, sent)
+
+    async def _send_inline(self, exchange: _Exchange) -> UpstreamResponse:
+        """The exchange of a request without a body or with a small one: on a pooled
+        connection (again on a fresh one if a reused one turns out to be closed)."""
+        method, body, refresh = exchange.method, exchange.body, exchange.refresh
+        assert body is None or isinstance(body, _BYTES_TYPES)
+        head = self._build_request(method, exchange.target, exchange.headers, body)
         built_at = trio.current_time()
+        retry = method in _IDEMPOTENT
+        conn = exchange.conn = await self._checkout()
+        while True:
+            try:
+                if refresh is not None and trio.current_time() - built_at >= _STALE_HEAD_S:
+                    head = self._build_request(method, exchange.target, refresh(), body)
+                outcome = await self._exchange_inline(conn, head, body, exchange.sent)
+                break
+            except UpstreamResetError:
+                if not (retry and conn.reused and not conn.received):
+                    raise
+                retry = False
+                exchange.conn = None
+                conn = exchange.conn = await self._reconnect(conn)
+        if isinstance(outcome, UpstreamResponse):
+            return outcome
+        exchange.inner = self._answer_beside_writing(conn, outcome, exchange.sent)
+        return await exchange.inner.__aenter__()
+
+    def _request_streamed(self, exchange: _Exchange) -> AbstractAsyncContextManager[
+            UpstreamResponse]:
+        """The exchange of a request with a large or streamed body."""
+        method, body = exchange.method, exchange.body
+        head = self._build_request(method, exchange.target, exchange.headers, body)
+        built_at = trio.current_time()
+        refresh = exchange.refresh
 
         def current(head: h11.Request) -> h11.Request:
             if refresh is None or trio.current_time() - built_at < _STALE_HEAD_S:
                 return head
-            return self._build_request(method, target, refresh(), body)
+            return self._build_request(method, exchange.target, refresh(), body)
 
-        if body is not None and (
-            not isinstance(body, _BYTES_TYPES) or len(body) > INLINE_BODY_BYTES
-        ):
-            retry = isinstance(body, _BYTES_TYPES) and method in _IDEMPOTENT
-            async with self._request_with_upload(head, body, retry, current,
-                                                 sent) as response:
-                yield response
-            return
-        retry = method in _IDEMPOTENT
-        conn: _Connection | None = await self._checkout()
-        reusable = False
-        try:
-            while True:
-                assert conn is not None
-                try:
-                    head = current(head)
-                    outcome = await self._exchange_inline(conn, head, body, sent)
-                    break
-                except UpstreamResetError:
-                    if not (retry and conn.reused and not conn.received):
-                        raise
-                    retry = False
-                    stale, conn = conn, None
-                    conn = await self._reconnect(stale)
-            if isinstance(outcome, UpstreamResponse):
-                yield outcome
-                reusable = outcome._reusable()
-            else:
-                async with self._answer_beside_writing(conn, outcome, sent) as response:
-                    yield response
-                    reusable = response._reusable()
-        finally:
-            if conn is not None:
-                self._release(conn, reusable)
+        retry = isinstance(body, _BYTES_TYPES) and method in _IDEMPOTENT
+        return self._request_with_upload(head, body, retry, current, exchange.sent)
 
     def statistics(self) -> PoolStatistics:
         idle = len(self._idle)
