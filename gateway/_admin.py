@@ -22,6 +22,7 @@ from ._drain import DRAIN
 from ._headers import request_id_from
 from ._metrics import render_metrics
 from ._trace import TRACE_CAUSES
+from ._trace_context import is_trace_id
 from ._trace_peers import dumps, gather
 
 if TYPE_CHECKING:
@@ -173,8 +174,12 @@ def create_admin_app(gateway: Gateway) -> QuartTrio:
         if route is not None and not route.startswith("/"):
             return error(400, "route must be a route's path template, which starts with "
                          "'/' (e.g. /api/users/{id})", "bad_request")
+        trace_id = args.get("trace_id")
+        if trace_id is not None and not is_trace_id(trace_id):
+            return error(400, "trace_id must be a W3C trace-id: 32 lower-case hex digits, "
+                         "not all zero", "bad_request")
         query = {"route": route, "cause": cause, "status": status, "min_ms": min_ms,
-                 "limit": limit}
+                 "trace_id": trace_id, "limit": limit}
         found = await gather(gateway.runtime.traces, {"query": query})
         body = {"traces": found.traces[:limit], "unreachable_workers": found.unreachable,
                 "worker_pid": os.getpid()}

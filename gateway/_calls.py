@@ -35,6 +35,7 @@ from ._headers import upstream_request_headers
 from ._policy import CallSettings, FanoutCall, sql_reads_only
 from ._routing import target_authority
 from ._trace import TracedScope, traced_scope
+from ._trace_context import TRACEPARENT, TRACESTATE
 
 if TYPE_CHECKING:
     from ._attempts import Perform
@@ -136,18 +137,24 @@ def _check_budget_floor(ctx: RequestContext, call: TracedScope, call_name: str,
 
 def forward_headers(ctx: RequestContext, call: TracedScope,
                     base: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
-    """Request headers for an upstream attempt, with the remaining budget announced."""
+    """Request headers for an upstream attempt, with the remaining budget announced and,
+    when the request has a W3C trace, the attempt's ``traceparent``."""
     server = ctx.policy.server
     deadline_header = server.deadline_header.encode()
+    context = ctx.trace.context
     if base is None:
         client = ctx.scope.get("client")
         base = upstream_request_headers(
             ctx.scope["headers"], peer=client[0] if client else None,
             scheme=ctx.scope.get("scheme", "http"), trusted=server.trusted_proxies,
             request_id=ctx.request_id, request_id_header=server.request_id_header.encode(),
-            drop=frozenset({deadline_header}), target_authority=_target_authority(ctx))
+            drop=frozenset({deadline_header}) if context is None
+            else frozenset({deadline_header, TRACEPARENT, TRACESTATE}),
+            target_authority=_target_authority(ctx))
     budget = propagated_budget_ms(trio.current_time(), call.deadline, server.deadline_margin)
-    return [*base, (deadline_header, str(budget).encode())]
+    if context is None:
+        return [*base, (deadline_header, str(budget).encode())]
+    return [*base, (deadline_header, str(budget).encode()), *context.headers(call)]
 
 
 async def http_json_call(ctx: RequestContext, parent: TracedScope, name: str,

@@ -113,6 +113,16 @@ def _route_template(_ctx: click.Context, _param: click.Parameter,
     return value
 
 
+def _trace_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """A trace-id filter is a W3C trace-id: anything else matches nothing."""
+    from ._trace_context import is_trace_id
+
+    if value is not None and not is_trace_id(value):
+        raise click.BadParameter(f"{value!r} is no W3C trace-id; those are 32 lower-case "
+                                 "hex digits, not all zero")
+    return value
+
+
 @main.command()
 @click.option("--admin", default="http://127.0.0.1:9901", show_default=True,
               help="URL of the gateway's admin bind.")
@@ -125,13 +135,16 @@ def _route_template(_ctx: click.Context, _param: click.Parameter,
               help="Traces of the route with this path template.")
 @click.option("--status", type=click.IntRange(100, 599), default=None,
               help="Traces answered with this status.")
+@click.option("--trace-id", default=None, callback=_trace_id,
+              help="Traces of requests in this W3C trace (the trace-id of their "
+              "traceparent).")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="At most this many traces, the most recent.")
 @click.option("--follow", is_flag=True, help="Keep polling for new traces.")
 @click.option("--token", envvar="GATEWAY_ADMIN_TOKEN", default=None,
               help="Admin bearer token (or GATEWAY_ADMIN_TOKEN).")
 def traces(admin: str, cause: str | None, route: str | None, status: int | None,
-           limit: int, follow: bool, token: str | None) -> None:
+           trace_id: str | None, limit: int, follow: bool, token: str | None) -> None:
     """Render recent cancellation traces as trees."""
     import httpx
 
@@ -139,7 +152,7 @@ def traces(admin: str, cause: str | None, route: str | None, status: int | None,
 
     try:
         follow_traces(admin, cause=cause, route=route, status=status, limit=limit,
-                      follow=follow, token=token)
+                      follow=follow, token=token, trace_id=trace_id)
     except NoTraces:
         raise click.ClickException(f"{admin} answered no traces; is it the gateway's "
                                    "admin bind?") from None

@@ -194,12 +194,25 @@ class ServerPolicy(_Model):
     admin_token_env: str | None = Field(
         None, description="Environment variable holding a bearer token the admin bind requires.")
     tracing: bool = Field(True, description="Record a cancellation trace per request.")
+    trace_context: Literal["w3c", "off"] = Field(
+        "w3c", description="w3c: with tracing on, a request joins the trace of a valid "
+        "incoming traceparent (or starts one) and each HTTP try upstream is sent a "
+        "traceparent naming its own span; off: traceparent and tracestate pass through "
+        "untouched.")
     trace_buffer: int = Field(1000, ge=0, le=1_000_000,
                               description="Traces kept per worker (ring buffer).")
     slow_request: Duration = Field(1.0, description="A request slower than this is logged.")
     log_sample: Share = Field(0.0, description="Share of ordinary requests also logged "
                                 "(0% to 100%).")
     limits: LimitsPolicy = LimitsPolicy()
+
+    @field_validator("trace_context", mode="before")
+    @classmethod
+    def _off_as_written(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare ``off`` as the boolean false (and ``on`` as true).
+        if value is True:
+            raise ValueError("expected w3c or off, got true")
+        return "off" if value is False else value
 
     @field_validator("log_sample")
     @classmethod

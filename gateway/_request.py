@@ -40,6 +40,7 @@ from ._metrics import METRICS
 from ._routing import RouteMatch, origin_form
 from ._runtime import Runtime, Snapshot
 from ._trace import Trace, TracedScope, traced_scope
+from ._trace_context import TraceContext
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -334,6 +335,8 @@ async def handle_request(runtime: Runtime, scope: Scope, receive: Receive, send:
     # it is no short token, but a trace is kept of that refusal too).
     trace = Trace(request_id, method[:MAX_METHOD_LENGTH], raw_path.decode("latin-1")[:512],
                   None)
+    if server.tracing and server.trace_context == "w3c":
+        trace.context = TraceContext.from_headers(headers)
     gate = runtime.gate
     entered = False
     request_scope: TracedScope | None = None

@@ -22,11 +22,14 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 
 from ._errors import GatewayError, UpstreamTimeout
+
+if TYPE_CHECKING:
+    from ._trace_context import TraceContext
 
 SpanKind = Literal["request", "stage", "call", "attempt"]
 Outcome = Literal["ok", "error", "cancelled"]
@@ -106,6 +109,8 @@ class Trace:
         self.root: Span | None = None
         #: Set when the request is over (``finish``): a trace read later keeps it.
         self.end_ms: float | None = None
+        #: The W3C trace the request belongs to (None: tracing or trace context off).
+        self.context: TraceContext | None = None
 
     def offset_ms(self) -> float:
         return (trio.current_time() - self.t0) * 1000
@@ -129,8 +134,12 @@ class Trace:
                                              if s.outcome == "cancelled"]
 
     def to_json(self) -> dict[str, Any]:
+        context = self.context
         return {
-            "request_id": self.request_id, "method": self.method, "path": self.path,
+            "request_id": self.request_id,
+            "trace_id": None if context is None else context.trace_id,
+            "parent_span_id": None if context is None else context.parent_id,
+            "method": self.method, "path": self.path,
             "route": self.route, "status": self.status, "cause": self.cause,
             "deadline_source": self.deadline_source,
             "started_at": round(self.started_at, 6),
@@ -360,10 +369,13 @@ class TraceBuffer:
 
     def query(self, *, route: str | None = None, cause: str | None = None,
               status: int | None = None, min_ms: float | None = None,
-              limit: int = 50) -> list[Trace]:
+              trace_id: str | None = None, limit: int = 50) -> list[Trace]:
         out: list[Trace] = []
         for trace in reversed(self._traces):
             if route is not None and trace.route != route:
+                continue
+            if trace_id is not None and (trace.context is None
+                                         or trace.context.trace_id != trace_id):
                 continue
             if status is not None and trace.status != status:
                 continue

@@ -71,6 +71,8 @@ def render_trace(trace: dict[str, Any]) -> Tree:
     if trace.get("cause"):
         head.append(f"  cause={_shown(trace['cause'])}", style="bold red")
     head.append(f"  id={_shown(trace['request_id'])}", style="dim")
+    if trace.get("trace_id"):
+        head.append(f"  trace={_shown(trace['trace_id'])}", style="dim")
     tree = Tree(head)
     spans = trace.get("spans")
     if spans:
@@ -97,17 +99,19 @@ class NoTraces(Exception):
 
 def follow_traces(admin: str, *, cause: str | None, route: str | None, status: int | None,
                   limit: int, follow: bool, poll_interval_s: float = 1.0,
-                  token: str | None = None) -> None:
+                  token: str | None = None, trace_id: str | None = None) -> None:
     """Fetch traces from a worker's admin endpoint and print them (polling with --follow)."""
-    trio.run(_follow, admin, cause, route, status, limit, follow, poll_interval_s, token)
+    trio.run(_follow, admin, cause, route, status, limit, follow, poll_interval_s, token,
+             trace_id)
 
 
 async def _follow(admin: str, cause: str | None, route: str | None, status: int | None,
                   limit: int, follow: bool, poll_interval_s: float,
-                  token: str | None = None) -> None:
+                  token: str | None = None, trace_id: str | None = None) -> None:
     console = Console()
     params: dict[str, Any] = {"limit": limit}
-    for key, value in (("cause", cause), ("route", route), ("status", status)):
+    for key, value in (("cause", cause), ("route", route), ("status", status),
+                       ("trace_id", trace_id)):
         if value is not None:
             params[key] = value
     headers = {"authorization": f"Bearer {token}"} if token else {}

@@ -5,6 +5,7 @@ import trio
 
 from gateway._errors import UpstreamTimeout
 from gateway._trace import Trace, TraceBuffer, traced_scope
+from gateway._trace_context import TraceContext, is_trace_id, parse_traceparent
 
 
 def spans(trace: Trace) -> dict[str, object]:
@@ -103,3 +104,51 @@ async def test_a_kept_trace_without_spans_keeps_its_duration(autojump_clock):
     await trio.sleep(60)
     assert traces.query(min_ms=1000) == []
     assert trace.to_json()["duration_ms"] == pytest.approx(2.0)
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN_ID = "00f067aa0ba902b7"
+
+
+@pytest.mark.parametrize(("value", "parsed"), [
+    (f"00-{TRACE_ID}-{SPAN_ID}-01", (TRACE_ID, SPAN_ID, "01")),
+    (f"00-{TRACE_ID}-{SPAN_ID}-00", (TRACE_ID, SPAN_ID, "00")),
+    # A later version is read as version 00 where it can be (W3C), fields after it too.
+    (f"01-{TRACE_ID}-{SPAN_ID}-01", (TRACE_ID, SPAN_ID, "01")),
+    (f"cc-{TRACE_ID}-{SPAN_ID}-01-what-comes-later", (TRACE_ID, SPAN_ID, "01")),
+    (f"ff-{TRACE_ID}-{SPAN_ID}-01", None),
+    (f"00-{TRACE_ID}-{SPAN_ID}-01-", None),
+    (f"cc-{TRACE_ID}-{SPAN_ID}-01x", None),
+    (f"00-{TRACE_ID.upper()}-{SPAN_ID}-01", None),
+    (f"0A-{TRACE_ID}-{SPAN_ID}-01", None),
+    (f"00-{TRACE_ID}-{SPAN_ID}-0F", None),
+    (f"00-{'0' * 32}-{SPAN_ID}-01", None),
+    (f"00-{TRACE_ID}-{'0' * 16}-01", None),
+    (f"00-{TRACE_ID}-{SPAN_ID}-1", None),
+    (f"00-{TRACE_ID[:-1]}-{SPAN_ID}0-01", None),
+    (f"00-{TRACE_ID}--{SPAN_ID[1:]}-01", None),
+    (f" 00-{TRACE_ID}-{SPAN_ID}-01"[:55], None),
+    ("", None),
+])
+def test_traceparent_is_read_by_the_w3c_rules(value: str, parsed: object) -> None:
+    assert parse_traceparent(value.encode()) == parsed
+    assert is_trace_id(TRACE_ID) and not is_trace_id(TRACE_ID.upper())
+    assert not is_trace_id("0" * 32) and not is_trace_id(TRACE_ID[:-1])
+
+
+async def test_each_attempt_has_a_span_id_of_its_own() -> None:
+    context = TraceContext.from_headers([(b"traceparent", f"00-{TRACE_ID}-{SPAN_ID}-01".encode()),
+                                         (b"tracestate", b"a=1"), (b"tracestate", b"b=2")])
+    assert (context.trace_id, context.parent_id, context.flags) == (TRACE_ID, SPAN_ID, "01")
+    trace = Trace("r", "GET", "/x", "/x")
+    with traced_scope(trace, None, "request", "/x") as request:
+        with traced_scope(trace, request, "attempt", "u#1") as first:
+            sent = context.headers(first)
+            assert context.headers(first) == sent  # its connection opened again
+        with traced_scope(trace, request, "attempt", "u#2") as second:
+            again = context.headers(second)
+    parent = sent[0][1].decode()
+    assert parent.startswith(f"00-{TRACE_ID}-") and parent.endswith("-01")
+    assert parent.split("-")[2] == first.span.attrs["span_id"] != SPAN_ID
+    assert again[0][1].decode().split("-")[2] == second.span.attrs["span_id"] != parent
+    assert sent[1:] == again[1:] == [(b"tracestate", b"a=1"), (b"tracestate", b"b=2")]

@@ -2,6 +2,8 @@
 the scope that fired, and the Prometheus counter on the admin bind counts it."""
 
 import contextlib
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -246,6 +248,8 @@ async def test_traces_follow_prints_a_later_request_that_reuses_a_request_id(
     ("--status", "0", "100<=x<=599"),
     ("--status", "1000", "100<=x<=599"),
     ("--route", "api/users/{id}", "'/'"),
+    ("--trace-id", "4BF92F3577B34DA6A3CE929D0E0E4736", "lower-case hex"),
+    ("--trace-id", "0" * 32, "not all zero"),
 ])
 def test_a_traces_filter_that_can_never_match_is_a_usage_error(
         option: str, value: str, named: str) -> None:
@@ -294,3 +298,193 @@ async def test_traces_from_an_address_that_is_no_admin_endpoint_is_one_line(
     assert result.returncode == 1
     assert "Traceback" not in result.stderr, result.stderr[-1500:]
     assert f"{upstream.url} answered no traces" in result.stderr, result.stderr
+
+
+TRACE_CONTEXT_POLICY = """
+version: 1
+server: {{tracing: {tracing}, trace_context: {trace_context}, log_sample: 100%}}
+upstreams:
+  up: {{url: "{url}"}}
+  retried:
+    url: "{url}"
+    call: {{retries: {{attempts: 2, on: [503], backoff: 1ms..2ms, budget: 100%}}}}
+routes:
+  - path: /plain
+    proxy: {{upstream: up, path: "/headers"}}
+  - path: /flaky
+    proxy: {{upstream: retried, path: "/flaky"}}
+  - path: /summary
+    fanout:
+      calls:
+        one: {{upstream: up, path: "/headers"}}
+"""
+CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN_ID = "00f067aa0ba902b7"
+CLIENT_TRACEPARENT = f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"
+
+
+async def start_flaky(nursery: trio.Nursery):
+    """``/flaky`` answers 503 to its first request, 200 after; the rest as usual."""
+    tries = {"count": 0}
+
+    async def behaviour(request, respond) -> None:
+        if request.path == "/flaky":
+            tries["count"] += 1
+            await respond.json({"try": tries["count"]},
+                               status=503 if tries["count"] == 1 else 200)
+        else:
+            await respond.fallback()
+
+    return await start_upstream(nursery, behaviour=behaviour)
+
+
+def attempt_span_ids(trace) -> list[str]:
+    return [s.attrs["span_id"] for s in trace.root.walk() if s.kind == "attempt"]
+
+
+def split_traceparent(value: str) -> list[str]:
+    version, trace_id, parent_id, flags = value.split("-")
+    assert version == "00" and len(trace_id) == 32 and len(parent_id) == 16
+    return [trace_id, parent_id, flags]
+
+
+async def test_a_valid_traceparent_joins_the_client_trace_and_each_try_its_own_span(caplog):
+    """The upstream is sent the client's trace-id with the span id of the try that
+    reached it; the trace (admin JSON, access log) names the trace and the client's span."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    async with trio.open_nursery() as nursery:
+        upstream = await start_flaky(nursery)
+        policy = TRACE_CONTEXT_POLICY.format(url=upstream.url, tracing="true",
+                                             trace_context="w3c")
+        async with run_gateway(policy) as gw, gw.client() as client:
+            sent = {"traceparent": CLIENT_TRACEPARENT, "tracestate": "vendor=abc,other=1"}
+            response = await client.get("/plain", headers=sent)
+            assert response.status_code == 200
+            seen = upstream.requests[-1]
+            trace_id, parent_id, flags = split_traceparent(seen.header("traceparent"))
+            assert (trace_id, flags) == (CLIENT_TRACE_ID, "01")
+            assert parent_id != CLIENT_SPAN_ID
+            assert seen.header_values("traceparent") == [seen.header("traceparent")]
+            assert seen.header_values("tracestate") == ["vendor=abc,other=1"]
+            request_id = response.headers["x-request-id"]
+            trace = await trace_of(gw, request_id)
+            assert attempt_span_ids(trace) == [parent_id]
+            async with gw.admin() as admin:
+                shown = (await admin.get(f"/traces/{request_id}")).json()
+            assert shown["trace_id"] == CLIENT_TRACE_ID
+            assert shown["parent_span_id"] == CLIENT_SPAN_ID
+            assert shown["spans"]["children"][0]["children"][0]["span_id"] == parent_id
+            with trio.fail_after(5):
+                while not (lines := [json.loads(r.getMessage()) for r in caplog.records
+                                     if r.name == "gateway.access"
+                                     and request_id in r.getMessage()]):
+                    await trio.sleep(0.01)
+            assert lines[0]["trace_id"] == CLIENT_TRACE_ID
+            assert lines[0]["parent_span_id"] == CLIENT_SPAN_ID
+            assert f"trace={CLIENT_TRACE_ID}" in render_traces_text([shown])
+
+            # A retry is a try of its own: another span id, the same trace.
+            response = await client.get("/flaky", headers=sent)
+            assert response.status_code == 200
+            tries = [r for r in upstream.requests if r.path == "/flaky"]
+            assert len(tries) == 2
+            parents = [split_traceparent(r.header("traceparent")) for r in tries]
+            assert [p[0] for p in parents] == [CLIENT_TRACE_ID] * 2
+            assert parents[0][1] != parents[1][1]
+            assert all(r.header("tracestate") == "vendor=abc,other=1" for r in tries)
+            trace = await trace_of(gw, response.headers["x-request-id"])
+            assert attempt_span_ids(trace) == [p[1] for p in parents]
+
+            # A fan-out call (which forwards only a few of the client's headers) too.
+            response = await client.get("/summary", headers=sent)
+            assert response.status_code == 200
+            seen = upstream.requests[-1]
+            trace_id, parent_id, _ = split_traceparent(seen.header("traceparent"))
+            assert trace_id == CLIENT_TRACE_ID
+            assert seen.header("tracestate") == "vendor=abc,other=1"
+            trace = await trace_of(gw, response.headers["x-request-id"])
+            assert attempt_span_ids(trace) == [parent_id]
+
+            # The SRE holding the client's trace-id finds the gateway's traces of it.
+            await client.get("/plain")  # another trace
+            async with gw.admin() as admin:
+                found = (await admin.get("/traces", params={"trace_id": CLIENT_TRACE_ID}))
+                assert {t["path"] for t in found.json()["traces"]} == {
+                    "/plain", "/flaky", "/summary"}
+                refused = await admin.get("/traces", params={"trace_id": "XYZ"})
+                assert refused.status_code == 400
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("traceparent", [
+    None,
+    "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",  # upper-case hex
+    f"00-{'0' * 32}-{CLIENT_SPAN_ID}-01",  # all-zero trace-id
+    f"00-{CLIENT_TRACE_ID}-{'0' * 16}-01",  # all-zero parent-id
+    f"ff-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01",  # the forbidden version
+    f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01-extra",  # version 00 has four fields
+    f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-1",  # short flags
+    f"00_{CLIENT_TRACE_ID}_{CLIENT_SPAN_ID}_01",  # other separators
+    f"00-{CLIENT_TRACE_ID[:-1]}g-{CLIENT_SPAN_ID}-01",  # not hex
+    f"{CLIENT_TRACEPARENT}, {CLIENT_TRACEPARENT}",  # two of them on one line
+])
+async def test_a_missing_or_malformed_traceparent_starts_a_trace(traceparent):
+    """Ignored, never refused: the request starts a trace (sampled) and the client's
+    tracestate, meaningless without its traceparent, is dropped."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = TRACE_CONTEXT_POLICY.format(url=upstream.url, tracing="true",
+                                             trace_context="w3c")
+        async with run_gateway(policy) as gw, gw.client() as client:
+            headers = {"tracestate": "vendor=abc"}
+            if traceparent is not None:
+                headers["traceparent"] = traceparent
+            response = await client.get("/plain", headers=headers)
+            assert response.status_code == 200
+            seen = upstream.requests[-1]
+            trace_id, parent_id, flags = split_traceparent(seen.header("traceparent"))
+            assert trace_id not in (CLIENT_TRACE_ID, CLIENT_TRACE_ID.upper(), "0" * 32)
+            assert flags == "01"
+            assert seen.header("tracestate") is None
+            trace = await trace_of(gw, response.headers["x-request-id"])
+            assert trace.to_json()["trace_id"] == trace_id
+            assert trace.to_json()["parent_span_id"] is None
+            assert attempt_span_ids(trace) == [parent_id]
+        nursery.cancel_scope.cancel()
+
+
+async def test_two_traceparent_lines_start_a_trace():
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = TRACE_CONTEXT_POLICY.format(url=upstream.url, tracing="true",
+                                             trace_context="w3c")
+        async with run_gateway(policy) as gw, gw.client() as client:
+            response = await client.get("/plain", headers=[
+                ("traceparent", CLIENT_TRACEPARENT), ("traceparent", CLIENT_TRACEPARENT)])
+            assert response.status_code == 200
+            seen = upstream.requests[-1]
+            assert len(seen.header_values("traceparent")) == 1
+            assert split_traceparent(seen.header("traceparent"))[0] != CLIENT_TRACE_ID
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("tracing", "trace_context"), [("false", "w3c"), ("true", "off")])
+async def test_trace_context_off_passes_the_headers_through_untouched(tracing, trace_context):
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = TRACE_CONTEXT_POLICY.format(url=upstream.url, tracing=tracing,
+                                             trace_context=trace_context)
+        async with run_gateway(policy) as gw, gw.client() as client:
+            response = await client.get("/plain", headers={
+                "traceparent": CLIENT_TRACEPARENT, "tracestate": "vendor=abc"})
+            assert response.status_code == 200
+            seen = upstream.requests[-1]
+            assert seen.header_values("traceparent") == [CLIENT_TRACEPARENT]
+            assert seen.header_values("tracestate") == ["vendor=abc"]
+            response = await client.get("/plain")
+            assert upstream.requests[-1].header("traceparent") is None
+            if tracing == "true":
+                trace = await trace_of(gw, response.headers["x-request-id"])
+                assert trace.to_json()["trace_id"] is None
+                assert "span_id" not in trace.root.children[0].children[0].attrs
+        nursery.cancel_scope.cancel()
