@@ -378,7 +378,9 @@ class UpstreamResponse:
         self._conn = conn
         self.status: int = event.status_code
         self.reason: bytes = bytes(event.reason)
-        self.headers: Headers = list(event.headers)
+        # h11's ``Headers`` is a Sequence whose iteration calls ``__getitem__`` per
+        # header; its items list gives the same (lower-cased name, value) pairs at once.
+        self.headers: Headers = [(name, value) for _, name, value in event.headers._full_items]
         self._pending: bytes | None = None
         self._complete = False
 
