@@ -49,7 +49,7 @@ TRACE_CAUSES = (*CAUSES, "upstream_error", "upstream_connect", "upstream_reset",
 _REFUSAL_CAUSES = frozenset({"shed", "circuit_open", "retry_budget"})
 
 
-@dataclass
+@dataclass(slots=True)
 class Span:
     kind: SpanKind
     name: str
@@ -95,6 +95,9 @@ class Span:
 
 class Trace:
     """One request's tree of spans, plus what the access log needs."""
+
+    __slots__ = ("cause", "context", "deadline_source", "end_ms", "method", "path",
+                 "request_id", "root", "route", "started_at", "status", "t0")
 
     def __init__(self, request_id: str, method: str, path: str, route: str | None) -> None:
         self.request_id = request_id
