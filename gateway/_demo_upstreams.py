@@ -3,13 +3,13 @@
 They exist so an operator can try the demo policy without writing a backend: ``users``
 answers quickly (and slowly on ``/users/{id}/slow``, so a deadline can be seen firing),
 ``orders`` has a little jittery latency and an occasional 503, so retries and hedges
-have something to do. Plain h11 over Trio, keep-alive included; nothing here is meant
-for production traffic.
+have something to do (the demo policy retries them: its clients see 200s). Plain h11
+over Trio, keep-alive included; nothing here is meant for production traffic.
 
 - ``users`` (127.0.0.1:9001): ``GET /users/{id}`` → ``{"id", "name", "email"}``, 404 for
   ids outside 1..1000; ``GET /users/{id}/slow`` answers the same after 2 s.
 - ``orders`` (127.0.0.1:9002): ``GET /orders?user={id}`` → ``{"user", "orders"}`` after
-  5-40 ms, 503 about one time in twenty; ``POST /orders`` echoes the JSON body with an id.
+  5-40 ms, 503 every twentieth time; ``POST /orders`` echoes the JSON body with an id.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ SLOW_USER_DELAY_S = 2.0
 ORDERS_LATENCY_S = (0.005, 0.040)
 """Uniform latency range of ``GET /orders``."""
 ORDERS_FAILURE_RATIO = 0.05
-"""Share of ``GET /orders`` answered 503, so retries have something to retry."""
+"""Share of ``GET /orders`` answered 503, so retries have something to retry. The
+failures are spread evenly (every twentieth GET), not drawn at random, so that the
+same traffic meets the same failures: a test of the retries depends on no luck."""
 KEEP_ALIVE_TIMEOUT_S = 75.0
 """An idle keep-alive connection is closed after this long (longer than usual clients)."""
 MAX_BODY_BYTES = 1024 * 1024
@@ -88,8 +90,20 @@ async def _users(method: str, target: str, body: bytes) -> _Answer:
 class _Orders:
     """The orders service; holds the id counter of created orders."""
 
-    def __init__(self) -> None:
+    def __init__(self, failure_ratio: float = ORDERS_FAILURE_RATIO) -> None:
+        if not 0.0 <= failure_ratio <= 1.0:
+            raise ValueError(f"failure_ratio must be within 0..1, got {failure_ratio}")
         self._ids = itertools.count(10_001)
+        self._failure_ratio = failure_ratio
+        self._failures_due = 0.0
+
+    def _fails(self) -> bool:
+        """Whether this GET answers 503: one in every ``1 / failure_ratio``, evenly."""
+        self._failures_due += self._failure_ratio
+        if self._failures_due >= 1.0 - 1e-9:
+            self._failures_due -= 1.0
+            return True
+        return False
 
     async def __call__(self, method: str, target: str, body: bytes) -> _Answer:
         url = urlsplit(target)
@@ -104,7 +118,7 @@ class _Orders:
             return _error(400, "query parameter user must be an integer id")
         user_id = int(users[0])
         await trio.sleep(random.uniform(*ORDERS_LATENCY_S))
-        if random.random() < ORDERS_FAILURE_RATIO:
+        if self._fails():
             return _error(503, "orders is briefly unavailable")
         count = user_id % 4
         orders = [
@@ -177,16 +191,18 @@ async def serve_demo_upstreams(
     host: str = "127.0.0.1",
     users_port: int = 9001,
     orders_port: int = 9002,
+    orders_failure_ratio: float = ORDERS_FAILURE_RATIO,
     task_status: trio.TaskStatus[list[tuple[str, str]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``users`` and ``orders`` until cancelled.
 
     A port of 0 picks a free one; ``task_status.started`` reports the bound
     ``(name, url)`` pairs once both services accept connections.
+    ``orders_failure_ratio`` is the share of ``GET /orders`` answered 503.
     """
     services: list[tuple[str, int, _App]] = [
         ("users", users_port, _users),
-        ("orders", orders_port, _Orders()),
+        ("orders", orders_port, _Orders(orders_failure_ratio)),
     ]
     async with trio.open_nursery() as nursery:
         bound: list[tuple[str, str]] = []

@@ -1,5 +1,6 @@
 """What ``python -m gateway demo`` tells the user to try, and how it says it cannot."""
 
+import functools
 import os
 import signal
 import socket
@@ -7,8 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import trio
+
 from gateway._demo import url_of
+from gateway._demo_upstreams import serve_demo_upstreams
 from gateway._server import listen_socket
+from tests.gateway_harness import run_gateway
+from tests.metrics import metric_total
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,3 +118,33 @@ def test_every_option_of_every_command_says_what_it_takes() -> None:
             for param in command.params
             if isinstance(param, click.Option) and not param.help]
     assert bare == []
+
+
+async def test_the_demo_policy_retries_the_503s_of_its_orders_upstream(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The orders service answers 503 one time in twenty "so retries have something to
+    retry", but the demo policy retried nothing: its clients saw those 503s."""
+    monkeypatch.setenv("GATEWAY_DEMO_DSN", "postgresql://nobody@127.0.0.1:1/none")
+    policy = (ROOT / "policies" / "demo.yaml").read_text()
+    async with trio.open_nursery() as nursery:
+        # Every tenth GET fails (twice the demo's share), evenly: no luck involved.
+        urls = dict(await nursery.start(functools.partial(
+            serve_demo_upstreams, users_port=0, orders_port=0, orders_failure_ratio=0.1)))
+        for name, port in (("users", 9001), ("orders", 9002)):
+            policy = policy.replace(f"http://127.0.0.1:{port}", urls[name])
+        async with run_gateway(policy) as gw, gw.client() as client, gw.admin() as admin:
+            retries = metric_total((await admin.get("/metrics")).text,
+                                   "gateway_upstream_attempts_total", upstream="orders",
+                                   kind="retry")
+            statuses = [(await client.get("/api/orders?user=7")).status_code
+                        for _ in range(60)]
+            summaries = [(await client.get("/api/users/7/summary")).json()
+                         for _ in range(20)]
+            retries = metric_total((await admin.get("/metrics")).text,
+                                   "gateway_upstream_attempts_total", upstream="orders",
+                                   kind="retry") - retries
+        nursery.cancel_scope.cancel()
+    assert statuses == [200] * 60
+    assert all(s.get("orders", {}).get("user") == 7 for s in summaries), summaries
+    # The upstream did fail, one GET in ten: each of its 503s was retried.
+    assert retries >= 8
