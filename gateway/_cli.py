@@ -52,7 +52,7 @@ def serve(policy_file: str, config_path: str, binds: tuple[str, ...], admin_bind
               help="Policy file (YAML); its upstreams are the demo's users (127.0.0.1:9001) "
               "and orders (127.0.0.1:9002).")
 @click.option("--bind", default="127.0.0.1:8080", show_default=True,
-              help="Public bind host:port (port 0: a free one).")
+              help="Public bind host:port, [v6]:port for IPv6 (port 0: a free one).")
 @click.option("--admin-bind", default=None,
               help="Admin bind host:port; default from the policy or GATEWAY_ADMIN_BIND.")
 def demo(policy_file: str, bind: str, admin_bind: str | None) -> None:

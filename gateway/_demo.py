@@ -14,6 +14,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from ._app import Gateway
+from ._binds import http_url
 from ._demo_upstreams import serve_demo_upstreams
 from ._policy_loader import LoadedPolicy, load_policy_file
 from ._server import listen_socket
@@ -92,7 +93,8 @@ def url_of(sock: socket.socket) -> str:
     """The URL to try a bound socket at: its real port (a bind to port 0 picks one),
     and the loopback address for a wildcard bind."""
     host, port = sock.getsockname()[:2]
-    return f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}"
+    return http_url({"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host),
+                    port)
 
 
 async def _serve_demo(loaded: LoadedPolicy, public_sock: socket.socket,

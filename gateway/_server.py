@@ -34,6 +34,7 @@ from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import trio_worker, worker_serve
 from hypercorn.utils import load_application, write_pid_file
 
+from ._binds import http_url, split_bind
 from ._logging import configure_logging
 from ._supervisor import MASTER_SIGNALS, Supervisor
 from ._trace_peers import PEER_DIR_ENV, socket_dir_fits, socket_path, write_worker_list
@@ -330,8 +331,8 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, _early_stop)
         signal.signal(signal.SIGINT, _early_stop)
-    public = ", ".join(f"http://{h}:{p}" for h, p in addresses[:public_count])
-    admin_urls = ", ".join(f"http://{h}:{p}" for h, p in addresses[public_count:])
+    public = ", ".join(http_url(h, p) for h, p in addresses[:public_count])
+    admin_urls = ", ".join(http_url(h, p) for h, p in addresses[public_count:])
     print(f"gateway: policy {loaded.file} ({loaded.version}), {config.workers} worker(s)\n"
           f"gateway: serving {public}\ngateway: admin {admin_urls}", flush=True)
     try:
@@ -514,15 +515,15 @@ def listen_socket(bind: str = "127.0.0.1:0", backlog: int = 4096) -> socket.sock
     """A non-blocking listening socket for ``host:port`` (port 0: an ephemeral one).
 
     Bound before serving, so the caller knows the real port (tests, the demo). Raises
-    ValueError, saying why, for a bind that is no ``host:port``."""
-    if ":" not in bind:
+    ValueError, saying why, for a bind that is no ``host:port`` (``[v6]:port`` for an
+    IPv6 address, as ``serve`` takes it)."""
+    host, port = split_bind(bind)
+    if port is None:
         raise ValueError("no port (a bind is host:port)")
-    if problem := bind_port_problem(bind):
-        raise ValueError(problem)
-    host, _, port = bind.rpartition(":")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                         socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, int(port)))
+    sock.bind((host, port))
     sock.listen(backlog)
     sock.setblocking(False)
     return sock

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -24,7 +25,7 @@ def test_the_demo_announces_the_port_it_bound_not_the_one_asked_for() -> None:
     """``demo --bind 127.0.0.1:0`` printed ``http://127.0.0.1:0``, a URL nothing listens
     on; a wildcard bind printed a URL curl cannot use."""
     for bind, host in (("127.0.0.1:0", "127.0.0.1"), (":0", "127.0.0.1"),
-                       ("0.0.0.0:0", "127.0.0.1")):
+                       ("0.0.0.0:0", "127.0.0.1"), ("[::1]:0", "[::1]"), ("[::]:0", "[::1]")):
         with listen_socket(bind) as sock:
             port = sock.getsockname()[1]
             assert port != 0
@@ -75,24 +76,28 @@ def test_the_demo_with_a_bind_that_is_no_host_and_port_says_so_without_a_traceba
 
 
 _DEMO_ON_EPHEMERAL_PORTS = """
-import functools, signal
+import functools, signal, sys
 import gateway._demo as demo
 from gateway._cli import main
 demo.serve_demo_upstreams = functools.partial(demo.serve_demo_upstreams, users_port=0,
                                               orders_port=0)
 # As at a terminal, where Ctrl+C is not ignored as it is for a background job.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-main(["demo", "--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0"])
+main(["demo", "--bind", sys.argv[1], "--admin-bind", "127.0.0.1:0"])
 """
+
+
+def _start_demo(bind: str = "127.0.0.1:0") -> subprocess.Popen[str]:
+    env = {**os.environ, "GATEWAY_DEMO_DSN": "postgresql://nobody@127.0.0.1:1/none"}
+    return subprocess.Popen([sys.executable, "-c", _DEMO_ON_EPHEMERAL_PORTS, bind],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def test_ctrl_c_stops_the_demo_without_a_traceback() -> None:
     """The demo says "Ctrl+C stops everything."; it did, with a traceback of the
     KeyboardInterrupt in its nurseries' exception groups."""
-    env = {**os.environ, "GATEWAY_DEMO_DSN": "postgresql://nobody@127.0.0.1:1/none"}
-    with subprocess.Popen([sys.executable, "-c", _DEMO_ON_EPHEMERAL_PORTS], cwd=ROOT,
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as process:
+    with _start_demo() as process:
         assert process.stdout is not None
         for line in process.stdout:
             if line.startswith("Ctrl+C stops everything."):
@@ -105,6 +110,30 @@ def test_ctrl_c_stops_the_demo_without_a_traceback() -> None:
             raise
     assert "Traceback" not in stderr, stderr[-1500:]
     assert process.returncode == 0
+
+
+def test_the_demo_serves_on_an_ipv6_bind_as_serve_does() -> None:
+    """`demo --bind [::1]:0` was refused ("Name or service not known"): the demo bound
+    IPv4 sockets only, with the brackets taken as part of the host name."""
+    with _start_demo("[::1]:0") as process:
+        try:
+            assert process.stdout is not None
+            lines = []
+            for line in process.stdout:
+                lines.append(line)
+                if line.startswith("Ctrl+C stops everything."):
+                    break
+            gateway = next((line.split()[1] for line in lines
+                            if line.startswith("gateway: ")), None)
+            assert gateway is not None and gateway.startswith("http://[::1]:"), lines
+            # The gateway answers there (its upstreams, on ports of their own here, are
+            # not those of the demo policy: a route with no upstream call).
+            answer = httpx.get(f"{gateway}/nowhere", timeout=10)
+            assert answer.status_code == 404 and answer.json()["cause"] == "no_route"
+        finally:
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0, stderr[-1500:]
 
 
 def test_every_option_of_every_command_says_what_it_takes() -> None:

@@ -203,6 +203,31 @@ async def test_an_admin_bind_on_a_unix_socket_is_refused_up_front(tmp_path: Path
     assert "gateway: serving" not in output
 
 
+async def test_serve_on_ipv6_binds_announces_urls_that_answer(tmp_path: Path):
+    # `serve --bind [::1]:0` announced "http://::1:PORT", a URL no client can use.
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(proxy_policy(upstream.url))
+        process = _launch(policy, "--bind", "[::1]:0", "--admin-bind", "[::1]:0",
+                          "--workers", "0")
+        try:
+            urls: dict[str, str] = {}
+            assert process.stdout is not None
+            while len(urls) < 2:
+                line = await trio.to_thread.run_sync(process.stdout.readline)
+                assert line, "the gateway exited during start-up"
+                if line.startswith(("gateway: serving ", "gateway: admin ")):
+                    urls[line.split()[1]] = line.split()[-1]
+            assert urls["serving"].startswith("http://[::1]:"), urls
+            assert urls["admin"].startswith("http://[::1]:"), urls
+            assert (await _get(urls["admin"] + "/healthz")).status_code == 200
+            assert (await _get(urls["serving"] + "/api/users/1")).status_code == 200
+        finally:
+            await trio.to_thread.run_sync(stop_process, process)
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("role", ["public", "admin", "toml"])
 async def test_a_bind_whose_port_is_no_port_is_refused_in_one_line(tmp_path: Path, role: str):
     # --bind 127.0.0.1:99999 (or the admin's, or hypercorn.toml's) was an OverflowError
