@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 
-_EXAMPLE = "e.g. 127.0.0.1:8080 or [::1]:8080"
+BIND_EXAMPLE = "e.g. 127.0.0.1:8080 or [::1]:8080"
 
 
 def split_bind(bind: str) -> tuple[str, int | None]:
@@ -20,22 +20,22 @@ def split_bind(bind: str) -> tuple[str, int | None]:
     if bind.startswith("["):
         host, closed, rest = bind[1:].partition("]")
         if not closed:
-            raise ValueError(f"no ']' closes the IPv6 address ({_EXAMPLE})")
+            raise ValueError(f"no ']' closes the IPv6 address ({BIND_EXAMPLE})")
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(f"{host!r} in brackets is no IPv6 address ({_EXAMPLE})") from None
+            raise ValueError(f"{host!r} in brackets is no IPv6 address ({BIND_EXAMPLE})") from None
         if not rest.startswith(":"):
-            raise ValueError(f"no ':port' after the IPv6 address in brackets ({_EXAMPLE})")
+            raise ValueError(f"no ':port' after the IPv6 address in brackets ({BIND_EXAMPLE})")
         port = rest[1:]
     else:
         if "[" in bind or "]" in bind:
-            raise ValueError(f"brackets go around an IPv6 address only ({_EXAMPLE})")
+            raise ValueError(f"brackets go around an IPv6 address only ({BIND_EXAMPLE})")
         host, sep, port = bind.rpartition(":")
         if not sep:
             return bind, None
         if ":" in host:
-            raise ValueError(f"an IPv6 address goes in brackets ({_EXAMPLE})")
+            raise ValueError(f"an IPv6 address goes in brackets ({BIND_EXAMPLE})")
     if not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"port {port} is not a port number (0..65535)")
     return host, int(port)

@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from ._binds import BIND_EXAMPLE, split_bind
 from ._units import (
     Duration,
     DurationRange,
@@ -249,9 +250,12 @@ class ServerPolicy(_Model):
     @field_validator("admin_bind")
     @classmethod
     def _bind(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{value!r} is not host:port")
+        try:
+            host, port = split_bind(value)
+        except ValueError as error:
+            raise ValueError(f"{value!r} is not host:port: {error}") from None
+        if not host or port is None or port == 0:
+            raise ValueError(f"{value!r} is not host:port ({BIND_EXAMPLE})")
         return value
 
 

@@ -262,7 +262,7 @@ def serve(policy_file: str, config_path: str | None, *, admin_bind: str | None =
     public_count = len(config.bind)
     config.bind = [*config.bind, admin]
     for bind in config.bind:
-        if problem := bind_port_problem(bind):
+        if problem := bind_problem(bind):
             raise HypercornConfigError(f"bind {bind!r}: {problem}")
     # Per process (each worker has its own descriptor table): its clients, twice over
     # for the upstream socket each may hold, its pools' sockets, and a margin.
@@ -497,17 +497,17 @@ def _end_with(master_pid: int | None) -> None:
         os._exit(1)
 
 
-def bind_port_problem(bind: str) -> str | None:
-    """Why the port of a ``host:port`` bind is none, or None. Hypercorn raises an
-    OverflowError from deep in its start-up for a port above 65535, and takes a port
-    that is no number (``host:http``) as part of the host name."""
+def bind_problem(bind: str) -> str | None:
+    """Why a bind is no ``host[:port]`` (``[v6]:port`` for an IPv6 address), or None.
+    Hypercorn raised an OverflowError from deep in its start-up for a port above 65535,
+    took a port that is no number (``host:http``) as part of the host name, and read a
+    stray bracket or an IPv6 address outside brackets as another address."""
     if bind.startswith(("unix:", "fd://")):
         return None
-    host, sep, port = bind.rpartition(":")
-    if not sep or (":" in host and not host.startswith("[")):
-        return None  # no port (Hypercorn's default), or an IPv6 address without brackets
-    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
-        return f"port {port} is not a port number (0..65535)"
+    try:
+        split_bind(bind)
+    except ValueError as error:
+        return str(error)
     return None
 
 
