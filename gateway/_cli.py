@@ -138,21 +138,24 @@ def _trace_id(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 @click.option("--trace-id", default=None, callback=_trace_id,
               help="Traces of requests in this W3C trace (the trace-id of their "
               "traceparent).")
+@click.option("--min-ms", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Traces of requests that took at least N ms (the slow ones).")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
               help="At most this many traces, the most recent.")
 @click.option("--follow", is_flag=True, help="Keep polling for new traces.")
 @click.option("--token", envvar="GATEWAY_ADMIN_TOKEN", default=None,
               help="Admin bearer token (or GATEWAY_ADMIN_TOKEN).")
 def traces(admin: str, cause: str | None, route: str | None, status: int | None,
-           trace_id: str | None, limit: int, follow: bool, token: str | None) -> None:
+           trace_id: str | None, min_ms: int | None, limit: int, follow: bool,
+           token: str | None) -> None:
     """Render recent cancellation traces as trees."""
     import httpx
 
     from ._trace_view import NoTraces, follow_traces
 
     try:
-        follow_traces(admin, cause=cause, route=route, status=status, limit=limit,
-                      follow=follow, token=token, trace_id=trace_id)
+        follow_traces(admin, cause=cause, route=route, status=status, min_ms=min_ms,
+                      limit=limit, follow=follow, token=token, trace_id=trace_id)
     except NoTraces:
         raise click.ClickException(f"{admin} answered no traces; is it the gateway's "
                                    "admin bind?") from None

@@ -99,19 +99,22 @@ class NoTraces(Exception):
 
 def follow_traces(admin: str, *, cause: str | None, route: str | None, status: int | None,
                   limit: int, follow: bool, poll_interval_s: float = 1.0,
-                  token: str | None = None, trace_id: str | None = None) -> None:
+                  token: str | None = None, trace_id: str | None = None,
+                  min_ms: int | None = None) -> None:
     """Fetch traces from a worker's admin endpoint and print them (polling with --follow)."""
     trio.run(_follow, admin, cause, route, status, limit, follow, poll_interval_s, token,
-             trace_id)
+             trace_id, min_ms)
 
 
 async def _follow(admin: str, cause: str | None, route: str | None, status: int | None,
                   limit: int, follow: bool, poll_interval_s: float,
-                  token: str | None = None, trace_id: str | None = None) -> None:
+                  token: str | None = None, trace_id: str | None = None,
+                  min_ms: int | None = None) -> None:
     console = Console()
     params: dict[str, Any] = {"limit": limit}
+    # Filtered by the admin endpoint: --limit counts the traces that match.
     for key, value in (("cause", cause), ("route", route), ("status", status),
-                       ("trace_id", trace_id)):
+                       ("trace_id", trace_id), ("min_ms", min_ms)):
         if value is not None:
             params[key] = value
     headers = {"authorization": f"Bearer {token}"} if token else {}

@@ -242,6 +242,34 @@ async def test_traces_follow_prints_a_later_request_that_reuses_a_request_id(
     assert "/api/second" in output, output
 
 
+async def test_traces_min_ms_shows_only_the_requests_that_took_at_least_that_long():
+    # SREs want the slow requests only; `gateway traces` had no duration filter.
+    policy = """
+version: 1
+upstreams:
+  b: {{url: "{url}"}}
+routes:
+  - path: /quick
+    proxy: {{upstream: b, path: "/users/1"}}
+  - path: /slow
+    proxy: {{upstream: b, path: "/slow?ms=300"}}
+"""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        async with run_gateway(policy.format(url=upstream.url)) as gw, gw.client() as client:
+            for path in ("/quick", "/slow", "/quick"):
+                assert (await client.get(path)).status_code == 200
+            await traces_with(gw, route="/slow")
+            result = await trio.run_process(
+                [sys.executable, "-m", "gateway", "traces", "--admin", gw.admin_url,
+                 "--min-ms", "250"], capture_stdout=True, capture_stderr=True,
+                check=False, env={**os.environ, "COLUMNS": "200"})
+        nursery.cancel_scope.cancel()
+    output = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()[-1500:]
+    assert "GET /slow" in output and "GET /quick" not in output, output
+
+
 @pytest.mark.parametrize(("option", "value", "named"), [
     ("--cause", "bogus", "deadline"),
     ("--cause", "Deadline", "client_disconnect"),
@@ -250,6 +278,8 @@ async def test_traces_follow_prints_a_later_request_that_reuses_a_request_id(
     ("--route", "api/users/{id}", "'/'"),
     ("--trace-id", "4BF92F3577B34DA6A3CE929D0E0E4736", "lower-case hex"),
     ("--trace-id", "0" * 32, "not all zero"),
+    ("--min-ms", "-1", "x>=0"),
+    ("--min-ms", "nan", "not a valid integer"),
 ])
 def test_a_traces_filter_that_can_never_match_is_a_usage_error(
         option: str, value: str, named: str) -> None:
