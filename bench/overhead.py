@@ -12,10 +12,12 @@ is accepted and warmed up); the figures are req/s and the worker's CPU per reque
     .venv/bin/python -m bench.overhead --feature worker  # Hypercorn's worker as tuned vs stock
     .venv/bin/python -m bench.overhead --rounds 5 --seconds 10 --connections 1000
     .venv/bin/python -m bench.overhead --revision 22401f2  # this tree vs an older commit
+    .venv/bin/python -m bench.overhead --revision 22401f2 --on-revision HEAD
 
 With ``--revision``, "off" is the gateway of that commit (exported with ``git archive``
 into ``bench/work/``, served with its own ``bench/gateway.yaml``) and "on" is this
-tree's, both run by this tree's Python environment.
+tree's, or ``--on-revision``'s (so that editing the tree during a run changes nothing),
+both run by this tree's Python environment.
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ def main() -> int:
     parser.add_argument("--revision", default=None,
                         help="compare this tree (on) with a commit's gateway (off) "
                              "instead of a feature")
+    parser.add_argument("--on-revision", default=None,
+                        help="with --revision: the commit measured as on (default: this tree)")
     args = parser.parse_args()
     global CONNECTIONS
     CONNECTIONS = args.connections
@@ -102,8 +106,11 @@ def main() -> int:
     if args.revision:
         args.feature = f"revision {args.revision}"
         trees["off"] = _revision_tree(args.revision)
+        if args.on_revision:
+            args.feature += f" vs {args.on_revision}"
+            trees["on"] = _revision_tree(args.on_revision)
         envs: dict[str, dict[str, str]] = {"on": {}, "off": {}}
-        policies = {"on": _policy(BASE_POLICY, "on"),
+        policies = {"on": _policy((trees["on"] / "bench" / "gateway.yaml").read_text(), "on"),
                     "off": _policy((trees["off"] / "bench" / "gateway.yaml").read_text(),
                                    "off")}
     else:
