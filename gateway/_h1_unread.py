@@ -10,12 +10,17 @@ had its send fail, and could lose the answer before it read it (RFC 9112 9.6).
 
 As nginx does (its discarding of an unread body, and ``lingering_close``):
 
-* A rest of at most :data:`DISCARD_BYTES` (a Content-Length no further than that past
-  what was read, or a chunked body that ends within it) is read and dropped, and the
+* A rest known to be at most :data:`DISCARD_BYTES` when the answer's head goes out (a
+  Content-Length no further than that past what was read) is read and dropped, and the
   connection is kept, its answer saying nothing of a close.
-* Otherwise, or when the answer said ``Connection: close`` (a 400, 408, 413; a request
-  closing its connection), the gateway shuts its sending side down after the answer and
-  reads and drops what the client still sends, then closes.
+* Otherwise the answer says ``Connection: close`` (:func:`rest_discarded`, as Envoy
+  says it on any answer given before its request was read): a chunked body, whose size
+  the head does not tell, a larger rest, a client still waiting for ``100 Continue``;
+  and so does an answer that closes anyway (a 400, 408, 413; a request closing its
+  connection). The gateway then shuts its sending side down after the answer and reads
+  and drops what the client still sends, then closes. So an answer that keeps the
+  connection is not followed by a close its client was not told of (unless its small
+  rest takes longer than :data:`UNREAD_S` to come).
 
 Either way at most :data:`UNREAD_BYTES` are read, for at most :data:`UNREAD_S` after
 the answer; past either the connection is closed. It is counted against the worker's
@@ -45,9 +50,23 @@ UNREAD_S = 2.0
 
 def discards(declared_length: int | None, received: int) -> bool:
     """Whether the rest of a body of ``declared_length`` (None: chunked) of which
-    ``received`` bytes were read is small enough to be read and dropped, so the answer
-    need not close the connection. A chunked body is tried: closed if it runs past."""
-    return declared_length is None or declared_length - received <= DISCARD_BYTES
+    ``received`` bytes were read is known to be small enough to be read and dropped, so
+    the answer need not close the connection. A chunked body's size is not known: its
+    answer says close, as the connection may have to close before its end."""
+    return declared_length is not None and declared_length - received <= DISCARD_BYTES
+
+
+def rest_discarded(connection: h11.Connection) -> bool:
+    """Whether an answer whose head goes out now leaves nothing of its request's body
+    that would close the connection: the body was read whole, or its rest is known to
+    be small (:func:`discards`). Else the answer must say ``Connection: close``: a
+    client told nothing of a close reuses the connection, and would find it reset."""
+    if connection.their_state is not h11.SEND_BODY:
+        return True
+    if connection.they_are_waiting_for_100_continue:
+        return False  # it sent none, and may never: closed at once (``UnreadBody.take``)
+    remaining = getattr(connection._reader, "_remaining", None)  # h11 0.16's readers
+    return remaining is not None and remaining <= DISCARD_BYTES
 
 
 class UnreadBody:
@@ -64,9 +83,10 @@ class UnreadBody:
 
     @classmethod
     async def take(cls, protocol: Any) -> None:
-        """Answered, its body unread: keep the connection when the rest is small and the
-        answer allows it, else close it in stages. A client that still waits to be asked
-        for its body (``Expect: 100-continue``) sent none: closed at once, as before."""
+        """Answered, its body unread: keep the connection when the answer allows it (its
+        rest is small, :func:`rest_discarded`), else close it in stages. A client that
+        still waits to be asked for its body (``Expect: 100-continue``) sent none:
+        closed at once, as before."""
         connection = protocol.connection
         if protocol.__dict__.get("continue_withheld") == protocol.keep_alive_requests:
             await protocol.can_read.set()
@@ -76,7 +96,7 @@ class UnreadBody:
         remaining = getattr(reader, "_remaining", None)
         keep = (connection.our_state is h11.DONE
                 and not protocol.context.terminated.is_set()
-                and (remaining is None or remaining <= DISCARD_BYTES))
+                and remaining is not None and remaining <= DISCARD_BYTES)
         sink = protocol.stream = cls(protocol, keep)  # before any await: the reader may run
         if not keep:
             await sink._shut_sending()
@@ -91,10 +111,7 @@ class UnreadBody:
         kind = type(event)
         if kind is Body:
             self.received += len(event.data)
-            if self.keep and self.received > DISCARD_BYTES:
-                self.keep = False
-                await self._shut_sending()
-            elif self.received > UNREAD_BYTES:
+            if self.received > UNREAD_BYTES:
                 await self._close()
         elif kind is EndBody:
             if self.keep:

@@ -163,7 +163,7 @@ from priority.priority import PriorityError, TooManyStreamsError
 
 from gateway import _drain, _expect_continue
 from gateway._connections import CONNECTIONS, OUT_OF_DESCRIPTORS
-from gateway._h1_unread import UnreadBody
+from gateway._h1_unread import UnreadBody, rest_discarded
 from gateway._h2_flow import (
     H2Inbox,
     H2Put,
@@ -826,7 +826,18 @@ class _LenientH11Connection(h11.Connection):
     * Nothing a client sends after a request that closes the connection (``Connection:
       close``, HTTP/1.0) is processed (9.6): a stray CRLF or a pipelined request there
       turned that request's answer into a 400 and cancelled its upstream work.
+
+    And an answer whose head goes out before its request's body was read says
+    ``Connection: close`` unless the rest is known to be small enough to be read and
+    dropped (:func:`gateway._h1_unread.rest_discarded`): the connection closed after a
+    relayed answer (an upstream refusing an upload on its head) or a chunked body's, and
+    the client, told nothing, reused it.
     """
+
+    def send(self, event: Any) -> Any:
+        if type(event) is h11.Response and not rest_discarded(self):
+            self._cstate.process_keep_alive_disabled()  # h11 then says close itself
+        return super().send(event)
 
     def next_event(self) -> Any:
         state = self.their_state

@@ -4,10 +4,12 @@ What a client of the gateway gets on one connection; nginx and Envoy are
 the bar (RFC 9112 sections are cited where they decide).
 """
 
+from functools import partial
+
 import pytest
 import trio
 
-from tests.hostile import stage
+from tests.hostile import POLICY, closed_port, stage
 from tests.hostile.rawclient import connect, exchange, request_bytes
 
 OK = request_bytes("GET", "/api/up/ok")
@@ -179,14 +181,17 @@ async def test_a_small_body_left_unread_by_an_early_answer_is_discarded(refusal,
     the connection only to close it after the answer, saying ``Connection: close``:
     under overload every shed POST cost its client a new connection, and the worker an
     accept. As nginx does (it discards a request body it does not read), the rest of a
-    small body is read and dropped and the connection carries the next request."""
+    small body is read and dropped and the connection carries the next request. A
+    chunked body's size is not known when the answer goes out: that answer says close,
+    and the connection closes cleanly once the body is read."""
     server = SHED if refusal == "shed" else ""
     target = "/nope" if refusal == "no_route" else "/api/up/ok"
     status = 404 if refusal == "no_route" else 503
-    if framing == "length":
-        head, rest = [("Content-Length", "5")], b"hello"
-    else:
+    chunked = framing == "chunked"
+    if chunked:
         head, rest = [("Transfer-Encoding", "chunked")], b"5\r\nhello\r\n0\r\n\r\n"
+    else:
+        head, rest = [("Content-Length", "5")], b"hello"
     async with stage(server=server) as s, connect(s.port) as conn:
         answers = []
 
@@ -194,6 +199,10 @@ async def test_a_small_body_left_unread_by_an_early_answer_is_discarded(refusal,
             await conn.send(request_bytes("POST", target, head))
             answers.append(await conn.read_response())
             await trio.sleep(0.05)  # the body follows the answer, as a streaming client's
+            if chunked:
+                await conn.send(rest)
+                answers.append(await conn.wait_closed())
+                return
             await conn.send(rest + request_bytes("GET", "/nope/either"))
             answers.append(await conn.read_response())
 
@@ -203,6 +212,10 @@ async def test_a_small_body_left_unread_by_an_early_answer_is_discarded(refusal,
             await refused_then_next()
         first, following = answers
         assert first is not None and first.status == status and first.complete
+        if chunked:
+            assert first.closes, first.raw_head
+            assert following == "eof"
+            return
         assert not first.closes, first.raw_head
         assert following is not None, "the connection was closed after the early answer"
         assert following.status == status and following.complete  # shed too, or no route
@@ -261,3 +274,69 @@ async def test_a_client_uploading_on_after_an_early_answer_is_closed_soon():
                 while not conn.eof:
                     await conn.wait_closed(timeout_s=5)
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("refusal", ["no_route", "shed"])
+async def test_a_chunked_body_left_unread_by_an_early_answer_does_not_mislead(refusal):
+    """A chunked POST answered before its body arrived (a 404, a 503 shed at the door)
+    whose body turns out larger than the small rest the gateway reads and drops: its
+    size cannot be known from the head, yet the answer said nothing of a close and the
+    connection was reset 64 KiB into the body, so a client reusing it (the answer
+    allowed that) lost its next request. An answer that keeps the connection must keep
+    it; one that will not must say ``Connection: close`` (Envoy does, for any answer
+    given before its request was read)."""
+    server = SHED if refusal == "shed" else ""
+    target = "/nope" if refusal == "no_route" else "/api/up/ok"
+    chunk = b"4000\r\n" + b"z" * 0x4000 + b"\r\n"  # 16 KiB
+    async with stage(server=server) as s, connect(s.port) as conn:
+        answers = []
+
+        async def refused_then_next() -> None:
+            await conn.send(request_bytes("POST", target, [("Transfer-Encoding", "chunked")]))
+            answers.append(await conn.read_response())
+            if answers[0] is None or answers[0].closes:
+                return
+            for _ in range(12):  # 192 KiB
+                assert await conn.try_send(chunk), "reset without Connection: close"
+            assert await conn.try_send(b"0\r\n\r\n" + request_bytes("GET", "/nope/either"))
+            answers.append(await conn.read_response())
+
+        if refusal == "shed":
+            await _shed_while(s, refused_then_next)
+        else:
+            await refused_then_next()
+        first = answers[0]
+        assert first is not None and first.status in (404, 503) and first.complete
+        if first.closes:
+            assert await conn.wait_closed(timeout_s=5) == "eof"
+        else:
+            following = answers[1]
+            assert following is not None, "closed without Connection: close"
+            assert following.status == first.status and following.complete
+
+
+async def test_an_upstream_answer_to_an_unread_upload_says_whether_it_closes():
+    """An upstream refusing a large upload on its head (a 401): the gateway relays the
+    answer, then reads the rest of the body for a while and closes. The answer must
+    say ``Connection: close``, or the client takes the connection for reusable."""
+
+    async def refuse_unread(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(4096)
+        await stream.send_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 6\r\n\r\nno way")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, refuse_unread, 0,
+                                                host="127.0.0.1"))
+        url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        policy = POLICY.format(url=url, dead_port=closed_port(), extra="").replace(
+            "max_body: 256KiB", "max_body: 64MiB")
+        async with stage(policy) as s, connect(s.port) as conn:
+            await conn.send(request_bytes("POST", "/api/long/upload",
+                                          [("Content-Length", str(10_000_000))]) + b"x" * 1000)
+            response = await conn.read_response(timeout_s=10)
+            assert response is not None and response.status == 401 and response.complete
+            assert response.closes, response.raw_head
+        nursery.cancel_scope.cancel()
