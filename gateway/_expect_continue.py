@@ -12,6 +12,7 @@ that sends ``100 Continue`` if the client is still waiting for it; the app calls
 when it first reads the body (as uvicorn does on the first ``receive``). An answer
 sent first goes out without it, and the connection is closed after it if the body
 never came (HTTP/1.1; an HTTP/2 stream is reset as for any body left unread).
+``100-continue`` in an HTTP/1.0 request is ignored (RFC 9110 10.1.1), as h11 does.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def apply() -> None:
 
     async def spawn_app(self: Any, app: Any, config: Any, scope: Any,
                         send: Callable[[Any], Awaitable[None]]) -> Any:
-        if scope["type"] == "http" and _asks_to_continue(scope["headers"]):
+        # RFC 9110 10.1.1: 100-continue in an HTTP/1.0 request is ignored (h11 does); its
+        # client sends its body unasked, and an early answer must read it on, not close.
+        if (scope["type"] == "http" and scope["http_version"] != "1.0"
+                and _asks_to_continue(scope["headers"])):
             stream = getattr(send, "__self__", None)  # HTTPStream.app_send
             if isinstance(stream, HTTPStream):
                 protocol = getattr(stream.send, "__self__", None)

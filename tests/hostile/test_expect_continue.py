@@ -90,6 +90,29 @@ async def test_a_client_that_sends_without_waiting_is_served():
         assert s.upstream.requests[-1].body == b"hello"
 
 
+async def test_an_http10_upload_refused_on_its_head_is_read_on_and_not_reset():
+    """RFC 9110 10.1.1: a server MUST ignore ``100-continue`` in an HTTP/1.0 request
+    (h11 does), and its client sends its body without waiting. The gateway took it as
+    a client waiting to be asked: refused on its head (413 on its declared length),
+    the connection was closed at once with the body unread instead of closed in
+    stages, so the client, still sending, was reset and lost its answer."""
+    size, piece = 768 * 1024, 16 * 1024
+    async with stage() as s, connect(s.port) as conn:
+        await conn.send(b"POST /api/small/ok HTTP/1.0\r\nHost: g\r\n"
+                        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % size)
+        sent = 0
+        while sent < size:
+            if not await conn.try_send(b"x" * piece):
+                break
+            sent += piece
+            await trio.sleep(0.005)
+        assert sent == size, f"the upload was cut after {sent} bytes"
+        response = await conn.read_response()
+        assert response is not None and response.status == 413 and response.complete
+        assert response.interim == []
+        assert await conn.wait_closed(timeout_s=5) == "eof"
+
+
 async def test_over_http2_the_client_is_asked_when_its_body_is_wanted():
     """Hypercorn never answered the expectation over HTTP/2: a client waited out its own
     timer (a second, for curl) before sending any body."""
