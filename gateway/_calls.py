@@ -34,7 +34,7 @@ from ._errors import (
 from ._headers import upstream_request_headers
 from ._policy import CallSettings, FanoutCall, sql_reads_only
 from ._routing import target_authority
-from ._trace import TracedScope, traced_scope
+from ._trace import TracedScope, only_cancelled, traced_scope
 from ._trace_context import TRACEPARENT, TRACESTATE
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class capacity_slot:  # named as the function it replaces: ``async with capacity
         assert held is not None
         if isinstance(exc, UpstreamConnectError):
             held.unmeasured = True  # nothing was sent: no latency to learn
-        elif isinstance(exc, trio.Cancelled):
+        elif only_cancelled(exc) is not None:  # bare, or a retrying call's group of them
             held.unmeasured = self._ctx.deadline.passed_by_client(trio.current_time())
         return await self._slot.__aexit__(exc_type, exc, tb)
 

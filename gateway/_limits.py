@@ -17,6 +17,7 @@ import trio
 
 from ._adaptive import GradientLimit
 from ._errors import CircuitOpen, Shed
+from ._trace import only_cancelled
 
 
 @dataclass(frozen=True)
@@ -247,11 +248,12 @@ class _Slot:
         limiter.release(held)  # or once what the slot keeps is back
         if adaptive is None:
             return False
-        if isinstance(exc, trio.Cancelled):
+        cancelled = only_cancelled(exc)  # a group of them, from a retrying call's nursery
+        if cancelled is not None:
             # A deadline that fired shows the upstream took at least this long (the
             # very case the limit is for); a call cut for another reason (the client
             # left, a hedge won, a sibling failed) says nothing of its speed.
-            measured = exc.source == "deadline"
+            measured = cancelled.source == "deadline"
         else:
             # An answer of any status, a timeout, a reset: all say how long. Refused
             # by the breaker: nothing was sent, no latency to learn.

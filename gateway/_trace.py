@@ -205,14 +205,16 @@ class TracedScope:
             node = node.parent
 
 
-def _only_cancelled(exc: BaseException) -> trio.Cancelled | None:
+def only_cancelled(exc: BaseException | None) -> trio.Cancelled | None:
+    """The ``Cancelled`` that ``exc`` is, bare or as a group made of nothing else (a
+    nursery's, cancelled from outside), else None."""
     if isinstance(exc, trio.Cancelled):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         matched, rest = exc.split(trio.Cancelled)
         if rest is None and matched is not None:
             first = matched.exceptions[0]
-            return _only_cancelled(first)
+            return only_cancelled(first)
     return None
 
 
@@ -321,7 +323,7 @@ def _record_failure(scope: TracedScope, exc: BaseException) -> None:
     span = scope.span
     scope.ended = True
     span.end_ms = None if scope.trace is None else scope.trace.offset_ms()
-    cancelled = _only_cancelled(exc)
+    cancelled = only_cancelled(exc)
     if cancelled is not None:
         span.outcome = "cancelled"
         span.cause, span.fired_scope = _attribute(scope, cancelled, trio.current_time())

@@ -1,6 +1,7 @@
 """The adaptive concurrency limit end to end, against a real upstream (real time)."""
 
 import httpx
+import pytest
 import trio
 
 from tests.gateway_harness import run_gateway
@@ -98,4 +99,82 @@ async def test_connections_refused_before_anything_is_sent_do_not_collapse_the_a
                                  f"{burst.count(503)} 503s")
             assert ordinary.count(200) >= 190, ordinary
             assert burst.count(200) == 16, burst
+        nursery.cancel_scope.cancel()
+
+
+#: The policy above with retries or a circuit breaker on the upstream.
+RESILIENT_POLICY = POLICY.replace(
+    "             adaptive: {{min_concurrency: 4, tolerance: 25%}}}}\n",
+    "             adaptive: {{min_concurrency: 4, tolerance: 25%}}}}\n    {extra}\n")
+
+EXTRAS = {
+    "retries": "call: {retries: {attempts: 2, on: [503]}}",
+    "circuit": "circuit: {failure_ratio: 50%}",
+}
+
+
+async def _fire(client: httpx.AsyncClient, count: int, concurrency: int,
+                headers: dict[str, str] | None = None) -> list[int]:
+    statuses: list[int] = []
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def one() -> None:
+        async with limiter:
+            response = await client.get("/api/slow?ms=50", headers=headers or {})
+            statuses.append(response.status_code)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(one)
+    return statuses
+
+
+@pytest.mark.parametrize("extra", sorted(EXTRAS))
+async def test_client_deadline_cuts_are_no_latency_sample_with_retries_or_a_circuit(extra):
+    """As for the impatient clients above, with retries (or a circuit breaker) on the
+    upstream, as most production upstreams have: their attempts run in a nursery, and a
+    cancellation leaves the call as a group of ``Cancelled``.
+
+    What a user sees: clients sending ``x-request-timeout-ms: 20`` while the minimum
+    latency is measured make the gateway take their 20 ms cut-offs as the upstream's
+    minimum latency (README: "cut ... by the client's own shorter deadline" is no
+    sample); every ordinary 50 ms answer then looks 2.5x too slow and the slots fall to
+    ``min_concurrency`` (503s for a healthy upstream) until the next measurement."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = RESILIENT_POLICY.format(url=upstream.url, extra=EXTRAS[extra])
+        async with run_gateway(policy) as gw, gw.client() as client:
+            adaptive = gw.gateway.runtime.snapshot.upstreams["u"].limiter.adaptive
+            assert adaptive is not None
+            impatient = await _fire(client, 24, 4, {"x-request-timeout-ms": "20"})
+            assert set(impatient) == {504}, impatient
+            await _fire(client, 24, 4)  # the measurement, at its minimum concurrency
+            assert adaptive.min_latency_s is not None
+            assert adaptive.min_latency_s >= 0.045, (
+                f"minimum latency measured {adaptive.min_latency_s * 1000:.1f} ms for an "
+                "upstream answering in 50 ms")
+        nursery.cancel_scope.cancel()
+
+
+async def test_client_leaving_is_no_latency_sample_with_retries():
+    """A client that leaves mid-call (its connection closed) says nothing of the
+    upstream's latency (README, limit.adaptive). With retries configured the call's
+    slot still records the time until the client left as a latency sample."""
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery)
+        policy = RESILIENT_POLICY.format(url=upstream.url, extra=EXTRAS["retries"])
+        async with run_gateway(policy) as gw:
+            adaptive = gw.gateway.runtime.snapshot.upstreams["u"].limiter.adaptive
+            assert adaptive is not None
+            limiter = gw.gateway.runtime.snapshot.upstreams["u"].limiter
+            for _ in range(3):
+                async with httpx.AsyncClient(base_url=gw.url) as client:
+                    with trio.move_on_after(0.05):
+                        await client.get("/api/slow?ms=2000")
+                with trio.fail_after(5):
+                    while limiter.statistics().in_flight:
+                        await trio.sleep(0.01)
+            assert adaptive._measured == [], (
+                f"{len(adaptive._measured)} samples recorded from clients that left: "
+                f"{adaptive._measured}")
         nursery.cancel_scope.cancel()
