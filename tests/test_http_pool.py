@@ -1153,3 +1153,147 @@ async def test_streamed_uploads_reuse_their_connection_on_a_busy_loop():
     finally:
         listener.close()
     assert pool.statistics().opened_total == 1
+
+
+# -- 9. the answer's framing, byte by byte -------------------------------------------------
+
+TRICKLED = (b"HTTP/1.1 201 Made Here\r\nContent-Type: text/plain \r\nX-Multi: a\r\n"
+            b"x-multi: b\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: dropped\r\n\r\n")
+
+
+#: Answers written by hand, by request target; ``None``: the target echoed (with
+#: Content-Length). ``(answer, close)``: close the connection after the answer.
+RAW_ANSWERS: dict[bytes, tuple[bytes, bool]] = {
+    b"/until-close": (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it", True),
+    b"/gzip-framed": (b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nabc", True),
+    b"/informational": (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
+                        b"link: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n"
+                        b"\r\nok", False),
+    b"/switch": (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n"
+                 b"connection: upgrade\r\n\r\n", True),
+    b"/stray-after-head": (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n" + STRAY, False),
+    b"/close-after": (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n"
+                      b"\r\nok", False),
+}
+
+
+class RawUpstream:
+    """Reads bodiless requests (up to their blank line) and writes ``RAW_ANSWERS`` as
+    they are, a byte per write for ``/trickled``; counts its connections."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        buffer = b""
+        async with stream:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    try:
+                        data = await stream.receive_some(65536)
+                    except trio.BrokenResourceError:
+                        return
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                target = head.split(b" ", 2)[1]
+                if target == b"/trickled":
+                    for index in range(len(TRICKLED)):
+                        await stream.send_all(TRICKLED[index:index + 1])
+                        await trio.sleep(0.001)  # a segment per byte on loopback
+                    continue
+                answer, close = RAW_ANSWERS.get(target, (
+                    b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s"
+                    % (len(target), target), False))
+                await stream.send_all(answer)
+                if close:
+                    return
+
+
+async def start_raw_upstream(nursery: trio.Nursery) -> RawUpstream:
+    upstream = RawUpstream()
+    listeners = await nursery.start(partial(trio.serve_tcp, upstream.serve, 0,
+                                            host="127.0.0.1"))
+    upstream.port = listeners[0].socket.getsockname()[1]
+    return upstream
+
+
+async def test_an_answer_trickled_a_byte_at_a_time_reads_whole(nursery):
+    upstream = await start_raw_upstream(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    async with pool.request("GET", "/trickled", []) as response:
+        assert (response.status, response.reason) == (201, b"Made Here")
+        assert response.headers == [(b"content-type", b"text/plain"), (b"x-multi", b"a"),
+                                    (b"x-multi", b"b"), (b"transfer-encoding", b"chunked")]
+        assert await response.read() == b"hello world"  # the trailer is dropped
+    assert await get(pool, "/next") == (200, b"/next")
+    assert upstream.connections == 1  # read to its end: reused
+
+
+async def test_a_body_framed_by_the_close_is_read_to_the_end_and_not_reused(nursery):
+    upstream = await start_raw_upstream(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    assert await get(pool, "/until-close") == (200, b"all of it")
+    assert await get(pool, "/next") == (200, b"/next")
+    assert upstream.connections == 2
+
+
+@pytest.mark.parametrize("target", ["/gzip-framed", "/switch"])
+async def test_an_answer_framed_otherwise_than_http_1_1_reads_is_a_protocol_error(
+        nursery, target):
+    upstream = await start_raw_upstream(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    with pytest.raises(UpstreamProtocolError):
+        await get(pool, target)
+    assert await get(pool, "/next") == (200, b"/next")
+    assert pool.statistics().closed_total == 1
+
+
+async def test_informational_heads_are_passed_over_and_the_connection_kept(nursery):
+    upstream = await start_raw_upstream(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    assert await get(pool, "/informational") == (200, b"ok")
+    assert await get(pool, "/next") == (200, b"/next")
+    assert upstream.connections == 1
+
+
+async def test_bytes_after_a_head_answer_never_answer_the_next_request(nursery):
+    upstream = await start_raw_upstream(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    async with pool.request("HEAD", "/stray-after-head", []) as response:
+        assert response.status == 200
+        assert await response.read() == b""
+    assert await get(pool, "/next") == (200, b"/next")
+    assert upstream.connections == 2
+
+
+async def test_an_answer_saying_connection_close_is_not_reused(nursery):
+    upstream = await start_raw_upstream(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    assert await get(pool, "/close-after") == (200, b"ok")
+    assert await get(pool, "/next") == (200, b"/next")
+    assert upstream.connections == 2
+
+
+@pytest.mark.parametrize("header", [
+    (b"x-bad", b"a\r\nx-smuggled: 1"), (b"x-bad", b"nul\x00"), (b"x bad", b"v"),
+    (b"x-bad:", b"v"), (b"", b"v"),
+])
+async def test_a_request_header_that_would_break_the_framing_is_never_sent(nursery, header):
+    upstream = await start_upstream(nursery, echo)
+    pool = HttpUpstreamPool("users", upstream.url)
+    with pytest.raises(BadRequest):
+        async with pool.request("GET", "/", [header]):
+            pass  # pragma: no cover
+    with pytest.raises(BadRequest):
+        async with pool.request("GET", "/a b\r\nx: y", []):
+            pass  # pragma: no cover
+    assert pool.statistics() == PoolStatistics(0, 0, 0, 0, 0)
