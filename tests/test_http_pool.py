@@ -1175,7 +1175,24 @@ RAW_ANSWERS: dict[bytes, tuple[bytes, bool]] = {
     b"/stray-after-head": (b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n" + STRAY, False),
     b"/close-after": (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n"
                       b"\r\nok", False),
+    # An HTTP/1.0 answer framed by Transfer-Encoding (RFC 9112 §6.1: the framing is
+    # faulty, the connection closes after it), offering to keep the connection.
+    b"/te-on-1.0": (b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", False),
+    # Three digits, but below 100: no HTTP status. Then an answer.
+    b"/status-099": (b"HTTP/1.1 099 Odd\r\ncontent-length: 0\r\n\r\n"
+                     b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", False),
+    b"/status-000": (b"HTTP/1.1 000 Odd\r\ncontent-length: 0\r\n\r\n"
+                     b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", False),
+    # A long stream of small chunks: framing bytes well past any head limit in all.
+    b"/many-chunks": (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                      + b"1;n=v\r\nx\r\n" * 20_000 + b"0\r\n\r\n", False),
+    # A HEAD answer need not say the length its GET would have (RFC 9110 §9.3.2).
+    b"/head-no-length": (b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\n\r\n", False),
 }
+#: After its chunked body, a trailer field that never ends.
+ENDLESS_TRAILER_HEAD = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                        b"2\r\nok\r\n0\r\nx-trailer: ")
 
 
 class RawUpstream:
@@ -1185,12 +1202,18 @@ class RawUpstream:
     def __init__(self) -> None:
         self.connections = 0
         self.port = 0
+        self.heads: list[bytes] = []
+        self.trailer_bytes_sent = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def serve(self, stream: trio.SocketStream) -> None:
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._serve(stream)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
         self.connections += 1
         buffer = b""
         async with stream:
@@ -1204,7 +1227,14 @@ class RawUpstream:
                         return
                     buffer += data
                 head, _, buffer = buffer.partition(b"\r\n\r\n")
+                self.heads.append(head)
                 target = head.split(b" ", 2)[1]
+                if target == b"/endless-trailer":
+                    await stream.send_all(ENDLESS_TRAILER_HEAD)
+                    for _ in range(128):
+                        await stream.send_all(b"a" * 65536)
+                        self.trailer_bytes_sent += 65536
+                    await trio.sleep_forever()
                 if target == b"/trickled":
                     for index in range(len(TRICKLED)):
                         await stream.send_all(TRICKLED[index:index + 1])
@@ -1297,3 +1327,78 @@ async def test_a_request_header_that_would_break_the_framing_is_never_sent(nurse
         async with pool.request("GET", "/a b\r\nx: y", []):
             pass  # pragma: no cover
     assert pool.statistics() == PoolStatistics(0, 0, 0, 0, 0)
+
+
+async def test_a_trailer_longer_than_the_head_limit_is_a_protocol_error(nursery):
+    """A chunked answer's trailer section is bounded like its head (h11 bounded it by
+    ``max_incomplete_event_size``): a trailer field that never ends is a 502 once past
+    the limit, not memory held for as long as the upstream sends and the deadline
+    allows."""
+    upstream = await start_raw_upstream(nursery)
+    pool = HttpUpstreamPool("users", upstream.url, PoolLimits(max_response_header_bytes=4096))
+    with trio.move_on_after(5):
+        with pytest.raises(UpstreamProtocolError):
+            await get(pool, "/endless-trailer")
+        assert upstream.trailer_bytes_sent < 1024 * 1024  # read no further than needed
+        return
+    pytest.fail(f"{upstream.trailer_bytes_sent} bytes of one trailer field were read and "
+                "held without error in 5 s (limit 4096)")
+
+
+async def test_an_http_1_0_answer_with_transfer_encoding_closes_its_connection(nursery):
+    """RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing, and
+    the recipient MUST close the connection after it (its sender may have kept part
+    of it, which would answer the next request). Like h11, the pool reuses a connection
+    only after an HTTP/1.1 answer."""
+    upstream = await start_raw_upstream(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    assert await get(pool, "/te-on-1.0") == (200, b"ok")
+    assert await get(pool, "/next") == (200, b"/next")
+    assert upstream.connections == 2
+
+
+@pytest.mark.parametrize("target", ["/status-099", "/status-000"])
+async def test_a_status_below_100_is_a_protocol_error(nursery, target):
+    """A status line ``099``/``000`` is no HTTP status (RFC 9110 15: 100-599; h11
+    refused it too): a 502, not an informational head passed over for what comes next
+    (here a 200)."""
+    upstream = await start_raw_upstream(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    with pytest.raises(UpstreamProtocolError):
+        await get(pool, target)
+
+
+async def test_a_request_header_name_holding_a_colon_is_never_sent(nursery):
+    """Written as ``x-user:admin: v``, the upstream would read header ``x-user`` with
+    value ``admin: v``: refused (BadRequest), nothing opened."""
+    upstream = await start_raw_upstream(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    with pytest.raises(BadRequest):
+        async with pool.request("GET", "/", [(b"x-user:admin", b"v")]):
+            pass  # pragma: no cover
+    assert upstream.heads == []
+
+
+async def test_a_head_answer_without_content_length_keeps_its_connection(nursery):
+    """A HEAD answer ends at its head whatever its framing (RFC 9110 9.3.2), and may
+    carry no Content-Length: its connection is kept (llhttp, not told the request was a
+    HEAD, would take it for a body framed by the close), so that HEADs (health checks,
+    caches revalidating) do not each cost a new upstream connection."""
+    upstream = await start_raw_upstream(nursery)
+    pool = HttpUpstreamPool("users", upstream.url)
+    for _ in range(3):
+        async with pool.request("HEAD", "/head-no-length", []) as response:
+            assert response.status == 200
+            assert await response.read() == b""
+    assert await get(pool, "/next") == (200, b"/next")
+    assert upstream.connections == 1
+
+
+async def test_a_long_stream_of_small_chunks_is_not_held_to_the_head_limit(nursery):
+    """The head limit bounds each chunk's framing (and a trailer section), not their
+    sum: 200 KiB of chunk lines under a 2 KiB limit is a stream (an event feed, say)."""
+    upstream = await start_raw_upstream(nursery)
+    pool = HttpUpstreamPool("users", upstream.url, PoolLimits(max_response_header_bytes=2048))
+    assert await get(pool, "/many-chunks") == (200, b"x" * 20_000)
+    assert await get(pool, "/next") == (200, b"/next")
+    assert upstream.connections == 1

@@ -33,6 +33,8 @@ _BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+")
 _METHOD = re.compile(_TOKEN)
 _HEAD_END = b"\r\n\r\n"
+#: ``close`` among a Connection header's tokens, in any case.
+_CLOSE = re.compile(rb"(?:^|,)[ \t]*close[ \t]*(?:,|$)", re.IGNORECASE)
 
 
 class InformationalResponse:
@@ -89,7 +91,9 @@ class RequestHead:
         if _TARGET.fullmatch(raw_target) is None:
             raise h11.LocalProtocolError(f"illegal request target {target!r}")
         names = [name for name, _ in headers]
-        if names and _NAMES.fullmatch(b":".join(names)) is None:
+        joined = b":".join(names)
+        if names and (_NAMES.fullmatch(joined) is None
+                      or joined.count(b":") != len(names) - 1):  # a name holding a colon
             bad = next((n for n in names if re.fullmatch(_TOKEN, n) is None), b"")
             raise h11.LocalProtocolError(f"illegal header name {bad!r}")
         if _BAD_VALUE_BYTE.search(b"\t".join([value for _, value in headers])) is not None:
@@ -107,7 +111,7 @@ class RequestHead:
                     raise h11.LocalProtocolError("only Transfer-Encoding: chunked is sent")
                 chunked = True
             elif lowered == b"connection":
-                close = close or b"close" in value.lower()
+                close = close or _CLOSE.search(value) is not None
         #: Content-Length of the body (0 when neither framing header is there).
         self.length = None if chunked else (length or 0)
         self.chunked = chunked
@@ -225,8 +229,10 @@ class ClientConnection:
             raise h11.LocalProtocolError("the connection is closed")
         if self._head_buffer is not None:
             self._head_buffer += data
-        if not self._in_body:
-            self._head_bytes += len(data)
+        # Bytes that are no body (a head, a chunk's size line, a trailer section) are
+        # bounded like a head: counted here, each body byte taken off as it is parsed,
+        # the count started again at each head and chunk (late by one read at most).
+        self._head_bytes = max(self._head_bytes, 0) + len(data)
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -244,9 +250,9 @@ class ClientConnection:
                 self._trailing = True  # garbage after the answer: not reused
             else:
                 self._fail(str(error) or type(error).__name__)
-        if not self._in_body and not self._their_done and (
-                self._head_bytes > self._max_head_bytes):
-            self._fail(f"response head over {self._max_head_bytes} bytes")
+        if self._head_bytes > self._max_head_bytes and not self._their_done:
+            self._fail(f"response head (or a chunk's framing) over {self._max_head_bytes} "
+                       "bytes")
 
     def next_event(self) -> Event:
         events = self._events
@@ -323,12 +329,18 @@ class ClientConnection:
         self._headers, self._reason = [], b""
         self._heads += 1
         self._head_bytes = 0
+        if status < 100:  # three digits, but no HTTP status (h11 refused it too)
+            self._stop = "failed"
+            self._fail(f"status {status:03d} is no HTTP status")
+            raise _Stop
         if status < 200:
             self._events.append(InformationalResponse(status, reason, headers))
             return
-        length = chunked = False
+        length = chunked = close = False
         for name, value in headers:
-            if name == b"content-length":
+            if name == b"connection":
+                close = close or _CLOSE.search(value) is not None
+            elif name == b"content-length":
                 length = True
             elif name == b"transfer-encoding":
                 if value.lower() != b"chunked":  # as h11: nothing else frames a body
@@ -338,7 +350,11 @@ class ClientConnection:
                 chunked = True
         self._events.append(Response(status, reason, headers))
         self._in_body = True
-        self._keep_alive = parser.should_keep_alive()
+        # Kept only after an HTTP/1.1 answer, as h11 kept it: an HTTP/1.0 one framed by
+        # Transfer-Encoding must close (RFC 9112 §6.1). llhttp's own verdict would take
+        # a HEAD answer without a length for a body framed by the close.
+        self._keep_alive = (parser.get_http_version() == "1.1" and not close
+                            and (self._is_head or parser.should_keep_alive()))
         if self._is_head:
             self._events.append(END_OF_MESSAGE)
             self._their_done = True
@@ -347,7 +363,11 @@ class ClientConnection:
         self._body_until_eof = not length and not chunked and status not in (204, 304)
 
     def on_body(self, body: bytes) -> None:
+        self._head_bytes -= len(body)
         self._events.append(Data(body))
+
+    def on_chunk_header(self) -> None:
+        self._head_bytes = 0
 
     def on_message_complete(self) -> None:
         if not self._in_body:
