@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import struct
 import threading
@@ -23,6 +24,8 @@ from gateway._errors import (
     UpstreamResetError,
 )
 from gateway.upstreams import HttpUpstreamPool, PoolLimits, PoolStatistics, UpstreamResponse
+from gateway.upstreams._h1 import ClientConnection, RequestHead
+from gateway.upstreams._http import _Connection
 from gateway.upstreams._tls import UpstreamTls, client_context
 
 SAFETY_S = 10.0  # bounds a wait that should end at once; a hang fails instead of blocking CI
@@ -1400,5 +1403,107 @@ async def test_a_long_stream_of_small_chunks_is_not_held_to_the_head_limit(nurse
     upstream = await start_raw_upstream(nursery)
     pool = HttpUpstreamPool("users", upstream.url, PoolLimits(max_response_header_bytes=2048))
     assert await get(pool, "/many-chunks") == (200, b"x" * 20_000)
+    assert await get(pool, "/next") == (200, b"/next")
+    assert upstream.connections == 1
+
+
+@pytest.fixture
+def no_gc():
+    """Workers run with automatic collections off (gateway/_gc.py)."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+        gc.collect()
+
+
+def _alive(kind: type) -> int:
+    return sum(1 for o in gc.get_objects() if type(o) is kind)
+
+
+async def _drive(pool: HttpUpstreamPool, how: str) -> None:
+    if how == "answer-says-close":
+        assert await get(pool, "/close-after") == (200, b"ok")
+    elif how == "protocol-error":
+        try:
+            await get(pool, "/gzip-framed")
+        except UpstreamProtocolError:
+            pass
+        else:  # pragma: no cover
+            raise AssertionError("expected a protocol error")
+    elif how in ("idle-expiry", "pool-close"):
+        assert await get(pool, "/next") == (200, b"/next")
+
+
+@pytest.mark.parametrize("how", ["answer-says-close", "protocol-error", "idle-expiry",
+                                 "pool-close"])
+async def test_a_connection_the_pool_closes_is_freed_without_the_garbage_collector(
+        nursery, no_gc, how):
+    """gc is off in workers (collections on a clock): a closed upstream connection is
+    freed by reference counting, with its socket object, framing, parser and buffers,
+    whatever ended it (no cycle through its error mapping, its parser, or the error it
+    raised)."""
+    upstream = await start_raw_upstream(nursery)
+    for _ in range(10):
+        pool = HttpUpstreamPool("users", upstream.url)
+        await _drive(pool, how)
+        if how == "idle-expiry":
+            pool.close_idle(trio.current_time() + 3600)
+        elif how == "pool-close":
+            await pool.aclose()
+        assert pool.statistics().closed_total == 1
+        del pool
+    assert _alive(_Connection) == 0, f"{_alive(_Connection)} closed connections still in memory"
+
+
+def test_a_framing_error_once_raised_leaves_no_reference_cycle(no_gc):
+    """The framing's error, raised again on every call, is raised anew each time: an
+    error kept and raised again would hold, through its traceback, the frame holding
+    the framing that holds it (a cycle per connection that saw bad HTTP)."""
+    before = _alive(ClientConnection)
+    framing = ClientConnection(4096)
+    framing.send_head(RequestHead("GET", "/", [(b"host", b"x")]))
+    framing.send_end()
+    framing.receive_data(b"garbage, no HTTP\r\n\r\n")
+    with pytest.raises(h11.RemoteProtocolError):
+        framing.next_event()
+    framing.close()
+    del framing
+    assert _alive(ClientConnection) == before
+
+
+def test_an_endless_trailer_field_is_refused_within_two_reads_past_the_limit():
+    """A trailer field that never ends is refused once past the head limit, late by at
+    most two reads (the count restarts at each chunk, mid-read): what an upstream can
+    make the gateway hold is bounded."""
+    limit, read = 4096, 65536
+    framing = ClientConnection(limit)
+    framing.send_head(RequestHead("GET", "/", [(b"host", b"x")]))
+    framing.send_end()
+    start = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+             b"2\r\nok\r\n0\r\nx-trailer: ")
+    first = read - len(start)
+    framing.receive_data(start + b"a" * first)
+    field = first
+    while framing._error is None and field < 4 * read:
+        framing.receive_data(b"a" * read)
+        field += read
+    assert framing._error is not None
+    assert field <= limit + 2 * read, f"a {field}-byte trailer field read under a {limit} limit"
+
+
+async def test_a_proxy_connection_header_does_not_close_a_keep_alive_answer(
+        nursery, monkeypatch):
+    """``Proxy-Connection`` is no HTTP/1.1 header (RFC 9112 reads only ``Connection``;
+    h11 ignored it): it does not cost the answer its connection."""
+    monkeypatch.setitem(RAW_ANSWERS, b"/proxy-connection", (
+        b"HTTP/1.1 200 OK\r\nproxy-connection: close\r\ncontent-length: 2\r\n\r\nok", False))
+    upstream = await start_raw_upstream(nursery)
+    pool = HttpUpstreamPool("users", upstream.url, PoolLimits())
+    assert await get(pool, "/proxy-connection") == (200, b"ok")
     assert await get(pool, "/next") == (200, b"/next")
     assert upstream.connections == 1

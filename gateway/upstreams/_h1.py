@@ -163,7 +163,9 @@ class ClientConnection:
         self._is_head = False
         self._length: int | None = 0
         self._events: deque[Event] = deque()
-        self._error: h11.RemoteProtocolError | None = None
+        #: Why the answer is refused; raised anew on each call (an exception kept and
+        #: raised again would hold, through its traceback, the frame that holds it).
+        self._error: str | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._started = False  # a byte of the answer came
@@ -231,7 +233,8 @@ class ClientConnection:
             self._head_buffer += data
         # Bytes that are no body (a head, a chunk's size line, a trailer section) are
         # bounded like a head: counted here, each body byte taken off as it is parsed,
-        # the count started again at each head and chunk (late by one read at most).
+        # the count started again at each head and chunk. What follows a restart in the
+        # same read goes uncounted, so the bound holds within two reads (128 KiB).
         self._head_bytes = max(self._head_bytes, 0) + len(data)
         try:
             parser.feed_data(data)
@@ -265,7 +268,7 @@ class ClientConnection:
                 return Data(b"".join(parts))
             return event
         if self._error is not None:
-            raise self._error
+            raise h11.RemoteProtocolError(self._error)
         return NEED_DATA
 
     def reusable(self) -> bool:
@@ -276,10 +279,15 @@ class ClientConnection:
     def start_next_cycle(self) -> None:
         if not self.reusable():
             raise h11.LocalProtocolError("not in a reusable state")
+        parser = self._parser
+        if parser is not None and not parser.should_keep_alive():
+            # llhttp read the connection as closing where HTTP/1.1 does not (a
+            # Proxy-Connection header): it would refuse the next answer.
+            self._parser = httptools.HttpResponseParser(self)
         self._cycle()
 
     def _fail(self, why: str) -> None:
-        self._error = h11.RemoteProtocolError(why)
+        self._error = why
 
     def _end_of_stream(self) -> None:
         if self._their_done:
@@ -350,17 +358,18 @@ class ClientConnection:
                 chunked = True
         self._events.append(Response(status, reason, headers))
         self._in_body = True
-        # Kept only after an HTTP/1.1 answer, as h11 kept it: an HTTP/1.0 one framed by
-        # Transfer-Encoding must close (RFC 9112 §6.1). llhttp's own verdict would take
-        # a HEAD answer without a length for a body framed by the close.
+        self._body_until_eof = not length and not chunked and status not in (204, 304)
+        # Kept only after an HTTP/1.1 answer, as h11 kept it (an HTTP/1.0 one framed by
+        # Transfer-Encoding must close, RFC 9112 §6.1), and read here rather than from
+        # llhttp: it would take a HEAD answer without a length for a body framed by the
+        # close, and Proxy-Connection (no HTTP/1.1 header) for Connection.
         self._keep_alive = (parser.get_http_version() == "1.1" and not close
-                            and (self._is_head or parser.should_keep_alive()))
+                            and (self._is_head or not self._body_until_eof))
         if self._is_head:
             self._events.append(END_OF_MESSAGE)
             self._their_done = True
             self._stop = "head-answered"
             raise _Stop
-        self._body_until_eof = not length and not chunked and status not in (204, 304)
 
     def on_body(self, body: bytes) -> None:
         self._head_bytes -= len(body)

@@ -170,7 +170,13 @@ class _MapExceptions:
             return
         mapped = self._translate(exc)
         if mapped is not None:
-            raise mapped from exc
+            try:
+                raise mapped from exc
+            finally:
+                # This frame is in the raised error's traceback: holding it and the
+                # original (whose traceback holds the connection's frames) would make
+                # a cycle, freed only by a full collection.
+                mapped = exc = None
 
     def _translate(self, exc: Exception) -> GatewayError | None:
         # Each error's message (the trace's, the log's) says what failed in the words of
@@ -376,6 +382,7 @@ class _Connection:
         kernel sends FIN (or RST if unread bytes remain) and the upstream sees it."""
         self.socket.close()
         self.framing.close()
+        self.errors._conn = None  # it refers back to this connection: a cycle
 
 
 class UpstreamResponse:
