@@ -83,6 +83,7 @@ async def run_demo(policy_file: str, bind: str, admin_bind: str | None) -> None:
 
             nursery.start_soon(stop_on_sigterm)
             await _serve_demo(loaded, public_sock, admin_sock)
+            nursery.cancel_scope.cancel(reason="shutdown|server")  # the gateway stopped
     finally:
         if cluster is not None:
             with trio.CancelScope(shield=True):
@@ -104,10 +105,17 @@ async def _serve_demo(loaded: LoadedPolicy, public_sock: socket.socket,
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 5
     async with trio.open_nursery() as nursery:
+
+        async def serve_gateway(task_status: trio.TaskStatus[Any]) -> None:
+            await worker_serve(
+                wrap_app(cast(Any, gateway), config.wsgi_max_body_size, "asgi"), config,
+                sockets=Sockets([], [public_sock, admin_sock], []), task_status=task_status)
+            # Hypercorn ends quietly on a Ctrl+C that lands in one of its tasks (it
+            # swallows the KeyboardInterrupt): the demo's upstreams end with it.
+            nursery.cancel_scope.cancel(reason="shutdown|server")
+
         upstreams = await nursery.start(serve_demo_upstreams)
-        await nursery.start(lambda task_status: worker_serve(
-            wrap_app(cast(Any, gateway), config.wsgi_max_body_size, "asgi"), config,
-            sockets=Sockets([], [public_sock, admin_sock], []), task_status=task_status))
+        await nursery.start(serve_gateway)
         public, admin = url_of(public_sock), url_of(admin_sock)
         print("demo upstreams: " + ", ".join(f"{name} {url}" for name, url in upstreams))
         print(f"gateway: {public} (policy {loaded.file}, version {loaded.version})")

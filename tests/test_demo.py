@@ -177,3 +177,27 @@ async def test_the_demo_policy_retries_the_503s_of_its_orders_upstream(
     assert all(s.get("orders", {}).get("user") == 7 for s in summaries), summaries
     # The upstream did fail, one GET in ten: each of its 503s was retried.
     assert retries >= 8
+
+
+async def test_the_demo_ends_when_its_gateway_server_ends(monkeypatch) -> None:
+    """Hypercorn's server ends quietly, swallowing the KeyboardInterrupt, when a Ctrl+C
+    lands in one of its tasks rather than in the demo's main task: the demo's
+    upstreams then served on and the demo never exited (one Ctrl+C in three or so)."""
+    import gateway._demo as demo
+    from gateway._policy_loader import load_policy_file
+
+    async def server_that_ends(*_args: object, task_status: trio.TaskStatus[list[str]],
+                               **_kwargs: object) -> None:
+        task_status.started([])  # then ends, as after a swallowed KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "worker_serve", server_that_ends)
+    monkeypatch.setattr(demo, "serve_demo_upstreams", functools.partial(
+        serve_demo_upstreams, users_port=0, orders_port=0))
+    loaded = load_policy_file(str(ROOT / "policies" / "demo.yaml"))
+    public, admin = demo._listen("127.0.0.1:0", "gateway"), demo._listen("127.0.0.1:0", "admin")
+    try:
+        with trio.fail_after(10):
+            await demo._serve_demo(loaded, public, admin)
+    finally:
+        public.close()
+        admin.close()
