@@ -113,22 +113,6 @@ EXTRAS = {
 }
 
 
-async def _fire(client: httpx.AsyncClient, count: int, concurrency: int,
-                headers: dict[str, str] | None = None) -> list[int]:
-    statuses: list[int] = []
-    limiter = trio.CapacityLimiter(concurrency)
-
-    async def one() -> None:
-        async with limiter:
-            response = await client.get("/api/slow?ms=50", headers=headers or {})
-            statuses.append(response.status_code)
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(count):
-            nursery.start_soon(one)
-    return statuses
-
-
 @pytest.mark.parametrize("extra", sorted(EXTRAS))
 async def test_client_deadline_cuts_are_no_latency_sample_with_retries_or_a_circuit(extra):
     """As for the impatient clients above, with retries (or a circuit breaker) on the

@@ -242,13 +242,7 @@ async def test_an_upload_refused_on_its_head_is_not_reset_while_it_is_sent():
     size, piece = 768 * 1024, 16 * 1024
     async with stage() as s, connect(s.port) as conn:
         await conn.send(request_bytes("POST", "/api/small/ok", [("Content-Length", str(size))]))
-        sent = 0
-        while sent < size:
-            if not await conn.try_send(b"x" * piece):
-                break
-            sent += piece
-            await trio.sleep(0.005)
-        assert sent == size, f"the upload was cut after {sent} bytes"
+        assert await conn.trickle(b"x" * size, every_s=0.005, size=piece), "the upload was cut"
         response = await conn.read_response()
         assert response is not None and response.status == 413 and response.complete
         assert b'"cause":"bad_request"' in response.body

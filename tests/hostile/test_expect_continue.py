@@ -100,13 +100,7 @@ async def test_an_http10_upload_refused_on_its_head_is_read_on_and_not_reset():
     async with stage() as s, connect(s.port) as conn:
         await conn.send(b"POST /api/small/ok HTTP/1.0\r\nHost: g\r\n"
                         b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % size)
-        sent = 0
-        while sent < size:
-            if not await conn.try_send(b"x" * piece):
-                break
-            sent += piece
-            await trio.sleep(0.005)
-        assert sent == size, f"the upload was cut after {sent} bytes"
+        assert await conn.trickle(b"x" * size, every_s=0.005, size=piece), "the upload was cut"
         response = await conn.read_response()
         assert response is not None and response.status == 413 and response.complete
         assert response.interim == []
