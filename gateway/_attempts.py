@@ -178,6 +178,17 @@ class _DecidedOnArrival:
         return isinstance(status, int) and self.decide(status)
 
 
+def _refused_retry(ctx: RequestContext, call: TracedScope, name: str, number: int,
+                   upstream: str) -> None:
+    """Record a retry (or hedge) the budget refused as its own cancelled span."""
+    try:
+        with traced_scope(ctx.trace, call, "attempt", f"{name}#{number}", attempt=number):
+            raise RetryBudgetSpent(f"retry budget of upstream {upstream!r} is spent",
+                                   upstream=upstream)
+    except RetryBudgetSpent:
+        pass
+
+
 def _try_deadline(call: TracedScope, per_try: float | None, streamed: bool) -> float:
     """A try's deadline as it starts: its ``per_try_timeout`` from now, unless its body
     streams as it goes (the timeout then starts once the body is sent, see Claim)."""
@@ -203,7 +214,8 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
                        settings: CallSettings, *, name: str, method: str, replayable: bool,
                        perform: Perform[T], first_number: int = 1,
                        body_unread: Callable[[], bool] | None = None,
-                       tries_sent: int | None = None) -> T:
+                       tries_sent: int | None = None,
+                       again_after: GatewayError | None = None) -> T:
     """Run ``perform`` under the call's resilience rules; return the winning value.
     ``replayable``: the request can be sent again; one that cannot streams its body from
     the client as its try runs (``perform`` then tells ``claim.sent`` when it is sent),
@@ -213,10 +225,17 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     not the call's first try, in the metrics and the retry budget, and its tries in all
     stay within ``attempts``, though one is always sent). ``tries_sent``: how many of
     those earlier attempts were sent (a refused retry or hedge has a span and sent
-    nothing); ``first_number - 1`` unless given."""
+    nothing); ``first_number - 1`` unless given. ``again_after``: the failure of the
+    tries sent before; the first attempt here is then a retry of them, paid from the
+    retry budget like any, and the call fails with that failure when the budget refuses
+    it."""
     shown = first_number - 1  # added to an attempt's number where the trace shows it
     # Tries the call sent before (a call run again): what its attempts count from.
     before = shown if tries_sent is None else tries_sent
+    budget = state.retry_budget
+    if before > 0 and again_after is not None and not budget.try_spend(trio.current_time()):
+        _refused_retry(ctx, call, name, first_number, state.name)
+        raise again_after
     retry: RetryPolicy | None = settings.retries
     allowed_retry = retry is not None and replayable and (
         method in IDEMPOTENT_METHODS or retry.non_idempotent)
@@ -229,7 +248,6 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
     max_hedges = settings.max_hedges if hedge_after is not None else 0
     retry_statuses = frozenset(s for s in retry.on if isinstance(s, int)) if (
         retry is not None and allowed_retry) else frozenset()
-    budget = state.retry_budget
     breaker = state.breaker
     min_budget = ctx.policy.server.min_call_budget
     margin = ctx.policy.server.deadline_margin
@@ -376,14 +394,7 @@ async def run_attempts(ctx: RequestContext, call: TracedScope, state: UpstreamSt
         events_send.send_nowait((attempt, outcome))
 
     def refuse_retry() -> None:
-        """Record a retry (or hedge) the budget refused as its own cancelled span."""
-        try:
-            with traced_scope(ctx.trace, call, "attempt", f"{name}#{started + 1 + shown}",
-                              attempt=started + 1 + shown):
-                raise RetryBudgetSpent(f"retry budget of upstream {state.name!r} is spent",
-                                       upstream=state.name)
-        except RetryBudgetSpent:
-            pass
+        _refused_retry(ctx, call, name, started + 1 + shown, state.name)
 
     # Decisions are taken inside the nursery but raised outside it, so the caller sees
     # the GatewayError itself, not an exception group.

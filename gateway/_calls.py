@@ -366,12 +366,14 @@ async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: Fan
     # tells and PostgreSQL confirms (reads run in read-only sessions); one that may
     # write follows a POST's rules (retried only when nothing was sent, or when the
     # database rolled it back for a serialization failure or a deadlock).
+    wrote: StatementWrites | None = None
     if sql_reads_only(query) and query not in postgres.writing_statements:
         try:
             return await run_attempts(ctx, scope, state, settings, name=name,
                                       method="GET", replayable=True,
                                       perform=attempt_of(writes=False))
-        except StatementWrites:
+        except StatementWrites as refused:
+            wrote = refused
             if query not in postgres.writing_statements:
                 postgres.writing_statements.add(query)
                 log.warning("upstream %r: a statement that reads by its text wrote "
@@ -383,6 +385,9 @@ async def _run_sql(ctx: RequestContext, scope: TracedScope, name: str, call: Fan
     # was won as it started, have spans and sent nothing.
     sent = sum(1 for span in attempts if span.cause != "retry_budget"
                and "hedge_not_sent" not in span.attrs)
+    # Run again, the write is the call's retry: paid from the upstream's retry budget,
+    # or not sent (the call then fails as the read did).
     return await run_attempts(ctx, scope, state, settings, name=name, method="POST",
                               replayable=True, perform=attempt_of(writes=True),
-                              first_number=len(attempts) + 1, tries_sent=sent)
+                              first_number=len(attempts) + 1, tries_sent=sent,
+                              again_after=wrote)

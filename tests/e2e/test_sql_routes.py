@@ -389,8 +389,51 @@ async def test_a_read_run_again_as_a_write_is_one_first_try(database):
             assert metric_total(text, "gateway_upstream_attempts_total",
                                 upstream=upstream, kind="retry") == 1, (upstream, text)
             budget = gw.gateway.runtime.snapshot.upstreams[upstream].retry_budget
-            assert budget.statistics(trio.current_time()).requests == 2, upstream
+            spent = budget.statistics(trio.current_time())
+            assert (spent.requests, spent.retries) == (2, 1), (upstream, spent)
     assert database.psql("SELECT v FROM gw_log ORDER BY v").split() == ["1", "1", "2", "2"]
+
+
+async def test_a_read_run_again_as_a_write_is_paid_from_the_retry_budget(database):
+    """The second run of a read whose function writes is a retry: it was sent whatever
+    the upstream's retry budget said, so calls that find their statement writes sent a
+    second try each to a struggling database. With the budget spent it is not sent: the
+    call fails as a retry the budget refused does (the first try's failure, and a
+    ``retry_budget`` span), nothing is written, and the statement, known to write, is a
+    first try from then on."""
+    database.psql("DROP TABLE IF EXISTS gw_log; CREATE TABLE gw_log (v int); "
+                  "CREATE OR REPLACE FUNCTION gw_log_add(x int) RETURNS int "
+                  "LANGUAGE sql AS 'INSERT INTO gw_log VALUES (x) RETURNING v'")
+    policy = REWRITTEN.replace(
+        "pool: {min: 1, max: 2}}\n  rw_retried",
+        "pool: {min: 1, max: 2}}\n    call: {retries: {budget: 0%, min_per_second: 0}}"
+        "\n  rw_retried").replace(
+        "{retries: {attempts: 3}}", "{retries: {attempts: 3, budget: 0%, min_per_second: 0}}")
+    async with run_gateway(policy) as gw, gw.client() as client:
+        async def retries_sent(upstream: str) -> float:  # the metrics are the process's
+            async with gw.admin() as admin:
+                text = (await admin.get("/metrics")).text
+            return metric_total(text, "gateway_upstream_attempts_total",
+                                upstream=upstream, kind="retry")
+
+        for upstream, path in (("rw_once", "/api/once"), ("rw_retried", "/api/retried")):
+            retries_before = await retries_sent(upstream)
+            refused = await client.get(f"{path}/1")
+            assert refused.status_code == 502, (upstream, refused.text)
+            assert refused.json()["cause"] == "statement_writes", (upstream, refused.text)
+            trace = await trace_of(gw, refused.headers["x-request-id"])
+            attempts = [(a.cause, a.attrs.get("statement_writes"))
+                        for a in trace.root.walk() if a.kind == "attempt"]
+            assert attempts == [(None, True), ("retry_budget", None)], (
+                upstream, trace.to_json())
+            written = await client.get(f"{path}/2")
+            assert written.status_code == 200 and written.json() == {"v": 2}, upstream
+            assert await retries_sent(upstream) == retries_before, upstream
+            budget = gw.gateway.runtime.snapshot.upstreams[upstream].retry_budget
+            spent = budget.statistics(trio.current_time())
+            assert (spent.requests, spent.retries, spent.denied_total) == (2, 0, 1), (
+                upstream, spent)
+    assert database.psql("SELECT v FROM gw_log ORDER BY v").split() == ["2", "2"]
 
 
 FLAKY = """
