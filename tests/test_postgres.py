@@ -37,6 +37,7 @@ from gateway.upstreams._postgres import (
     _ConnectFailed,
     _Connector,
     _LostBeforeSent,
+    _RefusedBeforeSent,
     _translate,
     cancelled_elsewhere,
     to_json,
@@ -731,9 +732,10 @@ def test_a_bad_int_argument_is_a_400_that_does_not_quote_it(raw: object) -> None
 
 def test_only_a_failure_before_the_statement_is_a_connect_failure() -> None:
     """SQLSTATE classes 08, 53 and 57 are a connect failure (``connect``, which a write
-    is retried after: nothing was sent) only while connecting. Past it the statement or
-    its COMMIT was sent and may have been applied: a session the server ends is a
-    reset, and a statement out of resources a database failure."""
+    is retried after: nothing was sent) only while connecting, or answered to the round
+    trip that switches a write's session to read-write, before its statement. Past it
+    the statement or its COMMIT was sent and may have been applied: a session the
+    server ends is a reset, and a statement out of resources a database failure."""
     exceptions = asyncpg.exceptions
     terminated = exceptions.AdminShutdownError(
         "terminating connection due to administrator command")
@@ -745,6 +747,10 @@ def test_only_a_failure_before_the_statement_is_a_connect_failure() -> None:
         "connection was closed in the middle of operation")
     lost.__cause__ = terminated
     assert type(_translate("db", _LostBeforeSent(lost))) is UpstreamConnectError
+    # A write's switch to read-write out of resources: its statement was not sent.
+    refused = _translate("db", _RefusedBeforeSent(exceptions.OutOfMemoryError("out of memory")))
+    assert type(refused) is UpstreamConnectError, refused
+    assert "53200" in refused.public and "before the statement was sent" in refused.public
     for mid_call in (terminated, exceptions.CrashShutdownError("crash of another process"),
                      exceptions.ConnectionFailureError("connection failure"), lost):
         error = _translate("db", mid_call)

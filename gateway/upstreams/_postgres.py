@@ -51,8 +51,9 @@ Errors, translated once, in ``_translate``::
 
     cannot connect (refused, unreachable, connect timeout,
       server starting or shutting down, too many connections),
-      or a pooled connection found lost before a write's
-      statement was sent                                        UpstreamConnectError
+      or a pooled connection found lost, or a session out of
+      resources (class 53), by a write's switch to read-write,
+      before its statement was sent                             UpstreamConnectError
     connection lost in the middle of a call, or the session
       ended by the server once connected (SQLSTATE class 08,
       57: admin or crash shutdown) while a statement or its
@@ -336,6 +337,16 @@ class _LostBeforeSent(_ConnectFailed):
     failure."""
 
 
+class _RefusedBeforeSent(_ConnectFailed):
+    """The round trip that switches a write's session to read-write failed for want of
+    resources (SQLSTATE class 53: out of memory, disk full): the write itself was never
+    sent, so it is as safe to send again as after a connect failure."""
+
+
+#: The SQLSTATE class of a statement the server had not the resources for.
+_OUT_OF_RESOURCES = "53"
+
+
 #: SQLSTATE classes whose primary message speaks of the schema or the statement, never
 #: of data (``relation "x" does not exist``, a constraint's name): it is kept. Others
 #: can quote values (``invalid input syntax for type integer: "..."``, a PL/pgSQL
@@ -478,6 +489,11 @@ def _translate(name: str, exc: BaseException, *, input_bound: bool = False,
             f"{where}: connection lost before the statement was sent "
             f"({_lost_reason(exc.cause)})",
             public=f"{where}: connection lost before the statement was sent")
+    if isinstance(exc, _RefusedBeforeSent):
+        return UpstreamConnectError(
+            f"{where}: {_connect_reason(exc)} before the statement was sent",
+            public=f"{where}: {exc.kind} (SQLSTATE {getattr(exc.cause, 'sqlstate', '')}) "
+                   "before the statement was sent")
     if isinstance(exc, _ConnectFailed):
         if out_of_resources(exc) is not None:
             # The worker's own shortage, not the database failing: shed, and no
@@ -904,16 +920,20 @@ def _fetch_within(max_bytes: int, name: str) -> Operation:
 async def _read_write(con: Any) -> None:
     """Switch a write's session to read-write, before its statement is sent: a pooled
     connection found lost here (its loss not yet seen while it was idle) raises
-    :class:`_LostBeforeSent`, which a write may be retried after."""
+    :class:`_LostBeforeSent`, a session out of resources :class:`_RefusedBeforeSent`;
+    a write may be retried after either."""
     try:
         await con.execute("SET default_transaction_read_only = off")
     except (asyncpg.exceptions.PostgresConnectionError, asyncpg.InterfaceError,
             OSError) as exc:
         raise _LostBeforeSent(exc) from exc
     except asyncpg.PostgresError as exc:
-        if (exc.sqlstate or "")[:2] in _SESSION_ENDED and not isinstance(
+        state = (exc.sqlstate or "")[:2]
+        if state in _SESSION_ENDED and not isinstance(
                 exc, asyncpg.exceptions.QueryCanceledError):
             raise _LostBeforeSent(exc) from exc
+        if state == _OUT_OF_RESOURCES:
+            raise _RefusedBeforeSent(exc) from exc
         raise
 
 

@@ -205,17 +205,34 @@ async def test_a_write_out_of_resources_is_not_taken_for_a_connect_failure(datab
     assert int(database.psql("SELECT count(*) FROM rfs_items")) == 0
 
 
+#: The round trip that switches a write's session to read-write, as asyncpg sends it
+#: (a simple Query message).
+READ_WRITE = b"SET default_transaction_read_only = off\0"
+READ_WRITE_QUERY = b"Q" + (len(READ_WRITE) + 4).to_bytes(4, "big") + READ_WRITE
+
+
+def _error_response(sqlstate: bytes, message: bytes) -> bytes:
+    """An ErrorResponse, then ReadyForQuery (idle): a statement the server failed."""
+    fields = b"SERROR\0VERROR\0C" + sqlstate + b"\0M" + message + b"\0\0"
+    return (b"E" + (len(fields) + 4).to_bytes(4, "big") + fields
+            + b"Z" + (5).to_bytes(4, "big") + b"I")
+
+
 class PostgresRelay:
     """A TCP relay in front of PostgreSQL. ``refuse_next``: the next connection is
     answered as a server still starting up answers (SQLSTATE 57P03, before any
     statement). ``drop_open()``: the connections open now are dropped at the next bytes
     their client sends (a firewall or proxy that forgot an idle connection), which
-    their client sees only as it uses them."""
+    their client sees only as it uses them. ``fail_read_write``: that many switches of
+    a session to read-write are answered as a server out of memory answers them
+    (SQLSTATE 53200), the session staying usable; a real server cannot be made to fail
+    that one statement so."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.refuse_next = False
         self.refused = 0
+        self.fail_read_write = 0
         self.connections = 0
         self.port = 0
         self._stale: set[object] = set()
@@ -261,18 +278,28 @@ class PostgresRelay:
             self._open.add(client)
             try:
                 async with await trio.open_tcp_stream("127.0.0.1", self.target_port) as server:
+                    to_client = trio.StrictFIFOLock()
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pump, client, server, client)
-                        nursery.start_soon(self._pump, server, client, None)
+                        nursery.start_soon(self._pump, client, server, client, to_client)
+                        nursery.start_soon(self._pump, server, client, None, to_client)
             finally:
                 self._open.discard(client)
 
-    async def _pump(self, source, sink, client) -> None:
+    async def _pump(self, source, sink, client, to_client: trio.StrictFIFOLock) -> None:
         try:
             async for data in source:
                 if client is not None and client in self._stale:
                     return  # dropped: the client's bytes go nowhere, its socket closes
-                await sink.send_all(data)
+                if client is not None and data == READ_WRITE_QUERY and self.fail_read_write:
+                    self.fail_read_write -= 1
+                    async with to_client:
+                        await client.send_all(_error_response(b"53200", b"out of memory"))
+                    continue
+                if client is None:
+                    async with to_client:
+                        await sink.send_all(data)
+                else:
+                    await sink.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -315,3 +342,31 @@ async def test_a_write_whose_connection_is_lost_before_it_was_sent_is_retried(
     tries = [s for s in dropped_trace.root.walk() if s.kind == "attempt"]
     assert len(tries) == 2, dropped_trace.to_json()
     assert "before the statement was sent" in (tries[0].error or ""), dropped_trace.to_json()
+
+
+async def test_a_write_whose_session_switch_is_out_of_resources_is_retried(database,
+                                                                         monkeypatch):
+    """The round trip that switches a write's session to read-write, refused for want
+    of resources (SQLSTATE class 53, here 53200 out of memory), comes before the write's
+    statement is sent: nothing of it reached the database, so it is a ``connect``
+    failure, retried for a write too, and the row is written once. It was a 502
+    ``upstream_error``, never retried, and nothing written."""
+    relay = PostgresRelay(database.port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.serve)
+        monkeypatch.setenv("GATEWAY_TEST_DSN", database.dsn.replace(
+            f":{database.port}/", f":{relay.port}/"))
+        policy = TERMINATED.replace("pg_sleep(1.5)", "pg_sleep(0)")
+        async with run_gateway(policy) as gw, gw.client() as client:
+            relay.fail_read_write = 1
+            with trio.fail_after(8):
+                write = await client.post("/slow-write")
+            assert write.status_code == 200, (write.status_code, write.text)
+            assert relay.fail_read_write == 0
+            trace = await trace_of(gw, write.headers["x-request-id"])
+        nursery.cancel_scope.cancel()
+    assert int(database.psql("SELECT count(*) FROM rfs_items")) == 1
+    tries = [s for s in trace.root.walk() if s.kind == "attempt"]
+    assert len(tries) == 2, trace.to_json()
+    assert "53200" in (tries[0].error or ""), trace.to_json()
+    assert "before the statement was sent" in (tries[0].error or ""), trace.to_json()
