@@ -10,9 +10,9 @@ had its send fail, and could lose the answer before it read it (RFC 9112 9.6).
 
 As nginx does (its discarding of an unread body, and ``lingering_close``):
 
-* A rest known to be at most :data:`DISCARD_BYTES` when the answer's head goes out (a
-  Content-Length no further than that past what was read) is read and dropped, and the
-  connection is kept, its answer saying nothing of a close.
+* A rest known to be at most ``server.limits.discard_body`` (64 KiB) when the answer's
+  head goes out (a Content-Length no further than that past what was read) is read and
+  dropped, and the connection is kept, its answer saying nothing of a close.
 * Otherwise the answer says ``Connection: close`` (:func:`rest_discarded`, as Envoy
   says it on any answer given before its request was read): a chunked body, whose size
   the head does not tell, a larger rest, a client still waiting for ``100 Continue``;
@@ -20,14 +20,16 @@ As nginx does (its discarding of an unread body, and ``lingering_close``):
   connection). The gateway then shuts its sending side down after the answer and reads
   and drops what the client still sends, then closes. So an answer that keeps the
   connection is not followed by a close its client was not told of (unless its small
-  rest takes longer than :data:`UNREAD_S` to come).
+  rest takes longer than ``lingering_time`` to come).
 
-Either way at most :data:`UNREAD_BYTES` are read, for at most :data:`UNREAD_S` after
-the answer; past either the connection is closed. It is counted against the worker's
-connections all along. One that closes anyway is closed first when a new client needs
-its descriptor (``_connections``); one kept is busy, as its client may have sent its
-next request already, and is not closed for room. Only requests
-answered with their body unread come here; a request read whole is recycled as before.
+Either way at most ``server.limits.lingering_bytes`` (1 MiB) are read, for at most
+``server.limits.lingering_time`` (2 s) after the answer; past either the connection is
+closed (nginx's ``lingering_time``; the policy's values are applied by
+:func:`set_unread_body_limits`, at start and on each reload). It is counted against the
+worker's connections all along. One that closes anyway is closed first when a new
+client needs its descriptor (``_connections``); one kept is busy, as its client may have
+sent its next request already, and is not closed for room. Only requests answered with
+their body unread come here; a request read whole is recycled as before.
 """
 
 from __future__ import annotations
@@ -40,12 +42,23 @@ import trio
 from hypercorn.events import Closed, Updated
 from hypercorn.protocol.events import Body, EndBody, StreamClosed
 
-#: Largest unread rest of a body that is read and dropped to keep its connection.
-DISCARD_BYTES = 64 * 1024
-#: Most bytes read and dropped after an early answer before the connection closes.
-UNREAD_BYTES = 1024 * 1024
-#: Longest time after an early answer that the rest of its body is read for.
-UNREAD_S = 2.0
+#: Largest unread rest of a body that is read and dropped to keep its connection
+#: (``server.limits.discard_body``).
+_discard_bytes = 64 * 1024
+#: Most bytes read and dropped after an early answer before the connection closes
+#: (``server.limits.lingering_bytes``).
+_lingering_bytes = 1024 * 1024
+#: Longest time after an early answer that the rest of its body is read for
+#: (``server.limits.lingering_time``).
+_lingering_s = 2.0
+
+
+def set_unread_body_limits(discard_bytes: int, lingering_bytes: int,
+                           lingering_s: float) -> None:
+    """Apply ``server.limits.discard_body``, ``lingering_bytes`` and ``lingering_time``
+    to answers given from now on (an unread rest already being dropped keeps its own)."""
+    global _discard_bytes, _lingering_bytes, _lingering_s
+    _discard_bytes, _lingering_bytes, _lingering_s = discard_bytes, lingering_bytes, lingering_s
 
 
 def discards(declared_length: int | None, received: int) -> bool:
@@ -53,7 +66,7 @@ def discards(declared_length: int | None, received: int) -> bool:
     ``received`` bytes were read is known to be small enough to be read and dropped, so
     the answer need not close the connection. A chunked body's size is not known: its
     answer says close, as the connection may have to close before its end."""
-    return declared_length is not None and declared_length - received <= DISCARD_BYTES
+    return declared_length is not None and declared_length - received <= _discard_bytes
 
 
 def rest_discarded(connection: h11.Connection) -> bool:
@@ -66,7 +79,7 @@ def rest_discarded(connection: h11.Connection) -> bool:
     if connection.they_are_waiting_for_100_continue:
         return False  # it sent none, and may never: closed at once (``UnreadBody.take``)
     remaining = getattr(connection._reader, "_remaining", None)  # h11 0.16's readers
-    return remaining is not None and remaining <= DISCARD_BYTES
+    return remaining is not None and remaining <= _discard_bytes
 
 
 class UnreadBody:
@@ -79,7 +92,8 @@ class UnreadBody:
         self.keep = keep
         self.received = 0
         self._done = False
-        self._timer = trio.CancelScope(deadline=trio.current_time() + UNREAD_S)
+        self._limit = _lingering_bytes
+        self._timer = trio.CancelScope(deadline=trio.current_time() + _lingering_s)
 
     @classmethod
     async def take(cls, protocol: Any) -> None:
@@ -96,7 +110,7 @@ class UnreadBody:
         remaining = getattr(reader, "_remaining", None)
         keep = (connection.our_state is h11.DONE
                 and not protocol.context.terminated.is_set()
-                and remaining is not None and remaining <= DISCARD_BYTES)
+                and remaining is not None and remaining <= _discard_bytes)
         sink = protocol.stream = cls(protocol, keep)  # before any await: the reader may run
         if not keep:
             await sink._shut_sending()
@@ -111,7 +125,7 @@ class UnreadBody:
         kind = type(event)
         if kind is Body:
             self.received += len(event.data)
-            if self.received > UNREAD_BYTES:
+            if self.received > self._limit:
                 await self._close()
         elif kind is EndBody:
             if self.keep:
@@ -161,4 +175,4 @@ class UnreadBody:
     async def _expire(self) -> None:
         with self._timer:
             await trio.sleep_forever()
-        await self._close()  # UNREAD_S passed (a no-op once the body was dealt with)
+        await self._close()  # lingering_time passed (a no-op once the body was dealt with)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import (
@@ -40,6 +40,7 @@ from ._units import (
     Share,
     above,
     digits_at_least,
+    duration_at_most,
 )
 from .upstreams._tls import client_context
 
@@ -77,10 +78,11 @@ def parse_size(value: Any) -> int:
     raise ValueError(f"{value!r} is not a size (e.g. 64KiB, 16MiB, 1000)")
 
 
-def size_json_schema(minimum: int) -> dict[str, Any]:
-    """The JSON Schema of a size of at least ``minimum`` bytes, as a number or as text
-    with its unit: a field's ``ge`` is lost under ``WithJsonSchema``, so an editor would
-    show a size the loader refuses as fine."""
+def size_json_schema(minimum: int, maximum: int = MAX_SIZE) -> dict[str, Any]:
+    """The JSON Schema of a size of at least ``minimum`` bytes (and at most
+    ``maximum``), as a number or as text with its unit: a field's ``ge`` and ``le`` are
+    lost under ``WithJsonSchema``, so an editor would show a size the loader refuses as
+    fine."""
     units_by_count: dict[int, list[str]] = {}
     for unit, factor in _SIZE_UNITS.items():
         units_by_count.setdefault(-(-minimum // factor), []).append(unit or "")
@@ -89,8 +91,8 @@ def size_json_schema(minimum: int) -> dict[str, Any]:
         named = "|".join(unit for unit in units if unit)
         suffix = f"({named})" + ("?" if "" in units else "")
         texts.append(digits_at_least(count) + suffix)
-    too_large = above({unit or "": MAX_SIZE // factor for unit, factor in _SIZE_UNITS.items()})
-    return {"anyOf": [{"type": "integer", "minimum": minimum, "maximum": MAX_SIZE},
+    too_large = above({unit or "": maximum // factor for unit, factor in _SIZE_UNITS.items()})
+    return {"anyOf": [{"type": "integer", "minimum": minimum, "maximum": maximum},
                       {"type": "string", "pattern": "^(" + "|".join(texts) + ")$",
                        "not": {"pattern": too_large}, "examples": ["64KiB", "16MiB"]}]}
 
@@ -134,6 +136,23 @@ HeaderBytes = Annotated[ByteSize, Field(ge=MIN_HEADER_BYTES),
                         WithJsonSchema(size_json_schema(MIN_HEADER_BYTES))]
 
 
+#: The most a policy may set for the unread rest of a request body read and dropped
+#: (``discard_body``, ``lingering_bytes``): the bytes are dropped, not held, but each
+#: is a connection kept busy reading them.
+MAX_DISCARD_BYTES = 1024**3
+#: A size of at most ``MAX_DISCARD_BYTES``, for the loader and the schema.
+DiscardBytes = Annotated[ByteSize, Field(le=MAX_DISCARD_BYTES),
+                         WithJsonSchema(size_json_schema(0, MAX_DISCARD_BYTES))]
+#: The longest ``lingering_time``: a connection reading a body nobody wants for longer
+#: holds a descriptor for nothing.
+MAX_LINGERING_S = 60.0
+if TYPE_CHECKING:
+    LingeringDuration = float
+else:
+    #: A duration above 0 and at most ``MAX_LINGERING_S``, for the loader and the schema.
+    LingeringDuration = duration_at_most(MAX_LINGERING_S)
+
+
 class LimitsPolicy(_Model):
     """Limits on what a client may send; each answers with its own status."""
 
@@ -147,6 +166,20 @@ class LimitsPolicy(_Model):
         100, ge=0, description="HTTP/2: streams a client may reset within 1 s of opening "
         "them before its connection is sent GOAWAY (ENHANCE_YOUR_CALM) and closed, once "
         "they are also half of the streams it opened (rapid reset); 0: no limit.")
+    discard_body: DiscardBytes = Field(
+        64 * 1024, description="HTTP/1.1: the most of a request body left unread by an "
+        "answer given before it was read (a 404, a 503 shed, a 413, an upstream refusing "
+        "an upload) that is read and dropped to keep the connection, a Content-Length "
+        "telling it; a larger rest, or a chunked one, is answered Connection: close. At "
+        "most lingering_bytes; 0: every such answer closes.")
+    lingering_bytes: DiscardBytes = Field(
+        1024**2, description="HTTP/1.1: the most read and dropped of a body left unread "
+        "by an early answer before the connection is closed (a lingering close: a "
+        "client still sending reads its answer instead of a reset); at most 1GiB.")
+    lingering_time: LingeringDuration = Field(
+        2.0, description="HTTP/1.1: the longest the rest of a body left unread by an early "
+        "answer is read for after the answer, whether the connection is kept or closes; "
+        "past it the connection is closed. Above 0, at most 1m.")
     max_upstream_header_bytes: PositiveByteSize = Field(
         64 * 1024, description="An upstream answering larger headers → 502; so are its "
         "informational (1xx) heads before an answer, taken together.")
@@ -720,6 +753,7 @@ def cross_check(policy: Policy) -> list[Problem]:
                     "and will never fire", severity="warning"))
     problems.extend(_inherited_timeouts_never_firing(policy))
     problems.extend(_shadowed_routes(policy))
+    problems.extend(_unread_body_problems(policy))
     for name, upstream in policy.upstreams.items():
         if ("concurrency" in upstream.limit.model_fields_set
                 and upstream_slots(upstream) < upstream.limit.concurrency):
@@ -822,6 +856,21 @@ def _inherited_timeouts_never_firing(policy: Policy) -> list[Problem]:
             problems.append(Problem(where, f"timeout {timeout:g}s exceeds the deadline "
                                     f"{whose} and will never fire", severity="warning"))
     return problems
+
+
+def _unread_body_problems(policy: Policy) -> list[Problem]:
+    """``discard_body`` above ``lingering_bytes``: an answer would promise to keep a
+    connection whose rest is cut (and the connection reset) at ``lingering_bytes``."""
+    limits = policy.server.limits
+    if limits.discard_body <= limits.lingering_bytes:
+        return []
+    field = ("discard_body" if "discard_body" in limits.model_fields_set
+             else "lingering_bytes")
+    return [Problem(("server", "limits", field),
+                    f"discard_body ({limits.discard_body} bytes) is above lingering_bytes "
+                    f"({limits.lingering_bytes} bytes): a connection kept for a rest that "
+                    "large would be closed before its rest was read; lower discard_body "
+                    "or raise lingering_bytes")]
 
 
 def _budget_problems(policy: Policy, where: PolicyPath,

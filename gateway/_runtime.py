@@ -22,6 +22,7 @@ import trio
 from ._adaptive import GradientLimit
 from ._breaker import CircuitBreaker
 from ._connections import set_connection_reserve
+from ._h1_unread import set_unread_body_limits
 from ._hypercorn_fixes import (
     set_accept_batch,
     set_premature_reset_limit,
@@ -175,6 +176,9 @@ class Runtime:
         set_accept_batch(policy.server.accept_batch)
         set_send_timeout(policy.server.send_timeout)
         set_premature_reset_limit(policy.server.limits.h2_premature_resets)
+        set_unread_body_limits(policy.server.limits.discard_body,
+                               policy.server.limits.lingering_bytes,
+                               policy.server.limits.lingering_time)
         set_request_id_header(policy.server.request_id_header)
         set_connection_reserve(upstream_sockets(policy))
         #: The admin bind the policy named at start: its listener is bound once. None
@@ -313,6 +317,9 @@ class Runtime:
         set_accept_batch(policy.server.accept_batch)
         set_send_timeout(policy.server.send_timeout)
         set_premature_reset_limit(policy.server.limits.h2_premature_resets)
+        set_unread_body_limits(policy.server.limits.discard_body,
+                               policy.server.limits.lingering_bytes,
+                               policy.server.limits.lingering_time)
         set_request_id_header(policy.server.request_id_header)
         set_connection_reserve(upstream_sockets(policy))
         self.snapshot = new

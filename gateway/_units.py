@@ -10,6 +10,7 @@ import datetime
 import json
 import math
 import re
+from fractions import Fraction
 from typing import Annotated, Any, NamedTuple
 
 from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema
@@ -131,6 +132,7 @@ Duration = Annotated[
     PlainSerializer(format_duration, return_type=str),
     WithJsonSchema(_DURATION_SCHEMA),
 ]
+_POSITIVE_DURATION_PATTERN = r"^(\d*[1-9]\d*(\.\d+)?|\d+\.\d*[1-9]\d*)(ms|s|m|h)$"
 #: A duration that must be above 0 (a zero timeout fails every call at once). The bound
 #: sits inside the type so that ``PositiveDuration | None`` keeps a valid JSON Schema,
 #: whose pattern says it too (a digit other than 0): an editor flags ``0s`` as ``check``
@@ -138,9 +140,59 @@ Duration = Annotated[
 PositiveDuration = Annotated[
     Duration,
     Field(gt=0),
-    WithJsonSchema({**_DURATION_SCHEMA,
-                    "pattern": r"^(\d*[1-9]\d*(\.\d+)?|\d+\.\d*[1-9]\d*)(ms|s|m|h)$"}),
+    WithJsonSchema({**_DURATION_SCHEMA, "pattern": _POSITIVE_DURATION_PATTERN}),
 ]
+
+
+def _decimals_above(limit: Fraction) -> str:
+    """A regular expression of the decimal numbers (``\\d+(\\.\\d+)?``) above
+    ``limit``, a fraction whose expansion may not end (a minute is 0.01666…h): a
+    larger integer part, or the same one and a fraction that is larger at its first
+    differing digit."""
+    whole, rest = divmod(limit, 1)
+    # The digits of ``rest``: a prefix, then a cycle repeated forever ("0" if it ends).
+    digits: list[str] = []
+    seen: dict[Fraction, int] = {}
+    while rest not in seen:
+        seen[rest] = len(digits)
+        digit, rest = divmod(rest * 10, 1)
+        digits.append(str(digit))
+    start = seen[rest]
+    prefix, cycle = "".join(digits[:start]), "".join(digits[start:])
+    larger = [f"{prefix[:index]}[{int(digit) + 1}-9]" for index, digit in enumerate(prefix)
+              if digit != "9"]
+    larger += [f"{prefix}({cycle})*{cycle[:index]}[{int(digit) + 1}-9]"
+               for index, digit in enumerate(cycle) if digit != "9"]
+    same = f"0*{whole}" if whole else "0+"
+    return (rf"{digits_at_least(int(whole) + 1)}(\.\d+)?"
+            rf"|{same}\.({'|'.join(larger)})\d*")
+
+
+def duration_at_most(ceiling_s: float) -> Any:
+    """The type of a duration above 0 and at most ``ceiling_s``, its JSON Schema saying
+    both bounds in every unit (an editor flags what ``check`` refuses)."""
+    ceiling = Fraction(repr(ceiling_s))
+
+    def parse(value: Any) -> float:
+        seconds = parse_duration(value)
+        if seconds > ceiling_s:
+            raise ValueError(f"{_shown(value)} is too long (at most "
+                             f"{format_duration(ceiling_s)})")
+        return seconds
+
+    too_long = "^(" + "|".join(
+        f"({_decimals_above(ceiling / Fraction(repr(seconds)))}){unit}"
+        for unit, seconds in _UNIT_SECONDS.items()) + ")$"
+    return Annotated[
+        float,
+        BeforeValidator(parse),
+        Field(gt=0),
+        PlainSerializer(format_duration, return_type=str),
+        WithJsonSchema({**_DURATION_SCHEMA, "pattern": _POSITIVE_DURATION_PATTERN,
+                        "not": {"pattern": too_long}}),
+    ]
+
+
 _PERCENT_SCHEMA = {"type": "string", "pattern": r"^\d+(\.\d+)?%$", "examples": ["20%"]}
 Percent = Annotated[
     float,

@@ -637,6 +637,11 @@ _BOUNDED_FIELDS = [
     ("LimitsPolicy", "body_timeout", MINIMAL + "server: {limits: {body_timeout: VALUE}}\n"),
     ("LimitsPolicy", "response_timeout",
      MINIMAL + "server: {limits: {response_timeout: VALUE}}\n"),
+    ("LimitsPolicy", "discard_body",
+     MINIMAL + "server: {limits: {discard_body: VALUE, lingering_bytes: 1GiB}}\n"),
+    ("LimitsPolicy", "lingering_bytes", MINIMAL + "server: {limits: {lingering_bytes: VALUE, "
+     "discard_body: 0}}\n"),
+    ("LimitsPolicy", "lingering_time", MINIMAL + "server: {limits: {lingering_time: VALUE}}\n"),
     ("ServerPolicy", "send_timeout", MINIMAL + "server: {send_timeout: VALUE}\n"),
     ("ServerPolicy", "log_sample", MINIMAL + "server: {log_sample: VALUE}\n"),
     ("ServerPolicy", "max_loop_lag", MINIMAL + "server: {max_loop_lag: VALUE}\n"),
@@ -655,13 +660,20 @@ _SIZES = [0, 1, 1023, 1024, "0", "0B", "1", "1023", "1024", "01024B", "1023B", "
           # the loader's ceiling, 2**63 - 1 bytes, in each unit; fullwidth and Arabic-Indic digits
           2**63 - 1, 2**63, 10**19, str(2**63 - 1), str(2**63), "9007199254740991KiB",
           "9007199254740992KiB", "8589934591GiB", "8589934592GiB", "9223372036GB",
-          "9223372037GB", "99999999999GiB", "0009223372036854775807B", "\uff11KiB", "\u0663MB"]
+          "9223372037GB", "99999999999GiB", "0009223372036854775807B", "\uff11KiB", "\u0663MB",
+          # a ceiling of 1GiB (discard_body, lingering_bytes), in each unit
+          2**30, 2**30 + 1, "1GiB", "1024MiB", "1025MiB", "1048576KiB", "1048577KiB",
+          "1073741824", "1073741825B", "1073MB", "1074MB", "1073741KB", "1073742KB", "2GB"]
 _DURATIONS = ["0s", "0ms", "00s", "0.0s", "0.000h", "0.5ms", "1s", "10ms", "1.0s", "05m",
               "0.01s", "250ms", "1", "1 s", ".5s",
               # the loader's ceiling, a year, in each unit; fullwidth and Arabic-Indic digits
               "8760h", "8760.0h", "8760.000h", "8760.5h", "8760.0001h", "8761h", "9000h",
               "525600m", "525601m", "31536000s", "31536000.5s", "31536001s",
-              "31536000000ms", "31536000001ms", "008760h", "\uff12s", "\u0663s", "\uff11\uff10ms"]
+              "31536000000ms", "31536000001ms", "008760h", "\uff12s", "\u0663s", "\uff11\uff10ms",
+              # a ceiling of a minute (lingering_time), in each unit: 1/60 h never ends
+              "60s", "060s", "60.0s", "60.001s", "61s", "1m", "1.0m", "1.01m", "2m", "60000ms",
+              "60000.5ms", "60001ms", "0.01h", "0.0166h", "0.01666666h", "0.0167h",
+              "0.016667h", "0.02h", "0.1h", "1h"]
 _PERCENTS = ["0%", "0.0%", "000%", "0.5%", "1%", "50%", "99.99%", "100%", "100.0%",
              "0100%", "100.5%", "101%", "150%", "1000%", ".5%", "50", "\uff15\uff10%"]
 
@@ -692,9 +704,11 @@ def test_the_schema_takes_the_values_the_loader_takes(model: str, field: str,
 def test_the_schema_of_a_size_with_a_floor_is_the_loader_s(count: int, zeros: int,
                                                            unit: str) -> None:
     value = "0" * zeros + f"{count}{unit}"
-    for field in ("max_header_bytes", "max_upstream_header_bytes", "max_body"):
+    for field, other in (("max_header_bytes", ""), ("max_upstream_header_bytes", ""),
+                         ("max_body", ""), ("discard_body", ", lingering_bytes: 1GiB"),
+                         ("lingering_bytes", ", discard_body: 0")):
         node = policy_json_schema()["$defs"]["LimitsPolicy"]["properties"][field]
-        policy = MINIMAL + f"server: {{limits: {{{field}: \"{value}\"}}}}\n"
+        policy = MINIMAL + f"server: {{limits: {{{field}: \"{value}\"{other}}}}}\n"
         assert _loads(policy) == _schema_accepts(node, value), (field, value)
 
 
@@ -712,6 +726,25 @@ def test_the_committed_schema_refuses_what_the_loader_refuses(text: str,
     value = yaml.safe_load(text)["server"]
     value = value.get("limits", value)
     assert not _schema_accepts(node, value[field[1]]), node
+
+
+@pytest.mark.parametrize(("limits", "where"), [
+    ("discard_body: 2MiB", "server.limits.discard_body"),
+    ("lingering_bytes: 32KiB", "server.limits.lingering_bytes"),
+    ("lingering_bytes: 32KiB, discard_body: 48KiB", "server.limits.discard_body"),
+])
+def test_discard_body_above_lingering_bytes_is_refused_where_it_is_written(
+        limits: str, where: str) -> None:
+    # A connection kept for an unread rest of discard_body would be closed (reset)
+    # once lingering_bytes of it were read: the answer would have promised a connection
+    # its client then loses. The error names the field the file writes, at its line.
+    text = MINIMAL + f"server:\n  limits: {{{limits}}}\n"
+    with pytest.raises(PolicyError) as caught:
+        load_policy_text(text, "p.yaml")
+    (issue,) = caught.value.issues
+    assert issue.path == where, issue
+    assert issue.line == len(MINIMAL.splitlines()) + 2, issue
+    assert "discard_body" in issue.message and "lingering_bytes" in issue.message
 
 
 @pytest.mark.parametrize("field", ["response_timeout", "body_timeout"])

@@ -10,7 +10,13 @@ import pytest
 import trio
 
 from tests.hostile import POLICY, closed_port, stage
-from tests.hostile.rawclient import connect, exchange, request_bytes
+from tests.hostile.rawclient import (
+    RawConnection,
+    RawResponse,
+    connect,
+    exchange,
+    request_bytes,
+)
 
 OK = request_bytes("GET", "/api/up/ok")
 
@@ -334,3 +340,99 @@ async def test_an_upstream_answer_to_an_unread_upload_says_whether_it_closes():
             assert response is not None and response.status == 401 and response.complete
             assert response.closes, response.raw_head
         nursery.cancel_scope.cancel()
+
+
+
+def _with_limits(limits: str) -> str:
+    """The hostile policy with ``limits`` (YAML lines) added to ``server.limits``; its
+    upstream is never called (the requests here go to no route)."""
+    policy = POLICY.format(url=f"http://127.0.0.1:{closed_port()}", dead_port=closed_port(),
+                           extra="")
+    return policy.replace("  limits:\n", "  limits:\n" + limits, 1)
+
+
+async def _small_post_refused(conn: RawConnection) -> tuple[RawResponse | None, object]:
+    """A POST of 5 bytes to no route, its body sent after its 404 (as a streaming client
+    sends it), then a GET: the 404, and what follows it (the GET's answer, or how the
+    connection ended)."""
+    await conn.send(request_bytes("POST", "/nope", [("Content-Length", "5")]))
+    first = await conn.read_response()
+    await conn.send(b"hello")
+    if first is None or first.closes:
+        return first, await conn.wait_closed(timeout_s=5)
+    await conn.send(request_bytes("GET", "/nope/either"))
+    return first, await conn.read_response()
+
+
+async def test_discard_body_sets_the_rest_read_and_dropped_to_keep_the_connection():
+    """``server.limits.discard_body: 0``: no unread rest is read to keep its connection,
+    so the 404 that keeps it by default (a 5-byte rest) says ``Connection: close``, and
+    the connection closes cleanly once the body is read."""
+    async with stage(_with_limits("")) as s, connect(s.port) as conn:
+        first, following = await _small_post_refused(conn)
+        assert first is not None and first.status == 404 and not first.closes
+        assert isinstance(following, RawResponse) and following.status == 404
+    async with stage(_with_limits("    discard_body: 0\n")) as s, connect(s.port) as conn:
+        first, following = await _small_post_refused(conn)
+        assert first is not None and first.status == 404 and first.complete
+        assert first.closes, first.raw_head
+        assert following == "eof"
+
+
+@pytest.mark.parametrize("lingering", ["default", "64KiB"])
+async def test_lingering_bytes_bounds_what_is_read_after_an_early_answer(lingering):
+    """After a 404 to a 10 MB upload (it closes), the gateway reads on and drops what
+    the client sends, at most ``server.limits.lingering_bytes`` (1 MiB by default): past
+    64 KiB it closes when that is the setting (the client's sends then fail), and reads
+    on otherwise."""
+    limits = "" if lingering == "default" else f"    lingering_bytes: {lingering}\n"
+    piece, size = b"x" * (16 * 1024), 512 * 1024
+    async with stage(_with_limits(limits)) as s, connect(s.port) as conn:
+        await conn.send(request_bytes("POST", "/nope", [("Content-Length", "10000000")]))
+        response = await conn.read_response()
+        assert response is not None and response.status == 404 and response.closes
+        sent = 0
+        with trio.move_on_after(1):  # well within lingering_time
+            while sent < size and await conn.try_send(piece):
+                sent += len(piece)
+                await trio.sleep(0.005)
+        if lingering == "default":
+            assert sent == size  # read and dropped, all of it
+        else:
+            assert 64 * 1024 <= sent < size, sent
+
+
+@pytest.mark.parametrize("lingering", ["default", "100ms"])
+async def test_lingering_time_bounds_how_long_an_unread_rest_is_waited_for(lingering):
+    """A 404 that keeps its connection for a 5-byte rest the client never sends: the
+    connection is closed ``server.limits.lingering_time`` (2 s by default) after the
+    answer."""
+    limits = "" if lingering == "default" else f"    lingering_time: {lingering}\n"
+    async with stage(_with_limits(limits)) as s, connect(s.port) as conn:
+        await conn.send(request_bytes("POST", "/nope", [("Content-Length", "5")]))
+        response = await conn.read_response()
+        assert response is not None and response.status == 404 and not response.closes
+        ending = await conn.wait_closed(timeout_s=1)
+        assert (ending is None) == (lingering == "default"), ending
+
+
+async def test_a_reload_changes_what_an_unread_rest_does(tmp_path):
+    """``discard_body``, ``lingering_bytes`` and ``lingering_time`` apply on a reload,
+    without a restart: the same small POST keeps its connection, then closes it."""
+    path = tmp_path / "policy.yaml"
+    async with stage(_with_limits(""), policy_path=path) as s:
+        async with connect(s.port) as conn:
+            first, _ = await _small_post_refused(conn)
+            assert first is not None and not first.closes
+        path.write_text(_with_limits("    discard_body: 0\n    lingering_bytes: 0\n"))
+        assert await s.gw.gateway.reload()
+        async with connect(s.port) as conn:
+            first, following = await _small_post_refused(conn)
+            assert first is not None and first.status == 404 and first.closes
+            assert following in ("eof", "reset")
+        path.write_text(_with_limits(""))
+        assert await s.gw.gateway.reload()
+        async with connect(s.port) as conn:
+            first, following = await _small_post_refused(conn)
+            assert first is not None and not first.closes
+            assert isinstance(following, RawResponse) and following.status == 404
