@@ -60,6 +60,22 @@ _SIZE_UNITS = {None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
 MAX_SIZE = 2**63 - 1
 
 
+def format_size(size: int) -> str:
+    """A size as a policy would write it: in the largest binary unit that divides it."""
+    for unit in ("GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
+def is_size_with_unit(value: Any) -> bool:
+    """Whether ``value`` is a size written with its unit (``"2GiB"``, not ``2048``)."""
+    if not isinstance(value, str):
+        return False
+    match = _SIZE_RE.match(value.strip())
+    return match is not None and match["unit"] is not None
+
+
 def parse_size(value: Any) -> int:
     """``"16MiB"`` → 16777216; plain integers are bytes."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -287,8 +303,13 @@ class ServerPolicy(_Model):
             host, port = split_bind(value)
         except ValueError as error:
             raise ValueError(f"{value!r} is not host:port: {error}") from None
-        if not host or port is None or port == 0:
+        if not host or port is None:
             raise ValueError(f"{value!r} is not host:port ({BIND_EXAMPLE})")
+        if port == 0:
+            # An ephemeral port no probe or scraper could be told of (the command line's
+            # --admin-bind may take one: a test, a demo, which print it).
+            raise ValueError(f"{value!r}: port 0 picks a port no probe could find; name "
+                             f"one ({BIND_EXAMPLE})")
         return value
 
 

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ._connections import OUT_OF_DESCRIPTORS
-from ._policy import Policy, PolicyPath, cross_check
+from ._policy import Policy, PolicyPath, cross_check, format_size, is_size_with_unit
 
 __all__ = [
     "MAX_DEPTH",
@@ -608,8 +608,11 @@ def _error_issue(loc: PolicyPath, error: dict[str, Any],
         # As written ("0s"), not as parsed (0.0), when the value was text.
         shown = document.strings.get(loc, value)
         bound = ctx[_BOUNDS[kind][0]]
-        return document.issue(loc, f"{_quote(shown)} {_BOUNDS[kind][1]} "
-                                   f"{f'{bound:g}' if isinstance(bound, float) else bound}")
+        # A size written with its unit is told its bound in units too ("1GiB", not
+        # "1073741824").
+        text = (f"{bound:g}" if isinstance(bound, float)
+                else format_size(bound) if is_size_with_unit(shown) else str(bound))
+        return document.issue(loc, f"{_quote(shown)} {_BOUNDS[kind][1]} {text}")
     if kind == "string_pattern_mismatch":
         if loc and "args" in loc:
             return document.issue(loc, f"{_quote(value)} {_ARG_SOURCE_HINT}")

@@ -1094,8 +1094,20 @@ def test_a_header_limit_no_request_could_meet_is_refused(size: str) -> None:
     # was a 431. The floor is 1KiB: a Host and the headers every client sends fit.
     text = MINIMAL.replace("version: 1",
                            f"version: 1\nserver: {{limits: {{max_header_bytes: {size}}}}}")
-    shown = size if size.isdigit() else f'"{size}"'
+    shown, floor = (size, "1024") if size.isdigit() else (f'"{size}"', "1KiB")
     assert _issues(text) == [f"p.yaml:2:37: server.limits.max_header_bytes: {shown} is "
-                             "below the minimum of 1024"]
+                             f"below the minimum of {floor}"]
     loaded = load_policy_text(text.replace(f"bytes: {size}", "bytes: 1KiB"), "p.yaml")
     assert loaded.policy.server.limits.max_header_bytes == 1024
+
+
+@pytest.mark.parametrize(("size", "told"), [("2GiB", "1GiB"), ("1048577KiB", "1GiB"),
+                                            ("1073741825", "1073741824")])
+def test_a_size_past_its_ceiling_is_told_the_ceiling_in_the_units_it_was_written_in(
+        size: str, told: str) -> None:
+    # "2GiB is above the maximum of 1073741824" made the reader do the arithmetic.
+    text = MINIMAL.replace("version: 1",
+                           f"version: 1\nserver: {{limits: {{discard_body: {size}}}}}")
+    shown = size if size.isdigit() else f'"{size}"'
+    assert _issues(text) == [f"p.yaml:2:33: server.limits.discard_body: {shown} is "
+                             f"above the maximum of {told}"]
