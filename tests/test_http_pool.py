@@ -1170,6 +1170,8 @@ TRICKLED = (b"HTTP/1.1 201 Made Here\r\nContent-Type: text/plain \r\nX-Multi: a\
 RAW_ANSWERS: dict[bytes, tuple[bytes, bool]] = {
     b"/until-close": (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nall of it", True),
     b"/gzip-framed": (b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nabc", True),
+    b"/chunked-twice": (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n"
+                        b"transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", True),
     b"/informational": (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n"
                         b"link: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n"
                         b"\r\nok", False),
@@ -1279,7 +1281,7 @@ async def test_a_body_framed_by_the_close_is_read_to_the_end_and_not_reused(nurs
     assert upstream.connections == 2
 
 
-@pytest.mark.parametrize("target", ["/gzip-framed", "/switch"])
+@pytest.mark.parametrize("target", ["/gzip-framed", "/chunked-twice", "/switch"])
 async def test_an_answer_framed_otherwise_than_http_1_1_reads_is_a_protocol_error(
         nursery, target):
     upstream = await start_raw_upstream(nursery)

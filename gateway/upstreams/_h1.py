@@ -351,9 +351,11 @@ class ClientConnection:
             elif name == b"content-length":
                 length = True
             elif name == b"transfer-encoding":
-                if value.lower() != b"chunked":  # as h11: nothing else frames a body
+                # As h11: nothing else frames a body, and chunked twice is no framing
+                # (RFC 9112 §7: chunked is applied once).
+                if value.lower() != b"chunked" or chunked:
                     self._stop = "failed"
-                    self._fail("only Transfer-Encoding: chunked is read")
+                    self._fail("only Transfer-Encoding: chunked, once, is read")
                     raise _Stop
                 chunked = True
         self._events.append(Response(status, reason, headers))
