@@ -8,6 +8,7 @@ so a chain of services shares one deadline.
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
 import re
 import time
@@ -135,21 +136,30 @@ def _check_budget_floor(ctx: RequestContext, call: TracedScope, call_name: str,
             scope=bounding.span.label, call=call_name, refused=True)
 
 
+@functools.lru_cache(maxsize=64)
+def _forwarding_names(deadline_header: str, request_id_header: str,
+                      traced: bool) -> tuple[bytes, bytes, frozenset[bytes]]:
+    """The deadline and request-id header names as sent, and the client's headers the
+    gateway writes itself: once per policy, not per try."""
+    deadline = deadline_header.encode()
+    dropped = {deadline, TRACEPARENT, TRACESTATE} if traced else {deadline}
+    return deadline, request_id_header.encode(), frozenset(dropped)
+
+
 def forward_headers(ctx: RequestContext, call: TracedScope,
                     base: list[tuple[bytes, bytes]] | None = None) -> list[tuple[bytes, bytes]]:
     """Request headers for an upstream attempt, with the remaining budget announced and,
     when the request has a W3C trace, the attempt's ``traceparent``."""
     server = ctx.policy.server
-    deadline_header = server.deadline_header.encode()
     context = ctx.trace.context
+    deadline_header, request_id_header, dropped = _forwarding_names(
+        server.deadline_header, server.request_id_header, context is not None)
     if base is None:
         client = ctx.scope.get("client")
         base = upstream_request_headers(
             ctx.scope["headers"], peer=client[0] if client else None,
             scheme=ctx.scope.get("scheme", "http"), trusted=server.trusted_proxies,
-            request_id=ctx.request_id, request_id_header=server.request_id_header.encode(),
-            drop=frozenset({deadline_header}) if context is None
-            else frozenset({deadline_header, TRACEPARENT, TRACESTATE}),
+            request_id=ctx.request_id, request_id_header=request_id_header, drop=dropped,
             target_authority=_target_authority(ctx))
     budget = propagated_budget_ms(trio.current_time(), call.deadline, server.deadline_margin)
     if context is None:
@@ -213,6 +223,8 @@ def retry_after_s(headers: list[tuple[bytes, bytes]]) -> float | None:
 
 def _fanout_base_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     server = ctx.policy.server
+    _, request_id_header, dropped = _forwarding_names(
+        server.deadline_header, server.request_id_header, False)
     client = ctx.scope.get("client")
     kept = [(n, v) for n, v in ctx.scope["headers"]
             if n in (b"authorization", b"user-agent", b"x-forwarded-for", b"x-forwarded-proto",
@@ -220,8 +232,8 @@ def _fanout_base_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     return upstream_request_headers(
         kept, peer=client[0] if client else None, scheme=ctx.scope.get("scheme", "http"),
         trusted=server.trusted_proxies, request_id=ctx.request_id,
-        request_id_header=server.request_id_header.encode(),
-        drop=frozenset({server.deadline_header.encode()}), target_authority=_target_authority(ctx))
+        request_id_header=request_id_header, drop=dropped,
+        target_authority=_target_authority(ctx))
 
 
 def _target_authority(ctx: RequestContext) -> bytes | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -73,6 +74,12 @@ def request_id_from(headers: Iterable[tuple[bytes, bytes]], header: bytes) -> st
     return f"{random.getrandbits(96):024x}"
 
 
+@functools.lru_cache(maxsize=64)
+def _owned(request_id_header: bytes, drop: frozenset[bytes]) -> frozenset[bytes]:
+    """Client headers the gateway writes itself (per policy, not per request)."""
+    return _FORWARDED | {request_id_header} | drop
+
+
 def upstream_request_headers(
     headers: Sequence[tuple[bytes, bytes]],
     *,
@@ -98,7 +105,7 @@ def upstream_request_headers(
     forwarded_proto = b""
     forwarded_host = b""
     host = b""
-    owned = _FORWARDED | {request_id_header} | drop
+    owned = _owned(request_id_header, drop)
     for name, value in strip_hop_by_hop(headers):
         # CGI/WSGI upstreams read X_Forwarded_For as X-Forwarded-For: no spoofing that way.
         dashed = name.replace(b"_", b"-") if b"_" in name else name
