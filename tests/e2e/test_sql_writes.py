@@ -1,5 +1,9 @@
 """Writes through SQL routes: what the client is told matches what was written."""
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
 import httpx
 import pytest
 import trio
@@ -308,13 +312,11 @@ class PostgresRelay:
                 await source.aclose()
 
 
-async def test_a_write_whose_connection_is_lost_before_it_was_sent_is_retried(
-        database, monkeypatch):
-    """Failures before the write's statement was sent are retried for a write, and it
-    is written once: a connection the database refuses as it starts up (57P03), and a
-    pooled connection dropped while idle (by a proxy or a firewall) that is found lost
-    by the round trip switching the session to read-write. That second one was a 502
-    ``upstream_reset`` and nothing written."""
+@asynccontextmanager
+async def _writes_through_relay(database, monkeypatch) -> AsyncIterator[
+        tuple[PostgresRelay, Any, httpx.AsyncClient]]:
+    """The write routes of ``TERMINATED`` (their statement quick) on a gateway whose
+    database connections pass through a :class:`PostgresRelay`."""
     relay = PostgresRelay(database.port)
     async with trio.open_nursery() as nursery:
         await nursery.start(relay.serve)
@@ -322,19 +324,30 @@ async def test_a_write_whose_connection_is_lost_before_it_was_sent_is_retried(
             f":{database.port}/", f":{relay.port}/"))
         policy = TERMINATED.replace("pg_sleep(1.5)", "pg_sleep(0)")
         async with run_gateway(policy) as gw, gw.client() as client:
-            relay.refuse_next = True
-            with trio.fail_after(8):
-                refused = await client.post("/slow-write")
-            assert refused.status_code == 200, (refused.status_code, refused.text)
-            assert relay.refused == 1
-            refused_trace = await trace_of(gw, refused.headers["x-request-id"])
-
-            relay.drop_open()
-            with trio.fail_after(8):
-                dropped = await client.post("/slow-write")
-            assert dropped.status_code == 200, (dropped.status_code, dropped.text)
-            dropped_trace = await trace_of(gw, dropped.headers["x-request-id"])
+            yield relay, gw, client
         nursery.cancel_scope.cancel()
+
+
+async def test_a_write_whose_connection_is_lost_before_it_was_sent_is_retried(
+        database, monkeypatch):
+    """Failures before the write's statement was sent are retried for a write, and it
+    is written once: a connection the database refuses as it starts up (57P03), and a
+    pooled connection dropped while idle (by a proxy or a firewall) that is found lost
+    by the round trip switching the session to read-write. That second one was a 502
+    ``upstream_reset`` and nothing written."""
+    async with _writes_through_relay(database, monkeypatch) as (relay, gw, client):
+        relay.refuse_next = True
+        with trio.fail_after(8):
+            refused = await client.post("/slow-write")
+        assert refused.status_code == 200, (refused.status_code, refused.text)
+        assert relay.refused == 1
+        refused_trace = await trace_of(gw, refused.headers["x-request-id"])
+
+        relay.drop_open()
+        with trio.fail_after(8):
+            dropped = await client.post("/slow-write")
+        assert dropped.status_code == 200, (dropped.status_code, dropped.text)
+        dropped_trace = await trace_of(gw, dropped.headers["x-request-id"])
     assert relay.connections >= 2
     assert int(database.psql("SELECT count(*) FROM rfs_items")) == 2
     tries = [s for s in refused_trace.root.walk() if s.kind == "attempt"]
@@ -351,20 +364,13 @@ async def test_a_write_whose_session_switch_is_out_of_resources_is_retried(datab
     statement is sent: nothing of it reached the database, so it is a ``connect``
     failure, retried for a write too, and the row is written once. It was a 502
     ``upstream_error``, never retried, and nothing written."""
-    relay = PostgresRelay(database.port)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(relay.serve)
-        monkeypatch.setenv("GATEWAY_TEST_DSN", database.dsn.replace(
-            f":{database.port}/", f":{relay.port}/"))
-        policy = TERMINATED.replace("pg_sleep(1.5)", "pg_sleep(0)")
-        async with run_gateway(policy) as gw, gw.client() as client:
-            relay.fail_read_write = 1
-            with trio.fail_after(8):
-                write = await client.post("/slow-write")
-            assert write.status_code == 200, (write.status_code, write.text)
-            assert relay.fail_read_write == 0
-            trace = await trace_of(gw, write.headers["x-request-id"])
-        nursery.cancel_scope.cancel()
+    async with _writes_through_relay(database, monkeypatch) as (relay, gw, client):
+        relay.fail_read_write = 1
+        with trio.fail_after(8):
+            write = await client.post("/slow-write")
+        assert write.status_code == 200, (write.status_code, write.text)
+        assert relay.fail_read_write == 0
+        trace = await trace_of(gw, write.headers["x-request-id"])
     assert int(database.psql("SELECT count(*) FROM rfs_items")) == 1
     tries = [s for s in trace.root.walk() if s.kind == "attempt"]
     assert len(tries) == 2, trace.to_json()
