@@ -367,7 +367,9 @@ class ServerConnection:
             if kind is _ConnectionClosed:
                 self._send_closed()
                 return None
-            raise h11.LocalProtocolError(f"can't send {event!r}")
+            raise h11.LocalProtocolError(
+                f"can't handle event type {kind.__name__} when role=SERVER and "
+                f"state={self._our}")
         except BaseException:
             self._our = ERROR
             self._settle()
@@ -384,23 +386,22 @@ class ServerConnection:
             f"can't handle event type {kind} when role=SERVER and state={self._our}")
 
     def _send_informational(self, event: h11.InformationalResponse) -> list[bytes]:
-        if self._our is not SEND_RESPONSE:
-            raise self._cannot("InformationalResponse")
-        parts = _head(event, event.headers._full_items)
+        # In h11's order: the switch, the state, then the writer (which may still refuse).
         if event.status_code == 101:
             if _UPGRADE not in self._switches:
                 raise h11.LocalProtocolError(
                     "Received server _SWITCH_UPGRADE event without a pending proposal")
+            if self._our is not SEND_RESPONSE:
+                raise self._cannot("InformationalResponse")
             self._our = SWITCHED_PROTOCOL
+        elif self._our is not SEND_RESPONSE:
+            raise self._cannot("InformationalResponse")
         self.client_is_waiting_for_100_continue = False
         self._settle()
         self._update_reader()
-        return parts
+        return _head(event, event.headers._full_items)
 
     def _send_response(self, event: h11.Response) -> list[bytes]:
-        our = self._our
-        if our is not SEND_RESPONSE and our is not IDLE:
-            raise self._cannot("Response")
         status = event.status_code
         method = self._request_method
         switch_connect = _CONNECT in self._switches and 200 <= status < 300
@@ -431,14 +432,15 @@ class ServerConnection:
             # Validated as h11 does when it rebuilds the head.
             items = normalize_and_validate(
                 [(raw, value) for raw, _, value in items])._full_items
-        parts = _head(event, items)
-        # The state, as h11's _process_event(SERVER, Response).
-        if switch_connect:
-            self._our = SWITCHED_PROTOCOL
-        else:
+        # The state, as h11's _process_event(SERVER, Response): an answer that is no
+        # switch drops the client's proposals, even one the state then refuses.
+        if not switch_connect:
             self._switches.clear()
-            self._our = SEND_BODY
-        if framing.close:
+        our = self._our
+        if our is not SEND_RESPONSE and our is not IDLE:
+            raise self._cannot("Response")
+        self._our = SWITCHED_PROTOCOL if switch_connect else SEND_BODY
+        if framing.close or need_close:  # the head says close either way
             self._keep_alive = False
         self.client_is_waiting_for_100_continue = False
         self._settle()
@@ -451,7 +453,7 @@ class ServerConnection:
                 self._writer = ("length", framing.content_length or 0)
             else:
                 self._writer = (body, 0)
-        return parts
+        return _head(event, items)
 
     def _send_data(self, data: bytes) -> list[bytes]:
         writer = self._writer
@@ -518,6 +520,9 @@ def _headers_as_h11(pairs: list[tuple[bytes, bytes]], parsed: bool) -> Headers |
     for anything else (a name or value h11 refuses, conflicting lengths): h11's own
     function then says why, in its words."""
     if not parsed:
+        for name, value in pairs:
+            if type(name) is not bytes or type(value) is not bytes:
+                return None  # h11 converts other types first
         names = b":".join([name for name, _ in pairs])
         if pairs and (_NAMES.fullmatch(names) is None
                       or names.count(b":") != len(pairs) - 1):
@@ -553,7 +558,7 @@ def _headers_as_h11(pairs: list[tuple[bytes, bytes]], parsed: bool) -> Headers |
 def response_event(status_code: int, headers: list[tuple[bytes, bytes]]) -> h11.Response:
     """``h11.Response(status_code=..., headers=...)``, validated as h11 validates it,
     at a fraction of the cost; h11's constructor whenever it would refuse it."""
-    if type(status_code) is int and 200 <= status_code < 1000:
+    if type(status_code) is int and 200 <= status_code < 1000 and type(headers) is list:
         validated = _headers_as_h11(headers, parsed=False)
         if validated is not None:
             event = object.__new__(_Response)
