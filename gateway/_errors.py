@@ -109,6 +109,12 @@ class MethodNotAllowed(GatewayError):
     cause = "method_not_allowed"
 
 
+#: Why a CONNECT is refused, over HTTP/1.1 and HTTP/2 alike, and the methods named in
+#: its ``Allow``.
+NO_TUNNELS = "CONNECT is not served: the gateway opens no tunnels"
+ALLOWED_WITHOUT_TUNNELS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
 class UpstreamError(GatewayError):
     status = 502
     cause = "upstream_error"

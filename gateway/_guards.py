@@ -25,7 +25,14 @@ import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from ._errors import BadRequest, HeadersTooLarge, UriTooLong
+from ._errors import (
+    ALLOWED_WITHOUT_TUNNELS,
+    NO_TUNNELS,
+    BadRequest,
+    HeadersTooLarge,
+    MethodNotAllowed,
+    UriTooLong,
+)
 from ._hypercorn_fixes import H2_NO_BODY_EXTENSION
 from ._policy import LimitsPolicy
 from ._routing import absolute_authority
@@ -65,8 +72,9 @@ class BodyFraming(NamedTuple):
 
 
 def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> BodyFraming:
-    """Raise a ``BadRequest`` (400, 414 or 431) when the request head must not pass;
-    else say how it frames its body (read in the same pass over the headers).
+    """Raise a ``BadRequest`` (400, 414 or 431) when the request head must not pass, or
+    ``MethodNotAllowed`` (405) for a CONNECT; else say how it frames its body (read in
+    the same pass over the headers).
 
     Limits: more than ``max_header_count`` headers or more than ``max_header_bytes`` of
     them (name + value + 4 per line) → 431; a request target longer than
@@ -79,6 +87,10 @@ def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> BodyFr
         # h11 checks HTTP/1.1's; HTTP/2's :method reaches here as the client wrote it.
         raise BadRequest("the request method is not a token of at most "
                          f"{MAX_METHOD_LENGTH} characters")
+    if method == "CONNECT":
+        # A tunnel (RFC 9110 9.3.6), its target an authority: refused as over HTTP/2,
+        # not taken for a request whose path is malformed.
+        raise MethodNotAllowed(NO_TUNNELS, allow=ALLOWED_WITHOUT_TUNNELS)
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
     query: bytes = scope.get("query_string", b"")
     bad = _TARGET_BAD_RE.search(raw_path) or _TARGET_BAD_RE.search(query)

@@ -169,6 +169,7 @@ from priority.priority import PriorityError, TooManyStreamsError
 
 from gateway import _drain, _expect_continue
 from gateway._connections import CONNECTIONS, OUT_OF_DESCRIPTORS
+from gateway._errors import ALLOWED_WITHOUT_TUNNELS, NO_TUNNELS
 from gateway._h1_server import ServerConnection, response_event
 from gateway._h1_unread import UnreadBody
 from gateway._h2_flow import (
@@ -646,9 +647,8 @@ def _non_ascii_head(headers: list[tuple[bytes, bytes]]) -> bool:
 async def _refuse_connect(protocol: Any, request: Any) -> None:
     """Answer a CONNECT alone, 405 with a JSON body: the gateway opens no tunnels."""
     await _answer_alone(protocol, request, b"405", {
-        "error": "CONNECT is not served: the gateway opens no tunnels",
-        "cause": "method_not_allowed"},
-        [(b"allow", b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")])
+        "error": NO_TUNNELS, "cause": "method_not_allowed"},
+        [(b"allow", ALLOWED_WITHOUT_TUNNELS.encode())])
 
 
 async def _answer_alone(protocol: Any, request: Any, status: bytes, payload: dict[str, str],
