@@ -24,6 +24,7 @@ Shape of the pool:
 from __future__ import annotations
 
 import errno
+import functools
 import re
 import select
 import socket
@@ -640,8 +641,8 @@ class HttpUpstreamPool:
         conn = exchange.conn = await self._checkout()
         while True:
             try:
-                if refresh is not None and trio.current_time() - built_at >= _STALE_HEAD_S:
-                    head = self._build_request(method, exchange.target, refresh(), body)
+                if refresh is not None:
+                    head = self._current_head(exchange, head, built_at)
                 outcome = await self._exchange_inline(conn, head, body, exchange.sent)
                 break
             except UpstreamResetError:
@@ -660,16 +661,20 @@ class HttpUpstreamPool:
         """The exchange of a request with a large or streamed body."""
         method, body = exchange.method, exchange.body
         head = self._build_request(method, exchange.target, exchange.headers, body)
-        built_at = trio.current_time()
-        refresh = exchange.refresh
-
-        def current(head: RequestHead) -> RequestHead:
-            if refresh is None or trio.current_time() - built_at < _STALE_HEAD_S:
-                return head
-            return self._build_request(method, exchange.target, refresh(), body)
-
+        current = functools.partial(self._current_head, exchange,
+                                    built_at=trio.current_time())
         retry = isinstance(body, _BYTES_TYPES) and method in _IDEMPOTENT
         return self._request_with_upload(head, body, retry, current, exchange.sent)
+
+    def _current_head(self, exchange: _Exchange, head: RequestHead, built_at: float
+                      ) -> RequestHead:
+        """``head`` as it goes out now: built again from the exchange's ``refresh`` (for
+        the budget its headers announce) once it has waited ``_STALE_HEAD_S`` since
+        ``built_at`` (the pool's queue, a new connection)."""
+        refresh = exchange.refresh
+        if refresh is None or trio.current_time() - built_at < _STALE_HEAD_S:
+            return head
+        return self._build_request(exchange.method, exchange.target, refresh(), exchange.body)
 
     def statistics(self) -> PoolStatistics:
         idle = len(self._idle)
