@@ -10,8 +10,9 @@ side only. It reads requests and writes answers byte for byte as h11 0.16 does (
 request-head and body readers are h11's own, so what a client may send is unchanged),
 reports the same states, raises the same errors with the same status hints, and keeps
 the attributes the gateway's other fixes read (``_reader``, ``_receive_buffer``). A
-keep-alive cycle costs about a quarter of h11's (``tests/test_h1_server.py`` runs the
-same conversations through both and compares every event, byte and state).
+keep-alive cycle costs about 40 % of h11's, with :func:`response_event` building the
+answer's head (``tests/test_h1_server.py`` runs the same conversations through both and
+compares every event, byte, state and error).
 
 And it carries the gateway's two leniencies (RFC 9112 2.2, 9.6) and its early-answer
 rule, as the h11 subclass before it did:
@@ -71,19 +72,6 @@ _ConnectionClosed = h11.ConnectionClosed
 #: Switches a client may propose (h11's ``_SWITCH_UPGRADE`` and ``_SWITCH_CONNECT``).
 _UPGRADE: Final = "upgrade"
 _CONNECT: Final = "connect"
-
-
-def _comma_values(headers: Headers, name: bytes) -> list[bytes]:
-    """h11's ``get_comma_header``: the lower-cased, comma-split, stripped, non-empty
-    elements of every ``name`` line."""
-    out: list[bytes] = []
-    for _, found_name, value in headers._full_items:
-        if found_name == name:
-            for element in value.lower().split(b","):
-                element = element.strip()
-                if element:
-                    out.append(element)
-    return out
 
 
 class _Framing:
@@ -164,7 +152,7 @@ class ServerConnection:
         self._keep_alive = True
         self._switches: set[str] = set()
         self._reader: Any = read_request_head
-        #: None between answers: the next event sent must be a head (``_send_head``);
+        #: None between answers (the next event sent must be a head);
         #: else the body writer's state, as (kind, Content-Length left).
         self._writer: tuple[str, int] | None = None
         self._receive_buffer = ReceiveBuffer()
