@@ -109,10 +109,9 @@ class MethodNotAllowed(GatewayError):
     cause = "method_not_allowed"
 
 
-#: Why a CONNECT is refused, over HTTP/1.1 and HTTP/2 alike, and the methods named in
-#: its ``Allow``.
+#: Why a CONNECT is refused, over HTTP/1.1 and HTTP/2 alike (its ``Allow`` names the
+#: policy's methods, ``gateway._policy.ALL_METHODS``).
 NO_TUNNELS = "CONNECT is not served: the gateway opens no tunnels"
-ALLOWED_WITHOUT_TUNNELS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 class UpstreamError(GatewayError):

@@ -26,7 +26,6 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from ._errors import (
-    ALLOWED_WITHOUT_TUNNELS,
     NO_TUNNELS,
     BadRequest,
     HeadersTooLarge,
@@ -34,7 +33,7 @@ from ._errors import (
     UriTooLong,
 )
 from ._hypercorn_fixes import H2_NO_BODY_EXTENSION
-from ._policy import LimitsPolicy
+from ._policy import ALL_METHODS, LimitsPolicy
 from ._routing import absolute_authority
 
 __all__ = ["HEADER_LINE_OVERHEAD", "BodyFraming", "check_request_head"]
@@ -90,7 +89,7 @@ def check_request_head(scope: Mapping[str, Any], limits: LimitsPolicy) -> BodyFr
     if method == "CONNECT":
         # A tunnel (RFC 9110 9.3.6), its target an authority: refused as over HTTP/2,
         # not taken for a request whose path is malformed.
-        raise MethodNotAllowed(NO_TUNNELS, allow=ALLOWED_WITHOUT_TUNNELS)
+        raise MethodNotAllowed(NO_TUNNELS, allow=", ".join(ALL_METHODS))
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
     query: bytes = scope.get("query_string", b"")
     bad = _TARGET_BAD_RE.search(raw_path) or _TARGET_BAD_RE.search(query)

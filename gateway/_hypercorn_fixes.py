@@ -169,7 +169,7 @@ from priority.priority import PriorityError, TooManyStreamsError
 
 from gateway import _drain, _expect_continue
 from gateway._connections import CONNECTIONS, OUT_OF_DESCRIPTORS
-from gateway._errors import ALLOWED_WITHOUT_TUNNELS, NO_TUNNELS
+from gateway._errors import NO_TUNNELS
 from gateway._h1_server import ServerConnection, response_event
 from gateway._h1_unread import UnreadBody
 from gateway._h2_flow import (
@@ -181,6 +181,7 @@ from gateway._h2_flow import (
 )
 from gateway._h2_resets import PREMATURE_S, PrematureResets
 from gateway._metrics import METRICS
+from gateway._policy import ALL_METHODS
 
 #: Scope extension of a server that calls ``extension["on_close"]()``, if an app has set
 #: it, when the request's stream closes: after the response, or when the client leaves.
@@ -648,7 +649,7 @@ async def _refuse_connect(protocol: Any, request: Any) -> None:
     """Answer a CONNECT alone, 405 with a JSON body: the gateway opens no tunnels."""
     await _answer_alone(protocol, request, b"405", {
         "error": NO_TUNNELS, "cause": "method_not_allowed"},
-        [(b"allow", ALLOWED_WITHOUT_TUNNELS.encode())])
+        [(b"allow", ", ".join(ALL_METHODS).encode())])
 
 
 async def _answer_alone(protocol: Any, request: Any, status: bytes, payload: dict[str, str],
