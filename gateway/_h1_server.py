@@ -139,9 +139,6 @@ class ServerConnection:
         "their_http_version",
     )
 
-    our_role = h11.SERVER
-    their_role = h11.CLIENT
-
     def __init__(self, our_role: Any = h11.SERVER, max_incomplete_event_size: int = 16 * 1024
                  ) -> None:
         if our_role is not h11.SERVER:
@@ -186,7 +183,8 @@ class ServerConnection:
     # -- state --------------------------------------------------------------------------
 
     def _settle(self) -> None:
-        """h11's state-triggered transitions, in the order its loop reaches them."""
+        """h11's state-triggered transitions, in the order its loop reaches them; then
+        the reader for the client's state (a body's reader stays while it sends one)."""
         while True:
             their, our = self._their, self._our
             if self._switches:
@@ -210,21 +208,18 @@ class ServerConnection:
                   or (server is ERROR and client is DONE)):
                 self._their = MUST_CLOSE
             if self._their is their and self._our is our:
-                return
+                break
+        their = self._their
+        if their is IDLE:
+            self._reader = read_request_head
+        elif their is not SEND_BODY:
+            self._reader = expect_nothing if their is not ERROR else None
 
     def disable_keep_alive(self) -> None:
         """The connection closes after this exchange (h11's
         ``process_keep_alive_disabled``)."""
         self._keep_alive = False
         self._settle()
-        self._update_reader()
-
-    def _update_reader(self) -> None:
-        their = self._their
-        if their is IDLE:
-            self._reader = read_request_head
-        elif their is not SEND_BODY:
-            self._reader = expect_nothing if their is not ERROR else None
 
     def start_next_cycle(self) -> None:
         if self._their is not DONE or self._our is not DONE:
@@ -266,17 +261,11 @@ class ServerConnection:
                 self._their = DONE
                 self.client_is_waiting_for_100_continue = False
                 self._settle()
-                self._update_reader()
             elif kind is _Request:
                 self._received_request(event)
-            elif kind is _ConnectionClosed:
-                if self._their is SEND_BODY or self._their is SWITCHED_PROTOCOL:
-                    raise h11.LocalProtocolError(
-                        f"can't handle event type ConnectionClosed when role=CLIENT and "
-                        f"state={self._their}")
+            elif kind is _ConnectionClosed:  # at IDLE, DONE or MUST_CLOSE: EOF between messages
                 self._their = CLOSED
                 self._settle()
-                self._update_reader()
             elif event is NEED_DATA:
                 if len(buffer) > self._max_incomplete_event_size:
                     raise h11.RemoteProtocolError("Receive buffer too long",
@@ -286,7 +275,6 @@ class ServerConnection:
             return event
         except BaseException as exc:
             self._their = ERROR
-            self._reader = None
             self._settle()
             if isinstance(exc, h11.LocalProtocolError):
                 exc._reraise_as_remote_protocol_error()
@@ -334,10 +322,7 @@ class ServerConnection:
     # -- sending ------------------------------------------------------------------------
 
     def send(self, event: Any) -> bytes | None:
-        parts = self.send_with_data_passthrough(event)
-        return None if parts is None else b"".join(parts)
-
-    def send_with_data_passthrough(self, event: Any) -> list[bytes] | None:
+        """The bytes that put ``event`` on the wire (None for ``ConnectionClosed``)."""
         if self._our is ERROR:
             raise h11.LocalProtocolError("Can't send data when our state is ERROR")
         try:
@@ -345,13 +330,13 @@ class ServerConnection:
             if kind is _Data:
                 return self._send_data(event.data)
             if kind is _EndOfMessage:
-                return self._send_end(event.headers)
+                return b"".join(self._send_end(event.headers))
             if kind is _Response:
                 if not rest_discarded(self):  # type: ignore[arg-type]
                     self.disable_keep_alive()  # said below, as h11 says it
-                return self._send_response(event)
+                return b"".join(self._send_response(event))
             if kind is _Informational:
-                return self._send_informational(event)
+                return b"".join(self._send_informational(event))
             if kind is _ConnectionClosed:
                 self._send_closed()
                 return None
@@ -361,13 +346,11 @@ class ServerConnection:
         except BaseException:
             self._our = ERROR
             self._settle()
-            self._update_reader()
             raise
 
     def send_failed(self) -> None:
         self._our = ERROR
         self._settle()
-        self._update_reader()
 
     def _cannot(self, kind: str) -> h11.LocalProtocolError:
         return h11.LocalProtocolError(
@@ -386,7 +369,6 @@ class ServerConnection:
             raise self._cannot("InformationalResponse")
         self.client_is_waiting_for_100_continue = False
         self._settle()
-        self._update_reader()
         return _head(event, event.headers._full_items)
 
     def _send_response(self, event: h11.Response) -> list[bytes]:
@@ -432,7 +414,6 @@ class ServerConnection:
             self._keep_alive = False
         self.client_is_waiting_for_100_continue = False
         self._settle()
-        self._update_reader()
         # The body's writer, framed by the real method (a HEAD's answer has none).
         if self._our is SEND_BODY:
             if bodiless or method == b"HEAD":
@@ -443,28 +424,25 @@ class ServerConnection:
                 self._writer = (body, 0)
         return _head(event, items)
 
-    def _send_data(self, data: bytes) -> list[bytes]:
+    def _body_writer(self, event_name: str) -> tuple[str, int]:
         writer = self._writer
         if self._our is not SEND_BODY or writer is None:
-            raise self._cannot("Data")
-        kind, left = writer
+            raise self._cannot(event_name)
+        return writer
+
+    def _send_data(self, data: bytes) -> bytes:
+        kind, left = self._body_writer("Data")
         if kind == "length":
             left -= len(data)
             if left < 0:
                 raise h11.LocalProtocolError("Too much data for declared Content-Length")
             self._writer = (kind, left)
-            return [data]
-        if kind == "chunked":
-            if not data:
-                return []
-            return [b"%x\r\n" % len(data), data, b"\r\n"]
-        return [data]
+        elif kind == "chunked":
+            return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+        return bytes(data)
 
     def _send_end(self, trailers: Headers) -> list[bytes]:
-        writer = self._writer
-        if self._our is not SEND_BODY or writer is None:
-            raise self._cannot("EndOfMessage")
-        kind, left = writer
+        kind, left = self._body_writer("EndOfMessage")
         if kind == "length":
             if left != 0:
                 raise h11.LocalProtocolError("Too little data for declared Content-Length")
@@ -480,7 +458,6 @@ class ServerConnection:
         self._our = DONE
         self._writer = None
         self._settle()
-        self._update_reader()
         return parts
 
     def _send_closed(self) -> None:
@@ -489,7 +466,6 @@ class ServerConnection:
             raise self._cannot("ConnectionClosed")
         self._our = CLOSED
         self._settle()
-        self._update_reader()
 
 
 #: Header names joined with ``:`` (which no name may hold): all tokens.
